@@ -1,0 +1,516 @@
+"""The chain of notebooks, run headless by papermill (DESIGN.md, "How data flows").
+
+``STEPS`` below is the only list of the study's steps: the Makefile, CI, the tests and
+``runs/<run>/index.html`` all read it. For each step in order the pipeline
+
+1. checks that every upstream step left its outputs (else :class:`MissingUpstreamError` naming the
+   step to run),
+2. computes the step's parameters (the config's shared ``params`` that the notebook declares, the
+   step's own section, and ``run_dir``) and the sha256 of its inputs (its notebook, the library's
+   source, and every output of the steps it needs),
+3. skips the step when its manifest records the same parameters and input hashes and its outputs
+   are still there unchanged (``--force`` reruns anyway),
+4. otherwise executes the notebook with papermill into the step folder, exports it to HTML, and
+   writes ``manifest.json``; a failing cell stops the chain with :class:`StepFailedError` naming
+   the step, the cell and the error.
+
+Usage::
+
+    python -m sparsemm_utils.pipeline --config configs/tiny.yaml --run-dir runs/tiny
+    python -m sparsemm_utils.pipeline --config configs/tiny.yaml --run-dir runs/tiny --from 02 --to 02 --force
+    python -m sparsemm_utils.pipeline --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import html
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .manifest import (
+    MANIFEST_NAME,
+    FileRecord,
+    Manifest,
+    device_description,
+    git_commit,
+    hash_tree,
+    package_versions,
+)
+from .runs import MissingUpstreamError, repo_root, resolve_run_dir
+
+__all__ = [
+    "Step",
+    "STEPS",
+    "PipelineConfig",
+    "PipelineConfigError",
+    "StepFailedError",
+    "StepResult",
+    "load_config",
+    "select_steps",
+    "run_pipeline",
+    "write_index",
+    "main",
+]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the study: ``notebooks/<name>.ipynb`` writing into ``<run>/<name>/``.
+
+    ``needs`` names the steps whose outputs it reads; ``outputs`` the files or folders (relative to
+    its step folder) it must leave behind, checked after the notebook ran."""
+
+    name: str
+    title: str
+    needs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+
+    @property
+    def number(self) -> str:
+        return self.name.split("_", 1)[0]
+
+    def notebook_path(self, root: Path | None = None) -> Path:
+        return (root or repo_root()) / "notebooks" / f"{self.name}.ipynb"
+
+
+#: The registry: the only list of steps (order = execution order).
+STEPS: tuple[Step, ...] = (
+    Step(
+        "01_ocr_annotation",
+        "OCR annotation: documents with chunk and character boxes",
+        needs=(),
+        outputs=("documents", "annotation_report.json"),
+    ),
+    Step(
+        "02_patch_mapping",
+        "Patch mapping: OCR boxes to visual-token positions",
+        needs=("01_ocr_annotation",),
+        outputs=("regions.jsonl", "mapping_report.json"),
+    ),
+)
+
+#: Files of a step folder that the pipeline itself writes (not outputs of the notebook).
+_PIPELINE_FILES = ("manifest.json",)
+
+
+class PipelineConfigError(ValueError):
+    """The pipeline config (YAML) is malformed or names things that do not exist."""
+
+
+class StepFailedError(RuntimeError):
+    """A notebook raised: the message names the step, the cell and the error."""
+
+    def __init__(self, step: str, message: str, notebook: Path | None = None):
+        super().__init__(message)
+        self.step = step
+        self.notebook = notebook
+
+
+@dataclass
+class PipelineConfig:
+    """A run configuration (``configs/*.yaml``).
+
+    ``params`` are shared by every step whose parameters cell declares them (e.g. ``model_id``,
+    ``seed``); ``steps[<name>]`` are one step's own parameters, each of which its notebook must
+    declare."""
+
+    name: str
+    description: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        for step, values in self.steps.items():
+            if not isinstance(values, dict):
+                raise PipelineConfigError(
+                    f"config section steps.{step} must be a mapping of parameter: value, got {values!r}"
+                )
+        if "run_dir" in self.params or any("run_dir" in v for v in self.steps.values()):
+            raise PipelineConfigError("run_dir is set by the pipeline (--run-dir), not by the config")
+
+    def check_steps(self, steps: Sequence[Step]) -> None:
+        """Every step the config configures must exist in the registry."""
+        known = [s.name for s in steps]
+        unknown = sorted(set(self.steps) - set(known))
+        if unknown:
+            raise PipelineConfigError(
+                f"config {self.path or self.name!s} names unknown step(s) {unknown}; known steps: {known}"
+            )
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise PipelineConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise PipelineConfigError(f"config file {path} must hold a mapping at top level")
+    allowed = {"name", "description", "params", "steps"}
+    extra = sorted(set(raw) - allowed)
+    if extra:
+        raise PipelineConfigError(f"config file {path}: unknown top-level key(s) {extra}; allowed: {sorted(allowed)}")
+    return PipelineConfig(
+        name=str(raw.get("name", path.stem)),
+        description=str(raw.get("description", "")),
+        params=dict(raw.get("params") or {}),
+        steps={k: dict(v) if isinstance(v, dict) else v for k, v in (raw.get("steps") or {}).items()},
+        path=path,
+    )
+
+
+def _step_by_name(name: str, steps: Sequence[Step]) -> Step:
+    for step in steps:
+        if name in (step.name, step.number):
+            return step
+    raise PipelineConfigError(f"unknown step {name!r}; known steps: {[s.name for s in steps]}")
+
+
+def select_steps(from_step: str | None = None, to_step: str | None = None, steps: Sequence[Step] = STEPS) -> list[Step]:
+    """The steps from ``from_step`` to ``to_step`` inclusive (a full name or its number, e.g. "02")."""
+    names = [s.name for s in steps]
+    start = names.index(_step_by_name(from_step, steps).name) if from_step else 0
+    stop = names.index(_step_by_name(to_step, steps).name) if to_step else len(steps) - 1
+    if start > stop:
+        raise PipelineConfigError(f"--from {from_step} comes after --to {to_step}")
+    return list(steps[start : stop + 1])
+
+
+def declared_parameters(notebook: Path) -> dict[str, Any]:
+    """Names (and default literals) of the notebook's ``parameters`` cell, via papermill."""
+    import papermill as pm
+
+    return {name: info["default"] for name, info in pm.inspect_notebook(str(notebook)).items()}
+
+
+def step_parameters(step: Step, config: PipelineConfig, run_dir: Path, notebook: Path) -> dict[str, Any]:
+    """Parameters injected into ``step``'s notebook; unknown step parameters are an error."""
+    declared = declared_parameters(notebook)
+    if "run_dir" not in declared:
+        raise PipelineConfigError(f"{notebook} has no run_dir in its parameters cell")
+    own = config.steps.get(step.name, {})
+    undeclared = sorted(set(own) - set(declared))
+    if undeclared:
+        raise PipelineConfigError(
+            f"config steps.{step.name} sets {undeclared}, which {notebook.name} does not declare in its "
+            f"parameters cell; it declares {sorted(declared)}"
+        )
+    params = {k: v for k, v in config.params.items() if k in declared}
+    params.update(own)
+    params["run_dir"] = str(run_dir)
+    return params
+
+
+def _code_fingerprint() -> list[FileRecord]:
+    """Hashes of the library's source: a change to the code a notebook calls reruns the step."""
+    package = Path(__file__).resolve().parent
+    return [r for r in hash_tree(package, base=package.parent, prefix="repo:") if r.path.endswith(".py")]
+
+
+def step_inputs(step: Step, run_dir: Path, root: Path, steps: Sequence[Step]) -> list[FileRecord]:
+    """The step's inputs with their hashes: its notebook, the library source, and every output of
+    the steps it needs (read from their manifests, re-hashed now)."""
+    records = [FileRecord.of(step.notebook_path(root), f"repo:notebooks/{step.name}.ipynb")]
+    records += _code_fingerprint()
+    for need in step.needs:
+        upstream = _step_by_name(need, steps)
+        folder = run_dir / upstream.name
+        manifest = Manifest.read(folder)
+        if manifest is None or manifest.status != "ok":
+            raise MissingUpstreamError(
+                f"step {step.name} needs the outputs of step {upstream.name}, which has not run "
+                f"successfully in {run_dir}: run it first, e.g. `python -m sparsemm_utils.pipeline "
+                f"--config <config.yaml> --run-dir {run_dir} --to {upstream.name}`"
+            )
+        for record in manifest.outputs:
+            file = run_dir / record.path
+            if not file.is_file():
+                raise MissingUpstreamError(
+                    f"step {step.name} needs {record.path}, an output of step {upstream.name} that is "
+                    f"missing from {run_dir}: rerun {upstream.name} (--from {upstream.name} --to "
+                    f"{upstream.name} --force)"
+                )
+            records.append(FileRecord.of(file, record.path))
+    return records
+
+
+def _step_outputs(folder: Path, run_dir: Path, step: Step) -> list[FileRecord]:
+    exclude = {f"{step.name}/{name}" for name in (*_PIPELINE_FILES, f"{step.name}.ipynb", f"{step.name}.html")}
+    return hash_tree(folder, base=run_dir, exclude=frozenset(exclude))
+
+
+def _outputs_unchanged(manifest: Manifest, run_dir: Path) -> bool:
+    for record in manifest.outputs:
+        file = run_dir / record.path
+        if not file.is_file() or file.stat().st_size != record.bytes:
+            return False
+        if FileRecord.of(file, record.path).sha256 != record.sha256:
+            return False
+    return True
+
+
+@dataclass
+class StepResult:
+    """What happened to one step: ``status`` is "ran", "skipped" or "failed"."""
+
+    step: str
+    status: str
+    seconds: float
+    folder: Path
+    message: str = ""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _export_html(notebook: Path, target: Path) -> None:
+    import nbconvert
+    import nbformat
+
+    exporter = nbconvert.HTMLExporter()
+    body, _ = exporter.from_notebook_node(nbformat.read(str(notebook), as_version=4))
+    target.write_text(body, encoding="utf-8")
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """A one-paragraph description of a papermill failure: cell number, error type and value."""
+    cell = getattr(exc, "exec_count", None)
+    index = getattr(exc, "cell_index", None)
+    ename = getattr(exc, "ename", type(exc).__name__)
+    evalue = getattr(exc, "evalue", str(exc))
+    where = f"cell {index}" if index is not None else "a cell"
+    if cell is not None:
+        where += f" (execution count {cell})"
+    source = (getattr(exc, "source", "") or "").strip().splitlines()
+    snippet = f"; cell starts with: {source[0][:120]!r}" if source else ""
+    return f"{where} raised {ename}: {evalue}{snippet}"
+
+
+def run_pipeline(
+    config: PipelineConfig | str | Path,
+    run_dir: str | Path,
+    *,
+    from_step: str | None = None,
+    to_step: str | None = None,
+    force: bool = False,
+    steps: Sequence[Step] | None = None,
+    root: Path | None = None,
+    kernel_name: str = "python3",
+    log: Callable[[str], None] = print,
+) -> list[StepResult]:
+    """Run (or skip) the selected steps in order; see the module docstring for the rules.
+
+    Raises :class:`MissingUpstreamError` when a needed step has not run, and
+    :class:`StepFailedError` when a notebook fails (its executed copy is kept for inspection)."""
+    import papermill as pm
+
+    if not isinstance(config, PipelineConfig):
+        config = load_config(config)
+    steps = tuple(steps or STEPS)
+    config.check_steps(steps)
+    root = root or repo_root()
+    run = resolve_run_dir(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    selected = select_steps(from_step, to_step, steps)
+    results: list[StepResult] = []
+    try:
+        for step in selected:
+            notebook = step.notebook_path(root)
+            if not notebook.is_file():
+                raise PipelineConfigError(f"step {step.name}: notebook {notebook} does not exist")
+            params = step_parameters(step, config, run, notebook)
+            inputs = step_inputs(step, run, root, steps)
+            folder = run / step.name
+            previous = Manifest.read(folder)
+            if (
+                not force
+                and previous is not None
+                and previous.status == "ok"
+                and previous.params == params
+                and previous.inputs == inputs
+                and _outputs_unchanged(previous, run)
+            ):
+                log(f"[skip] {step.name}: parameters and input hashes unchanged since {previous.finished_at}")
+                results.append(StepResult(step.name, "skipped", 0.0, folder, "unchanged"))
+                continue
+
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            executed = folder / f"{step.name}.ipynb"
+            html_path = folder / f"{step.name}.html"
+            manifest = Manifest(
+                step=step.name,
+                title=step.title,
+                status="failed",
+                params=params,
+                inputs=inputs,
+                packages=package_versions(),
+                git_commit=git_commit(root),
+                device=device_description(),
+                started_at=_now(),
+                notebook=executed.name,
+            )
+            log(f"[run ] {step.name}: {step.title}")
+            start = time.perf_counter()
+            try:
+                pm.execute_notebook(
+                    str(notebook),
+                    str(executed),
+                    parameters=params,
+                    cwd=str(root),
+                    kernel_name=kernel_name,
+                    progress_bar=False,
+                    report_mode=False,
+                )
+            except Exception as exc:  # papermill wraps cell errors in PapermillExecutionError
+                seconds = time.perf_counter() - start
+                message = (
+                    f"step {step.name} failed: {_describe_failure(exc)}. The executed notebook with the "
+                    f"traceback is {executed}"
+                )
+                manifest.error = message
+                manifest.finished_at = _now()
+                manifest.seconds = round(seconds, 3)
+                manifest.write(folder)
+                if executed.is_file():
+                    _export_html(executed, html_path)
+                    manifest.html = html_path.name
+                    manifest.write(folder)
+                results.append(StepResult(step.name, "failed", seconds, folder, message))
+                raise StepFailedError(step.name, message, executed) from exc
+            seconds = time.perf_counter() - start
+            missing = [name for name in step.outputs if not (folder / name).exists()]
+            if missing:
+                message = (
+                    f"step {step.name}: the notebook finished but did not write {missing} into {folder}; "
+                    f"the pipeline registry (sparsemm_utils/pipeline.py) promises them"
+                )
+                manifest.error = message
+                manifest.write(folder)
+                raise StepFailedError(step.name, message, executed)
+            _export_html(executed, html_path)
+            manifest.status = "ok"
+            manifest.html = html_path.name
+            manifest.outputs = _step_outputs(folder, run, step)
+            manifest.finished_at = _now()
+            manifest.seconds = round(seconds, 3)
+            manifest.write(folder)
+            log(f"[done] {step.name} in {seconds:.1f} s")
+            results.append(StepResult(step.name, "ran", seconds, folder))
+    finally:
+        write_index(run, steps, config)
+    return results
+
+
+def write_index(run: Path, steps: Sequence[Step] = STEPS, config: PipelineConfig | None = None) -> Path:
+    """``<run>/index.html``: one section per step with its status, timings, links to the executed
+    notebook, its HTML export, the manifest, and thumbnails of its figures."""
+    esc = html.escape
+    rows = []
+    for step in steps:
+        folder = run / step.name
+        manifest = Manifest.read(folder)
+        if manifest is None:
+            rows.append(f"<section><h2>{esc(step.name)}</h2><p>{esc(step.title)}</p><p class='missing'>not run yet</p></section>")
+            continue
+        links = []
+        if manifest.html:
+            links.append(f"<a href='{esc(step.name)}/{esc(manifest.html)}'>notebook (HTML)</a>")
+        if manifest.notebook:
+            links.append(f"<a href='{esc(step.name)}/{esc(manifest.notebook)}'>notebook (.ipynb)</a>")
+        links.append(f"<a href='{esc(step.name)}/{MANIFEST_NAME}'>manifest</a>")
+        figures = sorted(p.relative_to(run).as_posix() for p in folder.rglob("*.png"))
+        thumbs = "".join(
+            f"<a href='{esc(f)}'><img src='{esc(f)}' alt='{esc(f)}' loading='lazy'></a>" for f in figures
+        )
+        status = esc(manifest.status)
+        error = f"<pre class='error'>{esc(manifest.error)}</pre>" if manifest.error else ""
+        rows.append(
+            f"<section><h2>{esc(step.name)} <span class='{status}'>{status}</span></h2>"
+            f"<p>{esc(step.title)}</p>"
+            f"<p>{' · '.join(links)}</p>"
+            f"<p class='meta'>finished {esc(manifest.finished_at)} in {manifest.seconds:.1f} s on "
+            f"{esc(manifest.device)}; commit {esc(manifest.git_commit)}</p>{error}"
+            f"<div class='figs'>{thumbs}</div></section>"
+        )
+    title = f"SparseMM reproduction run: {esc(run.name)}"
+    description = f"<p>{esc(config.description)}</p>" if config and config.description else ""
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 70rem; margin: 2rem auto; padding: 0 1rem; }}
+section {{ border-top: 1px solid #ccc; padding: .5rem 0 1rem; }}
+.ok {{ color: #1a7f37; font-size: .8em; }} .failed, .missing {{ color: #cf222e; }}
+.meta {{ color: #555; font-size: .85em; }} .figs img {{ max-height: 180px; margin: 4px; border: 1px solid #ddd; }}
+pre.error {{ white-space: pre-wrap; background: #fff0f0; padding: .5rem; }}
+</style></head><body>
+<h1>{title}</h1>{description}
+<p>Generated by <code>python -m sparsemm_utils.pipeline</code>; each step folder also holds its
+<code>manifest.json</code> (parameters, input/output hashes, versions, device, timings).</p>
+{''.join(rows)}
+</body></html>
+"""
+    path = run / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def main(argv: Sequence[str] | None = None, *, steps: Sequence[Step] | None = None, root: Path | None = None) -> int:
+    """The command line; ``steps`` and ``root`` replace the registry and repo root (for tests)."""
+    steps = tuple(steps or STEPS)
+    parser = argparse.ArgumentParser(
+        prog="python -m sparsemm_utils.pipeline",
+        description="Run the SparseMM reproduction notebooks in order with papermill.",
+    )
+    parser.add_argument("--config", help="pipeline config, e.g. configs/tiny.yaml")
+    parser.add_argument("--run-dir", help="output folder, e.g. runs/tiny")
+    parser.add_argument("--from", dest="from_step", help="first step to consider (name or number, e.g. 02)")
+    parser.add_argument("--to", dest="to_step", help="last step to consider (name or number)")
+    parser.add_argument("--force", action="store_true", help="rerun the selected steps even when unchanged")
+    parser.add_argument("--list", action="store_true", help="list the registered steps and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for step in steps:
+            needs = ", ".join(step.needs) or "-"
+            print(f"{step.name:24s} needs: {needs:24s} {step.title}")
+        return 0
+    if not args.config or not args.run_dir:
+        parser.error("--config and --run-dir are required (or --list)")
+    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    try:
+        results = run_pipeline(
+            args.config,
+            args.run_dir,
+            from_step=args.from_step,
+            to_step=args.to_step,
+            force=args.force,
+            steps=steps,
+            root=root,
+        )
+    except (StepFailedError, MissingUpstreamError, PipelineConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    ran = sum(r.status == "ran" for r in results)
+    skipped = sum(r.status == "skipped" for r in results)
+    print(f"{ran} step(s) ran, {skipped} skipped; index: {resolve_run_dir(args.run_dir) / 'index.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

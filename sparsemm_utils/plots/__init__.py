@@ -1,0 +1,1 @@
+"""Figure helpers for the notebooks (matplotlib/seaborn), one module per stage."""

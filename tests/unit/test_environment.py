@@ -1,0 +1,100 @@
+"""environment.yml, requirements*.txt, pyproject and the Makefile agree (issue: foundation)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sparsemm_utils import envcheck
+
+ROOT = Path(__file__).resolve().parents[2]
+PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([A-Za-z0-9_.+\-]+)$")
+
+
+def _pins(lines: list[str]) -> dict[str, str]:
+    pins = {}
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        match = PIN.match(line)
+        assert match, f"not an exact pin: {line!r} (every requirement must be name==version)"
+        pins[match.group(1).lower().replace("_", "-")] = match.group(2)
+    return pins
+
+
+def _requirements() -> dict[str, str]:
+    lines = []
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        lines += (ROOT / name).read_text().splitlines()
+    return _pins(lines)
+
+
+def test_environment_yml_is_a_valid_conda_environment():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert env["name"] == "sparsemm"
+    assert isinstance(env["channels"], list) and env["channels"]
+    deps = env["dependencies"]
+    conda_deps = [d for d in deps if isinstance(d, str)]
+    assert "python=3.11" in conda_deps and "pip" in conda_deps
+    pip_sections = [d["pip"] for d in deps if isinstance(d, dict)]
+    assert len(pip_sections) == 1 and all(isinstance(x, str) for x in pip_sections[0])
+
+
+def test_environment_yml_pins_equal_pip_pins():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_list = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert _pins(pip_list) == _requirements()
+    assert "-e ." in pip_list
+
+
+def test_torch_is_pinned_to_the_cpu_wheel_and_no_torchvision():
+    pins = _requirements()
+    assert pins["torch"] == envcheck.PINNED_TORCH
+    assert "torchvision" not in pins and "torchaudio" not in pins
+
+
+def test_python_version_agrees():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'requires-python = ">=3.11,<3.12"' in pyproject
+    assert "(3, 11)" in (ROOT / "Makefile").read_text()
+
+
+def test_ci_calls_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert "make test" in ci and "make test" in readme and "make reproduce" in readme
+
+
+def test_installed_versions_match_pins():
+    from importlib import metadata
+
+    for name, version in _requirements().items():
+        installed = metadata.version(name)
+        assert installed.split("+")[0] == version, f"{name}: installed {installed}, pinned {version}"
+
+
+def test_envcheck_reports_a_wrong_torch(monkeypatch):
+    real = envcheck.metadata.version
+
+    def fake(name):
+        return "2.99.0" if name == "torch" else real(name)
+
+    monkeypatch.setattr(envcheck.metadata, "version", fake)
+    found = envcheck.problems()
+    assert any("2.99.0" in p for p in found)
+    assert envcheck.main() == 1
+
+
+@pytest.mark.parametrize("name", ["torchvision"])
+def test_envcheck_reports_torchvision(monkeypatch, name):
+    real = envcheck.metadata.version
+
+    def fake(n):
+        return "0.99.0" if n == name else real(n)
+
+    monkeypatch.setattr(envcheck.metadata, "version", fake)
+    assert any(name in p for p in envcheck.problems())
