@@ -1,0 +1,329 @@
+"""Loading the supported MLLMs and steering the attention of their language model (SPEC section 1).
+
+One entry point, :func:`load_model`, takes
+
+- ``"tiny-random/<model_type>"``: a tiny random-weight model of the real class, built in-process
+  (:mod:`sparsemm_utils.tiny_models`), deterministic from ``seed``;
+- a local folder (``save_pretrained`` output, e.g. from :func:`~sparsemm_utils.tiny_models.save_tiny`);
+- a hub id (``"Qwen/Qwen2-VL-7B-Instruct"``), looked up in the local HF cache only: the hub is never
+  contacted. A model that is not there raises :class:`ModelNotAvailableError`, which says how to
+  download it first.
+
+The compression methods of later steps are attention functions registered with transformers'
+``AttentionInterface`` and applied to the LANGUAGE model only (the vision tower keeps ``sdpa``):
+:func:`register_text_attention` then :func:`set_text_attention`. An attention function receives
+``(module, query, key, value, attention_mask, scaling, dropout, **kwargs)`` with post-RoPE
+queries (M-RoPE for Qwen), ``module.layer_idx`` and ``module.num_key_value_groups``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from transformers import (
+    AutoProcessor,
+    LlavaNextForConditionalGeneration,
+    PreTrainedModel,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+from transformers.processing_utils import ProcessorMixin
+
+from sparsemm_utils.processors import (
+    SPARSEMM_MAX_PIXELS,
+    SPARSEMM_MIN_PIXELS,
+    image_only_processor_class,
+    set_qwen_pixel_bounds,
+)
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "TINY_PREFIX",
+    "UnsupportedModelError",
+    "ModelNotAvailableError",
+    "AttentionNotRegisteredError",
+    "LoadedModel",
+    "load_model",
+    "read_model_type",
+    "register_text_attention",
+    "set_text_attention",
+    "text_attention_implementation",
+    "vision_attention_implementation",
+]
+
+#: model_type (config.json) -> the transformers class that runs it (SPEC section 1).
+SUPPORTED_MODEL_TYPES: Mapping[str, type[PreTrainedModel]] = MappingProxyType(
+    {
+        "qwen2_vl": Qwen2VLForConditionalGeneration,
+        "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+        "llava_next": LlavaNextForConditionalGeneration,
+    }
+)
+TINY_PREFIX = "tiny-random/"
+
+_BUILTIN_ATTENTION = ("eager",)  # eager is the fallback, not an entry of AttentionInterface
+
+
+class UnsupportedModelError(ValueError):
+    """The model type is not one of :data:`SUPPORTED_MODEL_TYPES`."""
+
+    def __init__(self, model_type: Any, where: str = ""):
+        self.model_type = model_type
+        origin = f" (from {where})" if where else ""
+        super().__init__(
+            f"unsupported model_type {model_type!r}{origin}: supported types are "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (classes "
+            f"{', '.join(c.__name__ for c in SUPPORTED_MODEL_TYPES.values())}); for a tiny offline model use "
+            f"'{TINY_PREFIX}<model_type>', e.g. '{TINY_PREFIX}qwen2_vl'"
+        )
+
+
+class ModelNotAvailableError(FileNotFoundError):
+    """The model is neither a local folder nor in the local Hugging Face cache."""
+
+    def __init__(self, name_or_path: str, reason: str = ""):
+        self.name_or_path = name_or_path
+        hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface (default)")
+        super().__init__(
+            f"model {name_or_path!r} is not available offline: it is not a local folder and not in the Hugging "
+            f"Face cache (HF_HOME={hf_home}){': ' + reason if reason else ''}. The weights must be downloaded "
+            "first, on a machine with hub access (this project never contacts the hub), either\n"
+            f"  (a) into the HF cache: `hf download {name_or_path}` (or huggingface_hub.snapshot_download), "
+            "then make that cache visible here (same HF_HOME) and run with HF_HUB_OFFLINE=1; or\n"
+            f"  (b) into a folder: model = AutoModelForImageTextToText.from_pretrained({name_or_path!r}); "
+            "model.save_pretrained(folder); AutoProcessor.from_pretrained(...).save_pretrained(folder); "
+            "then call load_model(folder).\n"
+            f"Offline, use a tiny model instead: load_model('{TINY_PREFIX}qwen2_vl' | '{TINY_PREFIX}qwen2_5_vl' | "
+            f"'{TINY_PREFIX}llava_next')."
+        )
+
+
+class AttentionNotRegisteredError(ValueError):
+    """An attention implementation name is unknown to transformers (or has no mask function)."""
+
+
+@dataclass
+class LoadedModel:
+    """A model, its processor, and the shapes of its LANGUAGE model that budgets need (SPEC 1, 5).
+
+    ``num_layers`` L, ``num_heads`` H (query heads), ``num_kv_heads`` H_kv, ``head_dim`` d: the
+    head scores of step 03 are (L, H), the budgets of step 04 are (L, H_kv).
+    """
+
+    model: PreTrainedModel
+    processor: ProcessorMixin
+    model_type: str
+    name_or_path: str
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(self.model_type)
+
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.text_config.num_attention_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        kv = getattr(self.text_config, "num_key_value_heads", None)
+        return int(kv if kv is not None else self.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        hd = getattr(self.text_config, "head_dim", None)
+        return int(hd if hd is not None else self.text_config.hidden_size // self.num_heads)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        """The decoder stack whose attention the study compresses (``model.model.language_model``)."""
+        return self.model.model.language_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+
+def read_model_type(folder: str | Path) -> str:
+    """``model_type`` from ``folder/config.json``; :class:`UnsupportedModelError` when it is not supported."""
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        raise ModelNotAvailableError(str(folder), reason=f"the folder has no config.json ({config_path})")
+    with open(config_path, encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(model_type, where=str(config_path))
+    return model_type
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    if dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    raise ValueError(f"dtype must be 'auto', a torch.dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
+
+
+def _load_processor(folder: Path, model_type: str) -> ProcessorMixin:
+    cls = image_only_processor_class(model_type)
+    if cls is not None:
+        # A real Qwen checkpoint names Qwen2VLProcessor, which needs torchvision: load through the
+        # image-only subclass instead (it reads the same files).
+        return cls.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    if not isinstance(processor, ProcessorMixin):
+        raise ModelNotAvailableError(
+            str(folder), reason=f"AutoProcessor found only a {type(processor).__name__}, not a full processor"
+        )
+    return processor
+
+
+def _hub_snapshot(repo_id: str, cache_dir: str | Path | None = None) -> Path:
+    """The local snapshot folder of a cached hub repo (``cache_dir``: the HF hub cache, default the
+    one under HF_HOME); never touches the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir))
+    except HFValidationError as err:
+        raise ModelNotAvailableError(repo_id, reason=f"no such local folder, and not a valid hub id ({err})") from None
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as err:
+        raise ModelNotAvailableError(repo_id, reason=type(err).__name__) from None
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    text_attn_implementation: str = "sdpa",
+    seed: int = 0,
+    min_pixels: int = SPARSEMM_MIN_PIXELS,
+    max_pixels: int = SPARSEMM_MAX_PIXELS,
+    cache_dir: str | Path | None = None,
+) -> LoadedModel:
+    """Load a supported model and its processor (see the module docstring for the resolution order).
+
+    ``dtype``: "auto" (the checkpoint's dtype; float32 for tiny models), a torch.dtype or its name.
+    ``text_attn_implementation``: the attention of the language model (the vision tower keeps
+    sdpa); a custom name must be registered first (:func:`register_text_attention`).
+    ``seed``: only for ``tiny-random/`` models (same seed, same weights).
+    ``min_pixels`` / ``max_pixels``: Qwen image resize bounds, SparseMM's by default (SPEC section 3).
+    ``cache_dir``: the HF hub cache to look a hub id up in (default: the one under HF_HOME).
+    The model is returned in eval mode on ``device``.
+    """
+    torch_dtype = _resolve_dtype(dtype)
+    name = str(name_or_path)
+    if name.startswith(TINY_PREFIX):
+        from sparsemm_utils.tiny_models import build_tiny
+
+        model_type = name[len(TINY_PREFIX) :]
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(model_type, where=name)
+        model, processor = build_tiny(model_type, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels)
+        if torch_dtype != "auto":
+            model = model.to(torch_dtype)
+    else:
+        path = Path(name).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ModelNotAvailableError(name, reason="the path exists but is a file; pass the model's folder")
+        folder = path if path.is_dir() else _hub_snapshot(name, cache_dir)
+        model_type = read_model_type(folder)
+        model = SUPPORTED_MODEL_TYPES[model_type].from_pretrained(folder, dtype=torch_dtype, attn_implementation="sdpa")
+        processor = _load_processor(folder, model_type)
+        if model_type != "llava_next":
+            set_qwen_pixel_bounds(processor, min_pixels, max_pixels)
+    model = model.to(device).eval()
+    set_text_attention(model, text_attn_implementation)
+    return LoadedModel(model=model, processor=processor, model_type=model_type, name_or_path=name)
+
+
+def register_text_attention(
+    name: str,
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+    *,
+    mask: str = "eager",
+) -> None:
+    """Register an attention function AND its mask function under ``name``.
+
+    transformers only builds an attention mask for names that ``AttentionMaskInterface`` knows;
+    for any other name the function silently receives ``attention_mask=None`` (DESIGN.md). This
+    registers ``fn`` with ``AttentionInterface`` and the mask function of ``mask`` ("eager": an
+    additive float mask (batch, 1, q, kv) with 0 / dtype-min, always materialised; "sdpa": a
+    boolean mask, or None when plain causal attention suffices) with ``AttentionMaskInterface``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"attention name must be a non-empty string, got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable (module, query, key, value, attention_mask, **kwargs), got {fn!r}")
+    if mask not in ALL_MASK_ATTENTION_FUNCTIONS:
+        raise AttentionNotRegisteredError(
+            f"mask {mask!r} is not a known mask function; use one of {sorted(AttentionMaskInterface._global_mapping)}"
+        )
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask])
+
+
+def set_text_attention(model: PreTrainedModel, name: str, *, allow_missing_mask: bool = False) -> None:
+    """Use attention implementation ``name`` in the language model only; the vision tower keeps sdpa.
+
+    ``name``: "sdpa", "eager", or a name registered with :func:`register_text_attention`. A name
+    registered with ``AttentionInterface`` but not ``AttentionMaskInterface`` raises (its function
+    would get no mask) unless ``allow_missing_mask=True``.
+    """
+    valid = set(_BUILTIN_ATTENTION) | set(ALL_ATTENTION_FUNCTIONS.valid_keys())
+    if name not in valid:
+        raise AttentionNotRegisteredError(
+            f"attention implementation {name!r} is not registered: call "
+            f"sparsemm_utils.models.register_text_attention({name!r}, fn) first (known: {sorted(valid)})"
+        )
+    if name not in _BUILTIN_ATTENTION and name not in ALL_MASK_ATTENTION_FUNCTIONS and not allow_missing_mask:
+        raise AttentionNotRegisteredError(
+            f"attention {name!r} has no mask function, so it would receive attention_mask=None: register it with "
+            f"register_text_attention({name!r}, fn) (which registers both), or pass allow_missing_mask=True"
+        )
+    model.set_attn_implementation({"text_config": name, "vision_config": "sdpa"})
+    if text_attention_implementation(model) != name:  # defensive: a class whose sub-config keys differ
+        raise AttentionNotRegisteredError(
+            f"{type(model).__name__}: the language model did not switch to {name!r} "
+            f"(it uses {text_attention_implementation(model)!r})"
+        )
+
+
+def text_attention_implementation(model: PreTrainedModel) -> str:
+    """The attention implementation the language model's layers use (its config's ``_attn_implementation``)."""
+    return model.config.get_text_config()._attn_implementation
+
+
+def vision_attention_implementation(model: PreTrainedModel) -> str:
+    """The attention implementation of the vision tower."""
+    return model.config.vision_config._attn_implementation

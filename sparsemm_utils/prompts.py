@@ -1,0 +1,199 @@
+"""The OCR prompt and model inputs for each model family (SPEC section 2).
+
+The original scoring scripts build one chat per image: the image first, then the text
+"Provide all the OCR results of this image.", with a generation prompt after it.
+
+- Qwen2-VL / Qwen2.5-VL (``qwen_visual_head.py``): an explicit system message
+  "You are a helpful assistant." then the user turn [image, text], through the processor's chat
+  template (ChatML): ``<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n<|vision_start|>
+  <|image_pad|><|vision_end|>Provide ...<|im_end|>\\n<|im_start|>assistant\\n``.
+- LLaVA-NeXT (``llava_visual_head*.py``, LLaVA's ``vicuna_v1`` conversation):
+  ``"<system> USER: <image>\\nProvide ... ASSISTANT:"`` with Vicuna's system prompt
+  :data:`VICUNA_SYSTEM_PROMPT`. The HF chat template of llava-v1.6-vicuna renders a system
+  message followed by a user turn to exactly this string; the tokenizer prepends ``<s>``.
+
+The processor then expands the single image placeholder into one token per visual feature, all
+with the image token id and contiguous: Qwen ``grid_t * grid_h * grid_w / 4`` copies of
+``<|image_pad|>``; LLaVA-NeXT ``576`` base tokens + ``H' * (W' + 1)`` unpadded crop-grid tokens
+(newline tokens included) of ``<image>`` (checked on transformers 5.23).
+:func:`image_token_span` finds that block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import LlavaNextProcessor
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+from transformers.processing_utils import ProcessorMixin
+
+__all__ = [
+    "OCR_PROMPT",
+    "QWEN_SYSTEM_PROMPT",
+    "VICUNA_SYSTEM_PROMPT",
+    "DEFAULT_SYSTEM_PROMPT",
+    "ImageTokenSpanError",
+    "NoImageTokensError",
+    "NonContiguousImageTokensError",
+    "ModelTypeMismatchError",
+    "build_messages",
+    "build_inputs",
+    "image_token_span",
+]
+
+OCR_PROMPT = "Provide all the OCR results of this image."
+QWEN_SYSTEM_PROMPT = "You are a helpful assistant."
+VICUNA_SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+#: Sentinel for "the family's own system prompt" (Qwen: QWEN_SYSTEM_PROMPT; LLaVA-NeXT: VICUNA_SYSTEM_PROMPT).
+DEFAULT_SYSTEM_PROMPT = "default"
+
+_FAMILY_SYSTEM_PROMPT = {
+    "qwen2_vl": QWEN_SYSTEM_PROMPT,
+    "qwen2_5_vl": QWEN_SYSTEM_PROMPT,
+    "llava_next": VICUNA_SYSTEM_PROMPT,
+}
+
+
+class ImageTokenSpanError(ValueError):
+    """The image tokens of a prompt cannot be located as one block."""
+
+
+class NoImageTokensError(ImageTokenSpanError):
+    """The prompt holds no image token."""
+
+
+class NonContiguousImageTokensError(ImageTokenSpanError):
+    """The image tokens of the prompt do not form one contiguous block (several images?)."""
+
+
+class ModelTypeMismatchError(ValueError):
+    """The model type given does not match the processor or is not supported."""
+
+
+def _infer_model_type(processor: ProcessorMixin) -> str | None:
+    """The family of a processor from its class (the image-only subclasses count as their parents)."""
+    if isinstance(processor, Qwen2_5_VLProcessor):
+        return "qwen2_5_vl"
+    if isinstance(processor, Qwen2VLProcessor):
+        return "qwen2_vl"
+    if isinstance(processor, LlavaNextProcessor):
+        return "llava_next"
+    return None
+
+
+def _resolve(loaded_or_processor: Any, model_type: str | None) -> tuple[ProcessorMixin, str, Any]:
+    """(processor, model_type, model or None) from a LoadedModel or a processor."""
+    model = None
+    if hasattr(loaded_or_processor, "processor") and hasattr(loaded_or_processor, "model_type"):
+        processor, model = loaded_or_processor.processor, loaded_or_processor.model
+        inferred = loaded_or_processor.model_type
+    elif isinstance(loaded_or_processor, ProcessorMixin):
+        processor, inferred = loaded_or_processor, _infer_model_type(loaded_or_processor)
+    else:
+        raise TypeError(
+            "build_inputs needs a LoadedModel (from load_model) or a processor, "
+            f"got {type(loaded_or_processor).__name__}"
+        )
+    if model_type is None:
+        model_type = inferred
+    if model_type not in _FAMILY_SYSTEM_PROMPT:
+        raise ModelTypeMismatchError(
+            f"model_type {model_type!r} is not supported (supported: {', '.join(_FAMILY_SYSTEM_PROMPT)}); pass "
+            "model_type= explicitly when the processor class does not tell"
+        )
+    if inferred is not None and inferred != model_type:
+        raise ModelTypeMismatchError(
+            f"model_type {model_type!r} does not match the processor ({type(processor).__name__} is for {inferred!r})"
+        )
+    return processor, model_type, model
+
+
+def build_messages(text: str, model_type: str, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[dict]:
+    """The chat for one image and one text (SPEC section 2): optional system turn, then the user
+    turn ``[image, text]``. ``system_prompt``: the family default (``"default"``), a string, or None
+    for no system turn (Qwen's template then still inserts its default system prompt)."""
+    if model_type not in _FAMILY_SYSTEM_PROMPT:
+        raise ModelTypeMismatchError(
+            f"model_type {model_type!r} is not supported (supported: {', '.join(_FAMILY_SYSTEM_PROMPT)})"
+        )
+    if system_prompt == DEFAULT_SYSTEM_PROMPT:
+        system_prompt = _FAMILY_SYSTEM_PROMPT[model_type]
+    messages: list[dict] = []
+    if system_prompt is not None:
+        messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]})
+    return messages
+
+
+def build_inputs(
+    loaded_or_processor: Any,
+    image: Image.Image,
+    text: str = OCR_PROMPT,
+    model_type: str | None = None,
+    *,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+) -> BatchFeature:
+    """Model inputs for one image and one prompt, batch size 1 (SPEC section 2).
+
+    ``loaded_or_processor``: a :class:`~sparsemm_utils.models.LoadedModel` (tensors are then moved
+    to its model's device, floating ones cast to its dtype) or a processor (``model_type``
+    inferred from its class when not given). Returns the processor's BatchFeature:
+    Qwen: ``input_ids`` / ``attention_mask`` / ``mm_token_type_ids`` (1, n), ``pixel_values``
+    (patches, 1176), ``image_grid_thw`` (1, 3); LLaVA-NeXT: ``input_ids`` / ``attention_mask``
+    (1, n), ``pixel_values`` (1, crops + 1, 3, 336, 336), ``image_sizes`` (1, 2) as (height, width).
+    """
+    processor, model_type, model = _resolve(loaded_or_processor, model_type)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__} (open it with PIL.Image.open)")
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"text must be a non-empty string, got {text!r}")
+    messages = build_messages(text, model_type, system_prompt)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=[image.convert("RGB")], text=[prompt], return_tensors="pt")
+    if model is not None:
+        inputs = inputs.to(model.device)
+        inputs = inputs.to(model.dtype)
+    return inputs
+
+
+def image_token_span(input_ids: torch.Tensor | np.ndarray | Sequence[int], image_token_id: int) -> tuple[int, int]:
+    """(absolute position of the first image token, number of image tokens) of one prompt.
+
+    ``input_ids``: shape (n,) or (1, n). Raises :class:`NoImageTokensError` when the prompt holds
+    no ``image_token_id`` and :class:`NonContiguousImageTokensError` when the image tokens are not
+    one block (SPEC section 3: absolute position = first image token + offset inside the block).
+    """
+    ids = torch.as_tensor(np.asarray(input_ids) if not isinstance(input_ids, torch.Tensor) else input_ids)
+    if ids.ndim == 2:
+        if ids.shape[0] != 1:
+            raise ValueError(
+                f"image_token_span takes one prompt: input_ids of shape (1, n) or (n,), got {tuple(ids.shape)}"
+            )
+        ids = ids[0]
+    if ids.ndim != 1:
+        raise ValueError(f"input_ids must have shape (n,) or (1, n), got {tuple(ids.shape)}")
+    positions = torch.nonzero(ids == int(image_token_id)).flatten()
+    if positions.numel() == 0:
+        raise NoImageTokensError(
+            f"no image token (id {image_token_id}) in the {ids.numel()} input ids: build the inputs with an image "
+            "(prompts.build_inputs) and pass the model's image token id (LoadedModel.image_token_id)"
+        )
+    start, count = int(positions[0]), int(positions.numel())
+    last = int(positions[-1])
+    if last - start + 1 != count:
+        gaps = torch.nonzero(positions.diff() != 1).flatten()
+        first_gap = int(positions[int(gaps[0])]) + 1
+        raise NonContiguousImageTokensError(
+            f"the {count} image tokens (id {image_token_id}) span positions {start}..{last} with a gap after "
+            f"position {first_gap - 1}: one image per prompt is expected (SPEC section 3)"
+        )
+    return start, count

@@ -1,0 +1,484 @@
+"""Tiny random-weight models of the real classes, built offline (DESIGN.md, "The offline world").
+
+Every real-model path of the project (Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT) is tested on tiny models
+of the SAME transformers classes. What is tiny: the widths and depths (a few layers of width 128,
+a 2-layer vision tower of width 32) and the vocabulary (one token per printable ASCII character
+plus the family's special tokens). What is real: the classes, the attention layout (GQA for Qwen,
+MHA for LLaVA-NeXT-Vicuna), M-RoPE, and the image-processor geometry, so the number and layout
+of visual tokens for an image is exactly what the real model sees (SPEC section 3):
+
+- Qwen2-VL / Qwen2.5-VL: 14 px patches, 2x2 merge, temporal patch 2, the image resized to
+  multiples of 28 px with an area in [min_pixels, max_pixels]. The tiny default is SparseMM's
+  own bounds (32*28^2 .. 16384*28^2): the tiny vision tower is cheap, so nothing forces smaller
+  images, and token counts then match what the real study sees for the same image.
+- LLaVA-NeXT: CLIP 336 px with 14 px patches (24x24 = 576 base tokens), llava-v1.6's
+  ``image_grid_pinpoints``, ``vision_feature_select_strategy="default"`` (CLS dropped),
+  ``vision_feature_layer=-2``.
+
+Builds are deterministic: the same ``seed`` gives identical weights (the global torch RNG is left
+untouched), and take well under a second each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    GenerationConfig,
+    LlavaNextConfig,
+    LlavaNextProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2VLConfig,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.processing_utils import ProcessorMixin
+
+from sparsemm_utils.models import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from sparsemm_utils.processors import (
+    SPARSEMM_MAX_PIXELS,
+    SPARSEMM_MIN_PIXELS,
+    Qwen2_5_VLImageOnlyProcessor,
+    Qwen2VLImageOnlyProcessor,
+)
+
+__all__ = [
+    "TINY_MODEL_TYPES",
+    "InvalidTinySpecError",
+    "QWEN_SPECIAL_TOKENS",
+    "LLAVA_SPECIAL_TOKENS",
+    "QWEN_CHAT_TEMPLATE",
+    "LLAVA_VICUNA_CHAT_TEMPLATE",
+    "LLAVA_V16_GRID_PINPOINTS",
+    "TinySpec",
+    "build_char_tokenizer",
+    "build_tiny_processor",
+    "tiny_config",
+    "build_tiny",
+    "save_tiny",
+    "mrope_section_for",
+]
+
+#: Model types a tiny model can be built for: every supported type.
+TINY_MODEL_TYPES: tuple[str, ...] = tuple(SUPPORTED_MODEL_TYPES)
+
+#: The real Qwen2-VL special tokens the study's prompts use (the real tokenizer has a few more,
+#: e.g. ``<|box_start|>``, that no prompt here produces).
+QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+#: LLaVA-NeXT-Vicuna's special tokens: Llama's ``<unk>``, ``<s>``, ``</s>`` (ids 0, 1, 2 as in
+#: Llama), then the image placeholder ``<image>`` and a padding token at the end of the vocabulary.
+LLAVA_SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<image>", "<pad>")
+
+#: Qwen2-VL-Instruct's chat template (ChatML; inserts the default system prompt when the chat has none).
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+#: Modelled on llava-hf/llava-v1.6-vicuna-7b-hf's chat template; renders LLaVA's ``vicuna_v1``
+#: conversation "<system> USER: <image>\n<text> ASSISTANT:" (the tokenizer adds ``<s>``), and also
+#: accepts a plain-string content.
+LLAVA_VICUNA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+#: llava-v1.6's anyres resolutions, (height, width) in pixels.
+LLAVA_V16_GRID_PINPOINTS: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+#: One token per printable ASCII character (0x20-0x7E) plus newline.
+_BASE_CHARS: tuple[str, ...] = tuple(chr(i) for i in range(0x20, 0x7F)) + ("\n",)
+
+
+class InvalidTinySpecError(ValueError):
+    """The sizes asked of a tiny model are inconsistent (e.g. heads do not divide the width)."""
+
+
+def _check_model_type(model_type: str) -> None:
+    if model_type not in TINY_MODEL_TYPES:
+        raise UnsupportedModelError(model_type, where="tiny_models")
+
+
+def _family(model_type: str) -> str:
+    return "llava" if model_type == "llava_next" else "qwen"
+
+
+def build_char_tokenizer(model_type: str, extra_chars: str = "") -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with the model family's special tokens and chat template.
+
+    Vocabulary (ids in this order):
+    - Qwen (``qwen2_vl``, ``qwen2_5_vl``): ``<unk>`` (0), the 96 base characters (printable ASCII
+      and ``\\n``), then ``extra_chars`` (deduplicated, in order), then :data:`QWEN_SPECIAL_TOKENS`.
+      eos = ``<|im_end|>``, pad = ``<|endoftext|>``, no BOS (as the real Qwen tokenizers).
+    - LLaVA-NeXT: ``<unk>`` (0), ``<s>`` (1), ``</s>`` (2), the characters, then ``<image>`` and
+      ``<pad>``. A ``<s>`` is prepended to every encoding (as Llama/Vicuna's tokenizer does).
+
+    Every character is its own token, so ``decode([id])`` of a generated token is one character
+    (the tiny analogue of a real tokenizer's subword, SPEC section 4). Characters outside the
+    vocabulary encode to ``<unk>``. ``extra_chars`` lets a trained tiny reader extend the alphabet.
+    """
+    _check_model_type(model_type)
+    chars: list[str] = list(dict.fromkeys(_BASE_CHARS + tuple(extra_chars)))
+    family = _family(model_type)
+    if family == "qwen":
+        head, tail = ["<unk>"], list(QWEN_SPECIAL_TOKENS)
+    else:
+        head, tail = list(LLAVA_SPECIAL_TOKENS[:3]), list(LLAVA_SPECIAL_TOKENS[3:])
+    vocab = {tok: i for i, tok in enumerate(head + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # One pre-token per character (newlines included); the WordLevel model maps each to its id.
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in head + tail])
+    if family == "llava":
+        bos_id = vocab["<s>"]
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+        )
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+            chat_template=LLAVA_VICUNA_CHAT_TEMPLATE,
+        )
+    else:
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            unk_token="<unk>",
+            chat_template=QWEN_CHAT_TEMPLATE,
+        )
+    return tokenizer
+
+
+def mrope_section_for(head_dim: int) -> list[int]:
+    """M-RoPE sections (temporal, height, width) for a head of ``head_dim`` channels.
+
+    They must sum to ``head_dim // 2`` (one rotary frequency per channel pair). The real models
+    use [16, 24, 24] for head_dim 128, i.e. 1/4 temporal and 3/8 each spatial; the same split
+    here: head_dim 16 -> 8 pairs -> [2, 3, 3].
+    """
+    if head_dim % 2 or head_dim < 8:
+        raise InvalidTinySpecError(f"head_dim must be even and >= 8 for M-RoPE, got {head_dim}")
+    half = head_dim // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    return [temporal, height, half - temporal - height]
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of a tiny model (the defaults are what ``build_tiny`` uses).
+
+    Text model: ``text_layers`` decoder layers of width ``text_hidden``, ``text_heads`` query heads
+    and ``text_kv_heads`` KV heads (None: 2 for Qwen, i.e. GQA groups of 4 as the real Qwen2-VL;
+    ``text_heads`` for LLaVA-NeXT, MHA as Vicuna). head_dim = text_hidden / text_heads.
+    Vision tower: ``vision_layers`` blocks of width ``vision_hidden`` with ``vision_heads`` heads
+    (LLaVA-NeXT's CLIP needs >= 2 layers because it reads the second-to-last one).
+    ``min_pixels`` / ``max_pixels`` only apply to Qwen (SPEC section 3).
+    ``extra_chars`` extends the character vocabulary (see :func:`build_char_tokenizer`).
+    """
+
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 8
+    text_kv_heads: int | None = None
+    text_intermediate: int = 256
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    vision_intermediate: int = 64
+    min_pixels: int = SPARSEMM_MIN_PIXELS
+    max_pixels: int = SPARSEMM_MAX_PIXELS
+    extra_chars: str = ""
+
+    def __post_init__(self) -> None:
+        positive = {
+            k: getattr(self, k)
+            for k in (
+                "text_hidden",
+                "text_layers",
+                "text_heads",
+                "text_intermediate",
+                "vision_hidden",
+                "vision_layers",
+                "vision_heads",
+                "vision_intermediate",
+                "min_pixels",
+                "max_pixels",
+            )
+        }
+        bad = {k: v for k, v in positive.items() if not isinstance(v, int) or v <= 0}
+        if bad:
+            raise InvalidTinySpecError(f"these sizes must be positive integers: {bad}")
+        if self.text_hidden % self.text_heads:
+            raise InvalidTinySpecError(
+                f"text_heads={self.text_heads} must divide text_hidden={self.text_hidden} (head_dim = hidden / heads)"
+            )
+        if self.text_kv_heads is not None and (self.text_kv_heads <= 0 or self.text_heads % self.text_kv_heads):
+            raise InvalidTinySpecError(
+                f"text_kv_heads={self.text_kv_heads} must be a positive divisor of text_heads={self.text_heads} (GQA)"
+            )
+        if self.vision_hidden % self.vision_heads or (self.vision_hidden // self.vision_heads) % 2:
+            raise InvalidTinySpecError(
+                f"vision_heads={self.vision_heads} must divide vision_hidden={self.vision_hidden} into an even "
+                "head_dim (2D rotary embedding in the Qwen vision tower)"
+            )
+        if self.min_pixels > self.max_pixels:
+            raise InvalidTinySpecError(f"min_pixels={self.min_pixels} > max_pixels={self.max_pixels}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.text_hidden // self.text_heads
+
+    def kv_heads_for(self, model_type: str) -> int:
+        """KV heads of the text model: ``text_kv_heads``, or the family default (Qwen 2, LLaVA MHA)."""
+        if self.text_kv_heads is not None:
+            return self.text_kv_heads
+        if _family(model_type) == "llava":
+            return self.text_heads
+        return 2 if self.text_heads % 2 == 0 else 1
+
+    @classmethod
+    def from_overrides(cls, **overrides: Any) -> "TinySpec":
+        """A spec with some defaults replaced; unknown keys get an error listing the valid ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise InvalidTinySpecError(f"unknown tiny-model options {unknown}; valid options: {', '.join(names)}")
+        return cls(**overrides)
+
+
+def tiny_config(model_type: str, tokenizer: PreTrainedTokenizerFast, spec: TinySpec | None = None):
+    """The config of a tiny ``model_type`` model whose vocabulary and special ids are the tokenizer's."""
+    _check_model_type(model_type)
+    spec = spec or TinySpec()
+    ids = lambda tok: tokenizer.convert_tokens_to_ids(tok)  # noqa: E731
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_intermediate,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.kv_heads_for(model_type),
+        tie_word_embeddings=False,
+    )
+    if model_type == "llava_next":
+        if spec.vision_layers < 2:
+            raise InvalidTinySpecError(
+                f"LLaVA-NeXT reads the second-to-last vision layer (vision_feature_layer=-2): vision_layers must be "
+                f">= 2, got {spec.vision_layers}"
+            )
+        text.update(
+            model_type="llama",
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            bos_token_id=ids("<s>"),
+            eos_token_id=ids("</s>"),
+            pad_token_id=ids("<pad>"),
+        )
+        vision = dict(
+            model_type="clip_vision_model",
+            hidden_size=spec.vision_hidden,
+            intermediate_size=spec.vision_intermediate,
+            num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads,
+            image_size=336,
+            patch_size=14,
+            projection_dim=spec.vision_hidden,
+            hidden_act="quick_gelu",
+        )
+        return LlavaNextConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_index=ids("<image>"),
+            projector_hidden_act="gelu",
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            image_grid_pinpoints=[list(p) for p in LLAVA_V16_GRID_PINPOINTS],
+            image_seq_length=576,
+            multimodal_projector_bias=True,
+            tie_word_embeddings=False,
+        )
+    text.update(
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        use_sliding_window=False,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1_000_000.0,
+            "mrope_section": mrope_section_for(spec.head_dim),
+        },
+        bos_token_id=None,
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+    )
+    special = dict(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    if model_type == "qwen2_vl":
+        vision = dict(
+            depth=spec.vision_layers,
+            embed_dim=spec.vision_hidden,
+            hidden_size=spec.text_hidden,  # the merger's output width = the text width
+            mlp_ratio=max(spec.vision_intermediate // spec.vision_hidden, 1),
+            num_heads=spec.vision_heads,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **special)
+    vision = dict(
+        depth=spec.vision_layers,
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate,
+        out_hidden_size=spec.text_hidden,
+        num_heads=spec.vision_heads,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[spec.vision_layers - 1],
+        tokens_per_second=2,
+    )
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
+
+
+def build_tiny_processor(
+    model_type: str,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    *,
+    min_pixels: int = SPARSEMM_MIN_PIXELS,
+    max_pixels: int = SPARSEMM_MAX_PIXELS,
+) -> ProcessorMixin:
+    """The processor of a tiny model: the real family's image-processor geometry + the char tokenizer.
+
+    Qwen: :class:`~sparsemm_utils.processors.Qwen2VLImageOnlyProcessor` (or the 2.5 one) over a
+    ``Qwen2VLImageProcessorPil`` (patch 14, merge 2, temporal patch 2, ``min_pixels`` /
+    ``max_pixels``). LLaVA-NeXT: ``LlavaNextProcessor`` over a ``LlavaNextImageProcessorPil`` as
+    llava-v1.6's (shortest edge 336, 336x336 crops, CLIP mean/std, bicubic, the v1.6 pinpoints),
+    patch 14, strategy "default", one extra CLS token from the tower (``num_additional_image_tokens=1``).
+    """
+    _check_model_type(model_type)
+    tokenizer = tokenizer if tokenizer is not None else build_char_tokenizer(model_type)
+    if model_type == "llava_next":
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": 336},
+            crop_size={"height": 336, "width": 336},
+            image_grid_pinpoints=[list(p) for p in LLAVA_V16_GRID_PINPOINTS],
+            do_resize=True,
+            do_center_crop=True,
+            do_pad=True,
+            resample=PILImageResampling.BICUBIC,
+            image_mean=list(OPENAI_CLIP_MEAN),
+            image_std=list(OPENAI_CLIP_STD),
+        )
+        return LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            chat_template=LLAVA_VICUNA_CHAT_TEMPLATE,
+            image_token="<image>",
+            num_additional_image_tokens=1,
+        )
+    if not (0 < min_pixels <= max_pixels):
+        raise InvalidTinySpecError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+    cls = Qwen2VLImageOnlyProcessor if model_type == "qwen2_vl" else Qwen2_5_VLImageOnlyProcessor
+    return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def _generation_config(model_type: str, tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
+    """Greedy decoding that stops at the family's end tokens (SPEC section 2)."""
+    ids = tokenizer.convert_tokens_to_ids
+    if model_type == "llava_next":
+        return GenerationConfig(
+            bos_token_id=ids("<s>"), eos_token_id=ids("</s>"), pad_token_id=ids("<pad>"), do_sample=False
+        )
+    # Qwen2-VL-Instruct's generation_config stops at <|im_end|> and <|endoftext|>
+    return GenerationConfig(
+        eos_token_id=[ids("<|im_end|>"), ids("<|endoftext|>")], pad_token_id=ids("<|endoftext|>"), do_sample=False
+    )
+
+
+def build_tiny(model_type: str, *, seed: int = 0, **overrides: Any) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Build a tiny random-weight ``model_type`` model (eval mode, float32, sdpa) and its processor.
+
+    ``overrides`` are :class:`TinySpec` fields (e.g. ``text_layers=2``, ``min_pixels=...``).
+    The same ``seed`` and overrides give identical weights; the global torch RNG state is restored
+    afterwards.
+    """
+    _check_model_type(model_type)
+    spec = TinySpec.from_overrides(**overrides)
+    tokenizer = build_char_tokenizer(model_type, extra_chars=spec.extra_chars)
+    processor = build_tiny_processor(model_type, tokenizer, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    config = tiny_config(model_type, tokenizer, spec)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SUPPORTED_MODEL_TYPES[model_type](config)
+    model.set_attn_implementation("sdpa")
+    model.generation_config = _generation_config(model_type, tokenizer)
+    model.to(torch.float32).eval()
+    return model, processor
+
+
+def save_tiny(model_type: str, path: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Build a tiny model (see :func:`build_tiny`) and save model + processor into ``path``, loadable
+    with ``load_model(path)`` or ``from_pretrained``. Returns the folder."""
+    model, processor = build_tiny(model_type, seed=seed, **overrides)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
