@@ -1,0 +1,121 @@
+"""Step 02 against the real processors (tiny tokenizers, real image-processor geometry).
+
+SPEC section 3: "Every mapping must agree with the processor's own count of image tokens for the
+same image." Only the processors are needed (no model forward), so these run in seconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from sparsemm_utils import patch_mapping as pm
+from sparsemm_utils import prompts
+from sparsemm_utils.tiny_models import build_tiny_processor
+
+pytestmark = pytest.mark.slow
+
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_next")
+
+
+@pytest.fixture(scope="module")
+def processors():
+    return {mt: build_tiny_processor(mt) for mt in MODEL_TYPES}
+
+
+def _span(processor, model_type: str, width: int, height: int) -> tuple[int, int, np.ndarray]:
+    inputs = prompts.build_inputs(processor, Image.new("RGB", (width, height), "white"), prompts.OCR_PROMPT, model_type)
+    ids = inputs["input_ids"][0].numpy()
+    start, length = prompts.image_token_span(ids, processor.image_token_id)
+    return start, length, ids
+
+
+def test_geometry_from_the_tiny_processors(processors):
+    assert pm.geometry_from_processor(processors["qwen2_vl"], "qwen2_vl") == pm.QwenVLGeometry(
+        14, 2, 32 * 28 * 28, 16384 * 28 * 28
+    )
+    assert pm.geometry_from_processor(processors["qwen2_5_vl"], "qwen2_5_vl") == pm.QwenVLGeometry()
+    assert pm.geometry_from_processor(processors["llava_next"], "llava_next") == pm.LlavaNextGeometry()
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_hand_example_image_count_matches_processor(processors, model_type):
+    # 1000x700: Qwen 25 x 36 = 900 tokens; LLaVA-NeXT 576 + 34 * 49 = 2242 (see the unit tests).
+    expected = {"qwen2_vl": 900, "qwen2_5_vl": 900, "llava_next": 2242}[model_type]
+    _, length, _ = _span(processors[model_type], model_type, 1000, 700)
+    assert length == expected
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    model_type=st.sampled_from(MODEL_TYPES),
+    width=st.integers(28, 1200),
+    height=st.integers(28, 1200),
+    data=st.data(),
+)
+def test_mapping_agrees_with_processor_over_sizes(processors, model_type, width, height, data):
+    processor = processors[model_type]
+    mapper = pm.mapper_from_processor(processor, model_type)
+    start, length, ids = _span(processor, model_type, width, height)
+    assert mapper.num_tokens(width, height) == length
+    # an in-image box maps to >= 1 token, all inside the image span, none on a text token
+    x0 = data.draw(st.floats(0, width))
+    x1 = data.draw(st.floats(x0, width))
+    y0 = data.draw(st.floats(0, height))
+    y1 = data.draw(st.floats(y0, height))
+    positions = mapper.map_box((x0, y0, x1, y1), width=width, height=height)
+    assert positions.size >= 1
+    absolute = start + positions
+    assert absolute.min() >= start and absolute.max() < start + length
+    assert np.all(ids[absolute] == processor.image_token_id)
+    if model_type == "llava_next":
+        assert not np.isin(positions, mapper.newline_positions(width, height)).any()
+        assert positions.min() >= mapper.geometry.base_tokens
+
+
+def test_map_documents_end_to_end(processors, tmp_path):
+    docs = [
+        {
+            "doc_id": f"d{i}",
+            "image": Image.new("RGB", size, "white"),
+            "2_coord": [{"chunk": "AB CD", "coord": [[10.0, 10.0], [90.0, 30.0]]}],
+            "char_coord": [
+                {"char": "A", "coord": [[10.0, 10.0], [20.0, 30.0]], "chunk_index": 0},
+                {"char": "Z", "coord": [[5000.0, 10.0], [5010.0, 30.0]], "chunk_index": 0},
+            ],
+        }
+        for i, size in enumerate([(400, 300), (300, 500)])
+    ]
+    for model_type in MODEL_TYPES:
+        processor = processors[model_type]
+        records = pm.map_documents(docs, processor, model_type)
+        assert [r["doc_id"] for r in records] == ["d0", "d1"]
+        for record, doc in zip(records, docs):
+            start, length, _ = _span(processor, model_type, *doc["image"].size)
+            assert record["image_token_start"] == start and record["num_image_tokens"] == length
+            assert record["chunks"][0]["positions"] and record["chars"][0]["positions"]
+            assert set(record["chars"][0]["positions"]) <= set(record["chunks"][0]["positions"])
+            assert record["chars"][1]["positions"] == [] and record["skipped"][0]["kind"] == "char"
+        regions, report = pm.write_regions(records, tmp_path / model_type, pm.mapper_from_processor(processor, model_type))
+        assert pm.load_regions(regions) == records
+
+
+def test_map_documents_rejects_a_mapper_that_disagrees_with_the_processor(processors):
+    docs = [{"doc_id": "d0", "image": Image.new("RGB", (1000, 700)), "2_coord": [], "char_coord": []}]
+    small = pm.QwenVLPatchMapper(pm.QwenVLGeometry(min_pixels=56 * 56, max_pixels=100 * 28 * 28))
+    with pytest.raises(pm.TokenCountMismatchError, match="expects 88 image tokens.*emitted 900"):
+        pm.map_documents(docs, processors["qwen2_vl"], "qwen2_vl", small)
+    with pytest.raises(pm.PatchMappingError, match="cannot map 'llava_next'"):
+        pm.map_documents(docs, processors["llava_next"], "llava_next", small)
+
+
+def test_compare_with_processors_reports_agreement(processors):
+    rows = pm.compare_with_processors(Image.new("RGB", (1000, 700)), processors)
+    assert [r["model_type"] for r in rows] == list(MODEL_TYPES)
+    assert [r["mapping_tokens"] for r in rows] == [900, 900, 2242]
+    assert all(r["agree"] and r["processor_tokens"] == r["mapping_tokens"] for r in rows)
+    assert rows[2]["grid_h"] == 34 and rows[2]["grid_w"] == 48
+
