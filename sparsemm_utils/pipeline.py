@@ -57,6 +57,7 @@ __all__ = [
     "StepResult",
     "load_config",
     "select_steps",
+    "rerun_reason",
     "run_pipeline",
     "write_index",
     "main",
@@ -263,6 +264,27 @@ def _outputs_unchanged(manifest: Manifest, run_dir: Path) -> bool:
     return True
 
 
+def rerun_reason(previous: Manifest | None, params: dict[str, Any], inputs: list[FileRecord], run: Path) -> str | None:
+    """Why a step must run again, or None when it can be skipped (same parameters, same input
+    hashes, outputs unchanged on disk)."""
+    if previous is None:
+        return "no manifest yet"
+    if previous.status != "ok":
+        return f"last run {previous.status}"
+    if previous.params != params:
+        changed = sorted(k for k in set(previous.params) | set(params) if previous.params.get(k) != params.get(k))
+        return f"parameters changed: {', '.join(changed)}"
+    if previous.inputs != inputs:
+        before = {r.path: r.sha256 for r in previous.inputs}
+        now = {r.path: r.sha256 for r in inputs}
+        changed = sorted(p for p in set(before) | set(now) if before.get(p) != now.get(p))
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        return f"inputs changed: {shown}"
+    if not _outputs_unchanged(previous, run):
+        return "outputs missing or modified since the last run"
+    return None
+
+
 @dataclass
 class StepResult:
     """What happened to one step: ``status`` is "ran", "skipped" or "failed"."""
@@ -337,14 +359,8 @@ def run_pipeline(
             inputs = step_inputs(step, run, root, steps)
             folder = run / step.name
             previous = Manifest.read(folder)
-            if (
-                not force
-                and previous is not None
-                and previous.status == "ok"
-                and previous.params == params
-                and previous.inputs == inputs
-                and _outputs_unchanged(previous, run)
-            ):
+            reason = "--force" if force else rerun_reason(previous, params, inputs, run)
+            if reason is None:
                 log(f"[skip] {step.name}: parameters and input hashes unchanged since {previous.finished_at}")
                 results.append(StepResult(step.name, "skipped", 0.0, folder, "unchanged"))
                 continue
@@ -366,7 +382,7 @@ def run_pipeline(
                 started_at=_now(),
                 notebook=executed.name,
             )
-            log(f"[run ] {step.name}: {step.title}")
+            log(f"[run ] {step.name}: {step.title} ({reason})")
             start = time.perf_counter()
             try:
                 pm.execute_notebook(
@@ -412,7 +428,7 @@ def run_pipeline(
             manifest.seconds = round(seconds, 3)
             manifest.write(folder)
             log(f"[done] {step.name} in {seconds:.1f} s")
-            results.append(StepResult(step.name, "ran", seconds, folder))
+            results.append(StepResult(step.name, "ran", seconds, folder, reason))
     finally:
         write_index(run, steps, config)
     return results

@@ -98,6 +98,8 @@ def test_runs_writes_manifests_then_skips_then_reruns_what_changed(tmp_path, fak
     # a changed parameter reruns its step, and the changed output reruns the step that reads it
     changed = _run(_config(tmp_path, 5), run, fake_repo, to_step="02")
     assert [r.status for r in changed] == ["ran", "ran"]
+    assert changed[0].message == "parameters changed: value"
+    assert changed[1].message == "inputs changed: 01_make/value.txt"
     assert (run / "02_double" / "double.txt").read_text() == "10"
 
     # --force reruns a range even when unchanged; --from restricts it
@@ -108,6 +110,7 @@ def test_runs_writes_manifests_then_skips_then_reruns_what_changed(tmp_path, fak
     (run / "02_double" / "double.txt").write_text("999")
     healed = _run(_config(tmp_path, 5), run, fake_repo, to_step="02")
     assert [r.status for r in healed] == ["skipped", "ran"]
+    assert healed[1].message == "outputs missing or modified since the last run"
 
     index = (run / "index.html").read_text()
     assert "01_make/01_make.html" in index and "02_double/01_make" not in index
