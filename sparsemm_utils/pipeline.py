@@ -98,6 +98,12 @@ STEPS: tuple[Step, ...] = (
         needs=("01_ocr_annotation",),
         outputs=("regions.jsonl", "mapping_report.json"),
     ),
+    Step(
+        "03_head_scoring",
+        "Visual head scoring: the OCR hit rule per attention head",
+        needs=("01_ocr_annotation", "02_patch_mapping"),
+        outputs=("head_scores.json", "head_scores.csv", "scoring_report.json"),
+    ),
 )
 
 #: Files of a step folder that the pipeline itself writes (not outputs of the notebook).

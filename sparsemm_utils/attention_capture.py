@@ -1,0 +1,479 @@
+"""Capture each decode step's attention row without materialising N x N attention (SPEC section 4).
+
+The visual-head rule of SPEC section 4 looks, for every generated token t, at ONE attention row
+per (layer, query head): the row of the query that produced t. Token t_0 comes out of the
+prefill, so its query is the last prompt position; token t_i (i > 0) comes out of decode step i,
+whose single query is t_{i-1}. Everything else the reference path computes (``eager`` attention
+with ``output_attentions=True``: a (batch, heads, N, N) tensor per layer at prefill) is thrown
+away by the rule. This module keeps only what the rule needs:
+
+- :func:`row_capture_attention` is an attention function registered with transformers'
+  ``AttentionInterface`` under :data:`ROW_CAPTURE_ATTENTION` and applied to the LANGUAGE model only
+  (the vision tower keeps ``sdpa``; :func:`sparsemm_utils.models.set_text_attention`). It computes
+  the layer's output with ``sdpa`` (memory linear in N on the prefill) and, while a
+  :class:`RowRecorder` is active (:func:`recording`), the softmax row of the LAST query of the
+  call, (heads, N): O(H * N) memory instead of O(H * N^2). The row is reduced at once (argmax,
+  top-k positions, attention mass on the image, optionally the image slice) so nothing of size N
+  outlives the call.
+- The reference path (:func:`generate_with_rows` with ``method="reference"``) switches the language
+  model to ``eager``, generates with ``output_attentions=True`` and feeds the last row of every
+  returned attention tensor through the same :class:`RowRecorder`, so both paths produce the same
+  :class:`CapturedAttention` and can be compared number for number.
+
+Both paths run ``generate()`` with the prefill's KV cache: decode step i attends to the
+``prompt_len + i`` keys of the prompt and the tokens before it. The original's issue #10 was
+scoring decode steps run WITHOUT that cache (each step saw only itself); every capture records
+the key length of each step and :meth:`CapturedAttention.check_key_lengths` rejects a capture that
+did not attend to the whole prefix.
+
+Shapes: ``T`` generated tokens, ``L`` text layers, ``H`` QUERY heads (GQA models: one row per
+query head, the KV head is shared within a group), ``N_t`` keys at step t, ``k`` top positions.
+Batch size 1 only, as in the original scoring scripts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from sparsemm_utils.models import (
+    LoadedModel,
+    register_text_attention,
+    set_text_attention,
+    text_attention_implementation,
+)
+
+__all__ = [
+    "ROW_CAPTURE_ATTENTION",
+    "CAPTURE_METHODS",
+    "AttentionCaptureError",
+    "CaptureShapeError",
+    "MissingPrefillCacheError",
+    "CaptureSpec",
+    "CapturedAttention",
+    "RowRecorder",
+    "last_query_attention",
+    "row_capture_attention",
+    "register_row_capture",
+    "recording",
+    "active_recorder",
+    "text_attention",
+    "record_eager_attentions",
+    "generate_with_rows",
+    "stop_token_ids",
+]
+
+#: Name under which :func:`row_capture_attention` is registered (AttentionInterface + mask "sdpa").
+ROW_CAPTURE_ATTENTION = "sparsemm_row_capture"
+#: ``"streamed"``: the row capture (default); ``"reference"``: eager + output_attentions.
+CAPTURE_METHODS: tuple[str, ...] = ("streamed", "reference")
+
+CaptureMethod = Literal["streamed", "reference"]
+
+
+class AttentionCaptureError(RuntimeError):
+    """The attention rows could not be captured as the scoring rule needs them."""
+
+
+class CaptureShapeError(AttentionCaptureError, ValueError):
+    """A row or a capture has the wrong shape (batch > 1, wrong head count, layers out of step)."""
+
+
+class MissingPrefillCacheError(AttentionCaptureError):
+    """A decode step did not attend to the whole prefix: generation ran without the prefill's KV
+    cache (the original's issue #10), so its attention rows cannot be scored."""
+
+
+# ----------------------------------------------------------------------------------- the row
+
+
+def last_query_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention row of the LAST query of a call, per query head: (batch, H, N) float32.
+
+    ``query`` (batch, H, q, d) post-RoPE; ``key`` (batch, H_kv, N, d) as the cache returned it
+    (H a multiple of H_kv: query head h reads KV head h // (H / H_kv), as ``repeat_kv`` lays it
+    out, without copying the keys); ``attention_mask`` None (no masking: the last query of a
+    causal call sees every key), boolean (batch, 1, q, N) with True = attend (the ``sdpa`` mask),
+    or additive float (batch, 1, q, N) (the ``eager`` mask); ``scaling`` defaults to d ** -0.5.
+
+    Computed as ``eager_attention_forward`` does it: Q K^T * scaling in the model's dtype, mask,
+    softmax in float32 (the eager path then casts the weights back to the model dtype; here they
+    stay float32, so a bf16 model's rounding ties do not occur here).
+    """
+    if query.ndim != 4 or key.ndim != 4:
+        raise CaptureShapeError(
+            f"query and key must be (batch, heads, seq, head_dim), got {tuple(query.shape)} and {tuple(key.shape)}"
+        )
+    batch, heads, _, dim = query.shape
+    kv_heads, n_keys = key.shape[1], key.shape[2]
+    if key.shape[0] != batch or key.shape[3] != dim or heads % kv_heads:
+        raise CaptureShapeError(
+            f"query {tuple(query.shape)} and key {tuple(key.shape)} do not fit together: same batch and head_dim, "
+            f"and query heads ({heads}) a multiple of KV heads ({kv_heads}) are required"
+        )
+    scale = dim**-0.5 if scaling is None else scaling
+    group = heads // kv_heads
+    last = query[:, :, -1, :].reshape(batch, kv_heads, group, dim)
+    logits = (torch.matmul(last, key.transpose(-1, -2)) * scale).reshape(batch, heads, n_keys).float()
+    if attention_mask is not None:
+        mask_row = attention_mask[:, :, -1, :]  # (batch, 1, N), broadcast over heads
+        if mask_row.shape[-1] != n_keys:
+            mask_row = mask_row[..., :n_keys]
+        if mask_row.dtype == torch.bool:
+            logits = logits.masked_fill(~mask_row, float("-inf"))
+        else:
+            logits = logits + mask_row.float()
+    return torch.softmax(logits, dim=-1)
+
+
+# ------------------------------------------------------------------------------ the recorder
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """What a :class:`RowRecorder` keeps of each row (one row = (H, N_t) for one layer and step).
+
+    ``top_k``: how many top positions per head to keep (sorted by weight, descending; the argmax
+    is always kept separately, first maximum on ties). ``image_span``: ``(start, count)`` of the
+    image tokens (absolute positions); with it, the attention mass on the image per head is
+    recorded. ``image_steps``: keep the image slice of the row, (H, count) as float16, for the
+    first ``image_steps`` tokens (0: none): the explorer's data. ``keep_rows``: keep every full
+    row as float32 (tests and tiny inputs only: it is the N x T memory this module avoids).
+    """
+
+    top_k: int = 1
+    image_span: tuple[int, int] | None = None
+    image_steps: int = 0
+    keep_rows: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1, got {self.top_k!r}")
+        if self.image_span is not None:
+            span = tuple(self.image_span)
+            if len(span) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in span):
+                raise ValueError(f"image_span must be (start, count) ints, got {self.image_span!r}")
+            if span[0] < 0 or span[1] < 1:
+                raise ValueError(f"image_span needs start >= 0 and count >= 1, got {self.image_span!r}")
+            object.__setattr__(self, "image_span", (int(span[0]), int(span[1])))
+        if isinstance(self.image_steps, bool) or not isinstance(self.image_steps, (int, np.integer)) or self.image_steps < 0:
+            raise ValueError(f"image_steps must be an int >= 0, got {self.image_steps!r}")
+        if self.image_steps and self.image_span is None:
+            raise ValueError("image_steps > 0 needs image_span=(start, count) to know which keys are the image")
+
+
+@dataclass
+class CapturedAttention:
+    """What the rule needs of the attention rows of T generated tokens (see module docstring).
+
+    - ``argmax`` int64 (T, L, H): absolute key position of each head's largest weight.
+    - ``top_positions`` int64 (T, L, H, k) and ``top_weights`` float32 (T, L, H, k): the k largest,
+      descending.
+    - ``key_lengths`` int64 (T,): N_t, the keys the query of step t attended to.
+    - ``image_mass`` float32 (T, L, H) or None: attention weight summed over the image tokens.
+    - ``image_attention`` float16 (T', L, H, n_img) or None: the image slice of the rows of the
+      first T' = min(T, image_steps) tokens.
+    - ``rows``: list of T float32 arrays (L, H, N_t) when ``keep_rows`` was set, else None.
+    """
+
+    argmax: np.ndarray
+    top_positions: np.ndarray
+    top_weights: np.ndarray
+    key_lengths: np.ndarray
+    image_mass: np.ndarray | None = None
+    image_attention: np.ndarray | None = None
+    rows: list[np.ndarray] | None = None
+    image_span: tuple[int, int] | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.argmax.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(layers, query heads)."""
+        return int(self.argmax.shape[1]), int(self.argmax.shape[2])
+
+    def check_key_lengths(self, prompt_len: int) -> None:
+        """Raise :class:`MissingPrefillCacheError` unless step t attended to ``prompt_len + t`` keys
+        (the prompt and every generated token before t): the prefill's KV cache was used."""
+        expected = int(prompt_len) + np.arange(self.num_steps)
+        if self.key_lengths.shape != expected.shape or not np.array_equal(self.key_lengths, expected):
+            bad = int(np.flatnonzero(self.key_lengths != expected)[0]) if self.key_lengths.shape == expected.shape else 0
+            got = self.key_lengths[bad] if self.key_lengths.size else None
+            raise MissingPrefillCacheError(
+                f"step {bad} attended to {got} keys, expected {expected[bad] if expected.size else '?'} "
+                f"(prompt of {prompt_len} tokens + {bad} generated): decoding did not use the prefill's KV cache, "
+                "the bug of the original's issue #10. Generate with use_cache=True and the cache the prefill "
+                "returned (generate_with_rows does)."
+            )
+
+
+class RowRecorder:
+    """Collects the reduced attention rows of one generation (batch 1), layer by layer.
+
+    ``add(layer_idx, row)`` is called once per layer per forward pass, in any layer order; the
+    t-th call for a layer belongs to step t. :meth:`finish` checks that every layer saw the same
+    number of steps and stacks the results into a :class:`CapturedAttention`.
+    """
+
+    def __init__(self, num_layers: int, num_heads: int, spec: CaptureSpec | None = None):
+        if num_layers < 1 or num_heads < 1:
+            raise ValueError(f"num_layers and num_heads must be >= 1, got {num_layers}, {num_heads}")
+        self.num_layers = int(num_layers)
+        self.num_heads = int(num_heads)
+        self.spec = spec or CaptureSpec()
+        self._argmax: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+        self._top_pos: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+        self._top_w: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+        self._lengths: list[list[int]] = [[] for _ in range(self.num_layers)]
+        self._mass: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+        self._image: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+        self._rows: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+
+    def add(self, layer_idx: int, row: torch.Tensor) -> None:
+        """Record one row: ``row`` (H, N) or (1, H, N) float attention weights of the last query."""
+        if row.ndim == 3:
+            if row.shape[0] != 1:
+                raise CaptureShapeError(
+                    f"the scoring capture supports batch size 1 (as the original scripts), got a row batch of {row.shape[0]}"
+                )
+            row = row[0]
+        if row.ndim != 2 or row.shape[0] != self.num_heads:
+            raise CaptureShapeError(
+                f"expected a row of shape ({self.num_heads}, N) (one per query head), got {tuple(row.shape)}"
+            )
+        if not 0 <= layer_idx < self.num_layers:
+            raise CaptureShapeError(f"layer_idx {layer_idx} is outside 0..{self.num_layers - 1}")
+        row = row.detach()
+        n_keys = int(row.shape[-1])
+        k = min(self.spec.top_k, n_keys)
+        weights, positions = torch.topk(row, k, dim=-1)
+        if k < self.spec.top_k:  # fewer keys than k: pad with -1 (never a position)
+            pad = self.spec.top_k - k
+            positions = torch.cat([positions, positions.new_full((self.num_heads, pad), -1)], dim=-1)
+            weights = torch.cat([weights, weights.new_zeros((self.num_heads, pad))], dim=-1)
+        self._argmax[layer_idx].append(torch.argmax(row, dim=-1))
+        self._top_pos[layer_idx].append(positions)
+        self._top_w[layer_idx].append(weights.float())
+        self._lengths[layer_idx].append(n_keys)
+        if self.spec.image_span is not None:
+            start, count = self.spec.image_span
+            if start + count > n_keys:
+                raise CaptureShapeError(
+                    f"image_span {self.spec.image_span} reaches beyond the {n_keys} keys of the row: the span must "
+                    "come from this prompt (prompts.image_token_span)"
+                )
+            image = row[:, start : start + count]
+            self._mass[layer_idx].append(image.sum(dim=-1).float())
+            if len(self._image[layer_idx]) < self.spec.image_steps:
+                self._image[layer_idx].append(image.to(torch.float16))
+        if self.spec.keep_rows:
+            self._rows[layer_idx].append(row.float().cpu())
+
+    @property
+    def steps_recorded(self) -> int:
+        """Rows recorded for layer 0 so far."""
+        return len(self._argmax[0])
+
+    def finish(self) -> CapturedAttention:
+        """Stack everything into a :class:`CapturedAttention` (numpy, on the CPU)."""
+        counts = [len(a) for a in self._argmax]
+        if len(set(counts)) != 1:
+            raise CaptureShapeError(
+                f"layers recorded different numbers of steps ({counts}): a forward pass was interrupted or the "
+                "recorder was shared between generations; use one RowRecorder per generation"
+            )
+        steps = counts[0]
+        lengths = np.asarray(self._lengths, dtype=np.int64).reshape(self.num_layers, steps)
+        if steps and not (lengths == lengths[0]).all():
+            raise CaptureShapeError(f"layers saw different key lengths at the same step: {lengths.tolist()}")
+        k = self.spec.top_k
+
+        def stack(per_layer: list[list[torch.Tensor]], trailing: tuple[int, ...], dtype: Any) -> np.ndarray:
+            if steps == 0 or not per_layer[0]:
+                return np.zeros((len(per_layer[0]), self.num_layers, self.num_heads) + trailing, dtype=dtype)
+            out = torch.stack([torch.stack(layer) for layer in per_layer], dim=1)  # (T, L, H, ...)
+            return out.cpu().numpy().astype(dtype, copy=False)
+
+        image_mass = image = None
+        if self.spec.image_span is not None:
+            image_mass = stack(self._mass, (), np.float32)
+            if self.spec.image_steps:
+                image = stack(self._image, (self.spec.image_span[1],), np.float16)
+        rows = None
+        if self.spec.keep_rows:
+            rows = [np.stack([self._rows[layer][t].numpy() for layer in range(self.num_layers)]) for t in range(steps)]
+        return CapturedAttention(
+            argmax=stack(self._argmax, (), np.int64),
+            top_positions=stack(self._top_pos, (k,), np.int64),
+            top_weights=stack(self._top_w, (k,), np.float32),
+            key_lengths=lengths[0] if steps else np.zeros(0, dtype=np.int64),
+            image_mass=image_mass,
+            image_attention=image,
+            rows=rows,
+            image_span=self.spec.image_span,
+        )
+
+
+_ACTIVE: contextvars.ContextVar[RowRecorder | None] = contextvars.ContextVar("sparsemm_row_recorder", default=None)
+
+
+def active_recorder() -> RowRecorder | None:
+    """The recorder :func:`row_capture_attention` currently feeds, or None."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def recording(recorder: RowRecorder) -> Iterator[RowRecorder]:
+    """Make ``recorder`` receive the rows of every :func:`row_capture_attention` call inside the
+    block (``generate()`` rejects unknown kwargs, so per-call state travels this way)."""
+    token = _ACTIVE.set(recorder)
+    try:
+        yield recorder
+    finally:
+        _ACTIVE.reset(token)
+
+
+# ----------------------------------------------------------------- the attention function
+
+
+def row_capture_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """``sdpa`` attention that also hands the last query's row to the active :class:`RowRecorder`.
+
+    Signature of transformers' ``AttentionInterface``: ``query`` (batch, H, q, d) post-RoPE,
+    ``key``/``value`` (batch, H_kv, N, d) as the cache returned them, ``attention_mask`` as the
+    ``sdpa`` mask function built it (None or boolean). Returns ``(output, None)`` exactly as
+    ``sdpa_attention_forward`` does; without an active recorder it IS sdpa.
+    """
+    output, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+    recorder = _ACTIVE.get()
+    if recorder is not None:
+        with torch.no_grad():
+            row = last_query_attention(query, key, attention_mask, scaling=scaling)
+        recorder.add(int(module.layer_idx), row)
+    return output, None
+
+
+def register_row_capture() -> str:
+    """Register :func:`row_capture_attention` (with the ``sdpa`` mask function) and return its name.
+    Idempotent."""
+    register_text_attention(ROW_CAPTURE_ATTENTION, row_capture_attention, mask="sdpa")
+    return ROW_CAPTURE_ATTENTION
+
+
+@contextlib.contextmanager
+def text_attention(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Use attention ``name`` in the language model inside the block; restore the previous one after."""
+    previous = text_attention_implementation(model)
+    set_text_attention(model, name)
+    try:
+        yield
+    finally:
+        set_text_attention(model, previous)
+
+
+# ------------------------------------------------------------------------------ generation
+
+
+def record_eager_attentions(attentions: Sequence[Sequence[torch.Tensor]], recorder: RowRecorder) -> RowRecorder:
+    """Feed ``generate(..., output_attentions=True, return_dict_in_generate=True).attentions`` (one
+    tuple per generated token of one (batch, H, q, N) tensor per layer) to ``recorder``: the last
+    query row of each. The reference path of :func:`generate_with_rows`."""
+    for step in attentions:
+        if len(step) != recorder.num_layers:
+            raise CaptureShapeError(
+                f"a generation step returned attentions for {len(step)} layers, the recorder expects {recorder.num_layers}"
+            )
+        for layer_idx, weights in enumerate(step):
+            recorder.add(layer_idx, weights[:, :, -1, :].float())
+    return recorder
+
+
+def _stop_ids(model: torch.nn.Module) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def generate_with_rows(
+    loaded: LoadedModel,
+    inputs: Mapping[str, Any],
+    *,
+    max_new_tokens: int,
+    spec: CaptureSpec | None = None,
+    method: CaptureMethod = "streamed",
+) -> tuple[np.ndarray, CapturedAttention]:
+    """Greedy generation (SPEC section 2) with the attention rows of every generated token.
+
+    ``inputs``: one prompt (batch 1) from :func:`sparsemm_utils.prompts.build_inputs`.
+    ``method``: ``"streamed"`` (the row capture, memory linear in N) or ``"reference"`` (eager +
+    ``output_attentions``: the (H, N, N) prefill attention of every layer is materialised).
+    Returns the generated token ids (T,) int64 (the end-of-sequence token included when generation
+    stopped on it) and their rows' :class:`CapturedAttention` (T steps; step t is the query that
+    produced token t). The language model's attention implementation is restored afterwards.
+    Raises :class:`MissingPrefillCacheError` if a step did not attend to the whole prefix.
+    """
+    if method not in CAPTURE_METHODS:
+        raise ValueError(f"method must be one of {CAPTURE_METHODS}, got {method!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    input_ids = inputs["input_ids"]
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise CaptureShapeError(
+            f"one prompt at a time: input_ids must be (1, n), got {tuple(input_ids.shape)} (the rule is per sample)"
+        )
+    prompt_len = int(input_ids.shape[1])
+    recorder = RowRecorder(loaded.num_layers, loaded.num_heads, spec)
+    model = loaded.model
+    greedy = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True)
+    with torch.no_grad():
+        if method == "streamed":
+            with text_attention(model, register_row_capture()), recording(recorder):
+                sequences = model.generate(**inputs, **greedy)
+        else:
+            with text_attention(model, "eager"):
+                out = model.generate(**inputs, **greedy, output_attentions=True, return_dict_in_generate=True)
+            sequences = out.sequences
+            record_eager_attentions(out.attentions, recorder)
+            del out
+    generated = sequences[0, prompt_len:].cpu().numpy().astype(np.int64)
+    captured = recorder.finish()
+    if captured.num_steps != generated.shape[0]:
+        raise AttentionCaptureError(
+            f"captured {captured.num_steps} attention rows for {generated.shape[0]} generated tokens: expected one "
+            "forward pass per generated token"
+        )
+    captured.check_key_lengths(prompt_len)
+    return generated, captured
+
+
+def stop_token_ids(loaded: LoadedModel) -> set[int]:
+    """Token ids that end generation (the model's ``generation_config.eos_token_id``)."""
+    return _stop_ids(loaded.model)
+
