@@ -69,12 +69,15 @@ class Step:
     """One step of the study: ``notebooks/<name>.ipynb`` writing into ``<run>/<name>/``.
 
     ``needs`` names the steps whose outputs it reads; ``outputs`` the files or folders (relative to
-    its step folder) it must leave behind, checked after the notebook ran."""
+    its step folder) it must leave behind, checked after the notebook ran. A ``resumable`` step
+    keeps its folder when it reruns (its notebook skips the work it finds finished, e.g. the eval
+    sweep's cells); any other step starts from an empty folder."""
 
     name: str
     title: str
     needs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
+    resumable: bool = False
 
     @property
     def number(self) -> str:
@@ -371,9 +374,9 @@ def run_pipeline(
                 results.append(StepResult(step.name, "skipped", 0.0, folder, "unchanged"))
                 continue
 
-            if folder.exists():
+            if folder.exists() and not step.resumable:
                 shutil.rmtree(folder)
-            folder.mkdir(parents=True)
+            folder.mkdir(parents=True, exist_ok=True)
             executed = folder / f"{step.name}.ipynb"
             html_path = folder / f"{step.name}.html"
             manifest = Manifest(

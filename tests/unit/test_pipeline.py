@@ -196,3 +196,22 @@ def test_list_command(capsys):
     out = capsys.readouterr().out
     for step in pl.STEPS:
         assert step.name in out
+
+
+def test_resumable_step_keeps_its_folder_and_others_start_clean(tmp_path, fake_repo):
+    _notebook(
+        fake_repo / "notebooks" / "01_append.ipynb",
+        'run_dir = "runs/dev"\nvalue = 1',
+        [
+            "from pathlib import Path\nout = Path(run_dir) / '01_append'",
+            "with open(out / 'log.txt', 'a') as fh:\n    fh.write(f'{value}\\n')",
+        ],
+    )
+    run = tmp_path / "run"
+    for resumable, expected in ((True, "1\n2\n"), (False, "2\n")):
+        steps = (pl.Step("01_append", "append", outputs=("log.txt",), resumable=resumable),)
+        folder = run / ("resumable" if resumable else "plain")
+        for value in (1, 2):
+            config = pl.PipelineConfig(name="fake", steps={"01_append": {"value": value}})
+            pl.run_pipeline(config, folder, steps=steps, root=fake_repo, log=lambda _: None)
+        assert (folder / "01_append" / "log.txt").read_text() == expected
