@@ -1,0 +1,523 @@
+"""A KV cache that keeps a different number of tokens in every KV head, and stores only those.
+
+SPEC section 5 compresses the prompt's KV cache once, at prefill, to ``cap[l, g] + w`` tokens in
+KV head g of layer l; decoding then appends every new token to every head and evicts nothing.
+SPEC section 7 defines the bytes such a cache holds: the sum over layers and KV heads of kept
+tokens x head_dim x 2 (K and V) x bytes per element. This module is the storage half of that
+(which tokens to keep is decided in :mod:`sparsemm_utils.compression`).
+
+Storage design (one :class:`PerHeadKVLayer` per decoder layer)
+----------------------------------------------------------------
+- **Packed per head.** A layer owns one key buffer and one value buffer of shape
+  ``(capacity, head_dim)``. KV head h owns the contiguous segment
+  ``[start[h], start[h] + room[h])`` of both, of which the first ``length[h]`` rows are in use:
+  its kept prompt tokens (in prompt order) followed by the tokens generated since.
+  No padding to the longest head: a head with 40 tokens next to one with 900 costs 40 rows.
+- **Appends without copying the cache.** ``room[h] = length[h] + reserve`` leaves every head a
+  reserve of free rows after compression; a decode step writes its new key and value into row
+  ``start[h] + length[h]`` of every head (one ``index_copy_``, O(H_kv x head_dim)). Only when a
+  head's reserve runs out is the layer re-packed with a reserve twice as large, so over T decode
+  steps the layer is re-packed O(log T) times (amortised O(1) per step). ``compressed_generate``
+  sizes the reserve to ``max_new_tokens``, so a generation re-packs nothing.
+- **Honest byte accounting.** :meth:`PerHeadKVLayer.kv_bytes` counts rows in use only
+  (SPEC section 7's formula); :meth:`PerHeadKVLayer.allocated_bytes` counts the buffers
+  (rows in use + the decode reserve); :meth:`PerHeadKVLayer.slack_bytes` is their difference.
+  The kept prompt positions (one int64 per kept prompt token, for inspection and tests) are
+  bookkeeping, counted in neither.
+- **Logical length.** ``get_seq_length`` reports the number of tokens the layer has SEEN (prompt
+  + generated), not how many it keeps: ``generate`` and Qwen's M-RoPE deltas derive positions
+  from it, and keys are stored after RoPE, so evicting tokens never shifts the positions of the
+  ones kept or of those generated later.
+
+Protocol (what the attention function of :mod:`sparsemm_utils.compression` relies on)
+--------------------------------------------------------------------------------------
+1. Prefill: ``update(K, V)`` on an empty layer keeps the full ``(1, H_kv, n, d)`` tensors as
+   *pending* and returns them unchanged, so the prefill's own attention uses the full keys
+   (SPEC section 5). The attention function then calls :meth:`PerHeadKVLayer.compress` with the
+   prompt positions each head keeps (or :meth:`PerHeadKVLayer.keep_all`), which packs them and
+   drops the full tensors.
+2. Decode: ``update(k, v)`` appends the ``t`` new tokens to every head and returns them (only
+   them). The heads' stored tokens have different lengths, so no ``(1, H_kv, len, d)`` tensor
+   exists: attention over the cache goes through :meth:`PerHeadKVLayer.attend`, one
+   ``scaled_dot_product_attention`` per KV head over its own segment (views, no copies).
+   Using the cache with any other attention function is an error caught at the next update.
+
+Batch size 1 only (as the original SparseMM and AdaKV code); beam search, cropping and batch
+reordering raise :class:`UnsupportedCacheOperationError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+__all__ = [
+    "KVCacheError",
+    "CacheStateError",
+    "UnsupportedBatchError",
+    "UnsupportedCacheOperationError",
+    "InvalidPositionsError",
+    "PerHeadKVLayer",
+    "PerHeadKVCache",
+    "analytic_kv_bytes",
+    "cache_kv_bytes",
+]
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+
+class KVCacheError(RuntimeError):
+    """Base class of the errors raised by this module."""
+
+
+class CacheStateError(KVCacheError):
+    """The cache was used out of protocol (e.g. decoded before the prefill was compressed)."""
+
+
+class UnsupportedBatchError(KVCacheError, ValueError):
+    """A batch larger than 1: per-head compression runs one prompt at a time (as the original)."""
+
+
+class UnsupportedCacheOperationError(KVCacheError, NotImplementedError):
+    """An operation ``generate`` uses for beam search, assisted decoding or batching."""
+
+
+class InvalidPositionsError(KVCacheError, ValueError):
+    """The prompt positions handed to :meth:`PerHeadKVLayer.compress` are malformed."""
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def analytic_kv_bytes(stored_tokens: Any, head_dim: int, dtype: torch.dtype) -> int:
+    """SPEC section 7's analytic KV bytes: sum(stored_tokens) x head_dim x 2 (K and V) x element size.
+
+    ``stored_tokens``: int array of any shape, e.g. (layers, kv_heads): tokens each KV head stores.
+    Example: 2 layers x 2 KV heads storing [[3, 5], [4, 4]] tokens, head_dim 16, float32:
+    16 tokens x 16 x 2 x 4 bytes = 2048."""
+    stored = np.asarray(stored_tokens)
+    if stored.dtype.kind not in "iu" or (stored < 0).any():
+        raise ValueError(f"stored_tokens must be non-negative integers, got {stored!r}")
+    _check_int("head_dim", head_dim, 1)
+    return int(stored.sum()) * int(head_dim) * 2 * torch.empty((), dtype=dtype).element_size()
+
+
+def cache_kv_bytes(cache: Cache) -> int:
+    """Bytes of keys and values a transformers cache holds (SPEC section 7).
+
+    A :class:`PerHeadKVCache` reports its rows in use (:meth:`PerHeadKVCache.kv_bytes`); any other
+    cache whose layers hold ``keys`` / ``values`` tensors (``DynamicCache``, FullKV) reports their
+    sizes, i.e. n x H_kv x head_dim x 2 x element size per layer."""
+    if isinstance(cache, PerHeadKVCache):
+        return cache.kv_bytes()
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------------------- layer
+
+
+class PerHeadKVLayer(CacheLayerMixin):
+    """One decoder layer's KV cache with a different number of stored tokens per KV head.
+
+    See the module docstring for the storage design and the protocol. Shapes: keys and values
+    enter as ``(1, H_kv, t, head_dim)``; the packed buffers are ``(capacity, head_dim)``.
+
+    Args:
+        decode_reserve: free rows each KV head gets after compression for the tokens generated
+            next (doubled whenever a head runs out). Rows reserved but unused are reported by
+            :meth:`slack_bytes`, never by :meth:`kv_bytes`.
+        layer_idx: the decoder layer's index, for error messages.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False  # the buffers are sized at compression, not before
+
+    def __init__(self, decode_reserve: int = 64, layer_idx: int | None = None, **kwargs: Any):
+        super().__init__()
+        self.decode_reserve = _check_int("decode_reserve", decode_reserve, 0)
+        self.layer_idx = layer_idx
+        self._clear()
+
+    # ------------------------------------------------------------------ state
+
+    def _clear(self) -> None:
+        # CacheLayerMixin's attributes: there is no single (1, H_kv, len, d) tensor here.
+        self.keys = None
+        self.values = None
+        self.is_initialized = False
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._k: torch.Tensor | None = None  # (capacity, head_dim)
+        self._v: torch.Tensor | None = None
+        self._starts: list[int] = []
+        self._lengths: list[int] = []
+        self._rooms: list[int] = []
+        self._reserve = self.decode_reserve
+        self._prompt_positions: list[torch.Tensor] = []
+        self._seen = 0
+        self.prompt_len = 0
+        self.num_kv_heads = 0
+        self.head_dim = 0
+        self.repacks = 0  # how many times the layer was re-packed because a head ran out of room
+
+    def _where(self) -> str:
+        return f"layer {self.layer_idx}" if self.layer_idx is not None else "this cache layer"
+
+    @property
+    def has_pending_prefill(self) -> bool:
+        """True between the prefill's ``update`` and :meth:`compress` / :meth:`keep_all`."""
+        return self._pending is not None
+
+    @property
+    def is_compressed(self) -> bool:
+        """True once the prefill has been packed (decode steps may follow)."""
+        return self._k is not None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Record dtype, device, H_kv and head_dim from the prefill's keys ``(1, H_kv, n, d)``."""
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.num_kv_heads, self.head_dim = int(key_states.shape[1]), int(key_states.shape[-1])
+        if value_states.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"{self._where()}: keys and values must share head_dim, got {key_states.shape} and {value_states.shape}"
+            )
+        self.is_initialized = True
+
+    def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.ndim != 4 or key_states.shape != value_states.shape:
+            raise ValueError(
+                f"{self._where()}: keys and values must both be (batch, kv_heads, tokens, head_dim), got "
+                f"{tuple(key_states.shape)} and {tuple(value_states.shape)}"
+            )
+        if key_states.shape[0] != 1:
+            raise UnsupportedBatchError(
+                f"{self._where()}: batch size {key_states.shape[0]}: the per-head KV cache holds one prompt "
+                f"(batch size 1, as the original SparseMM/AdaKV code); run prompts one at a time"
+            )
+        if self.is_initialized and (key_states.shape[1], key_states.shape[-1]) != (self.num_kv_heads, self.head_dim):
+            raise ValueError(
+                f"{self._where()}: got {key_states.shape[1]} KV heads of dim {key_states.shape[-1]}, but the cache "
+                f"holds {self.num_kv_heads} heads of dim {self.head_dim}"
+            )
+
+    # ------------------------------------------------------------------ prefill
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill (empty layer): keep the full keys/values pending and return them unchanged.
+        Decode: append the new tokens to every head and return them (only them; attend with
+        :meth:`attend`). Inputs ``(1, H_kv, t, head_dim)``."""
+        self._check_states(key_states, value_states)
+        if self._pending is not None:
+            raise CacheStateError(
+                f"{self._where()}: the prefill's keys were never compressed. The per-head cache must be used with "
+                f"the per-head attention function (sparsemm_utils.compression.compressed_generate or the "
+                f"compression(...) context), which calls compress()/keep_all() during the prefill."
+            )
+        if not self.is_compressed:
+            self.lazy_initialization(key_states, value_states)
+            self._pending = (key_states, value_states)
+            self._seen = self.prompt_len = int(key_states.shape[-2])
+            return key_states, value_states
+        self._append(key_states, value_states)
+        return key_states, value_states
+
+    def _validated_positions(self, positions: Sequence[torch.Tensor], n: int) -> list[torch.Tensor]:
+        if len(positions) != self.num_kv_heads:
+            raise InvalidPositionsError(
+                f"{self._where()}: got positions for {len(positions)} KV heads, the layer has {self.num_kv_heads}"
+            )
+        out = []
+        for h, pos in enumerate(positions):
+            pos = torch.as_tensor(pos)
+            if pos.ndim != 1 or pos.dtype not in (torch.int64, torch.int32):
+                raise InvalidPositionsError(
+                    f"{self._where()}, KV head {h}: positions must be a 1-D integer tensor, got "
+                    f"{pos.dtype} of shape {tuple(pos.shape)}"
+                )
+            pos = pos.to(device=self.device, dtype=torch.int64)
+            if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= n):
+                raise InvalidPositionsError(
+                    f"{self._where()}, KV head {h}: positions must lie in [0, {n}) (the prompt has {n} tokens), got "
+                    f"min {int(pos.min())}, max {int(pos.max())}"
+                )
+            if pos.numel() > 1 and not bool((pos[1:] > pos[:-1]).all()):
+                raise InvalidPositionsError(
+                    f"{self._where()}, KV head {h}: positions must be strictly increasing (sorted, no duplicates)"
+                )
+            out.append(pos)
+        return out
+
+    def compress(self, positions: Sequence[torch.Tensor]) -> None:
+        """Pack the pending prefill, keeping in KV head h only the prompt positions ``positions[h]``.
+
+        Args:
+            positions: one 1-D int tensor per KV head (H_kv of them), strictly increasing, in
+                [0, n); lengths may differ. Only these tokens are copied; the full prefill
+                tensors are released.
+        """
+        if self._pending is None:
+            raise CacheStateError(
+                f"{self._where()}: nothing to compress; compress() runs once, right after the prefill's update()"
+            )
+        keys, values = self._pending
+        n = int(keys.shape[-2])
+        kept = self._validated_positions(positions, n)
+        lengths = [int(p.numel()) for p in kept]
+        rooms = [length + self._reserve for length in lengths]
+        starts = np.concatenate([[0], np.cumsum(rooms)[:-1]]).astype(int).tolist()
+        capacity = int(sum(rooms))
+        k_buf = keys.new_empty((capacity, self.head_dim))
+        v_buf = values.new_empty((capacity, self.head_dim))
+        for h, (pos, start, length) in enumerate(zip(kept, starts, lengths)):
+            if length:
+                k_buf[start : start + length] = keys[0, h].index_select(0, pos)
+                v_buf[start : start + length] = values[0, h].index_select(0, pos)
+        self._k, self._v = k_buf, v_buf
+        self._starts, self._lengths, self._rooms = starts, lengths, rooms
+        self._prompt_positions = [p.detach().clone() for p in kept]
+        self._pending = None
+
+    def keep_all(self) -> None:
+        """Pack the pending prefill without evicting anything (every head keeps all n tokens)."""
+        if self._pending is None:
+            raise CacheStateError(f"{self._where()}: nothing to keep; keep_all() runs once, right after the prefill")
+        n = int(self._pending[0].shape[-2])
+        everything = torch.arange(n, device=self.device)
+        self.compress([everything] * self.num_kv_heads)
+
+    # ------------------------------------------------------------------ decode
+
+    def _repack(self, needed: int) -> None:
+        """Copy every head into a new buffer with a reserve of ``max(2 x reserve, needed)`` rows."""
+        self._reserve = max(2 * self._reserve, needed, 1)
+        rooms = [length + self._reserve for length in self._lengths]
+        starts = np.concatenate([[0], np.cumsum(rooms)[:-1]]).astype(int).tolist()
+        capacity = int(sum(rooms))
+        k_buf = self._k.new_empty((capacity, self.head_dim))
+        v_buf = self._v.new_empty((capacity, self.head_dim))
+        for old, new, length in zip(self._starts, starts, self._lengths):
+            k_buf[new : new + length] = self._k[old : old + length]
+            v_buf[new : new + length] = self._v[old : old + length]
+        self._k, self._v = k_buf, v_buf
+        self._starts, self._rooms = starts, rooms
+        self.repacks += 1
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        t = int(key_states.shape[-2])
+        if any(length + t > room for length, room in zip(self._lengths, self._rooms)):
+            self._repack(t)
+        rows = torch.tensor(
+            [start + length + j for start, length in zip(self._starts, self._lengths) for j in range(t)],
+            device=self._k.device,
+        )
+        # key_states[0]: (H_kv, t, d) -> (H_kv * t, d), head-major like `rows`
+        self._k.index_copy_(0, rows, key_states[0].reshape(-1, self.head_dim).to(self._k.dtype))
+        self._v.index_copy_(0, rows, value_states[0].reshape(-1, self.head_dim).to(self._v.dtype))
+        self._lengths = [length + t for length in self._lengths]
+        self._seen += t
+
+    def head_keys(self, head: int) -> torch.Tensor:
+        """The keys KV head ``head`` stores, ``(length[head], head_dim)`` (a view, not a copy)."""
+        self._require_compressed("head_keys")
+        start = self._starts[head]
+        return self._k[start : start + self._lengths[head]]
+
+    def head_values(self, head: int) -> torch.Tensor:
+        """The values KV head ``head`` stores, ``(length[head], head_dim)`` (a view, not a copy)."""
+        self._require_compressed("head_values")
+        start = self._starts[head]
+        return self._v[start : start + self._lengths[head]]
+
+    def _require_compressed(self, what: str) -> None:
+        if not self.is_compressed:
+            raise CacheStateError(f"{self._where()}: {what}() needs a compressed prefill (run the prefill first)")
+
+    def attend(self, query: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
+        """Attention of the newest ``q`` tokens over what every KV head stores.
+
+        Query head h reads KV head h // G (G = H / H_kv, as ``repeat_kv`` lays them out). The last
+        ``q`` stored tokens of each head are the queries' own tokens (appended by the update just
+        before), so query i sees the head's older tokens and new tokens 0..i (causal).
+
+        Args:
+            query: ``(1, H, q, head_dim)``, post-RoPE.
+            scaling: softmax scale (default head_dim ** -0.5).
+
+        Returns:
+            ``(1, q, H, head_dim)``, the layout transformers' attention functions return.
+        """
+        self._require_compressed("attend")
+        if query.ndim != 4 or query.shape[0] != 1:
+            raise UnsupportedBatchError(f"{self._where()}: query must be (1, heads, q, head_dim), got {tuple(query.shape)}")
+        _, heads, q_len, dim = query.shape
+        if heads % self.num_kv_heads:
+            raise ValueError(f"{self._where()}: {heads} query heads are not a multiple of {self.num_kv_heads} KV heads")
+        group = heads // self.num_kv_heads
+        out = query.new_empty((heads, q_len, dim))
+        for h in range(self.num_kv_heads):
+            length = self._lengths[h]
+            keys = self.head_keys(h)[None, None]  # (1, 1, length, d)
+            values = self.head_values(h)[None, None]
+            # the G query heads of this group become G * q query rows against one KV head
+            rows = query[0, h * group : (h + 1) * group].reshape(1, 1, group * q_len, dim)
+            mask = None
+            if q_len > 1:  # new token i sees keys 0 .. length - q + i
+                visible = torch.arange(length, device=query.device)[None, :] <= (
+                    length - q_len + torch.arange(q_len, device=query.device)[:, None]
+                )
+                mask = visible.repeat(group, 1)
+            o = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scaling)
+            out[h * group : (h + 1) * group] = o.view(group, q_len, dim)
+        return out.transpose(0, 1).unsqueeze(0).contiguous()
+
+    # ------------------------------------------------------------------ accounting
+
+    def lengths(self) -> list[int]:
+        """Tokens each KV head stores now (kept prompt tokens + generated ones), H_kv ints.
+        Before compression: the pending prompt length for every head."""
+        if self._pending is not None:
+            return [self.prompt_len] * self.num_kv_heads
+        return list(self._lengths)
+
+    def prompt_positions(self) -> list[torch.Tensor]:
+        """Prompt positions each KV head kept at compression, H_kv sorted int64 tensors
+        (generated tokens, at positions n, n + 1, ..., are kept by every head and not listed)."""
+        self._require_compressed("prompt_positions")
+        return list(self._prompt_positions)
+
+    def _element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size() if self.is_initialized else 0
+
+    def kv_bytes(self) -> int:
+        """SPEC section 7: sum over KV heads of stored tokens x head_dim x 2 x element size."""
+        return sum(self.lengths()) * self.head_dim * 2 * self._element_size()
+
+    def allocated_bytes(self) -> int:
+        """Bytes the layer's buffers occupy: stored rows + the unused decode reserve (or, before
+        compression, the full prefill tensors it holds)."""
+        if self._pending is not None:
+            return sum(t.numel() * t.element_size() for t in self._pending)
+        if self._k is None:
+            return 0
+        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+
+    def slack_bytes(self) -> int:
+        """Reserved but unused bytes: :meth:`allocated_bytes` - :meth:`kv_bytes`."""
+        return self.allocated_bytes() - self.kv_bytes()
+
+    # ------------------------------------------------------------------ CacheLayerMixin
+
+    def get_seq_length(self) -> int:
+        """Tokens SEEN (prompt + generated), not kept: positions and ``generate`` rely on it."""
+        return self._seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the LOGICAL sequence, as a full cache would report them. The
+        mask built from it is used at prefill only (full keys); :meth:`attend` builds its own."""
+        return self._seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def offload(self) -> None:
+        raise UnsupportedCacheOperationError("the per-head KV cache does not support offloading")
+
+    def prefetch(self) -> None:
+        raise UnsupportedCacheOperationError("the per-head KV cache does not support offloading")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise UnsupportedCacheOperationError(
+                "the per-head KV cache cannot be cropped (assisted decoding / speculative rollback are not supported)"
+            )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise UnsupportedCacheOperationError("the per-head KV cache does not support beam search: use num_beams=1")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if repeats != 1:
+            raise UnsupportedCacheOperationError(
+                f"the per-head KV cache holds batch size 1; cannot repeat it {repeats} times "
+                "(num_return_sequences / num_beams must be 1)"
+            )
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise UnsupportedCacheOperationError("the per-head KV cache holds batch size 1; batch selection is not supported")
+
+    def __repr__(self) -> str:
+        state = "pending prefill" if self._pending is not None else ("compressed" if self.is_compressed else "empty")
+        return f"PerHeadKVLayer(layer={self.layer_idx}, {state}, lengths={self.lengths() if self.is_initialized else []})"
+
+
+# ----------------------------------------------------------------------------------------- cache
+
+
+class PerHeadKVCache(Cache):
+    """A transformers ``Cache`` of :class:`PerHeadKVLayer`, one per decoder layer of the language model.
+
+    Pass it to ``model.generate(past_key_values=cache)`` together with the per-head attention
+    function (``sparsemm_utils.compression.compressed_generate`` does both). Shapes reported by
+    the accounting methods are (layers, kv_heads).
+    """
+
+    def __init__(self, num_layers: int, *, decode_reserve: int = 64):
+        num_layers = _check_int("num_layers", num_layers, 1)
+        super().__init__(layers=[PerHeadKVLayer(decode_reserve, layer_idx=i) for i in range(num_layers)])
+
+    @classmethod
+    def from_config(cls, config: Any, *, decode_reserve: int = 64) -> PerHeadKVCache:
+        """One layer per decoder layer of ``config``'s text config (``num_hidden_layers``)."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return cls(text.num_hidden_layers, decode_reserve=decode_reserve)
+
+    def stored_tokens(self) -> np.ndarray:
+        """Tokens each KV head stores now, int64 (layers, kv_heads)."""
+        self._require_all_initialized("stored_tokens")
+        return np.array([layer.lengths() for layer in self.layers], dtype=np.int64)
+
+    def kept_prompt_tokens(self) -> np.ndarray:
+        """Prompt tokens each KV head kept at compression, int64 (layers, kv_heads)."""
+        self._require_all_initialized("kept_prompt_tokens")
+        return np.array([[p.numel() for p in layer.prompt_positions()] for layer in self.layers], dtype=np.int64)
+
+    def _require_all_initialized(self, what: str) -> None:
+        missing = [i for i, layer in enumerate(self.layers) if not layer.is_initialized]
+        if missing:
+            raise CacheStateError(f"{what}(): layers {missing} hold nothing yet (run a prefill first)")
+
+    def kv_bytes(self) -> int:
+        """SPEC section 7: sum over layers and KV heads of stored tokens x head_dim x 2 x element size."""
+        return sum(layer.kv_bytes() for layer in self.layers)
+
+    def allocated_bytes(self) -> int:
+        """Bytes the buffers occupy, decode reserve included."""
+        return sum(layer.allocated_bytes() for layer in self.layers)
+
+    def slack_bytes(self) -> int:
+        """Reserved but unused bytes (the decode reserve not yet filled)."""
+        return self.allocated_bytes() - self.kv_bytes()
+
+    @property
+    def repacks(self) -> int:
+        """Re-packings over all layers (a head ran out of decode reserve)."""
+        return sum(layer.repacks for layer in self.layers)
