@@ -1,0 +1,819 @@
+"""Step 05: accuracy against KV budget, for every method on every benchmark (SPEC section 6).
+
+The sweep runs each *cell* (benchmark, method, budget) over the benchmark's samples: greedy
+decoding, batch 1, the method compressing the prompt's KV cache (SPEC section 5), then the
+benchmark's metrics (:func:`sparsemm_utils.benchmarks.score_prediction`). Methods without a budget
+(FullKV and the head-mask ablations) run once per benchmark, with ``budget`` left empty.
+
+Methods (:data:`EVAL_METHODS`) carry the original scripts' names (``scripts/eval/*.sh``:
+sparsemm, fullkv, adakv, snapkv, pyramidkv, mask, mask_random; plus random and streamingllm)
+and map onto the compression framework's presses (:mod:`sparsemm_utils.compression`).
+
+The generation callable is injected (:class:`Generate`): ``generate(sample, spec, method,
+budget)`` returns the model's answer (a ``str`` or a :class:`Generation`). :class:`ModelGenerator`
+is the real one (``compressed_generate`` on a loaded model); tests pass a fake, so the sweep's
+bookkeeping is tested without a model.
+
+Files (in ``out_dir``; the artifact contract of DESIGN.md):
+
+- ``results.csv``: model, benchmark, method, budget, metric, score, n_samples; one row per metric
+  of each finished cell (``budget`` empty for budget-free methods). A cell's rows are appended
+  when the cell finishes, so the file only ever holds finished cells.
+- ``predictions.jsonl``: one JSON object per (cell, sample), appended as soon as the sample is
+  answered: model, benchmark, method, budget, sample_id, prediction, answers, scores, and when
+  the generator reports them prompt_tokens, kv_bytes, seconds (``raw_output`` when a stop string
+  cut the answer).
+- ``sweep.json``: what the sweep was run with (model, settings) and each benchmark's sample set
+  (count, sha256 of the sample ids, skipped rows by reason).
+
+Resuming: a rerun into the same folder skips every cell already in ``results.csv`` and, inside
+an unfinished cell, every sample already in ``predictions.jsonl`` (a truncated last line, left
+by a crash mid-write, is dropped). A rerun with another model, other settings, or another sample
+set for a benchmark already there raises :class:`SweepMismatchError`: use a fresh folder. New
+benchmarks, methods or budgets extend the sweep.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from .benchmarks import BenchmarkSpec, EvalSample, SkipReport, get_benchmark, score_prediction
+
+__all__ = [
+    "PAPER_BUDGETS",
+    "REFERENCE_PROMPT_TOKENS",
+    "RESULTS_COLUMNS",
+    "RESULTS_FILE",
+    "PREDICTIONS_FILE",
+    "SWEEP_FILE",
+    "STEP",
+    "EvaluationError",
+    "UnknownMethodError",
+    "MissingMethodSettingError",
+    "SweepMismatchError",
+    "ResultsFileError",
+    "EvalMethod",
+    "EVAL_METHODS",
+    "get_method",
+    "press_for",
+    "Cell",
+    "sweep_cells",
+    "Generation",
+    "Generate",
+    "SweepResult",
+    "run_sweep",
+    "read_results",
+    "read_predictions",
+    "predictions_frame",
+    "lowest_budget_table",
+    "cell_statistics",
+    "scaled_budgets",
+    "prompt_tokens",
+    "ModelGenerator",
+    "EvalConfig",
+]
+
+STEP = "05_eval"
+#: The paper's budgets B (window included), SPEC section 6.
+PAPER_BUDGETS: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
+#: A typical prompt of the paper's runs, in tokens: SPEC section 5 quotes ~2400 (LLaVA-NeXT, DocVQA).
+REFERENCE_PROMPT_TOKENS: int = 2400
+RESULTS_COLUMNS: tuple[str, ...] = ("model", "benchmark", "method", "budget", "metric", "score", "n_samples")
+RESULTS_FILE = "results.csv"
+PREDICTIONS_FILE = "predictions.jsonl"
+SWEEP_FILE = "sweep.json"
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+
+
+class EvaluationError(ValueError):
+    """Base class of this module's errors."""
+
+
+class UnknownMethodError(EvaluationError, LookupError):
+    """A method name not in :data:`EVAL_METHODS`; the message lists the known ones."""
+
+
+class MissingMethodSettingError(EvaluationError):
+    """A method needs a setting the sweep was not given (e.g. SparseMM's head scores)."""
+
+
+class SweepMismatchError(EvaluationError):
+    """The output folder holds a sweep run with another model, settings or sample set."""
+
+
+class ResultsFileError(EvaluationError):
+    """``results.csv`` is not in the artifact contract's format."""
+
+
+# --------------------------------------------------------------------------------------------
+# methods
+
+
+@dataclass(frozen=True)
+class EvalMethod:
+    """One method of the sweep: the press it builds (:data:`sparsemm_utils.compression.COMPRESSION_METHODS`),
+    whether it takes a budget, its fixed press arguments, and the sweep settings it takes
+    (``window``, ``ratio``, ``head_scores``, ``seed``, ``fraction``)."""
+
+    name: str
+    press: str
+    budgeted: bool
+    takes: tuple[str, ...] = ()
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def needs_head_scores(self) -> bool:
+        return "head_scores" in self.takes
+
+
+#: The sweep's methods, under the original scripts' names.
+EVAL_METHODS: Mapping[str, EvalMethod] = MappingProxyType(
+    {
+        m.name: m
+        for m in (
+            EvalMethod("fullkv", "fullkv", False, label="FullKV"),
+            EvalMethod("sparsemm", "sparsemm", True, ("window", "ratio", "head_scores"), label="SparseMM"),
+            EvalMethod("adakv", "adakv", True, ("window",), label="AdaKV"),
+            EvalMethod("snapkv", "snapkv", True, ("window",), label="SnapKV"),
+            EvalMethod("pyramidkv", "pyramidkv", True, ("window",), label="PyramidKV"),
+            EvalMethod("random", "random", True, ("window", "ratio", "seed"), label="Random allocation"),
+            EvalMethod("streamingllm", "streamingllm", True, ("window",), label="StreamingLLM"),
+            EvalMethod("mask", "head_mask", False, ("fraction", "head_scores"), {"selection": "top"}, "Mask top visual heads"),
+            EvalMethod("mask_random", "head_mask", False, ("fraction", "seed"), {"selection": "random"}, "Mask random heads"),
+        )
+    }
+)
+
+
+def get_method(name: str) -> EvalMethod:
+    """The method registered under ``name``; :class:`UnknownMethodError` lists the known ones."""
+    if isinstance(name, str) and name.strip().lower() in EVAL_METHODS:
+        return EVAL_METHODS[name.strip().lower()]
+    raise UnknownMethodError(f"unknown method {name!r}; known methods: {', '.join(EVAL_METHODS)}")
+
+
+def _check_budget(budget: Any) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
+        raise EvaluationError(f"a budget must be a positive int (tokens per KV head, window included), got {budget!r}")
+    return int(budget)
+
+
+def press_for(method: str, budget: int | None, **settings: Any) -> Any:
+    """The press (:mod:`sparsemm_utils.compression`) of ``method`` at ``budget`` (None for the
+    budget-free methods), built from the ``settings`` the method takes (:class:`EvalMethod`)."""
+    from .compression import make_press
+
+    m = get_method(method)
+    if m.budgeted and budget is None:
+        raise EvaluationError(f"method {m.name!r} needs a budget")
+    if not m.budgeted and budget is not None:
+        raise EvaluationError(f"method {m.name!r} takes no budget (it keeps the full cache), got {budget!r}")
+    kwargs: dict[str, Any] = dict(m.fixed)
+    for key in m.takes:
+        if settings.get(key) is None:
+            hint = " (step 03's head_scores.json)" if key == "head_scores" else ""
+            raise MissingMethodSettingError(f"method {m.name!r} needs the setting {key!r}{hint}; none was given")
+        kwargs[key] = settings[key]
+    if m.budgeted:
+        kwargs["budget"] = _check_budget(budget)
+    return make_press(m.press, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# cells and generation
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (benchmark, method, budget) of the sweep; ``budget`` None for budget-free methods."""
+
+    benchmark: str
+    method: str
+    budget: int | None
+
+    @property
+    def key(self) -> tuple[str, str, int | None]:
+        return (self.benchmark, self.method, self.budget)
+
+    def __str__(self) -> str:
+        return f"{self.benchmark} / {self.method}" + ("" if self.budget is None else f" @ {self.budget}")
+
+
+def sweep_cells(benchmarks: Iterable[str], methods: Iterable[str], budgets: Iterable[int]) -> list[Cell]:
+    """Every cell, benchmark-major, then method, then budget (ascending); a budget-free method
+    gets one cell per benchmark."""
+    budgets = sorted({_check_budget(b) for b in budgets})
+    cells = []
+    for b in benchmarks:
+        name = get_benchmark(b).name
+        for method in methods:
+            m = get_method(method)
+            if m.budgeted and not budgets:
+                raise EvaluationError(f"method {m.name!r} needs budgets; none were given")
+            for budget in budgets if m.budgeted else [None]:
+                cells.append(Cell(name, m.name, budget))
+    return cells
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A generator's answer: ``text`` and, when known, the prompt length, the KV bytes of the
+    cache after generation (SPEC section 7) and the seconds it took."""
+
+    text: str
+    prompt_tokens: int | None = None
+    kv_bytes: int | None = None
+    seconds: float | None = None
+
+
+class Generate(Protocol):
+    """The injected generation callable: the answer of the model to ``sample`` under ``method``
+    at ``budget`` (None for budget-free methods); ``spec`` gives the generation limit."""
+
+    def __call__(self, sample: EvalSample, spec: BenchmarkSpec, method: str, budget: int | None) -> str | Generation: ...
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """``results.csv`` as a frame (``budget`` nullable Int64); an absent file gives an empty frame.
+    :class:`ResultsFileError` when its header is not :data:`RESULTS_COLUMNS`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.is_file():
+        frame = pd.DataFrame({c: pd.Series(dtype="object") for c in RESULTS_COLUMNS})
+        frame["budget"] = frame["budget"].astype("Int64")
+        return frame
+    frame = pd.read_csv(path, dtype={"model": str, "benchmark": str, "method": str, "metric": str}, keep_default_na=False, na_values={"budget": [""], "score": ["", "nan"]})
+    if tuple(frame.columns) != RESULTS_COLUMNS:
+        raise ResultsFileError(f"{path} has columns {list(frame.columns)}; the artifact contract is {list(RESULTS_COLUMNS)}")
+    frame["budget"] = pd.to_numeric(frame["budget"], errors="coerce").astype("Int64")
+    frame["score"] = pd.to_numeric(frame["score"], errors="coerce")
+    frame["n_samples"] = pd.to_numeric(frame["n_samples"]).astype(int)
+    return frame
+
+
+def _append_results(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    new = not path.is_file() or path.stat().st_size == 0
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(RESULTS_COLUMNS))
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row[k] is None else row[k]) for k in RESULTS_COLUMNS})
+
+
+def read_predictions(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """The records of ``predictions.jsonl`` and the number of lines dropped: a last line that is
+    not valid JSON (a crash mid-write) is dropped; an invalid line elsewhere raises."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PREDICTIONS_FILE
+    if not path.is_file():
+        return [], 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records, dropped = [], 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                dropped += 1
+                continue
+            raise ResultsFileError(f"{path} line {i + 1} is not valid JSON; the file is corrupt, rerun into a fresh folder")
+    return records, dropped
+
+
+def predictions_frame(records: str | Path | Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """``predictions.jsonl`` (a path or its records) flattened: one row per (cell, sample) with
+    model, benchmark, method, budget (Int64), sample_id, prediction, prompt_tokens, kv_bytes,
+    seconds, a ``score_<metric>`` column per metric and a column per ``extra`` field."""
+    if isinstance(records, (str, Path)):
+        records, _ = read_predictions(records)
+    rows = []
+    for r in records:
+        row = {k: r.get(k) for k in ("model", "benchmark", "method", "budget", "sample_id", "prediction", "prompt_tokens", "kv_bytes", "seconds")}
+        row.update({f"score_{m}": v for m, v in (r.get("scores") or {}).items()})
+        row.update(r.get("extra") or {})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame["budget"] = pd.to_numeric(frame["budget"], errors="coerce").astype("Int64")
+    return frame
+
+
+def _write_predictions(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def _budget_key(value: Any) -> int | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return None
+    return int(value)
+
+
+def _sample_ids(samples: Sequence[EvalSample]) -> list[str]:
+    ids = getattr(samples, "sample_ids", None)
+    return list(ids) if ids is not None else [s.sample_id for s in samples]
+
+
+def _ids_digest(ids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# the sweep
+
+
+@dataclass
+class SweepResult:
+    """What :func:`run_sweep` did: the full ``results`` frame of the folder, the cells it ran and
+    those it found finished, the number of samples generated now and reused, and the folder."""
+
+    results: pd.DataFrame
+    ran: list[Cell]
+    skipped: list[Cell]
+    generated: int
+    reused: int
+    out_dir: Path
+
+
+def _reconcile_manifest(
+    path: Path, model: str, settings: Mapping[str, Any], sets: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    manifest = {"model": model, "settings": _jsonable(dict(settings)), "benchmarks": {}}
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old.get("model") != model:
+            raise SweepMismatchError(
+                f"{path.parent} holds a sweep of model {old.get('model')!r}, not {model!r}: use another output folder"
+            )
+        if old.get("settings") != manifest["settings"]:
+            raise SweepMismatchError(
+                f"{path.parent} holds a sweep run with settings {old.get('settings')}, this run has "
+                f"{manifest['settings']}: use another output folder (or delete it to start over)"
+            )
+        manifest["benchmarks"] = dict(old.get("benchmarks", {}))
+    for name, info in sets.items():
+        previous = manifest["benchmarks"].get(name)
+        if previous is not None and previous.get("sample_ids_sha256") != info["sample_ids_sha256"]:
+            raise SweepMismatchError(
+                f"{path.parent} holds results of benchmark {name!r} on another sample set ({previous.get('n_samples')} "
+                f"samples then, {info['n_samples']} now; a changed limit or source?): use another output folder"
+            )
+        manifest["benchmarks"][name] = dict(info)
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return manifest
+
+
+def run_sweep(
+    out_dir: str | Path,
+    *,
+    model: str,
+    benchmarks: Mapping[str, Sequence[EvalSample]],
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    generate: Generate,
+    settings: Mapping[str, Any] | None = None,
+    skips: Mapping[str, SkipReport] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> SweepResult:
+    """Run every unfinished cell of benchmarks x methods x budgets (module docstring).
+
+    Args:
+        out_dir: the folder of ``results.csv``, ``predictions.jsonl`` and ``sweep.json``.
+        model: the model's name in ``results.csv`` (e.g. its hub id).
+        benchmarks: {benchmark name: its samples} (e.g. :func:`~sparsemm_utils.benchmarks.load_benchmark`);
+            a :class:`~sparsemm_utils.benchmarks.BenchmarkSamples` brings its skip report along.
+        methods / budgets: the sweep's methods (:data:`EVAL_METHODS`) and budgets.
+        generate: the generation callable (:class:`Generate`).
+        settings: JSON-able description of everything else that shapes the answers (window, ratio,
+            head-score hash, generation options...), recorded in ``sweep.json`` and compared on reruns.
+        skips: skip reports of benchmarks given as plain sequences.
+        progress: show a tqdm bar over the samples still to generate.
+        log: where one line per cell goes (None: silent).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not isinstance(model, str) or not model:
+        raise EvaluationError(f"model must be a non-empty string (its name in results.csv), got {model!r}")
+    say = log or (lambda message: None)
+    specs = {name: get_benchmark(name) for name in benchmarks}
+    if any(spec.name != name for name, spec in specs.items()):
+        raise EvaluationError(f"benchmarks must be keyed by their registry names, got {list(benchmarks)}")
+    cells = sweep_cells(benchmarks, methods, budgets)
+    ids = {name: _sample_ids(samples) for name, samples in benchmarks.items()}
+    for name, sample_ids in ids.items():
+        if not sample_ids:
+            report = getattr(benchmarks[name], "skips", None) or (skips or {}).get(name)
+            raise EvaluationError(f"benchmark {name!r} has no sample to evaluate" + (f" ({report})" if report else ""))
+        if len(set(sample_ids)) != len(sample_ids):
+            raise EvaluationError(f"benchmark {name!r} has duplicate sample ids; they must be unique")
+    sets = {}
+    for name, sample_ids in ids.items():
+        report = getattr(benchmarks[name], "skips", None) or (skips or {}).get(name)
+        sets[name] = {
+            "n_samples": len(sample_ids),
+            "sample_ids_sha256": _ids_digest(sample_ids),
+            "skipped": dict(report.counts) if report is not None else {},
+            "n_rows": report.n_rows if report is not None else len(sample_ids),
+        }
+    _reconcile_manifest(out / SWEEP_FILE, model, settings or {}, sets)
+
+    results_path = out / RESULTS_FILE
+    done = read_results(results_path)
+    others = sorted(set(done["model"]) - {model})
+    if others:
+        raise SweepMismatchError(f"{results_path} holds results of model(s) {others}, not {model!r}: use another folder")
+    finished = {(b, m, _budget_key(k)) for b, m, k in zip(done["benchmark"], done["method"], done["budget"])}
+
+    predictions_path = out / PREDICTIONS_FILE
+    records, dropped = read_predictions(predictions_path)
+    by_cell: dict[tuple[str, str, int | None], dict[str, dict[str, Any]]] = {}
+    for r in records:
+        by_cell.setdefault((r["benchmark"], r["method"], _budget_key(r["budget"])), {})[str(r["sample_id"])] = r
+    if dropped:
+        _write_predictions(predictions_path, records)
+        say(f"dropped a truncated last line of {predictions_path.name} (a run stopped mid-write)")
+
+    pending = [c for c in cells if c.key not in finished]
+    skipped = [c for c in cells if c.key in finished]
+    todo = sum(len(ids[c.benchmark]) - len(set(ids[c.benchmark]) & set(by_cell.get(c.key, {}))) for c in pending)
+    if skipped:
+        say(f"{len(skipped)} of {len(cells)} cells already in {RESULTS_FILE}: skipped")
+    generated = reused = 0
+    bar = tqdm(total=todo, desc="evaluating", unit="sample", disable=not progress)
+    try:
+        with open(predictions_path, "a", encoding="utf-8") as pred_file:
+            for cell in pending:
+                spec = specs[cell.benchmark]
+                samples = benchmarks[cell.benchmark]
+                have = by_cell.get(cell.key, {})
+                cell_records = []
+                bar.set_postfix_str(str(cell))
+                for i, sample_id in enumerate(ids[cell.benchmark]):
+                    if sample_id in have:
+                        cell_records.append(have[sample_id])
+                        reused += 1
+                        continue
+                    sample = samples[i]
+                    if sample.sample_id != sample_id:
+                        raise EvaluationError(f"benchmark {cell.benchmark!r}: sample {i} changed id while the sweep ran")
+                    t0 = time.perf_counter()
+                    out_ = generate(sample, spec, cell.method, cell.budget)
+                    seconds = time.perf_counter() - t0
+                    gen = out_ if isinstance(out_, Generation) else Generation(out_)
+                    if not isinstance(gen.text, str):
+                        raise EvaluationError(f"the generator returned {type(gen.text).__name__} for {cell}, not a str")
+                    prediction = spec.postprocess(gen.text)
+                    record: dict[str, Any] = {
+                        "model": model, "benchmark": cell.benchmark, "method": cell.method, "budget": cell.budget,
+                        "sample_id": sample_id, "prediction": prediction, "answers": list(sample.answers),
+                        "scores": score_prediction(spec, prediction, sample),
+                        "extra": {k: v for k, v in sample.extra.items() if k != "raw_question" and isinstance(v, (str, int, float, bool))},
+                        "prompt_tokens": gen.prompt_tokens, "kv_bytes": gen.kv_bytes,
+                        "seconds": round(gen.seconds if gen.seconds is not None else seconds, 4),
+                    }  # fmt: skip
+                    if prediction != gen.text:
+                        record["raw_output"] = gen.text
+                    pred_file.write(json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
+                    pred_file.flush()
+                    cell_records.append(record)
+                    generated += 1
+                    bar.update(1)
+                rows = []
+                for metric in spec.metrics:
+                    values = [float(r["scores"][metric]) for r in cell_records]
+                    rows.append(
+                        {
+                            "model": model, "benchmark": cell.benchmark, "method": cell.method, "budget": cell.budget,
+                            "metric": metric, "score": sum(values) / len(values), "n_samples": len(values),
+                        }
+                    )  # fmt: skip
+                _append_results(results_path, rows)
+                head = rows[0]
+                say(f"{cell}: {head['metric']} = {head['score']:.4f} over {head['n_samples']} samples")
+    finally:
+        bar.close()
+    ran = pending
+    return SweepResult(read_results(results_path), ran, skipped, generated, reused, out)
+
+
+# --------------------------------------------------------------------------------------------
+# reading the results
+
+
+def lowest_budget_table(results: pd.DataFrame, *, headline_only: bool = True) -> pd.DataFrame:
+    """For each benchmark: every budgeted method at the lowest budget of the results, and the
+    budget-free methods (FullKV, head masks); columns benchmark, metric, method, budget, score,
+    n_samples, vs_fullkv (score - FullKV's score; NaN without a FullKV row).
+    ``headline_only``: keep each benchmark's headline metric only."""
+    if results.empty:
+        return pd.DataFrame(columns=["benchmark", "metric", "method", "budget", "score", "n_samples", "vs_fullkv"])
+    frame = results.copy()
+    if headline_only:
+        frame = frame[[get_benchmark(b).metric == m for b, m in zip(frame["benchmark"], frame["metric"])]]
+    parts = []
+    for (benchmark, metric), group in frame.groupby(["benchmark", "metric"], sort=False):
+        budgeted = group[group["budget"].notna()]
+        lowest = budgeted[budgeted["budget"] == budgeted["budget"].min()] if not budgeted.empty else budgeted
+        free = group[group["budget"].isna()]
+        part = pd.concat([free, lowest])
+        full = group.loc[group["method"] == "fullkv", "score"]
+        part = part.assign(vs_fullkv=part["score"] - (full.iloc[0] if not full.empty else np.nan))
+        parts.append(part)
+    table = pd.concat(parts, ignore_index=True)
+    order = {name: i for i, name in enumerate(EVAL_METHODS)}
+    table = table.sort_values(["benchmark", "metric", "budget", "method"], key=lambda s: s.map(order) if s.name == "method" else s, na_position="first")
+    return table[["benchmark", "metric", "method", "budget", "score", "n_samples", "vs_fullkv"]].reset_index(drop=True)
+
+
+def cell_statistics(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Per (benchmark, method, budget): ``n`` samples, mean ``prompt_tokens``, mean ``kv_bytes``
+    after generation, ``kv_share`` (mean KV bytes / FullKV's on the same benchmark; NaN without a
+    FullKV cell) and mean ``seconds`` per sample. ``predictions``: :func:`predictions_frame`."""
+    columns = ["benchmark", "method", "budget", "n", "prompt_tokens", "kv_bytes", "kv_share", "seconds"]
+    if predictions.empty:
+        return pd.DataFrame(columns=columns)
+    frame = predictions.copy()
+    for c in ("prompt_tokens", "kv_bytes", "seconds"):
+        frame[c] = pd.to_numeric(frame[c], errors="coerce")
+    stats = (
+        frame.groupby(["benchmark", "method", "budget"], dropna=False, sort=False)
+        .agg(n=("sample_id", "size"), prompt_tokens=("prompt_tokens", "mean"), kv_bytes=("kv_bytes", "mean"), seconds=("seconds", "mean"))
+        .reset_index()
+    )
+    full = stats[stats["method"] == "fullkv"].set_index("benchmark")["kv_bytes"]
+    stats["kv_share"] = stats["kv_bytes"] / stats["benchmark"].map(full)
+    return stats[columns]
+
+
+def scaled_budgets(
+    prompt_tokens: float,
+    *,
+    window: int,
+    budgets: Sequence[int] = PAPER_BUDGETS,
+    reference_prompt_tokens: float = REFERENCE_PROMPT_TOKENS,
+) -> tuple[int, ...]:
+    """The paper's budgets scaled to shorter prompts: ``max(window + 1, round(B * prompt_tokens /
+    reference_prompt_tokens))`` for each B, duplicates removed, ascending.
+
+    The paper's budgets are a share of a ~2400-token prompt (64 is 2.7%, 2048 is 85%); a tiny
+    model's prompts are ~100 tokens, where B = 64 would already keep most of the prompt. Example:
+    ``scaled_budgets(120, window=8)`` -> (9, 13, 26, 51, 102): 64 * 120 / 2400 = 3.2 and
+    128 * 0.05 = 6.4 both rise to the floor 9; 256 * 0.05 = 12.8 -> 13; 512 -> 25.6 -> 26;
+    1024 -> 51.2 -> 51; 2048 -> 102.4 -> 102."""
+    if not (isinstance(prompt_tokens, (int, float)) and prompt_tokens > 0):
+        raise EvaluationError(f"prompt_tokens must be a positive number, got {prompt_tokens!r}")
+    if not (isinstance(reference_prompt_tokens, (int, float)) and reference_prompt_tokens > 0):
+        raise EvaluationError(f"reference_prompt_tokens must be a positive number, got {reference_prompt_tokens!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise EvaluationError(f"window must be an int >= 0, got {window!r}")
+    scale = prompt_tokens / reference_prompt_tokens
+    return tuple(sorted({max(window + 1, round(_check_budget(b) * scale)) for b in budgets}))
+
+
+# --------------------------------------------------------------------------------------------
+# the real generator
+
+
+def prompt_tokens(loaded: Any, samples: Sequence[EvalSample], n: int = 8) -> list[int]:
+    """Prompt lengths in tokens (image tokens and chat template included) of the first ``n``
+    samples, as :class:`ModelGenerator` builds the prompts."""
+    from .prompts import build_inputs
+
+    _int("n", n, 1)
+    chosen = [samples[i] for i in range(min(n, len(samples)))]
+    return [int(build_inputs(loaded, s.image, s.question)["input_ids"].shape[1]) for s in chosen]
+
+
+@dataclass
+class ModelGenerator:
+    """:class:`Generate` on a loaded model (:class:`~sparsemm_utils.models.LoadedModel`): the
+    prompt of :func:`~sparsemm_utils.prompts.build_inputs` (the family's chat template, system
+    prompt, the image, then ``sample.question``), greedy decoding up to the benchmark's limit
+    for this model family (:meth:`~sparsemm_utils.benchmarks.BenchmarkSpec.generation_limit`),
+    the method's press through :func:`~sparsemm_utils.compression.compressed_generate`, the new
+    tokens decoded without special tokens. ``settings``: what :func:`press_for` needs
+    (``window``, ``ratio``, ``head_scores`` (layers, query_heads), ``seed``, ``fraction``).
+    ``max_new_tokens``: a cap below the benchmark's limit, for smoke runs only (it changes the
+    answers: record it in the sweep's settings)."""
+
+    loaded: Any
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    max_new_tokens: int | None = None
+    _presses: dict[tuple[str, int | None], Any] = field(default_factory=dict, repr=False)
+
+    def press(self, method: str, budget: int | None) -> Any:
+        key = (method, budget)
+        if key not in self._presses:
+            self._presses[key] = press_for(method, budget, **self.settings)
+        return self._presses[key]
+
+    def __call__(self, sample: EvalSample, spec: BenchmarkSpec, method: str, budget: int | None) -> Generation:
+        from .compression import compressed_generate
+        from .prompts import build_inputs
+
+        press = self.press(method, budget)
+        t0 = time.perf_counter()
+        inputs = build_inputs(self.loaded, sample.image, sample.question)
+        n = int(inputs["input_ids"].shape[1])
+        limit = spec.generation_limit(self.loaded.model_type)
+        if self.max_new_tokens is not None:
+            limit = min(limit, _int("max_new_tokens", self.max_new_tokens, 1))
+        result = compressed_generate(self.loaded, press, inputs, max_new_tokens=limit, do_sample=False)
+        new = result.sequences[0, n:]
+        text = self.loaded.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return Generation(text, prompt_tokens=n, kv_bytes=int(result.kv_bytes), seconds=time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------
+# the notebook's parameters
+
+
+def _int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise EvaluationError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+@dataclass
+class EvalConfig:
+    """Parameters of notebook 05 (validated in ``__post_init__``).
+
+    ``benchmarks`` / ``methods`` / ``budgets``: the sweep (budgets > ``window``); ``window``,
+    ``ratio``, ``mask_fraction``: SPEC section 5's w, r and the head-mask share; ``limit``: first
+    rows per benchmark (None: all); ``n_documents`` / ``benchmark_seed``: the offline benchmark
+    (seed None: the tiny reader's held-out stream); ``benchmark_sources``: {benchmark: local
+    folder or parquet} (else the HF cache); ``head_scores``: step 03's file, relative to
+    ``run_dir`` unless absolute (read only when a method needs it); ``dtype`` / ``device``: for
+    ``load_model`` (device "auto": CUDA when available); ``max_new_tokens``: a cap on every
+    benchmark's generation limit, for smoke runs of random-weight models only (None: lmms-eval's
+    limits)."""
+
+    run_dir: str = "runs/dev"
+    model_id: str = "tiny-random/qwen2_vl"
+    seed: int = 0
+    benchmarks: Sequence[str] = ("reader_docqa",)
+    methods: Sequence[str] = ("fullkv", "sparsemm", "adakv", "snapkv", "pyramidkv", "random")
+    budgets: Sequence[int] = (12, 16, 24, 48)
+    window: int = 8
+    ratio: float = 0.1
+    mask_fraction: float = 0.1
+    limit: int | None = None
+    n_documents: int = 8
+    benchmark_seed: int | None = None
+    benchmark_sources: Mapping[str, str] = field(default_factory=dict)
+    head_scores: str = "03_head_scoring/head_scores.json"
+    dtype: str = "auto"
+    device: str = "auto"
+    max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.run_dir, (str, Path)) or not str(self.run_dir):
+            raise EvaluationError(f"run_dir must be a non-empty path, got {self.run_dir!r}")
+        if not isinstance(self.model_id, str) or not self.model_id:
+            raise EvaluationError(f"model_id must be a non-empty string, got {self.model_id!r}")
+        _int("seed", self.seed, 0)
+        if isinstance(self.benchmarks, str) or not self.benchmarks:
+            raise EvaluationError(f"benchmarks must be a non-empty list of names, got {self.benchmarks!r}")
+        self.benchmarks = tuple(get_benchmark(b).name for b in self.benchmarks)
+        if isinstance(self.methods, str) or not self.methods:
+            raise EvaluationError(f"methods must be a non-empty list of names, got {self.methods!r}")
+        self.methods = tuple(get_method(m).name for m in self.methods)
+        self.window = _int("window", self.window, 0)
+        if isinstance(self.budgets, str):
+            raise EvaluationError(f"budgets must be a list of ints, got {self.budgets!r}")
+        self.budgets = tuple(sorted({_check_budget(b) for b in self.budgets}))
+        small = [b for b in self.budgets if b <= self.window]
+        if small:
+            raise EvaluationError(f"budgets {small} do not exceed the window w = {self.window}: a budget counts the window (SPEC section 5)")
+        if any(EVAL_METHODS[m].budgeted for m in self.methods) and not self.budgets:
+            raise EvaluationError("budgeted methods need at least one budget")
+        for name in ("ratio", "mask_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise EvaluationError(f"{name} must be a number in (0, 1], got {value!r}")
+        if self.limit is not None:
+            self.limit = _int("limit", self.limit, 1)
+        self.n_documents = _int("n_documents", self.n_documents, 1)
+        if self.benchmark_seed is not None:
+            self.benchmark_seed = _int("benchmark_seed", self.benchmark_seed, 0)
+        if not isinstance(self.benchmark_sources, Mapping):
+            raise EvaluationError(f"benchmark_sources must map benchmark names to paths, got {self.benchmark_sources!r}")
+        self.benchmark_sources = {get_benchmark(k).name: str(v) for k, v in self.benchmark_sources.items()}
+        if not isinstance(self.head_scores, str) or not self.head_scores:
+            raise EvaluationError(f"head_scores must be a path, got {self.head_scores!r}")
+        if self.max_new_tokens is not None:
+            self.max_new_tokens = _int("max_new_tokens", self.max_new_tokens, 1)
+        if not isinstance(self.device, str) or not self.device:
+            raise EvaluationError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+    @property
+    def needs_head_scores(self) -> bool:
+        return any(EVAL_METHODS[m].needs_head_scores for m in self.methods)
+
+    def head_scores_path(self) -> Path:
+        """Step 03's head-score file: an absolute path as is; a relative one is ``<step>/<file>``
+        under ``run_dir``, and its absence raises :class:`~sparsemm_utils.runs.MissingUpstreamError`
+        naming that step."""
+        from .runs import require_upstream
+
+        path = Path(self.head_scores).expanduser()
+        if path.is_absolute():
+            if not path.is_file():
+                raise FileNotFoundError(f"head scores {path} do not exist (step 03 writes head_scores.json)")
+            return path
+        if len(path.parts) < 2:
+            raise EvaluationError(f"head_scores {self.head_scores!r} must be '<step folder>/<file>' under run_dir or absolute")
+        return require_upstream(self.run_dir, path.parts[0], str(Path(*path.parts[1:])))
+
+    def load_benchmarks(self, save_dir: str | Path | None = None, *, progress: bool = False) -> dict[str, Any]:
+        """{name: :class:`~sparsemm_utils.benchmarks.BenchmarkSamples`} of every benchmark: the
+        offline one built from ``n_documents`` pages of :meth:`reader_seed` (and written to
+        ``save_dir/reader_docqa.parquet`` when given), the others from ``benchmark_sources`` or the
+        HF cache; ``limit`` rows each."""
+        from .benchmarks import load_benchmark, make_reader_benchmark
+
+        loaded = {}
+        for name in self.benchmarks:
+            source: Any = self.benchmark_sources.get(name)
+            if name == "reader_docqa" and source is None:
+                source = make_reader_benchmark(self.n_documents, self.reader_seed(), progress=progress)
+                if save_dir is not None:
+                    source.to_parquet(str(Path(save_dir) / "reader_docqa.parquet"))
+            loaded[name] = load_benchmark(name, source=source, limit=self.limit)
+        return loaded
+
+    def resolved_device(self) -> str:
+        """``device``, with "auto" resolved to "cuda" when a GPU is visible, else "cpu"."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def press_settings(self, head_scores: Any = None) -> dict[str, Any]:
+        """What :func:`press_for` / :class:`ModelGenerator` take."""
+        return {"window": self.window, "ratio": self.ratio, "seed": self.seed, "fraction": self.mask_fraction, "head_scores": head_scores}
+
+    def sweep_settings(self, head_scores: Any = None) -> dict[str, Any]:
+        """The JSON-able identity of the sweep recorded in ``sweep.json`` (head scores by sha256)."""
+        digest = None
+        if head_scores is not None:
+            digest = hashlib.sha256(np.ascontiguousarray(np.asarray(head_scores, dtype=np.float64)).tobytes()).hexdigest()
+        settings: dict[str, Any] = {
+            "window": self.window, "ratio": self.ratio, "seed": self.seed, "mask_fraction": self.mask_fraction,
+            "head_scores_sha256": digest, "decoding": "greedy, batch 1", "max_new_tokens": self.max_new_tokens,
+        }  # fmt: skip
+        if "reader_docqa" in self.benchmarks:  # its sample ids (row numbers) do not change with the seed
+            settings["reader_docqa"] = {"n_documents": self.n_documents, "seed": self.reader_seed()}
+        return settings
+
+    def reader_seed(self) -> int:
+        """The offline benchmark's document stream: ``benchmark_seed``, else the tiny reader's held-out one."""
+        if self.benchmark_seed is not None:
+            return self.benchmark_seed
+        from .tiny import HELDOUT_SEED
+
+        return HELDOUT_SEED

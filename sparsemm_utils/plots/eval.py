@@ -1,0 +1,220 @@
+"""Figures of step 05: accuracy against KV budget, like the paper's main figure (SPEC section 6).
+
+:func:`plot_accuracy_vs_budget` draws one panel per benchmark and one line per method (budget on
+a log2 axis); methods without a budget (FullKV, head masks) are horizontal lines; the paper's
+numbers (:mod:`sparsemm_utils.reference_numbers`), when given, are hollow markers joined by a
+dotted line in the method's colour. :func:`plot_accuracy_by_group` splits one benchmark's
+accuracy by a per-sample field (the offline benchmark's task, OCRBench's category, ...).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from ..benchmarks import EvalSample, get_benchmark
+from ..evaluation import EVAL_METHODS
+
+__all__ = ["METHOD_COLORS", "METHOD_STYLES", "plot_benchmark_samples", "plot_accuracy_vs_budget", "plot_accuracy_by_group"]
+
+_PALETTE = sns.color_palette("tab10", 10)
+#: One colour per method, the same in every figure of the study.
+METHOD_COLORS: Mapping[str, tuple[float, float, float]] = {
+    "sparsemm": _PALETTE[3],
+    "fullkv": (0.2, 0.2, 0.2),
+    "adakv": _PALETTE[0],
+    "snapkv": _PALETTE[2],
+    "pyramidkv": _PALETTE[4],
+    "random": _PALETTE[7],
+    "streamingllm": _PALETTE[8],
+    "mask": _PALETTE[1],
+    "mask_random": _PALETTE[5],
+}
+#: Line style and marker per method (SparseMM drawn thicker).
+METHOD_STYLES: Mapping[str, dict] = {m: {"linestyle": "-", "marker": "o", "linewidth": 1.6} for m in METHOD_COLORS} | {
+    "sparsemm": {"linestyle": "-", "marker": "o", "linewidth": 2.6},
+    "fullkv": {"linestyle": "--", "marker": None, "linewidth": 1.4},
+    "mask": {"linestyle": ":", "marker": None, "linewidth": 1.4},
+    "mask_random": {"linestyle": ":", "marker": None, "linewidth": 1.4},
+}
+
+
+def _label(method: str) -> str:
+    return EVAL_METHODS[method].label if method in EVAL_METHODS else method
+
+
+def _check(results: pd.DataFrame) -> None:
+    missing = {"benchmark", "method", "budget", "metric", "score"} - set(results.columns)
+    if missing:
+        raise ValueError(f"results lacks columns {sorted(missing)}; pass step 05's results.csv frame (read_results)")
+    if results.empty:
+        raise ValueError("results is empty: run the sweep first")
+
+
+def plot_benchmark_samples(samples: Mapping[str, Sequence[EvalSample]], *, per_benchmark: int = 2, width: int = 48) -> Figure:
+    """The first ``per_benchmark`` samples of each benchmark: the image, the text the model is
+    given (wrapped at ``width`` characters, cut after 6 lines) and the ground truths."""
+    names = [n for n, s in samples.items() if len(s)]
+    if not names:
+        raise ValueError("no benchmark with samples to show")
+    ncols = max(1, min(per_benchmark, max(len(samples[n]) for n in names)))
+    fig, axes = plt.subplots(len(names), ncols, figsize=(4.2 * ncols, 3.6 * len(names)), squeeze=False)
+    for row, name in zip(axes, names):
+        spec = get_benchmark(name)
+        for j, ax in enumerate(row):
+            ax.axis("off")
+            if j >= len(samples[name]):
+                continue
+            sample = samples[name][j]
+            ax.imshow(sample.image)
+            lines = [w for part in sample.question.split("\n") for w in (textwrap.wrap(part, width) or [""])]
+            text = "\n".join(lines[:6] + (["..."] if len(lines) > 6 else []))
+            answers = ", ".join(repr(a) for a in dict.fromkeys(sample.answers))
+            ax.set_title(f"{spec.title} #{sample.sample_id}", fontsize=9)
+            ax.text(0, -0.04, f"{text}\nanswers: {textwrap.shorten(answers, width + 20)}", transform=ax.transAxes, va="top", fontsize=7, family="monospace")
+    fig.tight_layout(h_pad=6)
+    return fig
+
+
+def plot_accuracy_vs_budget(
+    results: pd.DataFrame,
+    *,
+    reference: pd.DataFrame | None = None,
+    benchmarks: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    ncols: int = 3,
+    title: str | None = None,
+) -> Figure:
+    """Accuracy (each benchmark's headline metric) against budget.
+
+    Args:
+        results: step 05's ``results.csv`` frame (:func:`~sparsemm_utils.evaluation.read_results`).
+        reference: the paper's numbers for this model
+            (:func:`~sparsemm_utils.reference_numbers.reference_frame`), or None.
+        benchmarks / methods: which to draw (default: all in ``results``, registry order for methods).
+        ncols: panels per row.
+    """
+    _check(results)
+    benchmarks = list(benchmarks or dict.fromkeys(results["benchmark"]))
+    present = set(results["method"])
+    methods = list(methods or [m for m in EVAL_METHODS if m in present] + sorted(present - set(EVAL_METHODS)))
+    ncols = max(1, min(ncols, len(benchmarks)))
+    nrows = int(np.ceil(len(benchmarks) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
+    handles: dict[str, object] = {}
+    paper_handle = None
+    for ax, name in zip(axes.flat, benchmarks):
+        spec = get_benchmark(name)
+        sub = results[(results["benchmark"] == spec.name) & (results["metric"] == spec.metric)]
+        budgets = sorted(int(b) for b in sub["budget"].dropna().unique())
+        ref = None
+        if reference is not None and not reference.empty:
+            ref = reference[reference["benchmark"] == spec.name]
+            budgets = sorted(set(budgets) | {int(b) for b in ref["budget"].dropna()})
+        span = (min(budgets) / 1.3, max(budgets) * 1.3) if budgets else (1, 2)
+        for method in methods:
+            color = METHOD_COLORS.get(method, (0.5, 0.5, 0.5))
+            style = METHOD_STYLES.get(method, {"linestyle": "-", "marker": "o", "linewidth": 1.6})
+            rows = sub[sub["method"] == method]
+            if not rows.empty:
+                if rows["budget"].isna().all():
+                    line = ax.hlines(float(rows["score"].iloc[0]), *span, color=color, linestyles=style["linestyle"], linewidth=style["linewidth"])
+                else:
+                    rows = rows.dropna(subset=["budget"]).sort_values("budget")
+                    (line,) = ax.plot(rows["budget"].astype(int), rows["score"], color=color, **style)
+                handles.setdefault(_label(method), line)
+            if ref is not None:
+                pts = ref[ref["method"] == method]
+                if pts.empty:
+                    continue
+                if pts["budget"].isna().all():
+                    ax.hlines(float(pts["score"].iloc[0]), *span, color=color, linestyles=(0, (1, 3)), linewidth=1.2, alpha=0.8)
+                else:
+                    pts = pts.dropna(subset=["budget"]).sort_values("budget")
+                    (pline,) = ax.plot(
+                        pts["budget"].astype(int), pts["score"], color=color, linestyle=(0, (1, 2)), marker="D",
+                        markerfacecolor="none", markersize=6, linewidth=1.2, alpha=0.9,
+                    )
+                    paper_handle = pline
+        ax.set_xscale("log", base=2)
+        if budgets:
+            ax.set_xticks(budgets)
+            ax.set_xticklabels([str(b) for b in budgets], rotation=45 if len(budgets) > 6 else 0)
+            ax.set_xlim(*span)
+        ax.set_title(spec.title)
+        ax.set_xlabel("KV budget B per head (window included)")
+        ax.set_ylabel(spec.metric)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(benchmarks):]:
+        ax.axis("off")
+    if paper_handle is not None:
+        handles["paper (hollow, dotted)"] = paper_handle
+    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(5, len(handles)), frameon=False, bbox_to_anchor=(0.5, 1.0))
+    if title:
+        fig.suptitle(title, y=1.06)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    return fig
+
+
+def plot_accuracy_by_group(
+    predictions: pd.DataFrame,
+    benchmark: str,
+    *,
+    group: str,
+    metric: str | None = None,
+    methods: Sequence[str] | None = None,
+) -> Figure:
+    """One benchmark's accuracy against budget, one panel per value of the per-sample field
+    ``group`` (e.g. the offline benchmark's ``task``: ocr / line / value), one line per method.
+
+    ``predictions``: :func:`~sparsemm_utils.evaluation.predictions_frame` of ``predictions.jsonl``
+    (one row per cell and sample, a ``score_<metric>`` column per metric and the sample's fields)."""
+    spec = get_benchmark(benchmark)
+    metric = metric or spec.metric
+    column = f"score_{metric}"
+    frame = predictions[predictions["benchmark"] == spec.name]
+    for needed in (column, group):
+        if needed not in frame.columns:
+            raise ValueError(f"predictions of {spec.name!r} have no column {needed!r}; columns: {sorted(frame.columns)}")
+    if frame.empty:
+        raise ValueError(f"no predictions for benchmark {spec.name!r}")
+    groups = sorted(frame[group].dropna().unique(), key=str)
+    present = set(frame["method"])
+    methods = list(methods or [m for m in EVAL_METHODS if m in present])
+    means = frame.groupby(["method", "budget", group], dropna=False)[column].mean().reset_index()
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.4 * len(groups), 3.4), squeeze=False, sharey=True)
+    budgets = sorted(int(b) for b in frame["budget"].dropna().unique())
+    span = (min(budgets) / 1.3, max(budgets) * 1.3) if budgets else (1, 2)
+    for ax, value in zip(axes.flat, groups):
+        part = means[means[group] == value]
+        for method in methods:
+            rows = part[part["method"] == method]
+            if rows.empty:
+                continue
+            color = METHOD_COLORS.get(method, (0.5, 0.5, 0.5))
+            style = METHOD_STYLES.get(method, {"linestyle": "-", "marker": "o", "linewidth": 1.6})
+            if rows["budget"].isna().all():
+                ax.hlines(float(rows[column].iloc[0]), *span, color=color, linestyles=style["linestyle"], linewidth=style["linewidth"], label=_label(method))
+            else:
+                rows = rows.dropna(subset=["budget"]).sort_values("budget")
+                ax.plot(rows["budget"].astype(int), rows[column], color=color, label=_label(method), **style)
+        n = int((frame[group] == value).sum() / max(1, frame.groupby(["method", "budget"], dropna=False).ngroups))
+        ax.set_title(f"{group} = {value} ({n} questions)")
+        ax.set_xscale("log", base=2)
+        if budgets:
+            ax.set_xticks(budgets)
+            ax.set_xticklabels([str(b) for b in budgets])
+            ax.set_xlim(*span)
+        ax.set_xlabel("KV budget B")
+        ax.grid(True, alpha=0.3)
+    axes.flat[0].set_ylabel(metric)
+    axes.flat[-1].legend(fontsize=8, loc="best")
+    fig.suptitle(f"{spec.title}: {metric} by {group}")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,433 @@
+"""The sweep: cells, results.csv / predictions.jsonl, resuming, mismatches; with a fake generator."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from sparsemm_utils.benchmarks import EvalSample, SkipReport, UnknownBenchmarkError
+from sparsemm_utils.evaluation import (
+    EVAL_METHODS,
+    PREDICTIONS_FILE,
+    RESULTS_COLUMNS,
+    RESULTS_FILE,
+    Cell,
+    EvalConfig,
+    EvaluationError,
+    Generation,
+    MissingMethodSettingError,
+    ResultsFileError,
+    SweepMismatchError,
+    UnknownMethodError,
+    cell_statistics,
+    lowest_budget_table,
+    predictions_frame,
+    press_for,
+    read_predictions,
+    read_results,
+    run_sweep,
+    scaled_budgets,
+    sweep_cells,
+)
+
+IMAGE = Image.new("RGB", (8, 8), "white")
+GQA = [
+    EvalSample(str(i), IMAGE, f"q{i}", (answer,), {"fullAnswer": "", "imageId": f"n{i}", "raw_question": f"q{i}"})
+    for i, answer in enumerate(["yes", "no", "red", "two"])
+]
+
+
+class Fake:
+    """fullkv answers everything; sparsemm at budget B answers samples i < B / 16; others answer "?"."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.calls: list[tuple[str, str, int | None]] = []
+        self.fail_at = fail_at
+
+    def __call__(self, sample, spec, method, budget):
+        if self.fail_at is not None and len(self.calls) == self.fail_at:
+            raise RuntimeError("simulated crash")
+        self.calls.append((sample.sample_id, method, budget))
+        i = int(sample.sample_id)
+        if method == "fullkv" or (method == "sparsemm" and i < budget / 16):
+            return Generation(sample.answers[0], prompt_tokens=100 + i, kv_bytes=1000 * (budget or 100))
+        return "?"
+
+
+def _run(out, fake, **kwargs):
+    args = {
+        "model": "fake/model",
+        "benchmarks": {"gqa": GQA},
+        "methods": ["fullkv", "sparsemm", "snapkv"],
+        "budgets": [16, 32, 64],
+        "generate": fake,
+        "settings": {"window": 8},
+        "progress": False,
+        "log": None,
+    }
+    args.update(kwargs)
+    return run_sweep(out, **args)
+
+
+# ---------------------------------------------------------------------------------- cells
+
+
+def test_cells_are_benchmark_method_budget_with_one_cell_for_budget_free_methods():
+    cells = sweep_cells(["gqa"], ["fullkv", "sparsemm", "mask"], [64, 16])
+    assert cells == [
+        Cell("gqa", "fullkv", None),
+        Cell("gqa", "sparsemm", 16),
+        Cell("gqa", "sparsemm", 64),
+        Cell("gqa", "mask", None),
+    ]
+    assert str(cells[1]) == "gqa / sparsemm @ 16" and str(cells[0]) == "gqa / fullkv"
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(UnknownMethodError, match="known methods: fullkv, sparsemm, adakv"):
+        sweep_cells(["gqa"], ["h2o"], [64])
+    with pytest.raises(UnknownBenchmarkError, match="known benchmarks"):
+        sweep_cells(["textcaps"], ["fullkv"], [64])
+    with pytest.raises(EvaluationError, match="positive int"):
+        sweep_cells(["gqa"], ["snapkv"], [0])
+    with pytest.raises(EvaluationError, match="needs budgets"):
+        sweep_cells(["gqa"], ["snapkv"], [])
+
+
+# ---------------------------------------------------------------------------------- the sweep
+
+
+def test_sweep_writes_the_artifact_contract(tmp_path):
+    fake = Fake()
+    result = _run(tmp_path, fake)
+    # fullkv: 4/4; sparsemm @16: i < 1 -> 1/4; @32: i < 2 -> 2/4; @64: i < 4 -> 4/4; snapkv: 0
+    table = read_results(tmp_path / RESULTS_FILE)
+    assert tuple(table.columns) == RESULTS_COLUMNS
+    got = {(m, None if pd.isna(b) else int(b)): s for m, b, s in zip(table["method"], table["budget"], table["score"])}
+    assert got == {
+        ("fullkv", None): 1.0,
+        ("sparsemm", 16): 0.25, ("sparsemm", 32): 0.5, ("sparsemm", 64): 1.0,
+        ("snapkv", 16): 0.0, ("snapkv", 32): 0.0, ("snapkv", 64): 0.0,
+    }  # fmt: skip
+    assert set(table["metric"]) == {"exact_match"} and set(table["n_samples"]) == {4}
+    assert set(table["model"]) == {"fake/model"}
+    # the budget of fullkv is an empty field in the file
+    raw = (tmp_path / RESULTS_FILE).read_text().splitlines()
+    assert raw[0] == ",".join(RESULTS_COLUMNS)
+    assert raw[1] == "fake/model,gqa,fullkv,,exact_match,1.0,4"
+    assert len(fake.calls) == 7 * 4 and result.generated == 28 and result.reused == 0
+    # one prediction record per (cell, sample)
+    records, dropped = read_predictions(tmp_path)
+    assert dropped == 0 and len(records) == 28
+    first = records[0]
+    assert first["method"] == "fullkv" and first["budget"] is None and first["prediction"] == "yes"
+    assert first["scores"] == {"exact_match": 1.0} and first["prompt_tokens"] == 100 and first["kv_bytes"] == 100000
+    assert first["extra"] == {"fullAnswer": "", "imageId": "n0"}  # raw_question left out
+    manifest = json.loads((tmp_path / "sweep.json").read_text())
+    assert manifest["model"] == "fake/model" and manifest["settings"] == {"window": 8}
+    assert manifest["benchmarks"]["gqa"]["n_samples"] == 4
+
+
+def test_multi_metric_benchmark_gets_one_row_per_metric(tmp_path):
+    reader = [EvalSample("0", IMAGE, "Read line 1.", ("AC",), {"task": "line"})]
+    _run(tmp_path, lambda s, spec, m, b: "AB", benchmarks={"reader_docqa": reader}, methods=["fullkv"])
+    table = read_results(tmp_path)
+    # ANLS: 1 - lev("ac", "ab") / max(2, 2) = 1 - 1/2 = 0.5 (kept: not below 0.5); exact match 0
+    assert dict(zip(table["metric"], table["score"])) == {"anls": 0.5, "exact_match": 0.0}
+
+
+def test_stop_strings_cut_the_prediction_and_keep_the_raw_output(tmp_path):
+    textvqa = [EvalSample("7", IMAGE, "What?", ("stop",) * 10, {})]
+    _run(tmp_path, lambda s, spec, m, b: "stopASSISTANT: more", benchmarks={"textvqa": textvqa}, methods=["fullkv"])
+    (record,) = read_predictions(tmp_path)[0]
+    assert record["prediction"] == "stop" and record["raw_output"] == "stopASSISTANT: more"
+    assert read_results(tmp_path)["score"].tolist() == [1.0]
+
+
+def test_rerun_skips_finished_cells(tmp_path):
+    first = _run(tmp_path, Fake())
+    again = Fake()
+    second = _run(tmp_path, again)
+    assert again.calls == [] and second.ran == [] and len(second.skipped) == 7
+    pd.testing.assert_frame_equal(first.results, second.results)
+
+
+def test_a_crash_mid_cell_resumes_at_the_next_sample(tmp_path):
+    clean = _run(tmp_path / "clean", Fake()).results
+    crashing = Fake(fail_at=6)  # fullkv (4 samples) done, sparsemm@16 has answered 2 of 4
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path / "run", crashing)
+    assert read_results(tmp_path / "run")["method"].tolist() == ["fullkv"]
+    assert len(read_predictions(tmp_path / "run")[0]) == 6
+    resumed = Fake()
+    result = _run(tmp_path / "run", resumed)
+    # sparsemm@16 resumes at sample 2; then 5 more cells x 4 samples
+    assert resumed.calls[:2] == [("2", "sparsemm", 16), ("3", "sparsemm", 16)]
+    assert len(resumed.calls) == 2 + 5 * 4 and result.reused == 2
+    pd.testing.assert_frame_equal(result.results, clean)
+    assert len(read_predictions(tmp_path / "run")[0]) == 28
+
+
+def test_a_truncated_last_prediction_line_is_dropped_and_regenerated(tmp_path):
+    with pytest.raises(RuntimeError):
+        _run(tmp_path, Fake(fail_at=6))
+    path = tmp_path / PREDICTIONS_FILE
+    path.write_text(path.read_text() + '{"model": "fake/model", "benchm')  # a crash mid-write
+    resumed = Fake()
+    _run(tmp_path, resumed)
+    assert resumed.calls[0] == ("2", "sparsemm", 16)
+    records, dropped = read_predictions(path)
+    assert dropped == 0 and len(records) == 28
+
+
+def test_a_corrupt_line_inside_the_file_is_an_error(tmp_path):
+    (tmp_path / PREDICTIONS_FILE).write_text('not json\n{"a": 1}\n')
+    with pytest.raises(ResultsFileError, match="line 1 is not valid JSON"):
+        read_predictions(tmp_path)
+
+
+def test_new_methods_and_budgets_extend_the_sweep(tmp_path):
+    _run(tmp_path, Fake(), methods=["fullkv"])
+    more = Fake()
+    _run(tmp_path, more, methods=["fullkv", "sparsemm"], budgets=[16])
+    assert {c[1] for c in more.calls} == {"sparsemm"}
+    assert len(read_results(tmp_path)) == 2
+
+
+def test_mismatched_reruns_are_refused(tmp_path):
+    _run(tmp_path, Fake(), methods=["fullkv"])
+    with pytest.raises(SweepMismatchError, match="model 'fake/model', not 'other/model'"):
+        _run(tmp_path, Fake(), model="other/model", methods=["fullkv"])
+    with pytest.raises(SweepMismatchError, match="settings"):
+        _run(tmp_path, Fake(), settings={"window": 16}, methods=["fullkv"])
+    with pytest.raises(SweepMismatchError, match="another sample set"):
+        _run(tmp_path, Fake(), benchmarks={"gqa": GQA[:3]}, methods=["fullkv"])
+
+
+def test_bad_inputs(tmp_path):
+    report = SkipReport("gqa", n_rows=2)
+    report.add("no image", "a")
+    report.add("no answers", "b")
+    with pytest.raises(EvaluationError, match="no sample to evaluate .*2 rows; skipped 1 no answers"):
+        _run(tmp_path, Fake(), benchmarks={"gqa": []}, skips={"gqa": report})
+    with pytest.raises(EvaluationError, match="duplicate sample ids"):
+        _run(tmp_path / "dup", Fake(), benchmarks={"gqa": [GQA[0], GQA[0]]})
+    with pytest.raises(EvaluationError, match="not a str"):
+        _run(tmp_path / "bad", lambda s, spec, m, b: 42, methods=["fullkv"])
+    with pytest.raises(EvaluationError, match="model must be"):
+        _run(tmp_path / "m", Fake(), model="")
+
+
+def test_results_file_with_other_columns_is_refused(tmp_path):
+    (tmp_path / RESULTS_FILE).write_text("model,benchmark,score\nm,gqa,1\n")
+    with pytest.raises(ResultsFileError, match="artifact contract"):
+        read_results(tmp_path)
+
+
+def test_predictions_frame_flattens_scores_and_extra(tmp_path):
+    _run(tmp_path, Fake(), methods=["fullkv"])
+    frame = predictions_frame(tmp_path / PREDICTIONS_FILE)
+    assert len(frame) == 4 and "score_exact_match" in frame and "imageId" in frame
+    assert frame["budget"].isna().all()
+
+
+# ---------------------------------------------------------------------------------- tables
+
+
+def test_lowest_budget_table():
+    results = pd.DataFrame(
+        [
+            ("m", "gqa", "fullkv", None, "exact_match", 0.9, 4),
+            ("m", "gqa", "sparsemm", 16, "exact_match", 0.7, 4),
+            ("m", "gqa", "sparsemm", 64, "exact_match", 0.85, 4),
+            ("m", "gqa", "snapkv", 16, "exact_match", 0.4, 4),
+            ("m", "gqa", "snapkv", 64, "exact_match", 0.8, 4),
+        ],
+        columns=list(RESULTS_COLUMNS),
+    )
+    results["budget"] = results["budget"].astype("Int64")
+    table = lowest_budget_table(results)
+    assert table["method"].tolist() == ["fullkv", "sparsemm", "snapkv"]
+    assert table["budget"].tolist()[1:] == [16, 16] and pd.isna(table["budget"].iloc[0])
+    # vs_fullkv: 0.7 - 0.9 = -0.2; 0.4 - 0.9 = -0.5
+    assert np.allclose(table["vs_fullkv"].tolist(), [0.0, -0.2, -0.5])
+
+
+def test_scaled_budgets_hand_example():
+    # 120 / 2400 = 0.05: 64 -> 3.2 and 128 -> 6.4 rise to the floor w + 1 = 9; 256 -> 12.8 -> 13;
+    # 512 -> 25.6 -> 26; 1024 -> 51.2 -> 51; 2048 -> 102.4 -> 102
+    assert scaled_budgets(120, window=8) == (9, 13, 26, 51, 102)
+    assert scaled_budgets(2400, window=32) == (64, 128, 256, 512, 1024, 2048)
+    with pytest.raises(EvaluationError, match="prompt_tokens"):
+        scaled_budgets(0, window=8)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(min_value=1, max_value=10_000), st.integers(min_value=0, max_value=64))
+def test_scaled_budgets_are_sorted_unique_and_above_the_window(prompt, window):
+    got = scaled_budgets(prompt, window=window)
+    assert list(got) == sorted(set(got)) and all(b >= window + 1 for b in got)
+
+
+# ---------------------------------------------------------------------------------- methods
+
+
+def test_every_method_names_a_press_of_the_compression_framework():
+    from sparsemm_utils.compression import COMPRESSION_METHODS
+
+    assert {m.press for m in EVAL_METHODS.values()} <= set(COMPRESSION_METHODS)
+    assert [m for m, spec in EVAL_METHODS.items() if not spec.budgeted] == ["fullkv", "mask", "mask_random"]
+
+
+def test_press_for_builds_each_method():
+    scores = np.arange(2 * 4, dtype=float).reshape(2, 4) + 1
+    knobs = {"window": 8, "ratio": 0.1, "seed": 3, "fraction": 0.25, "head_scores": scores}
+    sparsemm = press_for("sparsemm", 32, **knobs)
+    assert (sparsemm.name, sparsemm.budget, sparsemm.window, sparsemm.ratio) == ("sparsemm", 32, 8, 0.1)
+    assert press_for("fullkv", None, **knobs).name == "fullkv"
+    mask = press_for("mask", None, **knobs)
+    assert (mask.name, mask.selection, mask.fraction) == ("head_mask", "top", 0.25)
+    rand = press_for("mask_random", None, **knobs)
+    assert (rand.selection, rand.seed) == ("random", 3)
+    assert press_for("random", 32, **knobs).seed == 3
+    with pytest.raises(MissingMethodSettingError, match="'head_scores' \\(step 03"):
+        press_for("sparsemm", 32, window=8, ratio=0.1)
+    with pytest.raises(EvaluationError, match="takes no budget"):
+        press_for("fullkv", 64)
+    with pytest.raises(EvaluationError, match="needs a budget"):
+        press_for("snapkv", None, window=8)
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+def test_eval_config_normalises_and_validates():
+    cfg = EvalConfig(benchmarks=["DocVQA"], methods=["SparseMM", "fullkv"], budgets=[64, 16, 64], window=8)
+    assert cfg.benchmarks == ("docvqa",) and cfg.methods == ("sparsemm", "fullkv") and cfg.budgets == (16, 64)
+    assert cfg.needs_head_scores
+    assert not EvalConfig(methods=["fullkv", "snapkv"]).needs_head_scores
+    assert cfg.press_settings("S")["head_scores"] == "S"
+    settings_ = EvalConfig(benchmarks=["reader_docqa"], benchmark_seed=5).sweep_settings(np.ones((2, 2)))
+    assert settings_["reader_docqa"] == {"n_documents": 8, "seed": 5} and len(settings_["head_scores_sha256"]) == 64
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"budgets": [8, 16], "window": 8}, "do not exceed the window"),
+        ({"methods": ["h2o"]}, "unknown method"),
+        ({"benchmarks": ["textcaps"]}, "unknown benchmark"),
+        ({"benchmarks": "docvqa"}, "list of names"),
+        ({"ratio": 0}, "ratio must be"),
+        ({"limit": 0}, "limit must be"),
+        ({"model_id": ""}, "model_id"),
+        ({"benchmark_sources": {"nope": "x"}}, "unknown benchmark"),
+    ],
+)
+def test_eval_config_errors(kwargs, message):
+    with pytest.raises((EvaluationError, UnknownBenchmarkError), match=message):
+        EvalConfig(**kwargs)
+
+
+def test_counter_of_calls_per_cell(tmp_path):
+    """Each cell answers every sample exactly once."""
+    fake = Fake()
+    _run(tmp_path, fake)
+    per_cell = Counter((m, b) for _, m, b in fake.calls)
+    assert set(per_cell.values()) == {4} and len(per_cell) == 7
+
+
+def test_cell_statistics_share_of_the_full_cache(tmp_path):
+    _run(tmp_path, Fake(), methods=["fullkv", "sparsemm"], budgets=[16])
+    stats = cell_statistics(predictions_frame(tmp_path / PREDICTIONS_FILE))
+    full = stats[stats["method"] == "fullkv"].iloc[0]
+    sparse = stats[stats["method"] == "sparsemm"].iloc[0]
+    # fullkv: every sample reports kv_bytes 1000 * 100; sparsemm @16 answers sample 0 only (1000 * 16),
+    # the others are plain strings without kv_bytes -> mean over the one reported value: 16000
+    assert full["n"] == 4 and full["kv_bytes"] == 100_000 and full["kv_share"] == 1.0
+    assert sparse["kv_bytes"] == 16_000 and np.isclose(sparse["kv_share"], 0.16)
+    assert full["prompt_tokens"] == 101.5  # mean of 100, 101, 102, 103
+
+
+def test_head_scores_path_names_the_missing_step(tmp_path):
+    from sparsemm_utils.runs import MissingUpstreamError
+
+    cfg = EvalConfig(run_dir=str(tmp_path))
+    with pytest.raises(MissingUpstreamError, match="03_head_scoring"):
+        cfg.head_scores_path()
+    (tmp_path / "03_head_scoring").mkdir()
+    (tmp_path / "03_head_scoring" / "head_scores.json").write_text("{}")
+    assert cfg.head_scores_path() == tmp_path / "03_head_scoring" / "head_scores.json"
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        EvalConfig(head_scores=str(tmp_path / "none.json")).head_scores_path()
+    assert EvalConfig(device="cpu").resolved_device() == "cpu"
+    assert EvalConfig(max_new_tokens=4).sweep_settings()["max_new_tokens"] == 4
+
+
+def test_config_loads_the_offline_benchmark_and_local_sources(tmp_path):
+    from sparsemm_utils.benchmark_fixtures import fixture_dir
+
+    cfg = EvalConfig(
+        benchmarks=["reader_docqa", "docvqa"],
+        benchmark_sources={"docvqa": str(fixture_dir("docvqa"))},
+        n_documents=1,
+        benchmark_seed=11,
+        limit=2,
+    )
+    loaded = cfg.load_benchmarks(save_dir=tmp_path)
+    assert list(loaded) == ["reader_docqa", "docvqa"]
+    assert loaded["docvqa"].sample_ids == ["57344", "57345"]  # limit 2: the first two rows
+    assert (tmp_path / "reader_docqa.parquet").is_file() and 1 <= len(loaded["reader_docqa"]) <= 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    answers=st.lists(st.sampled_from(["yes", "no", "red"]), min_size=1, max_size=5),
+    outputs=st.lists(st.sampled_from(["yes", "No.", "red", "?"]), min_size=10, max_size=10),
+    crash=st.integers(min_value=0, max_value=9),
+)
+def test_resumed_sweep_equals_a_clean_one_and_scores_are_sample_means(answers, outputs, crash):
+    """Invariants: a crash at any answer, then a rerun, gives the clean run's results.csv; each
+    score is the mean of the cell's per-sample scores in predictions.jsonl."""
+    import tempfile
+    from pathlib import Path
+
+    samples = [EvalSample(str(i), IMAGE, "q", (a,), {}) for i, a in enumerate(answers)]
+
+    def generate(sample, spec, method, budget):
+        return outputs[(int(sample.sample_id) + (budget or 0)) % len(outputs)]
+
+    def crashing(limit):
+        calls = {"n": 0}
+
+        def gen(sample, spec, method, budget):
+            if calls["n"] == limit:
+                raise RuntimeError("crash")
+            calls["n"] += 1
+            return generate(sample, spec, method, budget)
+
+        return gen
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        kwargs = {"benchmarks": {"gqa": samples}, "methods": ["fullkv", "snapkv"], "budgets": [1, 2]}
+        clean = _run(tmp / "clean", generate, **kwargs).results
+        try:
+            _run(tmp / "run", crashing(crash), **kwargs)
+        except RuntimeError:
+            pass
+        resumed = _run(tmp / "run", generate, **kwargs).results
+        pd.testing.assert_frame_equal(clean, resumed)
+        records, _ = read_predictions(tmp / "run")
+        for _, row in clean.iterrows():
+            budget = None if pd.isna(row["budget"]) else int(row["budget"])
+            cell = [r["scores"]["exact_match"] for r in records if r["method"] == row["method"] and r["budget"] == budget]
+            assert len(cell) == row["n_samples"] == len(samples)
+            assert np.isclose(row["score"], sum(cell) / len(cell))

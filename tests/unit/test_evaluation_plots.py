@@ -1,0 +1,91 @@
+"""Step 05's figures: one panel per benchmark, one line per method, the paper's points beside."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+
+from sparsemm_utils.evaluation import RESULTS_COLUMNS
+from sparsemm_utils.plots.eval import METHOD_COLORS, plot_accuracy_by_group, plot_accuracy_vs_budget
+from sparsemm_utils.reference_numbers import reference_frame
+
+MODEL = "Qwen/Qwen2-VL-7B-Instruct"
+
+
+def _results() -> pd.DataFrame:
+    rows = [(MODEL, "docvqa", "fullkv", None, "anls", 0.93, 10)]
+    for bench, metric in (("docvqa", "anls"), ("textvqa", "vqa_accuracy")):
+        for method, base in (("sparsemm", 0.8), ("snapkv", 0.6)):
+            for i, budget in enumerate((64, 128, 256)):
+                rows.append((MODEL, bench, method, budget, metric, base + 0.05 * i, 10))
+    frame = pd.DataFrame(rows, columns=list(RESULTS_COLUMNS))
+    frame["budget"] = frame["budget"].astype("Int64")
+    return frame
+
+
+def test_one_panel_per_benchmark_one_line_per_method():
+    fig = plot_accuracy_vs_budget(_results())
+    axes = [ax for ax in fig.axes if ax.axison]
+    assert [ax.get_title() for ax in axes] == ["DocVQA", "TextVQA"]
+    docvqa = axes[0]
+    assert len(docvqa.get_lines()) == 2  # sparsemm, snapkv; fullkv is a horizontal line collection
+    assert len(docvqa.collections) == 1
+    assert [t.get_text() for t in docvqa.get_xticklabels()] == ["64", "128", "256"]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["FullKV", "SparseMM", "SnapKV"]
+    assert tuple(docvqa.get_lines()[0].get_color()[:3]) == tuple(METHOD_COLORS["sparsemm"])
+    plt.close(fig)
+
+
+def test_reference_points_are_drawn_beside():
+    fig = plot_accuracy_vs_budget(_results(), reference=reference_frame(MODEL), benchmarks=["docvqa"])
+    ax = fig.axes[0]
+    # lines: ours sparsemm and snapkv; the paper's sparsemm (64/128/256) and snapkv (64 only).
+    # The paper's adakv, pyramidkv and random are not drawn: only the methods shown (those in results).
+    assert len(ax.get_lines()) == 4
+    assert "paper (hollow, dotted)" in [t.get_text() for t in fig.legends[0].get_texts()]
+    plt.close(fig)
+
+
+def test_accuracy_by_group():
+    preds = pd.DataFrame(
+        {
+            "benchmark": ["reader_docqa"] * 6,
+            "method": ["sparsemm"] * 4 + ["fullkv"] * 2,
+            "budget": pd.array([16, 16, 32, 32, None, None], dtype="Int64"),
+            "task": ["line", "value"] * 3,
+            "score_anls": [0.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        }
+    )
+    fig = plot_accuracy_by_group(preds, "reader_docqa", group="task")
+    assert [ax.get_title() for ax in fig.axes] == ["task = line (1 questions)", "task = value (1 questions)"]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="no column 'category'"):
+        plot_accuracy_by_group(preds, "reader_docqa", group="category")
+
+
+def test_empty_or_malformed_results_are_refused():
+    with pytest.raises(ValueError, match="empty"):
+        plot_accuracy_vs_budget(_results().iloc[0:0])
+    with pytest.raises(ValueError, match="lacks columns"):
+        plot_accuracy_vs_budget(_results().drop(columns=["metric"]))
+
+
+def test_benchmark_samples_figure():
+    from PIL import Image
+
+    from sparsemm_utils.benchmarks import EvalSample
+    from sparsemm_utils.plots.eval import plot_benchmark_samples
+
+    image = Image.new("RGB", (40, 20), "white")
+    samples = {"gqa": [EvalSample("1", image, "Is it? " * 40, ("yes",), {})], "docvqa": []}
+    fig = plot_benchmark_samples(samples)
+    assert [ax.get_title() for ax in fig.axes] == ["GQA (testdev balanced) #1"]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="no benchmark"):
+        plot_benchmark_samples({"gqa": []})
