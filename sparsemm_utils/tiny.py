@@ -1,0 +1,1149 @@
+"""The tiny reader: a small Qwen2-VL trained here, on CPU, to read the synthetic documents.
+
+No pretrained multimodal model can be downloaded in this project's world, and a random-weight
+model has no visual heads (DESIGN.md, "The offline world"). The default run therefore uses a
+``Qwen2VLForConditionalGeneration`` of the real class and the real image geometry (14 px patches
+merged 2 x 2, SparseMM's pixel bounds, SPEC section 3) trained from scratch by this module to read
+the grid documents of step 01 (:class:`~sparsemm_utils.reader_tasks.ReaderDocSpec`). The shipped
+checkpoint lives in ``data/tiny_reader`` (``save_pretrained`` of model and processor, a model
+card, the training logs) and loads with ``sparsemm_utils.models.load_model("data/tiny_reader")``.
+
+Model (:class:`ReaderModelSpec`): text width 128, 4 layers, 8 query heads and 4 KV heads
+(head_dim 16, M-RoPE sections [2, 3, 3]), MLP 512, ``rope_theta = 10``; vision tower depth 2,
+width 64, 4 heads; the character-level tokenizer of :func:`~sparsemm_utils.tiny_models.build_char_tokenizer`.
+``rope_theta = 10`` matters: with head_dim 16 and the usual 10^6 the width section's rotary
+frequencies are ~10^-4 rad per token, so neighbouring columns are indistinguishable; at 10 they
+are 0.13-0.24 rad (TINY_READER_NOTES.md).
+
+Training (:class:`TrainConfig`, :func:`train_reader`), deterministic for a seed on CPU:
+
+- data: every step renders fresh pages from the stream ``seed`` (document ``j`` of step ``s`` is
+  ``render_document(cfg, s * batch_size + j)``); held-out pages come from other seeds
+  (:data:`HELDOUT_SEED` for the benchmark, :data:`VALIDATION_SEED` for the monitor);
+- tasks (:mod:`sparsemm_utils.reader_tasks`): ``ocr`` (the study's OCR prompt), ``line``
+  ("Read line k."), ``value`` ("Value of KEY?"); one task per step (a batch then has similar
+  lengths, so little padding), drawn with ``task_weights``; loss on the answer tokens only;
+- curriculum: pages with ``easy_lines`` lines only for the first ``easy_until`` of the run, then
+  the share of full pages ramps linearly to ``full_fraction`` at ``ramp_until``;
+- auxiliary glyph loss: a linear head on the vision tower's merged output (the LLM's visual
+  input embeddings) predicts the character drawn in each visual token (0 = none), weight
+  ``aux_weight``. The head is NOT part of the Qwen2-VL checkpoint: it is saved apart
+  (``training/aux_head.safetensors``) and never used at inference;
+- AdamW (betas 0.9/0.95, weight decay 0.05), linear warm-up then cosine decay to
+  ``min_lr_ratio`` of the peak, gradient clipping 1.0, fp32 (bf16 autocast is slower on CPUs
+  without native bf16);
+- shared prefix: the tokens before the image (system prompt, ``<|vision_start|>``) are the same
+  in every sequence, so they are run once per batch and their keys/values broadcast to the batch
+  (exactly the same loss and gradients as running them per sequence, about a quarter less work).
+
+Evaluation (:func:`evaluate_reader`): greedy decoding with the full KV cache through the standard
+path (:func:`sparsemm_utils.prompts.build_inputs`, ``model.generate``), batch 1; exact match and
+character accuracy (``1 - sum of edit distances / sum of answer lengths``) per task.
+
+CLI::
+
+    python -m sparsemm_utils.tiny train --out data/tiny_reader --steps 2700
+    python -m sparsemm_utils.tiny evaluate --model data/tiny_reader --docs 200
+    python -m sparsemm_utils.tiny card --model data/tiny_reader     # rebuild the model card
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .reader_tasks import (
+    TASK_TYPES,
+    ReaderDocSpec,
+    ReaderQuestion,
+    NoQuestionError,
+    char_classes,
+    collate,
+    draw_question,
+    questions_for_document,
+)
+from .runs import repo_root
+
+__all__ = [
+    "DEFAULT_READER_DIR",
+    "HELDOUT_SEED",
+    "VALIDATION_SEED",
+    "TinyReaderError",
+    "TrainConfigError",
+    "CheckpointMismatchError",
+    "ReaderModelSpec",
+    "TrainConfig",
+    "TrainResult",
+    "build_reader",
+    "count_parameters",
+    "learning_rate",
+    "easy_page_probability",
+    "step_task",
+    "step_samples",
+    "reader_losses",
+    "linear_patch_embedding",
+    "train_reader",
+    "save_reader",
+    "read",
+    "evaluate_reader",
+    "heldout_documents",
+    "reader_doc_spec",
+    "summarize_records",
+    "write_model_card",
+    "rewrite_model_card",
+    "STEP",
+    "ReaderNotebookConfig",
+    "training_logs",
+    "main",
+]
+
+#: Where the shipped checkpoint lives (``load_model(DEFAULT_READER_DIR)``).
+DEFAULT_READER_DIR: Path = repo_root() / "data" / "tiny_reader"
+#: Document stream of the held-out benchmark (the model card's numbers). Training uses ``seed``
+#: (0 by default); streams of different seeds share no page (``default_rng([seed, index])``).
+HELDOUT_SEED: int = 10_000
+#: Document stream of the monitor evaluated during training (not the benchmark's).
+VALIDATION_SEED: int = 20_000
+
+_CHECKPOINT = "checkpoint.pt"
+_TRAIN_LOG = "training_log.csv"
+_EVAL_LOG = "validation_log.csv"
+
+
+class TinyReaderError(RuntimeError):
+    """Base class of this module's errors."""
+
+
+class TrainConfigError(ValueError):
+    """A training parameter is invalid; the message names it and the accepted values."""
+
+
+class CheckpointMismatchError(TinyReaderError):
+    """A checkpoint to resume from was written with another training configuration."""
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+
+
+@dataclass(frozen=True)
+class ReaderModelSpec:
+    """Sizes of the reader (a ``Qwen2VLForConditionalGeneration``; module docstring).
+
+    ``text_*``: the language model (head_dim = ``text_hidden / text_heads``); ``vision_*``: the
+    vision tower (patch 14, merge 2, temporal patch 2 are fixed: the real geometry);
+    ``rope_theta``: the base of the language model's M-RoPE."""
+
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 8
+    text_kv_heads: int = 4
+    text_intermediate: int = 512
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_intermediate: int = 256
+    rope_theta: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 1):
+            raise TrainConfigError(f"ReaderModelSpec.rope_theta must be a finite number > 1, got {self.rope_theta!r}")
+        self.tiny_spec()  # validates the sizes (InvalidTinySpecError names the bad one)
+
+    def tiny_spec(self):
+        from .tiny_models import TinySpec
+
+        return TinySpec(
+            text_hidden=self.text_hidden,
+            text_layers=self.text_layers,
+            text_heads=self.text_heads,
+            text_kv_heads=self.text_kv_heads,
+            text_intermediate=self.text_intermediate,
+            vision_hidden=self.vision_hidden,
+            vision_layers=self.vision_layers,
+            vision_heads=self.vision_heads,
+            vision_intermediate=self.vision_intermediate,
+        )
+
+
+def build_reader(spec: ReaderModelSpec | None = None, *, seed: int = 0):
+    """A fresh (untrained) reader and its processor: ``(Qwen2VLForConditionalGeneration, processor)``.
+
+    The processor is :func:`~sparsemm_utils.tiny_models.build_tiny_processor` (character tokenizer,
+    Qwen2-VL image processor with SparseMM's pixel bounds); the model is float32, sdpa, in train
+    mode, with weights drawn under ``torch.manual_seed(seed)`` (the global RNG is restored) and
+    greedy generation stopping at ``<|im_end|>`` / ``<|endoftext|>``."""
+    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+
+    from .tiny_models import build_char_tokenizer, build_tiny_processor, tiny_config
+
+    spec = spec or ReaderModelSpec()
+    tokenizer = build_char_tokenizer("qwen2_vl")
+    processor = build_tiny_processor("qwen2_vl", tokenizer)
+    config = tiny_config("qwen2_vl", tokenizer, spec.tiny_spec())
+    config.text_config.rope_parameters["rope_theta"] = float(spec.rope_theta)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config)
+    model.set_attn_implementation("sdpa")
+    ids = tokenizer.convert_tokens_to_ids
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids("<|im_end|>"), ids("<|endoftext|>")], pad_token_id=ids("<|endoftext|>"), do_sample=False
+    )
+    return model.to(torch.float32).train(), processor
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """``{"total", "vision", "text"}`` parameter counts (text = everything outside the vision tower)."""
+    total = sum(p.numel() for p in model.parameters())
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    return {"total": total, "vision": vision, "text": total - vision}
+
+
+# --------------------------------------------------------------------------------------------
+# training configuration and schedules
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise TrainConfigError(message)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (module docstring). Same config, same weights.
+
+    - ``steps``, ``batch_size``: optimizer steps and sequences per step;
+    - ``seed``: weight initialisation AND the training document stream;
+    - ``lr`` (peak), ``warmup_steps``, ``min_lr_ratio``: linear warm-up from 0, then cosine to
+      ``min_lr_ratio * lr`` at the last step (:func:`learning_rate`);
+    - ``weight_decay``, ``beta1``, ``beta2``, ``grad_clip``: AdamW and global-norm clipping;
+    - ``aux_weight``: weight of the auxiliary glyph loss (0 disables it);
+    - ``task_weights``: probability of each task of :data:`~sparsemm_utils.reader_tasks.TASK_TYPES`
+      per step (:func:`step_task`);
+    - ``easy_lines``, ``easy_until``, ``ramp_until``, ``full_fraction``: the curriculum
+      (:func:`easy_page_probability`);
+    - ``validate_every``, ``validation_docs``: the monitor (teacher-forced exact match on
+      ``validation_docs`` pages of :data:`VALIDATION_SEED`, every task); 0 disables it;
+    - ``checkpoint_every``: steps between resumable checkpoints (0: none);
+    - ``threads``: ``torch.set_num_threads``; ``data_workers``: processes that render batches
+      ahead (0: in the training process; the batches are the same either way);
+      ``shared_prefix``: run the common prefix once.
+    """
+
+    steps: int = 3000
+    batch_size: int = 24
+    seed: int = 0
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    aux_weight: float = 1.0
+    task_weights: tuple[float, ...] = (0.35, 0.35, 0.3)
+    easy_lines: tuple[int, int] = (1, 2)
+    easy_until: float = 0.1
+    ramp_until: float = 0.4
+    full_fraction: float = 0.9
+    validate_every: int = 250
+    validation_docs: int = 32
+    checkpoint_every: int = 250
+    threads: int = 1
+    data_workers: int = 1
+    shared_prefix: bool = True
+    doc_spec: ReaderDocSpec = field(default_factory=ReaderDocSpec)
+    model_spec: ReaderModelSpec = field(default_factory=ReaderModelSpec)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.doc_spec, Mapping):
+            self.doc_spec = ReaderDocSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.doc_spec.items()})
+        if isinstance(self.model_spec, Mapping):
+            self.model_spec = ReaderModelSpec(**self.model_spec)
+        own = type(self).__name__
+        for name in ("steps", "batch_size", "threads"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{own}.{name} must be an integer >= 1, got {v!r}")
+        for name in ("seed", "warmup_steps", "validate_every", "validation_docs", "checkpoint_every", "data_workers"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{own}.{name} must be an integer >= 0, got {v!r}")
+        _check(self.seed not in (HELDOUT_SEED, VALIDATION_SEED), f"{own}.seed must differ from the held-out seeds {HELDOUT_SEED} and {VALIDATION_SEED}")
+        _check(0 < self.lr < 1, f"{own}.lr must be in (0, 1), got {self.lr!r}")
+        _check(0 <= self.min_lr_ratio <= 1, f"{own}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        _check(self.weight_decay >= 0 and self.grad_clip > 0 and self.aux_weight >= 0,
+               f"{own}: weight_decay and aux_weight must be >= 0 and grad_clip > 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{own}: beta1 and beta2 must be in [0, 1)")
+        self.task_weights = tuple(float(w) for w in self.task_weights)
+        _check(
+            len(self.task_weights) == len(TASK_TYPES) and all(w >= 0 for w in self.task_weights) and sum(self.task_weights) > 0,
+            f"{own}.task_weights must be {len(TASK_TYPES)} non-negative numbers (for {list(TASK_TYPES)}) with a positive sum, "
+            f"got {self.task_weights!r}",
+        )
+        self.easy_lines = tuple(int(v) for v in self.easy_lines)  # type: ignore[assignment]
+        self.doc_spec.with_lines(self.easy_lines)  # validates the easy pages
+        _check(0 <= self.easy_until <= self.ramp_until <= 1, f"{own}: need 0 <= easy_until <= ramp_until <= 1, got {self.easy_until}, {self.ramp_until}")
+        _check(0 <= self.full_fraction <= 1, f"{own}.full_fraction must be in [0, 1], got {self.full_fraction!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise TrainConfigError(f"unknown training options {unknown}; valid options: {sorted(names)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): ``lr * (step + 1) / warmup_steps``
+    during warm-up, then ``lr * (r + (1 - r) * (1 + cos(pi * t)) / 2)`` with ``r = min_lr_ratio``
+    and ``t`` going linearly from 0 (first step after warm-up) to 1 (the last step)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.steps - 1 - cfg.warmup_steps, 1)
+    t = min((step - cfg.warmup_steps) / span, 1.0)
+    r = cfg.min_lr_ratio
+    return cfg.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def easy_page_probability(cfg: TrainConfig, step: int) -> float:
+    """Probability that a training page of step ``step`` is an easy one (``easy_lines`` lines):
+    1 until ``easy_until * steps``, then linear down to ``1 - full_fraction`` at
+    ``ramp_until * steps``, constant afterwards."""
+    a, b = cfg.easy_until * cfg.steps, cfg.ramp_until * cfg.steps
+    floor = 1.0 - cfg.full_fraction
+    if step < a:
+        return 1.0
+    if step >= b or b <= a:
+        return floor
+    return 1.0 + (floor - 1.0) * (step - a) / (b - a)
+
+
+def step_task(cfg: TrainConfig, step: int) -> str:
+    """The task of training step ``step``: drawn from ``task_weights`` with
+    ``default_rng([seed, step, 1])``."""
+    p = np.asarray(cfg.task_weights) / sum(cfg.task_weights)
+    return TASK_TYPES[int(np.random.default_rng([cfg.seed, step, 1]).choice(len(TASK_TYPES), p=p))]
+
+
+_ATTEMPT_STRIDE = 10**9  # index offset of the next page tried when a page cannot host the task
+
+
+def step_samples(cfg: TrainConfig, step: int) -> list[tuple[dict[str, Any], ReaderQuestion]]:
+    """The ``batch_size`` (page, question) pairs of training step ``step``, all of task
+    :func:`step_task`. Sample ``j`` renders page ``step * batch_size + j`` of the stream
+    ``cfg.seed`` (easy with probability :func:`easy_page_probability`, decided by
+    ``default_rng([seed, index, 2])``), asks its question with ``default_rng([seed, index, 3])``,
+    and moves on to page ``index + 10^9`` (then ``+ 2 * 10^9``, ...) when the page cannot host it."""
+    task = step_task(cfg, step)
+    p_easy = easy_page_probability(cfg, step)
+    easy_spec = cfg.doc_spec.with_lines(cfg.easy_lines)
+    out = []
+    for j in range(cfg.batch_size):
+        index = step * cfg.batch_size + j
+        spec = easy_spec if np.random.default_rng([cfg.seed, index, 2]).random() < p_easy else cfg.doc_spec
+        rng = np.random.default_rng([cfg.seed, index, 3])
+        for attempt in range(64):
+            doc = spec.render(cfg.seed, index + attempt * _ATTEMPT_STRIDE)
+            try:
+                out.append((doc, draw_question(doc, task, rng)))
+                break
+            except NoQuestionError:
+                continue
+        else:  # pragma: no cover - would need 64 pages in a row without a key-value line
+            raise TinyReaderError(f"step {step}: 64 pages in a row cannot host a {task!r} question; check doc_spec")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the forward pass and its losses
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Map-style dataset over step indices: item ``s`` is the collated batch of step ``s``
+    (so a DataLoader worker can build batches ahead of the optimizer, deterministically)."""
+
+    def __init__(self, cfg: TrainConfig, processor: Any, classes: Mapping[str, int]) -> None:
+        self.cfg, self.processor, self.classes = cfg, processor, classes
+
+    def __len__(self) -> int:
+        return self.cfg.steps
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        return collate(self.processor, step_samples(self.cfg, step), classes=self.classes)
+
+
+class linear_patch_embedding:
+    """Context manager: compute the vision tower's patch embedding as a matrix product.
+
+    Qwen2-VL embeds each patch with a ``Conv3d`` whose kernel equals its stride and the patch
+    itself (3 x 2 x 14 x 14), i.e. a linear map of the flattened patch; on CPU the convolution's
+    backward pass is several times slower than the same product done by ``F.linear``. Inside the
+    context the module's forward uses ``F.linear(x, weight.view(embed_dim, -1))``: the same
+    parameter, the same function (equal up to float rounding), nothing saved differs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.module = model.model.visual.patch_embed
+
+    def __enter__(self) -> "linear_patch_embedding":
+        pe = self.module
+        weight = pe.proj.weight
+
+        def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+            flat = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
+            return nn.functional.linear(flat, weight.view(pe.embed_dim, -1))
+
+        pe.forward = forward
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.module.forward  # back to the class's forward
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def reader_losses(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    aux_head: nn.Module | None = None,
+    *,
+    shared_prefix: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Losses and accuracies of a :func:`~sparsemm_utils.reader_tasks.collate` batch.
+
+    Returns ``lm_loss`` (mean cross-entropy over answer tokens, ``labels != -100``),
+    ``aux_loss`` (glyph loss over visual tokens with a label, empty ones included) and
+    ``aux_acc`` (its accuracy on the tokens that show a character; both 0 without ``aux_head``
+    or ``aux_labels``), ``token_acc`` (argmax accuracy on answer tokens) and
+    ``seq_correct`` (B,) bool: every answer token is the argmax given the true prefix, which is
+    exactly when greedy decoding reproduces the answer (teacher-forced exact match).
+
+    ``shared_prefix``: the ``prefix_len`` tokens before the image are identical in every row
+    (``collate`` checks it); they are run once with batch 1 and their keys/values expanded to the
+    batch. The result equals the plain forward pass up to float rounding."""
+    inner = model.model
+    lm = inner.language_model
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    labels = batch["labels"]
+    bsz = ids.shape[0]
+    vision = inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+    image_embeds = torch.cat(vision.pooler_output, dim=0)  # (visual tokens, hidden)
+    position_ids, _ = inner.get_rope_index(
+        ids, mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"], attention_mask=mask
+    )  # (3, B, L)
+    embeds = lm.embed_tokens(ids)
+    image_mask = (ids == model.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
+    if shared_prefix:
+        from transformers import DynamicCache
+
+        p = int(batch["prefix_len"])
+        cache = DynamicCache(config=lm.config)
+        lm(inputs_embeds=embeds[:1, :p], position_ids=position_ids[:, :1, :p], past_key_values=cache, use_cache=True)
+        for layer in cache.layers:
+            layer.keys = layer.keys.expand(bsz, -1, -1, -1)
+            layer.values = layer.values.expand(bsz, -1, -1, -1)
+        hidden = lm(
+            inputs_embeds=embeds[:, p:], position_ids=position_ids[:, :, p:], attention_mask=mask,
+            past_key_values=cache, use_cache=True,
+        ).last_hidden_state
+        targets = labels[:, p:]
+    else:
+        hidden = lm(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask, use_cache=False).last_hidden_state
+        targets = labels
+    # position t predicts token t + 1
+    pred_mask = targets[:, 1:] != -100  # (B, L' - 1)
+    logits = model.lm_head(hidden[:, :-1][pred_mask])  # (answer tokens, vocab)
+    gold = targets[:, 1:][pred_mask]
+    lm_loss = nn.functional.cross_entropy(logits.float(), gold)
+    hit = logits.argmax(-1) == gold
+    per_row = torch.zeros(bsz, dtype=torch.long).index_add_(0, pred_mask.nonzero()[:, 0], (~hit).long())
+    out = {
+        "lm_loss": lm_loss,
+        "token_acc": hit.float().mean().detach(),
+        "seq_correct": per_row == 0,
+        "aux_loss": torch.zeros(()),
+        "aux_acc": torch.zeros(()),
+    }
+    if aux_head is not None and "aux_labels" in batch:
+        aux_labels = batch["aux_labels"]
+        valid = aux_labels != -100
+        aux_logits = aux_head(image_embeds[valid])
+        out["aux_loss"] = nn.functional.cross_entropy(aux_logits.float(), aux_labels[valid])
+        glyph = aux_labels[valid] > 0
+        out["aux_acc"] = (aux_logits.argmax(-1)[glyph] == aux_labels[valid][glyph]).float().mean().detach()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_reader` did: ``steps`` done so far (``cfg.steps`` when finished), ``train_seconds`` (wall time of the
+    optimizer steps, summed over resumed sessions), ``final`` (the last logged row),
+    ``validation`` (the last monitor result per task), ``out_dir``."""
+
+    steps: int
+    train_seconds: float
+    final: dict[str, float]
+    validation: dict[str, float]
+    out_dir: Path
+
+
+def _validation_batches(cfg: TrainConfig, processor: Any, classes: Mapping[str, int]) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """The monitor's batches: pages ``0 .. validation_docs - 1`` of :data:`VALIDATION_SEED`, one
+    question per task they can host, batched per task."""
+    by_task: dict[str, list] = {t: [] for t in TASK_TYPES}
+    for index in range(cfg.validation_docs):
+        doc = cfg.doc_spec.render(VALIDATION_SEED, index)
+        for q in questions_for_document(doc, TASK_TYPES, seed=VALIDATION_SEED):
+            by_task[q.task].append((doc, q))
+    return {
+        t: [collate(processor, pairs[i : i + cfg.batch_size], classes=classes) for i in range(0, len(pairs), cfg.batch_size)]
+        for t, pairs in by_task.items()
+        if pairs
+    }
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, batches: Mapping[str, list], shared_prefix: bool) -> dict[str, float]:
+    model.eval()
+    result = {}
+    for task, items in batches.items():
+        correct = total = 0
+        acc_sum = 0.0
+        for batch in items:
+            with linear_patch_embedding(model):
+                out = reader_losses(model, batch, shared_prefix=shared_prefix)
+            correct += int(out["seq_correct"].sum())
+            total += int(out["seq_correct"].numel())
+            acc_sum += float(out["token_acc"]) * int(out["seq_correct"].numel())
+        result[f"{task}_exact"] = correct / total
+        result[f"{task}_token_acc"] = acc_sum / total
+    model.train()
+    return result
+
+
+def _append_csv(path: Path, row: Mapping[str, Any]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _truncate_csv(path: Path, last_step: int) -> None:
+    """Drop rows logged after ``last_step`` (a resumed run logs them again)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(r for r in rows if int(r["step"]) <= last_step)
+
+
+def train_reader(
+    cfg: TrainConfig,
+    work_dir: str | Path,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    log_every: int = 10,
+    stop_after: int | None = None,
+) -> tuple[nn.Module, Any, nn.Module, TrainResult]:
+    """Train a reader from scratch (or resume ``work_dir/checkpoint.pt``) for ``cfg.steps`` steps.
+
+    Writes into ``work_dir``: ``training_log.csv`` (one row per step: step, task, lr, loss,
+    lm_loss, aux_loss, aux_acc, token_acc, seq_acc, p_easy, seconds), ``validation_log.csv``
+    (step, then ``<task>_exact`` and ``<task>_token_acc``), ``train_config.json``, and a resumable
+    ``checkpoint.pt`` every ``checkpoint_every`` steps (model, aux head, optimizer, step, elapsed
+    time, config). Returns ``(model, processor, aux_head, result)``; nothing is saved for release
+    here (see :func:`save_reader`). A checkpoint written with another config raises
+    :class:`CheckpointMismatchError` (``resume=False`` starts over).
+
+    ``stop_after``: end this session after that many steps in total (a checkpoint is written
+    there); a later call with ``resume=True`` continues and ends with the same weights as an
+    uninterrupted run."""
+    from tqdm.auto import tqdm
+
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    model, processor = build_reader(cfg.model_spec, seed=cfg.seed)
+    classes = char_classes(cfg.doc_spec.charset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        aux_head = nn.Linear(cfg.model_spec.text_hidden, len(classes) + 1)
+    params = list(model.parameters()) + list(aux_head.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True,
+    )
+    start, elapsed = 0, 0.0
+    ckpt_path = work / _CHECKPOINT
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state["config"] != cfg.to_dict():
+            raise CheckpointMismatchError(
+                f"{ckpt_path} was written by another training configuration; use the same options to resume, "
+                f"or resume=False (CLI: --no-resume) to start over. Differences: "
+                f"{sorted(k for k in cfg.to_dict() if state['config'].get(k) != cfg.to_dict()[k])}"
+            )
+        model.load_state_dict(state["model"])
+        aux_head.load_state_dict(state["aux_head"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, elapsed = int(state["step"]), float(state["elapsed"])
+        for name in (_TRAIN_LOG, _EVAL_LOG):
+            _truncate_csv(work / name, start - 1)
+    else:
+        for name in (_TRAIN_LOG, _EVAL_LOG, _CHECKPOINT):
+            (work / name).unlink(missing_ok=True)
+    (work / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    val_batches = _validation_batches(cfg, processor, classes) if cfg.validate_every else {}
+    model.train()
+    last: dict[str, float] = {}
+    validation: dict[str, float] = {}
+    end = cfg.steps if stop_after is None else min(cfg.steps, max(int(stop_after), start))
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc="training the reader", disable=not progress)
+    window: list[dict[str, float]] = []
+    loader = torch.utils.data.DataLoader(
+        _StepBatches(cfg, processor, classes),
+        batch_size=None,
+        sampler=range(start, end),
+        num_workers=cfg.data_workers,
+        worker_init_fn=_worker_init if cfg.data_workers else None,
+        prefetch_factor=4 if cfg.data_workers else None,
+        persistent_workers=False,
+    )
+    batches = iter(loader)
+    for step in bar:
+        t0 = time.perf_counter()
+        task = step_task(cfg, step)
+        batch = next(batches)
+        lr = learning_rate(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with linear_patch_embedding(model):
+            out = reader_losses(model, batch, aux_head if cfg.aux_weight > 0 else None, shared_prefix=cfg.shared_prefix)
+        loss = out["lm_loss"] + cfg.aux_weight * out["aux_loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        optimizer.step()
+        seconds = time.perf_counter() - t0
+        elapsed += seconds
+        last = {
+            "step": step,
+            "task": task,
+            "lr": lr,
+            "loss": loss.item(),
+            "lm_loss": float(out["lm_loss"]),
+            "aux_loss": float(out["aux_loss"]),
+            "aux_acc": float(out["aux_acc"]),
+            "token_acc": float(out["token_acc"]),
+            "seq_acc": float(out["seq_correct"].float().mean()),
+            "grad_norm": grad_norm,
+            "p_easy": easy_page_probability(cfg, step),
+            "seconds": seconds,
+            "elapsed": elapsed,
+        }
+        if not math.isfinite(last["loss"]):
+            raise TinyReaderError(f"the loss became {last['loss']} at step {step}; lower lr (now {cfg.lr})")
+        _append_csv(work / _TRAIN_LOG, last)
+        window.append(last)
+        if progress and (step + 1) % log_every == 0:
+            bar.set_postfix(
+                loss=f"{np.mean([w['lm_loss'] for w in window]):.3f}",
+                acc=f"{np.mean([w['token_acc'] for w in window]):.3f}",
+                aux=f"{np.mean([w['aux_acc'] for w in window]):.3f}",
+                s=f"{np.mean([w['seconds'] for w in window]):.2f}",
+            )
+            window = []
+        done = step + 1
+        if cfg.validate_every and (done % cfg.validate_every == 0 or done == cfg.steps):
+            validation = _validate(model, val_batches, cfg.shared_prefix)
+            _append_csv(work / _EVAL_LOG, {"step": step, **validation})
+            if progress:
+                bar.write(f"step {done}: " + ", ".join(f"{k}={v:.3f}" for k, v in validation.items()))
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done in (cfg.steps, end):
+            state = {
+                "config": cfg.to_dict(),
+                "step": done,
+                "elapsed": elapsed,
+                "model": model.state_dict(),
+                "aux_head": aux_head.state_dict(),
+                "optimizer": optimizer.state_dict(),
+            }
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, ckpt_path)
+    model.eval()
+    result = TrainResult(steps=end, train_seconds=elapsed, final=last, validation=validation, out_dir=work)
+    return model, processor, aux_head, result
+
+
+def save_reader(model: nn.Module, processor: Any, aux_head: nn.Module | None, out_dir: str | Path, work_dir: str | Path | None = None) -> Path:
+    """Save a trained reader for release: ``save_pretrained`` of model and processor into
+    ``out_dir`` (loadable with ``load_model(out_dir)``), the auxiliary head apart into
+    ``out_dir/training/aux_head.safetensors`` (not part of the Qwen2-VL checkpoint), and the logs
+    and config of ``work_dir`` into ``out_dir/training/``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    training = out / "training"
+    training.mkdir(exist_ok=True)
+    if aux_head is not None:
+        save_file({k: v.contiguous() for k, v in aux_head.state_dict().items()}, str(training / "aux_head.safetensors"))
+    if work_dir is not None:
+        for name in (_TRAIN_LOG, _EVAL_LOG, "train_config.json"):
+            src = Path(work_dir) / name
+            if src.exists():
+                shutil.copyfile(src, training / name)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def read(loaded: Any, image: Any, prompt: str, *, max_new_tokens: int = 64) -> str:
+    """Greedy answer of a loaded reader (:class:`~sparsemm_utils.models.LoadedModel`) to
+    ``prompt`` about ``image``, with the full KV cache, batch 1, through the standard path
+    (:func:`~sparsemm_utils.prompts.build_inputs` then ``generate``); special tokens dropped."""
+    from .prompts import build_inputs
+
+    inputs = build_inputs(loaded, image, prompt)
+    generated = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = generated[0, inputs["input_ids"].shape[1] :]
+    return loaded.processor.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def summarize_records(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per task (and ``"all"``): ``n``, ``exact_match`` (share of predictions equal to the
+    answer), ``char_accuracy`` (``max(0, 1 - sum(edit distance) / sum(len(answer)))``) and
+    ``mean_char_accuracy`` (mean over questions of ``max(0, 1 - edit / len(answer))``).
+    Each record needs ``task``, ``answer``, ``prediction``."""
+    from .metrics import levenshtein
+
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(r["task"], []).append(r)
+    groups = {t: groups[t] for t in [*TASK_TYPES, *sorted(set(groups) - set(TASK_TYPES))] if t in groups}
+    if records:
+        groups["all"] = list(records)
+    out = {}
+    for task, rows in groups.items():
+        edits = [levenshtein(r["prediction"], r["answer"]) for r in rows]
+        lengths = [max(len(r["answer"]), 1) for r in rows]
+        out[task] = {
+            "n": len(rows),
+            "exact_match": sum(r["prediction"] == r["answer"] for r in rows) / len(rows),
+            "char_accuracy": max(0.0, 1 - sum(edits) / sum(lengths)),
+            "mean_char_accuracy": float(np.mean([max(0.0, 1 - e / n) for e, n in zip(edits, lengths)])),
+        }
+    return out
+
+
+def evaluate_reader(
+    loaded: Any,
+    documents: Any,
+    tasks: Sequence[str] = TASK_TYPES,
+    *,
+    seed: int = HELDOUT_SEED,
+    max_new_tokens: int = 64,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Greedy full-cache accuracy of a loaded reader on step-01 ``documents`` (a ``Dataset`` or a
+    sequence of rows with PIL images), one question per task of ``tasks`` each document can host
+    (:func:`~sparsemm_utils.reader_tasks.questions_for_document` with ``seed``).
+
+    Returns ``{"summary": {task: {n, exact_match, char_accuracy, mean_char_accuracy}, "all":
+    ...}, "records": [{doc_id, task, prompt, answer, prediction, exact, edit_distance}, ...],
+    "seconds": wall time}``."""
+    from tqdm.auto import tqdm
+
+    from .metrics import levenshtein
+
+    t0 = time.perf_counter()
+    records = []
+    n = len(documents)
+    for i in tqdm(range(n), desc="reading held-out documents", disable=not progress):
+        doc = documents[i]
+        for q in questions_for_document(doc, tasks, seed=seed):
+            pred = read(loaded, doc["image"], q.prompt, max_new_tokens=max_new_tokens)
+            records.append(
+                {
+                    "doc_id": int(doc["doc_id"]),
+                    "task": q.task,
+                    "prompt": q.prompt,
+                    "answer": q.answer,
+                    "prediction": pred,
+                    "exact": pred == q.answer,
+                    "edit_distance": levenshtein(pred, q.answer),
+                }
+            )
+    return {"summary": summarize_records(records), "records": records, "seconds": time.perf_counter() - t0}
+
+
+def reader_doc_spec(model_dir: str | Path) -> ReaderDocSpec:
+    """The page distribution a saved reader was trained on (``training/train_config.json``),
+    or the default :class:`ReaderDocSpec` when the folder has no training config."""
+    path = Path(model_dir) / "training" / "train_config.json"
+    if not path.is_file():
+        return ReaderDocSpec()
+    return TrainConfig.from_dict(json.loads(path.read_text())).doc_spec
+
+
+def heldout_documents(n: int, spec: ReaderDocSpec | None = None, seed: int = HELDOUT_SEED) -> list[dict[str, Any]]:
+    """Pages ``0 .. n-1`` of the held-out stream (rows with PIL images)."""
+    spec = spec or ReaderDocSpec()
+    return [spec.render(seed, i) for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# the model card
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs visible, torch {torch.__version__}"
+
+
+def write_model_card(
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    result: TrainResult,
+    evaluation: Mapping[str, Any],
+    *,
+    command: str,
+    n_docs: int,
+    eval_seed: int = HELDOUT_SEED,
+) -> Path:
+    """Write ``MODEL_CARD.md`` into ``out_dir`` from the measured results (nothing hard-coded):
+    the model, tokenizer, data recipe, shaping, training command/time/machine and the held-out
+    accuracy per task. Also writes ``training/eval_results.json`` (summary and every record)."""
+    import transformers
+
+    from .models import load_model
+
+    out = Path(out_dir)
+    loaded = load_model(out)
+    counts = count_parameters(loaded.model)
+    size_mb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
+    summary = evaluation["summary"]
+    (out / "training").mkdir(exist_ok=True)
+    (out / "training" / "eval_results.json").write_text(
+        json.dumps(
+            {"n_docs": n_docs, "seed": eval_seed, "command": command, "summary": summary,
+             "seconds": evaluation.get("seconds"), "records": evaluation["records"]},
+            indent=1,
+        ) + "\n"
+    )
+    spec, ms = cfg.doc_spec, cfg.model_spec
+    rows = "\n".join(
+        f"| {task} | {s['n']} | {s['exact_match']:.3f} | {s['char_accuracy']:.4f} |" for task, s in summary.items()
+    )
+    val = ", ".join(f"{k} {v:.3f}" for k, v in result.validation.items()) or "not run"
+    text = f"""# tiny_reader: a Qwen2-VL trained here to read synthetic documents
+
+A `Qwen2VLForConditionalGeneration` of {counts['total']:,} parameters (vision tower {counts['vision']:,},
+language model {counts['text']:,}) trained from random weights on CPU by
+`sparsemm_utils.tiny` to read the grid documents of step 01. It exists so that the offline
+default run (no model hub) shows the study's phenomenon on a model that really reads: SparseMM's
+head scoring, budget allocation and evaluation run on it exactly as on a real checkpoint.
+Load it like one: `sparsemm_utils.models.load_model("data/tiny_reader")`.
+
+## Model
+
+- Class `Qwen2VLForConditionalGeneration` (transformers {transformers.__version__}), float32,
+  {size_mb:.1f} MB of safetensors.
+- Language model: hidden {ms.text_hidden}, {ms.text_layers} layers, {ms.text_heads} query heads, {ms.text_kv_heads} KV heads
+  (head_dim {ms.text_hidden // ms.text_heads}), MLP {ms.text_intermediate}, M-RoPE sections
+  {loaded.text_config.rope_parameters['mrope_section']}, **rope_theta {ms.rope_theta:g}** (with head_dim 16 the usual
+  10^6 leaves the width section almost no column information), untied embeddings.
+- Vision tower: depth {ms.vision_layers}, width {ms.vision_hidden}, {ms.vision_heads} heads; the real geometry: 14 px
+  patches, 2 x 2 merge, temporal patch 2, SparseMM's pixel bounds (32*28^2 .. 16384*28^2), so one visual
+  token per 28 x 28 block.
+- Tokenizer: character level (`sparsemm_utils.tiny_models.build_char_tokenizer("qwen2_vl")`,
+  {len(loaded.tokenizer)} tokens: `<unk>`, printable ASCII and newline, the Qwen2-VL special tokens), ChatML
+  template with the default system prompt "You are a helpful assistant.". Greedy generation stops at
+  `<|im_end|>`.
+
+## Data recipe
+
+Pages from `sparsemm_utils.documents.render_document` with the grid layout
+(`sparsemm_utils.reader_tasks.ReaderDocSpec`): {spec.cols[0]}-{spec.cols[1]} columns x {spec.rows[0]}-{spec.rows[1]} rows of
+{spec.cell_size} px cells ({spec.cols[0] * spec.rows[0]}-{spec.cols[1] * spec.rows[1]} visual tokens), {spec.lines[0]}-{spec.lines[1]} lines on distinct random rows,
+{spec.words_per_line[0]}-{spec.words_per_line[1]} words per line of {spec.word_length[0]}-{spec.word_length[1]} characters, one character centred per cell with
++-{spec.jitter} px jitter, DejaVu Sans Mono {spec.font_size} px (shipped in `data/fonts`), alphabet
+`{spec.charset}` ({len(spec.charset)} glyphs: upper case and digits without the look-alikes 0/O, 1/I, 5/S,
+8/B, 2/Z). Step-01 parameters for the same pages: `{json.dumps(spec.step01_params())}`.
+
+Tasks (`sparsemm_utils.reader_tasks`), loss on the answer tokens and the closing `<|im_end|>` only:
+
+- `ocr`: "Provide all the OCR results of this image." (the study's head-scoring prompt) -> every line,
+  top to bottom, joined by newlines;
+- `line`: "Read line k." -> the k-th line with text (empty rows do not count);
+- `value`: "Value of KEY?" -> the words after KEY on the line it starts (KEY unique among first words).
+
+Training pages come from the stream `seed={cfg.seed}` (page `step * batch + j`), held-out pages from
+seed {eval_seed} (benchmark) and {VALIDATION_SEED} (monitor): no page is shared.
+
+## Shaping used (fair aids, all documented)
+
+- Curriculum: for the first {cfg.easy_until:.0%} of the steps every page has {cfg.easy_lines[0]}-{cfg.easy_lines[1]} lines; then the
+  share of full pages ramps linearly to {cfg.full_fraction:.0%} at {cfg.ramp_until:.0%} of the run.
+- Auxiliary glyph loss (weight {cfg.aux_weight}): a linear head on the vision tower's merged output predicts the
+  character in each visual token (or none). It is not part of the checkpoint above: it is saved apart in
+  `training/aux_head.safetensors` and never used at inference.
+- Large glyphs (one character per 28 px visual token), an alphabet without look-alike glyphs.
+- Task mix: each step draws one task (probabilities {dict(zip(TASK_TYPES, cfg.task_weights))}) and its batch holds
+  only that task, so sequences of a batch have similar lengths.
+
+## Training
+
+- Command: `{command}`
+- {result.steps} steps x batch {cfg.batch_size}, AdamW (lr {cfg.lr:g}, betas ({cfg.beta1}, {cfg.beta2}), weight decay
+  {cfg.weight_decay}), {cfg.warmup_steps} warm-up steps then cosine to {cfg.min_lr_ratio:g} x lr, gradient clip {cfg.grad_clip},
+  float32, seed {cfg.seed}, `torch.set_num_threads({cfg.threads})` (with other jobs on the machine, more threads
+  spin and run several times slower) and {cfg.data_workers} data worker process(es); the same command on
+  the same machine gives the same weights.
+- Wall time of the optimizer steps: {result.train_seconds / 60:.1f} minutes on {_machine()}
+  (shared with other jobs while it ran, so a quiet machine is faster).
+- Last monitor values (teacher-forced exact match and token accuracy on {cfg.validation_docs} validation pages): {val}.
+- Logs: `training/training_log.csv` (every step), `training/validation_log.csv`, `training/train_config.json`.
+
+## Measured accuracy
+
+Greedy decoding, full KV cache, batch 1, through `prompts.build_inputs` + `generate`, on {n_docs}
+held-out pages (seed {eval_seed}), one question per task each page can host. Character accuracy =
+1 - (sum of edit distances) / (sum of answer lengths).
+
+| task | questions | exact match | character accuracy |
+|---|---|---|---|
+{rows}
+
+Reproduce: `.venv/bin/python benchmarks/tiny_reader_accuracy.py` (or
+`python -m sparsemm_utils.tiny evaluate --model data/tiny_reader --docs {n_docs}`); the per-question
+records are in `training/eval_results.json`.
+
+## Limits
+
+It reads only this page distribution (grid pages, this alphabet, this font); it knows no language.
+Its attention is the object of study, not its accuracy on real benchmarks.
+"""
+    path = out / "MODEL_CARD.md"
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# notebook 00
+
+
+STEP = "00_tiny_reader"
+
+
+@dataclass
+class ReaderNotebookConfig:
+    """Parameters of notebook ``00_tiny_reader``.
+
+    - ``run_dir``: the run folder (outputs go to ``<run_dir>/00_tiny_reader/``);
+    - ``model_id``: the reader to show: a folder written by :func:`save_reader` (the chain's
+      ``configs/tiny.yaml`` passes ``data/tiny_reader``; relative paths are taken from the
+      repository root); a ``tiny-random/...`` id has no reader behind it, so the shipped one
+      (:data:`DEFAULT_READER_DIR`) is shown instead;
+    - ``seed``: the seed of a retraining run (``retrain=True``);
+    - ``retrain``: train a new reader into ``<run_dir>/00_tiny_reader/reader`` instead of loading
+      one (``train_steps`` steps; the shipped reader took about an hour on 2 CPU cores);
+    - ``n_eval_docs``: held-out pages read greedily (3 questions each);
+    - ``n_sample_docs``: pages shown in the figures."""
+
+    run_dir: str = "runs/dev"
+    model_id: str = "tiny-random/qwen2_vl"
+    seed: int = 0
+    retrain: bool = False
+    train_steps: int = 6000
+    n_eval_docs: int = 30
+    n_sample_docs: int = 6
+
+    def __post_init__(self) -> None:
+        own = type(self).__name__
+        _check(isinstance(self.run_dir, str) and bool(self.run_dir), f"{own}.run_dir must be a non-empty string")
+        _check(isinstance(self.model_id, str) and bool(self.model_id), f"{own}.model_id must be a non-empty string")
+        _check(isinstance(self.retrain, bool), f"{own}.retrain must be True or False, got {self.retrain!r}")
+        for name in ("train_steps", "n_eval_docs", "n_sample_docs"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{own}.{name} must be an integer >= 1, got {v!r}")
+        _check(isinstance(self.seed, int) and self.seed >= 0, f"{own}.seed must be an integer >= 0, got {self.seed!r}")
+        if not self.retrain and not self.model_id.startswith("tiny-random/"):
+            path = Path(self.model_id)
+            path = path if path.is_absolute() else repo_root() / path
+            _check(
+                (path / "config.json").is_file(),
+                f"{own}.model_id={self.model_id!r}: no reader checkpoint at {path} (no config.json); pass a folder "
+                "written by `python -m sparsemm_utils.tiny train`, or retrain=True",
+            )
+
+    @property
+    def reader_dir(self) -> Path:
+        """The folder of the reader to load (or to write when ``retrain``)."""
+        from .runs import resolve_run_dir
+
+        if self.retrain:
+            return resolve_run_dir(self.run_dir) / STEP / "reader"
+        if self.model_id.startswith("tiny-random/"):
+            return DEFAULT_READER_DIR
+        path = Path(self.model_id)
+        return path if path.is_absolute() else repo_root() / path
+
+
+def training_logs(reader_dir: str | Path):
+    """``(training_log, validation_log)`` of a saved reader as DataFrames (``training/*.csv``);
+    the validation log is ``None`` when absent."""
+    import pandas as pd
+
+    folder = Path(reader_dir) / "training"
+    path = folder / _TRAIN_LOG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: this reader was not saved by save_reader with its work folder")
+    val = folder / _EVAL_LOG
+    return pd.read_csv(path), (pd.read_csv(val) if val.is_file() else None)
+
+
+def rewrite_model_card(model_dir: str | Path = DEFAULT_READER_DIR) -> Path:
+    """Rebuild ``MODEL_CARD.md`` of a saved reader from what its ``training/`` folder recorded
+    (config, logs, ``eval_results.json``), without training or evaluating again."""
+    folder = Path(model_dir) / "training"
+    cfg = TrainConfig.from_dict(json.loads((folder / "train_config.json").read_text()))
+    saved = json.loads((folder / "eval_results.json").read_text())
+    log, validation = training_logs(model_dir)
+    last_val = {} if validation is None or not len(validation) else {
+        k: float(v) for k, v in validation.iloc[-1].items() if k != "step"
+    }
+    result = TrainResult(
+        steps=int(log["step"].iloc[-1]) + 1,
+        train_seconds=float(log["elapsed"].iloc[-1]),
+        final=log.iloc[-1].to_dict(),
+        validation=last_val,
+        out_dir=Path(model_dir),
+    )
+    return write_model_card(model_dir, cfg, result, saved, command=saved["command"], n_docs=saved["n_docs"], eval_seed=saved["seed"])
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def _train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = {}
+    for name in ("steps", "batch_size", "seed", "lr", "warmup_steps", "aux_weight", "threads", "validate_every",
+                 "checkpoint_every", "validation_docs"):
+        v = getattr(args, name)
+        if v is not None:
+            overrides[name] = v
+    if args.no_shared_prefix:
+        overrides["shared_prefix"] = False
+    return TrainConfig(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparsemm_utils.tiny", description="Train or evaluate the tiny reader.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train a reader, save it, evaluate it and write its model card")
+    tr.add_argument("--out", default=str(DEFAULT_READER_DIR), help="release folder (default data/tiny_reader)")
+    tr.add_argument("--work-dir", default=str(repo_root() / "runs" / "tiny_reader_train"), help="logs and resumable checkpoints")
+    for name, typ in (("steps", int), ("batch-size", int), ("seed", int), ("lr", float), ("warmup-steps", int),
+                      ("aux-weight", float), ("threads", int), ("validate-every", int), ("checkpoint-every", int),
+                      ("validation-docs", int)):
+        tr.add_argument(f"--{name}", type=typ, default=None)
+    tr.add_argument("--no-shared-prefix", action="store_true")
+    tr.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --work-dir and start over")
+    tr.add_argument("--eval-docs", type=int, default=200, help="held-out pages for the model card (0: skip)")
+    cd = sub.add_parser("card", help="rebuild MODEL_CARD.md from a saved reader's training folder")
+    cd.add_argument("--model", default=str(DEFAULT_READER_DIR))
+    ev = sub.add_parser("evaluate", help="greedy accuracy of a saved reader on held-out pages")
+    ev.add_argument("--model", default=str(DEFAULT_READER_DIR))
+    ev.add_argument("--docs", type=int, default=200)
+    ev.add_argument("--seed", type=int, default=HELDOUT_SEED)
+    ev.add_argument("--tasks", nargs="+", default=list(TASK_TYPES), choices=list(TASK_TYPES))
+    ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument("--out", default=None, help="write the summary and records as JSON here")
+    args = parser.parse_args(argv)
+
+    if args.command == "train":
+        cfg = _train_config_from_args(args)
+        command = "python -m sparsemm_utils.tiny " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        model, processor, aux_head, result = train_reader(cfg, args.work_dir, resume=not args.no_resume)
+        save_reader(model, processor, aux_head, args.out, args.work_dir)
+        print(f"saved the reader to {args.out} ({result.train_seconds / 60:.1f} min of training)")
+        if args.eval_docs:
+            from .models import load_model
+
+            loaded = load_model(args.out)
+            evaluation = evaluate_reader(loaded, heldout_documents(args.eval_docs, cfg.doc_spec), seed=HELDOUT_SEED)
+            card = write_model_card(args.out, cfg, result, evaluation, command=command, n_docs=args.eval_docs)
+            print(json.dumps(evaluation["summary"], indent=1))
+            print(f"wrote {card}")
+        return 0
+
+    if args.command == "card":
+        print(f"wrote {rewrite_model_card(args.model)}")
+        return 0
+
+    torch.set_num_threads(args.threads)
+    from .models import load_model
+
+    loaded = load_model(args.model)
+    spec = reader_doc_spec(args.model)
+    evaluation = evaluate_reader(loaded, heldout_documents(args.docs, spec, args.seed), args.tasks, seed=args.seed)
+    print(json.dumps(evaluation["summary"], indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(evaluation, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
