@@ -1,0 +1,215 @@
+"""FastV (step 07, the token-level peer for step 05): its arithmetic by hand, and on tiny models:
+R = 0 and K = L are the unmodified model, the kept image tokens are the ones the eager attention of
+layer K-1 ranks highest, the cache stores what the rule says, and decoding over the pruned cache
+agrees with a full forward pass that hides the same tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sparsemm_utils import fastv as fv
+from sparsemm_utils.allocation import ModelShape
+from sparsemm_utils.attention_capture import text_attention
+from sparsemm_utils.kv_cache import analytic_kv_bytes
+from sparsemm_utils.layer_analysis import forward_inputs_with_response
+from sparsemm_utils.models import load_model, register_text_attention, text_attention_implementation
+from sparsemm_utils.prompts import build_inputs, image_token_span
+from sparsemm_utils.vision_drop import masked_sdpa
+
+GREEDY = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+# ------------------------------------------------------------------------------------ arithmetic
+
+
+def test_kept_and_dropped_counts_by_hand():
+    # FastV keeps round(n_img * (1 - R)) image tokens (Python's round, half to even)
+    assert fv.FastVPress(ratio=0.5).num_kept_image_tokens(577) == 288  # 288.5 -> 288 (even)
+    assert fv.FastVPress(ratio=0.5).num_kept_image_tokens(575) == 288  # 287.5 -> 288 (even)
+    assert fv.FastVPress(ratio=0.75).num_dropped(100) == 75
+    assert fv.FastVPress(ratio=0.0).num_dropped(100) == 0
+    assert fv.FastVPress(ratio=1.0).num_kept_image_tokens(100) == 0
+
+
+def test_stored_tokens_by_hand():
+    # 4 layers, 2 KV heads, prompt of 100 tokens with 60 image tokens, K = 2, R = 0.5:
+    # layers 0-1 store 100, layers 2-3 store 100 - 30 = 70 -> 2 * (200 + 140) = 680 tokens;
+    # bytes with head_dim 16 in float32: 680 * 16 * 2 * 4 = 87040
+    shape = ModelShape(layers=4, query_heads=8, kv_heads=2)
+    press = fv.FastVPress(k=2, ratio=0.5)
+    np.testing.assert_array_equal(press.stored_prompt_tokens(shape, 100, 60), [[100, 100], [100, 100], [70, 70], [70, 70]])
+    assert press.kv_bytes(shape, 100, 60, 16, torch.float32) == 87040
+
+
+def test_ratio_for_a_budget_by_hand():
+    # target 640 tokens: d = ceil((4 * 100 - 640 / 2) / (4 - 2)) = ceil(40) = 40, R = 40 / 60,
+    # stored 2 * (400 - 2 * 40) = 640
+    shape = ModelShape(layers=4, query_heads=8, kv_heads=2)
+    match = fv.fastv_ratio_for_budget(shape, 100, 60, 2, 640)
+    assert (match.dropped, match.stored_tokens, match.reachable) == (40, 640, True)
+    assert match.ratio == pytest.approx(40 / 60)
+    # 641 tokens: d = ceil(39.75) = 40 as well (never above the target)
+    assert fv.fastv_ratio_for_budget(shape, 100, 60, 2, 641).stored_tokens == 640
+    # a target below what dropping every image token reaches: R = 1, flagged unreachable
+    low = fv.fastv_ratio_for_budget(shape, 100, 60, 2, 100)
+    assert (low.ratio, low.dropped, low.stored_tokens, low.reachable) == (1.0, 60, 2 * (400 - 120), False)
+    # a target above the full cache: nothing dropped
+    assert fv.fastv_ratio_for_budget(shape, 100, 60, 2, 10_000).ratio == 0.0
+
+
+def test_bad_parameters_are_refused():
+    with pytest.raises(fv.InvalidFastVParameterError, match="k must be"):
+        fv.FastVPress(k=0)
+    with pytest.raises(fv.InvalidFastVParameterError, match="ratio"):
+        fv.FastVPress(ratio=1.5)
+    with pytest.raises(fv.InvalidFastVParameterError, match="ratio"):
+        fv.FastVPress(ratio=float("nan"))
+    with pytest.raises(fv.InvalidFastVParameterError, match="exceeds"):
+        fv.FastVPress(k=5).validate_for(ModelShape(layers=4, query_heads=8, kv_heads=2))
+
+
+# ------------------------------------------------------------------------------------ tiny model
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    loaded = load_model("tiny-random/qwen2_vl", seed=0)
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 255, (224, 280, 3), dtype=np.uint8))
+    return loaded, build_inputs(loaded, image)
+
+
+def _same_generation(a, b, atol=1e-5):
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.logits, b.logits):
+        torch.testing.assert_close(x, y, atol=atol, rtol=0)
+
+
+@pytest.mark.slow
+def test_ratio_zero_is_the_unmodified_model(qwen):
+    loaded, inputs = qwen
+    plain = loaded.model.generate(**inputs, **GREEDY)
+    result = fv.fastv_generate(loaded, fv.FastVPress(k=2, ratio=0.0), inputs, **GREEDY)
+    _same_generation(plain, result.output)
+    assert result.session.dropped.numel() == 0
+    n = inputs["input_ids"].shape[1]
+    assert (result.stored_prompt_tokens == n).all()
+    assert text_attention_implementation(loaded.model) == "sdpa"
+
+
+@pytest.mark.slow
+def test_k_equal_to_the_layers_drops_nothing(qwen):
+    loaded, inputs = qwen
+    plain = loaded.model.generate(**inputs, **GREEDY)
+    result = fv.fastv_generate(loaded, fv.FastVPress(k=loaded.num_layers, ratio=0.9), inputs, **GREEDY)
+    _same_generation(plain, result.output)
+    assert (result.stored_prompt_tokens == inputs["input_ids"].shape[1]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 2])
+def test_kept_tokens_are_the_eager_ranking(qwen, k):
+    loaded, inputs = qwen
+    press = fv.FastVPress(k=k, ratio=0.5)
+    result = fv.fastv_generate(loaded, press, inputs, max_new_tokens=2, do_sample=False)
+    # reference: eager attention of layer k-1, last prompt row, mean over heads, image slice, top-kept
+    with text_attention(loaded.model, "eager"), torch.no_grad():
+        attentions = loaded.model(**inputs, output_attentions=True).attentions
+    start, count = image_token_span(inputs["input_ids"], loaded.image_token_id)
+    row = attentions[k - 1][0, :, -1, start : start + count].float().mean(dim=0)
+    keep = press.num_kept_image_tokens(count)
+    expected = (torch.topk(row, keep).indices + start).sort().values
+    assert torch.equal(result.session.kept, expected)
+    assert result.session.dropped.numel() == count - keep
+    assert not set(result.session.kept.tolist()) & set(result.session.dropped.tolist())
+    # what the cache stores is what the rule says, in every KV head
+    n = inputs["input_ids"].shape[1]
+    shape = ModelShape(loaded.num_layers, loaded.num_heads, loaded.num_kv_heads)
+    np.testing.assert_array_equal(result.stored_prompt_tokens, press.stored_prompt_tokens(shape, n, count))
+    generated = result.sequences.shape[1] - n
+    stored = press.stored_prompt_tokens(shape, n, count) + generated - 1  # the last token is never fed back
+    assert result.kv_bytes == analytic_kv_bytes(stored, loaded.head_dim, loaded.dtype)
+
+
+@pytest.mark.slow
+def test_decoding_over_the_pruned_cache_equals_a_masked_full_pass(qwen):
+    loaded, inputs = qwen
+    press = fv.FastVPress(k=2, ratio=0.75)
+    result = fv.fastv_generate(loaded, press, inputs, **GREEDY)
+    hidden_prompt = result.session.hidden
+    sequence = result.sequences
+    n, total = inputs["input_ids"].shape[1], sequence.shape[1]
+    hidden = torch.zeros(total, dtype=torch.bool)
+    hidden[:n] = hidden_prompt
+
+    def reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        # the same tokens hidden from every query of layers >= k, in ONE pass over prompt + answer
+        keys = hidden if module.layer_idx >= press.k else torch.zeros_like(hidden)
+        return masked_sdpa(module, query, key, value, attention_mask, keys, None, scaling=scaling, dropout=dropout, **kwargs), None
+
+    register_text_attention("test_fastv_reference", reference, mask="sdpa")
+    with text_attention(loaded.model, "test_fastv_reference"), torch.no_grad():
+        logits = loaded.model(**forward_inputs_with_response(inputs, sequence), use_cache=False).logits[0]
+    # logits[n - 1 + t] predicts generated token t: equal to FastV's decode-step logits
+    for t, step in enumerate(result.output.logits):
+        torch.testing.assert_close(step[0], logits[n - 1 + t], atol=1e-4, rtol=0)
+    # and pruning changed something: the unmodified model's logits differ
+    plain = loaded.model.generate(**inputs, **GREEDY)
+    assert not torch.allclose(plain.logits[0], result.output.logits[0])
+
+
+@pytest.mark.slow
+def test_llava_next_runs_and_prunes():
+    loaded = load_model("tiny-random/llava_next", seed=0)
+    rng = np.random.default_rng(4)
+    inputs = build_inputs(loaded, Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)))
+    result = fv.fastv_generate(loaded, fv.FastVPress(k=2, ratio=0.5), inputs, max_new_tokens=3, do_sample=False)
+    count = int((inputs["input_ids"] == loaded.image_token_id).sum())
+    n = inputs["input_ids"].shape[1]
+    assert result.stored_prompt_tokens[0, 0] == n
+    assert result.stored_prompt_tokens[-1, 0] == n - (count - round(count * 0.5))
+
+
+def test_generation_input_errors(qwen):
+    loaded, inputs = qwen
+    press = fv.FastVPress()
+    with pytest.raises(fv.FastVInputError, match="past_key_values"):
+        fv.fastv_generate(loaded, press, inputs, past_key_values=object(), max_new_tokens=1)
+    with pytest.raises(fv.FastVInputError, match="num_beams"):
+        fv.fastv_generate(loaded, press, inputs, num_beams=2, max_new_tokens=1)
+    with pytest.raises(fv.FastVInputError, match="padding"):
+        fv.fastv_generate(loaded, press, {**inputs, "attention_mask": torch.zeros_like(inputs["attention_mask"])})
+    with pytest.raises(fv.FastVInputError, match=r"\(1, n\)"):
+        fv.fastv_generate(loaded, press, {"input_ids": inputs["input_ids"][0]})
+    with pytest.raises(fv.FastVError, match="FastVPress"):
+        with fv.fastv(loaded, "fastv", inputs["input_ids"]):
+            pass
+    fv.register_fastv()
+    with text_attention(loaded.model, fv.FASTV_ATTENTION), torch.no_grad():
+        with pytest.raises(fv.NoActiveFastVError, match="outside a FastV context"):
+            loaded.model(**inputs)
+
+
+def test_evaluate_fastv_table(qwen):
+    loaded, _ = qwen
+    from sparsemm_utils.reader_tasks import ReaderDocSpec
+
+    docs = [ReaderDocSpec().render(10_000, 0)]
+    table = fv.evaluate_fastv(loaded, docs, [fv.FastVPress(k=2, ratio=0.0), fv.FastVPress(k=2, ratio=1.0)],
+                              tasks=("line",), max_new_tokens=2, progress=False)
+    assert list(table.columns) == [
+        "method", "k", "ratio", "task", "exact_match", "char_accuracy", "mean_char_accuracy", "n",
+        "prompt_kv_bytes", "full_prompt_kv_bytes", "kv_fraction",
+    ]
+    assert set(table.task) == {"line", "all"}
+    full = table[table.ratio == 0.0].iloc[0]
+    assert full.kv_fraction == pytest.approx(1.0)
+    # R = 1 drops every image token from layers 2 and 3: 2 of 4 layers lose n_img tokens
+    doc_inputs = build_inputs(loaded, docs[0]["image"], "Read line 1.")
+    n = doc_inputs["input_ids"].shape[1]
+    n_img = int((doc_inputs["input_ids"] == loaded.image_token_id).sum())
+    pruned = table[table.ratio == 1.0].iloc[0]
+    assert pruned.kv_fraction == pytest.approx((4 * n - 2 * n_img) / (4 * n))
