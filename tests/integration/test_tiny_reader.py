@@ -1,0 +1,284 @@
+"""The tiny reader (sparsemm_utils.tiny): schedules, losses, a short training run, the shipped checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sparsemm_utils.models import load_model
+from sparsemm_utils.reader_tasks import TASK_TYPES, char_classes, collate, document_lines, questions_for_document
+from sparsemm_utils.tiny import (
+    DEFAULT_READER_DIR,
+    ReaderNotebookConfig,
+    linear_patch_embedding,
+    main,
+    rewrite_model_card,
+    write_model_card,
+    HELDOUT_SEED,
+    VALIDATION_SEED,
+    CheckpointMismatchError,
+    ReaderModelSpec,
+    TrainConfig,
+    TrainConfigError,
+    build_reader,
+    easy_page_probability,
+    evaluate_reader,
+    heldout_documents,
+    learning_rate,
+    read,
+    reader_doc_spec,
+    reader_losses,
+    save_reader,
+    step_samples,
+    step_task,
+    summarize_records,
+    train_reader,
+)
+
+# A reader small enough to train a few dozen steps in seconds.
+SMALL_MODEL = ReaderModelSpec(text_hidden=32, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=64,
+                              vision_hidden=16, vision_layers=1, vision_heads=2, vision_intermediate=32)
+
+
+def small_config(**overrides) -> TrainConfig:
+    base = dict(steps=30, batch_size=4, lr=2e-3, warmup_steps=3, validate_every=0, checkpoint_every=0,
+                data_workers=0, threads=2, model_spec=SMALL_MODEL)
+    return TrainConfig(**{**base, **overrides})
+
+
+# ------------------------------------------------------------------------------ fast: schedules
+
+
+def test_learning_rate_by_hand():
+    cfg = TrainConfig(steps=111, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    # warm-up: lr * (step + 1) / 10
+    assert learning_rate(cfg, 0) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 9) == pytest.approx(1e-3)
+    # cosine over steps 10 .. 110 (span 100): t = 0 -> lr; t = 0.5 -> lr * (0.1 + 0.9 * 0.5) = 5.5e-4;
+    # t = 1 (last step) -> 0.1 * lr
+    assert learning_rate(cfg, 10) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 60) == pytest.approx(5.5e-4)
+    assert learning_rate(cfg, 110) == pytest.approx(1e-4)
+    lrs = [learning_rate(cfg, s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_easy_page_probability_by_hand():
+    cfg = TrainConfig(steps=100, easy_until=0.1, ramp_until=0.4, full_fraction=0.9)
+    # 1 before step 10, then linear to 1 - 0.9 = 0.1 at step 40: at step 25 (half-way) 0.55
+    assert easy_page_probability(cfg, 0) == 1.0 and easy_page_probability(cfg, 9) == 1.0
+    assert easy_page_probability(cfg, 10) == pytest.approx(1.0)
+    assert easy_page_probability(cfg, 25) == pytest.approx(0.55)
+    assert easy_page_probability(cfg, 40) == pytest.approx(0.1)
+    assert easy_page_probability(cfg, 99) == pytest.approx(0.1)
+
+
+def test_step_task_is_seeded_and_follows_the_weights():
+    cfg = TrainConfig(task_weights=(0.5, 0.5, 0.0))
+    tasks = [step_task(cfg, s) for s in range(400)]
+    assert tasks == [step_task(cfg, s) for s in range(400)]
+    assert "value" not in tasks and 150 < tasks.count("ocr") < 250
+    other = TrainConfig(seed=1, task_weights=(0.5, 0.5, 0.0))
+    assert tasks != [step_task(other, s) for s in range(400)]
+
+
+def test_step_samples_are_deterministic_and_follow_the_curriculum():
+    cfg = TrainConfig(steps=100, batch_size=6, easy_lines=(1, 1), easy_until=0.5, ramp_until=0.5)
+    a, b = step_samples(cfg, 3), step_samples(cfg, 3)
+    assert [q for _, q in a] == [q for _, q in b]
+    assert all(len(document_lines(doc)) == 1 for doc, _ in a)  # easy pages only before step 50
+    assert {q.task for _, q in a} == {step_task(cfg, 3)}
+    late = step_samples(cfg, 80)  # afterwards 90% full pages (2-4 lines)
+    assert any(len(document_lines(doc)) >= 2 for doc, _ in late)
+
+
+def test_train_config_errors():
+    for bad in (dict(steps=0), dict(lr=0.0), dict(task_weights=(1.0, 0.0)), dict(task_weights=(0, 0, 0)),
+                dict(easy_until=0.5, ramp_until=0.2), dict(seed=HELDOUT_SEED), dict(seed=VALIDATION_SEED),
+                dict(full_fraction=1.5), dict(batch_size=True)):
+        with pytest.raises(TrainConfigError):
+            TrainConfig(**bad)
+    with pytest.raises(TrainConfigError, match="unknown training options"):
+        TrainConfig.from_dict({"steps": 10, "epochs": 3})
+    with pytest.raises(TrainConfigError, match="rope_theta"):
+        ReaderModelSpec(rope_theta=0.5)
+    cfg = TrainConfig(steps=7)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_summarize_records_by_hand():
+    records = [
+        {"task": "ocr", "answer": "AB\nCD", "prediction": "AB\nCD"},  # exact, 0 edits of 5
+        {"task": "ocr", "answer": "XYZW", "prediction": "XYW"},  # 1 deletion of 4
+        {"task": "line", "answer": "AB", "prediction": "QQQQQ"},  # 5 edits of 2 -> clipped to 0 per question
+    ]
+    s = summarize_records(records)
+    assert s["ocr"] == {"n": 2, "exact_match": 0.5, "char_accuracy": pytest.approx(1 - 1 / 9),
+                        "mean_char_accuracy": pytest.approx((1 + 0.75) / 2)}
+    assert s["line"]["exact_match"] == 0.0 and s["line"]["char_accuracy"] == 0.0
+    # all: 6 edits over 11 answer characters
+    assert s["all"]["n"] == 3 and s["all"]["char_accuracy"] == pytest.approx(1 - 6 / 11)
+    assert list(s) == ["ocr", "line", "all"]
+
+
+# ------------------------------------------------------------------------------ slow: model
+
+
+@pytest.mark.slow
+def test_build_reader_has_the_real_class_and_geometry():
+    model, processor = build_reader()
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    text = model.config.text_config
+    assert text.rope_parameters["rope_theta"] == 10.0 and text.rope_parameters["mrope_section"] == [2, 3, 3]
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (128, 4, 8, 4)
+    assert processor.image_processor.patch_size == 14 and processor.image_processor.merge_size == 2
+    # the language model's rotary frequencies come from theta 10: 10 ** (-i / 8), i = 0 .. 7
+    inv = model.model.language_model.rotary_emb.inv_freq
+    assert torch.allclose(inv, 10.0 ** (-torch.arange(8) / 8), rtol=1e-5)
+    again, _ = build_reader()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_shared_prefix_forward_equals_the_plain_forward():
+    cfg = small_config(batch_size=5)
+    model, processor = build_reader(SMALL_MODEL, seed=0)
+    batch = collate(processor, step_samples(cfg, 40), classes=char_classes())
+    head = torch.nn.Linear(SMALL_MODEL.text_hidden, 27)
+    grads = []
+    for shared in (True, False):
+        out = reader_losses(model, batch, head, shared_prefix=shared)
+        (out["lm_loss"] + out["aux_loss"]).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+        if shared:
+            first = out
+    assert first["lm_loss"].item() == pytest.approx(out["lm_loss"].item(), rel=1e-5)
+    assert torch.equal(first["seq_correct"], out["seq_correct"])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # and the plain path equals transformers' own forward and loss
+    hf = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw", "labels")})
+    assert hf.loss.item() == pytest.approx(out["lm_loss"].item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_short_training_run_lowers_the_loss_and_is_deterministic(tmp_path):
+    cfg = small_config()
+    model, _, _, result = train_reader(cfg, tmp_path / "a", progress=False)
+    log = np.genfromtxt(tmp_path / "a" / "training_log.csv", delimiter=",", names=True, dtype=None, encoding=None)
+    assert len(log) == 30 and result.steps == 30
+    assert log["lm_loss"][-5:].mean() < log["lm_loss"][:5].mean() - 0.5
+    assert log["aux_loss"][-5:].mean() < log["aux_loss"][:5].mean()
+    again, _, _, _ = train_reader(cfg, tmp_path / "b", progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_resuming_gives_the_weights_of_an_uninterrupted_run(tmp_path):
+    cfg = small_config(steps=6, checkpoint_every=2, validate_every=3, validation_docs=4)
+    full, _, _, _ = train_reader(cfg, tmp_path / "full", progress=False)
+    train_reader(cfg, tmp_path / "cut", progress=False, stop_after=4)
+    assert json.loads((tmp_path / "cut" / "train_config.json").read_text())["steps"] == 6
+    resumed, _, _, result = train_reader(cfg, tmp_path / "cut", progress=False)
+    assert result.steps == 6
+    assert all(torch.equal(x, y) for x, y in zip(full.state_dict().values(), resumed.state_dict().values()))
+    rows = (tmp_path / "cut" / "training_log.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 6  # header + one row per step, none twice
+    with pytest.raises(CheckpointMismatchError, match="steps"):
+        train_reader(small_config(steps=8, checkpoint_every=2, validate_every=3, validation_docs=4), tmp_path / "cut", progress=False)
+
+
+@pytest.mark.slow
+def test_save_reader_loads_like_a_real_checkpoint(tmp_path):
+    cfg = small_config(steps=2)
+    model, processor, head, train_result = train_reader(cfg, tmp_path / "work", progress=False)
+    out = save_reader(model, processor, head, tmp_path / "reader", tmp_path / "work")
+    loaded = load_model(out)
+    assert loaded.model_type == "qwen2_vl" and type(loaded.model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert loaded.model.config.text_config.rope_parameters["rope_theta"] == 10.0
+    # the auxiliary head is saved apart, not inside the Qwen2-VL checkpoint
+    assert (out / "training" / "aux_head.safetensors").is_file()
+    assert not any("aux" in k for k in loaded.model.state_dict())
+    for a, b in zip(model.state_dict().values(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert reader_doc_spec(out) == cfg.doc_spec
+    doc = heldout_documents(1)[0]
+    answer = read(loaded, doc["image"], "Read line 1.", max_new_tokens=5)
+    assert isinstance(answer, str) and len(answer) <= 5
+    result = evaluate_reader(loaded, [doc], ("line",), max_new_tokens=5, progress=False)
+    assert result["summary"]["line"]["n"] == 1 and len(result["records"]) == 1
+    # the model card is written from measured results, and rebuilt identically from the saved files
+    card = write_model_card(out, cfg, train_result, result, command="python -m sparsemm_utils.tiny train --steps 2", n_docs=1)
+    text = card.read_text()
+    s = result["summary"]["line"]
+    assert f"| line | 1 | {s['exact_match']:.3f} | {s['char_accuracy']:.4f} |" in text
+    assert "`python -m sparsemm_utils.tiny train --steps 2`" in text and "2 steps x batch 4" in text
+    assert rewrite_model_card(out).read_text() == text
+    # the evaluate CLI reads the same pages the card's numbers came from
+    assert main(["evaluate", "--model", str(out), "--docs", "1", "--tasks", "line", "--out", str(tmp_path / "ev.json")]) == 0
+    assert json.loads((tmp_path / "ev.json").read_text())["records"][0]["answer"] == result["records"][0]["answer"]
+
+
+@pytest.mark.slow
+def test_linear_patch_embedding_is_the_convolution():
+    model, processor = build_reader(SMALL_MODEL)
+    x = torch.randn(9, 3 * 2 * 14 * 14)
+    conv = model.model.visual.patch_embed(x)
+    with linear_patch_embedding(model):
+        linear = model.model.visual.patch_embed(x)
+    torch.testing.assert_close(linear, conv, rtol=1e-5, atol=1e-5)
+    assert "forward" not in vars(model.model.visual.patch_embed)  # restored on exit
+
+
+def test_notebook_config():
+    cfg = ReaderNotebookConfig()
+    assert cfg.reader_dir == DEFAULT_READER_DIR  # a tiny-random id has no reader behind it
+    assert ReaderNotebookConfig(retrain=True, run_dir="/tmp/x").reader_dir.as_posix() == "/tmp/x/00_tiny_reader/reader"
+    with pytest.raises(TrainConfigError, match="no reader checkpoint"):
+        ReaderNotebookConfig(model_id="data/no_such_reader")
+    for bad in (dict(n_eval_docs=0), dict(retrain="yes"), dict(train_steps=-1), dict(run_dir="")):
+        with pytest.raises(TrainConfigError):
+            ReaderNotebookConfig(**bad)
+
+
+# ------------------------------------------------------------------------------ the shipped reader
+
+needs_checkpoint = pytest.mark.skipif(
+    not (DEFAULT_READER_DIR / "config.json").is_file(), reason="the shipped checkpoint data/tiny_reader is missing"
+)
+
+
+@pytest.mark.slow
+@needs_checkpoint
+def test_shipped_reader_reads_fresh_held_out_documents():
+    """The shipped checkpoint loads offline through load_model, exactly like a real one, and reads
+    pages it never saw: 12 pages of a seed used neither in training nor by the model card
+    (HELDOUT_SEED + 1). Each task must get at least one answer exactly right, and its exact-match
+    rate must lie within 3 binomial standard deviations of the card's (measured on 200 pages);
+    a reader that does not read scores 0 and fails."""
+    loaded = load_model(DEFAULT_READER_DIR)
+    card = json.loads((DEFAULT_READER_DIR / "training" / "eval_results.json").read_text())["summary"]
+    docs = heldout_documents(12, reader_doc_spec(DEFAULT_READER_DIR), seed=HELDOUT_SEED + 1)
+    result = evaluate_reader(loaded, docs, TASK_TYPES, seed=HELDOUT_SEED + 1, progress=False)
+    for task in TASK_TYPES:
+        s, p = result["summary"][task], card[task]["exact_match"]
+        assert any(r["exact"] for r in result["records"] if r["task"] == task), task
+        assert s["exact_match"] >= p - 3 * math.sqrt(p * (1 - p) / s["n"]) - 1e-9, (task, s, p)
+    assert result["summary"]["all"]["char_accuracy"] >= card["all"]["char_accuracy"] - 0.1
+
+
+@pytest.mark.slow
+@needs_checkpoint
+def test_shipped_model_card_matches_its_eval_results():
+    card = (DEFAULT_READER_DIR / "MODEL_CARD.md").read_text()
+    results = json.loads((DEFAULT_READER_DIR / "training" / "eval_results.json").read_text())
+    for task, s in results["summary"].items():
+        assert f"| {task} | {s['n']} | {s['exact_match']:.3f} | {s['char_accuracy']:.4f} |" in card
+    assert results["command"] in card
+    size = sum(p.stat().st_size for p in DEFAULT_READER_DIR.rglob("*") if p.is_file())
+    assert size <= 20 * 2**20
