@@ -107,6 +107,32 @@ STEPS: tuple[Step, ...] = (
         needs=("01_ocr_annotation", "02_patch_mapping"),
         outputs=("head_scores.json", "head_scores.csv", "scoring_report.json"),
     ),
+    Step(
+        "04_allocation",
+        "Budget allocation: per-head KV budgets, saturation and cache bytes",
+        needs=("01_ocr_annotation", "03_head_scoring"),
+        outputs=("budgets.csv", "cache_bytes.csv", "saturation.csv"),
+    ),
+    Step(
+        "05_eval",
+        "Evaluation: accuracy against KV budget for every method",
+        needs=("03_head_scoring",),
+        outputs=("results.csv", "predictions.jsonl", "sweep.json", "lowest_budget.csv"),
+        resumable=True,
+    ),
+    Step(
+        "07_attention_by_layer",
+        "Where the model looks, layer by layer (LLaVA-Mini's analysis) beside the visual heads",
+        needs=("01_ocr_annotation", "02_patch_mapping", "03_head_scoring"),
+        outputs=(
+            "category_attention.csv",
+            "entropy.csv",
+            "head_vision_share.csv",
+            "vision_drop.csv",
+            "fastv.csv",
+            "findings.csv",
+        ),
+    ),
 )
 
 #: Files of a step folder that the pipeline itself writes (not outputs of the notebook).
