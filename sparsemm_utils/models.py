@@ -220,6 +220,19 @@ def _hub_snapshot(repo_id: str, cache_dir: str | Path | None = None) -> Path:
         raise ModelNotAvailableError(repo_id, reason=type(err).__name__) from None
 
 
+def _local_path(name: str) -> Path:
+    """``name`` as a local path: as given when it exists from the working directory, else, for a
+    relative path, taken from the repository root (so ``data/tiny_reader`` works from papermill,
+    whose cwd is the root, and from JupyterLab, whose kernels start in ``notebooks/``)."""
+    path = Path(name).expanduser()
+    if path.exists() or path.is_absolute():
+        return path
+    from sparsemm_utils.runs import repo_root
+
+    from_root = repo_root() / path
+    return from_root if from_root.exists() else path
+
+
 def load_model(
     name_or_path: str | Path,
     *,
@@ -253,7 +266,7 @@ def load_model(
         if torch_dtype != "auto":
             model = model.to(torch_dtype)
     else:
-        path = Path(name).expanduser()
+        path = _local_path(name)
         if path.exists() and not path.is_dir():
             raise ModelNotAvailableError(name, reason="the path exists but is a file; pass the model's folder")
         folder = path if path.is_dir() else _hub_snapshot(name, cache_dir)

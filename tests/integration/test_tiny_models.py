@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 import shutil
 
 import pytest
@@ -415,3 +416,15 @@ def test_attention_without_mask_registration_gets_no_mask():
         loaded.model(**build_inputs(loaded, document_image()))
     assert recorder.calls and all(c["mask"] is None for c in recorder.calls)
 
+
+
+def test_relative_local_path_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    # JupyterLab starts kernels in notebooks/, papermill in the repo root: "data/tiny_reader" must load from both.
+    from sparsemm_utils.models import _local_path
+    from sparsemm_utils.runs import repo_root
+
+    monkeypatch.chdir(tmp_path)
+    assert _local_path("data/tiny_reader") == repo_root() / "data" / "tiny_reader"
+    assert _local_path("no/such/folder") == Path("no/such/folder")
+    (tmp_path / "mine").mkdir()
+    assert _local_path("mine") == Path("mine")
