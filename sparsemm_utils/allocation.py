@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
@@ -511,6 +512,14 @@ class _BudgetedAllocation:
         shape = _as_shape(shape)
         return self.budget * shape.layers * shape.kv_heads
 
+    def _uniform_capacities(
+        self, shape: ModelShape | tuple[int, int, int], *, skip_if_shorter_than: int | None
+    ) -> HeadCapacities:
+        """b = B - w selected tokens for every KV head, int64 (layers, kv_heads)."""
+        shape = _as_shape(shape)
+        caps = np.full(shape.kv_grid, self.selected_budget, dtype=np.int64)
+        return HeadCapacities(caps, self.window, self.name, skip_if_shorter_than=skip_if_shorter_than)
+
 
 @dataclass(frozen=True)
 class _ScoreProportional(_BudgetedAllocation, ABC):
@@ -645,9 +654,7 @@ class SnapKVAllocation(_BudgetedAllocation):
         prompt_len: int | None = None,
     ) -> HeadCapacities:
         """b for every KV head, int64 (layers, kv_heads); the other inputs are not used."""
-        shape = _as_shape(shape)
-        caps = np.full(shape.kv_grid, self.selected_budget, dtype=np.int64)
-        return HeadCapacities(caps, self.window, self.name, skip_if_shorter_than=self.budget)
+        return self._uniform_capacities(shape, skip_if_shorter_than=self.budget)
 
 
 def pyramidkv_caps(budget: int, window: int, layers: int, prompt_len: int, beta: int = 20) -> np.ndarray:
@@ -858,9 +865,7 @@ class StreamingLLMAllocation(_BudgetedAllocation):
         prompt_len: int | None = None,
     ) -> HeadCapacities:
         """b for every KV head, int64 (layers, kv_heads); the other inputs are not used."""
-        shape = _as_shape(shape)
-        caps = np.full(shape.kv_grid, self.selected_budget, dtype=np.int64)
-        return HeadCapacities(caps, self.window, self.name)
+        return self._uniform_capacities(shape, skip_if_shorter_than=None)
 
 
 @dataclass(frozen=True)
@@ -924,7 +929,12 @@ def make_allocation(name: str, **kwargs: Any) -> Allocation:
         raise UnknownAllocationMethodError(
             f"unknown allocation method {name!r}; known methods: {', '.join(sorted(ALLOCATION_METHODS))}"
         )
-    cls = ALLOCATION_METHODS[key]
+    return build_with_known_fields(ALLOCATION_METHODS[key], kwargs)
+
+
+def build_with_known_fields(cls: type, kwargs: Mapping[str, Any]) -> Any:
+    """``cls(**kwargs)`` for a method dataclass, with an error listing its parameters when
+    ``kwargs`` names one it does not take (shared by the allocation and compression registries)."""
     accepted = [f.name for f in fields(cls)]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:

@@ -37,7 +37,7 @@ import contextvars
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -59,6 +59,7 @@ from sparsemm_utils.allocation import (
     SnapKVAllocation,
     SparseMMAllocation,
     StreamingLLMAllocation,
+    build_with_known_fields,
     streaming_llm_positions,
     validate_head_scores,
 )
@@ -509,15 +510,7 @@ def make_press(name: str, **kwargs: Any) -> Press:
         raise UnknownCompressionMethodError(
             f"unknown compression method {name!r}; known methods: {', '.join(sorted(COMPRESSION_METHODS))}"
         )
-    cls = COMPRESSION_METHODS[key]
-    accepted = [f.name for f in fields(cls)]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise InvalidParameterError(
-            f"{cls.__name__} does not take {', '.join(unknown)}; its parameters are: "
-            f"{', '.join(accepted) if accepted else '(none)'}"
-        )
-    return cls(**kwargs)
+    return build_with_known_fields(COMPRESSION_METHODS[key], kwargs)
 
 
 # ---------------------------------------------------------------------------------------- session

@@ -43,6 +43,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sparsemm_utils.allocation import ModelShape
 from sparsemm_utils.attention_capture import last_query_attention, text_attention
+from sparsemm_utils.compression import GenerationResult
 from sparsemm_utils.kv_cache import PerHeadKVCache, analytic_kv_bytes
 from sparsemm_utils.models import LoadedModel, register_text_attention
 from sparsemm_utils.vision_drop import masked_sdpa
@@ -327,26 +328,13 @@ def fastv(loaded: LoadedModel, press: FastVPress, input_ids: torch.Tensor, *, de
 
 
 @dataclass(eq=False)
-class FastVResult:
+class FastVResult(GenerationResult):
     """What :func:`fastv_generate` returns: ``output`` is ``generate``'s own return value;
-    ``session`` holds the cache and the kept / dropped image positions."""
+    ``session`` (a :class:`FastVSession`) holds the per-head cache and the kept / dropped image
+    positions. ``sequences``, ``cache`` and ``kv_bytes`` (generated tokens included) as for
+    :func:`~sparsemm_utils.compression.compressed_generate`."""
 
-    output: Any
     session: FastVSession
-
-    @property
-    def sequences(self) -> torch.Tensor:
-        """``(1, n + new tokens)`` token ids."""
-        return self.output if isinstance(self.output, torch.Tensor) else self.output.sequences
-
-    @property
-    def cache(self) -> PerHeadKVCache:
-        return self.session.cache
-
-    @property
-    def kv_bytes(self) -> int:
-        """KV bytes the cache holds after generation (SPEC section 7), generated tokens included."""
-        return self.session.cache.kv_bytes()
 
     @property
     def stored_prompt_tokens(self) -> np.ndarray:
