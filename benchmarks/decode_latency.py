@@ -26,6 +26,13 @@ about B tokens per KV head whatever n is).
 
 About 1-3 minutes with the defaults on 2 idle CPU cores (building the 2-layer model included);
 the 16K FullKV cache and the prefill's random states take about 1 GB besides the 1.9 GB model.
+
+This is the quick in-process microbenchmark (no prefill, methods interleaved in one process).
+Step 06 (:mod:`sparsemm_utils.efficiency`) runs the paper's protocol: a real prefill, the mean of
+the decode steps, peak memory over a generation, one fresh process per measurement. Both share the
+real shapes (:mod:`sparsemm_utils.real_shapes`), the synthetic head scores
+(:func:`sparsemm_utils.efficiency.synthetic_head_scores`) and the decode paths
+(``--decode-attention``, :mod:`sparsemm_utils.varlen_attention`).
 """
 
 from __future__ import annotations
@@ -38,13 +45,22 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from sparsemm_utils.compression import PER_HEAD_ATTENTION, SparseMMPress, compression, model_shape
+from sparsemm_utils.compression import SparseMMPress, compression, model_shape
+from sparsemm_utils.efficiency import synthetic_head_scores
 from sparsemm_utils.kv_cache import cache_kv_bytes
-from sparsemm_utils.models import LoadedModel, set_text_attention
+from sparsemm_utils.models import LoadedModel, set_text_attention, text_attention_implementation
+from sparsemm_utils.real_shapes import REAL_SHAPES
 from sparsemm_utils.tiny_models import build_tiny
+from sparsemm_utils.varlen_attention import DECODE_BACKENDS, use_decode_backend
 
+_QWEN2_VL_7B = REAL_SHAPES["qwen2-vl-7b"]
 #: Qwen2-VL-7B-Instruct's language model widths (SPEC section 1: 28 layers, 28 / 4 heads).
-QWEN2_VL_7B_TEXT = dict(text_hidden=3584, text_heads=28, text_kv_heads=4, text_intermediate=18944)
+QWEN2_VL_7B_TEXT = dict(
+    text_hidden=_QWEN2_VL_7B.hidden,
+    text_heads=_QWEN2_VL_7B.query_heads,
+    text_kv_heads=_QWEN2_VL_7B.kv_heads,
+    text_intermediate=_QWEN2_VL_7B.intermediate,
+)
 
 
 @dataclass
@@ -81,7 +97,8 @@ def _time_interleaved(loaded: LoadedModel, full: DynamicCache, session, n: int, 
     model = loaded.model
     token = torch.tensor([[ord("a") % model.config.get_text_config().vocab_size]])
     times: dict[str, list[float]] = {"fullkv": [], "sparsemm": []}
-    runs = (("fullkv", "sdpa", full), ("sparsemm", PER_HEAD_ATTENTION, session.cache))
+    per_head = text_attention_implementation(model)  # the per-head attention the session switched to
+    runs = (("fullkv", "sdpa", full), ("sparsemm", per_head, session.cache))
     with torch.inference_mode():
         for step in range(warmup + steps):
             position = torch.full((1, 1), n + step, dtype=torch.long)
@@ -91,7 +108,7 @@ def _time_interleaved(loaded: LoadedModel, full: DynamicCache, session, n: int, 
                 model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True)
                 if step >= warmup:
                     times[name].append(time.perf_counter() - start)
-    set_text_attention(model, PER_HEAD_ATTENTION)  # as the compression context left it
+    set_text_attention(model, per_head)  # as the compression context left it
     return times["fullkv"], times["sparsemm"]
 
 
@@ -107,14 +124,16 @@ def run_benchmark(
     seed: int = 0,
     loaded: LoadedModel | None = None,
     progress: bool = True,
+    decode_attention: str = "reference",
 ) -> list[Row]:
-    """Time FullKV and SparseMM decoding at each context length; returns one :class:`Row` each."""
+    """Time FullKV and SparseMM decoding at each context length; returns one :class:`Row` each.
+    ``decode_attention``: SparseMM's decode path (:data:`~sparsemm_utils.varlen_attention.DECODE_BACKENDS`
+    or "auto")."""
     loaded = loaded or build_model(layers, widths=widths, seed=seed)
     shape = model_shape(loaded)
     head_dim = loaded.head_dim
     scaling = head_dim**-0.5
-    rng = np.random.default_rng(seed)
-    head_scores = rng.random((shape.layers, shape.query_heads)) ** 8  # a few heads dominate
+    head_scores = synthetic_head_scores(shape, "skewed", seed, power=8)  # a few heads dominate
     press = SparseMMPress(budget=budget, window=window, head_scores=head_scores)
     text_config = loaded.model.config.get_text_config()
     rows = []
@@ -127,6 +146,7 @@ def run_benchmark(
         full_bytes = cache_kv_bytes(full)
         # SparseMM: the same kind of states, compressed at "prefill" by SnapKV with SparseMM's caps
         with compression(loaded, press, decode_reserve=steps + warmup) as session:
+            use_decode_backend(loaded.model, decode_attention)
             for layer_idx in range(shape.layers):
                 keys, values = _random_states(shape, n, head_dim, generator)
                 query = torch.randn(1, shape.query_heads, n, head_dim, generator=generator)
@@ -185,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         help="MLP width (default Qwen2-VL-7B's 18944; a small one isolates the attention's share)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decode-attention", choices=("auto", *DECODE_BACKENDS), default="reference",
+                        help="SparseMM's decode path (default: the per-head reference loop)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     widths = dict(QWEN2_VL_7B_TEXT, text_intermediate=args.intermediate)
@@ -199,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model built in {time.perf_counter() - start:.1f} s", flush=True)
     rows = run_benchmark(
         args.contexts, budget=args.budget, window=args.window, steps=args.steps, warmup=args.warmup,
-        seed=args.seed, loaded=loaded,
+        seed=args.seed, loaded=loaded, decode_attention=args.decode_attention,
     )
     print(format_rows(rows))
     return 0

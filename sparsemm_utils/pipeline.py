@@ -121,6 +121,12 @@ STEPS: tuple[Step, ...] = (
         resumable=True,
     ),
     Step(
+        "06_efficiency",
+        "Efficiency: decode latency, peak memory and KV bytes against context",
+        needs=(),
+        outputs=("results.csv", "analytic_kv.csv", "targets.csv"),
+    ),
+    Step(
         "07_attention_by_layer",
         "Where the model looks, layer by layer (LLaVA-Mini's analysis) beside the visual heads",
         needs=("01_ocr_annotation", "02_patch_mapping", "03_head_scoring"),

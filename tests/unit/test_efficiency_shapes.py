@@ -1,0 +1,84 @@
+"""The real models' language-model shapes (SPEC section 1) and their configs (no weights built)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparsemm_utils.models import SUPPORTED_MODEL_TYPES
+from sparsemm_utils.real_shapes import (
+    REAL_SHAPES,
+    RESERVED_TOKEN_IDS,
+    InvalidShapeOptionError,
+    UnknownRealShapeError,
+    depth_scaled_vocab,
+    get_real_shape,
+    real_config,
+)
+
+# SPEC section 1: text layers, query heads, KV heads
+SPEC_TABLE = {
+    "llava-hf/llava-v1.6-vicuna-7b-hf": (32, 32, 32),
+    "llava-hf/llava-v1.6-mistral-7b-hf": (32, 32, 8),
+    "Qwen/Qwen2-VL-7B-Instruct": (28, 28, 4),
+    "Qwen/Qwen2-VL-2B-Instruct": (28, 12, 2),
+    "Qwen/Qwen2.5-VL-3B-Instruct": (36, 16, 2),
+    "Qwen/Qwen2.5-VL-7B-Instruct": (28, 28, 4),
+}
+
+
+@pytest.mark.parametrize("hub_id", SPEC_TABLE)
+def test_shapes_match_spec_section_1(hub_id):
+    shape = get_real_shape(hub_id)
+    assert (shape.layers, shape.query_heads, shape.kv_heads) == SPEC_TABLE[hub_id]
+    assert shape.head_dim == 128  # every model of the table: hidden / heads = 128
+    assert shape.model_type in SUPPORTED_MODEL_TYPES
+
+
+def test_lookup_by_short_name_hub_id_or_folder_case_insensitive():
+    assert get_real_shape("qwen2-vl-7b").hub_id == "Qwen/Qwen2-VL-7B-Instruct"
+    assert get_real_shape("QWEN/QWEN2-VL-7B-INSTRUCT").name == "qwen2-vl-7b"
+    assert get_real_shape("/models/llava-v1.6-vicuna-7b-hf/").name == "llava-next-vicuna-7b"
+    with pytest.raises(UnknownRealShapeError, match="unknown real model 'tiny-random/qwen2_vl': known shapes are"):
+        get_real_shape("tiny-random/qwen2_vl")
+    with pytest.raises(UnknownRealShapeError):
+        get_real_shape("")
+
+
+def test_depth_scaled_vocab_by_hand():
+    # Vicuna: ceil(32064 * 2 / 32) = 2004; Qwen2-VL-7B: ceil(152064 * 2 / 28) = ceil(10861.7) = 10862
+    assert depth_scaled_vocab(REAL_SHAPES["llava-next-vicuna-7b"], 2) == 2004
+    assert depth_scaled_vocab(REAL_SHAPES["qwen2-vl-7b"], 2) == 10862
+    assert depth_scaled_vocab(REAL_SHAPES["qwen2-vl-7b"], None) == 152064
+
+
+def test_layers_out_of_range_are_rejected():
+    shape = REAL_SHAPES["qwen2-vl-7b"]
+    for bad in (0, 29, 2.0, True):
+        with pytest.raises(InvalidShapeOptionError, match="layers must be an int in \\[1, 28\\]"):
+            shape.check_layers(bad)
+    with pytest.raises(InvalidShapeOptionError, match="vocab_size must be an int >= 16"):
+        real_config(shape, vocab_size=8)
+
+
+@pytest.mark.parametrize("name", list(REAL_SHAPES))
+def test_config_has_the_real_text_shape_and_reserved_special_ids(name):
+    shape = REAL_SHAPES[name]
+    config = real_config(shape, layers=2, vocab_size=1000)
+    text = config.get_text_config()
+    assert (text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (2, shape.query_heads, shape.kv_heads)
+    assert (text.hidden_size, text.intermediate_size, text.vocab_size) == (shape.hidden, shape.intermediate, 1000)
+    assert text.max_position_embeddings == shape.max_position_embeddings
+    # the special ids are the top RESERVED_TOKEN_IDS ids
+    assert 1000 - RESERVED_TOKEN_IDS <= text.eos_token_id < 1000
+    image = getattr(config, "image_token_id", None) or getattr(config, "image_token_index")
+    assert 1000 - RESERVED_TOKEN_IDS <= image < 1000
+    if shape.model_type != "llava_next":
+        # M-RoPE sections sum to head_dim / 2 = 64 (the real [16, 24, 24])
+        assert text.rope_parameters["mrope_section"] == [16, 24, 24]
+    else:
+        assert text.model_type == shape.text_model_type
+
+
+def test_extended_positions_reach_the_config():
+    config = real_config("llava-next-vicuna-7b", layers=1, max_position_embeddings=33280)
+    assert config.get_text_config().max_position_embeddings == 33280
