@@ -6,13 +6,19 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= configs/tiny.yaml
 RUN    ?= runs/tiny
+# The browser test (tests/browser/) drives Debian's Chromium through Debian's chromedriver;
+# nothing may download a browser or a driver of its own.
+CHROMIUM     ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
 
-.PHONY: setup setup-dev reproduce test test-fast lab clean-runs help
+.PHONY: setup setup-dev setup-browser reproduce test test-fast test-browser exercises lab clean-runs help
 
 help:
 	@echo "make reproduce   set up .venv and run the whole chain on $(CONFIG) into $(RUN)/"
 	@echo "make test        set up .venv (with test tools) and run every test"
 	@echo "make test-fast   unit tests only"
+	@echo "make test-browser  the JupyterLab + Chromium test alone (tests/browser/)"
+	@echo "make exercises   rebuild notebooks/exercises/ from the full notebooks"
 	@echo "make lab         open JupyterLab on notebooks/"
 
 $(VENV)/.runtime-installed: requirements.txt pyproject.toml
@@ -31,11 +37,33 @@ $(VENV)/.dev-installed: $(VENV)/.runtime-installed requirements-dev.txt
 setup: $(VENV)/.runtime-installed
 setup-dev: $(VENV)/.dev-installed
 
+# Chromium and chromedriver from Debian's archive, installed with apt when either is missing (CI
+# runs as root on a fresh Debian machine; elsewhere sudo is used). No recommends: they would pull
+# systemd, udev and avahi; fonts-dejavu-core is enough for the pages to render text.
+setup-browser:
+	@if [ -x "$(CHROMIUM)" ] && [ -x "$(CHROMEDRIVER)" ]; then \
+		echo "setup-browser: $(CHROMIUM) and $(CHROMEDRIVER) are installed"; \
+	else \
+		command -v apt-get >/dev/null || { echo "setup-browser: $(CHROMIUM) or $(CHROMEDRIVER) is missing and there is no apt-get; install Chromium and its chromedriver and set CHROMIUM= and CHROMEDRIVER=" >&2; exit 1; }; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver fonts-dejavu-core; \
+	fi
+
 reproduce: setup
 	$(PY) -m sparsemm_utils.pipeline --config $(CONFIG) --run-dir $(RUN)
 
-test: setup-dev
-	$(PY) -m pytest -q
+# SPARSEMM_REQUIRE_BROWSER=1: in `make test` the browser test must run, never skip.
+BROWSER_ENV = SPARSEMM_CHROMIUM=$(CHROMIUM) SPARSEMM_CHROMEDRIVER=$(CHROMEDRIVER) SPARSEMM_REQUIRE_BROWSER=1
+
+test: setup-dev setup-browser
+	$(BROWSER_ENV) $(PY) -m pytest -q
+
+test-browser: setup-dev setup-browser
+	$(BROWSER_ENV) $(PY) -m pytest -q tests/browser
+
+exercises: setup
+	$(PY) -m sparsemm_utils.exercises build
 
 test-fast: setup-dev
 	$(PY) -m pytest -q tests/unit

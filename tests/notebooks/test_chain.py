@@ -15,11 +15,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.notebooks]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("tiny_run")
-    config = pl.load_config(pl.repo_root() / "configs" / "tiny.yaml")
-    results = pl.run_pipeline(config, run)
-    return run, config, results
+def tiny_run(tiny_chain):
+    return tiny_chain
 
 
 def test_every_step_runs(tiny_run):
