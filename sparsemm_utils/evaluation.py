@@ -7,7 +7,10 @@ benchmark's metrics (:func:`sparsemm_utils.benchmarks.score_prediction`). Method
 
 Methods (:data:`EVAL_METHODS`) carry the original scripts' names (``scripts/eval/*.sh``:
 sparsemm, fullkv, adakv, snapkv, pyramidkv, mask, mask_random; plus random and streamingllm)
-and map onto the compression framework's presses (:mod:`sparsemm_utils.compression`).
+and map onto the compression framework's presses (:mod:`sparsemm_utils.compression`). ``fastv``
+is the token-level peer (step 07, :class:`sparsemm_utils.fastv.FastVAtBudget`): at budget B it
+drops image tokens after layer ``fastv_k`` until it stores no more KV bytes than a head-level
+method at B, where it can (each answer records the ratio, the target and whether it was reachable).
 
 The generation callable is injected (:class:`Generate`): ``generate(sample, spec, method,
 budget)`` returns the model's answer (a ``str`` or a :class:`Generation`). :class:`ModelGenerator`
@@ -29,8 +32,11 @@ Files (in ``out_dir``; the artifact contract of DESIGN.md):
 Resuming: a rerun into the same folder skips every cell already in ``results.csv`` and, inside
 an unfinished cell, every sample already in ``predictions.jsonl`` (a truncated last line, left
 by a crash mid-write, is dropped). A rerun with another model, other settings, or another sample
-set for a benchmark already there raises :class:`SweepMismatchError`: use a fresh folder. New
-benchmarks, methods or budgets extend the sweep.
+set for a benchmark already there raises :class:`SweepMismatchError`: use a fresh folder, or
+``on_mismatch="archive"`` (notebook 05's default), which moves the earlier sweep's three files
+into ``superseded/<UTC time>/`` (with a ``reason.txt``) and starts afresh: nothing is lost, and a
+rerun of the chain after a change upstream (a retrained model, new head scores) does not stop
+there. New benchmarks, methods or budgets extend the sweep.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -58,6 +64,7 @@ __all__ = [
     "RESULTS_FILE",
     "PREDICTIONS_FILE",
     "SWEEP_FILE",
+    "SUPERSEDED_DIR",
     "STEP",
     "EvaluationError",
     "UnknownMethodError",
@@ -79,6 +86,7 @@ __all__ = [
     "predictions_frame",
     "lowest_budget_table",
     "cell_statistics",
+    "fastv_match_table",
     "scaled_budgets",
     "prompt_tokens",
     "ModelGenerator",
@@ -94,6 +102,8 @@ RESULTS_COLUMNS: tuple[str, ...] = ("model", "benchmark", "method", "budget", "m
 RESULTS_FILE = "results.csv"
 PREDICTIONS_FILE = "predictions.jsonl"
 SWEEP_FILE = "sweep.json"
+SUPERSEDED_DIR = "superseded"
+ON_MISMATCH = ("error", "archive")
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,9 +136,10 @@ class ResultsFileError(EvaluationError):
 
 @dataclass(frozen=True)
 class EvalMethod:
-    """One method of the sweep: the press it builds (:data:`sparsemm_utils.compression.COMPRESSION_METHODS`),
-    whether it takes a budget, its fixed press arguments, and the sweep settings it takes
-    (``window``, ``ratio``, ``head_scores``, ``seed``, ``fraction``)."""
+    """One method of the sweep: the press it builds (:data:`sparsemm_utils.compression.COMPRESSION_METHODS`,
+    or ``"fastv"``: :class:`sparsemm_utils.fastv.FastVAtBudget`), whether it takes a budget, its
+    fixed press arguments, and the sweep settings it takes (``window``, ``ratio``, ``head_scores``,
+    ``seed``, ``fraction``, ``fastv_k``)."""
 
     name: str
     press: str
@@ -156,6 +167,7 @@ EVAL_METHODS: Mapping[str, EvalMethod] = MappingProxyType(
             EvalMethod("streamingllm", "streamingllm", True, ("window",), label="StreamingLLM"),
             EvalMethod("mask", "head_mask", False, ("fraction", "head_scores"), {"selection": "top"}, "Mask top visual heads"),
             EvalMethod("mask_random", "head_mask", False, ("fraction", "seed"), {"selection": "random"}, "Mask random heads"),
+            EvalMethod("fastv", "fastv", True, ("fastv_k",), label="FastV (equal KV bytes)"),
         )
     }
 )
@@ -192,6 +204,10 @@ def press_for(method: str, budget: int | None, **settings: Any) -> Any:
         kwargs[key] = settings[key]
     if m.budgeted:
         kwargs["budget"] = _check_budget(budget)
+    if m.press == "fastv":
+        from .fastv import FastVAtBudget
+
+        return FastVAtBudget(budget=kwargs["budget"], k=kwargs["fastv_k"])
     return make_press(m.press, **kwargs)
 
 
@@ -234,12 +250,15 @@ def sweep_cells(benchmarks: Iterable[str], methods: Iterable[str], budgets: Iter
 @dataclass(frozen=True)
 class Generation:
     """A generator's answer: ``text`` and, when known, the prompt length, the KV bytes of the
-    cache after generation (SPEC section 7) and the seconds it took."""
+    cache after generation (SPEC section 7), the seconds it took, and ``details``: what the method
+    decided for this prompt (JSON-able; FastV's ratio and budget match), kept in ``predictions.jsonl``
+    as ``method_details``."""
 
     text: str
     prompt_tokens: int | None = None
     kv_bytes: int | None = None
     seconds: float | None = None
+    details: Mapping[str, Any] | None = None
 
 
 class Generate(Protocol):
@@ -308,7 +327,8 @@ def read_predictions(path: str | Path) -> tuple[list[dict[str, Any]], int]:
 def predictions_frame(records: str | Path | Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """``predictions.jsonl`` (a path or its records) flattened: one row per (cell, sample) with
     model, benchmark, method, budget (Int64), sample_id, prediction, prompt_tokens, kv_bytes,
-    seconds, a ``score_<metric>`` column per metric and a column per ``extra`` field."""
+    seconds, a ``score_<metric>`` column per metric, a column per ``extra`` field and a
+    ``detail_<field>`` column per ``method_details`` field (FastV's ratio and budget match)."""
     if isinstance(records, (str, Path)):
         records, _ = read_predictions(records)
     rows = []
@@ -316,6 +336,7 @@ def predictions_frame(records: str | Path | Sequence[Mapping[str, Any]]) -> pd.D
         row = {k: r.get(k) for k in ("model", "benchmark", "method", "budget", "sample_id", "prediction", "prompt_tokens", "kv_bytes", "seconds")}
         row.update({f"score_{m}": v for m, v in (r.get("scores") or {}).items()})
         row.update(r.get("extra") or {})
+        row.update({f"detail_{k}": v for k, v in (r.get("method_details") or {}).items()})
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty:
@@ -403,6 +424,21 @@ def _reconcile_manifest(
     return manifest
 
 
+def _archive_sweep(out: Path, reason: str) -> Path:
+    """Move ``results.csv``, ``predictions.jsonl`` and ``sweep.json`` into ``superseded/<UTC time>/``
+    with a ``reason.txt``; returns that folder."""
+    import datetime as _dt
+
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = out / SUPERSEDED_DIR / stamp
+    target.mkdir(parents=True)
+    for name in (RESULTS_FILE, PREDICTIONS_FILE, SWEEP_FILE):
+        if (out / name).exists():
+            (out / name).rename(target / name)
+    (target / "reason.txt").write_text(reason + "\n", encoding="utf-8")
+    return target
+
+
 def run_sweep(
     out_dir: str | Path,
     *,
@@ -415,6 +451,7 @@ def run_sweep(
     skips: Mapping[str, SkipReport] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
+    on_mismatch: str = "error",
 ) -> SweepResult:
     """Run every unfinished cell of benchmarks x methods x budgets (module docstring).
 
@@ -430,6 +467,9 @@ def run_sweep(
         skips: skip reports of benchmarks given as plain sequences.
         progress: show a tqdm bar over the samples still to generate.
         log: where one line per cell goes (None: silent).
+        on_mismatch: when the folder holds a sweep of another model, settings or sample set:
+            "error" raises :class:`SweepMismatchError`; "archive" moves its files into
+            ``superseded/<UTC time>/`` (module docstring) and starts afresh.
     """
     from tqdm.auto import tqdm
 
@@ -458,13 +498,21 @@ def run_sweep(
             "skipped": dict(report.counts) if report is not None else {},
             "n_rows": report.n_rows if report is not None else len(sample_ids),
         }
-    _reconcile_manifest(out / SWEEP_FILE, model, settings or {}, sets)
-
+    if on_mismatch not in ON_MISMATCH:
+        raise EvaluationError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
     results_path = out / RESULTS_FILE
+    try:
+        _reconcile_manifest(out / SWEEP_FILE, model, settings or {}, sets)
+        others = sorted(set(read_results(results_path)["model"]) - {model})
+        if others:
+            raise SweepMismatchError(f"{results_path} holds results of model(s) {others}, not {model!r}: use another folder")
+    except SweepMismatchError as exc:
+        if on_mismatch == "error":
+            raise
+        moved = _archive_sweep(out, str(exc))
+        say(f"{exc}\n-> moved the earlier sweep's files to {moved} and started afresh")
+        _reconcile_manifest(out / SWEEP_FILE, model, settings or {}, sets)
     done = read_results(results_path)
-    others = sorted(set(done["model"]) - {model})
-    if others:
-        raise SweepMismatchError(f"{results_path} holds results of model(s) {others}, not {model!r}: use another folder")
     finished = {(b, m, _budget_key(k)) for b, m, k in zip(done["benchmark"], done["method"], done["budget"])}
 
     predictions_path = out / PREDICTIONS_FILE
@@ -516,6 +564,8 @@ def run_sweep(
                     }  # fmt: skip
                     if prediction != gen.text:
                         record["raw_output"] = gen.text
+                    if gen.details:
+                        record["method_details"] = dict(gen.details)
                     pred_file.write(json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
                     pred_file.flush()
                     cell_records.append(record)
@@ -588,6 +638,34 @@ def cell_statistics(predictions: pd.DataFrame) -> pd.DataFrame:
     return stats[columns]
 
 
+def fastv_match_table(predictions: pd.DataFrame) -> pd.DataFrame:
+    """How FastV met each budget (:class:`sparsemm_utils.fastv.FastVAtBudget`), per benchmark and
+    budget: ``n`` answers, ``reachable`` (share of prompts where FastV fits the budget's KV bytes),
+    mean ``ratio`` R, mean ``dropped`` image tokens, mean ``target_tokens`` and ``stored_tokens``
+    (prompt tokens over all layers and KV heads) and ``stored_over_target`` (their ratio of means).
+    ``predictions``: :func:`predictions_frame`; no FastV answer gives an empty frame."""
+    columns = ["benchmark", "budget", "n", "reachable", "ratio", "dropped", "target_tokens", "stored_tokens", "stored_over_target"]
+    needed = {"detail_ratio", "detail_dropped", "detail_target_tokens", "detail_stored_tokens", "detail_reachable"}
+    frame = predictions[predictions["method"] == "fastv"] if "method" in predictions.columns else predictions.iloc[0:0]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    missing = needed - set(frame.columns)
+    if missing:
+        raise EvaluationError(f"FastV predictions lack {sorted(missing)}: were they written by ModelGenerator?")
+    table = (
+        frame.assign(detail_reachable=frame["detail_reachable"].astype(float))
+        .groupby(["benchmark", "budget"], sort=True)
+        .agg(
+            n=("sample_id", "size"), reachable=("detail_reachable", "mean"), ratio=("detail_ratio", "mean"),
+            dropped=("detail_dropped", "mean"), target_tokens=("detail_target_tokens", "mean"),
+            stored_tokens=("detail_stored_tokens", "mean"),
+        )
+        .reset_index()
+    )  # fmt: skip
+    table["stored_over_target"] = table["stored_tokens"] / table["target_tokens"]
+    return table[columns]
+
+
 def scaled_budgets(
     prompt_tokens: float,
     *,
@@ -633,9 +711,10 @@ class ModelGenerator:
     prompt of :func:`~sparsemm_utils.prompts.build_inputs` (the family's chat template, system
     prompt, the image, then ``sample.question``), greedy decoding up to the benchmark's limit
     for this model family (:meth:`~sparsemm_utils.benchmarks.BenchmarkSpec.generation_limit`),
-    the method's press through :func:`~sparsemm_utils.compression.compressed_generate`, the new
-    tokens decoded without special tokens. ``settings``: what :func:`press_for` needs
-    (``window``, ``ratio``, ``head_scores`` (layers, query_heads), ``seed``, ``fraction``).
+    the method's press through :func:`~sparsemm_utils.compression.compressed_generate` (FastV through
+    :func:`~sparsemm_utils.fastv.fastv_generate_at_budget`), the new tokens decoded without special
+    tokens. ``settings``: what :func:`press_for` needs (``window``, ``ratio``, ``head_scores``
+    (layers, query_heads), ``seed``, ``fraction``, ``fastv_k``).
     ``max_new_tokens``: a cap below the benchmark's limit, for smoke runs only (it changes the
     answers: record it in the sweep's settings)."""
 
@@ -652,6 +731,7 @@ class ModelGenerator:
 
     def __call__(self, sample: EvalSample, spec: BenchmarkSpec, method: str, budget: int | None) -> Generation:
         from .compression import compressed_generate
+        from .fastv import FastVAtBudget, fastv_generate_at_budget
         from .prompts import build_inputs
 
         press = self.press(method, budget)
@@ -661,10 +741,15 @@ class ModelGenerator:
         limit = spec.generation_limit(self.loaded.model_type)
         if self.max_new_tokens is not None:
             limit = min(limit, _int("max_new_tokens", self.max_new_tokens, 1))
-        result = compressed_generate(self.loaded, press, inputs, max_new_tokens=limit, do_sample=False)
+        details = None
+        if isinstance(press, FastVAtBudget):
+            result = fastv_generate_at_budget(self.loaded, press, inputs, max_new_tokens=limit, do_sample=False)
+            details = {"fastv_k": press.k, **asdict(result.match)}
+        else:
+            result = compressed_generate(self.loaded, press, inputs, max_new_tokens=limit, do_sample=False)
         new = result.sequences[0, n:]
         text = self.loaded.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return Generation(text, prompt_tokens=n, kv_bytes=int(result.kv_bytes), seconds=time.perf_counter() - t0)
+        return Generation(text, prompt_tokens=n, kv_bytes=int(result.kv_bytes), seconds=time.perf_counter() - t0, details=details)
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,14 +767,16 @@ class EvalConfig:
     """Parameters of notebook 05 (validated in ``__post_init__``).
 
     ``benchmarks`` / ``methods`` / ``budgets``: the sweep (budgets > ``window``); ``window``,
-    ``ratio``, ``mask_fraction``: SPEC section 5's w, r and the head-mask share; ``limit``: first
+    ``ratio``, ``mask_fraction``: SPEC section 5's w, r and the head-mask share; ``fastv_k``: the
+    layers FastV keeps whole (FastV's K; used by the ``fastv`` method only); ``limit``: first
     rows per benchmark (None: all); ``n_documents`` / ``benchmark_seed``: the offline benchmark
     (seed None: the tiny reader's held-out stream); ``benchmark_sources``: {benchmark: local
     folder or parquet} (else the HF cache); ``head_scores``: step 03's file, relative to
     ``run_dir`` unless absolute (read only when a method needs it); ``dtype`` / ``device``: for
     ``load_model`` (device "auto": CUDA when available); ``max_new_tokens``: a cap on every
     benchmark's generation limit, for smoke runs of random-weight models only (None: lmms-eval's
-    limits)."""
+    limits); ``on_mismatch``: what :func:`run_sweep` does with an earlier sweep of other settings
+    in the folder ("archive": move it to ``superseded/``; "error": stop)."""
 
     run_dir: str = "runs/dev"
     model_id: str = "tiny-random/qwen2_vl"
@@ -700,6 +787,7 @@ class EvalConfig:
     window: int = 8
     ratio: float = 0.1
     mask_fraction: float = 0.1
+    fastv_k: int = 2
     limit: int | None = None
     n_documents: int = 8
     benchmark_seed: int | None = None
@@ -708,6 +796,7 @@ class EvalConfig:
     dtype: str = "auto"
     device: str = "auto"
     max_new_tokens: int | None = None
+    on_mismatch: str = "archive"
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_dir, (str, Path)) or not str(self.run_dir):
@@ -734,6 +823,7 @@ class EvalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise EvaluationError(f"{name} must be a number in (0, 1], got {value!r}")
+        self.fastv_k = _int("fastv_k", self.fastv_k, 1)
         if self.limit is not None:
             self.limit = _int("limit", self.limit, 1)
         self.n_documents = _int("n_documents", self.n_documents, 1)
@@ -748,6 +838,8 @@ class EvalConfig:
             self.max_new_tokens = _int("max_new_tokens", self.max_new_tokens, 1)
         if not isinstance(self.device, str) or not self.device:
             raise EvaluationError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.on_mismatch not in ON_MISMATCH:
+            raise EvaluationError(f"on_mismatch must be one of {ON_MISMATCH}, got {self.on_mismatch!r}")
 
     @property
     def needs_head_scores(self) -> bool:
@@ -795,7 +887,10 @@ class EvalConfig:
 
     def press_settings(self, head_scores: Any = None) -> dict[str, Any]:
         """What :func:`press_for` / :class:`ModelGenerator` take."""
-        return {"window": self.window, "ratio": self.ratio, "seed": self.seed, "fraction": self.mask_fraction, "head_scores": head_scores}
+        return {
+            "window": self.window, "ratio": self.ratio, "seed": self.seed, "fraction": self.mask_fraction,
+            "head_scores": head_scores, "fastv_k": self.fastv_k,
+        }  # fmt: skip
 
     def sweep_settings(self, head_scores: Any = None) -> dict[str, Any]:
         """The JSON-able identity of the sweep recorded in ``sweep.json`` (head scores by sha256)."""
@@ -806,6 +901,8 @@ class EvalConfig:
             "window": self.window, "ratio": self.ratio, "seed": self.seed, "mask_fraction": self.mask_fraction,
             "head_scores_sha256": digest, "decoding": "greedy, batch 1", "max_new_tokens": self.max_new_tokens,
         }  # fmt: skip
+        if "fastv" in self.methods:  # only then: sweeps without FastV keep the identity they had
+            settings["fastv_k"] = self.fastv_k
         if "reader_docqa" in self.benchmarks:  # its sample ids (row numbers) do not change with the seed
             settings["reader_docqa"] = {"n_documents": self.n_documents, "seed": self.reader_seed()}
         return settings

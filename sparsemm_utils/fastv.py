@@ -56,6 +56,7 @@ __all__ = [
     "FastVInputError",
     "FastVPress",
     "FastVBudgetMatch",
+    "FastVAtBudget",
     "FastVSession",
     "FastVResult",
     "fastv_ratio_for_budget",
@@ -63,6 +64,7 @@ __all__ = [
     "register_fastv",
     "fastv",
     "fastv_generate",
+    "fastv_generate_at_budget",
     "evaluate_fastv",
 ]
 
@@ -189,6 +191,55 @@ def fastv_ratio_for_budget(
     ratio = dropped / num_image_tokens
     stored = int(FastVPress(k=k, ratio=ratio).stored_prompt_tokens(shape, n, num_image_tokens).sum())
     return FastVBudgetMatch(ratio=ratio, dropped=dropped, stored_tokens=stored, target_tokens=int(target_tokens), reachable=reachable)
+
+
+@dataclass(frozen=True)
+class FastVAtBudget:
+    """FastV as a method of step 05's sweep: at budget ``budget``, FastV (layer ``k``) stores no more
+    KV bytes than a head-level method with the same budget.
+
+    A head-level method at budget B keeps ``min(B, n)`` prompt tokens per KV head (SPEC section 5:
+    a budget counts the window; a prompt shorter than B is kept whole), so a prompt of n tokens
+    costs ``target = L * H_kv * min(B, n)`` stored tokens. FastV's ratio is chosen per prompt by
+    :func:`fastv_ratio_for_budget` (the smallest R that fits). FastV cannot go below
+    ``H_kv * (L * n - (L - k) * n_img)`` (layers ``< k`` and every text token stay whole): when the
+    target is smaller, it runs at R = 1 and stores more than the target (``reachable`` False in
+    :meth:`match`); step 05 records the KV bytes each answer really used, so the comparison at equal
+    bytes is read off the measured bytes, never assumed.
+
+    Worked example (L = 4, H_kv = 2, k = 1): n = 80 tokens of which 45 image tokens, B = 64:
+    target = 4 * 2 * 64 = 512; FastV needs ceil((4 * 80 - 512 / 2) / 3) = ceil(21.33) = 22 dropped
+    image tokens, R = 22 / 45, stored 2 * (320 - 3 * 22) = 508 <= 512. At B = 16 the target 128
+    would need ceil((320 - 64) / 3) = 86 dropped tokens > 45: R = 1, stored 2 * (320 - 3 * 45) = 370.
+    """
+
+    budget: int
+    k: int = 2
+
+    name: ClassVar[str] = "fastv"
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.budget) or self.budget < 1:
+            raise InvalidFastVParameterError(f"budget must be an int >= 1 (prompt tokens per KV head), got {self.budget!r}")
+        FastVPress(k=self.k, ratio=0.0)  # validates k
+
+    def target_tokens(self, shape: ModelShape, prompt_len: int) -> int:
+        """``L * H_kv * min(budget, prompt_len)``: what a head-level method at this budget stores."""
+        return shape.layers * shape.kv_heads * min(int(self.budget), int(prompt_len))
+
+    def match(self, shape: ModelShape, prompt_len: int, num_image_tokens: int) -> FastVBudgetMatch:
+        """FastV's ratio for one prompt (a prompt without image tokens: R = 0, nothing to drop)."""
+        target = self.target_tokens(shape, prompt_len)
+        if num_image_tokens == 0:
+            press = FastVPress(k=self.k, ratio=0.0)
+            stored = int(press.stored_prompt_tokens(shape, int(prompt_len), 0).sum())
+            return FastVBudgetMatch(ratio=0.0, dropped=0, stored_tokens=stored, target_tokens=target, reachable=stored <= target)
+        return fastv_ratio_for_budget(shape, int(prompt_len), int(num_image_tokens), self.k, target)
+
+    def press_for(self, shape: ModelShape, prompt_len: int, num_image_tokens: int) -> tuple[FastVPress, FastVBudgetMatch]:
+        """The :class:`FastVPress` for one prompt and the match it came from."""
+        found = self.match(shape, prompt_len, num_image_tokens)
+        return FastVPress(k=self.k, ratio=found.ratio), found
 
 
 # ------------------------------------------------------------------------------ the session
@@ -332,9 +383,11 @@ class FastVResult(GenerationResult):
     """What :func:`fastv_generate` returns: ``output`` is ``generate``'s own return value;
     ``session`` (a :class:`FastVSession`) holds the per-head cache and the kept / dropped image
     positions. ``sequences``, ``cache`` and ``kv_bytes`` (generated tokens included) as for
-    :func:`~sparsemm_utils.compression.compressed_generate`."""
+    :func:`~sparsemm_utils.compression.compressed_generate`. ``match``: the budget match of
+    :func:`fastv_generate_at_budget` (None from :func:`fastv_generate`)."""
 
     session: FastVSession
+    match: FastVBudgetMatch | None = None
 
     @property
     def stored_prompt_tokens(self) -> np.ndarray:
@@ -369,6 +422,21 @@ def fastv_generate(loaded: LoadedModel, press: FastVPress, inputs: Mapping[str, 
     with fastv(loaded, press, ids, decode_reserve=int(max_new)) as session:
         output = loaded.model.generate(**inputs, past_key_values=session.cache, **gen_kwargs)
     return FastVResult(output=output, session=session)
+
+
+def fastv_generate_at_budget(loaded: LoadedModel, method: FastVAtBudget, inputs: Mapping[str, Any], **gen_kwargs: Any) -> FastVResult:
+    """:func:`fastv_generate` with the ratio :class:`FastVAtBudget` chooses for this prompt (its
+    length and image tokens); ``result.match`` says what was asked, found and reachable."""
+    if not isinstance(method, FastVAtBudget):
+        raise FastVError(f"method must be a FastVAtBudget, got {method!r}")
+    ids = inputs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[0] != 1:
+        raise FastVInputError("inputs must hold input_ids of shape (1, n), e.g. from sparsemm_utils.prompts.build_inputs")
+    n_img = int((ids[0] == loaded.image_token_id).sum())
+    press, found = method.press_for(_model_shape(loaded), int(ids.shape[1]), n_img)
+    result = fastv_generate(loaded, press, inputs, **gen_kwargs)
+    result.match = found
+    return result
 
 
 # ------------------------------------------------------------------------------ the benchmark

@@ -21,7 +21,14 @@ from matplotlib.figure import Figure
 from ..benchmarks import EvalSample, get_benchmark
 from ..evaluation import EVAL_METHODS
 
-__all__ = ["METHOD_COLORS", "METHOD_STYLES", "plot_benchmark_samples", "plot_accuracy_vs_budget", "plot_accuracy_by_group"]
+__all__ = [
+    "METHOD_COLORS",
+    "METHOD_STYLES",
+    "plot_benchmark_samples",
+    "plot_accuracy_vs_budget",
+    "plot_accuracy_vs_kv_share",
+    "plot_accuracy_by_group",
+]
 
 _PALETTE = sns.color_palette("tab10", 10)
 #: One colour per method, the same in every figure of the study.
@@ -35,6 +42,7 @@ METHOD_COLORS: Mapping[str, tuple[float, float, float]] = {
     "streamingllm": _PALETTE[8],
     "mask": _PALETTE[1],
     "mask_random": _PALETTE[5],
+    "fastv": _PALETTE[6],
 }
 #: Line style and marker per method (SparseMM drawn thicker).
 METHOD_STYLES: Mapping[str, dict] = {m: {"linestyle": "-", "marker": "o", "linewidth": 1.6} for m in METHOD_COLORS} | {
@@ -42,6 +50,7 @@ METHOD_STYLES: Mapping[str, dict] = {m: {"linestyle": "-", "marker": "o", "linew
     "fullkv": {"linestyle": "--", "marker": None, "linewidth": 1.4},
     "mask": {"linestyle": ":", "marker": None, "linewidth": 1.4},
     "mask_random": {"linestyle": ":", "marker": None, "linewidth": 1.4},
+    "fastv": {"linestyle": "-.", "marker": "s", "linewidth": 1.6},
 }
 
 
@@ -155,6 +164,57 @@ def plot_accuracy_vs_budget(
         ax.axis("off")
     if paper_handle is not None:
         handles["paper (hollow, dotted)"] = paper_handle
+    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(5, len(handles)), frameon=False, bbox_to_anchor=(0.5, 1.0))
+    if title:
+        fig.suptitle(title, y=1.06)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    return fig
+
+
+def plot_accuracy_vs_kv_share(results: pd.DataFrame, stats: pd.DataFrame, *, ncols: int = 3, title: str | None = None) -> Figure:
+    """Accuracy (each benchmark's headline metric) against the KV bytes each cell really stored,
+    as a share of FullKV's: the comparison at equal KV bytes, whatever a method's budget means.
+
+    Args:
+        results: step 05's ``results.csv`` frame (:func:`~sparsemm_utils.evaluation.read_results`).
+        stats: :func:`~sparsemm_utils.evaluation.cell_statistics` of the same sweep (``kv_share``
+            per benchmark, method and budget; needs a FullKV cell per benchmark).
+    """
+    _check(results)
+    missing = {"benchmark", "method", "budget", "kv_share"} - set(stats.columns)
+    if missing:
+        raise ValueError(f"stats lacks columns {sorted(missing)}; pass cell_statistics(predictions_frame(...))")
+    keys = ["benchmark", "method", "budget"]
+    frame = results.merge(stats[keys + ["kv_share"]].astype({"budget": results["budget"].dtype}), on=keys, how="left")
+    frame = frame[[get_benchmark(b).metric == m for b, m in zip(frame["benchmark"], frame["metric"])]]
+    if frame["kv_share"].isna().all():
+        raise ValueError("no cell has a kv_share: run the sweep with a FullKV cell per benchmark")
+    benchmarks = list(dict.fromkeys(frame["benchmark"]))
+    present = set(frame["method"])
+    methods = [m for m in EVAL_METHODS if m in present] + sorted(present - set(EVAL_METHODS))
+    ncols = max(1, min(ncols, len(benchmarks)))
+    nrows = int(np.ceil(len(benchmarks) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
+    handles: dict[str, object] = {}
+    for ax, name in zip(axes.flat, benchmarks):
+        spec = get_benchmark(name)
+        sub = frame[frame["benchmark"] == name].dropna(subset=["kv_share"])
+        for method in methods:
+            rows = sub[sub["method"] == method].sort_values("kv_share")
+            if rows.empty:
+                continue
+            color = METHOD_COLORS.get(method, (0.5, 0.5, 0.5))
+            style = dict(METHOD_STYLES.get(method, {"linestyle": "-", "marker": "o", "linewidth": 1.6}))
+            style["marker"] = style.get("marker") or "o"
+            (line,) = ax.plot(rows["kv_share"], rows["score"], color=color, **style)
+            handles.setdefault(_label(method), line)
+        ax.set_xlim(0, 1.05)
+        ax.set_title(spec.title)
+        ax.set_xlabel("KV bytes stored / FullKV's (measured)")
+        ax.set_ylabel(spec.metric)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(benchmarks):]:
+        ax.axis("off")
     fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(5, len(handles)), frameon=False, bbox_to_anchor=(0.5, 1.0))
     if title:
         fig.suptitle(title, y=1.06)

@@ -213,3 +213,58 @@ def test_evaluate_fastv_table(qwen):
     n_img = int((doc_inputs["input_ids"] == loaded.image_token_id).sum())
     pruned = table[table.ratio == 1.0].iloc[0]
     assert pruned.kv_fraction == pytest.approx((4 * n - 2 * n_img) / (4 * n))
+
+
+# ------------------------------------------------------------------ FastV as a method of step 05
+
+
+def test_fastv_at_budget_by_hand():
+    # the FastVAtBudget docstring's example: L = 4, H_kv = 2, k = 1, n = 80 with 45 image tokens
+    shape = ModelShape(layers=4, query_heads=8, kv_heads=2)
+    method = fv.FastVAtBudget(budget=64, k=1)
+    assert method.target_tokens(shape, 80) == 512
+    press, match = method.press_for(shape, 80, 45)
+    assert (match.dropped, match.stored_tokens, match.reachable) == (22, 508, True)
+    assert press.num_dropped(45) == 22 and press.k == 1
+    low = fv.FastVAtBudget(budget=16, k=1).match(shape, 80, 45)
+    assert (low.ratio, low.dropped, low.stored_tokens, low.target_tokens, low.reachable) == (1.0, 45, 370, 128, False)
+    # a budget above the prompt: the target is the whole prompt, nothing dropped
+    assert fv.FastVAtBudget(budget=500, k=1).match(shape, 80, 45).ratio == 0.0
+    # no image token: nothing to drop; reachable only when the whole prompt fits
+    none = fv.FastVAtBudget(budget=16, k=1).match(shape, 80, 0)
+    assert (none.ratio, none.stored_tokens, none.reachable) == (0.0, 640, False)
+    with pytest.raises(fv.InvalidFastVParameterError, match="budget"):
+        fv.FastVAtBudget(budget=0)
+    with pytest.raises(fv.InvalidFastVParameterError, match="k must be"):
+        fv.FastVAtBudget(budget=16, k=0)
+
+
+@pytest.mark.parametrize("budget, reachable", [(24, False), (130, True), (4096, True)])
+def test_fastv_in_the_sweep_stores_at_most_the_budgets_bytes(qwen, budget, reachable):
+    """Through step 05's generator: FastV's prompt KV bytes never exceed a uniform head-level
+    method's at the same budget when the target is reachable, and the record says what was chosen."""
+    from sparsemm_utils.benchmarks import BENCHMARKS, load_benchmark, make_reader_benchmark
+    from sparsemm_utils.evaluation import ModelGenerator
+
+    loaded, _ = qwen
+    sample = load_benchmark("reader_docqa", source=make_reader_benchmark(1, seed=7))[0]
+    gen = ModelGenerator(loaded, {"window": 8, "fastv_k": 1}, max_new_tokens=1)
+    spec = BENCHMARKS["reader_docqa"]
+    fast = gen(sample, spec, "fastv", budget)
+    snap = gen(sample, spec, "snapkv", budget)
+    details = fast.details
+    n = fast.prompt_tokens
+    assert details["fastv_k"] == 1 and details["target_tokens"] == loaded.num_layers * loaded.num_kv_heads * min(budget, n)
+    # max_new_tokens=1: generate runs the prefill only, so the cache holds exactly the kept prompt tokens
+    per_token = loaded.head_dim * 2 * 4
+    assert fast.kv_bytes == details["stored_tokens"] * per_token
+    assert snap.kv_bytes == details["target_tokens"] * per_token
+    assert details["reachable"] == reachable  # this prompt: 151 tokens, 50 of them image tokens
+    if reachable:
+        assert fast.kv_bytes <= snap.kv_bytes
+    else:
+        assert details["ratio"] == 1.0 and fast.kv_bytes > snap.kv_bytes
+    if budget >= n:
+        assert details["ratio"] == 0.0 and fast.text == gen(sample, spec, "fullkv", None).text
+    elif reachable:  # 4 * 2 * 130 = 1040 tokens: ceil((4 * 151 - 520) / 3) = 28 image tokens dropped
+        assert (details["dropped"], details["stored_tokens"]) == (28, 2 * (4 * 151 - 3 * 28))

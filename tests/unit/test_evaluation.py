@@ -27,6 +27,7 @@ from sparsemm_utils.evaluation import (
     SweepMismatchError,
     UnknownMethodError,
     cell_statistics,
+    fastv_match_table,
     lowest_budget_table,
     predictions_frame,
     press_for,
@@ -211,6 +212,23 @@ def test_mismatched_reruns_are_refused(tmp_path):
         _run(tmp_path, Fake(), benchmarks={"gqa": GQA[:3]}, methods=["fullkv"])
 
 
+def test_a_mismatched_sweep_is_archived_on_request(tmp_path):
+    _run(tmp_path, Fake(), methods=["fullkv"])
+    before = {name: (tmp_path / name).read_text() for name in (RESULTS_FILE, PREDICTIONS_FILE, "sweep.json")}
+    lines: list[str] = []
+    result = _run(tmp_path, Fake(), settings={"window": 16}, methods=["fullkv"], on_mismatch="archive", log=lines.append)
+    (archived,) = (tmp_path / "superseded").iterdir()
+    assert {name: (archived / name).read_text() for name in before} == before  # moved intact
+    assert "settings" in (archived / "reason.txt").read_text()
+    assert any(str(archived) in line for line in lines)
+    assert result.generated == 4 and json.loads((tmp_path / "sweep.json").read_text())["settings"] == {"window": 16}
+    # a matching rerun leaves the archive alone and reuses the new sweep
+    again = _run(tmp_path, Fake(), settings={"window": 16}, methods=["fullkv"], on_mismatch="archive")
+    assert again.generated == 0 and len(list((tmp_path / "superseded").iterdir())) == 1
+    with pytest.raises(EvaluationError, match="on_mismatch"):
+        _run(tmp_path, Fake(), methods=["fullkv"], on_mismatch="overwrite")
+
+
 def test_bad_inputs(tmp_path):
     report = SkipReport("gqa", n_rows=2)
     report.add("no image", "a")
@@ -282,7 +300,7 @@ def test_scaled_budgets_are_sorted_unique_and_above_the_window(prompt, window):
 def test_every_method_names_a_press_of_the_compression_framework():
     from sparsemm_utils.compression import COMPRESSION_METHODS
 
-    assert {m.press for m in EVAL_METHODS.values()} <= set(COMPRESSION_METHODS)
+    assert {m.press for m in EVAL_METHODS.values()} <= set(COMPRESSION_METHODS) | {"fastv"}
     assert [m for m, spec in EVAL_METHODS.items() if not spec.budgeted] == ["fullkv", "mask", "mask_random"]
 
 
@@ -305,6 +323,48 @@ def test_press_for_builds_each_method():
         press_for("snapkv", None, window=8)
 
 
+def test_press_for_fastv_is_fastv_matched_to_the_budget():
+    from sparsemm_utils.fastv import FastVAtBudget
+
+    assert press_for("fastv", 32, fastv_k=3) == FastVAtBudget(budget=32, k=3)
+    with pytest.raises(MissingMethodSettingError, match="'fastv_k'"):
+        press_for("fastv", 32, window=8)
+    with pytest.raises(EvaluationError, match="needs a budget"):
+        press_for("fastv", None, fastv_k=2)
+
+
+def test_method_details_are_kept_in_the_predictions(tmp_path):
+    class WithDetails:
+        def __call__(self, sample, spec, method, budget):
+            return Generation("x", prompt_tokens=10, kv_bytes=5, details={"ratio": 0.25, "reachable": True})
+
+    run_sweep(tmp_path, model="m", benchmarks={"gqa": GQA[:2]}, methods=["fastv"], budgets=[16],
+              generate=WithDetails(), progress=False, log=None)  # fmt: skip
+    lines = [json.loads(x) for x in (tmp_path / PREDICTIONS_FILE).read_text().splitlines()]
+    assert [r["method_details"] for r in lines] == [{"ratio": 0.25, "reachable": True}] * 2
+    frame = predictions_frame(tmp_path / PREDICTIONS_FILE)
+    assert list(frame["detail_ratio"]) == [0.25, 0.25] and list(frame["detail_reachable"]) == [True, True]
+
+
+def test_fastv_match_table_by_hand():
+    # budget 16: two prompts, one reachable (target 100, stored 96), one not (target 100, stored 150)
+    details = [(16, 0.5, 20, 100, 96, True), (16, 1.0, 40, 100, 150, False), (32, 0.25, 10, 200, 200, True)]
+    preds = pd.DataFrame(
+        [{"benchmark": "gqa", "method": "fastv", "budget": b, "sample_id": str(i), "detail_ratio": r, "detail_dropped": d,
+          "detail_target_tokens": t, "detail_stored_tokens": st_, "detail_reachable": ok}
+         for i, (b, r, d, t, st_, ok) in enumerate(details)]
+        + [{"benchmark": "gqa", "method": "fullkv", "budget": None, "sample_id": "0"}]
+    )  # fmt: skip
+    table = fastv_match_table(preds)
+    assert list(table["budget"]) == [16, 32] and list(table["n"]) == [2, 1]
+    row = table.iloc[0]
+    assert (row["reachable"], row["ratio"], row["dropped"], row["target_tokens"], row["stored_tokens"]) == (0.5, 0.75, 30, 100, 123)
+    assert row["stored_over_target"] == pytest.approx(1.23)
+    assert fastv_match_table(preds[preds["method"] == "fullkv"]).empty
+    with pytest.raises(EvaluationError, match="lack"):
+        fastv_match_table(preds.drop(columns=["detail_ratio"]))
+
+
 # ---------------------------------------------------------------------------------- config
 
 
@@ -316,6 +376,10 @@ def test_eval_config_normalises_and_validates():
     assert cfg.press_settings("S")["head_scores"] == "S"
     settings_ = EvalConfig(benchmarks=["reader_docqa"], benchmark_seed=5).sweep_settings(np.ones((2, 2)))
     assert settings_["reader_docqa"] == {"n_documents": 8, "seed": 5} and len(settings_["head_scores_sha256"]) == 64
+    # FastV's K is part of the sweep's identity only when FastV is in it (older sweeps stay valid)
+    assert "fastv_k" not in settings_
+    with_fastv = EvalConfig(methods=["fullkv", "fastv"], fastv_k=1)
+    assert with_fastv.sweep_settings()["fastv_k"] == 1 and with_fastv.press_settings()["fastv_k"] == 1
 
 
 @pytest.mark.parametrize(
@@ -327,6 +391,8 @@ def test_eval_config_normalises_and_validates():
         ({"benchmarks": "docvqa"}, "list of names"),
         ({"ratio": 0}, "ratio must be"),
         ({"limit": 0}, "limit must be"),
+        ({"fastv_k": 0}, "fastv_k must be"),
+        ({"on_mismatch": "delete"}, "on_mismatch must be"),
         ({"model_id": ""}, "model_id"),
         ({"benchmark_sources": {"nope": "x"}}, "unknown benchmark"),
     ],

@@ -11,7 +11,12 @@ import pandas as pd
 import pytest
 
 from sparsemm_utils.evaluation import RESULTS_COLUMNS
-from sparsemm_utils.plots.eval import METHOD_COLORS, plot_accuracy_by_group, plot_accuracy_vs_budget
+from sparsemm_utils.plots.eval import (
+    METHOD_COLORS,
+    plot_accuracy_by_group,
+    plot_accuracy_vs_budget,
+    plot_accuracy_vs_kv_share,
+)
 from sparsemm_utils.reference_numbers import reference_frame
 
 MODEL = "Qwen/Qwen2-VL-7B-Instruct"
@@ -67,6 +72,35 @@ def test_accuracy_by_group():
     plt.close(fig)
     with pytest.raises(ValueError, match="no column 'category'"):
         plot_accuracy_by_group(preds, "reader_docqa", group="category")
+
+
+def test_accuracy_against_measured_kv_share():
+    """x is each cell's measured KV share (cell_statistics), so methods compare at equal bytes."""
+    results = _results()
+    stats = pd.DataFrame(
+        {
+            "benchmark": ["docvqa"] * 7,
+            "method": ["fullkv", "sparsemm", "sparsemm", "sparsemm", "snapkv", "snapkv", "snapkv"],
+            "budget": [None, 64, 128, 256, 64, 128, 256],
+            "kv_share": [1.0, 0.1, 0.2, 0.4, 0.1, 0.2, 0.4],
+        }
+    )
+    fig = plot_accuracy_vs_kv_share(results, stats)
+    axes = [ax for ax in fig.axes if ax.axison]
+    # textvqa has no kv_share (no statistics for it) but still gets its panel, empty
+    assert [ax.get_title() for ax in axes] == ["DocVQA", "TextVQA"]
+    lines = {tuple(line.get_color()[:3]): line for line in axes[0].get_lines()}
+    fullkv = lines[tuple(METHOD_COLORS["fullkv"])]
+    assert list(fullkv.get_xdata()) == [1.0] and list(fullkv.get_ydata()) == [0.93]
+    sparse = lines[tuple(METHOD_COLORS["sparsemm"])]
+    assert list(sparse.get_xdata()) == [0.1, 0.2, 0.4]
+    assert list(sparse.get_ydata()) == pytest.approx([0.8, 0.85, 0.9])
+    assert len(axes[1].get_lines()) == 0
+    plt.close(fig)
+    with pytest.raises(ValueError, match="lacks columns \\['kv_share'\\]"):
+        plot_accuracy_vs_kv_share(results, stats.drop(columns=["kv_share"]))
+    with pytest.raises(ValueError, match="no cell has a kv_share"):
+        plot_accuracy_vs_kv_share(results, stats.assign(kv_share=float("nan")))
 
 
 def test_empty_or_malformed_results_are_refused():
