@@ -66,6 +66,29 @@ def _check(results: pd.DataFrame) -> None:
         raise ValueError("results is empty: run the sweep first")
 
 
+def _method_style(method: str) -> tuple[tuple[float, float, float], dict]:
+    """The method's colour and line style (grey, plain line for a method not in the tables)."""
+    return METHOD_COLORS.get(method, (0.5, 0.5, 0.5)), dict(METHOD_STYLES.get(method, {"linestyle": "-", "marker": "o", "linewidth": 1.6}))
+
+
+def _benchmark_panels(n: int, ncols: int) -> tuple[Figure, np.ndarray]:
+    """A grid of ``n`` panels, ``ncols`` per row at most (axes as a 2-D array)."""
+    ncols = max(1, min(ncols, n))
+    nrows = int(np.ceil(n / ncols))
+    return plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
+
+
+def _finish_panels(fig: Figure, axes: np.ndarray, used: int, handles: Mapping[str, object], title: str | None) -> Figure:
+    """Hide the unused panels, put one legend above them all, the title above that."""
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(5, len(handles)), frameon=False, bbox_to_anchor=(0.5, 1.0))
+    if title:
+        fig.suptitle(title, y=1.06)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    return fig
+
+
 def plot_benchmark_samples(samples: Mapping[str, Sequence[EvalSample]], *, per_benchmark: int = 2, width: int = 48) -> Figure:
     """The first ``per_benchmark`` samples of each benchmark: the image, the text the model is
     given (wrapped at ``width`` characters, cut after 6 lines) and the ground truths."""
@@ -113,9 +136,7 @@ def plot_accuracy_vs_budget(
     benchmarks = list(benchmarks or dict.fromkeys(results["benchmark"]))
     present = set(results["method"])
     methods = list(methods or [m for m in EVAL_METHODS if m in present] + sorted(present - set(EVAL_METHODS)))
-    ncols = max(1, min(ncols, len(benchmarks)))
-    nrows = int(np.ceil(len(benchmarks) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
+    fig, axes = _benchmark_panels(len(benchmarks), ncols)
     handles: dict[str, object] = {}
     paper_handle = None
     for ax, name in zip(axes.flat, benchmarks):
@@ -128,8 +149,7 @@ def plot_accuracy_vs_budget(
             budgets = sorted(set(budgets) | {int(b) for b in ref["budget"].dropna()})
         span = (min(budgets) / 1.3, max(budgets) * 1.3) if budgets else (1, 2)
         for method in methods:
-            color = METHOD_COLORS.get(method, (0.5, 0.5, 0.5))
-            style = METHOD_STYLES.get(method, {"linestyle": "-", "marker": "o", "linewidth": 1.6})
+            color, style = _method_style(method)
             rows = sub[sub["method"] == method]
             if not rows.empty:
                 if rows["budget"].isna().all():
@@ -160,15 +180,9 @@ def plot_accuracy_vs_budget(
         ax.set_xlabel("KV budget B per head (window included)")
         ax.set_ylabel(spec.metric)
         ax.grid(True, alpha=0.3)
-    for ax in list(axes.flat)[len(benchmarks):]:
-        ax.axis("off")
     if paper_handle is not None:
         handles["paper (hollow, dotted)"] = paper_handle
-    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(5, len(handles)), frameon=False, bbox_to_anchor=(0.5, 1.0))
-    if title:
-        fig.suptitle(title, y=1.06)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
-    return fig
+    return _finish_panels(fig, axes, len(benchmarks), handles, title)
 
 
 def plot_accuracy_vs_kv_share(results: pd.DataFrame, stats: pd.DataFrame, *, ncols: int = 3, title: str | None = None) -> Figure:
@@ -192,9 +206,7 @@ def plot_accuracy_vs_kv_share(results: pd.DataFrame, stats: pd.DataFrame, *, nco
     benchmarks = list(dict.fromkeys(frame["benchmark"]))
     present = set(frame["method"])
     methods = [m for m in EVAL_METHODS if m in present] + sorted(present - set(EVAL_METHODS))
-    ncols = max(1, min(ncols, len(benchmarks)))
-    nrows = int(np.ceil(len(benchmarks) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
+    fig, axes = _benchmark_panels(len(benchmarks), ncols)
     handles: dict[str, object] = {}
     for ax, name in zip(axes.flat, benchmarks):
         spec = get_benchmark(name)
@@ -203,8 +215,7 @@ def plot_accuracy_vs_kv_share(results: pd.DataFrame, stats: pd.DataFrame, *, nco
             rows = sub[sub["method"] == method].sort_values("kv_share")
             if rows.empty:
                 continue
-            color = METHOD_COLORS.get(method, (0.5, 0.5, 0.5))
-            style = dict(METHOD_STYLES.get(method, {"linestyle": "-", "marker": "o", "linewidth": 1.6}))
+            color, style = _method_style(method)
             style["marker"] = style.get("marker") or "o"
             (line,) = ax.plot(rows["kv_share"], rows["score"], color=color, **style)
             handles.setdefault(_label(method), line)
@@ -213,13 +224,7 @@ def plot_accuracy_vs_kv_share(results: pd.DataFrame, stats: pd.DataFrame, *, nco
         ax.set_xlabel("KV bytes stored / FullKV's (measured)")
         ax.set_ylabel(spec.metric)
         ax.grid(True, alpha=0.3)
-    for ax in list(axes.flat)[len(benchmarks):]:
-        ax.axis("off")
-    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(5, len(handles)), frameon=False, bbox_to_anchor=(0.5, 1.0))
-    if title:
-        fig.suptitle(title, y=1.06)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
-    return fig
+    return _finish_panels(fig, axes, len(benchmarks), handles, title)
 
 
 def plot_accuracy_by_group(
@@ -257,8 +262,7 @@ def plot_accuracy_by_group(
             rows = part[part["method"] == method]
             if rows.empty:
                 continue
-            color = METHOD_COLORS.get(method, (0.5, 0.5, 0.5))
-            style = METHOD_STYLES.get(method, {"linestyle": "-", "marker": "o", "linewidth": 1.6})
+            color, style = _method_style(method)
             if rows["budget"].isna().all():
                 ax.hlines(float(rows[column].iloc[0]), *span, color=color, linestyles=style["linestyle"], linewidth=style["linewidth"], label=_label(method))
             else:
