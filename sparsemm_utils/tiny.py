@@ -836,6 +836,22 @@ def summarize_records(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[st
     return out
 
 
+def error_breakdown(records: Sequence[Mapping[str, Any]], task: str) -> dict[str, Any]:
+    """How the answers of ``task`` go wrong: ``n`` questions, ``wrong`` answers, of which
+    ``wrong_length`` have another length than the answer (read past the word's end, or stopped
+    early) and ``same_length`` the right length with wrong characters; ``by_answer_length``
+    {answer length: (questions, exact match)}. Each record needs ``task``, ``answer``, ``prediction``."""
+    rows = [r for r in records if r["task"] == task]
+    wrong = [r for r in rows if r["prediction"] != r["answer"]]
+    lengths = sorted({len(r["answer"]) for r in rows})
+    by_length = {}
+    for n in lengths:
+        group = [r for r in rows if len(r["answer"]) == n]
+        by_length[n] = (len(group), sum(r["prediction"] == r["answer"] for r in group) / len(group))
+    same = sum(len(r["prediction"]) == len(r["answer"]) for r in wrong)
+    return {"n": len(rows), "wrong": len(wrong), "wrong_length": len(wrong) - same, "same_length": same, "by_answer_length": by_length}
+
+
 def evaluate_reader(
     loaded: Any,
     documents: Any,
@@ -1000,6 +1016,17 @@ def write_model_card(
         + f"; training took {total_minutes:.1f} minutes of optimizer wall time"
         + (" (over the 60-minute budget)." if total_minutes > 60 else ".")
     )
+    worst = min((t for t in TASK_TYPES if t in summary), key=lambda t: summary[t]["exact_match"], default=None)
+    failures = ""
+    if worst is not None and summary[worst]["exact_match"] < 1:
+        b = error_breakdown(evaluation["records"], worst)
+        per_length = ", ".join(f"{n} character(s): {em:.3f} ({k})" for n, (k, em) in b["by_answer_length"].items())
+        failures = (
+            f"\nWhere it fails most (`{worst}`, the lowest exact match): {b['wrong']} of {b['n']} answers are wrong; "
+            f"{b['wrong_length']} have the wrong length (it reads on past the end of the word, or stops early) and "
+            f"{b['same_length']} the right length with wrong characters. Exact match by answer length "
+            f"(questions): {per_length}.\n"
+        )
     earlier = ""
     previous_results = out / "training" / _PREVIOUS_STAGE / "eval_results.json"
     if previous_results.is_file():
@@ -1089,7 +1116,7 @@ held-out pages (seed {eval_seed}), one question per task each page can host. Cha
 | task | questions | exact match | character accuracy |
 |---|---|---|---|
 {rows}
-{earlier}
+{failures}{earlier}
 
 Reproduce: `.venv/bin/python benchmarks/tiny_reader_accuracy.py` (or
 `python -m sparsemm_utils.tiny evaluate --model data/tiny_reader --docs {n_docs}`); the per-question

@@ -26,6 +26,7 @@ from sparsemm_utils.tiny import (
     TrainConfigError,
     build_reader,
     easy_page_probability,
+    error_breakdown,
     evaluate_reader,
     heldout_documents,
     learning_rate,
@@ -123,6 +124,19 @@ def test_summarize_records_by_hand():
     # all: 6 edits over 11 answer characters
     assert s["all"]["n"] == 3 and s["all"]["char_accuracy"] == pytest.approx(1 - 6 / 11)
     assert list(s) == ["ocr", "line", "all"]
+
+
+def test_error_breakdown_by_hand():
+    records = [
+        {"task": "value", "answer": "V", "prediction": "V7W"},  # read past the word: wrong length
+        {"task": "value", "answer": "HVJX", "prediction": "HVDX"},  # right length, one wrong character
+        {"task": "value", "answer": "Q", "prediction": "Q"},
+        {"task": "value", "answer": "AB", "prediction": "AB"},
+        {"task": "ocr", "answer": "Z", "prediction": ""},  # another task: not counted
+    ]
+    b = error_breakdown(records, "value")
+    assert (b["n"], b["wrong"], b["wrong_length"], b["same_length"]) == (4, 2, 1, 1)
+    assert b["by_answer_length"] == {1: (2, 0.5), 2: (1, 1.0), 4: (1, 0.0)}
 
 
 # ------------------------------------------------------------------------------ slow: model
