@@ -477,6 +477,8 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     if not isinstance(model, str) or not model:
         raise EvaluationError(f"model must be a non-empty string (its name in results.csv), got {model!r}")
+    if on_mismatch not in ON_MISMATCH:
+        raise EvaluationError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
     say = log or (lambda message: None)
     specs = {name: get_benchmark(name) for name in benchmarks}
     if any(spec.name != name for name, spec in specs.items()):
@@ -498,8 +500,6 @@ def run_sweep(
             "skipped": dict(report.counts) if report is not None else {},
             "n_rows": report.n_rows if report is not None else len(sample_ids),
         }
-    if on_mismatch not in ON_MISMATCH:
-        raise EvaluationError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
     results_path = out / RESULTS_FILE
     try:
         _reconcile_manifest(out / SWEEP_FILE, model, settings or {}, sets)

@@ -170,7 +170,8 @@ def fastv_ratio_for_budget(
     FastV stores ``H_kv * (L * n - (L - k) * d)`` prompt tokens when it drops ``d`` image tokens
     (:meth:`FastVPress.stored_prompt_tokens`), so equal KV bytes with a head-level method that
     stores ``target_tokens`` in all (e.g. ``HeadCapacities.kept(n).sum()`` of step 04) needs
-    ``d = ceil((L * n - target / H_kv) / (L - k))``, clipped to ``[0, n_img]``; R = d / n_img.
+    ``d = ceil((L * n - target / H_kv) / (L - k))``, clipped to ``[0, n_img]``; R = d / n_img
+    (R = 0 for a prompt without image tokens: nothing to drop, reachable only if it all fits).
     Example: L = 4, H_kv = 2, n = 100, n_img = 60, k = 2, target 640 tokens:
     d = ceil((400 - 320) / 2) = 40, R = 40 / 60, stored = 2 * (400 - 2 * 40) = 640.
     """
@@ -178,8 +179,8 @@ def fastv_ratio_for_budget(
     press.validate_for(shape)
     if not _is_int(target_tokens) or target_tokens < 0:
         raise InvalidFastVParameterError(f"target_tokens must be an int >= 0, got {target_tokens!r}")
-    if not _is_int(num_image_tokens) or num_image_tokens < 1:
-        raise InvalidFastVParameterError(f"num_image_tokens must be an int >= 1, got {num_image_tokens!r}")
+    if not _is_int(num_image_tokens) or num_image_tokens < 0:
+        raise InvalidFastVParameterError(f"num_image_tokens must be an int >= 0, got {num_image_tokens!r}")
     layers, kv_heads, n = shape.layers, shape.kv_heads, int(prompt_len)
     pruned_layers = layers - k
     if pruned_layers == 0:
@@ -188,7 +189,7 @@ def fastv_ratio_for_budget(
         needed = max(0, math.ceil((layers * n - target_tokens / kv_heads) / pruned_layers - 1e-9))
     reachable = needed <= num_image_tokens
     dropped = min(needed, num_image_tokens)
-    ratio = dropped / num_image_tokens
+    ratio = dropped / num_image_tokens if num_image_tokens else 0.0
     stored = int(FastVPress(k=k, ratio=ratio).stored_prompt_tokens(shape, n, num_image_tokens).sum())
     return FastVBudgetMatch(ratio=ratio, dropped=dropped, stored_tokens=stored, target_tokens=int(target_tokens), reachable=reachable)
 
@@ -228,13 +229,8 @@ class FastVAtBudget:
         return shape.layers * shape.kv_heads * min(int(self.budget), int(prompt_len))
 
     def match(self, shape: ModelShape, prompt_len: int, num_image_tokens: int) -> FastVBudgetMatch:
-        """FastV's ratio for one prompt (a prompt without image tokens: R = 0, nothing to drop)."""
-        target = self.target_tokens(shape, prompt_len)
-        if num_image_tokens == 0:
-            press = FastVPress(k=self.k, ratio=0.0)
-            stored = int(press.stored_prompt_tokens(shape, int(prompt_len), 0).sum())
-            return FastVBudgetMatch(ratio=0.0, dropped=0, stored_tokens=stored, target_tokens=target, reachable=stored <= target)
-        return fastv_ratio_for_budget(shape, int(prompt_len), int(num_image_tokens), self.k, target)
+        """FastV's ratio for one prompt (:func:`fastv_ratio_for_budget` at :meth:`target_tokens`)."""
+        return fastv_ratio_for_budget(shape, int(prompt_len), int(num_image_tokens), self.k, self.target_tokens(shape, prompt_len))
 
     def press_for(self, shape: ModelShape, prompt_len: int, num_image_tokens: int) -> tuple[FastVPress, FastVBudgetMatch]:
         """The :class:`FastVPress` for one prompt and the match it came from."""
