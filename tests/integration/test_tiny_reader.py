@@ -13,6 +13,11 @@ from sparsemm_utils.models import load_model
 from sparsemm_utils.reader_tasks import TASK_TYPES, char_classes, collate, document_lines, questions_for_document
 from sparsemm_utils.tiny import (
     DEFAULT_READER_DIR,
+    POSITION_CLASSES,
+    POSITION_LABEL_SMOOTHING,
+    AuxiliaryHeads,
+    TinyReaderError,
+    visual_positions,
     ReaderNotebookConfig,
     linear_patch_embedding,
     main,
@@ -100,7 +105,8 @@ def test_step_samples_are_deterministic_and_follow_the_curriculum():
 def test_train_config_errors():
     for bad in (dict(steps=0), dict(lr=0.0), dict(task_weights=(1.0, 0.0)), dict(task_weights=(0, 0, 0)),
                 dict(easy_until=0.5, ramp_until=0.2), dict(seed=HELDOUT_SEED), dict(seed=VALIDATION_SEED),
-                dict(full_fraction=1.5), dict(batch_size=True)):
+                dict(full_fraction=1.5), dict(batch_size=True), dict(position_weight=-0.1), dict(position_layer=0),
+                dict(position_layer=5), dict(position_start=1.5)):
         with pytest.raises(TrainConfigError):
             TrainConfig(**bad)
     with pytest.raises(TrainConfigError, match="unknown training options"):
@@ -139,6 +145,26 @@ def test_error_breakdown_by_hand():
     assert b["by_answer_length"] == {1: (2, 0.5), 2: (1, 1.0), 4: (1, 0.0)}
 
 
+def test_visual_positions_by_hand():
+    # image 1: 4 x 6 patches = 2 x 3 merged tokens; image 2: 2 x 4 patches = 1 x 2 merged tokens
+    rows, cols = visual_positions(torch.tensor([[1, 4, 6], [1, 2, 4]]))
+    assert rows.tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
+    assert cols.tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+    with pytest.raises(TinyReaderError, match="larger than the position head"):
+        visual_positions(torch.tensor([[1, 2, 2 * (POSITION_CLASSES + 1)]]))
+
+
+def test_auxiliary_heads_keep_the_glyph_head_of_a_run_without_positions():
+    with_pos = AuxiliaryHeads(32, 27, position=True, seed=5)
+    without = AuxiliaryHeads(32, 27, position=False, seed=5)
+    torch.manual_seed(6)
+    plain = torch.nn.Linear(32, 27)  # the glyph head as it was built before the position head existed
+    assert without.position is None and with_pos.position.out_features == 2 * POSITION_CLASSES
+    for a, b in zip(with_pos.glyph.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(with_pos.glyph.parameters(), without.glyph.parameters()))
+
+
 # ------------------------------------------------------------------------------ slow: model
 
 
@@ -162,22 +188,35 @@ def test_shared_prefix_forward_equals_the_plain_forward():
     cfg = small_config(batch_size=5)
     model, processor = build_reader(SMALL_MODEL, seed=0)
     batch = collate(processor, step_samples(cfg, 40), classes=char_classes())
-    head = torch.nn.Linear(SMALL_MODEL.text_hidden, 27)
+    head = AuxiliaryHeads(SMALL_MODEL.text_hidden, 27, position=True, seed=0)
     grads = []
     for shared in (True, False):
-        out = reader_losses(model, batch, head, shared_prefix=shared)
-        (out["lm_loss"] + out["aux_loss"]).backward()
+        out = reader_losses(model, batch, head, shared_prefix=shared, position_weight=0.5, position_layer=1)
+        (out["lm_loss"] + out["aux_loss"] + out["pos_loss"]).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
         model.zero_grad()
         if shared:
             first = out
     assert first["lm_loss"].item() == pytest.approx(out["lm_loss"].item(), rel=1e-5)
+    assert first["pos_loss"].item() == pytest.approx(out["pos_loss"].item(), rel=1e-5)
     assert torch.equal(first["seq_correct"], out["seq_correct"])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # and the plain path equals transformers' own forward and loss
-    hf = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw", "labels")})
+    hf = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw", "labels")},
+               output_hidden_states=True)
     assert hf.loss.item() == pytest.approx(out["lm_loss"].item(), rel=1e-5)
+    # the position loss, by hand: the hidden state after decoder layer 1 of every image token, in
+    # batch order, against its row and column in the merged grid
+    visual = hf.hidden_states[1][batch["input_ids"] == model.config.image_token_id]
+    rows, cols = visual_positions(batch["image_grid_thw"])
+    assert len(rows) == len(visual) == int((batch["input_ids"] == model.config.image_token_id).sum())
+    logits = head.position(visual)
+    ce = lambda x, y: torch.nn.functional.cross_entropy(x, y, label_smoothing=POSITION_LABEL_SMOOTHING)  # noqa: E731
+    expected = 0.5 * (ce(logits[:, :POSITION_CLASSES], rows) + ce(logits[:, POSITION_CLASSES:], cols))
+    assert out["pos_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    # without a position weight nothing is computed
+    assert reader_losses(model, batch, head, position_weight=0.0)["pos_loss"].item() == 0.0
 
 
 @pytest.mark.slow
@@ -188,8 +227,24 @@ def test_a_short_training_run_lowers_the_loss_and_is_deterministic(tmp_path):
     assert len(log) == 30 and result.steps == 30
     assert log["lm_loss"][-5:].mean() < log["lm_loss"][:5].mean() - 0.5
     assert log["aux_loss"][-5:].mean() < log["aux_loss"][:5].mean()
+    pos = log["pos_loss"][log["step"] >= cfg.position_start * cfg.steps]  # switched on after 10% of the run
+    assert len(pos) == 27 and (pos > 0).all() and pos[-5:].mean() < pos[:5].mean()
     again, _, _, _ = train_reader(cfg, tmp_path / "b", progress=False)
     assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_the_position_loss_changes_nothing_before_position_start(tmp_path):
+    # steps 0-1 of a 4-step run with position_start 0.5 are those of a run without the position head
+    with_pos, _, _, _ = train_reader(small_config(steps=4, position_weight=0.5, position_start=0.5), tmp_path / "a",
+                                     progress=False, stop_after=2)
+    without, _, _, _ = train_reader(small_config(steps=4, position_weight=0.0), tmp_path / "b", progress=False, stop_after=2)
+    assert all(torch.equal(x, y) for x, y in zip(with_pos.state_dict().values(), without.state_dict().values()))
+    log = np.genfromtxt(tmp_path / "a" / "training_log.csv", delimiter=",", names=True, dtype=None, encoding=None)
+    assert list(log["pos_loss"]) == [0.0, 0.0]
+    train_reader(small_config(steps=4, position_weight=0.5, position_start=0.5), tmp_path / "a", progress=False)
+    log = np.genfromtxt(tmp_path / "a" / "training_log.csv", delimiter=",", names=True, dtype=None, encoding=None)
+    assert log["pos_loss"][2] > 0 and log["pos_loss"][3] > 0
 
 
 @pytest.mark.slow
@@ -236,6 +291,31 @@ def test_save_reader_loads_like_a_real_checkpoint(tmp_path):
     # the evaluate CLI reads the same pages the card's numbers came from
     assert main(["evaluate", "--model", str(out), "--docs", "1", "--tasks", "line", "--out", str(tmp_path / "ev.json")]) == 0
     assert json.loads((tmp_path / "ev.json").read_text())["records"][0]["answer"] == result["records"][0]["answer"]
+
+
+@pytest.mark.slow
+def test_a_second_stage_starts_from_the_saved_reader_and_its_heads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    first = small_config(steps=2, position_weight=0.0)
+    model, processor, head, _ = train_reader(first, tmp_path / "work1", progress=False)
+    assert head.position is None
+    out = save_reader(model, processor, head, tmp_path / "stage1", tmp_path / "work1")
+    # a reader saved before the position head existed kept its glyph head under the plain names
+    saved = load_file(str(out / "training" / "aux_head.safetensors"))
+    assert set(saved) == {"glyph.weight", "glyph.bias"}
+    save_file({k.removeprefix("glyph."): v for k, v in saved.items()}, str(out / "training" / "aux_head.safetensors"))
+    second = small_config(steps=2, init_from=str(out), position_weight=0.5)
+    start, _, start_head, result = train_reader(second, tmp_path / "work2", progress=False, stop_after=0)
+    assert result.steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))
+    assert torch.equal(start_head.glyph.weight, head.glyph.weight)
+    fresh = AuxiliaryHeads(SMALL_MODEL.text_hidden, len(char_classes()) + 1, position=True, seed=second.seed)
+    assert torch.equal(start_head.position.weight, fresh.position.weight)  # new head: its own initialisation
+    # a glyph head of another size (another character set) is refused with a clear message
+    save_file({"weight": torch.zeros(5, SMALL_MODEL.text_hidden), "bias": torch.zeros(5)}, str(out / "training" / "aux_head.safetensors"))
+    with pytest.raises(TrainConfigError, match="does not fit the auxiliary heads"):
+        train_reader(second, tmp_path / "work3", progress=False, stop_after=0)
 
 
 @pytest.mark.slow
