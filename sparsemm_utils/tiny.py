@@ -80,6 +80,7 @@ from torch import nn
 
 from .reader_tasks import (
     TASK_TYPES,
+    VALUE_PROMPT,
     ReaderDocSpec,
     ReaderQuestion,
     NoQuestionError,
@@ -119,6 +120,7 @@ __all__ = [
     "heldout_documents",
     "reader_doc_spec",
     "summarize_records",
+    "value_error_sources",
     "write_model_card",
     "rewrite_model_card",
     "STEP",
@@ -491,9 +493,10 @@ class AuxiliaryHeads(nn.Module):
       translation-equivariant and the page background is uniform), but the language model can
       (causal attention over the fixed prefix tokens before the image), and a visual token that
       knows its row lets a question address a line by content ("the line that starts with KEY").
-      It was added because a reader trained without it mixed lines on value questions (the right
-      columns, read from a neighbouring line). Measured against that run (README, "tiny reader"):
-      ``ocr`` exact match 0.915 -> 0.950, ``value`` only 0.683 -> 0.696; the line mixing remains.
+      It was added because a reader trained without it mixed lines on value questions (every wrong
+      character a glyph of another line, mostly near the right column: :func:`value_error_sources`).
+      Measured against that run (README, "tiny reader"): ``ocr`` exact match 0.915 -> 0.950,
+      ``value`` only 0.683 -> 0.696; the line mixing remains.
 
     ``glyph`` is initialised under ``torch.manual_seed(seed + 1)`` and ``position`` under
     ``seed + 2``, so a run without the position head has the same initial weights as before it existed."""
@@ -977,6 +980,67 @@ def error_breakdown(records: Sequence[Mapping[str, Any]], task: str) -> dict[str
     return {"n": len(rows), "wrong": len(wrong), "wrong_length": len(wrong) - same, "same_length": same, "by_answer_length": by_length}
 
 
+def value_error_sources(
+    records: Sequence[Mapping[str, Any]],
+    docs: Mapping[int, Mapping[str, Any]],
+    *,
+    charset: str | None = None,
+    cell_size: int = 28,
+) -> dict[str, Any]:
+    """Where the wrong characters of wrong ``value`` answers come from, on grid pages.
+
+    For each wrong ``value`` record (``doc_id``, ``prompt`` "Value of KEY?", ``answer``,
+    ``prediction``), character ``i`` of the prediction should have been read from the cell ``i``
+    columns right of the value's first cell (one empty cell after KEY, on KEY's line). A character
+    that differs from that cell (empty cells included) is a *wrong character*; it is *from another
+    line* when the same glyph is drawn on another line of the page, and its *column distance* is
+    the smallest ``|column - expected column|`` over those cells. ``chance`` is the share a glyph
+    drawn uniformly from ``charset`` (other than the expected one) would be from another line.
+
+    ``docs``: {doc_id: step-01 row with ``char_coord``}. Returns ``wrong_answers``,
+    ``wrong_characters``, ``from_other_line``, ``same_column``, ``within_one_column``,
+    ``chance``. Worked example in the tests: lines "AB C" (row 0) and "DE FG" (row 1) from column 0,
+    "Value of AB?" answered "CG": 'C' is right, 'G' (expected: the empty cell at column 4) is
+    drawn at column 4 of the other line, so 1 wrong character, from another line, same column."""
+    charset = charset or ReaderDocSpec().charset
+    out = {"wrong_answers": 0, "wrong_characters": 0, "from_other_line": 0, "same_column": 0, "within_one_column": 0}
+    chance_sum = 0.0
+    for r in records:
+        if r["task"] != "value" or r["prediction"] == r["answer"]:
+            continue
+        doc = docs[r["doc_id"]]
+        cells: dict[tuple[int, int], str] = {}
+        for e in doc.get("char_coord") or []:
+            (x0, y0), (x1, y1) = e["coord"]
+            cells[(int((y0 + y1) / 2 // cell_size), int((x0 + x1) / 2 // cell_size))] = e["char"]
+        key = r["prompt"][len(VALUE_PROMPT.split("{key}")[0]) : -len(VALUE_PROMPT.split("{key}")[1])]
+        start = None
+        for row in sorted({rc[0] for rc in cells}):
+            cols = sorted(c for rr, c in cells if rr == row)
+            first = "".join(cells[(row, c)] for c in cols[: len(key)])
+            if first == key and cols[: len(key)] == list(range(cols[0], cols[0] + len(key))) and (row, cols[0] + len(key)) not in cells:
+                start = (row, cols[0] + len(key) + 1)
+        if start is None:
+            raise TinyReaderError(f"doc {r['doc_id']}: no line starts with the word {key!r}; pass the pages the records were read from")
+        out["wrong_answers"] += 1
+        row, c0 = start
+        for i, ch in enumerate(r["prediction"]):
+            expected = cells.get((row, c0 + i))
+            if ch == expected:
+                continue
+            out["wrong_characters"] += 1
+            others = [c for (rr, c), v in cells.items() if rr != row and v == ch]
+            other_glyphs = {v for (rr, _), v in cells.items() if rr != row and v != expected}
+            chance_sum += len(other_glyphs & set(charset)) / max(len(set(charset) - {expected}), 1)
+            if others:
+                out["from_other_line"] += 1
+                distance = min(abs(c - (c0 + i)) for c in others)
+                out["same_column"] += distance == 0
+                out["within_one_column"] += distance <= 1
+    out["chance"] = chance_sum / out["wrong_characters"] if out["wrong_characters"] else 0.0
+    return out
+
+
 def evaluate_reader(
     loaded: Any,
     documents: Any,
@@ -1152,6 +1216,18 @@ def write_model_card(
             f"{b['same_length']} the right length with wrong characters. Exact match by answer length "
             f"(questions): {per_length}.\n"
         )
+        if worst == "value":  # reader pages are grid pages
+            wanted = {r["doc_id"] for r in evaluation["records"] if r["task"] == "value"}
+            docs = {d["doc_id"]: d for d in heldout_documents(max(wanted) + 1, spec, eval_seed) if d["doc_id"] in wanted}
+            src = value_error_sources(evaluation["records"], docs, charset=spec.charset, cell_size=spec.cell_size)
+            if src["wrong_characters"]:
+                failures += (
+                    f"Of the {src['wrong_characters']} wrong characters in those answers, {src['from_other_line']} are glyphs drawn on "
+                    f"another line of the page ({src['same_column']} at the very column the value should have been read from, "
+                    f"{src['within_one_column']} within one column); a glyph drawn at random would be on another line "
+                    f"{src['chance']:.0%} of the time. It reads from the wrong line, near the right column "
+                    "(`sparsemm_utils.tiny.value_error_sources`).\n"
+                )
     earlier = ""
     previous_results = out / "training" / _PREVIOUS_STAGE / "eval_results.json"
     if previous_results.is_file():

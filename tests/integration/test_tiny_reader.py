@@ -43,6 +43,7 @@ from sparsemm_utils.tiny import (
     step_task,
     summarize_records,
     train_reader,
+    value_error_sources,
 )
 
 # A reader small enough to train a few dozen steps in seconds.
@@ -163,6 +164,41 @@ def test_auxiliary_heads_keep_the_glyph_head_of_a_run_without_positions():
     for a, b in zip(with_pos.glyph.parameters(), plain.parameters()):
         assert torch.equal(a, b)
     assert all(torch.equal(a, b) for a, b in zip(with_pos.glyph.parameters(), without.glyph.parameters()))
+
+
+def _grid_doc(doc_id: int, lines: dict[int, tuple[int, str]]) -> dict:
+    """A step-01 row with only ``char_coord``: {row: (first column, text)} on 28 px cells."""
+    chars = []
+    for row, (col0, text) in lines.items():
+        for i, ch in enumerate(text):
+            if ch != " ":
+                x, y = (col0 + i) * 28, row * 28
+                chars.append({"char": ch, "coord": [[x + 5.0, y + 4.0], [x + 20.0, y + 24.0]], "chunk_index": 0})
+    return {"doc_id": doc_id, "char_coord": chars}
+
+
+def test_value_error_sources_by_hand():
+    docs = {
+        0: _grid_doc(0, {0: (0, "AB C"), 1: (0, "DE FG")}),
+        1: _grid_doc(1, {0: (2, "K QR"), 2: (1, "XYZ")}),
+    }
+    records = [
+        # 'C' right; 'G' should come from the empty cell (row 0, col 4): drawn at col 4 of row 1
+        {"task": "value", "doc_id": 0, "prompt": "Value of AB?", "answer": "C", "prediction": "CG"},
+        # value "QR" at cols 4-5 of row 0; 'X' (col 1 of row 2: distance 3) and 'Z' (col 3 of row 2: distance 2),
+        # then 'A', drawn nowhere
+        {"task": "value", "doc_id": 1, "prompt": "Value of K?", "answer": "QR", "prediction": "XZA"},
+        {"task": "value", "doc_id": 1, "prompt": "Value of K?", "answer": "QR", "prediction": "QR"},  # right: skipped
+        {"task": "line", "doc_id": 0, "prompt": "Read line 1.", "answer": "AB C", "prediction": "AB"},  # other task
+    ]
+    out = value_error_sources(records, docs, charset="ABCDEFGKQRXYZ")
+    assert (out["wrong_answers"], out["wrong_characters"], out["from_other_line"]) == (2, 4, 3)
+    assert (out["same_column"], out["within_one_column"]) == (1, 1)
+    # chance per wrong character: glyphs on other lines (minus the expected one) / (charset minus the expected one)
+    # 'G': {D,E,F,G} / 13; 'X': {X,Y,Z} / 12 (expected Q); 'Z': {X,Y,Z} / 12 (expected R); 'A': {X,Y,Z} / 13 (empty cell)
+    assert out["chance"] == pytest.approx((4 / 13 + 3 / 12 + 3 / 12 + 3 / 13) / 4)
+    with pytest.raises(TinyReaderError, match="no line starts with the word 'QQ'"):
+        value_error_sources([{"task": "value", "doc_id": 0, "prompt": "Value of QQ?", "answer": "C", "prediction": "D"}], docs)
 
 
 # ------------------------------------------------------------------------------ slow: model
