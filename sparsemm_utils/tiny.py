@@ -356,7 +356,10 @@ class TrainConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise TrainConfigError(f"unknown training options {unknown}; valid options: {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        # a config saved before the position head existed trained without it (not with today's default)
+        values.setdefault("position_weight", 0.0)
+        return cls(**values)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:

@@ -116,6 +116,9 @@ def test_train_config_errors():
         ReaderModelSpec(rope_theta=0.5)
     cfg = TrainConfig(steps=7)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    # a train_config.json written before the position head existed describes a run without it
+    old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("position_")}
+    assert TrainConfig.from_dict(old).position_weight == 0.0 and cfg.position_weight == 0.1
 
 
 def test_summarize_records_by_hand():
