@@ -88,6 +88,7 @@ from .reader_tasks import (
     collate,
     draw_question,
     questions_for_document,
+    value_question,
 )
 from .runs import repo_root
 
@@ -551,8 +552,9 @@ def reader_losses(
     ``aux_acc`` (its accuracy on the tokens that show a character; both 0 without ``aux_head``,
     ``aux_labels`` or ``aux_weight``), ``pos_loss`` (mean of the row and column cross-entropies
     of :class:`AuxiliaryHeads` ``.position`` over every visual token, read after decoder layer
-    ``position_layer``, with label smoothing :data:`POSITION_LABEL_SMOOTHING`) and ``pos_acc`` (fraction of tokens whose row AND column are right; both
-    0 without a position head or with ``position_weight`` 0), ``token_acc`` (argmax accuracy on answer tokens) and
+    ``position_layer``, with label smoothing :data:`POSITION_LABEL_SMOOTHING`) and ``pos_acc``
+    (fraction of tokens whose row AND column are right; both 0 without a position head or with
+    ``position_weight`` 0), ``token_acc`` (argmax accuracy on answer tokens) and
     ``seq_correct`` (B,) bool: every answer token is the argmax given the true prefix, which is
     exactly when greedy decoding reproduces the answer (teacher-forced exact match).
 
@@ -726,6 +728,7 @@ def _load_initial_weights(cfg: TrainConfig, model: nn.Module, aux_head: nn.Modul
         saved_heads = {f"glyph.{k}": v for k, v in saved_heads.items()}
     if aux_head.position is None:
         saved_heads = {k: v for k, v in saved_heads.items() if not k.startswith("position.")}
+    # a position head the previous stage did not have keeps its fresh initialisation (strict=False)
     problem = ""
     try:
         missing, unexpected = aux_head.load_state_dict(saved_heads, strict=False)
@@ -738,7 +741,6 @@ def _load_initial_weights(cfg: TrainConfig, model: nn.Module, aux_head: nn.Modul
             f"init_from={cfg.init_from!r}: its training/aux_head.safetensors does not fit the auxiliary heads "
             f"({problem}); use the same model_spec and character set"
         )
-    # a position head the previous stage did not have starts from its fresh initialisation
 
 
 def train_reader(
@@ -994,39 +996,37 @@ def value_error_sources(
 
     For each wrong ``value`` record (``doc_id``, ``prompt`` "Value of KEY?", ``answer``,
     ``prediction``), character ``i`` of the prediction should have been read from the cell ``i``
-    columns right of the value's first cell (one empty cell after KEY, on KEY's line). A character
+    columns right of the value's first cell (the first cell of the value's words, as
+    :func:`~sparsemm_utils.reader_tasks.value_question` finds them). A character
     that differs from that cell (empty cells included) is a *wrong character*; it is *from another
     line* when the same glyph is drawn on another line of the page, and its *column distance* is
     the smallest ``|column - expected column|`` over those cells. ``chance`` is the share a glyph
     drawn uniformly from ``charset`` (other than the expected one) would be from another line.
 
-    ``docs``: {doc_id: step-01 row with ``char_coord``}. Returns ``wrong_answers``,
+    ``docs``: {doc_id: step-01 row with ``2_coord`` and ``char_coord``}. Returns ``wrong_answers``,
     ``wrong_characters``, ``from_other_line``, ``same_column``, ``within_one_column``,
     ``chance``. Worked example in the tests: lines "AB C" (row 0) and "DE FG" (row 1) from column 0,
     "Value of AB?" answered "CG": 'C' is right, 'G' (expected: the empty cell at column 4) is
     drawn at column 4 of the other line, so 1 wrong character, from another line, same column."""
     charset = charset or ReaderDocSpec().charset
+    prefix, suffix = VALUE_PROMPT.split("{key}")
     out = {"wrong_answers": 0, "wrong_characters": 0, "from_other_line": 0, "same_column": 0, "within_one_column": 0}
     chance_sum = 0.0
     for r in records:
         if r["task"] != "value" or r["prediction"] == r["answer"]:
             continue
         doc = docs[r["doc_id"]]
+        key = r["prompt"][len(prefix) : len(r["prompt"]) - len(suffix)]
+        try:  # the value's words, as the question was built (reader_tasks.value_question)
+            x0, y0, _, y1 = value_question(doc, key).evidence[0]
+        except NoQuestionError as err:
+            raise TinyReaderError(f"doc {r['doc_id']}: no line starts with the word {key!r}; pass the pages the records were read from") from err
+        row, c0 = int((y0 + y1) / 2 // cell_size), int(x0 // cell_size)
         cells: dict[tuple[int, int], str] = {}
         for e in doc.get("char_coord") or []:
-            (x0, y0), (x1, y1) = e["coord"]
-            cells[(int((y0 + y1) / 2 // cell_size), int((x0 + x1) / 2 // cell_size))] = e["char"]
-        key = r["prompt"][len(VALUE_PROMPT.split("{key}")[0]) : -len(VALUE_PROMPT.split("{key}")[1])]
-        start = None
-        for row in sorted({rc[0] for rc in cells}):
-            cols = sorted(c for rr, c in cells if rr == row)
-            first = "".join(cells[(row, c)] for c in cols[: len(key)])
-            if first == key and cols[: len(key)] == list(range(cols[0], cols[0] + len(key))) and (row, cols[0] + len(key)) not in cells:
-                start = (row, cols[0] + len(key) + 1)
-        if start is None:
-            raise TinyReaderError(f"doc {r['doc_id']}: no line starts with the word {key!r}; pass the pages the records were read from")
+            (cx0, cy0), (cx1, cy1) = e["coord"]
+            cells[(int((cy0 + cy1) / 2 // cell_size), int((cx0 + cx1) / 2 // cell_size))] = e["char"]
         out["wrong_answers"] += 1
-        row, c0 = start
         for i, ch in enumerate(r["prediction"]):
             expected = cells.get((row, c0 + i))
             if ch == expected:
@@ -1501,7 +1501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("--out", default=str(DEFAULT_READER_DIR), help="release folder (default data/tiny_reader)")
     tr.add_argument("--work-dir", default=str(repo_root() / "runs" / "tiny_reader_train"), help="logs and resumable checkpoints")
     for name, typ in (("steps", int), ("batch-size", int), ("seed", int), ("lr", float), ("warmup-steps", int),
-                      ("aux-weight", float), ("position-weight", float), ("position-layer", int), ("position-start", float), ("threads", int), ("data-workers", int), ("validate-every", int), ("checkpoint-every", int),
+                      ("aux-weight", float), ("position-weight", float), ("position-layer", int), ("position-start", float),
+                      ("threads", int), ("data-workers", int), ("validate-every", int), ("checkpoint-every", int),
                       ("validation-docs", int)):
         tr.add_argument(f"--{name}", type=typ, default=None)
     tr.add_argument("--no-shared-prefix", action="store_true")

@@ -170,14 +170,16 @@ def test_auxiliary_heads_keep_the_glyph_head_of_a_run_without_positions():
 
 
 def _grid_doc(doc_id: int, lines: dict[int, tuple[int, str]]) -> dict:
-    """A step-01 row with only ``char_coord``: {row: (first column, text)} on 28 px cells."""
-    chars = []
-    for row, (col0, text) in lines.items():
+    """A step-01 row (one chunk per line, ``char_coord``): {row: (first column, text)} on 28 px cells."""
+    chunks, chars = [], []
+    for j, (row, (col0, text)) in enumerate(sorted(lines.items())):
+        y = row * 28
+        chunks.append({"chunk": text, "coord": [[col0 * 28 + 5.0, y + 4.0], [(col0 + len(text) - 1) * 28 + 20.0, y + 24.0]]})
         for i, ch in enumerate(text):
             if ch != " ":
-                x, y = (col0 + i) * 28, row * 28
-                chars.append({"char": ch, "coord": [[x + 5.0, y + 4.0], [x + 20.0, y + 24.0]], "chunk_index": 0})
-    return {"doc_id": doc_id, "char_coord": chars}
+                x = (col0 + i) * 28
+                chars.append({"char": ch, "coord": [[x + 5.0, y + 4.0], [x + 20.0, y + 24.0]], "chunk_index": j})
+    return {"doc_id": doc_id, "2_coord": chunks, "char_coord": chars}
 
 
 def test_value_error_sources_by_hand():
