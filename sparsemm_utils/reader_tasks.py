@@ -72,6 +72,8 @@ __all__ = [
     "make_task_dataset",
     "char_classes",
     "visual_char_labels",
+    "answer_char_boxes",
+    "answer_pointer_labels",
     "collate",
 ]
 
@@ -200,13 +202,15 @@ class ReaderDocSpec:
 @dataclass(frozen=True)
 class Line:
     """One line of a document: ``text`` (words joined by one space), ``words``, ``box``
-    ``(x0, y0, x1, y1)`` (union of its chunks), and per word the union box of its characters
-    (``word_boxes``; ``None`` where ``char_coord`` has no entries for the line, e.g. SynthDoG)."""
+    ``(x0, y0, x1, y1)`` (union of its chunks), per word the union box of its characters
+    (``word_boxes``) and the box of every character of ``text`` that is not a space, in order
+    (``char_boxes``; both ``None`` where ``char_coord`` has no entries for the line, e.g. SynthDoG)."""
 
     text: str
     words: tuple[str, ...]
     box: tuple[float, float, float, float]
     word_boxes: tuple[tuple[float, float, float, float], ...] | None
+    char_boxes: tuple[tuple[float, float, float, float], ...] | None = None
 
 
 def _box(coord: Any) -> tuple[float, float, float, float]:
@@ -245,14 +249,15 @@ def document_lines(doc: Mapping[str, Any]) -> list[Line]:
         words = tuple(text.split())
         box = _union([_box(chunks[j]["coord"]) for j in group])
         chars = [c for j in group for c in chars_by_chunk.get(j, [])]
-        word_boxes = None
+        word_boxes = char_boxes = None
         if chars and len(chars) == sum(len(w) for w in words):
             word_boxes, k = [], 0
             for w in words:
                 word_boxes.append(_union([b for _, b in chars[k : k + len(w)]]))
                 k += len(w)
             word_boxes = tuple(word_boxes)
-        lines.append(Line(text=text, words=words, box=box, word_boxes=word_boxes))
+            char_boxes = tuple(b for _, b in chars)
+        lines.append(Line(text=text, words=words, box=box, word_boxes=word_boxes, char_boxes=char_boxes))
     return lines
 
 
@@ -448,12 +453,61 @@ def visual_char_labels(doc: Mapping[str, Any], mapper: Any, classes: Mapping[str
     return labels
 
 
+def _text_char_boxes(line: Line, text: str) -> list[tuple[float, float, float, float] | None]:
+    """The box of each character of ``text``, a suffix of ``line.text`` (``None`` for spaces)."""
+    skipped = sum(1 for c in line.text[: len(line.text) - len(text)] if c != " ")
+    boxes = iter(line.char_boxes[skipped:])
+    return [None if c == " " else next(boxes) for c in text]
+
+
+def answer_char_boxes(doc: Mapping[str, Any], question: ReaderQuestion) -> list[tuple[float, float, float, float] | None]:
+    """Where each character of ``question.answer`` is drawn: one entry per character, the box
+    ``(x0, y0, x1, y1)`` of that very glyph on the page, ``None`` for a space or a line break
+    (drawn nowhere). ``ocr`` answers walk every line, ``line`` answers line ``detail["line"]``,
+    ``value`` answers the words after the key on line ``detail["line"]``.
+
+    Worked example: on a page whose second line is ``"K7 93A"``, "Value of K7?" answers
+    ``"93A"`` and this returns the boxes of the line's 3rd, 4th and 5th glyphs.
+    Raises :class:`ReaderTaskError` for a document without character boxes (``char_coord``)."""
+    lines = document_lines(doc)
+    if any(l.char_boxes is None for l in lines):
+        raise ReaderTaskError(
+            "the document has no character boxes for every line ('char_coord'): answer pointers need a "
+            "step-01 grid document"
+        )
+    if question.task == "ocr":
+        out: list[tuple[float, float, float, float] | None] = []
+        for i, line in enumerate(lines):
+            out += ([None] if i else []) + _text_char_boxes(line, line.text)
+    else:
+        out = _text_char_boxes(lines[int(question.detail["line"]) - 1], question.answer)
+    if len(out) != len(question.answer):  # pragma: no cover - the answers are built from these lines
+        raise ReaderTaskError(f"answer {question.answer!r} does not match the lines of document {doc.get('doc_id')}")
+    return out
+
+
+def answer_pointer_labels(doc: Mapping[str, Any], question: ReaderQuestion, mapper: Any) -> np.ndarray:
+    """The visual token to read each answer character from: ``(len(answer),)`` int64, the
+    row-major index (``<|image_pad|>`` order) of the one token the glyph's box maps to, -100 for
+    a space, a line break, or a glyph over several tokens (none on grid pages). The targets of
+    the reader's auxiliary *pointer* loss (:class:`sparsemm_utils.tiny.AuxiliaryHeads`)."""
+    width, height = doc["image"].size
+    out = np.full(len(question.answer), -100, dtype=np.int64)
+    for i, box in enumerate(answer_char_boxes(doc, question)):
+        if box is not None:
+            positions = mapper.map_box(box, width=width, height=height)
+            if len(positions) == 1:
+                out[i] = int(positions[0])
+    return out
+
+
 def collate(
     processor: Any,
     samples: Sequence[tuple[Mapping[str, Any], ReaderQuestion]],
     *,
     classes: Mapping[str, int] | None = None,
     mapper: Any = None,
+    pointers: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A right-padded training batch of ``(document, question)`` pairs for a Qwen2-VL reader.
 
@@ -465,7 +519,10 @@ def collate(
     elsewhere (padding included); ``prefix_len``: a 0-d tensor, the number of leading tokens
     shared by every sequence (everything before the first image token); and, when ``classes``
     is given, ``aux_labels`` (sum of visual tokens,): :func:`visual_char_labels` of each image,
-    concatenated in batch order (``mapper``: default, the processor's own geometry)."""
+    concatenated in batch order (``mapper``: default, the processor's own geometry); and, when
+    ``pointers`` is set, ``pointer_labels`` (B, L): at position ``t`` whose next token ``t + 1``
+    is an answer character, the visual token it is drawn in (:func:`answer_pointer_labels`,
+    row-major within that sample's image), -100 elsewhere (position ``t`` predicts token ``t + 1``)."""
     if not samples:
         raise CollationError("cannot collate an empty batch")
     tokenizer = getattr(processor, "tokenizer", None)
@@ -505,11 +562,19 @@ def collate(
     out = dict(batch)
     out["labels"] = labels
     out["prefix_len"] = torch.tensor(int(firsts[0]))
-    if classes is not None:
-        if mapper is None:
-            from .patch_mapping import mapper_from_processor
+    if (classes is not None or pointers) and mapper is None:
+        from .patch_mapping import mapper_from_processor
 
-            mapper = mapper_from_processor(processor, "qwen2_vl")
+        mapper = mapper_from_processor(processor, "qwen2_vl")
+    if pointers:
+        pointer = torch.full_like(ids, -100)
+        for i, ((doc, q), n, ans) in enumerate(zip(samples, lengths, answer_ids)):
+            start = n - len(ans)  # first answer token; the character tokenizer gives one token per character
+            if len(ans) - 1 != len(q.answer):
+                raise CollationError(f"sample {i}: answer pointers need one token per answer character, got {len(ans) - 1} for {q.answer!r}")
+            pointer[i, start - 1 : start - 1 + len(q.answer)] = torch.from_numpy(answer_pointer_labels(doc, q, mapper))
+        out["pointer_labels"] = pointer
+    if classes is not None:
         aux = [visual_char_labels(doc, mapper, classes) for doc, _ in samples]
         counts = (batch["image_grid_thw"].prod(dim=1) // 4).tolist()
         if [len(a) for a in aux] != counts:

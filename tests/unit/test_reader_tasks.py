@@ -20,6 +20,8 @@ from sparsemm_utils.reader_tasks import (
     ReaderDocSpec,
     ReaderQuestion,
     ReaderTaskError,
+    answer_char_boxes,
+    answer_pointer_labels,
     char_classes,
     collate,
     document_lines,
@@ -183,6 +185,14 @@ def test_rendered_pages_host_consistent_questions(seed, index):
     # every glyph lies in exactly one visual token: one label per character, none ignored
     labels = visual_char_labels(doc, QwenVLPatchMapper(), char_classes())
     assert (labels > 0).sum() == len(doc["char_coord"]) and (labels >= 0).all()
+    # every answer character points at the visual token that shows that very character
+    classes = char_classes()
+    asked = [ocr_question(doc)] + [line_question(doc, k) for k in range(1, len(lines) + 1)]
+    for q in asked + [value_question(doc, key) for key in value_keys(doc)]:
+        pointers = answer_pointer_labels(doc, q, QwenVLPatchMapper())
+        assert len(pointers) == len(q.answer)
+        for ch, token in zip(q.answer, pointers):
+            assert (token == -100) if ch in " \n" else (labels[token] == classes[ch])
 
 
 def test_make_task_dataset_columns_and_determinism():
@@ -234,6 +244,37 @@ def test_visual_char_labels_ignore_ambiguous_tokens():
     assert (np.delete(labels, [0, 1, 8, 9, 18]) == 0).all()
 
 
+def test_answer_char_boxes_by_hand():
+    # "Value of K7?" -> "93A": the glyphs in cells (0, 4), (0, 5), (0, 6), shrunk by 4 px
+    assert answer_char_boxes(DOC, value_question(DOC, "K7")) == [
+        (116.0, 4.0, 136.0, 24.0), (144.0, 4.0, 164.0, 24.0), (172.0, 4.0, 192.0, 24.0)
+    ]
+    # spaces and line breaks are drawn nowhere
+    boxes = answer_char_boxes(DOC, value_question(DOC, "AB"))  # "CD EF"
+    assert [b is None for b in boxes] == [False, False, True, False, False]
+    assert boxes[3] == (172.0, 60.0, 192.0, 80.0)  # E in cell (2, 6)
+    assert len(answer_char_boxes(DOC, ocr_question(DOC))) == len("K7 93A\nAB CD EF\nQ")
+    no_chars = dict(DOC, char_coord=[])
+    with pytest.raises(ReaderTaskError, match="character boxes"):
+        answer_char_boxes(no_chars, ocr_question(DOC))
+
+
+def test_answer_pointer_labels_by_hand():
+    # 8 x 4 page (one merged token per 28 px cell): tokens are row * 8 + column.
+    # "K7 93A" from cell (0, 1): K 1, 7 2, 9 4, 3 5, A 6; "AB CD EF" on row 2: 16, 17, 19, 20, 22, 23; "Q" at 26.
+    mapper = QwenVLPatchMapper()
+    assert answer_pointer_labels(DOC, value_question(DOC, "K7"), mapper).tolist() == [4, 5, 6]
+    assert answer_pointer_labels(DOC, value_question(DOC, "AB"), mapper).tolist() == [19, 20, -100, 22, 23]
+    assert answer_pointer_labels(DOC, line_question(DOC, 3), mapper).tolist() == [26]
+    assert answer_pointer_labels(DOC, ocr_question(DOC), mapper).tolist() == [
+        1, 2, -100, 4, 5, 6, -100, 16, 17, -100, 19, 20, -100, 22, 23, -100, 26
+    ]
+    # a glyph whose box straddles two tokens has no single token to point at
+    doc = grid_doc([(0, 0, "AB")])
+    doc["char_coord"][1]["coord"] = [[20.0, 4.0], [40.0, 24.0]]
+    assert answer_pointer_labels(doc, line_question(doc, 1), mapper).tolist() == [0, -100]
+
+
 def test_collate_masks_everything_but_the_answer(processor):
     q_value = value_question(DOC, "AB")
     doc2 = grid_doc([(1, 0, "XY")], cols=9, doc_id=1)
@@ -262,6 +303,22 @@ def test_collate_masks_everything_but_the_answer(processor):
     classes = char_classes()
     assert aux[1] == classes["K"] and aux[32 + 9] == classes["X"] and aux[32 + 10] == classes["Y"]
     assert "aux_labels" not in collate(processor, [(DOC, q_value)])
+    assert "pointer_labels" not in batch
+
+
+def test_collate_pointer_labels_sit_one_step_before_each_character(processor):
+    q_value = value_question(DOC, "AB")  # "CD EF": tokens 19, 20, -, 22, 23 of image 1
+    doc2 = grid_doc([(1, 0, "XY")], cols=9, doc_id=1)  # 9 x 4 page: X at token 9, Y at 10 of image 2
+    batch = collate(processor, [(DOC, q_value), (doc2, line_question(doc2, 1))], pointers=True)
+    ids, mask, pointer = batch["input_ids"], batch["attention_mask"], batch["pointer_labels"]
+    assert pointer.shape == ids.shape
+    n0, n1 = int(mask[0].sum()), int(mask[1].sum())
+    # sequence 0 ends "...assistant\nCD EF<|im_end|>": position t carries the token of character t + 1,
+    # so the pointers start at the "\n" before the answer and stop before its last character
+    assert pointer[0, n0 - 7 : n0 - 2].tolist() == [19, 20, -100, 22, 23]
+    assert processor.tokenizer.decode(ids[0, n0 - 6 : n0 - 1]) == "CD EF"
+    assert pointer[1, n1 - 4 : n1 - 2].tolist() == [9, 10]
+    assert int((pointer != -100).sum()) == 4 + 2  # nothing else, padding included
 
 
 def test_collate_errors(processor):
