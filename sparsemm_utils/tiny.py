@@ -31,7 +31,11 @@ Training (:class:`TrainConfig`, :func:`train_reader`), deterministic for a seed 
 - auxiliary position loss: a second linear head reads each visual token's hidden state after
   decoder layer ``position_layer`` and predicts its row and column in the merged grid, weight
   ``position_weight`` (:class:`AuxiliaryHeads` says why: a token that knows its row lets a
-  question find a line by content). Both heads are NOT part of the Qwen2-VL checkpoint: they are
+  question find a line by content);
+- auxiliary pointer loss: a third linear head reads the hidden state after decoder layer
+  ``pointer_layer`` at each answer step and predicts the row and column of the visual token the
+  next answer character is drawn in, weight ``pointer_weight`` (the answer must stay on the line
+  its key was found on). The three heads are NOT part of the Qwen2-VL checkpoint: they are
   saved apart (``training/aux_head.safetensors``) and never used at inference;
 - AdamW (betas 0.9/0.95, weight decay 0.05), linear warm-up then cosine decay to
   ``min_lr_ratio`` of the peak, gradient clipping 1.0, fp32 (bf16 autocast is slower on CPUs
@@ -46,13 +50,14 @@ character accuracy (``1 - sum of edit distances / sum of answer lengths``) per t
 
 A second stage (``init_from``) continues from a saved reader with a fresh optimizer (its model card
 then lists every stage). The shipped reader is one run of the defaults of :class:`TrainConfig`
-(6,500 steps, 55 minutes on 2 CPU cores; its model card has the command and the measurements).
+(6,500 steps, 52 minutes on 2 CPU cores; its model card has the command and the measurements).
 
 CLI (the shipped reader, then its measurement)::
 
-    python -m sparsemm_utils.tiny train --out data/tiny_reader --work-dir runs/tiny_reader_pos \
+    python -m sparsemm_utils.tiny train --out data/tiny_reader --work-dir runs/tiny_reader_ptr \
         --no-resume --steps 6500 --lr 8e-4 --threads 2 --data-workers 0 --task-weights 0.3 0.3 0.4 \
-        --position-weight 0.1 --position-start 0.1 --eval-docs 200
+        --position-weight 0.1 --position-start 0.1 --pointer-weight 0.3 --pointer-layer 3 \
+        --pointer-start 0.1 --eval-docs 200
     python -m sparsemm_utils.tiny evaluate --model data/tiny_reader --docs 200
     python -m sparsemm_utils.tiny card --model data/tiny_reader     # rebuild the model card
 """
@@ -261,6 +266,9 @@ class TrainConfig:
       position loss (0 disables it), the language-model hidden state it reads (1 = the output of
       the first decoder layer; :class:`AuxiliaryHeads`), and the share of the run after which it
       is switched on (before that the run is exactly the run without it);
+    - ``pointer_weight``, ``pointer_layer``, ``pointer_start``: the same for the auxiliary
+      pointer loss (:class:`AuxiliaryHeads`: the answer step names the row and column of the
+      character it emits next);
     - ``task_weights``: probability of each task of :data:`~sparsemm_utils.reader_tasks.TASK_TYPES`
       per step (:func:`step_task`);
     - ``easy_lines``, ``easy_until``, ``ramp_until``, ``full_fraction``: the curriculum
@@ -290,6 +298,9 @@ class TrainConfig:
     position_weight: float = 0.1
     position_layer: int = 1
     position_start: float = 0.1
+    pointer_weight: float = 0.3
+    pointer_layer: int = 3
+    pointer_start: float = 0.1
     task_weights: tuple[float, ...] = (0.3, 0.3, 0.4)
     easy_lines: tuple[int, int] = (1, 2)
     easy_until: float = 0.1
@@ -322,13 +333,15 @@ class TrainConfig:
         _check(0 <= self.min_lr_ratio <= 1, f"{own}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         _check(self.weight_decay >= 0 and self.grad_clip > 0 and self.aux_weight >= 0,
                f"{own}: weight_decay and aux_weight must be >= 0 and grad_clip > 0")
-        _check(self.position_weight >= 0, f"{own}.position_weight must be >= 0, got {self.position_weight!r}")
-        _check(0 <= self.position_start <= 1, f"{own}.position_start must be in [0, 1], got {self.position_start!r}")
-        _check(
-            isinstance(self.position_layer, int) and 1 <= self.position_layer <= self.model_spec.text_layers,
-            f"{own}.position_layer must be an integer in [1, {self.model_spec.text_layers}] (the output of that decoder layer), "
-            f"got {self.position_layer!r}",
-        )
+        for head in ("position", "pointer"):
+            weight, start, layer = (getattr(self, f"{head}_{k}") for k in ("weight", "start", "layer"))
+            _check(weight >= 0, f"{own}.{head}_weight must be >= 0, got {weight!r}")
+            _check(0 <= start <= 1, f"{own}.{head}_start must be in [0, 1], got {start!r}")
+            _check(
+                isinstance(layer, int) and not isinstance(layer, bool) and 1 <= layer <= self.model_spec.text_layers,
+                f"{own}.{head}_layer must be an integer in [1, {self.model_spec.text_layers}] (the output of that decoder layer), "
+                f"got {layer!r}",
+            )
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{own}: beta1 and beta2 must be in [0, 1)")
         self.task_weights = tuple(float(w) for w in self.task_weights)
         _check(
@@ -358,8 +371,9 @@ class TrainConfig:
         if unknown:
             raise TrainConfigError(f"unknown training options {unknown}; valid options: {sorted(names)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        # a config saved before the position head existed trained without it (not with today's default)
+        # a config saved before the position (pointer) head existed trained without it (not with today's default)
         values.setdefault("position_weight", 0.0)
+        values.setdefault("pointer_weight", 0.0)
         return cls(**values)
 
 
@@ -439,7 +453,7 @@ class _StepBatches(torch.utils.data.Dataset):
         return self.cfg.steps
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        return collate(self.processor, step_samples(self.cfg, step), classes=self.classes)
+        return collate(self.processor, step_samples(self.cfg, step), classes=self.classes, pointers=self.cfg.pointer_weight > 0)
 
 
 class linear_patch_embedding:
@@ -501,17 +515,31 @@ class AuxiliaryHeads(nn.Module):
       character a glyph of another line, mostly near the right column: :func:`value_error_sources`).
       Measured against that run (README, "tiny reader"): ``ocr`` exact match 0.915 -> 0.950,
       ``value`` only 0.683 -> 0.696; the line mixing remains.
+    - ``pointer`` (``None`` when ``pointer_weight`` is 0): ``Linear(hidden, 2 * POSITION_CLASSES)``
+      on the language model's hidden state after decoder layer ``pointer_layer`` at every answer
+      step that emits a character drawn on the page: the row and column of the visual token that
+      character is read from (:func:`~sparsemm_utils.reader_tasks.answer_pointer_labels`). The
+      position head taught visual tokens their row, yet value answers still drifted to other lines
+      (all wrong characters from another line, mostly within one column): the row found by the
+      key match was not carried into each answer step. This head asks for exactly that.
+      Measured against the reader without it (README, "tiny reader"): ``value`` exact match
+      0.696 -> 0.745 (41 wrong of 161 instead of 49); at the end of training the pointer is right
+      at 99% of ``line`` answer steps but 78% of ``value`` ones, so finding the key's line is still
+      the weak step.
 
-    ``glyph`` is initialised under ``torch.manual_seed(seed + 1)`` and ``position`` under
-    ``seed + 2``, so a run without the position head has the same initial weights as before it existed."""
+    ``glyph`` is initialised under ``torch.manual_seed(seed + 1)``, ``position`` under ``seed + 2``
+    and ``pointer`` under ``seed + 3``, so a run without a head has the same initial weights as
+    before that head existed."""
 
-    def __init__(self, hidden: int, n_glyph_classes: int, *, position: bool, seed: int) -> None:
+    def __init__(self, hidden: int, n_glyph_classes: int, *, position: bool, seed: int, pointer: bool = False) -> None:
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             self.glyph = nn.Linear(hidden, n_glyph_classes)
             torch.manual_seed(seed + 2)
             self.position = nn.Linear(hidden, 2 * POSITION_CLASSES) if position else None
+            torch.manual_seed(seed + 3)
+            self.pointer = nn.Linear(hidden, 2 * POSITION_CLASSES) if pointer else None
 
 
 def visual_positions(image_grid_thw: torch.Tensor, merge: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -544,6 +572,8 @@ def reader_losses(
     aux_weight: float = 1.0,
     position_weight: float = 0.0,
     position_layer: int = 1,
+    pointer_weight: float = 0.0,
+    pointer_layer: int = 3,
 ) -> dict[str, torch.Tensor]:
     """Losses and accuracies of a :func:`~sparsemm_utils.reader_tasks.collate` batch.
 
@@ -554,7 +584,10 @@ def reader_losses(
     of :class:`AuxiliaryHeads` ``.position`` over every visual token, read after decoder layer
     ``position_layer``, with label smoothing :data:`POSITION_LABEL_SMOOTHING`) and ``pos_acc``
     (fraction of tokens whose row AND column are right; both 0 without a position head or with
-    ``position_weight`` 0), ``token_acc`` (argmax accuracy on answer tokens) and
+    ``position_weight`` 0), ``ptr_loss`` and ``ptr_acc`` (the same for :class:`AuxiliaryHeads`
+    ``.pointer`` at the answer steps with a ``pointer_labels`` target, read after decoder layer
+    ``pointer_layer``; 0 without a pointer head, ``pointer_labels`` or ``pointer_weight``),
+    ``token_acc`` (argmax accuracy on answer tokens) and
     ``seq_correct`` (B,) bool: every answer token is the argmax given the true prefix, which is
     exactly when greedy decoding reproduces the answer (teacher-forced exact match).
 
@@ -572,6 +605,8 @@ def reader_losses(
         ids, mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"], attention_mask=mask
     )  # (3, B, L)
     want_positions = aux_head is not None and aux_head.position is not None and position_weight > 0
+    want_pointers = aux_head is not None and aux_head.pointer is not None and pointer_weight > 0 and "pointer_labels" in batch
+    want_hidden = want_positions or want_pointers
     embeds = lm.embed_tokens(ids)
     image_mask = (ids == model.config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
@@ -586,13 +621,15 @@ def reader_losses(
             layer.values = layer.values.expand(bsz, -1, -1, -1)
         lm_out = lm(
             inputs_embeds=embeds[:, p:], position_ids=position_ids[:, :, p:], attention_mask=mask,
-            past_key_values=cache, use_cache=True, output_hidden_states=want_positions,
+            past_key_values=cache, use_cache=True, output_hidden_states=want_hidden,
         )
         targets, suffix_ids = labels[:, p:], ids[:, p:]
+        pointers = batch["pointer_labels"][:, p:] if want_pointers else None
     else:
         lm_out = lm(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask, use_cache=False,
-                    output_hidden_states=want_positions)
+                    output_hidden_states=want_hidden)
         targets, suffix_ids = labels, ids
+        pointers = batch["pointer_labels"] if want_pointers else None
     hidden = lm_out.last_hidden_state
     # position t predicts token t + 1
     pred_mask = targets[:, 1:] != -100  # (B, L' - 1)
@@ -609,6 +646,8 @@ def reader_losses(
         "aux_acc": torch.zeros(()),
         "pos_loss": torch.zeros(()),
         "pos_acc": torch.zeros(()),
+        "ptr_loss": torch.zeros(()),
+        "ptr_acc": torch.zeros(()),
     }
     if aux_head is not None and aux_weight > 0 and "aux_labels" in batch:
         aux_labels = batch["aux_labels"]
@@ -620,12 +659,25 @@ def reader_losses(
     if want_positions:
         visual = lm_out.hidden_states[position_layer][suffix_ids == model.config.image_token_id]  # (visual tokens, hidden)
         rows, cols = visual_positions(batch["image_grid_thw"])
-        pos_logits = aux_head.position(visual).float()
-        row_logits, col_logits = pos_logits[:, :POSITION_CLASSES], pos_logits[:, POSITION_CLASSES:]
-        ce = lambda logits, gold: nn.functional.cross_entropy(logits, gold, label_smoothing=POSITION_LABEL_SMOOTHING)  # noqa: E731
-        out["pos_loss"] = 0.5 * (ce(row_logits, rows) + ce(col_logits, cols))
-        out["pos_acc"] = ((row_logits.argmax(-1) == rows) & (col_logits.argmax(-1) == cols)).float().mean().detach()
+        out["pos_loss"], out["pos_acc"] = _grid_loss(aux_head.position(visual), rows, cols)
+    if want_pointers:
+        has = pointers != -100  # (B, L'): answer steps whose next character is drawn on the page
+        if bool(has.any()):
+            width = (batch["image_grid_thw"][:, 2] // 2).unsqueeze(1).expand_as(pointers)  # merged columns per sample
+            state = lm_out.hidden_states[pointer_layer][has]  # (pointed steps, hidden)
+            out["ptr_loss"], out["ptr_acc"] = _grid_loss(aux_head.pointer(state), pointers[has] // width[has], pointers[has] % width[has])
     return out
+
+
+def _grid_loss(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and accuracy of a row-and-column head: ``logits`` (N, 2 * POSITION_CLASSES), rows then
+    columns; ``rows``, ``cols`` (N,). Loss: mean of the two cross-entropies with label smoothing
+    :data:`POSITION_LABEL_SMOOTHING`; accuracy: fraction with row AND column right (detached)."""
+    logits = logits.float()
+    row_logits, col_logits = logits[:, :POSITION_CLASSES], logits[:, POSITION_CLASSES:]
+    ce = lambda lg, gold: nn.functional.cross_entropy(lg, gold, label_smoothing=POSITION_LABEL_SMOOTHING)  # noqa: E731
+    loss = 0.5 * (ce(row_logits, rows) + ce(col_logits, cols))
+    return loss, ((row_logits.argmax(-1) == rows) & (col_logits.argmax(-1) == cols)).float().mean().detach()
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,13 +778,15 @@ def _load_initial_weights(cfg: TrainConfig, model: nn.Module, aux_head: nn.Modul
     saved_heads = load_file(str(src / "training" / "aux_head.safetensors"))
     if set(saved_heads) == {"weight", "bias"}:  # a reader saved before the position head existed: its glyph head
         saved_heads = {f"glyph.{k}": v for k, v in saved_heads.items()}
-    if aux_head.position is None:
-        saved_heads = {k: v for k, v in saved_heads.items() if not k.startswith("position.")}
-    # a position head the previous stage did not have keeps its fresh initialisation (strict=False)
+    optional = tuple(f"{name}." for name in ("position", "pointer"))
+    for name in ("position", "pointer"):
+        if getattr(aux_head, name) is None:
+            saved_heads = {k: v for k, v in saved_heads.items() if not k.startswith(f"{name}.")}
+    # a position or pointer head the previous stage did not have keeps its fresh initialisation (strict=False)
     problem = ""
     try:
         missing, unexpected = aux_head.load_state_dict(saved_heads, strict=False)
-        if unexpected or any(not k.startswith("position.") for k in missing):
+        if unexpected or any(not k.startswith(optional) for k in missing):
             problem = f"missing {missing}, unexpected {unexpected}"
     except RuntimeError as err:  # tensors of other shapes
         problem = str(err).splitlines()[-1].strip()
@@ -755,7 +809,7 @@ def train_reader(
     """Train a reader from scratch (or resume ``work_dir/checkpoint.pt``) for ``cfg.steps`` steps.
 
     Writes into ``work_dir``: ``training_log.csv`` (one row per step: step, task, lr, loss,
-    lm_loss, aux_loss, aux_acc, pos_loss, pos_acc, token_acc, seq_acc, grad_norm, p_easy, seconds, elapsed), ``validation_log.csv``
+    lm_loss, aux_loss, aux_acc, pos_loss, pos_acc, ptr_loss, ptr_acc, token_acc, seq_acc, grad_norm, p_easy, seconds, elapsed), ``validation_log.csv``
     (step, then ``<task>_exact`` and ``<task>_token_acc``), ``train_config.json``, and a resumable
     ``checkpoint.pt`` every ``checkpoint_every`` steps (model, aux head, optimizer, step, elapsed
     time, config). Returns ``(model, processor, aux_head, result)``; nothing is saved for release
@@ -772,7 +826,9 @@ def train_reader(
     torch.set_num_threads(cfg.threads)
     model, processor = build_reader(cfg.model_spec, seed=cfg.seed)
     classes = char_classes(cfg.doc_spec.charset)
-    aux_head = AuxiliaryHeads(cfg.model_spec.text_hidden, len(classes) + 1, position=cfg.position_weight > 0, seed=cfg.seed)
+    aux_head = AuxiliaryHeads(
+        cfg.model_spec.text_hidden, len(classes) + 1, position=cfg.position_weight > 0, pointer=cfg.pointer_weight > 0, seed=cfg.seed
+    )
     if cfg.init_from is not None:
         _load_initial_weights(cfg, model, aux_head)
     params = list(model.parameters()) + list(aux_head.parameters())
@@ -825,14 +881,18 @@ def train_reader(
         batch = next(batches)
         lr = learning_rate(cfg, step)
         position_weight = cfg.position_weight if step >= cfg.position_start * cfg.steps else 0.0
+        pointer_weight = cfg.pointer_weight if step >= cfg.pointer_start * cfg.steps else 0.0
         for group in optimizer.param_groups:
             group["lr"] = lr
         with linear_patch_embedding(model):
             out = reader_losses(
                 model, batch, aux_head, shared_prefix=cfg.shared_prefix, aux_weight=cfg.aux_weight,
                 position_weight=position_weight, position_layer=cfg.position_layer,
+                pointer_weight=pointer_weight, pointer_layer=cfg.pointer_layer,
             )
-        loss = out["lm_loss"] + cfg.aux_weight * out["aux_loss"] + position_weight * out["pos_loss"]
+        loss = (
+            out["lm_loss"] + cfg.aux_weight * out["aux_loss"] + position_weight * out["pos_loss"] + pointer_weight * out["ptr_loss"]
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
@@ -849,6 +909,8 @@ def train_reader(
             "aux_acc": float(out["aux_acc"]),
             "pos_loss": out["pos_loss"].item(),
             "pos_acc": float(out["pos_acc"]),
+            "ptr_loss": out["ptr_loss"].item(),
+            "ptr_acc": float(out["ptr_acc"]),
             "token_acc": float(out["token_acc"]),
             "seq_acc": float(out["seq_correct"].float().mean()),
             "grad_norm": grad_norm,
@@ -866,6 +928,7 @@ def train_reader(
                 acc=f"{np.mean([w['token_acc'] for w in window]):.3f}",
                 aux=f"{np.mean([w['aux_acc'] for w in window]):.3f}",
                 pos=f"{np.mean([w['pos_acc'] for w in window]):.3f}",
+                ptr=f"{np.mean([w['ptr_acc'] for w in window]):.3f}",
                 s=f"{np.mean([w['seconds'] for w in window]):.2f}",
             )
             window = []
@@ -1254,6 +1317,16 @@ def write_model_card(
   with the glyph head, never used at inference."""
         if first.position_weight > 0
         else ""
+    ) + (
+        f"""
+- Auxiliary pointer loss (weight {first.pointer_weight}, switched on after {first.pointer_start:.0%} of the steps, label
+  smoothing {POSITION_LABEL_SMOOTHING}): a third linear head reads the hidden state after decoder layer
+  {first.pointer_layer} at every answer step whose next character is drawn on the page and predicts the row and
+  column of the visual token that character is read from (`sparsemm_utils.reader_tasks.answer_pointer_labels`).
+  It was added because value answers drifted to other lines (every wrong character a glyph of another line):
+  the answer step must carry the row the key was found on. Saved with the other heads, never used at inference."""
+        if first.pointer_weight > 0
+        else ""
     )
     logs_tail = ";\n  earlier stages in `training/previous_stage/`." if multi else "."
     text = f"""# tiny_reader: a Qwen2-VL trained here to read synthetic documents
@@ -1478,7 +1551,7 @@ def rewrite_model_card(model_dir: str | Path = DEFAULT_READER_DIR) -> Path:
 def _train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {}
     for name in ("steps", "batch_size", "seed", "lr", "warmup_steps", "aux_weight", "position_weight", "position_layer", "position_start",
-                 "threads", "data_workers", "validate_every", "checkpoint_every", "validation_docs"):
+                 "pointer_weight", "pointer_layer", "pointer_start", "threads", "data_workers", "validate_every", "checkpoint_every", "validation_docs"):
         v = getattr(args, name)
         if v is not None:
             overrides[name] = v
@@ -1502,7 +1575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("--work-dir", default=str(repo_root() / "runs" / "tiny_reader_train"), help="logs and resumable checkpoints")
     for name, typ in (("steps", int), ("batch-size", int), ("seed", int), ("lr", float), ("warmup-steps", int),
                       ("aux-weight", float), ("position-weight", float), ("position-layer", int), ("position-start", float),
-                      ("threads", int), ("data-workers", int), ("validate-every", int), ("checkpoint-every", int),
+                      ("pointer-weight", float), ("pointer-layer", int), ("pointer-start", float), ("threads", int), ("data-workers", int), ("validate-every", int), ("checkpoint-every", int),
                       ("validation-docs", int)):
         tr.add_argument(f"--{name}", type=typ, default=None)
     tr.add_argument("--no-shared-prefix", action="store_true")

@@ -53,7 +53,7 @@ SMALL_MODEL = ReaderModelSpec(text_hidden=32, text_layers=2, text_heads=4, text_
 
 def small_config(**overrides) -> TrainConfig:
     base = dict(steps=30, batch_size=4, lr=2e-3, warmup_steps=3, validate_every=0, checkpoint_every=0,
-                data_workers=0, threads=2, model_spec=SMALL_MODEL)
+                data_workers=0, threads=2, model_spec=SMALL_MODEL, pointer_layer=2)
     return TrainConfig(**{**base, **overrides})
 
 
@@ -107,7 +107,8 @@ def test_train_config_errors():
     for bad in (dict(steps=0), dict(lr=0.0), dict(task_weights=(1.0, 0.0)), dict(task_weights=(0, 0, 0)),
                 dict(easy_until=0.5, ramp_until=0.2), dict(seed=HELDOUT_SEED), dict(seed=VALIDATION_SEED),
                 dict(full_fraction=1.5), dict(batch_size=True), dict(position_weight=-0.1), dict(position_layer=0),
-                dict(position_layer=5), dict(position_start=1.5)):
+                dict(position_layer=5), dict(position_start=1.5), dict(pointer_weight=-1.0), dict(pointer_layer=0),
+                dict(pointer_layer=5), dict(pointer_layer=True), dict(pointer_start=-0.1)):
         with pytest.raises(TrainConfigError):
             TrainConfig(**bad)
     with pytest.raises(TrainConfigError, match="unknown training options"):
@@ -117,8 +118,12 @@ def test_train_config_errors():
     cfg = TrainConfig(steps=7)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     # a train_config.json written before the position head existed describes a run without it
-    old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("position_")}
+    old = {k: v for k, v in cfg.to_dict().items() if not k.startswith(("position_", "pointer_"))}
     assert TrainConfig.from_dict(old).position_weight == 0.0 and cfg.position_weight == 0.1
+    # ... and one written before the pointer head existed, a run without that one
+    old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("pointer_")}
+    assert TrainConfig.from_dict(old).pointer_weight == 0.0 and TrainConfig.from_dict(old).position_weight == 0.1
+    assert cfg.pointer_weight == 0.3 and cfg.pointer_layer == 3
 
 
 def test_summarize_records_by_hand():
@@ -167,6 +172,12 @@ def test_auxiliary_heads_keep_the_glyph_head_of_a_run_without_positions():
     for a, b in zip(with_pos.glyph.parameters(), plain.parameters()):
         assert torch.equal(a, b)
     assert all(torch.equal(a, b) for a, b in zip(with_pos.glyph.parameters(), without.glyph.parameters()))
+    # the pointer head has its own seed: adding it changes neither of the others
+    with_ptr = AuxiliaryHeads(32, 27, position=True, pointer=True, seed=5)
+    assert with_pos.pointer is None and with_ptr.pointer.out_features == 2 * POSITION_CLASSES
+    assert all(torch.equal(a, b) for a, b in zip(with_ptr.parameters(), with_pos.parameters()))  # glyph, position
+    torch.manual_seed(8)
+    assert torch.equal(with_ptr.pointer.weight, torch.nn.Linear(32, 2 * POSITION_CLASSES).weight)
 
 
 def _grid_doc(doc_id: int, lines: dict[int, tuple[int, str]]) -> dict:
@@ -228,18 +239,20 @@ def test_build_reader_has_the_real_class_and_geometry():
 def test_shared_prefix_forward_equals_the_plain_forward():
     cfg = small_config(batch_size=5)
     model, processor = build_reader(SMALL_MODEL, seed=0)
-    batch = collate(processor, step_samples(cfg, 40), classes=char_classes())
-    head = AuxiliaryHeads(SMALL_MODEL.text_hidden, 27, position=True, seed=0)
+    batch = collate(processor, step_samples(cfg, 40), classes=char_classes(), pointers=True)
+    head = AuxiliaryHeads(SMALL_MODEL.text_hidden, 27, position=True, pointer=True, seed=0)
     grads = []
     for shared in (True, False):
-        out = reader_losses(model, batch, head, shared_prefix=shared, position_weight=0.5, position_layer=1)
-        (out["lm_loss"] + out["aux_loss"] + out["pos_loss"]).backward()
+        out = reader_losses(model, batch, head, shared_prefix=shared, position_weight=0.5, position_layer=1,
+                            pointer_weight=0.5, pointer_layer=2)
+        (out["lm_loss"] + out["aux_loss"] + out["pos_loss"] + out["ptr_loss"]).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
         model.zero_grad()
         if shared:
             first = out
     assert first["lm_loss"].item() == pytest.approx(out["lm_loss"].item(), rel=1e-5)
     assert first["pos_loss"].item() == pytest.approx(out["pos_loss"].item(), rel=1e-5)
+    assert first["ptr_loss"].item() == pytest.approx(out["ptr_loss"].item(), rel=1e-5)
     assert torch.equal(first["seq_correct"], out["seq_correct"])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -258,6 +271,25 @@ def test_shared_prefix_forward_equals_the_plain_forward():
     assert out["pos_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     # without a position weight nothing is computed
     assert reader_losses(model, batch, head, position_weight=0.0)["pos_loss"].item() == 0.0
+    # the pointer loss, by hand: at each answer step whose next token is a character on the page,
+    # the hidden state after decoder layer 2 against the row and column of that character's token
+    ids, width = batch["input_ids"], batch["image_grid_thw"][:, 2] // 2
+    states, rows, cols = [], [], []
+    for i in range(len(ids)):
+        for t in range(ids.shape[1]):
+            target = int(batch["pointer_labels"][i, t])
+            if target != -100:
+                states.append(hf.hidden_states[2][i, t])
+                rows.append(target // int(width[i]))
+                cols.append(target % int(width[i]))
+    logits = head.pointer(torch.stack(states))
+    rows, cols = torch.tensor(rows), torch.tensor(cols)
+    expected = 0.5 * (ce(logits[:, :POSITION_CLASSES], rows) + ce(logits[:, POSITION_CLASSES:], cols))
+    assert out["ptr_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert len(rows) == sum(sum(c not in " \n" for c in q.answer) for _, q in step_samples(cfg, 40))
+    assert reader_losses(model, batch, head, pointer_weight=0.0)["ptr_loss"].item() == 0.0
+    unlabelled = {k: v for k, v in batch.items() if k != "pointer_labels"}
+    assert reader_losses(model, unlabelled, head, pointer_weight=0.5)["ptr_loss"].item() == 0.0
 
 
 @pytest.mark.slow
@@ -270,22 +302,27 @@ def test_a_short_training_run_lowers_the_loss_and_is_deterministic(tmp_path):
     assert log["aux_loss"][-5:].mean() < log["aux_loss"][:5].mean()
     pos = log["pos_loss"][log["step"] >= cfg.position_start * cfg.steps]  # switched on after 10% of the run
     assert len(pos) == 27 and (pos > 0).all() and pos[-5:].mean() < pos[:5].mean()
+    ptr = log["ptr_loss"][log["step"] >= cfg.pointer_start * cfg.steps]
+    assert len(ptr) == 27 and (ptr > 0).all() and ptr[-5:].mean() < ptr[:5].mean()
     again, _, _, _ = train_reader(cfg, tmp_path / "b", progress=False)
     assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), again.state_dict().values()))
 
 
 @pytest.mark.slow
-def test_the_position_loss_changes_nothing_before_position_start(tmp_path):
-    # steps 0-1 of a 4-step run with position_start 0.5 are those of a run without the position head
-    with_pos, _, _, _ = train_reader(small_config(steps=4, position_weight=0.5, position_start=0.5), tmp_path / "a",
-                                     progress=False, stop_after=2)
-    without, _, _, _ = train_reader(small_config(steps=4, position_weight=0.0), tmp_path / "b", progress=False, stop_after=2)
-    assert all(torch.equal(x, y) for x, y in zip(with_pos.state_dict().values(), without.state_dict().values()))
+@pytest.mark.parametrize("head", ["position", "pointer"])
+def test_an_auxiliary_loss_changes_nothing_before_its_start(tmp_path, head):
+    # steps 0-1 of a 4-step run with {head}_start 0.5 are those of a run without that head
+    others = dict(position_weight=0.0, pointer_weight=0.0)
+    on = small_config(steps=4, **{**others, f"{head}_weight": 0.5, f"{head}_start": 0.5})
+    with_head, _, _, _ = train_reader(on, tmp_path / "a", progress=False, stop_after=2)
+    without, _, _, _ = train_reader(small_config(steps=4, **others), tmp_path / "b", progress=False, stop_after=2)
+    assert all(torch.equal(x, y) for x, y in zip(with_head.state_dict().values(), without.state_dict().values()))
+    column = {"position": "pos_loss", "pointer": "ptr_loss"}[head]
     log = np.genfromtxt(tmp_path / "a" / "training_log.csv", delimiter=",", names=True, dtype=None, encoding=None)
-    assert list(log["pos_loss"]) == [0.0, 0.0]
-    train_reader(small_config(steps=4, position_weight=0.5, position_start=0.5), tmp_path / "a", progress=False)
+    assert list(log[column]) == [0.0, 0.0]
+    train_reader(on, tmp_path / "a", progress=False)
     log = np.genfromtxt(tmp_path / "a" / "training_log.csv", delimiter=",", names=True, dtype=None, encoding=None)
-    assert log["pos_loss"][2] > 0 and log["pos_loss"][3] > 0
+    assert log[column][2] > 0 and log[column][3] > 0
 
 
 @pytest.mark.slow
@@ -338,9 +375,9 @@ def test_save_reader_loads_like_a_real_checkpoint(tmp_path):
 def test_a_second_stage_starts_from_the_saved_reader_and_its_heads(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    first = small_config(steps=2, position_weight=0.0)
+    first = small_config(steps=2, position_weight=0.0, pointer_weight=0.0)
     model, processor, head, _ = train_reader(first, tmp_path / "work1", progress=False)
-    assert head.position is None
+    assert head.position is None and head.pointer is None
     out = save_reader(model, processor, head, tmp_path / "stage1", tmp_path / "work1")
     # a reader saved before the position head existed kept its glyph head under the plain names
     saved = load_file(str(out / "training" / "aux_head.safetensors"))
@@ -351,8 +388,9 @@ def test_a_second_stage_starts_from_the_saved_reader_and_its_heads(tmp_path):
     assert result.steps == 0
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))
     assert torch.equal(start_head.glyph.weight, head.glyph.weight)
-    fresh = AuxiliaryHeads(SMALL_MODEL.text_hidden, len(char_classes()) + 1, position=True, seed=second.seed)
-    assert torch.equal(start_head.position.weight, fresh.position.weight)  # new head: its own initialisation
+    fresh = AuxiliaryHeads(SMALL_MODEL.text_hidden, len(char_classes()) + 1, position=True, pointer=True, seed=second.seed)
+    assert torch.equal(start_head.position.weight, fresh.position.weight)  # new heads: their own initialisation
+    assert torch.equal(start_head.pointer.weight, fresh.pointer.weight)
     # a glyph head of another size (another character set) is refused with a clear message
     save_file({"weight": torch.zeros(5, SMALL_MODEL.text_hidden), "bias": torch.zeros(5)}, str(out / "training" / "aux_head.safetensors"))
     with pytest.raises(TrainConfigError, match="does not fit the auxiliary heads"):
