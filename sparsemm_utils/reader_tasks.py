@@ -455,6 +455,11 @@ def visual_char_labels(doc: Mapping[str, Any], mapper: Any, classes: Mapping[str
 
 def _text_char_boxes(line: Line, text: str) -> list[tuple[float, float, float, float] | None]:
     """The box of each character of ``text``, a suffix of ``line.text`` (``None`` for spaces)."""
+    if not line.text.endswith(text):
+        raise ReaderTaskError(
+            f"the answer {text!r} is not read from the line {line.text!r} its question names; build questions with "
+            "ocr_question / line_question / value_question on the same document"
+        )
     skipped = sum(1 for c in line.text[: len(line.text) - len(text)] if c != " ")
     boxes = iter(line.char_boxes[skipped:])
     return [None if c == " " else next(boxes) for c in text]
@@ -475,14 +480,20 @@ def answer_char_boxes(doc: Mapping[str, Any], question: ReaderQuestion) -> list[
             "the document has no character boxes for every line ('char_coord'): answer pointers need a "
             "step-01 grid document"
         )
-    if question.task == "ocr":
-        out: list[tuple[float, float, float, float] | None] = []
-        for i, line in enumerate(lines):
-            out += ([None] if i else []) + _text_char_boxes(line, line.text)
-    else:
-        out = _text_char_boxes(lines[int(question.detail["line"]) - 1], question.answer)
-    if len(out) != len(question.answer):  # pragma: no cover - the answers are built from these lines
-        raise ReaderTaskError(f"answer {question.answer!r} does not match the lines of document {doc.get('doc_id')}")
+    if question.task != "ocr":
+        k = int(question.detail.get("line", 0))
+        if not 1 <= k <= len(lines):
+            raise ReaderTaskError(
+                f"the question names line {k} but the document has {len(lines)} lines; build questions on the same document"
+            )
+        return _text_char_boxes(lines[k - 1], question.answer)
+    if question.answer != "\n".join(l.text for l in lines):
+        raise ReaderTaskError(
+            f"the answer {question.answer!r} is not this document's OCR text; build questions with ocr_question on the same document"
+        )
+    out: list[tuple[float, float, float, float] | None] = []
+    for i, line in enumerate(lines):
+        out += ([None] if i else []) + _text_char_boxes(line, line.text)
     return out
 
 

@@ -257,6 +257,14 @@ def test_answer_char_boxes_by_hand():
     no_chars = dict(DOC, char_coord=[])
     with pytest.raises(ReaderTaskError, match="character boxes"):
         answer_char_boxes(no_chars, ocr_question(DOC))
+    # a question of another page: its answer is not on the line it names
+    other = grid_doc([(0, 0, "AB"), (1, 0, "CD EFGH")])
+    same_length = ReaderQuestion("ocr", OCR_PROMPT, "K7 93A\nAB CD EG\nQ", ())  # one character off
+    for wrong in (value_question(other, "CD"), line_question(other, 2), ocr_question(other), same_length):
+        with pytest.raises(ReaderTaskError, match="is not"):
+            answer_char_boxes(DOC, wrong)
+    with pytest.raises(ReaderTaskError, match="names line 4 but the document has 3 lines"):
+        answer_char_boxes(DOC, ReaderQuestion("line", "Read line 4.", "X", (), {"line": 4}))
 
 
 def test_answer_pointer_labels_by_hand():
@@ -329,6 +337,10 @@ def test_collate_errors(processor):
     bad = dict(DOC, image=np.zeros((112, 224, 3), dtype=np.uint8))
     with pytest.raises(CollationError, match="PIL"):
         collate(processor, [(bad, ocr_question(DOC))])
+    # answer pointers need one token per character: a special token in the answer is one token for ten
+    special = ReaderQuestion("line", "Read line 3.", "<|im_end|>", ((0.0, 0.0, 1.0, 1.0),), {"line": 3})
+    with pytest.raises(CollationError, match="one token per answer character"):
+        collate(processor, [(DOC, special)], pointers=True)
 
 
 def test_reader_question_is_a_plain_value():
