@@ -778,10 +778,9 @@ def _load_initial_weights(cfg: TrainConfig, model: nn.Module, aux_head: nn.Modul
     saved_heads = load_file(str(src / "training" / "aux_head.safetensors"))
     if set(saved_heads) == {"weight", "bias"}:  # a reader saved before the position head existed: its glyph head
         saved_heads = {f"glyph.{k}": v for k, v in saved_heads.items()}
-    optional = tuple(f"{name}." for name in ("position", "pointer"))
-    for name in ("position", "pointer"):
-        if getattr(aux_head, name) is None:
-            saved_heads = {k: v for k, v in saved_heads.items() if not k.startswith(f"{name}.")}
+    optional = ("position.", "pointer.")
+    absent = tuple(prefix for prefix in optional if getattr(aux_head, prefix[:-1]) is None)
+    saved_heads = {k: v for k, v in saved_heads.items() if not (absent and k.startswith(absent))}
     # a position or pointer head the previous stage did not have keeps its fresh initialisation (strict=False)
     problem = ""
     try:
