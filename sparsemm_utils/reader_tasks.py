@@ -497,18 +497,35 @@ def answer_char_boxes(doc: Mapping[str, Any], question: ReaderQuestion) -> list[
     return out
 
 
-def answer_pointer_labels(doc: Mapping[str, Any], question: ReaderQuestion, mapper: Any) -> np.ndarray:
-    """The visual token to read each answer character from: ``(len(answer),)`` int64, the
-    row-major index (``<|image_pad|>`` order) of the one token the glyph's box maps to, -100 for
-    a space, a line break, or a glyph over several tokens (none on grid pages). The targets of
-    the reader's auxiliary *pointer* loss (:class:`sparsemm_utils.tiny.AuxiliaryHeads`)."""
+def answer_pointer_labels(doc: Mapping[str, Any], question: ReaderQuestion, mapper: Any, *, blanks: bool = False) -> np.ndarray:
+    """The visual token to read each answer token from: ``(len(answer) + 1,)`` int64, one entry
+    per answer character and a last one for the closing ``<|im_end|>``; the targets of the
+    reader's auxiliary *pointer* loss (:class:`sparsemm_utils.tiny.AuxiliaryHeads`).
+
+    A drawn character points at the row-major index (``<|image_pad|>`` order) of the one token its
+    glyph's box maps to (-100 for a glyph over several tokens: none on grid pages). A space, a
+    line break and the closing ``<|im_end|>`` are drawn nowhere: -100, or with ``blanks`` the
+    token right of the previous glyph (the blank cell that shows the word or line has ended),
+    -100 when that glyph is in the last column or has no token of its own.
+
+    Worked example (8 x 4 page, tokens ``row * 8 + col``; ``"CD EF"`` on row 2 from column 3):
+    ``[19, 20, -100, 22, 23, -100]``; with ``blanks`` ``[19, 20, 21, 22, 23, -100]`` (F sits in
+    the last column, so the end has no cell to its right)."""
     width, height = doc["image"].size
-    out = np.full(len(question.answer), -100, dtype=np.int64)
+    out = np.full(len(question.answer) + 1, -100, dtype=np.int64)
     for i, box in enumerate(answer_char_boxes(doc, question)):
         if box is not None:
             positions = mapper.map_box(box, width=width, height=height)
             if len(positions) == 1:
                 out[i] = int(positions[0])
+    if blanks:
+        grid_w = int(mapper.describe(width, height)["grid_w"])
+        previous = -100
+        for i, ch in enumerate([*question.answer, None]):  # None: the closing <|im_end|>
+            if ch is None or ch in " \n":
+                out[i] = previous + 1 if previous >= 0 and previous % grid_w != grid_w - 1 else -100
+            else:
+                previous = int(out[i])
     return out
 
 
@@ -519,6 +536,7 @@ def collate(
     classes: Mapping[str, int] | None = None,
     mapper: Any = None,
     pointers: bool = False,
+    pointer_blanks: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A right-padded training batch of ``(document, question)`` pairs for a Qwen2-VL reader.
 
@@ -532,8 +550,9 @@ def collate(
     is given, ``aux_labels`` (sum of visual tokens,): :func:`visual_char_labels` of each image,
     concatenated in batch order (``mapper``: default, the processor's own geometry); and, when
     ``pointers`` is set, ``pointer_labels`` (B, L): at position ``t`` whose next token ``t + 1``
-    is an answer character, the visual token it is drawn in (:func:`answer_pointer_labels`,
-    row-major within that sample's image), -100 elsewhere (position ``t`` predicts token ``t + 1``)."""
+    is an answer token, the visual token it is read from (:func:`answer_pointer_labels`, with
+    ``blanks=pointer_blanks``; row-major within that sample's image), -100 elsewhere (position
+    ``t`` predicts token ``t + 1``)."""
     if not samples:
         raise CollationError("cannot collate an empty batch")
     tokenizer = getattr(processor, "tokenizer", None)
@@ -583,7 +602,7 @@ def collate(
             start = n - len(ans)  # first answer token; the character tokenizer gives one token per character
             if len(ans) - 1 != len(q.answer):
                 raise CollationError(f"sample {i}: answer pointers need one token per answer character, got {len(ans) - 1} for {q.answer!r}")
-            pointer[i, start - 1 : start - 1 + len(q.answer)] = torch.from_numpy(answer_pointer_labels(doc, q, mapper))
+            pointer[i, start - 1 : n - 1] = torch.from_numpy(answer_pointer_labels(doc, q, mapper, blanks=pointer_blanks))
         out["pointer_labels"] = pointer
     if classes is not None:
         aux = [visual_char_labels(doc, mapper, classes) for doc, _ in samples]

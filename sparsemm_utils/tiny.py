@@ -268,7 +268,9 @@ class TrainConfig:
       is switched on (before that the run is exactly the run without it);
     - ``pointer_weight``, ``pointer_layer``, ``pointer_start``: the same for the auxiliary
       pointer loss (:class:`AuxiliaryHeads`: the answer step names the row and column of the
-      character it emits next);
+      character it emits next); ``pointer_blanks``: also at the steps that emit a space, a line
+      break or the closing ``<|im_end|>``, pointing at the empty cell right of the glyph before it
+      (:func:`~sparsemm_utils.reader_tasks.answer_pointer_labels` with ``blanks``);
     - ``task_weights``: probability of each task of :data:`~sparsemm_utils.reader_tasks.TASK_TYPES`
       per step (:func:`step_task`);
     - ``easy_lines``, ``easy_until``, ``ramp_until``, ``full_fraction``: the curriculum
@@ -301,6 +303,7 @@ class TrainConfig:
     pointer_weight: float = 0.3
     pointer_layer: int = 3
     pointer_start: float = 0.1
+    pointer_blanks: bool = False
     task_weights: tuple[float, ...] = (0.3, 0.3, 0.4)
     easy_lines: tuple[int, int] = (1, 2)
     easy_until: float = 0.1
@@ -374,6 +377,7 @@ class TrainConfig:
         # a config saved before the position (pointer) head existed trained without it (not with today's default)
         values.setdefault("position_weight", 0.0)
         values.setdefault("pointer_weight", 0.0)
+        values.setdefault("pointer_blanks", False)
         return cls(**values)
 
 
@@ -453,7 +457,10 @@ class _StepBatches(torch.utils.data.Dataset):
         return self.cfg.steps
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        return collate(self.processor, step_samples(self.cfg, step), classes=self.classes, pointers=self.cfg.pointer_weight > 0)
+        return collate(
+            self.processor, step_samples(self.cfg, step), classes=self.classes, pointers=self.cfg.pointer_weight > 0,
+            pointer_blanks=self.cfg.pointer_blanks,
+        )
 
 
 class linear_patch_embedding:
@@ -1256,6 +1263,13 @@ def write_model_card(
         {"config": cfg, "steps": result.steps, "seconds": result.train_seconds, "command": command}
     ]
     first = stages[0]["config"]
+    blank_text = (
+        " With blanks on, the steps that emit a space, a line break or the closing `<|im_end|>` point too: at the"
+        " empty cell right of the glyph before them, where the word or line visibly ends (added because most wrong"
+        " value answers read on past the end of the value)."
+        if first.pointer_blanks
+        else ""
+    )
     total_minutes = sum(st["seconds"] for st in stages) / 60
     stage_text = "\n".join(_stage_line(i, st, len(stages)) for i, st in enumerate(stages, start=1))
     met = [t for t in TASK_TYPES if t in summary and summary[t]["exact_match"] >= TARGET_EXACT]
@@ -1323,7 +1337,8 @@ def write_model_card(
   {first.pointer_layer} at every answer step whose next character is drawn on the page and predicts the row and
   column of the visual token that character is read from (`sparsemm_utils.reader_tasks.answer_pointer_labels`).
   It was added because value answers drifted to other lines (every wrong character a glyph of another line):
-  the answer step must carry the row the key was found on. Saved with the other heads, never used at inference."""
+  the answer step must carry the row the key was found on.{blank_text} Saved with the other heads, never used at
+  inference."""
         if first.pointer_weight > 0
         else ""
     )
@@ -1556,6 +1571,8 @@ def _train_config_from_args(args: argparse.Namespace) -> TrainConfig:
             overrides[name] = v
     if args.no_shared_prefix:
         overrides["shared_prefix"] = False
+    if args.pointer_blanks:
+        overrides["pointer_blanks"] = True
     if args.init_from is not None:
         overrides["init_from"] = args.init_from
     if args.task_weights is not None:
@@ -1566,7 +1583,8 @@ def _train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**overrides)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m sparsemm_utils.tiny`` (sub-commands train, card, evaluate)."""
     parser = argparse.ArgumentParser(prog="python -m sparsemm_utils.tiny", description="Train or evaluate the tiny reader.")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train a reader, save it, evaluate it and write its model card")
@@ -1578,6 +1596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       ("validation-docs", int)):
         tr.add_argument(f"--{name}", type=typ, default=None)
     tr.add_argument("--no-shared-prefix", action="store_true")
+    tr.add_argument("--pointer-blanks", action="store_true", help="point spaces, line breaks and the end at the blank cell they show")
     tr.add_argument("--init-from", default=None, help="start from a saved reader (a second training stage)")
     tr.add_argument("--task-weights", type=float, nargs=3, default=None, metavar=("OCR", "LINE", "VALUE"))
     tr.add_argument("--easy-until", type=float, default=None)
@@ -1593,7 +1612,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev.add_argument("--tasks", nargs="+", default=list(TASK_TYPES), choices=list(TASK_TYPES))
     ev.add_argument("--threads", type=int, default=2)
     ev.add_argument("--out", default=None, help="write the summary and records as JSON here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.command == "train":
         cfg = _train_config_from_args(args)

@@ -10,8 +10,19 @@ import pytest
 import torch
 
 from sparsemm_utils.models import load_model
-from sparsemm_utils.reader_tasks import TASK_TYPES, char_classes, collate, document_lines, questions_for_document
+from sparsemm_utils.patch_mapping import QwenVLPatchMapper
+from sparsemm_utils.reader_tasks import (
+    TASK_TYPES,
+    answer_pointer_labels,
+    char_classes,
+    collate,
+    document_lines,
+    questions_for_document,
+)
 from sparsemm_utils.tiny import (
+    _StepBatches,
+    _train_config_from_args,
+    build_parser,
     DEFAULT_READER_DIR,
     POSITION_CLASSES,
     POSITION_LABEL_SMOOTHING,
@@ -124,6 +135,25 @@ def test_train_config_errors():
     old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("pointer_")}
     assert TrainConfig.from_dict(old).pointer_weight == 0.0 and TrainConfig.from_dict(old).position_weight == 0.1
     assert cfg.pointer_weight == 0.3 and cfg.pointer_layer == 3
+    # ... and one written before blank pointers existed, a run that pointed at characters only
+    old = {k: v for k, v in TrainConfig(pointer_blanks=True).to_dict().items() if k != "pointer_blanks"}
+    assert TrainConfig.from_dict(old).pointer_blanks is False
+
+
+def test_step_batches_point_blanks_only_when_asked():
+    _, processor = build_reader(SMALL_MODEL, seed=0)
+    counts = {}
+    for blanks in (False, True):
+        cfg = small_config(pointer_blanks=blanks)
+        batch = _StepBatches(cfg, processor, char_classes())[40]
+        expected = sum(int((answer_pointer_labels(d, q, QwenVLPatchMapper(), blanks=blanks) != -100).sum()) for d, q in step_samples(cfg, 40))
+        counts[blanks] = int((batch["pointer_labels"] != -100).sum())
+        assert counts[blanks] == expected
+    # every answer ends with <|im_end|>: at least one blank per sequence unless its last glyph is in the last column
+    assert counts[True] > counts[False]
+    args = build_parser().parse_args(["train", "--pointer-blanks"])
+    assert _train_config_from_args(args).pointer_blanks is True
+    assert _train_config_from_args(build_parser().parse_args(["train"])).pointer_blanks is False
 
 
 def test_summarize_records_by_hand():

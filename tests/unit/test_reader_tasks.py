@@ -188,11 +188,22 @@ def test_rendered_pages_host_consistent_questions(seed, index):
     # every answer character points at the visual token that shows that very character
     classes = char_classes()
     asked = [ocr_question(doc)] + [line_question(doc, k) for k in range(1, len(lines) + 1)]
+    grid_w = QwenVLPatchMapper().describe(*doc["image"].size)["grid_w"]
     for q in asked + [value_question(doc, key) for key in value_keys(doc)]:
         pointers = answer_pointer_labels(doc, q, QwenVLPatchMapper())
-        assert len(pointers) == len(q.answer)
-        for ch, token in zip(q.answer, pointers):
-            assert (token == -100) if ch in " \n" else (labels[token] == classes[ch])
+        blanks = answer_pointer_labels(doc, q, QwenVLPatchMapper(), blanks=True)
+        assert len(pointers) == len(blanks) == len(q.answer) + 1 and pointers[-1] == -100
+        for i, (ch, token) in enumerate(zip([*q.answer, None], pointers)):
+            if ch is not None and ch not in " \n":
+                assert labels[token] == classes[ch] and blanks[i] == token
+                continue
+            assert token == -100
+            # a blank step points at the empty cell right of the glyph before it, on the same row
+            before = pointers[i - 1] if i and q.answer[i - 1] not in " \n" else -100
+            if before == -100 or before % grid_w == grid_w - 1:
+                assert blanks[i] == -100
+            else:
+                assert blanks[i] == before + 1 and labels[blanks[i]] == 0
 
 
 def test_make_task_dataset_columns_and_determinism():
@@ -270,17 +281,27 @@ def test_answer_char_boxes_by_hand():
 def test_answer_pointer_labels_by_hand():
     # 8 x 4 page (one merged token per 28 px cell): tokens are row * 8 + column.
     # "K7 93A" from cell (0, 1): K 1, 7 2, 9 4, 3 5, A 6; "AB CD EF" on row 2: 16, 17, 19, 20, 22, 23; "Q" at 26.
+    # One entry per answer token: the characters, then the closing <|im_end|> (drawn nowhere).
     mapper = QwenVLPatchMapper()
-    assert answer_pointer_labels(DOC, value_question(DOC, "K7"), mapper).tolist() == [4, 5, 6]
-    assert answer_pointer_labels(DOC, value_question(DOC, "AB"), mapper).tolist() == [19, 20, -100, 22, 23]
-    assert answer_pointer_labels(DOC, line_question(DOC, 3), mapper).tolist() == [26]
+    assert answer_pointer_labels(DOC, value_question(DOC, "K7"), mapper).tolist() == [4, 5, 6, -100]
+    assert answer_pointer_labels(DOC, value_question(DOC, "AB"), mapper).tolist() == [19, 20, -100, 22, 23, -100]
+    assert answer_pointer_labels(DOC, line_question(DOC, 3), mapper).tolist() == [26, -100]
     assert answer_pointer_labels(DOC, ocr_question(DOC), mapper).tolist() == [
-        1, 2, -100, 4, 5, 6, -100, 16, 17, -100, 19, 20, -100, 22, 23, -100, 26
+        1, 2, -100, 4, 5, 6, -100, 16, 17, -100, 19, 20, -100, 22, 23, -100, 26, -100
     ]
-    # a glyph whose box straddles two tokens has no single token to point at
+    # blanks: a space, line break or the end points at the empty cell right of the glyph before it
+    # ("93A" ends at A, token 6 -> 7; "CD EF": the space after D (20) -> 21; F is in the last column 7)
+    assert answer_pointer_labels(DOC, value_question(DOC, "K7"), mapper, blanks=True).tolist() == [4, 5, 6, 7]
+    assert answer_pointer_labels(DOC, value_question(DOC, "AB"), mapper, blanks=True).tolist() == [19, 20, 21, 22, 23, -100]
+    assert answer_pointer_labels(DOC, line_question(DOC, 3), mapper, blanks=True).tolist() == [26, 27]
+    assert answer_pointer_labels(DOC, ocr_question(DOC), mapper, blanks=True).tolist() == [
+        1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23, -100, 26, 27
+    ]
+    # a glyph whose box straddles two tokens has no single token to point at, nor does the blank after it
     doc = grid_doc([(0, 0, "AB")])
     doc["char_coord"][1]["coord"] = [[20.0, 4.0], [40.0, 24.0]]
-    assert answer_pointer_labels(doc, line_question(doc, 1), mapper).tolist() == [0, -100]
+    assert answer_pointer_labels(doc, line_question(doc, 1), mapper).tolist() == [0, -100, -100]
+    assert answer_pointer_labels(doc, line_question(doc, 1), mapper, blanks=True).tolist() == [0, -100, -100]
 
 
 def test_collate_masks_everything_but_the_answer(processor):
@@ -327,6 +348,13 @@ def test_collate_pointer_labels_sit_one_step_before_each_character(processor):
     assert processor.tokenizer.decode(ids[0, n0 - 6 : n0 - 1]) == "CD EF"
     assert pointer[1, n1 - 4 : n1 - 2].tolist() == [9, 10]
     assert int((pointer != -100).sum()) == 4 + 2  # nothing else, padding included
+    # with blanks the space and the closing <|im_end|> point too: the space after D at 21; the end
+    # of "EF" has no cell (F in the last column); "XY" ends at Y (10), so <|im_end|> looks at 11
+    blanks = collate(processor, [(DOC, q_value), (doc2, line_question(doc2, 1))], pointers=True, pointer_blanks=True)
+    pointer = blanks["pointer_labels"]
+    assert pointer[0, n0 - 7 : n0 - 1].tolist() == [19, 20, 21, 22, 23, -100]
+    assert pointer[1, n1 - 4 : n1 - 1].tolist() == [9, 10, 11]
+    assert int((pointer != -100).sum()) == 5 + 3
 
 
 def test_collate_errors(processor):
