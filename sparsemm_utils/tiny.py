@@ -1265,8 +1265,8 @@ def write_model_card(
     first = stages[0]["config"]
     blank_text = (
         " With blanks on, the steps that emit a space, a line break or the closing `<|im_end|>` point too: at the"
-        " empty cell right of the glyph before them, where the word or line visibly ends (added because most wrong"
-        " value answers read on past the end of the value)."
+        " empty cell right of the glyph before them, where the word or line visibly ends (added because over half"
+        " of the wrong value answers had the wrong length: they read on past the value or stopped early)."
         if first.pointer_blanks
         else ""
     )
