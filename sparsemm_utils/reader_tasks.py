@@ -74,6 +74,7 @@ __all__ = [
     "visual_char_labels",
     "answer_char_boxes",
     "answer_pointer_labels",
+    "key_pointer_label",
     "collate",
 ]
 
@@ -529,6 +530,31 @@ def answer_pointer_labels(doc: Mapping[str, Any], question: ReaderQuestion, mapp
     return out
 
 
+def key_pointer_label(doc: Mapping[str, Any], question: ReaderQuestion, mapper: Any) -> int:
+    """The visual token that shows the last character of a ``value`` question's key: the row-major
+    index (``<|image_pad|>`` order) of the one token its glyph's box maps to, -100 for a glyph
+    over several tokens (none on grid pages). The target of the reader's auxiliary *key pointer*
+    loss (:class:`sparsemm_utils.tiny.AuxiliaryHeads`): the prompt steps after the key name the
+    row the key was found on, before the answer starts.
+
+    Worked example (8 x 4 page, tokens ``row * 8 + col``; ``"K7 93A"`` on row 1 from column 0):
+    "Value of K7?" -> the ``7`` at column 1 -> ``9``. Raises :class:`ReaderTaskError` for other
+    tasks and for documents without character boxes."""
+    if question.task != "value":
+        raise ReaderTaskError(f"key pointers are defined for value questions only, got a {question.task!r} question")
+    lines = document_lines(doc)
+    k = int(question.detail.get("line", 0))
+    key = question.detail.get("key")
+    if not 1 <= k <= len(lines) or not lines[k - 1].words or lines[k - 1].words[0] != key:
+        raise ReaderTaskError(f"the question's key {key!r} does not start line {k} of this document; build it with value_question on the same document")
+    boxes = lines[k - 1].char_boxes
+    if boxes is None:
+        raise ReaderTaskError("the document has no character boxes for the key's line ('char_coord'): key pointers need a step-01 grid document")
+    width, height = doc["image"].size
+    positions = mapper.map_box(boxes[len(key) - 1], width=width, height=height)
+    return int(positions[0]) if len(positions) == 1 else -100
+
+
 def collate(
     processor: Any,
     samples: Sequence[tuple[Mapping[str, Any], ReaderQuestion]],
@@ -537,6 +563,7 @@ def collate(
     mapper: Any = None,
     pointers: bool = False,
     pointer_blanks: bool = False,
+    key_pointers: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A right-padded training batch of ``(document, question)`` pairs for a Qwen2-VL reader.
 
@@ -559,9 +586,10 @@ def collate(
     if tokenizer is None or not hasattr(processor, "image_processor"):
         raise CollationError(f"collate needs a Qwen2-VL processor (image processor + tokenizer), got {type(processor).__name__}")
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    texts, images, answer_ids = [], [], []
+    texts, images, answer_ids, prompts = [], [], [], []
     for doc, q in samples:
         prompt = processor.apply_chat_template(build_messages(q.prompt, "qwen2_vl"), add_generation_prompt=True, tokenize=False)
+        prompts.append(prompt)
         texts.append(prompt + q.answer + "<|im_end|>")
         image = doc["image"]
         if not isinstance(image, Image.Image):
@@ -592,7 +620,7 @@ def collate(
     out = dict(batch)
     out["labels"] = labels
     out["prefix_len"] = torch.tensor(int(firsts[0]))
-    if (classes is not None or pointers) and mapper is None:
+    if (classes is not None or pointers or key_pointers) and mapper is None:
         from .patch_mapping import mapper_from_processor
 
         mapper = mapper_from_processor(processor, "qwen2_vl")
@@ -604,6 +632,20 @@ def collate(
                 raise CollationError(f"sample {i}: answer pointers need one token per answer character, got {len(ans) - 1} for {q.answer!r}")
             pointer[i, start - 1 : n - 1] = torch.from_numpy(answer_pointer_labels(doc, q, mapper, blanks=pointer_blanks))
         out["pointer_labels"] = pointer
+    if key_pointers:
+        key_labels = torch.full_like(ids, -100)
+        for i, ((doc, q), n, ans) in enumerate(zip(samples, lengths, answer_ids)):
+            if q.task != "value":
+                continue
+            start = n - len(ans)
+            # the key, the rest of the question and the generation prompt end the prompt
+            key, chat = str(q.detail["key"]), prompts[i]
+            tail = tokenizer(chat[chat.rindex(q.prompt) + q.prompt.rindex(key) :], add_special_tokens=False)["input_ids"]
+            key_end = start - len(tail) + len(tokenizer(key, add_special_tokens=False)["input_ids"]) - 1
+            if ids[i, start - len(tail) : start].tolist() != tail:
+                raise CollationError(f"sample {i}: the prompt does not end with the key {key!r} of {q.prompt!r} and the generation prompt")
+            key_labels[i, key_end : start - 1] = key_pointer_label(doc, q, mapper)
+        out["key_labels"] = key_labels
     if classes is not None:
         aux = [visual_char_labels(doc, mapper, classes) for doc, _ in samples]
         counts = (batch["image_grid_thw"].prod(dim=1) // 4).tolist()

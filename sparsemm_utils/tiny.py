@@ -35,8 +35,13 @@ Training (:class:`TrainConfig`, :func:`train_reader`), deterministic for a seed 
 - auxiliary pointer loss: a third linear head reads the hidden state after decoder layer
   ``pointer_layer`` at each answer step and predicts the row and column of the visual token the
   next answer character is drawn in, weight ``pointer_weight`` (the answer must stay on the line
-  its key was found on). The three heads are NOT part of the Qwen2-VL checkpoint: they are
-  saved apart (``training/aux_head.safetensors``) and never used at inference;
+  its key was found on); ``pointer_blanks`` extends it to the steps that emit a space, a line
+  break or the end;
+- auxiliary key pointer loss (off by default): a fourth linear head reads the hidden state after
+  decoder layer ``key_layer`` at the prompt steps of a value question after the key and predicts
+  the row and column of the key's last glyph, weight ``key_weight``. The heads are NOT part of
+  the Qwen2-VL checkpoint: they are saved apart (``training/aux_head.safetensors``) and never
+  used at inference;
 - AdamW (betas 0.9/0.95, weight decay 0.05), linear warm-up then cosine decay to
   ``min_lr_ratio`` of the peak, gradient clipping 1.0, fp32 (bf16 autocast is slower on CPUs
   without native bf16);
@@ -271,6 +276,9 @@ class TrainConfig:
       character it emits next); ``pointer_blanks``: also at the steps that emit a space, a line
       break or the closing ``<|im_end|>``, pointing at the empty cell right of the glyph before it
       (:func:`~sparsemm_utils.reader_tasks.answer_pointer_labels` with ``blanks``);
+    - ``key_weight``, ``key_layer``, ``key_start``: the same for the auxiliary key pointer loss
+      (:class:`AuxiliaryHeads`: on a value question, the prompt steps after the key name the row
+      and column of the key's last glyph); 0 disables it;
     - ``task_weights``: probability of each task of :data:`~sparsemm_utils.reader_tasks.TASK_TYPES`
       per step (:func:`step_task`);
     - ``easy_lines``, ``easy_until``, ``ramp_until``, ``full_fraction``: the curriculum
@@ -304,6 +312,9 @@ class TrainConfig:
     pointer_layer: int = 3
     pointer_start: float = 0.1
     pointer_blanks: bool = False
+    key_weight: float = 0.0
+    key_layer: int = 2
+    key_start: float = 0.1
     task_weights: tuple[float, ...] = (0.3, 0.3, 0.4)
     easy_lines: tuple[int, int] = (1, 2)
     easy_until: float = 0.1
@@ -336,7 +347,7 @@ class TrainConfig:
         _check(0 <= self.min_lr_ratio <= 1, f"{own}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         _check(self.weight_decay >= 0 and self.grad_clip > 0 and self.aux_weight >= 0,
                f"{own}: weight_decay and aux_weight must be >= 0 and grad_clip > 0")
-        for head in ("position", "pointer"):
+        for head in ("position", "pointer", "key"):
             weight, start, layer = (getattr(self, f"{head}_{k}") for k in ("weight", "start", "layer"))
             _check(weight >= 0, f"{own}.{head}_weight must be >= 0, got {weight!r}")
             _check(0 <= start <= 1, f"{own}.{head}_start must be in [0, 1], got {start!r}")
@@ -378,6 +389,7 @@ class TrainConfig:
         values.setdefault("position_weight", 0.0)
         values.setdefault("pointer_weight", 0.0)
         values.setdefault("pointer_blanks", False)
+        values.setdefault("key_weight", 0.0)
         return cls(**values)
 
 
@@ -459,7 +471,7 @@ class _StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         return collate(
             self.processor, step_samples(self.cfg, step), classes=self.classes, pointers=self.cfg.pointer_weight > 0,
-            pointer_blanks=self.cfg.pointer_blanks,
+            pointer_blanks=self.cfg.pointer_blanks, key_pointers=self.cfg.key_weight > 0,
         )
 
 
@@ -533,12 +545,22 @@ class AuxiliaryHeads(nn.Module):
       0.696 -> 0.745 (41 wrong of 161 instead of 49); at the end of training the pointer is right
       at 99% of ``line`` answer steps but 78% of ``value`` ones, so finding the key's line is still
       the weak step.
+    - ``key`` (``None`` when ``key_weight`` is 0): ``Linear(hidden, 2 * POSITION_CLASSES)`` on the
+      hidden state after decoder layer ``key_layer`` at the prompt steps of a value question from
+      the key's last character to the step before the answer
+      (:func:`~sparsemm_utils.reader_tasks.collate`'s ``key_labels``): the row and column of the
+      key's last glyph. The wrong value answers read the right column of the wrong line, so the
+      key match itself fails; this head asks for it where it can be computed, before the answer
+      step has to use it (an earlier layer than the pointer's, so that the layers after it can
+      carry the row to the answer step and read the value there).
 
-    ``glyph`` is initialised under ``torch.manual_seed(seed + 1)``, ``position`` under ``seed + 2``
-    and ``pointer`` under ``seed + 3``, so a run without a head has the same initial weights as
-    before that head existed."""
+    ``glyph`` is initialised under ``torch.manual_seed(seed + 1)``, ``position`` under ``seed + 2``,
+    ``pointer`` under ``seed + 3`` and ``key`` under ``seed + 4``, so a run without a head has the
+    same initial weights as before that head existed."""
 
-    def __init__(self, hidden: int, n_glyph_classes: int, *, position: bool, seed: int, pointer: bool = False) -> None:
+    def __init__(
+        self, hidden: int, n_glyph_classes: int, *, position: bool, seed: int, pointer: bool = False, key: bool = False
+    ) -> None:
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
@@ -547,6 +569,8 @@ class AuxiliaryHeads(nn.Module):
             self.position = nn.Linear(hidden, 2 * POSITION_CLASSES) if position else None
             torch.manual_seed(seed + 3)
             self.pointer = nn.Linear(hidden, 2 * POSITION_CLASSES) if pointer else None
+            torch.manual_seed(seed + 4)
+            self.key = nn.Linear(hidden, 2 * POSITION_CLASSES) if key else None
 
 
 def visual_positions(image_grid_thw: torch.Tensor, merge: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -581,6 +605,8 @@ def reader_losses(
     position_layer: int = 1,
     pointer_weight: float = 0.0,
     pointer_layer: int = 3,
+    key_weight: float = 0.0,
+    key_layer: int = 2,
 ) -> dict[str, torch.Tensor]:
     """Losses and accuracies of a :func:`~sparsemm_utils.reader_tasks.collate` batch.
 
@@ -594,6 +620,8 @@ def reader_losses(
     ``position_weight`` 0), ``ptr_loss`` and ``ptr_acc`` (the same for :class:`AuxiliaryHeads`
     ``.pointer`` at the answer steps with a ``pointer_labels`` target, read after decoder layer
     ``pointer_layer``; 0 without a pointer head, ``pointer_labels`` or ``pointer_weight``),
+    ``key_loss`` and ``key_acc`` (the same for ``.key`` at the prompt steps with a ``key_labels``
+    target, read after decoder layer ``key_layer``),
     ``token_acc`` (argmax accuracy on answer tokens) and
     ``seq_correct`` (B,) bool: every answer token is the argmax given the true prefix, which is
     exactly when greedy decoding reproduces the answer (teacher-forced exact match).
@@ -613,7 +641,8 @@ def reader_losses(
     )  # (3, B, L)
     want_positions = aux_head is not None and aux_head.position is not None and position_weight > 0
     want_pointers = aux_head is not None and aux_head.pointer is not None and pointer_weight > 0 and "pointer_labels" in batch
-    want_hidden = want_positions or want_pointers
+    want_keys = aux_head is not None and getattr(aux_head, "key", None) is not None and key_weight > 0 and "key_labels" in batch
+    want_hidden = want_positions or want_pointers or want_keys
     embeds = lm.embed_tokens(ids)
     image_mask = (ids == model.config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
@@ -632,11 +661,13 @@ def reader_losses(
         )
         targets, suffix_ids = labels[:, p:], ids[:, p:]
         pointers = batch["pointer_labels"][:, p:] if want_pointers else None
+        keys = batch["key_labels"][:, p:] if want_keys else None
     else:
         lm_out = lm(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask, use_cache=False,
                     output_hidden_states=want_hidden)
         targets, suffix_ids = labels, ids
         pointers = batch["pointer_labels"] if want_pointers else None
+        keys = batch["key_labels"] if want_keys else None
     hidden = lm_out.last_hidden_state
     # position t predicts token t + 1
     pred_mask = targets[:, 1:] != -100  # (B, L' - 1)
@@ -655,6 +686,8 @@ def reader_losses(
         "pos_acc": torch.zeros(()),
         "ptr_loss": torch.zeros(()),
         "ptr_acc": torch.zeros(()),
+        "key_loss": torch.zeros(()),
+        "key_acc": torch.zeros(()),
     }
     if aux_head is not None and aux_weight > 0 and "aux_labels" in batch:
         aux_labels = batch["aux_labels"]
@@ -673,6 +706,12 @@ def reader_losses(
             width = (batch["image_grid_thw"][:, 2] // 2).unsqueeze(1).expand_as(pointers)  # merged columns per sample
             state = lm_out.hidden_states[pointer_layer][has]  # (pointed steps, hidden)
             out["ptr_loss"], out["ptr_acc"] = _grid_loss(aux_head.pointer(state), pointers[has] // width[has], pointers[has] % width[has])
+    if want_keys:
+        has = keys != -100  # (B, L'): prompt steps of value questions after the key
+        if bool(has.any()):
+            width = (batch["image_grid_thw"][:, 2] // 2).unsqueeze(1).expand_as(keys)
+            state = lm_out.hidden_states[key_layer][has]  # (key steps, hidden)
+            out["key_loss"], out["key_acc"] = _grid_loss(aux_head.key(state), keys[has] // width[has], keys[has] % width[has])
     return out
 
 
@@ -785,7 +824,7 @@ def _load_initial_weights(cfg: TrainConfig, model: nn.Module, aux_head: nn.Modul
     saved_heads = load_file(str(src / "training" / "aux_head.safetensors"))
     if set(saved_heads) == {"weight", "bias"}:  # a reader saved before the position head existed: its glyph head
         saved_heads = {f"glyph.{k}": v for k, v in saved_heads.items()}
-    optional = ("position.", "pointer.")
+    optional = ("position.", "pointer.", "key.")
     absent = tuple(prefix for prefix in optional if getattr(aux_head, prefix[:-1]) is None)
     saved_heads = {k: v for k, v in saved_heads.items() if not (absent and k.startswith(absent))}
     # a position or pointer head the previous stage did not have keeps its fresh initialisation (strict=False)
@@ -815,7 +854,7 @@ def train_reader(
     """Train a reader from scratch (or resume ``work_dir/checkpoint.pt``) for ``cfg.steps`` steps.
 
     Writes into ``work_dir``: ``training_log.csv`` (one row per step: step, task, lr, loss,
-    lm_loss, aux_loss, aux_acc, pos_loss, pos_acc, ptr_loss, ptr_acc, token_acc, seq_acc, grad_norm, p_easy, seconds, elapsed), ``validation_log.csv``
+    lm_loss, aux_loss, aux_acc, pos_loss, pos_acc, ptr_loss, ptr_acc, key_loss, key_acc, token_acc, seq_acc, grad_norm, p_easy, seconds, elapsed), ``validation_log.csv``
     (step, then ``<task>_exact`` and ``<task>_token_acc``), ``train_config.json``, and a resumable
     ``checkpoint.pt`` every ``checkpoint_every`` steps (model, aux head, optimizer, step, elapsed
     time, config). Returns ``(model, processor, aux_head, result)``; nothing is saved for release
@@ -833,7 +872,8 @@ def train_reader(
     model, processor = build_reader(cfg.model_spec, seed=cfg.seed)
     classes = char_classes(cfg.doc_spec.charset)
     aux_head = AuxiliaryHeads(
-        cfg.model_spec.text_hidden, len(classes) + 1, position=cfg.position_weight > 0, pointer=cfg.pointer_weight > 0, seed=cfg.seed
+        cfg.model_spec.text_hidden, len(classes) + 1, position=cfg.position_weight > 0, pointer=cfg.pointer_weight > 0,
+        key=cfg.key_weight > 0, seed=cfg.seed,
     )
     if cfg.init_from is not None:
         _load_initial_weights(cfg, model, aux_head)
@@ -888,6 +928,7 @@ def train_reader(
         lr = learning_rate(cfg, step)
         position_weight = cfg.position_weight if step >= cfg.position_start * cfg.steps else 0.0
         pointer_weight = cfg.pointer_weight if step >= cfg.pointer_start * cfg.steps else 0.0
+        key_weight = cfg.key_weight if step >= cfg.key_start * cfg.steps else 0.0
         for group in optimizer.param_groups:
             group["lr"] = lr
         with linear_patch_embedding(model):
@@ -895,9 +936,11 @@ def train_reader(
                 model, batch, aux_head, shared_prefix=cfg.shared_prefix, aux_weight=cfg.aux_weight,
                 position_weight=position_weight, position_layer=cfg.position_layer,
                 pointer_weight=pointer_weight, pointer_layer=cfg.pointer_layer,
+                key_weight=key_weight, key_layer=cfg.key_layer,
             )
         loss = (
             out["lm_loss"] + cfg.aux_weight * out["aux_loss"] + position_weight * out["pos_loss"] + pointer_weight * out["ptr_loss"]
+            + key_weight * out["key_loss"]
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -917,6 +960,8 @@ def train_reader(
             "pos_acc": float(out["pos_acc"]),
             "ptr_loss": out["ptr_loss"].item(),
             "ptr_acc": float(out["ptr_acc"]),
+            "key_loss": out["key_loss"].item(),
+            "key_acc": float(out["key_acc"]),
             "token_acc": float(out["token_acc"]),
             "seq_acc": float(out["seq_correct"].float().mean()),
             "grad_norm": grad_norm,
@@ -935,6 +980,7 @@ def train_reader(
                 aux=f"{np.mean([w['aux_acc'] for w in window]):.3f}",
                 pos=f"{np.mean([w['pos_acc'] for w in window]):.3f}",
                 ptr=f"{np.mean([w['ptr_acc'] for w in window]):.3f}",
+                **({"key": f"{np.mean([w['key_acc'] for w in window]):.3f}"} if cfg.key_weight > 0 else {}),
                 s=f"{np.mean([w['seconds'] for w in window]):.2f}",
             )
             window = []
@@ -1341,6 +1387,16 @@ def write_model_card(
   inference."""
         if first.pointer_weight > 0
         else ""
+    ) + (
+        f"""
+- Auxiliary key pointer loss (weight {first.key_weight}, switched on after {first.key_start:.0%} of the steps, label
+  smoothing {POSITION_LABEL_SMOOTHING}): a fourth linear head reads the hidden state after decoder layer
+  {first.key_layer} at the prompt steps of a value question from the key's last character to the step before the
+  answer, and predicts the row and column of the key's last glyph (`sparsemm_utils.reader_tasks.key_pointer_label`).
+  It was added because the wrong value answers read the right column of the wrong line: the key match itself
+  fails. Saved with the other heads, never used at inference."""
+        if first.key_weight > 0
+        else ""
     )
     logs_tail = ";\n  earlier stages in `training/previous_stage/`." if multi else "."
     text = f"""# tiny_reader: a Qwen2-VL trained here to read synthetic documents
@@ -1565,7 +1621,7 @@ def rewrite_model_card(model_dir: str | Path = DEFAULT_READER_DIR) -> Path:
 def _train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {}
     for name in ("steps", "batch_size", "seed", "lr", "warmup_steps", "aux_weight", "position_weight", "position_layer", "position_start",
-                 "pointer_weight", "pointer_layer", "pointer_start", "threads", "data_workers", "validate_every", "checkpoint_every", "validation_docs"):
+                 "pointer_weight", "pointer_layer", "pointer_start", "key_weight", "key_layer", "key_start", "threads", "data_workers", "validate_every", "checkpoint_every", "validation_docs"):
         v = getattr(args, name)
         if v is not None:
             overrides[name] = v
@@ -1592,7 +1648,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--work-dir", default=str(repo_root() / "runs" / "tiny_reader_train"), help="logs and resumable checkpoints")
     for name, typ in (("steps", int), ("batch-size", int), ("seed", int), ("lr", float), ("warmup-steps", int),
                       ("aux-weight", float), ("position-weight", float), ("position-layer", int), ("position-start", float),
-                      ("pointer-weight", float), ("pointer-layer", int), ("pointer-start", float), ("threads", int), ("data-workers", int), ("validate-every", int), ("checkpoint-every", int),
+                      ("pointer-weight", float), ("pointer-layer", int), ("pointer-start", float),
+                      ("key-weight", float), ("key-layer", int), ("key-start", float), ("threads", int), ("data-workers", int), ("validate-every", int), ("checkpoint-every", int),
                       ("validation-docs", int)):
         tr.add_argument(f"--{name}", type=typ, default=None)
     tr.add_argument("--no-shared-prefix", action="store_true")

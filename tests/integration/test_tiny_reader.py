@@ -14,6 +14,7 @@ from sparsemm_utils.patch_mapping import QwenVLPatchMapper
 from sparsemm_utils.reader_tasks import (
     TASK_TYPES,
     answer_pointer_labels,
+    key_pointer_label,
     char_classes,
     collate,
     document_lines,
@@ -119,7 +120,8 @@ def test_train_config_errors():
                 dict(easy_until=0.5, ramp_until=0.2), dict(seed=HELDOUT_SEED), dict(seed=VALIDATION_SEED),
                 dict(full_fraction=1.5), dict(batch_size=True), dict(position_weight=-0.1), dict(position_layer=0),
                 dict(position_layer=5), dict(position_start=1.5), dict(pointer_weight=-1.0), dict(pointer_layer=0),
-                dict(pointer_layer=5), dict(pointer_layer=True), dict(pointer_start=-0.1)):
+                dict(pointer_layer=5), dict(pointer_layer=True), dict(pointer_start=-0.1), dict(key_weight=-0.5),
+                dict(key_layer=0), dict(key_layer=5), dict(key_start=1.1)):
         with pytest.raises(TrainConfigError):
             TrainConfig(**bad)
     with pytest.raises(TrainConfigError, match="unknown training options"):
@@ -138,6 +140,9 @@ def test_train_config_errors():
     # ... and one written before blank pointers existed, a run that pointed at characters only
     old = {k: v for k, v in TrainConfig(pointer_blanks=True).to_dict().items() if k != "pointer_blanks"}
     assert TrainConfig.from_dict(old).pointer_blanks is False
+    # ... and one written before the key pointer existed, a run without it
+    old = {k: v for k, v in TrainConfig(key_weight=0.5).to_dict().items() if not k.startswith("key_")}
+    assert TrainConfig.from_dict(old).key_weight == 0.0 and TrainConfig().key_weight == 0.0
 
 
 def test_step_batches_point_blanks_only_when_asked():
@@ -154,6 +159,24 @@ def test_step_batches_point_blanks_only_when_asked():
     args = build_parser().parse_args(["train", "--pointer-blanks"])
     assert _train_config_from_args(args).pointer_blanks is True
     assert _train_config_from_args(build_parser().parse_args(["train"])).pointer_blanks is False
+
+
+def test_step_batches_carry_key_labels_only_when_asked():
+    _, processor = build_reader(SMALL_MODEL, seed=0)
+    value_step = next(s for s in range(100) if step_task(small_config(), s) == "value")
+    assert "key_labels" not in _StepBatches(small_config(), processor, char_classes())[value_step]
+    cfg = small_config(key_weight=0.5)
+    batch = _StepBatches(cfg, processor, char_classes())[value_step]
+    mapper = QwenVLPatchMapper()
+    for i, (doc, q) in enumerate(step_samples(cfg, value_step)):
+        marked = batch["key_labels"][i][batch["key_labels"][i] != -100]
+        # the key's last character, "?", <|im_end|>, "\n", <|im_start|> and the 9 characters of "assistant"
+        assert len(marked) == 14 and bool((marked == key_pointer_label(doc, q, mapper)).all())
+    line_step = next(s for s in range(100) if step_task(cfg, s) == "line")
+    assert bool((_StepBatches(cfg, processor, char_classes())[line_step]["key_labels"] == -100).all())
+    args = build_parser().parse_args(["train", "--key-weight", "0.4", "--key-layer", "1", "--key-start", "0.2"])
+    got = _train_config_from_args(args)
+    assert (got.key_weight, got.key_layer, got.key_start) == (0.4, 1, 0.2)
 
 
 def test_summarize_records_by_hand():
@@ -208,6 +231,12 @@ def test_auxiliary_heads_keep_the_glyph_head_of_a_run_without_positions():
     assert all(torch.equal(a, b) for a, b in zip(with_ptr.parameters(), with_pos.parameters()))  # glyph, position
     torch.manual_seed(8)
     assert torch.equal(with_ptr.pointer.weight, torch.nn.Linear(32, 2 * POSITION_CLASSES).weight)
+    # ... and so has the key pointer head (seed + 4)
+    with_key = AuxiliaryHeads(32, 27, position=True, pointer=True, key=True, seed=5)
+    assert with_ptr.key is None and with_key.key.out_features == 2 * POSITION_CLASSES
+    assert all(torch.equal(a, b) for a, b in zip(with_key.parameters(), with_ptr.parameters()))  # glyph, position, pointer
+    torch.manual_seed(9)
+    assert torch.equal(with_key.key.weight, torch.nn.Linear(32, 2 * POSITION_CLASSES).weight)
 
 
 def _grid_doc(doc_id: int, lines: dict[int, tuple[int, str]]) -> dict:
@@ -322,6 +351,32 @@ def test_shared_prefix_forward_equals_the_plain_forward():
     assert reader_losses(model, unlabelled, head, pointer_weight=0.5)["ptr_loss"].item() == 0.0
 
 
+def test_key_loss_by_hand():
+    cfg = small_config(batch_size=4, key_weight=0.5, key_layer=1)
+    step = next(s for s in range(200) if step_task(cfg, s) == "value" and easy_page_probability(cfg, s) < 1)
+    model, processor = build_reader(SMALL_MODEL, seed=0)
+    batch = collate(processor, step_samples(cfg, step), key_pointers=True)
+    head = AuxiliaryHeads(SMALL_MODEL.text_hidden, 27, position=False, key=True, seed=0)
+    shared = reader_losses(model, batch, head, key_weight=0.5, key_layer=1)
+    plain = reader_losses(model, batch, head, shared_prefix=False, key_weight=0.5, key_layer=1)
+    assert shared["key_loss"].item() == pytest.approx(plain["key_loss"].item(), rel=1e-5)
+    # by hand: the hidden state after decoder layer 1 at each labelled prompt step, against the row
+    # and column of the key's last glyph in that sample's merged grid
+    hf = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")},
+               output_hidden_states=True)
+    width = batch["image_grid_thw"][:, 2] // 2
+    has = batch["key_labels"] != -100
+    target = batch["key_labels"][has]
+    w = width.unsqueeze(1).expand_as(has)[has]
+    logits = head.key(hf.hidden_states[1][has])
+    ce = lambda x, y: torch.nn.functional.cross_entropy(x, y, label_smoothing=POSITION_LABEL_SMOOTHING)  # noqa: E731
+    expected = 0.5 * (ce(logits[:, :POSITION_CLASSES], target // w) + ce(logits[:, POSITION_CLASSES:], target % w))
+    assert shared["key_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert int(has.sum()) == 14 * 4
+    assert reader_losses(model, batch, head, key_weight=0.0)["key_loss"].item() == 0.0
+    assert reader_losses(model, batch, AuxiliaryHeads(SMALL_MODEL.text_hidden, 27, position=False, seed=0), key_weight=0.5)["key_loss"].item() == 0.0
+
+
 @pytest.mark.slow
 def test_a_short_training_run_lowers_the_loss_and_is_deterministic(tmp_path):
     cfg = small_config()
@@ -339,15 +394,16 @@ def test_a_short_training_run_lowers_the_loss_and_is_deterministic(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head", ["position", "pointer"])
+@pytest.mark.parametrize("head", ["position", "pointer", "key"])
 def test_an_auxiliary_loss_changes_nothing_before_its_start(tmp_path, head):
     # steps 0-1 of a 4-step run with {head}_start 0.5 are those of a run without that head
-    others = dict(position_weight=0.0, pointer_weight=0.0)
+    # (value questions only, so that the key pointer has prompt steps to label)
+    others = dict(position_weight=0.0, pointer_weight=0.0, task_weights=(0.0, 0.0, 1.0))
     on = small_config(steps=4, **{**others, f"{head}_weight": 0.5, f"{head}_start": 0.5})
     with_head, _, _, _ = train_reader(on, tmp_path / "a", progress=False, stop_after=2)
     without, _, _, _ = train_reader(small_config(steps=4, **others), tmp_path / "b", progress=False, stop_after=2)
     assert all(torch.equal(x, y) for x, y in zip(with_head.state_dict().values(), without.state_dict().values()))
-    column = {"position": "pos_loss", "pointer": "ptr_loss"}[head]
+    column = {"position": "pos_loss", "pointer": "ptr_loss", "key": "key_loss"}[head]
     log = np.genfromtxt(tmp_path / "a" / "training_log.csv", delimiter=",", names=True, dtype=None, encoding=None)
     assert list(log[column]) == [0.0, 0.0]
     train_reader(on, tmp_path / "a", progress=False)

@@ -30,6 +30,7 @@ from sparsemm_utils.reader_tasks import (
     make_task_dataset,
     ocr_question,
     questions_for_document,
+    key_pointer_label,
     value_keys,
     value_question,
     visual_char_labels,
@@ -355,6 +356,54 @@ def test_collate_pointer_labels_sit_one_step_before_each_character(processor):
     assert pointer[0, n0 - 7 : n0 - 1].tolist() == [19, 20, 21, 22, 23, -100]
     assert pointer[1, n1 - 4 : n1 - 1].tolist() == [9, 10, 11]
     assert int((pointer != -100).sum()) == 5 + 3
+
+
+
+def test_key_pointer_label_by_hand():
+    # 8 x 4 page, tokens row * 8 + column: "K7 93A" from cell (0, 1) puts the key's last glyph, 7, at
+    # token 2; "AB CD EF" on row 2 from column 0 puts B at 17
+    mapper = QwenVLPatchMapper()
+    assert key_pointer_label(DOC, value_question(DOC, "K7"), mapper) == 2
+    assert key_pointer_label(DOC, value_question(DOC, "AB"), mapper) == 17
+    # a one-character key on row 3 of a 9-column page: Z at (3, 4) -> 3 * 9 + 4
+    doc = grid_doc([(1, 0, "XY"), (3, 4, "Z 5")], cols=9)
+    assert key_pointer_label(doc, value_question(doc, "Z"), mapper) == 31
+    # a key glyph over two tokens has no single token
+    straddle = grid_doc([(0, 0, "AB C")])
+    straddle["char_coord"][1]["coord"] = [[20.0, 4.0], [40.0, 24.0]]
+    assert key_pointer_label(straddle, value_question(straddle, "AB"), mapper) == -100
+    with pytest.raises(ReaderTaskError, match="value questions only"):
+        key_pointer_label(DOC, line_question(DOC, 1), mapper)
+    forged = ReaderQuestion("value", "Value of AB?", "CD EF", (), {"key": "AB", "line": 1})
+    with pytest.raises(ReaderTaskError, match="does not start line 1"):
+        key_pointer_label(DOC, forged, mapper)
+    no_chars = dict(DOC, char_coord=[])
+    with pytest.raises(ReaderTaskError, match="no character boxes"):
+        key_pointer_label(no_chars, value_question(DOC, "K7"), mapper)
+
+
+def test_collate_key_labels_cover_the_prompt_after_the_key(processor):
+    q_value = value_question(DOC, "AB")  # key "AB": B at token 17 of image 1
+    doc2 = grid_doc([(1, 0, "XY")], cols=9, doc_id=1)
+    samples = [(DOC, q_value), (doc2, line_question(doc2, 1))]
+    batch = collate(processor, samples, key_pointers=True)
+    ids, mask, keys = batch["input_ids"], batch["attention_mask"], batch["key_labels"]
+    assert keys.shape == ids.shape and "pointer_labels" not in batch
+    n0 = int(mask[0].sum())
+    tok = processor.tokenizer
+    # "...Value of AB?<|im_end|>\n<|im_start|>assistant\nCD EF<|im_end|>": the answer and its end are
+    # the last 6 tokens, the "\n" before them is the first answer step (the pointer's), so the key
+    # labels run from the B of "AB" to the "t" of "assistant": B ? <|im_end|> \n <|im_start|> a s s i s t a n t
+    marked = (keys[0] != -100).nonzero()[:, 0]
+    assert marked.tolist() == list(range(n0 - 7 - 14, n0 - 7))
+    assert tok.decode(ids[0, marked]) == "B?<|im_end|>\n<|im_start|>assistant"
+    assert bool((keys[0, marked] == 17).all())
+    assert bool((keys[1] == -100).all())  # a line question has no key
+    # no key labels unless asked; with pointers both tensors come, on disjoint steps
+    assert "key_labels" not in collate(processor, samples)
+    both = collate(processor, samples, key_pointers=True, pointers=True)
+    assert not bool(((both["key_labels"] != -100) & (both["pointer_labels"] != -100)).any())
+    assert int(both["pointer_labels"][0, n0 - 8]) == -100 and int(both["pointer_labels"][0, n0 - 7]) == 19
 
 
 def test_collate_errors(processor):
