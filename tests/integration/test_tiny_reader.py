@@ -136,7 +136,8 @@ def test_train_config_errors():
     # ... and one written before the pointer head existed, a run without that one
     old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("pointer_")}
     assert TrainConfig.from_dict(old).pointer_weight == 0.0 and TrainConfig.from_dict(old).position_weight == 0.1
-    assert cfg.pointer_weight == 0.3 and cfg.pointer_layer == 3
+    assert cfg.pointer_weight == 0.6 and cfg.pointer_layer == 3 and cfg.pointer_blanks is True
+    assert cfg.task_weights == (0.28, 0.2, 0.52)  # the shipped recipe (data/tiny_reader/MODEL_CARD.md)
     # ... and one written before blank pointers existed, a run that pointed at characters only
     old = {k: v for k, v in TrainConfig(pointer_blanks=True).to_dict().items() if k != "pointer_blanks"}
     assert TrainConfig.from_dict(old).pointer_blanks is False
@@ -158,7 +159,8 @@ def test_step_batches_point_blanks_only_when_asked():
     assert counts[True] > counts[False]
     args = build_parser().parse_args(["train", "--pointer-blanks"])
     assert _train_config_from_args(args).pointer_blanks is True
-    assert _train_config_from_args(build_parser().parse_args(["train"])).pointer_blanks is False
+    assert _train_config_from_args(build_parser().parse_args(["train"])).pointer_blanks is True  # the default
+    assert _train_config_from_args(build_parser().parse_args(["train", "--no-pointer-blanks"])).pointer_blanks is False
 
 
 def test_step_batches_carry_key_labels_only_when_asked():
@@ -539,5 +541,8 @@ def test_shipped_model_card_matches_its_eval_results():
     for task, s in results["summary"].items():
         assert f"| {task} | {s['n']} | {s['exact_match']:.3f} | {s['char_accuracy']:.4f} |" in card
     assert results["command"] in card
+    # the README's promise: `python -m sparsemm_utils.tiny train` with no option trains the shipped recipe
+    saved = json.loads((DEFAULT_READER_DIR / "training" / "train_config.json").read_text())
+    assert TrainConfig.from_dict(saved) == TrainConfig()
     size = sum(p.stat().st_size for p in DEFAULT_READER_DIR.rglob("*") if p.is_file())
     assert size <= 20 * 2**20
