@@ -37,7 +37,7 @@ Training (:class:`TrainConfig`, :func:`train_reader`), deterministic for a seed 
   next answer character is drawn in, weight ``pointer_weight`` (the answer must stay on the line
   its key was found on); ``pointer_blanks`` extends it to the steps that emit a space, a line
   break or the end;
-- auxiliary key pointer loss (off by default): a fourth linear head reads the hidden state after
+- auxiliary key pointer loss: a fourth linear head reads the hidden state after
   decoder layer ``key_layer`` at the prompt steps of a value question after the key and predicts
   the row and column of the key's last glyph, weight ``key_weight``. The heads are NOT part of
   the Qwen2-VL checkpoint: they are saved apart (``training/aux_head.safetensors``) and never
@@ -312,7 +312,7 @@ class TrainConfig:
     pointer_layer: int = 3
     pointer_start: float = 0.1
     pointer_blanks: bool = True
-    key_weight: float = 0.0
+    key_weight: float = 0.3
     key_layer: int = 2
     key_start: float = 0.1
     task_weights: tuple[float, ...] = (0.28, 0.2, 0.52)

@@ -143,7 +143,7 @@ def test_train_config_errors():
     assert TrainConfig.from_dict(old).pointer_blanks is False
     # ... and one written before the key pointer existed, a run without it
     old = {k: v for k, v in TrainConfig(key_weight=0.5).to_dict().items() if not k.startswith("key_")}
-    assert TrainConfig.from_dict(old).key_weight == 0.0 and TrainConfig().key_weight == 0.0
+    assert TrainConfig.from_dict(old).key_weight == 0.0 and TrainConfig().key_weight == 0.3
 
 
 def test_step_batches_point_blanks_only_when_asked():
@@ -166,7 +166,7 @@ def test_step_batches_point_blanks_only_when_asked():
 def test_step_batches_carry_key_labels_only_when_asked():
     _, processor = build_reader(SMALL_MODEL, seed=0)
     value_step = next(s for s in range(100) if step_task(small_config(), s) == "value")
-    assert "key_labels" not in _StepBatches(small_config(), processor, char_classes())[value_step]
+    assert "key_labels" not in _StepBatches(small_config(key_weight=0.0), processor, char_classes())[value_step]
     cfg = small_config(key_weight=0.5)
     batch = _StepBatches(cfg, processor, char_classes())[value_step]
     mapper = QwenVLPatchMapper()
@@ -400,7 +400,7 @@ def test_a_short_training_run_lowers_the_loss_and_is_deterministic(tmp_path):
 def test_an_auxiliary_loss_changes_nothing_before_its_start(tmp_path, head):
     # steps 0-1 of a 4-step run with {head}_start 0.5 are those of a run without that head
     # (value questions only, so that the key pointer has prompt steps to label)
-    others = dict(position_weight=0.0, pointer_weight=0.0, task_weights=(0.0, 0.0, 1.0))
+    others = dict(position_weight=0.0, pointer_weight=0.0, key_weight=0.0, task_weights=(0.0, 0.0, 1.0))
     on = small_config(steps=4, **{**others, f"{head}_weight": 0.5, f"{head}_start": 0.5})
     with_head, _, _, _ = train_reader(on, tmp_path / "a", progress=False, stop_after=2)
     without, _, _, _ = train_reader(small_config(steps=4, **others), tmp_path / "b", progress=False, stop_after=2)
@@ -463,7 +463,7 @@ def test_save_reader_loads_like_a_real_checkpoint(tmp_path):
 def test_a_second_stage_starts_from_the_saved_reader_and_its_heads(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    first = small_config(steps=2, position_weight=0.0, pointer_weight=0.0)
+    first = small_config(steps=2, position_weight=0.0, pointer_weight=0.0, key_weight=0.0)
     model, processor, head, _ = train_reader(first, tmp_path / "work1", progress=False)
     assert head.position is None and head.pointer is None
     out = save_reader(model, processor, head, tmp_path / "stage1", tmp_path / "work1")
