@@ -55,14 +55,14 @@ character accuracy (``1 - sum of edit distances / sum of answer lengths``) per t
 
 A second stage (``init_from``) continues from a saved reader with a fresh optimizer (its model card
 then lists every stage). The shipped reader is one run of the defaults of :class:`TrainConfig`
-(6,500 steps, 58 minutes on 2 CPU cores; its model card has the command and the measurements).
+(6,500 steps, 60 minutes on 2 CPU cores; its model card has the command and the measurements).
 
-CLI (the shipped reader, then its measurement)::
+CLI (the shipped reader, every option spelled out though each is the default, then its measurement)::
 
-    python -m sparsemm_utils.tiny train --out data/tiny_reader --work-dir runs/tiny_reader_bal2 \
+    python -m sparsemm_utils.tiny train --out data/tiny_reader --work-dir runs/tiny_reader_key/work \
         --no-resume --steps 6500 --lr 8e-4 --threads 2 --data-workers 0 --task-weights 0.28 0.2 0.52 \
         --position-weight 0.1 --position-start 0.1 --pointer-weight 0.6 --pointer-layer 3 \
-        --pointer-start 0.1 --pointer-blanks --eval-docs 200
+        --pointer-start 0.1 --pointer-blanks --key-weight 0.3 --key-layer 2 --key-start 0.1 --eval-docs 200
     python -m sparsemm_utils.tiny evaluate --model data/tiny_reader --docs 200
     python -m sparsemm_utils.tiny card --model data/tiny_reader     # rebuild the model card
 """
@@ -555,7 +555,10 @@ class AuxiliaryHeads(nn.Module):
       key's last glyph. The wrong value answers read the right column of the wrong line, so the
       key match itself fails; this head asks for it where it can be computed, before the answer
       step has to use it (an earlier layer than the pointer's, so that the layers after it can
-      carry the row to the answer step and read the value there).
+      carry the row to the answer step and read the value there). Measured against the same recipe
+      without it (README, "tiny reader"; one run each): ``value`` exact match 0.795 -> 0.826,
+      ``ocr`` 0.955 -> 0.960, ``line`` 0.970 -> 0.980, all characters 0.9749 -> 0.9801; the head
+      itself is right (row and column) at only 35% of its steps at the end of training.
 
     ``glyph`` is initialised under ``torch.manual_seed(seed + 1)``, ``position`` under ``seed + 2``,
     ``pointer`` under ``seed + 3`` and ``key`` under ``seed + 4``, so a run without a head has the
