@@ -986,7 +986,9 @@ def train_reader(
                 aux=f"{np.mean([w['aux_acc'] for w in window]):.3f}",
                 pos=f"{np.mean([w['pos_acc'] for w in window]):.3f}",
                 ptr=f"{np.mean([w['ptr_acc'] for w in window]):.3f}",
-                **({"key": f"{np.mean([w['key_acc'] for w in window]):.3f}"} if cfg.key_weight > 0 else {}),
+                # the key head only sees value questions: average over those steps of the window
+                **({"key": f"{np.mean([w['key_acc'] for w in window if w['task'] == 'value'] or [0.0]):.3f}"}
+                   if cfg.key_weight > 0 else {}),
                 s=f"{np.mean([w['seconds'] for w in window]):.2f}",
             )
             window = []
