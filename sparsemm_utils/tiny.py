@@ -647,7 +647,7 @@ def reader_losses(
     )  # (3, B, L)
     want_positions = aux_head is not None and aux_head.position is not None and position_weight > 0
     want_pointers = aux_head is not None and aux_head.pointer is not None and pointer_weight > 0 and "pointer_labels" in batch
-    want_keys = aux_head is not None and getattr(aux_head, "key", None) is not None and key_weight > 0 and "key_labels" in batch
+    want_keys = aux_head is not None and aux_head.key is not None and key_weight > 0 and "key_labels" in batch
     want_hidden = want_positions or want_pointers or want_keys
     embeds = lm.embed_tokens(ids)
     image_mask = (ids == model.config.image_token_id).unsqueeze(-1)
@@ -706,19 +706,26 @@ def reader_losses(
         visual = lm_out.hidden_states[position_layer][suffix_ids == model.config.image_token_id]  # (visual tokens, hidden)
         rows, cols = visual_positions(batch["image_grid_thw"])
         out["pos_loss"], out["pos_acc"] = _grid_loss(aux_head.position(visual), rows, cols)
-    if want_pointers:
-        has = pointers != -100  # (B, L'): answer steps whose next character is drawn on the page
-        if bool(has.any()):
-            width = (batch["image_grid_thw"][:, 2] // 2).unsqueeze(1).expand_as(pointers)  # merged columns per sample
-            state = lm_out.hidden_states[pointer_layer][has]  # (pointed steps, hidden)
-            out["ptr_loss"], out["ptr_acc"] = _grid_loss(aux_head.pointer(state), pointers[has] // width[has], pointers[has] % width[has])
-    if want_keys:
-        has = keys != -100  # (B, L'): prompt steps of value questions after the key
-        if bool(has.any()):
-            width = (batch["image_grid_thw"][:, 2] // 2).unsqueeze(1).expand_as(keys)
-            state = lm_out.hidden_states[key_layer][has]  # (key steps, hidden)
-            out["key_loss"], out["key_acc"] = _grid_loss(aux_head.key(state), keys[has] // width[has], keys[has] % width[has])
+    width = batch["image_grid_thw"][:, 2] // 2  # merged columns per sample
+    if want_pointers:  # answer steps whose next character is drawn on the page
+        out["ptr_loss"], out["ptr_acc"] = _token_grid_loss(aux_head.pointer, lm_out.hidden_states[pointer_layer], pointers, width)
+    if want_keys:  # prompt steps of value questions after the key
+        out["key_loss"], out["key_acc"] = _token_grid_loss(aux_head.key, lm_out.hidden_states[key_layer], keys, width)
     return out
+
+
+def _token_grid_loss(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, width: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_grid_loss` of ``head`` at the sequence steps that name a visual token: ``hidden``
+    (B, L', hidden) the states of one decoder layer, ``targets`` (B, L') a row-major visual-token
+    index per step (-100: none), ``width`` (B,) merged columns of each sample's image. Zero loss
+    and accuracy when no step has a target."""
+    has = targets != -100
+    if not bool(has.any()):
+        return torch.zeros(()), torch.zeros(())
+    w = width.unsqueeze(1).expand_as(targets)[has]
+    return _grid_loss(head(hidden[has]), targets[has] // w, targets[has] % w)
 
 
 def _grid_loss(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -833,7 +840,7 @@ def _load_initial_weights(cfg: TrainConfig, model: nn.Module, aux_head: nn.Modul
     optional = ("position.", "pointer.", "key.")
     absent = tuple(prefix for prefix in optional if getattr(aux_head, prefix[:-1]) is None)
     saved_heads = {k: v for k, v in saved_heads.items() if not (absent and k.startswith(absent))}
-    # a position or pointer head the previous stage did not have keeps its fresh initialisation (strict=False)
+    # a position, pointer or key head the previous stage did not have keeps its fresh initialisation (strict=False)
     problem = ""
     try:
         missing, unexpected = aux_head.load_state_dict(saved_heads, strict=False)

@@ -57,7 +57,8 @@ def plot_questions(items: Sequence[Mapping[str, Any]], *, ncols: int = 3) -> Fig
 def plot_training(log: pd.DataFrame, validation: pd.DataFrame | None = None, *, smooth: int = 50) -> Figure:
     """Training curves from ``training_log.csv``: answer loss per task (rolling mean over
     ``smooth`` steps of that task), the auxiliary glyph accuracy (and the position and answer
-    pointer accuracies when the log has a non-zero ``pos_acc``, ``ptr_acc``), the learning rate and the share
+    pointer accuracies when the log has a non-zero ``pos_acc``, ``ptr_acc``, and the key pointer's
+    ``key_acc`` over the value steps, the only ones it sees), the learning rate and the share
     of easy pages; and, from ``validation_log.csv``, teacher-forced exact match per task on the
     validation pages (equal to greedy exact match). With a ``stage`` column (several training
     stages, :func:`sparsemm_utils.tiny.training_logs`), dotted lines mark where a stage starts."""
@@ -78,6 +79,9 @@ def plot_training(log: pd.DataFrame, validation: pd.DataFrame | None = None, *, 
         ax.plot(log["step"], log["pos_acc"].rolling(smooth, min_periods=1).mean(), label="row & column accuracy (aux head)")
     if "ptr_acc" in log and log["ptr_acc"].any():  # readers trained with the auxiliary pointer head
         ax.plot(log["step"], log["ptr_acc"].rolling(smooth, min_periods=1).mean(), label="answer pointer accuracy (aux head)")
+    if "key_acc" in log and log["key_acc"].any():  # readers trained with the auxiliary key pointer head
+        value = log[log["task"] == "value"]
+        ax.plot(value["step"], value["key_acc"].rolling(smooth, min_periods=1).mean(), label="key pointer accuracy (aux head)")
     ax.plot(log["step"], log["token_acc"].rolling(smooth, min_periods=1).mean(), label="answer token accuracy")
     ax.plot(log["step"], log["p_easy"], ls="--", color="grey", label="share of easy pages")
     ax.plot(log["step"], log["lr"] / log["lr"].max(), ls=":", color="black", label="learning rate / peak")
