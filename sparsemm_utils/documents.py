@@ -116,6 +116,8 @@ __all__ = [
     "ValidationReport",
     "generate_documents",
     "render_document",
+    "layout_document",
+    "PageLayout",
     "place_in_cell",
     "build_documents",
     "validate_rows",
@@ -627,13 +629,45 @@ def _union(boxes: Iterable[tuple[int, int, int, int]]) -> list[list[float]]:
     return [[float(min(xs0)), float(min(ys0))], [float(max(xs1)), float(max(ys1))]]
 
 
-def render_document(cfg: DocumentGeneratorConfig, index: int) -> dict[str, Any]:
-    """Draw document ``index`` of ``cfg`` (independent of ``cfg.n_documents``).
+@dataclass(frozen=True)
+class PageLayout:
+    """Document ``index`` of ``cfg`` laid out but not drawn (:func:`layout_document`): page size
+    ``width x height`` px, grey levels ``paper`` and ``ink``, and the glyphs of each line.
+    :meth:`row` turns it into the dataset row; the layout never depends on the drawing, so a
+    caller can look at the text and boxes first and pay for drawing only the pages it keeps."""
 
-    Returns a row of :data:`FEATURES` with the image as a PIL RGB image of size
-    ``(W, H)``: ``{"doc_id": index, "image": PIL.Image, "2_coord": [...], "char_coord": [...],
-    "source": "synthetic"}``.
-    """
+    cfg: DocumentGeneratorConfig
+    index: int
+    width: int
+    height: int
+    paper: int
+    ink: int
+    lines: tuple[tuple[_Word, ...], ...]
+
+    def row(self, draw: bool = True) -> dict[str, Any]:
+        """The row of :data:`FEATURES` (:func:`render_document`); ``draw=False``: ``"image": None``."""
+        cfg = self.cfg
+        image = PILImage.new("RGB", (self.width, self.height), (self.paper,) * 3) if draw else None
+        pen = ImageDraw.Draw(image) if image is not None else None
+        chunks: list[dict[str, Any]] = []
+        chars: list[dict[str, Any]] = []
+        for line in self.lines:
+            groups = [line] if cfg.chunk_level == "line" else [(w,) for w in line]
+            for group in groups:
+                glyphs = [g for w in group for g in w.glyphs]
+                chunk_index = len(chunks)
+                chunks.append({"chunk": " ".join(w.text for w in group), "coord": _union(g.box for g in glyphs)})
+                for g in glyphs:
+                    x0, y0, x1, y1 = (float(v) for v in g.box)
+                    chars.append({"char": g.char, "coord": [[x0, y0], [x1, y1]], "chunk_index": chunk_index})
+                for g in glyphs if pen is not None else ():
+                    pen.text(g.origin, g.char, font=_font(cfg.font_name, g.size), fill=(self.ink,) * 3, anchor="la")
+        return {"doc_id": self.index, "image": image, "2_coord": chunks, "char_coord": chars, "source": "synthetic"}
+
+
+def layout_document(cfg: DocumentGeneratorConfig, index: int) -> PageLayout:
+    """Lay out document ``index`` of ``cfg`` without drawing it (:class:`PageLayout`); all the
+    randomness of a document is drawn here, from ``default_rng([cfg.seed, index])``."""
     rng = np.random.default_rng([cfg.seed, index])
     width = int(rng.integers(cfg.page_width_range[0], cfg.page_width_range[1] + 1))
     height = int(rng.integers(cfg.page_height_range[0], cfg.page_height_range[1] + 1))
@@ -645,23 +679,17 @@ def render_document(cfg: DocumentGeneratorConfig, index: int) -> dict[str, Any]:
         lines = _layout_grid(rng, cfg, width, height)
     else:
         lines = _layout_free(rng, cfg, width, height)
+    return PageLayout(cfg, index, width, height, paper, ink, tuple(tuple(line) for line in lines))
 
-    image = PILImage.new("RGB", (width, height), (paper,) * 3)
-    draw = ImageDraw.Draw(image)
-    chunks: list[dict[str, Any]] = []
-    chars: list[dict[str, Any]] = []
-    for line in lines:
-        groups = [line] if cfg.chunk_level == "line" else [[w] for w in line]
-        for group in groups:
-            glyphs = [g for w in group for g in w.glyphs]
-            chunk_index = len(chunks)
-            chunks.append({"chunk": " ".join(w.text for w in group), "coord": _union(g.box for g in glyphs)})
-            for g in glyphs:
-                x0, y0, x1, y1 = (float(v) for v in g.box)
-                chars.append({"char": g.char, "coord": [[x0, y0], [x1, y1]], "chunk_index": chunk_index})
-            for g in glyphs:
-                draw.text(g.origin, g.char, font=_font(cfg.font_name, g.size), fill=(ink,) * 3, anchor="la")
-    return {"doc_id": index, "image": image, "2_coord": chunks, "char_coord": chars, "source": "synthetic"}
+
+def render_document(cfg: DocumentGeneratorConfig, index: int) -> dict[str, Any]:
+    """Draw document ``index`` of ``cfg`` (independent of ``cfg.n_documents``).
+
+    Returns a row of :data:`FEATURES` with the image as a PIL RGB image of size
+    ``(W, H)``: ``{"doc_id": index, "image": PIL.Image, "2_coord": [...], "char_coord": [...],
+    "source": "synthetic"}``. Equal to ``layout_document(cfg, index).row()``.
+    """
+    return layout_document(cfg, index).row()
 
 
 def _png_bytes(image: PILImage.Image) -> bytes:

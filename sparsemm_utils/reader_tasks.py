@@ -47,6 +47,8 @@ from PIL import Image
 from .documents import (
     UPPER_DIGITS_UNAMBIGUOUS,
     DocumentGeneratorConfig,
+    PageLayout,
+    layout_document,
     render_document,
 )
 from .prompts import OCR_PROMPT, build_messages
@@ -194,6 +196,11 @@ class ReaderDocSpec:
     def render(self, seed: int, index: int) -> dict[str, Any]:
         """Document ``index`` of the stream ``seed``: a step-01 row with a PIL image."""
         return render_document(self.generator_config(seed), index)
+
+    def layout(self, seed: int, index: int) -> PageLayout:
+        """The same document laid out, not drawn yet (``.row()`` draws it; ``.row(draw=False)``:
+        its text and boxes only, far cheaper)."""
+        return layout_document(self.generator_config(seed), index)
 
 
 # --------------------------------------------------------------------------------------------

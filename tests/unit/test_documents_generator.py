@@ -18,6 +18,7 @@ from sparsemm_utils.documents import (
     OcrAnnotationConfig,
     content_fingerprint,
     generate_documents,
+    layout_document,
     load_documents,
     place_in_cell,
     reading_text,
@@ -65,6 +66,19 @@ def test_document_k_does_not_depend_on_n_documents():
     assert few["2_coord"] == more["2_coord"][:2]
     undecoded = datasets.Image(decode=False)
     assert few.cast_column("image", undecoded)["image"] == more.cast_column("image", undecoded)["image"][:2]
+
+
+def test_a_layout_is_the_drawn_document_without_its_image():
+    grid = DocumentGeneratorConfig(layout="grid", n_documents=3, font_size_range=(20, 26), page_width_range=(224, 300))
+    for cfg, index in [(c, i) for c in (DocumentGeneratorConfig(**SMALL), grid) for i in range(3)]:
+        drawn = render_document(cfg, index)
+        layout = layout_document(cfg, index)
+        undrawn = layout.row(draw=False)
+        assert undrawn["image"] is None
+        assert {k: v for k, v in undrawn.items() if k != "image"} == {k: v for k, v in drawn.items() if k != "image"}
+        again = layout.row()
+        assert again["image"].size == drawn["image"].size == (layout.width, layout.height)
+        assert np.array_equal(np.asarray(again["image"]), np.asarray(drawn["image"]))
 
 
 def test_word_and_line_levels_share_images_and_words_tile_lines():
