@@ -19,6 +19,7 @@ from sparsemm_utils.reader_tasks import (
     collate,
     document_lines,
     questions_for_document,
+    value_keys,
 )
 from sparsemm_utils.tiny import (
     _StepBatches,
@@ -55,6 +56,7 @@ from sparsemm_utils.tiny import (
     step_task,
     summarize_records,
     train_reader,
+    value_accuracy_by_keys,
     value_error_sources,
 )
 
@@ -115,13 +117,37 @@ def test_step_samples_are_deterministic_and_follow_the_curriculum():
     assert any(len(document_lines(doc)) >= 2 for doc, _ in late)
 
 
+def test_value_pages_hold_two_keys_when_asked_and_only_on_full_pages():
+    # steps 0-19 easy pages only (1-2 lines), from step 20 on full pages only (full_fraction 1)
+    base = dict(steps=40, batch_size=12, task_weights=(0.0, 0.0, 1.0), easy_until=0.5, ramp_until=0.5, full_fraction=1.0)
+    natural, chosen = TrainConfig(**base), TrainConfig(**base, value_multi_key=1.0)
+    keys = lambda samples: [len(value_keys(doc)) for doc, _ in samples]  # noqa: E731
+    late = [n for s in (30, 31, 32) for n in keys(step_samples(chosen, s))]
+    assert min(late) >= 2
+    # the natural stream has one-key pages (about half of them), and value_multi_key 0 is it
+    assert 1 in [n for s in (30, 31, 32) for n in keys(step_samples(natural, s))]
+    # a question about one of the keys of the page, its answer read on the key's line
+    for doc, q in step_samples(chosen, 30):
+        key = q.detail["key"]
+        assert value_keys(doc)[key] == q.detail["line"]
+        assert q.answer == " ".join(document_lines(doc)[q.detail["line"] - 1].words[1:])
+    # easy pages are left alone: the curriculum's first pages are the same in both runs
+    early_a, early_b = step_samples(natural, 3), step_samples(chosen, 3)
+    assert [q for _, q in early_a] == [q for _, q in early_b]
+    assert [d["char_coord"] for d, _ in early_a] == [d["char_coord"] for d, _ in early_b]
+    # other tasks draw the same pages whatever value_multi_key says
+    ocr = dict(base, task_weights=(1.0, 0.0, 0.0))
+    assert [q for _, q in step_samples(TrainConfig(**ocr), 30)] == [q for _, q in step_samples(TrainConfig(**ocr, value_multi_key=1.0), 30)]
+
+
 def test_train_config_errors():
     for bad in (dict(steps=0), dict(lr=0.0), dict(task_weights=(1.0, 0.0)), dict(task_weights=(0, 0, 0)),
                 dict(easy_until=0.5, ramp_until=0.2), dict(seed=HELDOUT_SEED), dict(seed=VALIDATION_SEED),
                 dict(full_fraction=1.5), dict(batch_size=True), dict(position_weight=-0.1), dict(position_layer=0),
                 dict(position_layer=5), dict(position_start=1.5), dict(pointer_weight=-1.0), dict(pointer_layer=0),
                 dict(pointer_layer=5), dict(pointer_layer=True), dict(pointer_start=-0.1), dict(key_weight=-0.5),
-                dict(key_layer=0), dict(key_layer=5), dict(key_start=1.1)):
+                dict(key_layer=0), dict(key_layer=5), dict(key_start=1.1), dict(value_multi_key=-0.1),
+                dict(value_multi_key=1.5)):
         with pytest.raises(TrainConfigError):
             TrainConfig(**bad)
     with pytest.raises(TrainConfigError, match="unknown training options"):
@@ -144,6 +170,9 @@ def test_train_config_errors():
     # ... and one written before the key pointer existed, a run without it
     old = {k: v for k, v in TrainConfig(key_weight=0.5).to_dict().items() if not k.startswith("key_")}
     assert TrainConfig.from_dict(old).key_weight == 0.0 and TrainConfig().key_weight == 0.3
+    # ... and one written before value pages were chosen for their keys, a run on natural pages
+    old = {k: v for k, v in TrainConfig(value_multi_key=1.0).to_dict().items() if k != "value_multi_key"}
+    assert TrainConfig.from_dict(old).value_multi_key == 0.0
 
 
 def test_step_batches_point_blanks_only_when_asked():
@@ -276,6 +305,24 @@ def test_value_error_sources_by_hand():
     assert out["chance"] == pytest.approx((4 / 13 + 3 / 12 + 3 / 12 + 3 / 13) / 4)
     with pytest.raises(TinyReaderError, match="no line starts with the word 'QQ'"):
         value_error_sources([{"task": "value", "doc_id": 0, "prompt": "Value of QQ?", "answer": "C", "prediction": "D"}], docs)
+
+
+def test_value_accuracy_by_keys_by_hand():
+    docs = {
+        0: _grid_doc(0, {0: (0, "AB C"), 1: (0, "DE FG")}),  # two keys: AB, DE
+        1: _grid_doc(1, {0: (2, "K QR"), 2: (1, "XYZ")}),  # one key: K (XYZ has no value)
+        2: _grid_doc(2, {0: (0, "A B"), 1: (0, "A C"), 2: (0, "E F")}),  # A twice: not a key; one key: E
+    }
+    records = [
+        {"task": "value", "doc_id": 0, "prompt": "Value of AB?", "answer": "C", "prediction": "FG"},
+        {"task": "value", "doc_id": 0, "prompt": "Value of DE?", "answer": "FG", "prediction": "FG"},
+        {"task": "value", "doc_id": 1, "prompt": "Value of K?", "answer": "QR", "prediction": "QR"},
+        {"task": "value", "doc_id": 2, "prompt": "Value of E?", "answer": "F", "prediction": "B"},
+        {"task": "line", "doc_id": 0, "prompt": "Read line 1.", "answer": "AB C", "prediction": "AB C"},  # other task
+    ]
+    # one-key pages: K right, E wrong -> (2 questions, 1 right); the two-key page: (2, 1)
+    assert value_accuracy_by_keys(records, docs) == {1: (2, 1), 2: (2, 1)}
+    assert value_accuracy_by_keys(records[4:], docs) == {}
 
 
 # ------------------------------------------------------------------------------ slow: model
