@@ -1384,6 +1384,10 @@ def write_model_card(
     )
     worst = min((t for t in TASK_TYPES if t in summary), key=lambda t: summary[t]["exact_match"], default=None)
     failures = ""
+    value_docs: dict[int, Any] = {}  # the held-out pages of the value questions (reader pages are grid pages)
+    if "value" in summary:
+        wanted = {r["doc_id"] for r in evaluation["records"] if r["task"] == "value"}
+        value_docs = {d["doc_id"]: d for d in heldout_documents(max(wanted) + 1, spec, eval_seed) if d["doc_id"] in wanted}
     if worst is not None and summary[worst]["exact_match"] < 1:
         b = error_breakdown(evaluation["records"], worst)
         per_length = ", ".join(f"{n} character(s): {em:.3f} ({k})" for n, (k, em) in b["by_answer_length"].items())
@@ -1393,10 +1397,8 @@ def write_model_card(
             f"{b['same_length']} the right length with wrong characters. Exact match by answer length "
             f"(questions): {per_length}.\n"
         )
-        if worst == "value":  # reader pages are grid pages
-            wanted = {r["doc_id"] for r in evaluation["records"] if r["task"] == "value"}
-            docs = {d["doc_id"]: d for d in heldout_documents(max(wanted) + 1, spec, eval_seed) if d["doc_id"] in wanted}
-            src = value_error_sources(evaluation["records"], docs, charset=spec.charset, cell_size=spec.cell_size)
+        if worst == "value":
+            src = value_error_sources(evaluation["records"], value_docs, charset=spec.charset, cell_size=spec.cell_size)
             if src["wrong_characters"]:
                 failures += (
                     f"Of the {src['wrong_characters']} wrong characters in those answers, {src['from_other_line']} are glyphs drawn on "
@@ -1405,10 +1407,8 @@ def write_model_card(
                     f"{src['chance']:.0%} of the time. It reads from the wrong line, near the right column "
                     "(`sparsemm_utils.tiny.value_error_sources`).\n"
                 )
-    if "value" in summary:
-        wanted = {r["doc_id"] for r in evaluation["records"] if r["task"] == "value"}
-        docs = {d["doc_id"]: d for d in heldout_documents(max(wanted) + 1, spec, eval_seed) if d["doc_id"] in wanted}
-        by_keys = value_accuracy_by_keys(evaluation["records"], docs)
+    if value_docs:
+        by_keys = value_accuracy_by_keys(evaluation["records"], value_docs)
         failures += (
             "Value questions by the number of keys on their page (only with two or more does the answer depend on "
             "matching the key asked about; `sparsemm_utils.tiny.value_accuracy_by_keys`): "

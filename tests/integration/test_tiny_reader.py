@@ -121,7 +121,10 @@ def test_value_pages_hold_two_keys_when_asked_and_only_on_full_pages():
     # steps 0-19 easy pages only (1-2 lines), from step 20 on full pages only (full_fraction 1)
     base = dict(steps=40, batch_size=12, task_weights=(0.0, 0.0, 1.0), easy_until=0.5, ramp_until=0.5, full_fraction=1.0)
     natural, chosen = TrainConfig(**base), TrainConfig(**base, value_multi_key=1.0)
-    keys = lambda samples: [len(value_keys(doc)) for doc, _ in samples]  # noqa: E731
+
+    def keys(samples):
+        return [len(value_keys(doc)) for doc, _ in samples]
+
     late = [n for s in (30, 31, 32) for n in keys(step_samples(chosen, s))]
     assert min(late) >= 2
     # the natural stream has one-key pages (about half of them), and value_multi_key 0 is it
