@@ -35,8 +35,10 @@ the reader's auxiliary glyph loss.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -200,7 +202,14 @@ class ReaderDocSpec:
     def layout(self, seed: int, index: int) -> PageLayout:
         """The same document laid out, not drawn yet (``.row()`` draws it; ``.row(draw=False)``:
         its text and boxes only, far cheaper)."""
-        return layout_document(self.generator_config(seed), index)
+        return layout_document(_shared_generator_config(self, seed), index)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_generator_config(spec: ReaderDocSpec, seed: int) -> DocumentGeneratorConfig:
+    """:meth:`ReaderDocSpec.generator_config`, built (and validated) once per ``(spec, seed)``:
+    the reader's training loop lays out about 40 pages a step. Shared, so never mutated."""
+    return spec.generator_config(seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,12 +239,40 @@ def _union(boxes: Sequence[tuple[float, float, float, float]]) -> tuple[float, f
     return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
+_LINES_MEMO: dict[int, tuple[Mapping[str, Any], list[Line]]] | None = None
+
+
+@contextlib.contextmanager
+def memoized_document_lines() -> Iterator[None]:
+    """Inside the block, :func:`document_lines` works each document out once: a question, its
+    pointer labels and its key label all ask for the lines of the same page (about 120 calls a
+    training step for 24 pages). Documents must not be changed inside the block; the memo is
+    keyed by the document object itself and dropped when the block ends."""
+    global _LINES_MEMO
+    outer = _LINES_MEMO
+    _LINES_MEMO = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _LINES_MEMO = outer
+
+
 def document_lines(doc: Mapping[str, Any]) -> list[Line]:
     """The lines of a step-01 document, top to bottom (module docstring, "Lines").
 
     ``doc`` is a row of :data:`~sparsemm_utils.documents.FEATURES` (``2_coord`` required,
     ``char_coord`` optional). The OCR answer is ``"\\n".join(line.text for line in lines)``,
     which equals :func:`sparsemm_utils.documents.reading_text` of the chunks."""
+    memo = _LINES_MEMO
+    if memo is None:
+        return _document_lines(doc)
+    hit = memo.get(id(doc))
+    if hit is None or hit[0] is not doc:
+        hit = memo[id(doc)] = (doc, _document_lines(doc))  # the memo keeps doc alive: its id stays its own
+    return list(hit[1])
+
+
+def _document_lines(doc: Mapping[str, Any]) -> list[Line]:
     chunks = doc.get("2_coord")
     if chunks is None:
         raise ReaderTaskError("the document has no '2_coord' field: pass a step-01 row (documents.FEATURES)")
@@ -593,16 +630,19 @@ def collate(
     if tokenizer is None or not hasattr(processor, "image_processor"):
         raise CollationError(f"collate needs a Qwen2-VL processor (image processor + tokenizer), got {type(processor).__name__}")
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    texts, images, answer_ids, prompts = [], [], [], []
+    texts, images, prompts = [], [], []
+    chats: dict[str, str] = {}  # a batch repeats its task's few prompts: render each chat once
     for doc, q in samples:
-        prompt = processor.apply_chat_template(build_messages(q.prompt, "qwen2_vl"), add_generation_prompt=True, tokenize=False)
+        if q.prompt not in chats:
+            chats[q.prompt] = processor.apply_chat_template(build_messages(q.prompt, "qwen2_vl"), add_generation_prompt=True, tokenize=False)
+        prompt = chats[q.prompt]
         prompts.append(prompt)
         texts.append(prompt + q.answer + "<|im_end|>")
         image = doc["image"]
         if not isinstance(image, Image.Image):
             raise CollationError(f"document {doc.get('doc_id')} has no decoded PIL image (got {type(image).__name__})")
         images.append(image.convert("RGB"))
-        answer_ids.append(tokenizer(q.answer, add_special_tokens=False)["input_ids"] + [eos])
+    answer_ids = [ids + [eos] for ids in tokenizer([q.answer for _, q in samples], add_special_tokens=False)["input_ids"]]
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"
     try:

@@ -88,6 +88,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .fast_pixels import with_lookup_pixels
 from .reader_tasks import (
     TASK_TYPES,
     VALUE_PROMPT,
@@ -97,6 +98,7 @@ from .reader_tasks import (
     char_classes,
     collate,
     draw_question,
+    memoized_document_lines,
     questions_for_document,
     value_keys,
     value_question,
@@ -480,19 +482,25 @@ def step_samples(cfg: TrainConfig, step: int) -> list[tuple[dict[str, Any], Read
 
 class _StepBatches(torch.utils.data.Dataset):
     """Map-style dataset over step indices: item ``s`` is the collated batch of step ``s``
-    (so a DataLoader worker can build batches ahead of the optimizer, deterministically)."""
+    (so a DataLoader worker can build batches ahead of the optimizer, deterministically).
+    Pixels go through :func:`~sparsemm_utils.fast_pixels.with_lookup_pixels` (the same
+    ``pixel_values``, faster) and the token mapper is built once."""
 
     def __init__(self, cfg: TrainConfig, processor: Any, classes: Mapping[str, int]) -> None:
-        self.cfg, self.processor, self.classes = cfg, processor, classes
+        from .patch_mapping import mapper_from_processor
+
+        self.cfg, self.processor, self.classes = cfg, with_lookup_pixels(processor), classes
+        self.mapper = mapper_from_processor(processor, "qwen2_vl")
 
     def __len__(self) -> int:
         return self.cfg.steps
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        return collate(
-            self.processor, step_samples(self.cfg, step), classes=self.classes, pointers=self.cfg.pointer_weight > 0,
-            pointer_blanks=self.cfg.pointer_blanks, key_pointers=self.cfg.key_weight > 0,
-        )
+        with memoized_document_lines():
+            return collate(
+                self.processor, step_samples(self.cfg, step), classes=self.classes, mapper=self.mapper,
+                pointers=self.cfg.pointer_weight > 0, pointer_blanks=self.cfg.pointer_blanks, key_pointers=self.cfg.key_weight > 0,
+            )
 
 
 class linear_patch_embedding:
