@@ -323,7 +323,7 @@ class TrainConfig:
     key_weight: float = 0.3
     key_layer: int = 2
     key_start: float = 0.1
-    value_multi_key: float = 0.75
+    value_multi_key: float = 1.0
     task_weights: tuple[float, ...] = (0.28, 0.2, 0.52)
     easy_lines: tuple[int, int] = (1, 2)
     easy_until: float = 0.1
@@ -1330,6 +1330,19 @@ def _stage_line(i: int, stage: Mapping[str, Any], n: int) -> str:
     )
 
 
+# measured: data/tiny_reader as shipped on 2026-11-21 (commit c7b4423), its own eval_results.json
+_MULTI_KEY_ALWAYS = (
+    " With it at 0.75 (three in four such questions) the same recipe answered 144 of 161 held-out value\n"
+    "  questions (89 of 89 one-key, 55 of 72 others); asking every one on a multi-key page is the recipe shipped."
+)
+
+
+def _multi_key_share(p: float) -> str:
+    """The model card's words for ``value_multi_key``: nothing when it is 1 (always), else
+    ``", with probability p,"``."""
+    return "" if p >= 1 else f", with probability {p},"
+
+
 def write_model_card(
     out_dir: str | Path,
     cfg: TrainConfig,
@@ -1470,12 +1483,12 @@ def write_model_card(
     )
     multi_key_text = (
         f"""
-- Value pages that need their key: a `value` question on a full page is asked, with probability
-  {first.value_multi_key}, only on a page with two keys or more (other pages are passed over, as pages without any key
+- Value pages that need their key: a `value` question on a full page is asked{_multi_key_share(first.value_multi_key)}
+  only on a page with two keys or more (other pages are passed over, as pages without any key
   always are; `sparsemm_utils.tiny.step_samples`). On a one-key page the answer is simply the second word of the
   only key-value line, whatever the key. It was added because the reader shipped before it (same recipe without
   this) answered 88 of 89 held-out one-key questions right and 45 of 72 others: it had learned that shortcut more
-  than the key match. Held-out pages keep the natural mix (counts by keys below)."""
+  than the key match.{_MULTI_KEY_ALWAYS if first.value_multi_key >= 1 else ""} Held-out pages keep the natural mix (counts by keys below)."""
         if first.value_multi_key > 0
         else ""
     )

@@ -120,7 +120,7 @@ def test_step_samples_are_deterministic_and_follow_the_curriculum():
 def test_value_pages_hold_two_keys_when_asked_and_only_on_full_pages():
     # steps 0-19 easy pages only (1-2 lines), from step 20 on full pages only (full_fraction 1)
     base = dict(steps=40, batch_size=12, task_weights=(0.0, 0.0, 1.0), easy_until=0.5, ramp_until=0.5, full_fraction=1.0)
-    natural, chosen = TrainConfig(**base), TrainConfig(**base, value_multi_key=1.0)
+    natural, chosen = TrainConfig(**base, value_multi_key=0.0), TrainConfig(**base, value_multi_key=1.0)
 
     def keys(samples):
         return [len(value_keys(doc)) for doc, _ in samples]
@@ -140,7 +140,7 @@ def test_value_pages_hold_two_keys_when_asked_and_only_on_full_pages():
     assert [d["char_coord"] for d, _ in early_a] == [d["char_coord"] for d, _ in early_b]
     # other tasks draw the same pages whatever value_multi_key says
     ocr = dict(base, task_weights=(1.0, 0.0, 0.0))
-    assert [q for _, q in step_samples(TrainConfig(**ocr), 30)] == [q for _, q in step_samples(TrainConfig(**ocr, value_multi_key=1.0), 30)]
+    assert [q for _, q in step_samples(TrainConfig(**ocr, value_multi_key=0.0), 30)] == [q for _, q in step_samples(TrainConfig(**ocr, value_multi_key=1.0), 30)]
 
 
 def test_train_config_errors():
