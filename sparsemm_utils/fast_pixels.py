@@ -1,17 +1,18 @@
-"""Qwen2-VL pixel values by table lookup: the same float32 numbers, in a third of the time.
+"""Qwen2-VL pixel values by table lookup: the same float32 numbers, in less than half the time.
 
-The reader's training loop (:mod:`sparsemm_utils.tiny`) spends about a quarter of every step
-turning 24 small uint8 pages into ``pixel_values``. transformers' Qwen2-VL PIL image processor
-does, per image, ``resize`` (a no-op when the page already has the size ``smart_resize``
-chooses: every reader page is a whole number of 28 px cells), ``rescale`` (uint8 -> float64,
-times 1/255, -> float32), ``normalize`` (``(x - mean[c]) / std[c]`` in float32) and
-``patchify`` (reshape/transpose into ``(patches, C * T * 14 * 14)``).
+The reader's training loop (:mod:`sparsemm_utils.tiny`) turns 24 small uint8 pages into
+``pixel_values`` every step. transformers' Qwen2-VL PIL image processor does, per image,
+``resize`` (a no-op when the page already has the size ``smart_resize`` chooses: every reader
+page is a whole number of 28 px cells), ``rescale`` (uint8 -> float64, times 1/255, -> float32),
+``normalize`` (``(x - mean[c]) / std[c]`` in float32) and ``patchify`` (reshape/transpose into
+``(patches, C * T * 14 * 14)``). Measured on the 2-core machine (10 training batches of steps
+4000-4009, median of 5 passes): 43.1 ms a batch stock, 19.9 ms with the lookup.
 
 Rescale and normalize are element-wise, so each of the 256 byte values of channel ``c`` always
 becomes the same float32. :class:`LookupQwen2VLImageProcessor` runs the processor's OWN
 ``rescale`` and ``normalize`` once on a ``(C, 1, 256)`` ramp to build that table, patchifies
 the uint8 page, and looks the bytes up: the result is bit-identical (checked by
-``tests/unit/test_fast_pixels.py`` against the stock processor, on reader pages and on odd
+``tests/integration/test_fast_pixels.py`` against the stock processor, on reader pages and on odd
 sizes). Any image the shortcut does not cover (a resize that changes the size, a non-uint8
 array, rescale or normalize switched off) goes through the stock code unchanged.
 
@@ -37,14 +38,14 @@ class LookupQwen2VLImageProcessor(Qwen2VLImageProcessorPil):
     ``pixel_values`` and ``(images, 3)`` int64 ``image_grid_thw``, as the stock processor."""
 
     def _lookup_table(self, rescale_factor: float, image_mean: Any, image_std: Any) -> np.ndarray:
-        """``(C * 256,)`` float32: entry ``c * 256 + v`` is what byte ``v`` of channel ``c``
-        becomes after the processor's own rescale and normalize."""
+        """``(3, 256)`` float32: entry ``[c, v]`` is what byte ``v`` of channel ``c`` becomes
+        after the processor's own rescale and normalize."""
         key = (float(rescale_factor), repr(image_mean), repr(image_std))
         cache = self.__dict__.setdefault("_lookup_cache", {})
         if key not in cache:
             ramp = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256)).copy()  # (C, H=1, W=256)
             values = self.normalize(self.rescale(ramp, rescale_factor), image_mean, image_std)
-            cache[key] = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+            cache[key] = np.ascontiguousarray(values, dtype=np.float32).reshape(3, 256)
         return cache[key]
 
     def _preprocess(  # type: ignore[override]
@@ -79,7 +80,7 @@ class LookupQwen2VLImageProcessor(Qwen2VLImageProcessorPil):
                 images, do_resize, size, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std,
                 patch_size, temporal_patch_size, merge_size, return_tensors, **kwargs,
             )
-        table = self._lookup_table(rescale_factor, image_mean, image_std).reshape(3, 256)
+        table = self._lookup_table(rescale_factor, image_mean, image_std)
         all_patches, all_grids = [], []
         for image in images:
             channel, height, width = image.shape

@@ -51,7 +51,6 @@ from .documents import (
     DocumentGeneratorConfig,
     PageLayout,
     layout_document,
-    render_document,
 )
 from .prompts import OCR_PROMPT, build_messages
 
@@ -197,7 +196,7 @@ class ReaderDocSpec:
 
     def render(self, seed: int, index: int) -> dict[str, Any]:
         """Document ``index`` of the stream ``seed``: a step-01 row with a PIL image."""
-        return render_document(self.generator_config(seed), index)
+        return self.layout(seed, index).row()
 
     def layout(self, seed: int, index: int) -> PageLayout:
         """The same document laid out, not drawn yet (``.row()`` draws it; ``.row(draw=False)``:

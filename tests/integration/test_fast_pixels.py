@@ -21,16 +21,14 @@ from sparsemm_utils.reader_tasks import (
     document_lines,
     memoized_document_lines,
 )
-from sparsemm_utils.tiny import ReaderModelSpec, TrainConfig, _StepBatches, build_reader, step_samples, step_task
+from sparsemm_utils.tiny import TrainConfig, _StepBatches, build_reader, step_samples, step_task
 from sparsemm_utils.tiny_models import build_tiny_processor
-
-SMALL_MODEL = ReaderModelSpec(text_hidden=32, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=64,
-                              vision_hidden=16, vision_layers=1, vision_heads=2, vision_intermediate=32)
 
 
 @pytest.fixture(scope="module")
 def processor():
-    return build_reader(SMALL_MODEL, seed=0)[1]
+    """The reader's processor (its model is built and dropped: only the processor is used)."""
+    return build_reader(seed=0)[1]
 
 
 def _same(a, b) -> bool:
@@ -40,7 +38,7 @@ def _same(a, b) -> bool:
 def test_lookup_table_by_hand(processor):
     fast = with_lookup_pixels(processor).image_processor
     ip = processor.image_processor
-    table = fast._lookup_table(ip.rescale_factor, ip.image_mean, ip.image_std).reshape(3, 256)
+    table = fast._lookup_table(ip.rescale_factor, ip.image_mean, ip.image_std)
     assert table.dtype == np.float32 and table.shape == (3, 256)
     # byte v of channel c: float32(v / 255 computed in float64), then (x - mean[c]) / std[c] in float32
     for c in range(3):
@@ -110,7 +108,7 @@ def test_memoized_document_lines_work_each_page_out_once(monkeypatch):
 def test_step_batches_equal_the_stock_collate(processor):
     """The training loop's batches (lookup pixels, one mapper, memoized lines) are exactly what
     collate gives with the stock processor, for every task."""
-    cfg = TrainConfig(steps=30, batch_size=4, validate_every=0, checkpoint_every=0, model_spec=SMALL_MODEL, pointer_layer=2)
+    cfg = TrainConfig(steps=30, batch_size=4, validate_every=0, checkpoint_every=0)
     batches = _StepBatches(cfg, processor, char_classes())
     seen = set()
     for step in range(30):
