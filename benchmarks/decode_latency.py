@@ -2,7 +2,7 @@
 
 The model has Qwen2-VL-7B's attention shape (28 query heads, 4 KV heads, head_dim 128, hidden
 3584, M-RoPE sections [16, 24, 24]) and its MLP width (18944), with random weights (speed does
-not depend on their values, SPEC section 7) and ``--layers`` decoder layers (default 2: a 28-layer
+not depend on their values, docs/method.md §7) and ``--layers`` decoder layers (default 2: a 28-layer
 fp32 7B model does not fit a laptop-class CPU budget; every layer costs the same, so per-layer
 time scales linearly). The prompt's KV states are random tensors of the real shape rather than a
 prefill: a 16K-token prefill takes minutes on 2 CPU cores and does not change what one decode
@@ -54,7 +54,7 @@ from sparsemm_utils.tiny_models import build_tiny
 from sparsemm_utils.varlen_attention import DECODE_BACKENDS, use_decode_backend
 
 _QWEN2_VL_7B = REAL_SHAPES["qwen2-vl-7b"]
-#: Qwen2-VL-7B-Instruct's language model widths (SPEC section 1: 28 layers, 28 / 4 heads).
+#: Qwen2-VL-7B-Instruct's language model widths (docs/method.md §1: 28 layers, 28 / 4 heads).
 QWEN2_VL_7B_TEXT = dict(
     text_hidden=_QWEN2_VL_7B.hidden,
     text_heads=_QWEN2_VL_7B.query_heads,

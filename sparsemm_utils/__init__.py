@@ -1,6 +1,6 @@
 """sparsemm_utils: the tested library behind the SparseMM reproduction notebooks.
 
-One module per stage of the study (see DESIGN.md in the shared docs):
+One module per stage of the study (see docs/design.md):
 
 - ``runs``           run folders, step folders, the missing-upstream error
 - ``pipeline``       the registry of steps and their papermill execution

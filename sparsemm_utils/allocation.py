@@ -1,11 +1,11 @@
 """Per-head KV-cache budgets: SparseMM's score-proportional allocation and the baselines' rules.
 
-SPEC section 5 ("Budget allocation (step 04)") is the source of every rule here. This module is pure
+docs/method.md §5 ("Budget allocation (step 04)") is the source of every rule here. This module is pure
 arithmetic: it decides HOW MANY prompt tokens each KV head stores after prefill; the cache engine of
-step 04 decides WHICH ones (SnapKV's rule, SPEC section 5 "Token selection inside a head") and
+step 04 decides WHICH ones (SnapKV's rule, docs/method.md §5 "Token selection inside a head") and
 stores them.
 
-Conventions (SPEC section 5):
+Conventions (docs/method.md §5):
 
 - ``budget`` B counts the local window: a compressing KV head stores ``cap`` selected tokens plus
   the last ``window`` (w) prompt tokens. ``b = B - w`` (``selected_budget``) is the average number
@@ -138,10 +138,10 @@ def _check_fraction(name: str, value: object) -> float:
 
 
 def _check_budget(budget: object, window: object) -> None:
-    """SPEC section 5: B counts the window, so b = B - w must be at least 1."""
+    """docs/method.md §5: B counts the window, so b = B - w must be at least 1."""
     if not _is_int(window) or window < 1:
         raise InvalidParameterError(
-            f"window must be an int >= 1 (the last w prompt tokens every head keeps; SPEC default 32), "
+            f"window must be an int >= 1 (the last w prompt tokens every head keeps; docs/method.md §5: default 32), "
             f"got {window!r}"
         )
     if not _is_int(budget):
@@ -218,7 +218,7 @@ class ModelShape:
     """Attention shape of a language model: ``layers`` L, ``query_heads`` H, ``kv_heads`` H_kv.
 
     Grouped-query attention needs H to be a multiple of H_kv: query head h reads KV head
-    h // (H / H_kv) (SPEC section 5, step 2).
+    h // (H / H_kv) (docs/method.md §5, step 2).
     """
 
     layers: int
@@ -318,7 +318,7 @@ def effective_kept(
 ) -> np.ndarray:
     """Selected tokens each head really stores after a prefill of n = ``prompt_len`` tokens.
 
-    SPEC section 5: a head selects among the n - w tokens before the window, so a head with
+    docs/method.md §5: a head selects among the n - w tokens before the window, so a head with
     cap >= n - w keeps all of them and the rest of its cap is lost (the original does not cap at
     the prompt length): kept = min(cap, max(n - w, 0)). When ``budget`` B is given, the original's
     whole-layer skip applies too: for n < B (b > n - w) SnapKV, SparseMM and AdaKV return the
@@ -346,7 +346,7 @@ def effective_kept(
 
 
 def validate_head_scores(scores: ArrayLike, shape: ModelShape | tuple[int, int, int]) -> np.ndarray:
-    """Checked float64 copy of visual head scores S, shape (layers, query_heads) (SPEC section 4).
+    """Checked float64 copy of visual head scores S, shape (layers, query_heads) (docs/method.md §4).
 
     Raises ScoreShapeError on a wrong shape (naming both shapes) and InvalidScoresError on
     NaN/inf, negative values or all zeros."""
@@ -358,7 +358,7 @@ def validate_head_scores(scores: ArrayLike, shape: ModelShape | tuple[int, int, 
         if array.shape == shape.kv_grid and shape.kv_heads != shape.query_heads:
             hint = (
                 " They look like per-KV-head scores: pass one score per QUERY head; the GQA sum "
-                "over each KV group happens in the allocation (SPEC section 5, step 2)."
+                "over each KV group happens in the allocation (docs/method.md §5, step 2)."
             )
         raise ScoreShapeError(
             f"head scores have shape {array.shape} but the model needs (layers, query_heads) = {expected} "
@@ -374,7 +374,7 @@ def validate_head_scores(scores: ArrayLike, shape: ModelShape | tuple[int, int, 
 
 
 def normalise_head_scores(scores: np.ndarray) -> np.ndarray:
-    """s~ = S / sum(S) over ALL heads of all layers (SPEC section 5, step 1): (L, H) -> (L, H).
+    """s~ = S / sum(S) over ALL heads of all layers (docs/method.md §5, step 1): (L, H) -> (L, H).
 
     The sum is Python's sequential sum in layer-major order, as the original computes it
     (``head_score_list / sum(head_score_list)``), so ties at .5 round as they do there."""
@@ -387,7 +387,7 @@ def normalise_head_scores(scores: np.ndarray) -> np.ndarray:
 
 def kv_group_sum(normalised: np.ndarray, kv_heads: int) -> np.ndarray:
     """sigma[l, g] = sum of s~[l, h] over the query heads h with h // (H / H_kv) == g
-    (SPEC section 5, step 2): (L, H) -> (L, H_kv)."""
+    (docs/method.md §5, step 2): (L, H) -> (L, H_kv)."""
     normalised = np.asarray(normalised, dtype=np.float64)
     if normalised.ndim != 2:
         raise ScoreShapeError(f"normalised scores must have shape (layers, query_heads), got {normalised.shape}")
@@ -397,7 +397,7 @@ def kv_group_sum(normalised: np.ndarray, kv_heads: int) -> np.ndarray:
 
 
 def uniform_floor(selected_budget: int, ratio: float) -> int:
-    """m = floor(r * b): the uniform part every KV head gets (SPEC section 5, step 3).
+    """m = floor(r * b): the uniform part every KV head gets (docs/method.md §5, step 3).
 
     Computed on the float product, as the original's ``int(base_capacity * ratio)``: for
     b = 100 and r = 0.29 the product is 28.999999999999996, so m = 28, not 29."""
@@ -406,7 +406,7 @@ def uniform_floor(selected_budget: int, ratio: float) -> int:
 
 
 def sparsemm_caps(sigma: np.ndarray, selected_budget: int, ratio: float) -> np.ndarray:
-    """cap[l, g] = round(sigma[l, g] * P + m), round-half-to-even (SPEC section 5, steps 3-4).
+    """cap[l, g] = round(sigma[l, g] * P + m), round-half-to-even (docs/method.md §5, steps 3-4).
 
     Args:
         sigma: (layers, kv_heads) GQA-summed normalised scores, non-negative, summing to 1.
@@ -444,7 +444,7 @@ def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
 
 
 def redistribute_saturated(caps: ArrayLike, weights: ArrayLike, available: int) -> np.ndarray:
-    """The ``saturation="redistribute"`` variant (SPEC section 5: "a redistributing variant is a
+    """The ``saturation="redistribute"`` variant (docs/method.md §5: "a redistributing variant is a
     named option"): what saturated heads cannot use goes to the others, total kept.
 
     A head is saturated when its cap reaches ``available`` = n - w (it keeps everything). Each
@@ -504,7 +504,7 @@ class _BudgetedAllocation:
 
     @property
     def selected_budget(self) -> int:
-        """b = B - w: selected tokens per KV head on average (SPEC section 5)."""
+        """b = B - w: selected tokens per KV head on average (docs/method.md §5)."""
         return self.budget - self.window
 
     def total_budget(self, shape: ModelShape | tuple[int, int, int]) -> int:
@@ -523,7 +523,7 @@ class _BudgetedAllocation:
 
 @dataclass(frozen=True)
 class _ScoreProportional(_BudgetedAllocation, ABC):
-    """SparseMM's formula (SPEC section 5, steps 1-4), shared by SparseMM and the random ablation."""
+    """SparseMM's formula (docs/method.md §5, steps 1-4), shared by SparseMM and the random ablation."""
 
     ratio: float = 0.1
     saturation: Saturation = "fidelity"
@@ -589,7 +589,7 @@ class _ScoreProportional(_BudgetedAllocation, ABC):
 
 @dataclass(frozen=True)
 class SparseMMAllocation(_ScoreProportional):
-    """SparseMM (SPEC section 5): budgets proportional to the visual head scores.
+    """SparseMM (docs/method.md §5): budgets proportional to the visual head scores.
 
     With b = B - w, the scores S (layers, query_heads) are normalised over all heads, s~ = S / sum(S);
     summed over each KV group, sigma[l, g]; every KV head gets the uniform part m = floor(r * b) and
@@ -613,7 +613,7 @@ class SparseMMAllocation(_ScoreProportional):
 
 @dataclass(frozen=True)
 class RandomAllocation(_ScoreProportional):
-    """Random-allocation ablation (SPEC section 5): SparseMM's formula on uniform random scores.
+    """Random-allocation ablation (docs/method.md §5): SparseMM's formula on uniform random scores.
 
     The scores are ``numpy.random.default_rng(seed).random((layers, query_heads))``, U[0, 1) per
     query head; everything else (normalisation, GQA sum, m, P, rounding, saturation) is
@@ -640,7 +640,7 @@ class RandomAllocation(_ScoreProportional):
 
 @dataclass(frozen=True)
 class SnapKVAllocation(_BudgetedAllocation):
-    """SnapKV (SPEC section 5, baselines): every KV head keeps b = B - w selected tokens plus the
+    """SnapKV (docs/method.md §5, baselines): every KV head keeps b = B - w selected tokens plus the
     last w; prompts shorter than B are not compressed. Needs no input beyond the shape."""
 
     name: ClassVar[str] = "snapkv"
@@ -658,7 +658,7 @@ class SnapKVAllocation(_BudgetedAllocation):
 
 
 def pyramidkv_caps(budget: int, window: int, layers: int, prompt_len: int, beta: int = 20) -> np.ndarray:
-    """PyramidKV's per-layer capacities (SPEC section 5, baselines), int64 (layers,), window excluded.
+    """PyramidKV's per-layer capacities (docs/method.md §5, baselines), int64 (layers,), window excluded.
 
     base = B - w; min = base // beta; max = 2 * base - min; if max >= n - w then max = n - w and
     min = 2 * base - max; steps = (max - min) // (L - 1) (Python floor division: negative when
@@ -682,7 +682,7 @@ def pyramidkv_caps(budget: int, window: int, layers: int, prompt_len: int, beta:
 
 @dataclass(frozen=True)
 class PyramidKVAllocation(_BudgetedAllocation):
-    """PyramidKV (SPEC section 5, baselines, beta = 20): capacities fall linearly with depth.
+    """PyramidKV (docs/method.md §5, baselines, beta = 20): capacities fall linearly with depth.
 
     base = B - w, min = base // beta, max = 2 * base - min, so the layers average about base; when
     max >= n - w the top is lowered to n - w and min = 2 * base - max. With steps = (max - min) //
@@ -717,7 +717,7 @@ class PyramidKVAllocation(_BudgetedAllocation):
 
 
 def adakv_caps(head_scores_sorted: ArrayLike, selected_budget: int, alpha: float = 0.2) -> np.ndarray:
-    """AdaKV's capacities for ONE layer (SPEC section 5, baselines): (kv_heads, n - w) -> (kv_heads,).
+    """AdaKV's capacities for ONE layer (docs/method.md §5, baselines): (kv_heads, n - w) -> (kv_heads,).
 
     Args:
         head_scores_sorted: float (kv_heads, n - w): each KV head's SnapKV scores of the keys before
@@ -764,7 +764,7 @@ def adakv_caps(head_scores_sorted: ArrayLike, selected_budget: int, alpha: float
 
 @dataclass(frozen=True)
 class AdaKVAllocation(_BudgetedAllocation):
-    """AdaKV (SPEC section 5, baselines, floor alpha = 0.2): data-dependent per-layer budgets.
+    """AdaKV (docs/method.md §5, baselines, floor alpha = 0.2): data-dependent per-layer budgets.
 
     In each layer, at prefill, each KV head's sorted SnapKV scores are scaled by its top-b mass over
     its total mass, the layer-wide top H_kv * b entries are counted per head (c_g), and
@@ -839,7 +839,7 @@ def streaming_llm_positions(prompt_len: int, capacity: int, window: int, sink: i
 
 @dataclass(frozen=True)
 class StreamingLLMAllocation(_BudgetedAllocation):
-    """StreamingLLM (SPEC section 5, baselines; not in the original, a common peer): every KV head
+    """StreamingLLM (docs/method.md §5, baselines; not in the original, a common peer): every KV head
     keeps the first ``sink`` tokens and the most recent ones, B tokens in all: b = B - w selected
     (``sink`` sinks + the b - sink tokens before the window, see :func:`streaming_llm_positions`)
     plus the window. Same capacities as SnapKV; only the selection rule differs (by position)."""
@@ -870,10 +870,10 @@ class StreamingLLMAllocation(_BudgetedAllocation):
 
 @dataclass(frozen=True)
 class FullKV:
-    """FullKV (SPEC section 5, baselines): no compression, every KV head stores all n prompt tokens.
+    """FullKV (docs/method.md §5, baselines): no compression, every KV head stores all n prompt tokens.
 
     Expressed as capacities n with a window of 0, so that the cache engine and the KV-byte
-    accounting (SPEC section 7) treat every method alike. Needs ``prompt_len``."""
+    accounting (docs/method.md §7) treat every method alike. Needs ``prompt_len``."""
 
     name: ClassVar[str] = "fullkv"
     required_inputs: ClassVar[frozenset[str]] = frozenset({"prompt_len"})

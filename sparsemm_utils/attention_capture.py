@@ -1,6 +1,6 @@
-"""Capture each decode step's attention row without materialising N x N attention (SPEC section 4).
+"""Capture each decode step's attention row without materialising N x N attention (docs/method.md §4).
 
-The visual-head rule of SPEC section 4 looks, for every generated token t, at ONE attention row
+The visual-head rule of docs/method.md §4 looks, for every generated token t, at ONE attention row
 per (layer, query head): the row of the query that produced t. Token t_0 comes out of the
 prefill, so its query is the last prompt position; token t_i (i > 0) comes out of decode step i,
 whose single query is t_{i-1}. Everything else the reference path computes (``eager`` attention
@@ -429,7 +429,7 @@ def generate_with_rows(
     spec: CaptureSpec | None = None,
     method: CaptureMethod = "streamed",
 ) -> tuple[np.ndarray, CapturedAttention]:
-    """Greedy generation (SPEC section 2) with the attention rows of every generated token.
+    """Greedy generation (docs/method.md §2) with the attention rows of every generated token.
 
     ``inputs``: one prompt (batch 1) from :func:`sparsemm_utils.prompts.build_inputs`.
     ``method``: ``"streamed"`` (the row capture, memory linear in N) or ``"reference"`` (eager +

@@ -1,6 +1,6 @@
 """Small local stand-ins for step 05's hub benchmarks, in exactly their hub layout and schema.
 
-The hub is unreachable here (DESIGN.md, "The offline world"), so every loader of
+The hub is unreachable here (docs/design.md, "The offline world"), so every loader of
 :mod:`sparsemm_utils.benchmarks` is tested on ``data/fixtures/<benchmark>/``: a folder laid out
 like a download of the hub dataset (``README.md`` whose YAML header carries ``dataset_info`` and
 ``configs`` with the hub's data-file paths, and the parquet shards under those paths), holding a

@@ -1,4 +1,4 @@
-"""Step 05's benchmarks: where each one lives, how lmms-eval prompts it, how it is scored (SPEC section 6).
+"""Step 05's benchmarks: where each one lives, how lmms-eval prompts it, how it is scored (docs/method.md §6).
 
 A :class:`BenchmarkSpec` records, for one lmms-eval task, the hub dataset it reads (id, config,
 split, columns in the hub's order), lmms-eval's prompt (``doc_to_text``: pre-prompt + question +

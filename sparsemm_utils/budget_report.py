@@ -1,4 +1,4 @@
-"""Step 04: what each method's per-head KV budgets look like on the run's own prompts (SPEC section 5).
+"""Step 04: what each method's per-head KV budgets look like on the run's own prompts (docs/method.md §5).
 
 For every method and budget of the step's config, each prompt is prefilled once through
 :func:`~sparsemm_utils.compression.compressed_generate` (one new token: the prefill only) and the
@@ -10,12 +10,12 @@ cache's decisions are read back. Three tables come out of it (``<run_dir>/04_all
   and SnapKV do not depend on it, PyramidKV does, AdaKV reads the prompt's attention);
   ``stored``: the prompt tokens the head really keeps for that prompt (window included).
 - ``saturation.csv``: method, budget, doc_id, prompt_len, kv_heads, saturated (heads whose cap
-  reaches n - w: they keep everything and the rest of their cap is lost, SPEC section 5),
+  reaches n - w: they keep everything and the rest of their cap is lost, docs/method.md §5),
   uncompressed (heads storing the whole prompt, saturated or in a layer the original skips
   because n < B), skipped_layers, lost_tokens (sum of cap - (n - w) over saturated heads).
 - ``cache_bytes.csv``: method, budget, prompt_len, kept_tokens, kv_bytes, fullkv_bytes, doc_id.
   ``kept_tokens``: prompt tokens stored over all layers and KV heads; ``kv_bytes``: what the cache
-  reports; ``fullkv_bytes``: the uncompressed cache of the same prompt, measured (SPEC section 7).
+  reports; ``fullkv_bytes``: the uncompressed cache of the same prompt, measured (docs/method.md §7).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _is_int(value: Any) -> bool:
 class AllocationStepConfig:
     """Parameters of notebook 04 (validated).
 
-    ``window`` w and ``ratio`` r: SPEC section 5 (defaults 32 and 0.1); ``budgets``: the budgets B
+    ``window`` w and ``ratio`` r: docs/method.md §5 (defaults 32 and 0.1); ``budgets``: the budgets B
     to compare, increasing, each > w (the figures show the lowest, a middle one and the highest);
     ``methods``: a subset of :data:`BUDGETED_METHODS`; ``n_prompts``: how many of step 01's
     documents to prefill (the first ones, in order); ``head_mask_fraction``: the share of heads

@@ -8,18 +8,18 @@ on several cases and says which case failed and why.
 ======================  ===========================  =============================================
 checker                 the student writes           the rule (and the reference it is compared to)
 ======================  ===========================  =============================================
-:func:`check_map_box`   ``map_box(box, width,        SPEC section 3, Qwen2-VL: box -> visual-token
+:func:`check_map_box`   ``map_box(box, width,        docs/method.md §3, Qwen2-VL: box -> visual-token
                         height, geometry)``          positions (``QwenVLPatchMapper.map_box``)
-:func:`check_hit_rule`  ``hit_rule(token_texts,      SPEC section 4: the OCR hit rule, s_n of one
+:func:`check_hit_rule`  ``hit_rule(token_texts,      docs/method.md §4: the OCR hit rule, s_n of one
                         chunk_texts, chunk_regions,  sample (``SubstringMatch`` +
                         attention_rows)``            ``score_attention_rows``)
-:func:`check_allocation` ``allocate(head_scores,     SPEC section 5 steps 1-4: SparseMM's caps
+:func:`check_allocation` ``allocate(head_scores,     docs/method.md §5 steps 1-4: SparseMM's caps
                         kv_heads, budget, window,    (``SparseMMAllocation.capacities``)
                         ratio)``
-:func:`check_snapkv_selection` ``snapkv_select(      SPEC section 5, token selection: which prompt
+:func:`check_snapkv_selection` ``snapkv_select(      docs/method.md §5, token selection: which prompt
                         query, key, caps, window,    positions each KV head keeps
                         kernel_size)``               (``snapkv_scores`` + ``topk_positions``)
-:func:`check_anls`      ``anls(prediction,           SPEC section 6: ANLS of one question
+:func:`check_anls`      ``anls(prediction,           docs/method.md §6: ANLS of one question
                         answers)``                   (``metrics.anls``)
 ======================  ===========================  =============================================
 
@@ -239,7 +239,7 @@ MAP_BOX_ARGS = ("box", "width", "height", "geometry")
 
 
 def reference_map_box(box: Sequence[float], width: int, height: int, geometry: Any = None) -> list[int]:
-    """The library's Qwen2-VL box -> positions (SPEC section 3), with the exercise's signature.
+    """The library's Qwen2-VL box -> positions (docs/method.md §3), with the exercise's signature.
 
     ``box`` ``(x0, y0, x1, y1)`` in original-image pixels; ``geometry`` a
     :class:`~sparsemm_utils.patch_mapping.QwenVLGeometry` (default: the original settings).
@@ -300,7 +300,7 @@ def _near_cell_edge(box: Sequence[float], width: int, height: int, geometry: Any
 def _map_box_cases(n_random: int, seed: int) -> list[Case]:
     from .patch_mapping import QwenVLGeometry
 
-    original = QwenVLGeometry()  # min_pixels 32*28^2, max_pixels 16384*28^2 (SPEC section 3)
+    original = QwenVLGeometry()  # min_pixels 32*28^2, max_pixels 16384*28^2 (docs/method.md §3)
     small = QwenVLGeometry(min_pixels=28 * 28, max_pixels=4 * 28 * 28)  # forces a downscale
     cases = [
         # 280 x 140 px is already a multiple of 28 within [min, max]: no resize, grid 5 rows x 10 cols.
@@ -349,7 +349,7 @@ def _map_box_cases(n_random: int, seed: int) -> list[Case]:
 def check_map_box(
     fn: Callable[..., Any], *, n_random: int = 30, seed: int = 0, raise_on_failure: bool = True, verbose: bool = True
 ) -> CheckReport:
-    """Check ``fn(box, width, height, geometry) -> positions`` against the Qwen2-VL rule (SPEC 3).
+    """Check ``fn(box, width, height, geometry) -> positions`` against the Qwen2-VL rule (docs/method.md §3).
 
     ``box`` is ``(x0, y0, x1, y1)`` in original-image pixels (floats), ``width`` / ``height`` the
     original image size, ``geometry`` a :class:`~sparsemm_utils.patch_mapping.QwenVLGeometry`
@@ -358,7 +358,7 @@ def check_map_box(
     """
     _check_function(fn, "check_map_box")
     n_random, seed = _check_options(n_random, seed)
-    return _run("map_box (SPEC section 3)", fn, MAP_BOX_ARGS, _map_box_cases(n_random, seed), _compare_positions,
+    return _run("map_box (docs/method.md §3)", fn, MAP_BOX_ARGS, _map_box_cases(n_random, seed), _compare_positions,
                 raise_on_failure=raise_on_failure, verbose=verbose)
 
 
@@ -374,7 +374,7 @@ def reference_hit_rule(
     chunk_regions: Sequence[Sequence[int]],
     attention_rows: Sequence[np.ndarray],
 ) -> np.ndarray:
-    """The library's s_n for one sample (SPEC section 4), with the exercise's signature.
+    """The library's s_n for one sample (docs/method.md §4), with the exercise's signature.
 
     ``token_texts`` (T,) the generated tokens' strings; ``chunk_texts`` (C,) the OCR chunks;
     ``chunk_regions`` (C,) each chunk's ABSOLUTE key positions; ``attention_rows`` T arrays
@@ -497,7 +497,7 @@ def _hit_rule_cases(n_random: int, seed: int) -> list[Case]:
 def check_hit_rule(
     fn: Callable[..., Any], *, n_random: int = 30, seed: int = 0, raise_on_failure: bool = True, verbose: bool = True
 ) -> CheckReport:
-    """Check ``fn(token_texts, chunk_texts, chunk_regions, attention_rows) -> s_n`` (SPEC section 4).
+    """Check ``fn(token_texts, chunk_texts, chunk_regions, attention_rows) -> s_n`` (docs/method.md §4).
 
     For every token t: the chunks containing ``token_texts[t]`` as a substring (case-sensitive);
     only when exactly one does, with region R (its ``chunk_regions`` entry, absolute key
@@ -506,7 +506,7 @@ def check_hit_rule(
     """
     _check_function(fn, "check_hit_rule")
     n_random, seed = _check_options(n_random, seed)
-    return _run("hit_rule (SPEC section 4)", fn, HIT_RULE_ARGS, _hit_rule_cases(n_random, seed), _compare_scores,
+    return _run("hit_rule (docs/method.md §4)", fn, HIT_RULE_ARGS, _hit_rule_cases(n_random, seed), _compare_scores,
                 raise_on_failure=raise_on_failure, verbose=verbose)
 
 
@@ -517,7 +517,7 @@ ALLOCATION_ARGS = ("head_scores", "kv_heads", "budget", "window", "ratio")
 
 
 def reference_allocation(head_scores: np.ndarray, kv_heads: int, budget: int, window: int = 32, ratio: float = 0.1) -> np.ndarray:
-    """The library's SparseMM caps (SPEC section 5, steps 1-4), with the exercise's signature.
+    """The library's SparseMM caps (docs/method.md §5, steps 1-4), with the exercise's signature.
 
     ``head_scores`` (L, H) visual scores S; returns int64 (L, kv_heads): the tokens each KV head
     selects, the window excluded.
@@ -601,7 +601,7 @@ def _allocation_cases(n_random: int, seed: int) -> list[Case]:
 def check_allocation(
     fn: Callable[..., Any], *, n_random: int = 30, seed: int = 0, raise_on_failure: bool = True, verbose: bool = True
 ) -> CheckReport:
-    """Check ``fn(head_scores, kv_heads, budget, window, ratio) -> caps`` (SPEC section 5, steps 1-4).
+    """Check ``fn(head_scores, kv_heads, budget, window, ratio) -> caps`` (docs/method.md §5, steps 1-4).
 
     ``head_scores`` (L, H) float; ``kv_heads`` H_kv (query head h belongs to KV head
     h // (H / H_kv)); ``budget`` B (window included); ``window`` w; ``ratio`` r. ``fn`` returns the
@@ -609,7 +609,7 @@ def check_allocation(
     """
     _check_function(fn, "check_allocation")
     n_random, seed = _check_options(n_random, seed)
-    return _run("allocation (SPEC section 5)", fn, ALLOCATION_ARGS, _allocation_cases(n_random, seed), _compare_caps,
+    return _run("allocation (docs/method.md §5)", fn, ALLOCATION_ARGS, _allocation_cases(n_random, seed), _compare_caps,
                 raise_on_failure=raise_on_failure, verbose=verbose)
 
 
@@ -620,7 +620,7 @@ SNAPKV_ARGS = ("query", "key", "caps", "window", "kernel_size")
 
 
 def reference_snapkv_selection(query: Any, key: Any, caps: Sequence[int], window: int, kernel_size: int = 5) -> list[list[int]]:
-    """The library's SnapKV selection (SPEC section 5), with the exercise's signature.
+    """The library's SnapKV selection (docs/method.md §5), with the exercise's signature.
 
     ``query`` (1, H, n, d) and ``key`` (1, H_kv, n, d) torch tensors (post-RoPE); ``caps`` (H_kv,)
     selected tokens per KV head. Returns H_kv sorted lists of the prompt positions each keeps.
@@ -695,7 +695,7 @@ def _snapkv_cases(n_random: int, seed: int) -> list[Case]:
     cases.append(Case("hand 3: grouped-query attention averages the group", (q3, k1, [3], 2, 1), [[0, 2, 3, 4, 5]],
                       "a KV head's scores are the MEAN over the query heads of its group"))
     # Hand 4: two KV heads (one query head each), caps 0 and 7 >= n - w = 4: the first keeps only
-    # the window [4, 5]; the second keeps all 6 positions (no compression, SPEC section 5).
+    # the window [4, 5]; the second keeps all 6 positions (no compression, docs/method.md §5).
     q4 = _qk([[0, 0, 0, 0, 1, 2], [0, 0, 0, 0, 1, 2]])
     k4 = _qk([[ln(1), ln(2), ln(1), ln(4), ln(1), ln(1)], [0, 0, 0, 0, 0, 0]])
     cases.append(Case("hand 4: cap 0 and a cap beyond the prompt", (q4, k4, [0, 7], 2, 5), [[4, 5], [0, 1, 2, 3, 4, 5]],
@@ -733,7 +733,7 @@ def _snapkv_cases(n_random: int, seed: int) -> list[Case]:
 def check_snapkv_selection(
     fn: Callable[..., Any], *, n_random: int = 25, seed: int = 0, raise_on_failure: bool = True, verbose: bool = True
 ) -> CheckReport:
-    """Check ``fn(query, key, caps, window, kernel_size) -> kept positions`` (SPEC section 5).
+    """Check ``fn(query, key, caps, window, kernel_size) -> kept positions`` (docs/method.md §5).
 
     ``query`` (1, H, n, d), ``key`` (1, H_kv, n, d) float32 torch tensors; ``caps`` H_kv ints.
     A = softmax_fp32(Q[-w:] K^T / sqrt(d)) causal inside the window, mean over the w window
@@ -743,7 +743,7 @@ def check_snapkv_selection(
     """
     _check_function(fn, "check_snapkv_selection")
     n_random, seed = _check_options(n_random, seed)
-    return _run("snapkv_selection (SPEC section 5)", fn, SNAPKV_ARGS, _snapkv_cases(n_random, seed), _compare_selection,
+    return _run("snapkv_selection (docs/method.md §5)", fn, SNAPKV_ARGS, _snapkv_cases(n_random, seed), _compare_selection,
                 raise_on_failure=raise_on_failure, verbose=verbose)
 
 
@@ -754,7 +754,7 @@ ANLS_ARGS = ("prediction", "answers")
 
 
 def reference_anls(prediction: str, answers: Sequence[str]) -> float:
-    """The library's ANLS of one question (SPEC section 6, threshold 0.5), the exercise's signature."""
+    """The library's ANLS of one question (docs/method.md §6, threshold 0.5), the exercise's signature."""
     from .metrics import anls
 
     return anls(prediction, list(answers))
@@ -786,7 +786,7 @@ def _anls_cases(n_random: int, seed: int) -> list[Case]:
         # distance between normalised "abc" and "abd" is 1, but the length is that of the RAW strings:
         # max(len("  abc  "), len("abd")) = 7 -> NL = 1/7 -> q = 6/7.
         Case("hand 7: lengths of the raw strings", ("abd", ["  abc  "]), 6 / 7,
-             "SPEC section 6: NL = Levenshtein(normalised) / max(len(raw gt), len(raw pred))"),
+             "docs/method.md §6: NL = Levenshtein(normalised) / max(len(raw gt), len(raw pred))"),
         # both empty: length 0 -> NL = 0 -> q = 1.
         Case("hand 8: both empty", ("", [""]), 1.0, "NL is 0 when both strings are empty"),
         # "" vs "abc": 3 / 3 -> q = 0.
@@ -813,7 +813,7 @@ def _anls_cases(n_random: int, seed: int) -> list[Case]:
 def check_anls(
     fn: Callable[..., Any], *, n_random: int = 40, seed: int = 0, raise_on_failure: bool = True, verbose: bool = True
 ) -> CheckReport:
-    """Check ``fn(prediction, answers) -> q`` against ANLS as lmms-eval computes it (SPEC section 6).
+    """Check ``fn(prediction, answers) -> q`` against ANLS as lmms-eval computes it (docs/method.md §6).
 
     Normalise with ``" ".join(s.strip().lower().split())``; NL = Levenshtein(normalised gt,
     normalised prediction) / max(len(raw gt), len(raw prediction)) (0 when both are empty);
@@ -821,7 +821,7 @@ def check_anls(
     """
     _check_function(fn, "check_anls")
     n_random, seed = _check_options(n_random, seed)
-    return _run("anls (SPEC section 6)", fn, ANLS_ARGS, _anls_cases(n_random, seed), _compare_float,
+    return _run("anls (docs/method.md §6)", fn, ANLS_ARGS, _anls_cases(n_random, seed), _compare_float,
                 raise_on_failure=raise_on_failure, verbose=verbose)
 
 

@@ -1,11 +1,11 @@
-"""Per-head KV cache compression in ``model.generate``: SparseMM and the baselines (SPEC section 5).
+"""Per-head KV cache compression in ``model.generate``: SparseMM and the baselines (docs/method.md §5).
 
 How a method runs (kvpress calls such a method a *press*):
 
 1. **Allocation** (how many tokens each KV head keeps): the method's dataclass builds its
    :mod:`sparsemm_utils.allocation` object (SparseMM, random, SnapKV, PyramidKV, StreamingLLM:
    static caps for a prompt of n tokens; AdaKV: caps from each layer's attention at prefill).
-2. **Selection** (which tokens, SPEC section 5 "Token selection inside a head"): at prefill,
+2. **Selection** (which tokens, docs/method.md §5 "Token selection inside a head"): at prefill,
    after RoPE, :func:`snapkv_scores` scores the keys before the window by the attention of the
    last w queries (fp32 softmax, causal inside the window, mean over the window queries, mean
    over the query heads of a KV group, ``avg_pool1d`` kernel 5 padding 2); each KV head keeps its
@@ -25,7 +25,7 @@ function through a context variable set by :func:`compression` (``generate`` rej
 keyword arguments). No model class is patched; the model's attention implementation is restored
 on exit.
 
-The head-mask ablation (:class:`HeadMaskAblation`, SPEC section 5) keeps the full cache and
+The head-mask ablation (:class:`HeadMaskAblation`, docs/method.md §5) keeps the full cache and
 zeroes the query of chosen heads, which makes their attention uniform over the visible keys.
 
 Batch size 1 only, greedy or sampling, no beam search (as the original SparseMM code).
@@ -141,7 +141,7 @@ def _check_kernel(kernel_size: object) -> int:
     if kernel % 2 == 0:
         raise InvalidParameterError(
             f"kernel_size must be odd (avg_pool1d with padding kernel_size // 2 keeps the length), got {kernel}; "
-            f"SPEC default 5"
+            f"docs/method.md §5: default 5"
         )
     return kernel
 
@@ -162,7 +162,7 @@ def snapkv_scores(
     scaling: float | None = None,
     kernel_size: int = 5,
 ) -> torch.Tensor:
-    """SnapKV's per-KV-head scores of the keys before the window (SPEC section 5, token selection).
+    """SnapKV's per-KV-head scores of the keys before the window (docs/method.md §5, token selection).
 
     A = softmax_fp32(Q[-w:] K^T * scaling) with a causal mask inside the window (window query i,
     at position n - w + i, sees keys 0 .. n - w + i); averaged over the w window queries; columns
@@ -175,7 +175,7 @@ def snapkv_scores(
         key: ``(1, H_kv, n, d)`` post-RoPE keys.
         window: w, with 1 <= w < n.
         scaling: softmax scale (default d ** -0.5, the models' own).
-        kernel_size: odd pooling kernel (SPEC default 5).
+        kernel_size: odd pooling kernel (docs/method.md §5: default 5).
 
     Returns:
         float32 ``(H_kv, n - w)``.
@@ -215,7 +215,7 @@ def topk_positions(scores: torch.Tensor, caps: Any, prompt_len: int, window: int
         window: w.
 
     Returns:
-        H_kv sorted int64 tensors. A head with cap >= n - w keeps all n positions (SPEC section 5:
+        H_kv sorted int64 tensors. A head with cap >= n - w keeps all n positions (docs/method.md §5:
         "skip compression when cap >= n - w"); otherwise its top-cap positions among 0 .. n - w - 1
         (ties to ``torch.topk``'s choice) followed by n - w .. n - 1.
     """
@@ -280,7 +280,7 @@ class _SnapKVSelecting(_BudgetedPress):
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class FullKVPress:
-    """FullKV (SPEC section 5): no compression; the stock ``DynamicCache`` and sdpa attention.
+    """FullKV (docs/method.md §5): no compression; the stock ``DynamicCache`` and sdpa attention.
     The reference every method's KV bytes and outputs are compared with."""
 
     name: ClassVar[str] = "fullkv"
@@ -312,7 +312,7 @@ def _scores_array(head_scores: Any) -> np.ndarray:
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class SparseMMPress(_SnapKVSelecting):
-    """SparseMM (SPEC section 5): caps proportional to the visual head scores, SnapKV selection.
+    """SparseMM (docs/method.md §5): caps proportional to the visual head scores, SnapKV selection.
 
     cap[l, g] = round(sigma[l, g] * P + m) with m = floor(r * (B - w)) and P = (B - w - m) * L * H_kv
     (:class:`~sparsemm_utils.allocation.SparseMMAllocation`); each KV head keeps its top-cap keys
@@ -343,7 +343,7 @@ class SparseMMPress(_SnapKVSelecting):
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class RandomPress(_SnapKVSelecting):
-    """Random allocation (SPEC section 5 ablation): SparseMM's formula on seeded uniform scores,
+    """Random allocation (docs/method.md §5 ablation): SparseMM's formula on seeded uniform scores,
     SnapKV selection (:class:`~sparsemm_utils.allocation.RandomAllocation`)."""
 
     ratio: float = 0.1
@@ -361,7 +361,7 @@ class RandomPress(_SnapKVSelecting):
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class SnapKVPress(_SnapKVSelecting):
-    """SnapKV (SPEC section 5): every KV head keeps B - w tokens by window attention + the window."""
+    """SnapKV (docs/method.md §5): every KV head keeps B - w tokens by window attention + the window."""
 
     name: ClassVar[str] = "snapkv"
 
@@ -372,7 +372,7 @@ class SnapKVPress(_SnapKVSelecting):
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class PyramidKVPress(_SnapKVSelecting):
-    """PyramidKV (SPEC section 5, beta = 20): caps fall linearly with depth, SnapKV selection."""
+    """PyramidKV (docs/method.md §5, beta = 20): caps fall linearly with depth, SnapKV selection."""
 
     beta: int = 20
 
@@ -389,7 +389,7 @@ class PyramidKVPress(_SnapKVSelecting):
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class AdaKVPress(_SnapKVSelecting):
-    """AdaKV (SPEC section 5, alpha = 0.2): per layer, caps from the heads' pooled window attention
+    """AdaKV (docs/method.md §5, alpha = 0.2): per layer, caps from the heads' pooled window attention
     (:func:`~sparsemm_utils.allocation.adakv_caps`), then SnapKV selection with those caps."""
 
     alpha: float = 0.2
@@ -417,7 +417,7 @@ class AdaKVPress(_SnapKVSelecting):
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class StreamingLLMPress(_BudgetedPress):
-    """StreamingLLM (SPEC section 5 peer): every KV head keeps the first ``sink`` tokens and the
+    """StreamingLLM (docs/method.md §5 peer): every KV head keeps the first ``sink`` tokens and the
     most recent ones, B in all (:func:`~sparsemm_utils.allocation.streaming_llm_positions`)."""
 
     sink: int = 4
@@ -432,7 +432,7 @@ class StreamingLLMPress(_BudgetedPress):
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class HeadMaskAblation:
-    """Head-mask ablation (SPEC section 5): the full cache, with the query of chosen heads zeroed,
+    """Head-mask ablation (docs/method.md §5): the full cache, with the query of chosen heads zeroed,
     so their attention is uniform over the keys they see (causal).
 
     ``selection="top"``: the k = round(fraction x L x H) query heads with the highest visual score
@@ -483,7 +483,7 @@ Press = (
     FullKVPress | SparseMMPress | RandomPress | SnapKVPress | PyramidKVPress | AdaKVPress | StreamingLLMPress | HeadMaskAblation
 )
 
-#: name -> method dataclass (the allocation names of SPEC section 5, plus the head-mask ablation).
+#: name -> method dataclass (the allocation names of docs/method.md §5, plus the head-mask ablation).
 COMPRESSION_METHODS: Mapping[str, type] = {
     cls.name: cls
     for cls in (
@@ -599,7 +599,7 @@ class CompressionSession:
 
     def saturated(self) -> np.ndarray:
         """bool (layers, kv_heads): heads whose cap reached n - w (they keep everything; the rest of
-        their cap is lost, SPEC section 5)."""
+        their cap is lost, docs/method.md §5)."""
         if self.prompt_len is None:
             raise RuntimeError("no prefill has run in this session yet")
         return self.assigned >= self.prompt_len - self.window
@@ -632,7 +632,7 @@ def per_head_attention(
     """The attention function of the compressed path (registered as :data:`PER_HEAD_ATTENTION`).
 
     Prefill (the layer holds its full keys pending): the output is sdpa over the full keys with the
-    model's mask (SPEC section 5: the prefill's own attention is not compressed), then the session
+    model's mask (docs/method.md §5: the prefill's own attention is not compressed), then the session
     chooses what each KV head keeps and the layer packs it. Decode: attention of the new tokens over
     each KV head's stored tokens (:meth:`~sparsemm_utils.kv_cache.PerHeadKVLayer.attend`).
     Shapes: query (1, H, q, d), key/value as the cache's ``update`` returned them; output (1, q, H, d).
@@ -740,7 +740,7 @@ class GenerationResult:
 
     @property
     def kv_bytes(self) -> int:
-        """KV bytes the cache holds after generation (SPEC section 7)."""
+        """KV bytes the cache holds after generation (docs/method.md §7)."""
         return cache_kv_bytes(self.session.cache)
 
 

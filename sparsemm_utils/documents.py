@@ -1,4 +1,4 @@
-"""Step 01: OCR documents with chunk boxes and per-character boxes (SPEC section 2).
+"""Step 01: OCR documents with chunk boxes and per-character boxes (docs/method.md §2).
 
 SparseMM scores a head by asking whether, while the model *reads* a document aloud, the head's
 strongest attention lands on the image patch the current output token was read from. That needs
@@ -34,7 +34,7 @@ The generator (:class:`DocumentGeneratorConfig`, :func:`generate_documents`) has
   visual token: 14 px patches merged 2 x 2); each character is centred in its own cell with a
   small jitter and its ink box is kept strictly inside the cell, so under the patch-mapping rule
   ``floor(x / 28)`` every character lies in exactly one visual token. This is the layout a
-  character-level tiny reader can learn (see ``TINY_READER_NOTES.md``); the default font for it
+  character-level tiny reader can learn (see ``docs/tiny_reader.md``); the default font for it
   is the shipped ``data/fonts/DejaVuSansMono.ttf``.
 
 Default character set: ``A-Z`` and ``0-9`` (:data:`UPPER_DIGITS`, 36 glyphs). Upper case and
@@ -49,7 +49,7 @@ Pillow with fixed settings, and :func:`save_documents` sets the dataset fingerpr
 the content (:func:`content_fingerprint`): the same config gives byte-identical files with the
 pinned Pillow and datasets.
 
-Validation (:func:`validate_rows`, both sources; SPEC section 2 gives the schema, these rules
+Validation (:func:`validate_rows`, both sources; docs/method.md §2 gives the schema, these rules
 are this project's). With ``on_bad="skip"`` (default) each problem is counted and reported
 with its reason, row and index; with ``on_bad="raise"`` the first one raises
 :class:`BadDocumentError` naming the row:
@@ -64,7 +64,7 @@ with its reason, row and index; with ``on_bad="raise"`` the first one raises
   found in its chunk's text, or with a bad box: that character is skipped (partly outside:
   clipped);
 - a document left with no chunks is **kept** and noted (action ``"kept"``, never raised): the
-  original averages head scores over all its samples (SPEC section 4), chunkless ones included.
+  original averages head scores over all its samples (docs/method.md §4), chunkless ones included.
 
 Skipped chunks are removed and ``chunk_index`` of the remaining characters renumbered.
 Degenerate boxes (zero width or height) are valid, as in step 02.
@@ -236,7 +236,7 @@ def _nonneg_int(owner: str, name: str, value: Any, minimum: int = 0) -> int:
 
 @dataclass
 class DocumentGeneratorConfig:
-    """How :func:`generate_documents` draws synthetic OCR pages (SPEC section 2, offline data).
+    """How :func:`generate_documents` draws synthetic OCR pages (docs/method.md §2, offline data).
 
     Every ``*_range`` is an inclusive ``(min, max)`` pair sampled uniformly per document
     (page size, grid font size), per line (free-layout font size, words per line, line spacing)
@@ -371,7 +371,7 @@ class OcrAnnotationConfig(DocumentGeneratorConfig):
 
     - ``source``: ``"synthetic"`` (generate ``n_documents`` pages from ``seed``) or
       ``"synthdog"`` (the first ``n_documents`` rows, in dataset order, of the original data:
-      SPEC section 2 uses 1000).
+      docs/method.md §2 uses 1000).
     - ``dataset_path``: for ``"synthdog"``, a local copy (a hub snapshot folder, a parquet file
       or a ``save_to_disk`` folder; relative paths are taken from the repository root) or a hub
       id; ``None`` means the hub id ``nnethercott/synthdog-en-detection``.
@@ -702,7 +702,7 @@ def _png_bytes(image: PILImage.Image) -> bytes:
 def generate_documents(
     cfg: DocumentGeneratorConfig, *, progress: bool = True
 ) -> Dataset:
-    """Generate ``cfg.n_documents`` synthetic OCR documents (SPEC section 2, offline data).
+    """Generate ``cfg.n_documents`` synthetic OCR documents (docs/method.md §2, offline data).
 
     ``cfg`` may be an :class:`OcrAnnotationConfig` with ``source="synthetic"``. Returns a
     ``datasets.Dataset`` with :data:`FEATURES` (images PNG-encoded) whose fingerprint is a hash

@@ -1,4 +1,4 @@
-"""Step 06: decode latency, peak memory and KV bytes against context length (SPEC section 7).
+"""Step 06: decode latency, peak memory and KV bytes against context length (docs/method.md §7).
 
 The paper's protocol, and how it is run here:
 
@@ -16,7 +16,7 @@ The paper's protocol, and how it is run here:
   logits (the prompt's forward pass, compression included); **decode_ms_per_token**, the MEAN
   duration of ``decode_steps`` single-token steps after ``decode_warmup`` untimed ones (the first
   step meets kernels and shapes it has not seen); **kv_bytes**, the cache's bytes right after the
-  prefill (SPEC section 7's sum of kept tokens x head_dim x 2 x element size), beside
+  prefill (docs/method.md §7's sum of kept tokens x head_dim x 2 x element size), beside
   ``kv_bytes_analytic`` from the method's capacities; **peak_mem_bytes** over the whole
   generation: ``torch.cuda.max_memory_allocated`` on a GPU (weights included, as the paper), the
   peak resident set size of the process on a CPU (reset through ``/proc/self/clear_refs`` before
@@ -114,7 +114,7 @@ __all__ = [
     "main",
 ]
 
-#: The artifact contract's columns of ``06_efficiency/results.csv`` (DESIGN.md), in this order.
+#: The artifact contract's columns of ``06_efficiency/results.csv`` (docs/design.md), in this order.
 RESULT_COLUMNS: tuple[str, ...] = (
     "model", "method", "context_len", "budget", "prefill_s", "decode_ms_per_token", "peak_mem_bytes", "kv_bytes",
     "device",
@@ -192,13 +192,13 @@ def _as_tuple(name: str, value: object) -> tuple:
 
 @dataclass(frozen=True)
 class EfficiencyConfig:
-    """What step 06 measures and how (SPEC section 7); defaults are the paper's protocol on a GPU.
+    """What step 06 measures and how (docs/method.md §7); defaults are the paper's protocol on a GPU.
 
     Args:
         models: real shapes to time (names of :data:`~sparsemm_utils.real_shapes.REAL_SHAPES` or hub ids).
         methods: methods of :data:`EFFICIENCY_METHODS`; FullKV is the reference of every ratio.
         contexts: prompt lengths n in tokens (strictly increasing).
-        budget, window, ratio: B (window included), w and SparseMM's uniform share r (SPEC 5).
+        budget, window, ratio: B (window included), w and SparseMM's uniform share r (docs/method.md §5).
         layers: decoder layers kept (None: the real depth); the same for every model, and at most
             the shallowest model's depth.
         vocab: "real" or "depth_scaled" (the vocabulary shrunk with the depth, so the output layer
@@ -210,7 +210,7 @@ class EfficiencyConfig:
         device: "auto" (the GPU when there is one), "cpu", "cuda" or "cuda:<i>".
         decode_attention: "auto" or one of :data:`~sparsemm_utils.varlen_attention.DECODE_BACKENDS`.
         head_scores: SparseMM's head scores: "skewed" (seeded ``uniform(0, 1) ** 13``: the top 10%
-            of heads hold 77% of the mass, as real visual heads do, SPEC section 4) or "uniform"
+            of heads hold 77% of the mass, as real visual heads do, docs/method.md §4) or "uniform"
             (every head cap = B - w). Speed does not depend on which heads hold the budget, only on
             how unevenly (see :func:`synthetic_head_scores`).
         extend_positions: let contexts exceed the checkpoint's ``max_position_embeddings`` (the
@@ -263,7 +263,7 @@ class EfficiencyConfig:
         _check_int("window", self.window, 1)
         if _check_int("budget", self.budget, 2) <= self.window:
             raise InvalidEfficiencyConfigError(
-                f"budget B={self.budget} must exceed the window w={self.window} (B counts the window; SPEC section 5)"
+                f"budget B={self.budget} must exceed the window w={self.window} (B counts the window; docs/method.md §5)"
             )
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0:
             raise InvalidEfficiencyConfigError(f"ratio must be a number in [0, 1], got {self.ratio!r}")
@@ -390,8 +390,8 @@ def synthetic_head_scores(shape: ModelShape, kind: str = "skewed", seed: int = 0
 
     "skewed": ``default_rng(seed).random((L, H)) ** power``. For u ~ U(0, 1) the heads in the top
     fraction q (u > 1 - q) hold 1 - (1 - q) ** (power + 1) of the mass of u ** power; with
-    power = 13 the top 5% hold 1 - 0.95^14 = 51% and the top 10% hold 1 - 0.9^14 = 77%, SPEC
-    section 4's 55% and 77% for LLaVA-NeXT-Vicuna-7B's real scores, so the allocation is about as
+    power = 13 the top 5% hold 1 - 0.95^14 = 51% and the top 10% hold 1 - 0.9^14 = 77%, docs/method.md
+    §4's 55% and 77% for LLaVA-NeXT-Vicuna-7B's real scores, so the allocation is about as
     uneven as the real one (speed depends on how uneven, not on which heads). Depth L' < L draws
     the first L' rows of depth L's scores (row-major draws). "uniform": ones (every KV head gets
     B - w). ``benchmarks/decode_latency.py`` uses power 8 (a milder skew)."""
@@ -425,7 +425,7 @@ def make_method(method: str, config: EfficiencyConfig, shape: ModelShape) -> Any
 def analytic_method_kv_bytes(
     method: str, config: EfficiencyConfig, shape: ModelShape, head_dim: int, context: int, dtype: torch.dtype
 ) -> int | None:
-    """SPEC section 7's analytic KV bytes of ``method``'s cache right after a prefill of
+    """docs/method.md §7's analytic KV bytes of ``method``'s cache right after a prefill of
     ``context`` tokens: sum over layers and KV heads of stored tokens (the method's capacities,
     ``HeadCapacities.stored``) x head_dim x 2 x element size. None for a data-dependent method
     (AdaKV: its caps come from the prompt's attention)."""
@@ -733,7 +733,7 @@ def load_results(path: str | Path) -> pd.DataFrame:
     frame = pd.read_csv(path)
     missing = [c for c in RESULT_COLUMNS if c not in frame.columns]
     if missing:
-        raise EfficiencyError(f"{path} lacks the columns {missing} of 06_efficiency/results.csv (DESIGN.md)")
+        raise EfficiencyError(f"{path} lacks the columns {missing} of 06_efficiency/results.csv (docs/design.md)")
     for column in ("budget", "kv_bytes", "kv_bytes_analytic"):
         if column in frame.columns:
             frame[column] = frame[column].astype("Int64")
@@ -749,7 +749,7 @@ def efficiency_targets(results: pd.DataFrame) -> pd.DataFrame:
     - ``spread``: slowest / fastest mean decode step over the contexts; flat when <= 1.25
       (:data:`FLAT_LATENCY_TARGET`; the paper: SparseMM 37-45 ms from 2K to 32K).
     - ``speedup``: FullKV / method decode latency at the longest context measured, beside
-      ``paper_speedup`` (SPEC section 7, SparseMM at 32K; None for other methods, models or
+      ``paper_speedup`` (docs/method.md §7, SparseMM at 32K; None for other methods, models or
       contexts); ``speedup_met`` when ``speedup >= paper_speedup`` (NA when there is no paper value).
     - ``kv_bytes_match``: every measured ``kv_bytes`` equals ``kv_bytes_analytic`` (NA when no
       row has an analytic value).

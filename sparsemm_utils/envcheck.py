@@ -25,7 +25,7 @@ def problems() -> list[str]:
         found.append(f"torch {torch_version} is installed, the project pins {PINNED_TORCH} (CPU build)")
     for name in ("torchvision", "torchaudio"):
         try:
-            found.append(f"{name} {metadata.version(name)} is installed: nothing may depend on it (see DESIGN.md)")
+            found.append(f"{name} {metadata.version(name)} is installed: nothing may depend on it (see docs/design.md)")
         except metadata.PackageNotFoundError:
             pass
     cuda = sorted(

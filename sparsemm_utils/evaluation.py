@@ -1,7 +1,7 @@
-"""Step 05: accuracy against KV budget, for every method on every benchmark (SPEC section 6).
+"""Step 05: accuracy against KV budget, for every method on every benchmark (docs/method.md §6).
 
 The sweep runs each *cell* (benchmark, method, budget) over the benchmark's samples: greedy
-decoding, batch 1, the method compressing the prompt's KV cache (SPEC section 5), then the
+decoding, batch 1, the method compressing the prompt's KV cache (docs/method.md §5), then the
 benchmark's metrics (:func:`sparsemm_utils.benchmarks.score_prediction`). Methods without a budget
 (FullKV and the head-mask ablations) run once per benchmark, with ``budget`` left empty.
 
@@ -17,7 +17,7 @@ budget)`` returns the model's answer (a ``str`` or a :class:`Generation`). :clas
 is the real one (``compressed_generate`` on a loaded model); tests pass a fake, so the sweep's
 bookkeeping is tested without a model.
 
-Files (in ``out_dir``; the artifact contract of DESIGN.md):
+Files (in ``out_dir``; the artifact contract of docs/design.md):
 
 - ``results.csv``: model, benchmark, method, budget, metric, score, n_samples; one row per metric
   of each finished cell (``budget`` empty for budget-free methods). A cell's rows are appended
@@ -94,9 +94,9 @@ __all__ = [
 ]
 
 STEP = "05_eval"
-#: The paper's budgets B (window included), SPEC section 6.
+#: The paper's budgets B (window included), docs/method.md §6.
 PAPER_BUDGETS: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
-#: A typical prompt of the paper's runs, in tokens: SPEC section 5 quotes ~2400 (LLaVA-NeXT, DocVQA).
+#: A typical prompt of the paper's runs, in tokens: docs/method.md §5 quotes ~2400 (LLaVA-NeXT, DocVQA).
 REFERENCE_PROMPT_TOKENS: int = 2400
 RESULTS_COLUMNS: tuple[str, ...] = ("model", "benchmark", "method", "budget", "metric", "score", "n_samples")
 RESULTS_FILE = "results.csv"
@@ -250,7 +250,7 @@ def sweep_cells(benchmarks: Iterable[str], methods: Iterable[str], budgets: Iter
 @dataclass(frozen=True)
 class Generation:
     """A generator's answer: ``text`` and, when known, the prompt length, the KV bytes of the
-    cache after generation (SPEC section 7), the seconds it took, and ``details``: what the method
+    cache after generation (docs/method.md §7), the seconds it took, and ``details``: what the method
     decided for this prompt (JSON-able; FastV's ratio and budget match), kept in ``predictions.jsonl``
     as ``method_details``."""
 
@@ -767,7 +767,7 @@ class EvalConfig:
     """Parameters of notebook 05 (validated in ``__post_init__``).
 
     ``benchmarks`` / ``methods`` / ``budgets``: the sweep (budgets > ``window``); ``window``,
-    ``ratio``, ``mask_fraction``: SPEC section 5's w, r and the head-mask share; ``fastv_k``: the
+    ``ratio``, ``mask_fraction``: docs/method.md §5's w, r and the head-mask share; ``fastv_k``: the
     layers FastV keeps whole (FastV's K; used by the ``fastv`` method only); ``limit``: first
     rows per benchmark (None: all); ``n_documents`` / ``benchmark_seed``: the offline benchmark
     (seed None: the tiny reader's held-out stream); ``benchmark_sources``: {benchmark: local
@@ -816,7 +816,7 @@ class EvalConfig:
         self.budgets = tuple(sorted({_check_budget(b) for b in self.budgets}))
         small = [b for b in self.budgets if b <= self.window]
         if small:
-            raise EvaluationError(f"budgets {small} do not exceed the window w = {self.window}: a budget counts the window (SPEC section 5)")
+            raise EvaluationError(f"budgets {small} do not exceed the window w = {self.window}: a budget counts the window (docs/method.md §5)")
         if any(EVAL_METHODS[m].budgeted for m in self.methods) and not self.budgets:
             raise EvaluationError("budgeted methods need at least one budget")
         for name in ("ratio", "mask_fraction"):

@@ -145,7 +145,7 @@ class FastVPress:
         return out
 
     def kv_bytes(self, shape: ModelShape, prompt_len: int, num_image_tokens: int, head_dim: int, dtype: torch.dtype) -> int:
-        """SPEC section 7's analytic KV bytes of the prompt after the prefill."""
+        """docs/method.md §7's analytic KV bytes of the prompt after the prefill."""
         return analytic_kv_bytes(self.stored_prompt_tokens(shape, prompt_len, num_image_tokens), head_dim, dtype)
 
 
@@ -199,7 +199,7 @@ class FastVAtBudget:
     """FastV as a method of step 05's sweep: at budget ``budget``, FastV (layer ``k``) stores no more
     KV bytes than a head-level method with the same budget.
 
-    A head-level method at budget B keeps ``min(B, n)`` prompt tokens per KV head (SPEC section 5:
+    A head-level method at budget B keeps ``min(B, n)`` prompt tokens per KV head (docs/method.md §5:
     a budget counts the window; a prompt shorter than B is kept whole), so a prompt of n tokens
     costs ``target = L * H_kv * min(B, n)`` stored tokens. FastV's ratio is chosen per prompt by
     :func:`fastv_ratio_for_budget` (the smallest R that fits). FastV cannot go below

@@ -1,5 +1,5 @@
 """Scorers of the general benchmarks (GQA, MMBench) and of the offline reading benchmark, as
-lmms-eval computes them (SPEC section 6 lists these tasks but gives no metric; the OCR metrics
+lmms-eval computes them (docs/method.md §6 lists these tasks but gives no metric; the OCR metrics
 live in :mod:`sparsemm_utils.metrics`).
 
 - ``exact_match`` (GQA; the offline benchmark): lmms-eval's ``exact_match_hf_evaluate``

@@ -2,8 +2,8 @@
 
 In JupyterLab, :meth:`HeadExplorer.show` displays ipywidgets controls: layer and head sliders, a
 sample picker and a token stepper (slider + play button); the panel redraws the chosen head's
-attention over the image for the chosen generated token, with that token's region (SPEC section
-4) outlined and whether the head hit it. Headless (papermill, CI, an exported HTML page) there is
+attention over the image for the chosen generated token, with that token's region (docs/method.md
+§4) outlined and whether the head hit it. Headless (papermill, CI, an exported HTML page) there is
 no widget frontend, so :meth:`HeadExplorer.show` falls back to a static figure: a grid of the
 first tokens for a few heads (by default the best visual head and the worst).
 

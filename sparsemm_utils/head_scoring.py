@@ -1,4 +1,4 @@
-"""Step 03: visual head scoring, the OCR hit rule of SPEC section 4.
+"""Step 03: visual head scoring, the OCR hit rule of docs/method.md §4.
 
 The rule, for each sample n (a document image and the OCR prompt), greedy generation, and each
 generated token t:
@@ -131,7 +131,7 @@ SKIP_REASONS: tuple[str, ...] = (
     NO_CHAR_BOXES,
 )
 
-#: SPEC section 4: on LLaVA-NeXT-Vicuna-7B the top 5% of heads hold ~55% of the normalised
+#: docs/method.md §4: on LLaVA-NeXT-Vicuna-7B the top 5% of heads hold ~55% of the normalised
 #: score mass, the top 10% ~77%.
 PAPER_TOP_SHARE: Mapping[float, float] = {0.05: 0.55, 0.10: 0.77}
 
@@ -216,7 +216,7 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
 
 
 def token_strings(tokenizer: Any, ids: Sequence[int], model_type: str, mode: str = "family") -> list[str]:
-    """tau_t for each id (SPEC section 4, step 1).
+    """tau_t for each id (docs/method.md §4, step 1).
 
     ``mode="family"`` (the original): LLaVA-NeXT ``convert_ids_to_tokens`` (keeps the
     word-boundary marker, e.g. ``"▁the"``), Qwen ``decode([id])`` (``" the"``). ``"decode"`` and
@@ -273,7 +273,7 @@ def _absolute(record: Mapping[str, Any], relative: Iterable[int]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SubstringMatch:
-    """SPEC section 4, step 2 (the default): the region of the ONE chunk containing tau_t.
+    """docs/method.md §4, step 2 (the default): the region of the ONE chunk containing tau_t.
 
     ``tau_t in chunk`` is plain Python substring search, case-sensitive, as in the original: an
     empty tau_t is in every chunk (unique only in a one-chunk document), a space is in every
@@ -433,7 +433,7 @@ class SampleScore:
 
 
 def score_sample(matches: Sequence[TokenMatch], positions: np.ndarray) -> SampleScore:
-    """SPEC section 4, step 3 for one sample: s_n[l, h] = sum over matched tokens t of
+    """docs/method.md §4, step 3 for one sample: s_n[l, h] = sum over matched tokens t of
     [a selected position of (l, h) at t lies in R_t] / |R_t|.
 
     ``matches``: T :class:`TokenMatch`; ``positions``: int (T, L, H, k) from
@@ -464,7 +464,7 @@ def score_attention_rows(
 
 
 def mean_over_samples(sample_scores: np.ndarray) -> np.ndarray:
-    """S = mean over samples, (N, L, H) -> (L, H) (SPEC section 4: no other normalisation)."""
+    """S = mean over samples, (N, L, H) -> (L, H) (docs/method.md §4: no other normalisation)."""
     sample_scores = np.asarray(sample_scores, dtype=np.float64)
     if sample_scores.ndim != 3:
         raise ValueError(f"sample scores must be (samples, layers, heads), got shape {sample_scores.shape}")
@@ -486,12 +486,12 @@ def _int_at_least(name: str, value: Any, minimum: int) -> int:
 class HeadScoringConfig:
     """Parameters of step 03 (notebook ``03_head_scoring``), validated.
 
-    ``max_new_tokens``: greedy generation length (SPEC section 2: 1024). ``n_samples``: score the
-    first n documents (None: all). ``match``: ``"substring"`` (SPEC) | ``"char_box"``;
-    ``selection``: ``"argmax"`` (SPEC) | ``"topk"`` with ``top_k`` (also the number of top
+    ``max_new_tokens``: greedy generation length (docs/method.md §2: 1024). ``n_samples``: score the
+    first n documents (None: all). ``match``: ``"substring"`` (docs/method.md §4) | ``"char_box"``;
+    ``selection``: ``"argmax"`` (docs/method.md §4) | ``"topk"`` with ``top_k`` (also the number of top
     positions captured, so every variant can be scored from one pass). ``token_text``: see
     :func:`token_strings`. ``capture``: ``"streamed"`` (row capture) | ``"reference"`` (eager +
-    output_attentions, N^2 memory). ``prompt``: the user text (SPEC: the OCR prompt).
+    output_attentions, N^2 memory). ``prompt``: the user text (docs/method.md §2: the OCR prompt).
     ``explorer_samples`` / ``explorer_tokens``: keep the image attention of the first tokens of
     the first samples for figures and the explorer. ``reference_check_samples``: samples on which
     the notebook compares the streamed rows with the eager reference (0: skip; the reference needs
@@ -623,7 +623,7 @@ def capture_documents(
     *,
     progress: bool = True,
 ) -> list[SampleCapture]:
-    """Generate and capture for the first ``cfg.n_samples`` documents, in order (SPEC section 4).
+    """Generate and capture for the first ``cfg.n_samples`` documents, in order (docs/method.md §4).
 
     ``regions``: step 02's records (:func:`sparsemm_utils.patch_mapping.load_regions`), looked up
     by ``doc_id``. The first ``cfg.explorer_samples`` samples also keep the image attention of
@@ -742,7 +742,7 @@ def _jsonable(value: Any) -> Any:
 def score_captures(
     samples: Sequence[SampleCapture], match: str = "substring", selection: str = "argmax", top_k: int = 1
 ) -> HeadScoringResult:
-    """Score captured samples with one (match, selection) variant (SPEC section 4)."""
+    """Score captured samples with one (match, selection) variant (docs/method.md §4)."""
     if not samples:
         raise NoSamplesError("no captured samples to score")
     matcher = make_matcher(match)
@@ -1029,7 +1029,7 @@ def write_scoring_outputs(
 
 
 def cumulative_share(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cumulative share of the score mass held by the top heads (SPEC section 4's figure).
+    """Cumulative share of the score mass held by the top heads (docs/method.md §4's figure).
 
     Heads sorted by score, descending: returns ``fractions`` = k / n and ``shares`` = (sum of the
     top k) / (sum of all), for k = 0..n (both (n + 1,)). Needs a positive total.

@@ -1,8 +1,8 @@
 """A KV cache that keeps a different number of tokens in every KV head, and stores only those.
 
-SPEC section 5 compresses the prompt's KV cache once, at prefill, to ``cap[l, g] + w`` tokens in
+docs/method.md §5 compresses the prompt's KV cache once, at prefill, to ``cap[l, g] + w`` tokens in
 KV head g of layer l; decoding then appends every new token to every head and evicts nothing.
-SPEC section 7 defines the bytes such a cache holds: the sum over layers and KV heads of kept
+docs/method.md §7 defines the bytes such a cache holds: the sum over layers and KV heads of kept
 tokens x head_dim x 2 (K and V) x bytes per element. This module is the storage half of that
 (which tokens to keep is decided in :mod:`sparsemm_utils.compression`).
 
@@ -20,7 +20,7 @@ Storage design (one :class:`PerHeadKVLayer` per decoder layer)
   steps the layer is re-packed O(log T) times (amortised O(1) per step). ``compressed_generate``
   sizes the reserve to ``max_new_tokens``, so a generation re-packs nothing.
 - **Honest byte accounting.** :meth:`PerHeadKVLayer.kv_bytes` counts rows in use only
-  (SPEC section 7's formula); :meth:`PerHeadKVLayer.allocated_bytes` counts the buffers
+  (docs/method.md §7's formula); :meth:`PerHeadKVLayer.allocated_bytes` counts the buffers
   (rows in use + the decode reserve); :meth:`PerHeadKVLayer.slack_bytes` is their difference.
   The kept prompt positions (one int64 per kept prompt token, for inspection and tests) are
   bookkeeping, counted in neither.
@@ -33,7 +33,7 @@ Protocol (what the attention function of :mod:`sparsemm_utils.compression` relie
 --------------------------------------------------------------------------------------
 1. Prefill: ``update(K, V)`` on an empty layer keeps the full ``(1, H_kv, n, d)`` tensors as
    *pending* and returns them unchanged, so the prefill's own attention uses the full keys
-   (SPEC section 5). The attention function then calls :meth:`PerHeadKVLayer.compress` with the
+   (docs/method.md §5). The attention function then calls :meth:`PerHeadKVLayer.compress` with the
    prompt positions each head keeps (or :meth:`PerHeadKVLayer.keep_all`), which packs them and
    drops the full tensors.
 2. Decode: ``update(k, v)`` appends the ``t`` new tokens to every head and returns them (only
@@ -99,7 +99,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 
 def analytic_kv_bytes(stored_tokens: Any, head_dim: int, dtype: torch.dtype) -> int:
-    """SPEC section 7's analytic KV bytes: sum(stored_tokens) x head_dim x 2 (K and V) x element size.
+    """docs/method.md §7's analytic KV bytes: sum(stored_tokens) x head_dim x 2 (K and V) x element size.
 
     ``stored_tokens``: int array of any shape, e.g. (layers, kv_heads): tokens each KV head stores.
     Example: 2 layers x 2 KV heads storing [[3, 5], [4, 4]] tokens, head_dim 16, float32:
@@ -112,7 +112,7 @@ def analytic_kv_bytes(stored_tokens: Any, head_dim: int, dtype: torch.dtype) -> 
 
 
 def cache_kv_bytes(cache: Cache) -> int:
-    """Bytes of keys and values a transformers cache holds (SPEC section 7).
+    """Bytes of keys and values a transformers cache holds (docs/method.md §7).
 
     A :class:`PerHeadKVCache` reports its rows in use (:meth:`PerHeadKVCache.kv_bytes`); any other
     cache whose layers hold ``keys`` / ``values`` tensors (``DynamicCache``, FullKV) reports their
@@ -406,7 +406,7 @@ class PerHeadKVLayer(CacheLayerMixin):
         return torch.empty((), dtype=self.dtype).element_size() if self.is_initialized else 0
 
     def kv_bytes(self) -> int:
-        """SPEC section 7: sum over KV heads of stored tokens x head_dim x 2 x element size."""
+        """docs/method.md §7: sum over KV heads of stored tokens x head_dim x 2 x element size."""
         return sum(self.lengths()) * self.head_dim * 2 * self._element_size()
 
     def allocated_bytes(self) -> int:
@@ -506,7 +506,7 @@ class PerHeadKVCache(Cache):
             raise CacheStateError(f"{what}(): layers {missing} hold nothing yet (run a prefill first)")
 
     def kv_bytes(self) -> int:
-        """SPEC section 7: sum over layers and KV heads of stored tokens x head_dim x 2 x element size."""
+        """docs/method.md §7: sum over layers and KV heads of stored tokens x head_dim x 2 x element size."""
         return sum(layer.kv_bytes() for layer in self.layers)
 
     def allocated_bytes(self) -> int:

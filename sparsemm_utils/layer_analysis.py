@@ -1,4 +1,4 @@
-"""Where the model looks, layer by layer: LLaVA-Mini's attention analysis (SPEC section 8, step 07).
+"""Where the model looks, layer by layer: LLaVA-Mini's attention analysis (docs/method.md §8, step 07).
 
 LLaVA-Mini (arXiv 2501.03895, section 3 and appendix A) splits the tokens the language model
 sees into three categories and follows, layer by layer, how much attention each category pays
@@ -21,7 +21,7 @@ Token categories (:func:`token_categories`, :func:`prompt_layout`)
   of "instruction" would change the numbers a lot. :func:`prompt_layout` keeps the finer roles
   (template / system / user / vision / response) for anyone who wants to split them.
 
-Category attention (SPEC section 8, LLaVA-Mini Eq. 4)
+Category attention (docs/method.md §8, LLaVA-Mini Eq. 4)
 -----------------------------------------------------
 With ``a_ij`` the attention of query i to key j averaged over the heads of a layer::
 
@@ -48,7 +48,7 @@ Head-level view (:meth:`LayerStats.head_share`)
 -----------------------------------------------
 Per query head, the share of attention that goes to vision tokens, averaged over the rows that
 *generated* the response (the last prompt token and every response token but the last: the rows
-SparseMM's score reads, SPEC section 4), set against the head's visual score from step 03
+SparseMM's score reads, docs/method.md §4), set against the head's visual score from step 03
 (:func:`head_vision_share_table`, :func:`spearman`).
 
 Shapes: ``L`` layers, ``H`` query heads, ``N`` tokens (prompt + response), ``C = 3`` categories.
@@ -461,7 +461,7 @@ def category_entropy_rows(attn: Any, key_labels: Any, num_categories: int = len(
 
 
 def eq4_attention(mass: Any, query_labels: Any, num_categories: int = len(CATEGORIES)) -> tuple[np.ndarray, np.ndarray]:
-    """LLaVA-Mini's Eq. 4 from per-row category masses (SPEC section 8).
+    """LLaVA-Mini's Eq. 4 from per-row category masses (docs/method.md §8).
 
     ``mass``: ``(q, C)`` (:func:`category_mass` of head-averaged attention); ``query_labels``:
     ``(q,)``. Returns ``(attn, rows)``, both ``(C_tgt, C_src)``: ``attn[t, s] = sum_{i in t}
@@ -589,8 +589,8 @@ class LayerStats:
 
     def rows(self, selection: str = "generating") -> np.ndarray:
         """Positions of the query rows ``selection`` names (:data:`ROW_SELECTIONS`): ``generating``:
-        ``prompt_len - 1 .. N - 2`` (the rows whose outputs are the response tokens, SPEC section
-        4); ``response``: ``prompt_len .. N - 1``; ``instruction``: instruction positions; ``all``."""
+        ``prompt_len - 1 .. N - 2`` (the rows whose outputs are the response tokens, docs/method.md
+        §4); ``response``: ``prompt_len .. N - 1``; ``instruction``: instruction positions; ``all``."""
         n = self.labels.size
         if selection == "generating":
             return np.arange(max(self.prompt_len - 1, 0), n - 1)
@@ -935,7 +935,7 @@ def findings_table(
     vision_drop: pd.DataFrame | None = None,
     head_share: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """LLaVA-Mini's findings (SPEC section 8) beside this run's numbers: one row per finding,
+    """LLaVA-Mini's findings (docs/method.md §8) beside this run's numbers: one row per finding,
     columns ``finding``, ``paper`` (what LLaVA-Mini reports on LLaVA-v1.5/NeXT), ``this_run`` (the
     numbers, as text) and ``holds`` (True/False, or None when the run cannot tell).
 

@@ -1,4 +1,4 @@
-"""Step manifests: what a step was given, what it read, what it wrote (DESIGN.md).
+"""Step manifests: what a step was given, what it read, what it wrote (docs/design.md).
 
 ``runs/<run>/<NN_step>/manifest.json`` records the step's parameters, its inputs and outputs
 (path + sha256), package versions, the git commit, the device and the timings. The pipeline skips a

@@ -1,10 +1,10 @@
-"""Step 05's benchmark metrics, computed exactly as lmms-eval computes them (SPEC section 6).
+"""Step 05's benchmark metrics, computed exactly as lmms-eval computes them (docs/method.md §6).
 
 Every function here is pure: strings in, a number out. They reproduce lmms-eval's scoring code
 (EvolvingLMMs-Lab/lmms-eval) rule for rule, quirks included, because the paper's numbers were
-produced by it. Where lmms-eval differs from the benchmark authors' own script, or where SPEC
+produced by it. Where lmms-eval differs from the benchmark authors' own script, or where docs/method.md
 section 6 reads differently from the code, the lmms-eval behaviour is the default and the other
-reading is a named option (SPEC: "reproduce the quirk as the default, never silently"):
+reading is a named option (docs/method.md: "reproduce the quirk as the default, never silently"):
 
 - ``anls`` (DocVQA): ``lmms_eval/api/metrics.py::anls``. The normalised distance is divided by the
   length of the RAW strings (``len(s.upper())``), not of the normalised ones: option
@@ -175,7 +175,7 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def anls_normalize(text: str) -> str:
-    """ANLS's normalisation (SPEC section 6): ``" ".join(text.strip().lower().split())``:
+    """ANLS's normalisation (docs/method.md §6): ``" ".join(text.strip().lower().split())``:
     lowercase, whitespace runs collapsed to one space, ends trimmed."""
     return " ".join(_check_text(text, "text").strip().lower().split())
 
@@ -187,13 +187,13 @@ def anls(
     *,
     length_basis: LengthBasis = "raw",
 ) -> float:
-    """Average-normalised-Levenshtein similarity of one question (SPEC section 6, DocVQA).
+    """Average-normalised-Levenshtein similarity of one question (docs/method.md §6, DocVQA).
 
     For every ground truth g: NL(g) = levenshtein(norm(g), norm(pred)) / max(len(g), len(pred)),
     0 when that length is 0; q = 1 - min_g NL(g); q is set to 0 when q < ``threshold`` (so a
     normalised distance of exactly 0.5 keeps q = 0.5).
 
-    Lengths. SPEC says "max(len(raw gt), len(raw pred))" and lmms-eval indeed divides by the
+    Lengths. docs/method.md §6 says "max(len(raw gt), len(raw pred))" and lmms-eval indeed divides by the
     lengths of the RAW, un-normalised strings, measured as ``len(s.upper())`` (``"ß".upper()`` is
     ``"SS"``, so that length can even exceed ``len(s)``), while the distance is taken between the
     normalised strings. Extra whitespace therefore lowers NL: gt ``"  abc  "`` vs pred ``"abd"``
@@ -493,7 +493,7 @@ def vqa_accuracy(
     *,
     protocol: VqaProtocol = "textvqa",
 ) -> float:
-    """VQA accuracy of one question (SPEC section 6): the mean, over the leave-one-out subsets
+    """VQA accuracy of one question (docs/method.md §6): the mean, over the leave-one-out subsets
     of the ground truths (10 subsets of 9 for the usual 10 answers), of min(1, matches / 3).
 
     With k of 10 answers equal to the prediction: k = 0 -> 0; k = 1 -> 9 subsets with 1 match
@@ -580,7 +580,7 @@ def ocrbench_correct(
     *,
     protocol: OcrBenchProtocol = "lmms_eval",
 ) -> bool:
-    """OCRBench's rule for one question (SPEC section 6): correct when some ground truth, after
+    """OCRBench's rule for one question (docs/method.md §6): correct when some ground truth, after
     normalisation, is a substring of the normalised prediction.
 
     - every category but :data:`HME_CATEGORY`: both sides lowercased, stripped, newlines -> spaces;
@@ -590,7 +590,7 @@ def ocrbench_correct(
       before either rule), so an uppercase letter in the ground truth can never be matched
       ("\\frac{A}{B}" is never found) and "X" in the prediction matches "x" in the ground truth.
       ``protocol="ocrbench"`` is the benchmark authors' script: the prediction keeps its case,
-      i.e. the fully case-sensitive reading of SPEC section 6.
+      i.e. the fully case-sensitive reading of docs/method.md §6.
 
     An empty (or all-space) ground truth is a substring of anything, hence correct, as in both
     originals.
@@ -658,7 +658,7 @@ def relaxed_float(text: str) -> float | None:
 
 
 def chartqa_relaxed(prediction: str, target: str, tolerance: float = 0.05) -> bool:
-    """ChartQA's relaxed correctness (SPEC section 6; lmms-eval ``relaxed_correctness``).
+    """ChartQA's relaxed correctness (docs/method.md §6; lmms-eval ``relaxed_correctness``).
 
     Both strings go through :func:`relaxed_float`. When the prediction parses and the target
     parses to a NON-ZERO number t: correct iff |p - t| / |t| <= ``tolerance``. Otherwise

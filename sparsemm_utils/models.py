@@ -1,4 +1,4 @@
-"""Loading the supported MLLMs and steering the attention of their language model (SPEC section 1).
+"""Loading the supported MLLMs and steering the attention of their language model (docs/method.md §1).
 
 One entry point, :func:`load_model`, takes
 
@@ -60,7 +60,7 @@ __all__ = [
     "vision_attention_implementation",
 ]
 
-#: model_type (config.json) -> the transformers class that runs it (SPEC section 1).
+#: model_type (config.json) -> the transformers class that runs it (docs/method.md §1).
 SUPPORTED_MODEL_TYPES: Mapping[str, type[PreTrainedModel]] = MappingProxyType(
     {
         "qwen2_vl": Qwen2VLForConditionalGeneration,
@@ -113,7 +113,7 @@ class AttentionNotRegisteredError(ValueError):
 
 @dataclass
 class LoadedModel:
-    """A model, its processor, and the shapes of its LANGUAGE model that budgets need (SPEC 1, 5).
+    """A model, its processor, and the shapes of its LANGUAGE model that budgets need (docs/method.md §1, §5).
 
     ``num_layers`` L, ``num_heads`` H (query heads), ``num_kv_heads`` H_kv, ``head_dim`` d: the
     head scores of step 03 are (L, H), the budgets of step 04 are (L, H_kv).
@@ -250,7 +250,7 @@ def load_model(
     ``text_attn_implementation``: the attention of the language model (the vision tower keeps
     sdpa); a custom name must be registered first (:func:`register_text_attention`).
     ``seed``: only for ``tiny-random/`` models (same seed, same weights).
-    ``min_pixels`` / ``max_pixels``: Qwen image resize bounds, SparseMM's by default (SPEC section 3).
+    ``min_pixels`` / ``max_pixels``: Qwen image resize bounds, SparseMM's by default (docs/method.md §3).
     ``cache_dir``: the HF hub cache to look a hub id up in (default: the one under HF_HOME).
     The model is returned in eval mode on ``device``.
     """
@@ -289,7 +289,7 @@ def register_text_attention(
     """Register an attention function AND its mask function under ``name``.
 
     transformers only builds an attention mask for names that ``AttentionMaskInterface`` knows;
-    for any other name the function silently receives ``attention_mask=None`` (DESIGN.md). This
+    for any other name the function silently receives ``attention_mask=None`` (docs/design.md). This
     registers ``fn`` with ``AttentionInterface`` and the mask function of ``mask`` ("eager": an
     additive float mask (batch, 1, q, kv) with 0 / dtype-min, always materialised; "sdpa": a
     boolean mask, or None when plain causal attention suffices) with ``AttentionMaskInterface``.

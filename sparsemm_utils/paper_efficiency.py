@@ -1,6 +1,6 @@
-"""The paper's efficiency numbers (SPEC section 7), as data, to draw and tabulate beside ours.
+"""The paper's efficiency numbers (docs/method.md §7), as data, to draw and tabulate beside ours.
 
-SPEC section 7 gives, at a 32K-token text-only context, batch 1, B = 256, r = 0.1, on a GPU:
+docs/method.md §7 gives, at a 32K-token text-only context, batch 1, B = 256, r = 0.1, on a GPU:
 decode latency (ms per token, mean of 100 steps) and peak memory (GB during a 512-token
 generation) for FullKV and SparseMM on three models, and says SparseMM's decode latency stays
 flat, 37-45 ms, from 2K to 32K. Models by hub id (as :mod:`sparsemm_utils.reference_numbers`),
@@ -48,7 +48,7 @@ PAPER_SPARSEMM_FLAT_MS: tuple[float, float] = (37.0, 45.0)
 
 @dataclass(frozen=True)
 class PaperEfficiencyPoint:
-    """One cell pair of SPEC section 7's table: ``method`` on ``model`` (hub id) at
+    """One cell pair of docs/method.md §7's table: ``method`` on ``model`` (hub id) at
     :data:`PAPER_CONTEXT` tokens."""
 
     model: str
@@ -57,14 +57,14 @@ class PaperEfficiencyPoint:
     peak_mem_gb: float
 
 
-# SPEC section 7: model | decode ms/token full -> SparseMM | peak GB full -> SparseMM
+# docs/method.md §7: model | decode ms/token full -> SparseMM | peak GB full -> SparseMM
 _TABLE: tuple[tuple[str, float, float, float, float], ...] = (
     ("llava-next-vicuna-7b", 70.9, 37.9, 32.9, 17.4),
     ("llava-next-mistral-7b", 75.8, 45.2, 22.1, 17.7),
     ("qwen2-vl-7b", 59.2, 37.1, 21.0, 18.7),
 )
 
-#: Every number of SPEC section 7's table.
+#: Every number of docs/method.md §7's table.
 PAPER_EFFICIENCY: tuple[PaperEfficiencyPoint, ...] = tuple(
     point
     for short, full_ms, sparse_ms, full_gb, sparse_gb in _TABLE

@@ -1,9 +1,9 @@
-"""Step 02: map an OCR box onto the visual-token positions the LLM sees (SPEC section 3).
+"""Step 02: map an OCR box onto the visual-token positions the LLM sees (docs/method.md §3).
 
 SparseMM scores a head when its strongest attention for an output token lands inside the
 *region* of the chunk that token was read from. A region is the set of visual-token positions
 that cover the chunk's OCR box. This module computes those positions for the three supported
-architectures, exactly as SPEC section 3 states the rule:
+architectures, exactly as docs/method.md §3 states the rule:
 
 - **Qwen2-VL / Qwen2.5-VL** (:class:`QwenVLPatchMapper`): the processor resizes the image to
   multiples of 28 px within ``[min_pixels, max_pixels]`` (``smart_resize``); the LLM sees one
@@ -85,7 +85,7 @@ STEP = "02_patch_mapping"
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava_next")
 QWEN_MODEL_TYPES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl")
 
-# The original SparseMM settings (SPEC section 3): min/max pixels for Qwen, llava-v1.6 pinpoints.
+# The original SparseMM settings (docs/method.md §3): min/max pixels for Qwen, llava-v1.6 pinpoints.
 QWEN_ORIGINAL_MIN_PIXELS = 32 * 28 * 28
 QWEN_ORIGINAL_MAX_PIXELS = 16384 * 28 * 28
 LLAVA_NEXT_PINPOINTS: tuple[tuple[int, int], ...] = (
@@ -134,7 +134,7 @@ def check_model_type(model_type: str) -> str:
     """Return ``model_type`` if supported, else raise :class:`UnsupportedModelTypeError`."""
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelTypeError(
-            f"unsupported model type {model_type!r}: the patch mapping (SPEC section 3) supports "
+            f"unsupported model type {model_type!r}: the patch mapping (docs/method.md §3) supports "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}. Use the `model_type` of the model's config "
             f"(e.g. LoadedModel.model_type)."
         )
@@ -185,7 +185,7 @@ class Box:
 
     @classmethod
     def from_coord(cls, coord: Sequence[Sequence[float]]) -> Box:
-        """From ``[[xmin, ymin], [xmax, ymax]]`` (the SynthDoG ``coord`` field, SPEC section 2)."""
+        """From ``[[xmin, ymin], [xmax, ymax]]`` (the SynthDoG ``coord`` field, docs/method.md §2)."""
         try:
             (x0, y0), (x1, y1) = coord
         except (TypeError, ValueError) as exc:
@@ -254,7 +254,7 @@ def _positive_int(owner: str, name: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class QwenVLGeometry:
-    """Qwen2-VL / Qwen2.5-VL image geometry (SPEC section 3).
+    """Qwen2-VL / Qwen2.5-VL image geometry (docs/method.md §3).
 
     The image processor resizes ``(H, W)`` with ``smart_resize`` to multiples of
     ``factor = patch_size * merge_size`` (28) whose area lies in ``[min_pixels, max_pixels]``;
@@ -324,7 +324,7 @@ class QwenVLGeometry:
 
 @dataclass(frozen=True)
 class LlavaNextGeometry:
-    """LLaVA-NeXT anyres + spatial_unpad geometry (SPEC section 3).
+    """LLaVA-NeXT anyres + spatial_unpad geometry (docs/method.md §3).
 
     The image block in the LLM sequence is ``base_grid^2`` base-image tokens (the image squashed
     to ``base_size`` px; 24 x 24 = 576 for a 336 px CLIP with 14 px patches), then the crop grid:
@@ -434,13 +434,13 @@ class LlavaNextGeometry:
 
 
 # ----------------------------------------------------------------------------------------------
-# Mappers: the rule of SPEC section 3, one small dataclass per architecture
+# Mappers: the rule of docs/method.md §3, one small dataclass per architecture
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class QwenVLPatchMapper:
-    """Box -> image-token positions for Qwen2-VL / Qwen2.5-VL (SPEC section 3).
+    """Box -> image-token positions for Qwen2-VL / Qwen2.5-VL (docs/method.md §3).
 
     Scale the box by ``(W_r / W, H_r / H)``; mark rows ``floor(y0/28) .. floor(y1/28)`` and
     columns ``floor(x0/28) .. floor(x1/28)`` inclusive (clipped to the grid, so a box touching the
@@ -507,7 +507,7 @@ class QwenVLPatchMapper:
 
 @dataclass(frozen=True)
 class LlavaNextPatchMapper:
-    """Box -> image-token positions for LLaVA-NeXT (anyres, spatial_unpad; SPEC section 3).
+    """Box -> image-token positions for LLaVA-NeXT (anyres, spatial_unpad; docs/method.md §3).
 
     ``variant="fidelity"`` (the original): pixels per token by integer floor division of the
     ORIGINAL image size, ``p_w = W // W'`` and ``p_h = H // H'``; columns ``x0 // p_w ..
@@ -823,7 +823,7 @@ def map_documents(
     *,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Map every OCR chunk and character box of every document (SPEC section 3).
+    """Map every OCR chunk and character box of every document (docs/method.md §3).
 
     For each document the OCR prompt is built with ``prompts.build_inputs(processor, image,
     prompts.OCR_PROMPT, model_type)``; ``image_token_start`` is the index of its first image
@@ -879,7 +879,7 @@ def chunk_box(doc: Mapping[str, Any], index: int) -> tuple[str, Box]:
 
 def compare_with_processors(image: Any, processors: Mapping[str, Any], variant: str = "fidelity") -> list[dict[str, Any]]:
     """For one image and several processors (``model_type -> processor``): the mapping's grid and
-    token count next to the processor's own count in the OCR prompt (SPEC section 3: they must
+    token count next to the processor's own count in the OCR prompt (docs/method.md §3: they must
     agree). One dict per model type: ``model_type``, ``mapping_tokens``, ``processor_tokens``,
     ``image_token_start``, ``agree`` and the ``describe`` fields. ``variant`` applies to
     LLaVA-NeXT only (Qwen has the fidelity rule alone)."""

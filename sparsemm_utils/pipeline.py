@@ -1,4 +1,4 @@
-"""The chain of notebooks, run headless by papermill (DESIGN.md, "How data flows").
+"""The chain of notebooks, run headless by papermill (docs/design.md, "How data flows").
 
 ``STEPS`` below is the only list of the study's steps: the Makefile, CI, the tests and
 ``runs/<run>/index.html`` all read it. For each step in order the pipeline

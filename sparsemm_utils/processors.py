@@ -1,6 +1,6 @@
-"""Image-only processors for Qwen2-VL and Qwen2.5-VL, and the SparseMM pixel bounds (SPEC section 3).
+"""Image-only processors for Qwen2-VL and Qwen2.5-VL, and the SparseMM pixel bounds (docs/method.md §3).
 
-Why this module exists (DESIGN.md, "transformers 5.x facts"): ``Qwen2VLProcessor`` and
+Why this module exists (docs/design.md, "transformers 5.x facts"): ``Qwen2VLProcessor`` and
 ``Qwen2_5_VLProcessor`` require a video processor, and every video processor of transformers 5.x
 needs torchvision, which has no CPU build on these machines (installing it replaces the CPU torch
 with a multi-GB CUDA build). The study only feeds still images, so the two subclasses below drop
@@ -40,7 +40,7 @@ __all__ = [
     "set_qwen_pixel_bounds",
 ]
 
-#: SparseMM's Qwen pixel bounds (SPEC section 3; ``min_pixels`` / ``max_pixels`` in the original's
+#: SparseMM's Qwen pixel bounds (docs/method.md §3; ``min_pixels`` / ``max_pixels`` in the original's
 #: ``qwen_visual_head.py``): the image is resized to multiples of 28 px with an area in
 #: [32 * 28^2, 16384 * 28^2], i.e. between 32 and 16384 visual tokens.
 SPARSEMM_MIN_PIXELS: int = 32 * 28 * 28
@@ -123,7 +123,7 @@ def image_only_processor_class(model_type: str) -> type[ProcessorMixin] | None:
 
 
 def set_qwen_pixel_bounds(processor: ProcessorMixin, min_pixels: int, max_pixels: int) -> None:
-    """Set the resize bounds of a Qwen image processor in place (SPEC section 3).
+    """Set the resize bounds of a Qwen image processor in place (docs/method.md §3).
 
     The resized image has height and width multiples of 28 and an area in [min_pixels,
     max_pixels] (``smart_resize``); 5.x stores them as ``size = {"shortest_edge": min_pixels,

@@ -1,4 +1,4 @@
-"""The OCR prompt and model inputs for each model family (SPEC section 2).
+"""The OCR prompt and model inputs for each model family (docs/method.md §2).
 
 The original scoring scripts build one chat per image: the image first, then the text
 "Provide all the OCR results of this image.", with a generation prompt after it.
@@ -118,7 +118,7 @@ def _resolve(loaded_or_processor: Any, model_type: str | None) -> tuple[Processo
 
 
 def build_messages(text: str, model_type: str, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[dict]:
-    """The chat for one image and one text (SPEC section 2): optional system turn, then the user
+    """The chat for one image and one text (docs/method.md §2): optional system turn, then the user
     turn ``[image, text]``. ``system_prompt``: the family default (``"default"``), a string, or None
     for no system turn (Qwen's template then still inserts its default system prompt)."""
     if model_type not in _FAMILY_SYSTEM_PROMPT:
@@ -142,7 +142,7 @@ def build_inputs(
     *,
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
 ) -> BatchFeature:
-    """Model inputs for one image and one prompt, batch size 1 (SPEC section 2).
+    """Model inputs for one image and one prompt, batch size 1 (docs/method.md §2).
 
     ``loaded_or_processor``: a :class:`~sparsemm_utils.models.LoadedModel` (tensors are then moved
     to its model's device, floating ones cast to its dtype) or a processor (``model_type``
@@ -170,7 +170,7 @@ def image_token_span(input_ids: torch.Tensor | np.ndarray | Sequence[int], image
 
     ``input_ids``: shape (n,) or (1, n). Raises :class:`NoImageTokensError` when the prompt holds
     no ``image_token_id`` and :class:`NonContiguousImageTokensError` when the image tokens are not
-    one block (SPEC section 3: absolute position = first image token + offset inside the block).
+    one block (docs/method.md §3: absolute position = first image token + offset inside the block).
     """
     ids = torch.as_tensor(np.asarray(input_ids) if not isinstance(input_ids, torch.Tensor) else input_ids)
     if ids.ndim == 2:
@@ -194,6 +194,6 @@ def image_token_span(input_ids: torch.Tensor | np.ndarray | Sequence[int], image
         first_gap = int(positions[int(gaps[0])]) + 1
         raise NonContiguousImageTokensError(
             f"the {count} image tokens (id {image_token_id}) span positions {start}..{last} with a gap after "
-            f"position {first_gap - 1}: one image per prompt is expected (SPEC section 3)"
+            f"position {first_gap - 1}: one image per prompt is expected (docs/method.md §3)"
         )
     return start, count

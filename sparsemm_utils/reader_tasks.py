@@ -1,6 +1,6 @@
 """Reading tasks on synthetic documents: questions, answers and training batches for the tiny reader.
 
-The offline default run needs a model that really reads (DESIGN.md, "The offline world"), so
+The offline default run needs a model that really reads (docs/design.md, "The offline world"), so
 the project trains a tiny Qwen2-VL on the step-01 grid documents (:mod:`sparsemm_utils.tiny`).
 This module turns a step-01 document (schema :data:`sparsemm_utils.documents.FEATURES`) into
 questions whose answers can only be read from the image, shaped like the study's tasks:
@@ -10,7 +10,7 @@ task      prompt                                                 answer
 ========  =====================================================  ===========================
 ``ocr``   ``"Provide all the OCR results of this image."``       every line, top to bottom,
           (:data:`~sparsemm_utils.prompts.OCR_PROMPT`, the        joined by ``"\\n"``
-          prompt of head scoring, SPEC section 2)                 (:func:`document_lines`)
+          prompt of head scoring, docs/method.md §2)                 (:func:`document_lines`)
 ``line``  ``"Read line 2."`` (``k`` counts lines with text,       the text of line ``k``
           from 1, top to bottom; empty rows do not count)
 ``value`` ``"Value of K7?"``: ``K7`` is the first word of a      the rest of that line
@@ -18,7 +18,7 @@ task      prompt                                                 answer
 ========  =====================================================  ===========================
 
 Several lines per page make most visual tokens irrelevant to any one ``line`` or ``value``
-answer, which is what makes per-head budgets matter (SPEC section 5). Step 05 reuses the same
+answer, which is what makes per-head budgets matter (docs/method.md §5). Step 05 reuses the same
 questions as its offline document-QA benchmark (:func:`make_task_dataset`).
 
 Lines. A line is one ``2_coord`` chunk of a line-level document; for a word-level document the
@@ -84,7 +84,7 @@ __all__ = [
 #: The task types, in the order :func:`questions_for_document` asks them.
 TASK_TYPES: tuple[str, ...] = ("ocr", "line", "value")
 #: The reader's alphabet: upper case and digits without look-alike pairs (0/O, 1/I, 5/S, 8/B,
-#: 2/Z): 26 glyphs. A trial reader's main confusion was '0' vs 'D' (TINY_READER_NOTES.md).
+#: 2/Z): 26 glyphs. A trial reader's main confusion was '0' vs 'D' (docs/tiny_reader.md).
 READER_CHARSET: str = UPPER_DIGITS_UNAMBIGUOUS
 LINE_PROMPT = "Read line {k}."
 VALUE_PROMPT = "Value of {key}?"
@@ -120,7 +120,7 @@ def _pair(owner: str, name: str, value: Any, lo: int) -> tuple[int, int]:
 @dataclass(frozen=True)
 class ReaderDocSpec:
     """The page distribution of the tiny reader: monospace grid pages (one character per 28 px
-    cell = one Qwen2-VL visual token, SPEC section 3), drawn by
+    cell = one Qwen2-VL visual token, docs/method.md §3), drawn by
     :func:`sparsemm_utils.documents.render_document` with ``layout="grid"``.
 
     ``cols`` / ``rows``: page size in cells (uniform); ``lines``: lines with text per page
@@ -323,7 +323,7 @@ class ReaderQuestion:
 
 
 def ocr_question(doc: Mapping[str, Any]) -> ReaderQuestion:
-    """"Read all the text" with the study's OCR prompt (SPEC section 2)."""
+    """"Read all the text" with the study's OCR prompt (docs/method.md §2)."""
     lines = document_lines(doc)
     if not lines:
         raise NoQuestionError("the document has no text: no OCR question can be asked")
@@ -476,7 +476,7 @@ def char_classes(charset: str = READER_CHARSET) -> dict[str, int]:
 
 def visual_char_labels(doc: Mapping[str, Any], mapper: Any, classes: Mapping[str, int]) -> np.ndarray:
     """The character drawn in each visual token of ``doc``'s image, ``(grid_h * grid_w,)`` int64,
-    row-major (the order of the ``<|image_pad|>`` tokens, SPEC section 3).
+    row-major (the order of the ``<|image_pad|>`` tokens, docs/method.md §3).
 
     A token holds class 0 when no character box maps to it, ``classes[char]`` when exactly one
     box maps to it and that box maps to it alone, and -100 (ignored by the loss) otherwise

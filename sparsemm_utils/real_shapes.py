@@ -1,6 +1,6 @@
-"""The real models' language-model shapes (SPEC section 1), built with random weights.
+"""The real models' language-model shapes (docs/method.md §1), built with random weights.
 
-Decode speed and memory depend on a model's shapes, never on its weights' values (SPEC section 7),
+Decode speed and memory depend on a model's shapes, never on its weights' values (docs/method.md §7),
 so step 06 times models of the REAL shapes with random weights: the real transformers class
 (``LlavaNextForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``, ...), the real
 language model (widths, heads, KV heads, head_dim, vocabulary, RoPE), and a tiny vision tower
@@ -66,7 +66,7 @@ class InvalidShapeOptionError(ValueError):
 
 @dataclass(frozen=True)
 class RealShape:
-    """One real model's language-model shape (SPEC section 1) and the class that runs it.
+    """One real model's language-model shape (docs/method.md §1) and the class that runs it.
 
     ``layers`` L, ``query_heads`` H, ``kv_heads`` H_kv, head_dim = hidden / H; ``text_model_type``
     is the text config's model type ("llama", "mistral", or the Qwen text model);

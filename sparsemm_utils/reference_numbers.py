@@ -1,6 +1,6 @@
-"""The paper's accuracy numbers (SPEC section 6), as data, to draw beside ours and compare with.
+"""The paper's accuracy numbers (docs/method.md §6), as data, to draw beside ours and compare with.
 
-SPEC section 6 reads them off the paper's figures to within +-0.01 (:data:`READING_TOLERANCE`):
+docs/method.md §6 reads them off the paper's figures to within +-0.01 (:data:`READING_TOLERANCE`):
 full-cache accuracy, SparseMM at budgets 256 / 128 / 64, and AdaKV, SnapKV, PyramidKV and the
 random allocation at budget 64, for LLaVA-NeXT-Vicuna-7B (DocVQA, OCRBench, TextVQA),
 LLaVA-NeXT-Mistral-7B (DocVQA) and Qwen2-VL-7B-Instruct (DocVQA, OCRBench, TextVQA).
@@ -30,7 +30,7 @@ __all__ = [
     "compare_with_reference",
 ]
 
-#: How precisely SPEC section 6 reads a number off the paper's figures.
+#: How precisely docs/method.md §6 reads a number off the paper's figures.
 READING_TOLERANCE: float = 0.01
 
 #: Short name (config file stem) -> hub id of the models the paper reports.
@@ -45,7 +45,7 @@ REFERENCE_MODELS: Mapping[str, str] = MappingProxyType(
 
 @dataclass(frozen=True)
 class ReferencePoint:
-    """One number of SPEC section 6's table: ``score`` of ``method`` at ``budget`` (None: full
+    """One number of docs/method.md §6's table: ``score`` of ``method`` at ``budget`` (None: full
     cache) on ``benchmark`` for ``model`` (hub id)."""
 
     model: str
@@ -55,7 +55,7 @@ class ReferencePoint:
     score: float
 
 
-# SPEC section 6, row by row: full | SparseMM @256 / @128 / @64 | AdaKV | SnapKV | PyramidKV | Random (@64).
+# docs/method.md §6, row by row: full | SparseMM @256 / @128 / @64 | AdaKV | SnapKV | PyramidKV | Random (@64).
 _TABLE: tuple[tuple[str, str, tuple[float, ...]], ...] = (
     ("llava-next-vicuna-7b", "docvqa", (0.685, 0.678, 0.668, 0.638, 0.541, 0.497, 0.49, 0.487)),
     ("llava-next-vicuna-7b", "ocrbench", (0.522, 0.522, 0.50, 0.478, 0.352, 0.34, 0.31, 0.318)),
@@ -76,7 +76,7 @@ _COLUMNS: tuple[tuple[str, int | None], ...] = (
     ("random", 64),
 )
 
-#: Every number of SPEC section 6's table.
+#: Every number of docs/method.md §6's table.
 REFERENCE_POINTS: tuple[ReferencePoint, ...] = tuple(
     ReferencePoint(REFERENCE_MODELS[short], benchmark, method, budget, score)
     for short, benchmark, scores in _TABLE

@@ -1,4 +1,4 @@
-"""Run folders and step folders (DESIGN.md, "How data flows").
+"""Run folders and step folders (docs/design.md, "How data flows").
 
 A run lives in ``runs/<run>/``; each step writes into ``runs/<run>/<NN_step>/``. Notebooks call
 :func:`step_dir` for their own folder and :func:`require_upstream` for what earlier steps wrote,

@@ -1,4 +1,4 @@
-"""The original data of step 01: ``nnethercott/synthdog-en-detection`` (SPEC section 2).
+"""The original data of step 01: ``nnethercott/synthdog-en-detection`` (docs/method.md §2).
 
 SparseMM scores heads on the first 1000 rows, in dataset order, of this HF dataset: SynthDoG-en
 renders (Donut's synthetic documents) with OCR boxes added by PaddleOCR. Its schema on the hub

@@ -1,9 +1,9 @@
 """The tiny reader: a small Qwen2-VL trained here, on CPU, to read the synthetic documents.
 
 No pretrained multimodal model can be downloaded in this project's world, and a random-weight
-model has no visual heads (DESIGN.md, "The offline world"). The default run therefore uses a
+model has no visual heads (docs/design.md, "The offline world"). The default run therefore uses a
 ``Qwen2VLForConditionalGeneration`` of the real class and the real image geometry (14 px patches
-merged 2 x 2, SparseMM's pixel bounds, SPEC section 3) trained from scratch by this module to read
+merged 2 x 2, SparseMM's pixel bounds, docs/method.md §3) trained from scratch by this module to read
 the grid documents of step 01 (:class:`~sparsemm_utils.reader_tasks.ReaderDocSpec`). The shipped
 checkpoint lives in ``data/tiny_reader`` (``save_pretrained`` of model and processor, a model
 card, the training logs) and loads with ``sparsemm_utils.models.load_model("data/tiny_reader")``.
@@ -13,7 +13,7 @@ Model (:class:`ReaderModelSpec`): text width 128, 4 layers, 8 query heads and 4 
 width 64, 4 heads; the character-level tokenizer of :func:`~sparsemm_utils.tiny_models.build_char_tokenizer`.
 ``rope_theta = 10`` matters: with head_dim 16 and the usual 10^6 the width section's rotary
 frequencies are ~10^-4 rad per token, so neighbouring columns are indistinguishable; at 10 they
-are 0.13-0.24 rad (TINY_READER_NOTES.md).
+are 0.13-0.24 rad (docs/tiny_reader.md).
 
 Training (:class:`TrainConfig`, :func:`train_reader`), deterministic for a seed on CPU:
 

@@ -1,11 +1,11 @@
-"""Tiny random-weight models of the real classes, built offline (DESIGN.md, "The offline world").
+"""Tiny random-weight models of the real classes, built offline (docs/design.md, "The offline world").
 
 Every real-model path of the project (Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT) is tested on tiny models
 of the SAME transformers classes. What is tiny: the widths and depths (a few layers of width 128,
 a 2-layer vision tower of width 32) and the vocabulary (one token per printable ASCII character
 plus the family's special tokens). What is real: the classes, the attention layout (GQA for Qwen,
 MHA for LLaVA-NeXT-Vicuna), M-RoPE, and the image-processor geometry, so the number and layout
-of visual tokens for an image is exactly what the real model sees (SPEC section 3):
+of visual tokens for an image is exactly what the real model sees (docs/method.md §3):
 
 - Qwen2-VL / Qwen2.5-VL: 14 px patches, 2x2 merge, temporal patch 2, the image resized to
   multiples of 28 px with an area in [min_pixels, max_pixels]. The tiny default is SparseMM's
@@ -150,7 +150,7 @@ def build_char_tokenizer(model_type: str, extra_chars: str = "") -> PreTrainedTo
       ``<pad>``. A ``<s>`` is prepended to every encoding (as Llama/Vicuna's tokenizer does).
 
     Every character is its own token, so ``decode([id])`` of a generated token is one character
-    (the tiny analogue of a real tokenizer's subword, SPEC section 4). Characters outside the
+    (the tiny analogue of a real tokenizer's subword, docs/method.md §4). Characters outside the
     vocabulary encode to ``<unk>``. ``extra_chars`` lets a trained tiny reader extend the alphabet.
     """
     _check_model_type(model_type)
@@ -214,7 +214,7 @@ class TinySpec:
     ``text_heads`` for LLaVA-NeXT, MHA as Vicuna). head_dim = text_hidden / text_heads.
     Vision tower: ``vision_layers`` blocks of width ``vision_hidden`` with ``vision_heads`` heads
     (LLaVA-NeXT's CLIP needs >= 2 layers because it reads the second-to-last one).
-    ``min_pixels`` / ``max_pixels`` only apply to Qwen (SPEC section 3).
+    ``min_pixels`` / ``max_pixels`` only apply to Qwen (docs/method.md §3).
     ``extra_chars`` extends the character vocabulary (see :func:`build_char_tokenizer`).
     """
 
@@ -439,7 +439,7 @@ def build_tiny_processor(
 
 
 def _generation_config(model_type: str, tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
-    """Greedy decoding that stops at the family's end tokens (SPEC section 2)."""
+    """Greedy decoding that stops at the family's end tokens (docs/method.md §2)."""
     ids = tokenizer.convert_tokens_to_ids
     if model_type == "llava_next":
         return GenerationConfig(

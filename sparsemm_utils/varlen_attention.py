@@ -6,7 +6,7 @@ head, packed into one ``(capacity, head_dim)`` buffer per layer: head h owns row
 :meth:`~sparsemm_utils.kv_cache.PerHeadKVLayer.attend` (the *reference* path) runs one
 ``scaled_dot_product_attention`` per KV head: correct everywhere, but 32 kernel launches per
 layer and 1,024 per token on LLaVA-NeXT-Vicuna-7B (MHA), whose launch overhead at batch 1 can
-exceed the time of the attention itself on a GPU. SPEC section 7's latency claim (SparseMM decodes in flat time from 2K to 32K
+exceed the time of the attention itself on a GPU. docs/method.md §7's latency claim (SparseMM decodes in flat time from 2K to 32K
 tokens) needs the cache read in one call. Two such paths, neither needing a flash-attn build nor a
 custom CUDA extension:
 

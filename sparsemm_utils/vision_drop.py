@@ -1,9 +1,9 @@
-"""LLaVA-Mini's ablation: drop every vision token inside a range of layers (SPEC section 8, step 07).
+"""LLaVA-Mini's ablation: drop every vision token inside a range of layers (docs/method.md §8, step 07).
 
 LLaVA-Mini (arXiv 2501.03895, Fig. 5) drops the vision tokens at layers 1-4, 5-8, ..., 29-32 of
 LLaVA-v1.5 and measures what is left of the model's visual understanding: dropping them early
 destroys it, dropping them late barely matters. The paper does not say whether the tokens come
-back after the range, so SPEC section 8 asks for both readings (:class:`VisionDrop`):
+back after the range, so docs/method.md §8 asks for both readings (:class:`VisionDrop`):
 
 - ``"inside"``: the vision tokens are invisible only in the layers ``first .. last``;
 - ``"from"``: they are invisible from ``first`` to the last layer.

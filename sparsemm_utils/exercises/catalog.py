@@ -19,7 +19,7 @@ MAP_BOX = Exercise(
     minutes=(20, 30),
     build=(
         "`map_box(box, width, height, geometry)`: the positions of the visual tokens that cover an OCR box on "
-        "Qwen2-VL, the rule of SPEC section 3 that `QwenVLPatchMapper.map_box` implements."
+        "Qwen2-VL, the rule of docs/method.md §3 that `QwenVLPatchMapper.map_box` implements."
     ),
     background=("## One image, three architectures", "## The rule, drawn"),
     task="""\
@@ -33,7 +33,7 @@ Write `map_box(box, width, height, geometry)`:
   the processor resizes the image to (multiples of 28). The LLM sees one token per 28 x 28 block of
   the resized image: `grid_h = H_r // 28` rows and `grid_w = W_r // 28` columns, row-major.
 
-The rule (SPEC section 3):
+The rule (docs/method.md §3):
 
 1. clip the box to the image `[0, W] x [0, H]`;
 2. scale it to the resized image: x by `W_r / W`, y by `H_r / H`;
@@ -57,7 +57,7 @@ def map_box(box, width, height, geometry=QwenVLGeometry()):
     """Positions (relative to the first image token) of the Qwen2-VL visual tokens under ``box``.
 
     box: (x0, y0, x1, y1) in original-image pixels; width, height: the original image size;
-    geometry: the processor's resize rule. Returns a sorted list of ints (SPEC section 3).
+    geometry: the processor's resize rule. Returns a sorted list of ints (docs/method.md §3).
     """
     resized_height, resized_width = geometry.resized_size(height, width)
     grid_h, grid_w = resized_height // 28, resized_width // 28
@@ -94,7 +94,7 @@ HIT_RULE = Exercise(
     minutes=(25, 40),
     build=(
         "`hit_rule(token_texts, chunk_texts, chunk_regions, attention_rows)`: one sample's visual-head scores "
-        "s_n (layers x heads), the rule of SPEC section 4 that step 03 applies to every document."
+        "s_n (layers x heads), the rule of docs/method.md §4 that step 03 applies to every document."
     ),
     background=(
         "## 1. Generate, and keep one attention row per head and token",
@@ -112,7 +112,7 @@ Write `hit_rule(token_texts, chunk_texts, chunk_regions, attention_rows)` return
 - `attention_rows[t]`: an `(L, H, N_t)` array, the attention of the query that produced token t
   over all its `N_t` keys (the prompt and the tokens generated before t).
 
-The rule (SPEC section 4), for every token t:
+The rule (docs/method.md §4), for every token t:
 
 1. find the chunks whose text contains `token_texts[t]` as a substring (plain, case-sensitive `in`);
 2. only when **exactly one** chunk matches, with region R, continue; otherwise skip the token;
@@ -132,7 +132,7 @@ import numpy as np
 def hit_rule(token_texts, chunk_texts, chunk_regions, attention_rows):
     """s_n (L, H) of one sample: for each token matched to exactly one chunk (substring,
     case-sensitive), every head whose argmax over all keys lies in the chunk's region R gains 1/|R|
-    (SPEC section 4). attention_rows[t] is an (L, H, N_t) array."""
+    (docs/method.md §4). attention_rows[t] is an (L, H, N_t) array."""
     layers, heads = np.asarray(attention_rows[0]).shape[:2]
     scores = np.zeros((layers, heads))
     # YOUR CODE HERE: match each token to a chunk, then score the heads whose argmax hits its region.
@@ -167,9 +167,9 @@ ALLOCATION = Exercise(
     minutes=(20, 30),
     build=(
         "`allocate(head_scores, kv_heads, budget, window, ratio)`: the tokens each KV head may keep, "
-        "SparseMM's 3-part allocation of SPEC section 5 (`SparseMMAllocation.capacities`)."
+        "SparseMM's 3-part allocation of docs/method.md §5 (`SparseMMAllocation.capacities`)."
     ),
-    background=("## From scores to budgets (SPEC section 5)",),
+    background=("## From scores to budgets (docs/method.md §5)",),
     task="""\
 ## Your task
 
@@ -180,7 +180,7 @@ Write `allocate(head_scores, kv_heads, budget, window=32, ratio=0.1)` returning 
 - `kv_heads`: H_kv; query head h belongs to KV head `h // (H / H_kv)` (consecutive query heads share one);
 - `budget` B counts the window: each KV head selects `b = B - window` tokens on average.
 
-The rule (SPEC section 5):
+The rule (docs/method.md §5):
 
 1. normalise over **all** heads of all layers: `s~ = S / sum(S)`;
 2. GQA: **sum** `s~` over the query heads of each KV group: `sigma[l, g]`;
@@ -198,7 +198,7 @@ import numpy as np
 
 
 def allocate(head_scores, kv_heads, budget, window=32, ratio=0.1):
-    """SparseMM's caps (L, H_kv), window excluded (SPEC section 5): global normalisation, GQA sum,
+    """SparseMM's caps (L, H_kv), window excluded (docs/method.md §5): global normalisation, GQA sum,
     floor m = floor(r * b), pool P = (b - m) * L * H_kv, cap = round(sigma * P + m) (half to even)."""
     scores = np.asarray(head_scores, dtype=float)
     layers, heads = scores.shape
@@ -235,9 +235,9 @@ SNAPKV_SELECTION = Exercise(
     minutes=(30, 45),
     build=(
         "`snapkv_select(query, key, caps, window, kernel_size)`: the prompt positions every KV head keeps at "
-        "prefill, the token-selection rule of SPEC section 5 (`snapkv_scores` + `topk_positions`)."
+        "prefill, the token-selection rule of docs/method.md §5 (`snapkv_scores` + `topk_positions`)."
     ),
-    background=("## From scores to budgets (SPEC section 5)", "## The run's prompts"),
+    background=("## From scores to budgets (docs/method.md §5)", "## The run's prompts"),
     task="""\
 ## Your task
 
@@ -248,7 +248,7 @@ Write `snapkv_select(query, key, caps, window, kernel_size=5)` returning H_kv so
 - `caps`: H_kv ints, the tokens each KV head selects (the window is kept on top);
 - `window` w, `kernel_size` the (odd) pooling width.
 
-The rule (SPEC section 5, "Token selection inside a head"):
+The rule (docs/method.md §5, "Token selection inside a head"):
 
 1. `A = softmax(Q[-w:] K^T / sqrt(d))` for every query head, in float32, with a **causal mask inside the
    window** (window query i, at position n - w + i, sees keys 0 .. n - w + i only);
@@ -272,7 +272,7 @@ import torch.nn.functional as F
 
 
 def snapkv_select(query, key, caps, window, kernel_size=5):
-    """Prompt positions each KV head keeps (SPEC section 5): window attention (causal inside the
+    """Prompt positions each KV head keeps (docs/method.md §5): window attention (causal inside the
     window), mean over window queries and over each KV group, avg-pooled, top-cap + the window.
     query (1, H, n, d), key (1, H_kv, n, d); returns H_kv sorted lists of ints."""
     _, heads, n, d = query.shape
@@ -310,7 +310,7 @@ ANLS = Exercise(
     title="ANLS, the DocVQA metric, as lmms-eval computes it",
     minutes=(15, 25),
     build=(
-        "`anls(prediction, answers)`: the score of one question under ANLS (SPEC section 6, `metrics.anls`), the "
+        "`anls(prediction, answers)`: the score of one question under ANLS (docs/method.md §6, `metrics.anls`), the "
         "metric of the paper's DocVQA numbers."
     ),
     background=("## 1. The benchmarks",),
@@ -334,7 +334,7 @@ q = 1 - 1/7.
     function="anls",
     stub='''\
 def anls(prediction, answers):
-    """ANLS of one question (SPEC section 6): normalised Levenshtein over the raw lengths, the best
+    """ANLS of one question (docs/method.md §6): normalised Levenshtein over the raw lengths, the best
     answer, set to 0 below 0.5."""
     # YOUR CODE HERE
     raise NotImplementedError("anls: write the metric, then run the check below")

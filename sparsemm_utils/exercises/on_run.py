@@ -172,7 +172,7 @@ class SnapKVRunConfig(ExerciseRunConfig):
         _non_negative_int(owner, "budget", self.budget, self.window + 1)
         _non_negative_int(owner, "kernel_size", self.kernel_size, 1)
         if self.kernel_size % 2 == 0:
-            raise ExerciseRunError(f"{owner}.kernel_size must be odd (SPEC default 5), got {self.kernel_size}")
+            raise ExerciseRunError(f"{owner}.kernel_size must be odd (docs/method.md §5: default 5), got {self.kernel_size}")
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:
             raise ExerciseRunError(f"{owner}.ratio must be a number in [0, 1], got {self.ratio!r}")
 
@@ -247,7 +247,7 @@ def _draw_cells(ax: Any, image: Any, boxes: np.ndarray, expected: set[int], got:
 
 def map_box_on_run(fn: Callable[..., Any], cfg: MapBoxRunConfig) -> RunComparison:
     """``fn(box, width, height, geometry)`` on every chunk box of the first documents, beside the
-    positions step 02 wrote (``regions.jsonl``, SPEC section 3). Qwen2-VL / Qwen2.5-VL runs only.
+    positions step 02 wrote (``regions.jsonl``, docs/method.md §3). Qwen2-VL / Qwen2.5-VL runs only.
 
     Table: doc_id, chunk, box, tokens (library), your_tokens, missing, extra, agree, error. Figure:
     the first document with the library's cells (blue), yours (red) and both (green) for the
@@ -312,7 +312,7 @@ def map_box_on_run(fn: Callable[..., Any], cfg: MapBoxRunConfig) -> RunCompariso
 def hit_rule_on_run(fn: Callable[..., Any], cfg: HitRuleRunConfig) -> RunComparison:
     """``fn(token_texts, chunk_texts, chunk_regions, attention_rows)`` on fresh generations of the
     run's model for the first documents, beside step 03's own scoring of the same generation
-    (``score_captures`` with the substring / argmax rule, SPEC section 4).
+    (``score_captures`` with the substring / argmax rule, docs/method.md §4).
 
     The end-of-sequence token is left out before calling ``fn`` (the rule never scores it).
     Table: doc_id, tokens, matched (library), max_abs_diff, agree, error. Figure: the library's
@@ -384,7 +384,7 @@ def hit_rule_on_run(fn: Callable[..., Any], cfg: HitRuleRunConfig) -> RunCompari
 
 def allocation_on_run(fn: Callable[..., Any], cfg: AllocationRunConfig) -> RunComparison:
     """``fn(head_scores, kv_heads, budget, window, ratio)`` with step 03's scores, beside
-    ``SparseMMAllocation.capacities`` (SPEC section 5) at each budget.
+    ``SparseMMAllocation.capacities`` (docs/method.md §5) at each budget.
 
     Table: budget, total (library), your_total, heads_differing, max_abs_diff, agree, error.
     Figure: the library's caps and yours at the first budget (layers x KV heads).
@@ -463,7 +463,7 @@ def _capturing_attention(module: Any, query: Any, key: Any, value: Any, attentio
 def capture_prefill_qk(loaded: Any) -> Iterator[dict[int, tuple[Any, Any, float | None]]]:
     """Within the block, every forward pass of ``loaded``'s language model records, per layer,
     the post-RoPE ``query`` (1, H, n, d), ``key`` (1, H_kv, n, d) and the softmax scale of its
-    prefill (the same states SnapKV selects from, SPEC section 5). The model's attention
+    prefill (the same states SnapKV selects from, docs/method.md §5). The model's attention
     implementation is restored on exit."""
     from sparsemm_utils.models import register_text_attention, set_text_attention, text_attention_implementation
 
@@ -482,7 +482,7 @@ def capture_prefill_qk(loaded: Any) -> Iterator[dict[int, tuple[Any, Any, float 
 def snapkv_selection_on_run(fn: Callable[..., Any], cfg: SnapKVRunConfig) -> RunComparison:
     """``fn(query, key, caps, window, kernel_size)`` on the prefill of one real prompt (the OCR
     prompt of document ``doc_index``), layer by layer, beside ``snapkv_scores`` +
-    ``topk_positions`` (SPEC section 5) with SparseMM's caps at ``budget``.
+    ``topk_positions`` (docs/method.md §5) with SparseMM's caps at ``budget``.
 
     Every layer is compressed here (the original leaves a prompt shorter than B uncompressed; that
     whole-prompt rule is not part of the selection). Table: layer, kv_head, cap, kept (library),
@@ -582,7 +582,7 @@ def snapkv_selection_on_run(fn: Callable[..., Any], cfg: SnapKVRunConfig) -> Run
 
 def anls_on_run(fn: Callable[..., Any], cfg: AnlsRunConfig) -> RunComparison:
     """``fn(prediction, answers)`` on every prediction step 05 scored with ANLS, beside the score
-    it recorded (``predictions.jsonl``, SPEC section 6).
+    it recorded (``predictions.jsonl``, docs/method.md §6).
 
     Table: benchmark, method, budget, sample_id, prediction, answers, anls (recorded), yours,
     agree, error. Figure: mean ANLS against budget per method, computed with your function

@@ -1,4 +1,4 @@
-"""Figures of step 04 (SPEC section 5): per-head budgets, saturated heads, KV bytes against FullKV.
+"""Figures of step 04 (docs/method.md §5): per-head budgets, saturated heads, KV bytes against FullKV.
 
 Every function takes a table of :mod:`sparsemm_utils.budget_report` and returns a matplotlib
 ``Figure``; the notebook saves them as ``fig_budget_heatmaps.png``, ``fig_saturation.png``,

@@ -1,5 +1,5 @@
 """Figures and tables of step 06: decode latency, peak memory and KV bytes against context
-(SPEC section 7), with the paper's numbers beside ours.
+(docs/method.md §7), with the paper's numbers beside ours.
 
 :func:`plot_efficiency` draws one row of four panels per model: mean decode latency, peak memory,
 the speed-up FullKV / method, and KV bytes (measured markers on the analytic line, plus the
@@ -82,7 +82,7 @@ def plot_efficiency(
         results: step 06's ``results.csv`` frame (:func:`~sparsemm_utils.efficiency.load_results`).
         analytic: ``analytic_kv.csv`` (full-depth analytic KV bytes), drawn dashed on the KV panel.
         models: hub ids to draw (default: all, in order of appearance).
-        paper: overlay the paper's numbers (SPEC section 7) where they are comparable (see module doc).
+        paper: overlay the paper's numbers (docs/method.md §7) where they are comparable (see module doc).
     """
     _check(results)
     models = list(models or dict.fromkeys(results["model"]))
@@ -161,7 +161,7 @@ def plot_efficiency(
 
 
 def plot_head_lengths(stored: np.ndarray, *, budget: int, title: str = "") -> Figure:
-    """What each KV head stores, the layout a decode step must read (SPEC sections 5 and 7).
+    """What each KV head stores, the layout a decode step must read (docs/method.md §5 and §7).
 
     Left: tokens stored per (layer, KV head), ``stored`` int (layers, kv_heads). Right: the same
     sorted, with the mean (about B when nothing saturates), the longest head, and what a padded

@@ -1,4 +1,4 @@
-"""Figures of step 05: accuracy against KV budget, like the paper's main figure (SPEC section 6).
+"""Figures of step 05: accuracy against KV budget, like the paper's main figure (docs/method.md §6).
 
 :func:`plot_accuracy_vs_budget` draws one panel per benchmark and one line per method (budget on
 a log2 axis); methods without a budget (FullKV, head masks) are horizontal lines; the paper's

@@ -1,4 +1,4 @@
-"""Figures of step 03 (SPEC section 4): where the visual heads are, and what they look at.
+"""Figures of step 03 (docs/method.md §4): where the visual heads are, and what they look at.
 
 - :func:`plot_head_heatmap`: the (layer x head) score matrix S, top heads outlined.
 - :func:`plot_cumulative_share`: share of the score mass held by the top fraction of heads, with

@@ -1,4 +1,4 @@
-"""Figures of step 07 (SPEC section 8): where the model looks, layer by layer.
+"""Figures of step 07 (docs/method.md §8): where the model looks, layer by layer.
 
 - :func:`plot_token_layout`: the role of every position of one prompt (LLaVA-Mini Eq. 1).
 - :func:`plot_category_attention`: Attn(target -> source) per layer (LLaVA-Mini Fig. 2).

@@ -1,4 +1,4 @@
-"""Figures of step 02 (SPEC section 3): an image with its visual-token grid and one region lit.
+"""Figures of step 02 (docs/method.md §3): an image with its visual-token grid and one region lit.
 
 Each panel draws the image, the cell of every image token under the mapping's own rule
 (``mapper.token_boxes``: Qwen's 28 px blocks scaled back to the original image; LLaVA-NeXT's

@@ -2,7 +2,7 @@
 
 Timings are never asserted (they are printed): what is checked is the protocol (how many tokens
 are generated and timed, which decode path ran), the artifact contract's columns, and that the
-measured KV bytes equal SPEC section 7's analytic bytes, method by method.
+measured KV bytes equal docs/method.md §7's analytic bytes, method by method.
 """
 
 from __future__ import annotations

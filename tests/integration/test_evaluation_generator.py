@@ -1,5 +1,5 @@
 """The real generator on a tiny Qwen2-VL of the real class: the sweep end to end, and the invariant
-that a budget covering the whole prompt answers exactly as the full cache (SPEC section 5)."""
+that a budget covering the whole prompt answers exactly as the full cache (docs/method.md §5)."""
 
 from __future__ import annotations
 

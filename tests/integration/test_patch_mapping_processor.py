@@ -1,6 +1,6 @@
 """Step 02 against the real processors (tiny tokenizers, real image-processor geometry).
 
-SPEC section 3: "Every mapping must agree with the processor's own count of image tokens for the
+docs/method.md §3: "Every mapping must agree with the processor's own count of image tokens for the
 same image." Only the processors are needed (no model forward), so these run in seconds.
 """
 

@@ -1,4 +1,4 @@
-"""The OCR prompt of each family (SPEC section 2) and locating the image-token block (SPEC section 3)."""
+"""The OCR prompt of each family (docs/method.md §2) and locating the image-token block (docs/method.md §3)."""
 
 from __future__ import annotations
 

@@ -405,7 +405,7 @@ def test_custom_text_attention_sees_only_language_layers(model_type):
 
 @pytest.mark.slow
 def test_attention_without_mask_registration_gets_no_mask():
-    """Why register_text_attention registers a mask too (DESIGN.md): without it, transformers passes
+    """Why register_text_attention registers a mask too (docs/design.md): without it, transformers passes
     attention_mask=None to a custom attention function."""
     loaded = load_model("tiny-random/qwen2_vl")
     recorder = Recorder()

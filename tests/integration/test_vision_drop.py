@@ -1,4 +1,4 @@
-"""LLaVA-Mini's layer-range vision drop (SPEC section 8) on tiny models: an empty range is the
+"""LLaVA-Mini's layer-range vision drop (docs/method.md §8) on tiny models: an empty range is the
 unmodified model, a range over every layer is a model that never sees the image through its keys,
 and the two readings drop the layers they say."""
 

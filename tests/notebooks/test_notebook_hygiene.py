@@ -1,4 +1,4 @@
-"""Notebooks are committed thin and clean (DESIGN.md): outputs stripped, kernelspec python3,
+"""Notebooks are committed thin and clean (docs/design.md): outputs stripped, kernelspec python3,
 one `parameters` cell holding literals only (with run_dir), a markdown header first and open
 questions last, and one notebook per registered step."""
 

@@ -1,4 +1,4 @@
-"""Budget allocation rules (SPEC section 5) on hand-worked numbers, invariants, and errors."""
+"""Budget allocation rules (docs/method.md §5) on hand-worked numbers, invariants, and errors."""
 
 from types import SimpleNamespace
 
@@ -54,7 +54,7 @@ DYADIC = np.array([[1.0, 0.0, 2.0, 1.0], [0.0, 3.0, 1.0, 0.0]])
 
 def test_sparsemm_budget_terms_by_hand():
     alloc = SparseMMAllocation(budget=42)
-    assert (alloc.window, alloc.ratio, alloc.saturation) == (32, 0.1, "fidelity")  # SPEC defaults
+    assert (alloc.window, alloc.ratio, alloc.saturation) == (32, 0.1, "fidelity")  # docs/method.md §5 defaults
     assert alloc.selected_budget == 10  # b = 42 - 32
     assert alloc.floor_capacity == 1  # m = floor(0.1 * 10)
     assert alloc.pool(SHAPE) == 36  # (10 - 1) * 2 layers * 2 KV heads

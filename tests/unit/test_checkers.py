@@ -1,6 +1,6 @@
 """Meta-test of the exercise checkers (sparsemm_utils/checkers.py).
 
-A checker that cannot fail is a defect (DESIGN.md, course material). For every exercise:
+A checker that cannot fail is a defect (docs/design.md, course material). For every exercise:
 - the library's reference passes;
 - an independent from-scratch solution (written here the way a student would, numpy and plain
   Python, no library call) passes: the checker is not stricter than the rule;
@@ -24,7 +24,7 @@ from sparsemm_utils import checkers as ck
 
 
 def solution_map_box(box, width, height, geometry, *, inclusive=True, scale=True, rounding="floor", clip=True, row_major=True):
-    """SPEC section 3 (Qwen2-VL) written as a student would; the flags break it on purpose."""
+    """docs/method.md §3 (Qwen2-VL) written as a student would; the flags break it on purpose."""
     x0, y0, x1, y1 = box
     x0, x1 = min(max(x0, 0), width), min(max(x1, 0), width)
     y0, y1 = min(max(y0, 0), height), min(max(y1, 0), height)
@@ -47,7 +47,7 @@ def solution_map_box(box, width, height, geometry, *, inclusive=True, scale=True
 
 def solution_hit_rule(token_texts, chunk_texts, chunk_regions, attention_rows, *, unique=True, weight="inverse",
                       case_sensitive=True, argmax_over="all"):
-    """SPEC section 4 for one sample; the flags break it on purpose."""
+    """docs/method.md §4 for one sample; the flags break it on purpose."""
     layers, heads = attention_rows[0].shape[:2]
     scores = np.zeros((layers, heads))
     image = sorted({p for region in chunk_regions for p in region})
@@ -72,7 +72,7 @@ def solution_hit_rule(token_texts, chunk_texts, chunk_regions, attention_rows, *
 
 def solution_allocation(head_scores, kv_heads, budget, window=32, ratio=0.1, *, normalise="global", group="sum",
                         rounding="half_even", count_window=True, floor_m=True):
-    """SPEC section 5, steps 1-4; the flags break it on purpose."""
+    """docs/method.md §5, steps 1-4; the flags break it on purpose."""
     scores = np.asarray(head_scores, dtype=float)
     layers, heads = scores.shape
     b = budget - window if count_window else budget
@@ -90,7 +90,7 @@ def solution_allocation(head_scores, kv_heads, budget, window=32, ratio=0.1, *, 
 
 def solution_snapkv(query, key, caps, window, kernel_size=5, *, causal=True, pool=True, group="mean",
                     append_window=True, prefix_softmax=False):
-    """SPEC section 5's token selection in float64 numpy; the flags break it on purpose."""
+    """docs/method.md §5's token selection in float64 numpy; the flags break it on purpose."""
     q = query[0].double().numpy()
     k = key[0].double().numpy()
     heads, n, dim = q.shape
@@ -138,7 +138,7 @@ def _levenshtein(a: str, b: str) -> int:
 
 
 def solution_anls(prediction, answers, *, lower=True, lengths="raw", keep_half=True, aggregate="best"):
-    """SPEC section 6; the flags break it on purpose."""
+    """docs/method.md §6; the flags break it on purpose."""
 
     def norm(s):
         s = " ".join(s.strip().split())
@@ -300,7 +300,7 @@ def test_a_mutating_function_cannot_change_the_cases():
 
 def test_verbose_prints_the_summary(capsys):
     ck.check_anls(ck.reference_anls, n_random=3)
-    assert "anls (SPEC section 6): all 12 cases passed (reference_anls)" in capsys.readouterr().out
+    assert "anls (docs/method.md §6): all 12 cases passed (reference_anls)" in capsys.readouterr().out
 
 
 def test_bad_use_of_a_checker_is_a_clear_error():

@@ -1,4 +1,4 @@
-"""Step 01 generator (SPEC section 2, offline data): determinism, geometry, schema."""
+"""Step 01 generator (docs/method.md §2, offline data): determinism, geometry, schema."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def test_grid_pages_put_each_character_in_exactly_one_visual_token():
         for c in doc["char_coord"]:
             (x0, y0), (x1, y1) = c["coord"]
             col, row = math.floor(x0 / 28), math.floor(y0 / 28)
-            assert (math.floor(x1 / 28), math.floor(y1 / 28)) == (col, row), c  # SPEC section 3 rule
+            assert (math.floor(x1 / 28), math.floor(y1 / 28)) == (col, row), c  # docs/method.md §3 rule
             cells.add((col, row))
         assert len(cells) == len(doc["char_coord"])  # one character per cell
 

@@ -1,4 +1,4 @@
-"""Analytic KV bytes (SPEC section 7) and the synthetic head scores step 06 times SparseMM with."""
+"""Analytic KV bytes (docs/method.md §7) and the synthetic head scores step 06 times SparseMM with."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def test_synthetic_scores():
 
 
 def test_skewed_scores_are_about_as_concentrated_as_spec_section_4():
-    # 1 - 0.95^14 = 0.512 in the top 5%, 1 - 0.9^14 = 0.771 in the top 10% (SPEC: 55%, 77%)
+    # 1 - 0.95^14 = 0.512 in the top 5%, 1 - 0.9^14 = 0.771 in the top 10% (docs/method.md §4: 55%, 77%)
     scores = np.sort(synthetic_head_scores(ModelShape(320, 32, 32), "skewed", seed=0).ravel())[::-1]
     total = scores.sum()
     assert abs(scores[: len(scores) // 20].sum() / total - (1 - 0.95**14)) < 0.03

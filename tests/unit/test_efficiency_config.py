@@ -1,4 +1,4 @@
-"""Step 06's configuration (SPEC section 7): validation, derived quantities, bad input."""
+"""Step 06's configuration (docs/method.md §7): validation, derived quantities, bad input."""
 
 from __future__ import annotations
 

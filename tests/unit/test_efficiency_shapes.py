@@ -1,4 +1,4 @@
-"""The real models' language-model shapes (SPEC section 1) and their configs (no weights built)."""
+"""The real models' language-model shapes (docs/method.md §1) and their configs (no weights built)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from sparsemm_utils.real_shapes import (
     real_config,
 )
 
-# SPEC section 1: text layers, query heads, KV heads
+# docs/method.md §1: text layers, query heads, KV heads
 SPEC_TABLE = {
     "llava-hf/llava-v1.6-vicuna-7b-hf": (32, 32, 32),
     "llava-hf/llava-v1.6-mistral-7b-hf": (32, 32, 8),

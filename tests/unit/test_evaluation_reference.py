@@ -1,4 +1,4 @@
-"""The paper's numbers (SPEC section 6) as data, and the comparison with ours."""
+"""The paper's numbers (docs/method.md §6) as data, and the comparison with ours."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_table_has_every_number_of_spec_section_6():
     frame = reference_frame()
     assert set(frame["benchmark"]) <= set(BENCHMARKS) and set(frame["method"]) <= set(EVAL_METHODS)
     assert READING_TOLERANCE == 0.01 and (frame["tolerance"] == 0.01).all()
-    # spot checks against SPEC section 6
+    # spot checks against docs/method.md §6
     def score(model, bench, method, budget):
         rows = frame[(frame.model == REFERENCE_MODELS[model]) & (frame.benchmark == bench) & (frame.method == method)]
         rows = rows[rows.budget.isna()] if budget is None else rows[rows.budget == budget]

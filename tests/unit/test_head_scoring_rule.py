@@ -1,4 +1,4 @@
-"""The visual-head rule of SPEC section 4 on hand-built attention patterns: token matching
+"""The visual-head rule of docs/method.md §4 on hand-built attention patterns: token matching
 (substring and char_box), argmax and top-k selection, 1/|R| per hit, at most one increment per
 (token, head), mean over samples."""
 

@@ -1,4 +1,4 @@
-"""LLaVA-Mini's category attention (Eq. 4), entropy and the head-level join (SPEC section 8),
+"""LLaVA-Mini's category attention (Eq. 4), entropy and the head-level join (docs/method.md §8),
 on matrices worked out by hand, plus invariants."""
 
 from __future__ import annotations

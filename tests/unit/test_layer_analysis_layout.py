@@ -1,4 +1,4 @@
-"""Token categories on real tiny prompts (SPEC section 8): system and user text are instruction,
+"""Token categories on real tiny prompts (docs/method.md §8): system and user text are instruction,
 image tokens vision, generated tokens response, and the chat template's own tokens instruction
 (documented in sparsemm_utils.layer_analysis). Processors only, no model."""
 

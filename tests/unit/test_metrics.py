@@ -1,4 +1,4 @@
-"""Step 05's metrics (SPEC section 6) on cases worked out by hand, plus invariants.
+"""Step 05's metrics (docs/method.md §6) on cases worked out by hand, plus invariants.
 
 Every expected value below is computed in the comment next to it, from the rules in
 sparsemm_utils/metrics.py (which follow lmms-eval's code line by line).

@@ -1,4 +1,4 @@
-"""Unit tests of step 02's patch mapping (SPEC section 3): geometry, the box rule, errors, I/O.
+"""Unit tests of step 02's patch mapping (docs/method.md §3): geometry, the box rule, errors, I/O.
 
 The geometry is checked against transformers' own functions (``smart_resize``,
 ``select_best_resolution``, ``get_anyres_image_grid_shape``, ``unpad_image`` and the LLaVA-NeXT
@@ -46,7 +46,7 @@ sides = st.integers(min_value=28, max_value=1200)
 
 
 # ----------------------------------------------------------------------------------------------
-# Hand-worked examples (SPEC section 3)
+# Hand-worked examples (docs/method.md §3)
 # ----------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """The pipeline's rules on a registry of small fake notebooks (fast: no model involved).
 
-Rules under test (DESIGN.md, "How data flows"): manifest per step with params, input/output
+Rules under test (docs/design.md, "How data flows"): manifest per step with params, input/output
 sha256, versions, commit, device, timings; skip when params and input hashes are unchanged;
 --from/--to; a missing upstream output names the step to run; a failing cell stops the chain
 with an error naming the step and the cell; index.html links every step."""

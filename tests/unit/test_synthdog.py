@@ -1,4 +1,4 @@
-"""The original data's adapter (SPEC section 2), on the local fixture in the hub's schema."""
+"""The original data's adapter (docs/method.md §2), on the local fixture in the hub's schema."""
 
 from __future__ import annotations
 
