@@ -255,7 +255,7 @@ def map_box_on_run(fn: Callable[..., Any], cfg: MapBoxRunConfig) -> RunCompariso
     """
     import matplotlib.pyplot as plt
 
-    from sparsemm_utils.documents import load_documents
+    from sparsemm_utils.document_dataset import load_documents
     from sparsemm_utils.patch_mapping import QwenVLGeometry, QwenVLPatchMapper, load_regions
 
     regions = load_regions(require_upstream(cfg.run_dir, "02_patch_mapping", "regions.jsonl"))
@@ -321,7 +321,7 @@ def hit_rule_on_run(fn: Callable[..., Any], cfg: HitRuleRunConfig) -> RunCompari
     import matplotlib.pyplot as plt
 
     from sparsemm_utils import head_scoring as hs
-    from sparsemm_utils.documents import load_documents
+    from sparsemm_utils.document_dataset import load_documents
     from sparsemm_utils.models import load_model
     from sparsemm_utils.patch_mapping import load_regions
     from sparsemm_utils.plots.heads import plot_head_heatmap
@@ -497,7 +497,7 @@ def snapkv_selection_on_run(fn: Callable[..., Any], cfg: SnapKVRunConfig) -> Run
 
     from sparsemm_utils.allocation import SparseMMAllocation
     from sparsemm_utils.compression import model_shape, snapkv_scores, topk_positions
-    from sparsemm_utils.documents import load_documents
+    from sparsemm_utils.document_dataset import load_documents
     from sparsemm_utils.head_scoring import load_head_scores
     from sparsemm_utils.models import load_model
     from sparsemm_utils.prompts import build_inputs

@@ -12,7 +12,7 @@ from PIL import Image
 
 from sparsemm_utils import attention_capture as ac
 from sparsemm_utils import head_scoring as hs
-from sparsemm_utils.documents import DocumentGeneratorConfig, generate_documents
+from sparsemm_utils.page_generator import DocumentGeneratorConfig, generate_documents
 from sparsemm_utils.head_explorer import HeadExplorer, explorer_samples
 from sparsemm_utils.models import load_model, text_attention_implementation, vision_attention_implementation
 from sparsemm_utils.patch_mapping import map_documents
