@@ -381,7 +381,7 @@ def reference_hit_rule(
     (L, H, N_t): the attention of the query that produced token t over all its N_t keys.
     Returns float64 (L, H).
     """
-    from .head_scoring import GeneratedTokens, SubstringMatch, score_attention_rows
+    from .head_scoring_rule import GeneratedTokens, SubstringMatch, score_attention_rows
 
     record = {
         "image_token_start": 0,

@@ -320,7 +320,9 @@ def hit_rule_on_run(fn: Callable[..., Any], cfg: HitRuleRunConfig) -> RunCompari
     """
     import matplotlib.pyplot as plt
 
-    from sparsemm_utils import head_scoring as hs
+    from sparsemm_utils.head_scoring import HeadScoringConfig
+    from sparsemm_utils.head_scoring_capture import capture_sample, score_captures
+    from sparsemm_utils.head_scoring_rule import make_matcher
     from sparsemm_utils.document_dataset import load_documents
     from sparsemm_utils.models import load_model
     from sparsemm_utils.patch_mapping import load_regions
@@ -330,7 +332,7 @@ def hit_rule_on_run(fn: Callable[..., Any], cfg: HitRuleRunConfig) -> RunCompari
     regions = {r["doc_id"]: r for r in load_regions(require_upstream(cfg.run_dir, "02_patch_mapping", "regions.jsonl"))}
     check_run_model(cfg, "02_patch_mapping")
     loaded = load_model(cfg.model_id, seed=cfg.seed)
-    scoring = hs.HeadScoringConfig(
+    scoring = HeadScoringConfig(
         run_dir=cfg.run_dir, model_id=cfg.model_id, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
         n_samples=cfg.n_documents, explorer_samples=0, reference_check_samples=0,
     )  # fmt: skip
@@ -338,8 +340,8 @@ def hit_rule_on_run(fn: Callable[..., Any], cfg: HitRuleRunConfig) -> RunCompari
     for i in range(min(cfg.n_documents, len(documents))):
         doc = documents[i]
         record = regions[doc["doc_id"]]
-        sample = hs.capture_sample(loaded, doc, record, scoring, keep_rows=True)
-        expected = hs.score_captures([sample], "substring", "argmax", 1).sample_scores[0]
+        sample = capture_sample(loaded, doc, record, scoring, keep_rows=True)
+        expected = score_captures([sample], "substring", "argmax", 1).sample_scores[0]
         keep = [t for t, stop in enumerate(sample.tokens.stop) if not stop]
         start = int(record["image_token_start"])
         args = (
@@ -357,7 +359,7 @@ def hit_rule_on_run(fn: Callable[..., Any], cfg: HitRuleRunConfig) -> RunCompari
                 diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
             except (TypeError, ValueError) as exc:
                 error = f"the result is not an (L, H) array of numbers ({exc})"
-        matched = int(sum(m.matched for m in hs.make_matcher("substring").match(sample.tokens, record)))
+        matched = int(sum(m.matched for m in make_matcher("substring").match(sample.tokens, record)))
         rows.append({"doc_id": doc["doc_id"], "tokens": len(keep), "matched": matched,
                      "max_abs_diff": diff, "agree": bool(diff <= 1e-9), "error": error})
         library.append(expected)
@@ -394,7 +396,7 @@ def allocation_on_run(fn: Callable[..., Any], cfg: AllocationRunConfig) -> RunCo
 
     from sparsemm_utils.allocation import InvalidScoresError, SparseMMAllocation
     from sparsemm_utils.compression import model_shape
-    from sparsemm_utils.head_scoring import load_head_scores
+    from sparsemm_utils.head_scoring_files import load_head_scores
     from sparsemm_utils.models import load_model
 
     scores_path = require_upstream(cfg.run_dir, "03_head_scoring", "head_scores.json")
@@ -498,7 +500,7 @@ def snapkv_selection_on_run(fn: Callable[..., Any], cfg: SnapKVRunConfig) -> Run
     from sparsemm_utils.allocation import SparseMMAllocation
     from sparsemm_utils.compression import model_shape, snapkv_scores, topk_positions
     from sparsemm_utils.document_dataset import load_documents
-    from sparsemm_utils.head_scoring import load_head_scores
+    from sparsemm_utils.head_scoring_files import load_head_scores
     from sparsemm_utils.models import load_model
     from sparsemm_utils.prompts import build_inputs
 
