@@ -403,6 +403,16 @@ def validate_rows(
                 raise BadDocumentError(r, doc_id, reason, detail + where)
             report.issues.append(Issue(r, doc_id, level, index, reason, detail, action))
 
+        def checked_box(level: str, index: int, coord: Any) -> list[list[float]] | None:
+            """The entry's box, clipped to the image when it overhangs (reported), or None when
+            the entry must be skipped (reported)."""
+            box, reason, detail = _check_box(coord, width, height)
+            if box is None:
+                issue(level, index, reason, detail)
+            elif reason is not None:
+                issue(level, index, reason, detail, "clipped")
+            return box
+
         if doc_id is None:
             issue("row", None, "missing_doc_id", "doc_id is None")
             continue
@@ -424,12 +434,9 @@ def validate_rows(
             if not isinstance(text, str) or not text.strip():
                 issue("chunk", j, "empty_chunk_text", f"chunk text is {text!r}")
                 continue
-            box, reason, detail = _check_box(entry.get("coord"), width, height)
+            box = checked_box("chunk", j, entry.get("coord"))
             if box is None:
-                issue("chunk", j, reason, detail)
                 continue
-            if reason is not None:
-                issue("chunk", j, reason, detail, "clipped")
             remap[j] = len(chunks)
             chunks.append({"chunk": text, "coord": box})
 
@@ -448,12 +455,9 @@ def validate_rows(
             if ch not in chunks[remap[ci]]["chunk"]:
                 issue("char", k, "char_not_in_chunk", f"{ch!r} does not occur in chunk {chunks[remap[ci]]['chunk']!r}")
                 continue
-            box, reason, detail = _check_box(entry.get("coord"), width, height)
+            box = checked_box("char", k, entry.get("coord"))
             if box is None:
-                issue("char", k, reason, detail)
                 continue
-            if reason is not None:
-                issue("char", k, reason, detail, "clipped")
             chars.append({"char": ch, "coord": box, "chunk_index": remap[ci]})
 
         if not chunks:
