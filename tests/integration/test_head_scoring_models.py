@@ -12,6 +12,7 @@ from PIL import Image
 
 from sparsemm_utils import attention_capture as ac
 from sparsemm_utils import head_scoring as hs
+from sparsemm_utils.attention_hooks import text_attention
 from sparsemm_utils.documents import DocumentGeneratorConfig, generate_documents
 from sparsemm_utils.head_explorer import HeadExplorer, explorer_samples
 from sparsemm_utils.models import load_model, text_attention_implementation, vision_attention_implementation
@@ -89,7 +90,7 @@ def test_decoding_without_the_prefill_cache_is_caught(models):
     loaded = models["qwen2_vl"]
     inputs = build_inputs(loaded, page(), model_type="qwen2_vl")
     recorder = ac.RowRecorder(loaded.num_layers, loaded.num_heads)
-    with torch.no_grad(), ac.text_attention(loaded.model, ac.register_row_capture()), ac.recording(recorder):
+    with torch.no_grad(), text_attention(loaded.model, ac.register_row_capture()), ac.recording(recorder):
         first = loaded.model(**inputs).logits[0, -1].argmax().view(1, 1)
         loaded.model(input_ids=first, use_cache=False)  # no cache: the step sees only itself
     with pytest.raises(ac.MissingPrefillCacheError, match="issue #10"):
@@ -99,7 +100,7 @@ def test_decoding_without_the_prefill_cache_is_caught(models):
 def test_attention_is_restored_after_an_error(models):
     loaded = models["llava_next"]
     with pytest.raises(RuntimeError, match="boom"):
-        with ac.text_attention(loaded.model, "eager"):
+        with text_attention(loaded.model, "eager"):
             raise RuntimeError("boom")
     assert text_attention_implementation(loaded.model) == "sdpa"
 
