@@ -15,6 +15,7 @@ from sparsemm_utils import head_scoring
 from sparsemm_utils import head_scoring_capture as capture
 from sparsemm_utils import head_scoring_files as files
 from sparsemm_utils import head_scoring_rule as rule
+from sparsemm_utils.attention_hooks import text_attention
 from sparsemm_utils.head_explorer import HeadExplorer, explorer_samples
 from sparsemm_utils.models import load_model, text_attention_implementation, vision_attention_implementation
 from sparsemm_utils.page_generator import DocumentGeneratorConfig, generate_documents
@@ -92,7 +93,7 @@ def test_decoding_without_the_prefill_cache_is_caught(models):
     loaded = models["qwen2_vl"]
     inputs = build_inputs(loaded, page(), model_type="qwen2_vl")
     recorder = ac.RowRecorder(loaded.num_layers, loaded.num_heads)
-    with torch.no_grad(), ac.text_attention(loaded.model, ac.register_row_capture()), ac.recording(recorder):
+    with torch.no_grad(), text_attention(loaded.model, ac.register_row_capture()), ac.recording(recorder):
         first = loaded.model(**inputs).logits[0, -1].argmax().view(1, 1)
         loaded.model(input_ids=first, use_cache=False)  # no cache: the step sees only itself
     with pytest.raises(ac.MissingPrefillCacheError, match="issue #10"):
@@ -102,7 +103,7 @@ def test_decoding_without_the_prefill_cache_is_caught(models):
 def test_attention_is_restored_after_an_error(models):
     loaded = models["llava_next"]
     with pytest.raises(RuntimeError, match="boom"):
-        with ac.text_attention(loaded.model, "eager"):
+        with text_attention(loaded.model, "eager"):
             raise RuntimeError("boom")
     assert text_attention_implementation(loaded.model) == "sdpa"
 
