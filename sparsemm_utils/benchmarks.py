@@ -807,12 +807,12 @@ def make_reader_benchmark(n_documents: int, seed: int | None = None, *, spec: An
     pages), each asked "read all", "read line k" and "value of KEY?" where it can host them
     (:func:`~sparsemm_utils.reader_tasks.make_task_dataset`). Every answer is text drawn on the
     page, so only reading the image answers it. ``seed`` defaults to the tiny reader's held-out
-    stream (:data:`sparsemm_utils.tiny.HELDOUT_SEED`), which its training never saw.
+    stream (:data:`sparsemm_utils.reader_tasks.HELDOUT_SEED`), which its training never saw.
     Returns a ``datasets.Dataset`` in the ``reader_docqa`` schema; pass it as ``source``."""
     from .reader_tasks import make_task_dataset
 
     if seed is None:
-        from .tiny import HELDOUT_SEED
+        from .reader_tasks import HELDOUT_SEED
 
         seed = HELDOUT_SEED
     return make_task_dataset(seed, n_documents, spec=spec, progress=progress)

@@ -911,6 +911,6 @@ class EvalConfig:
         """The offline benchmark's document stream: ``benchmark_seed``, else the tiny reader's held-out one."""
         if self.benchmark_seed is not None:
             return self.benchmark_seed
-        from .tiny import HELDOUT_SEED
+        from .reader_tasks import HELDOUT_SEED
 
         return HELDOUT_SEED

@@ -26,7 +26,7 @@ layers, which positions are vision) reaches it through a context variable set by
 :func:`vision_drop`; the vision positions are read from ``input_ids`` by a forward pre-hook on the
 model (at the prefill: positions holding the image token id; every later token is text), so
 anything that calls ``model.generate`` or ``model(...)`` inside the ``with`` block is ablated,
-e.g. :func:`sparsemm_utils.tiny.evaluate_reader`. Batch size 1.
+e.g. :func:`sparsemm_utils.tiny_reader.accuracy.evaluate_reader`. Batch size 1.
 """
 
 from __future__ import annotations
@@ -347,7 +347,7 @@ def evaluate_vision_drop(
 ) -> pd.DataFrame:
     """Reader accuracy under each condition of ``drops`` (``None``: the unmodified model).
 
-    Each condition runs :func:`sparsemm_utils.tiny.evaluate_reader` (greedy, full KV cache,
+    Each condition runs :func:`sparsemm_utils.tiny_reader.accuracy.evaluate_reader` (greedy, full KV cache,
     exact match and character accuracy per task, the offline benchmark) inside
     :func:`vision_drop`. Conditions that drop the same set of layers (e.g. ``"inside"`` and
     ``"from"`` of the last range) are evaluated once and reported under each name.
@@ -359,8 +359,8 @@ def evaluate_vision_drop(
     """
     from tqdm.auto import tqdm
 
-    from sparsemm_utils.reader_tasks import TASK_TYPES
-    from sparsemm_utils.tiny import HELDOUT_SEED, evaluate_reader
+    from sparsemm_utils.reader_tasks import HELDOUT_SEED, TASK_TYPES
+    from sparsemm_utils.tiny_reader.accuracy import evaluate_reader
 
     tasks = tuple(tasks) if tasks is not None else TASK_TYPES
     seed = HELDOUT_SEED if seed is None else seed
