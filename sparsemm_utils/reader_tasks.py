@@ -89,7 +89,8 @@ __all__ = [
 #: The task types, in the order :func:`questions_for_document` asks them.
 TASK_TYPES: tuple[str, ...] = ("ocr", "line", "value")
 #: The reader's alphabet: upper case and digits without look-alike pairs (0/O, 1/I, 5/S, 8/B,
-#: 2/Z): 26 glyphs. A trial reader's main confusion was '0' vs 'D' (docs/tiny_reader.md).
+#: 2/Z): 26 glyphs, so that a glyph's shape alone names the character (docs/tiny_reader.md
+#: says which confusion it removed).
 READER_CHARSET: str = UPPER_DIGITS_UNAMBIGUOUS
 LINE_PROMPT = "Read line {k}."
 VALUE_PROMPT = "Value of {key}?"
