@@ -2,13 +2,16 @@
 
 One module per stage of the study (see docs/design.md):
 
-- ``runs``           run folders, step folders, the missing-upstream error
-- ``pipeline``       the registry of steps and their papermill execution
-- ``models``         loading supported MLLMs (Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT)
-- ``random_models``  tiny random-weight models of the same classes, built offline
-- ``tiny_reader``    step 00: the tiny reader, a small Qwen2-VL trained here to read the documents
-- ``documents``      step 01: synthetic OCR documents and the SynthDoG adapter
-- ``patch_mapping``  step 02: OCR boxes -> visual-token positions
+- ``runs``             run folders, step folders, the missing-upstream error
+- ``pipeline``         the registry of steps and their papermill execution
+- ``models``           loading supported MLLMs (Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT)
+- ``random_models``    tiny random-weight models of the same classes, built offline
+- ``tiny_reader``      step 00: the tiny reader, a small Qwen2-VL trained here to read the documents
+- ``documents``        step 01: build, validate and save the OCR documents
+- ``page_generator``   synthetic OCR pages (config, fonts, layout, drawing)
+- ``document_dataset`` the step-01 dataset: schema, save/load, validation, statistics
+- ``synthdog``         the original data (``nnethercott/synthdog-en-detection``) in that schema
+- ``patch_mapping``    step 02: OCR boxes -> visual-token positions
 """
 
 __version__ = "0.1.0"

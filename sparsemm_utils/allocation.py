@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
 import numpy as np
 
+from .validate import check_fraction, check_int, is_int
+
 if TYPE_CHECKING:  # torch is only needed by callers that pass tensors
     import torch
 
@@ -114,37 +116,14 @@ class UnknownAllocationMethodError(AllocationError):
 # -------------------------------------------------------------------------------------- helpers
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _check_int(name: str, value: object, minimum: int, what_to_do: str = "") -> int:
-    if not _is_int(value):
-        raise InvalidParameterError(
-            f"{name} must be an int, got {type(value).__name__} {value!r}. {what_to_do}".rstrip()
-        )
-    if value < minimum:
-        raise InvalidParameterError(f"{name} must be >= {minimum}, got {value}. {what_to_do}".rstrip())
-    return int(value)
-
-
-def _check_fraction(name: str, value: object) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InvalidParameterError(f"{name} must be a float in [0, 1], got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not (0.0 <= value <= 1.0):  # also rejects NaN
-        raise InvalidParameterError(f"{name} must lie in [0, 1], got {value}")
-    return value
-
-
 def _check_budget(budget: object, window: object) -> None:
     """docs/method.md §5: B counts the window, so b = B - w must be at least 1."""
-    if not _is_int(window) or window < 1:
+    if not is_int(window) or window < 1:
         raise InvalidParameterError(
             f"window must be an int >= 1 (the last w prompt tokens every head keeps; docs/method.md §5: default 32), "
             f"got {window!r}"
         )
-    if not _is_int(budget):
+    if not is_int(budget):
         raise InvalidBudgetError(
             f"budget must be an int number of tokens per KV head (window included), got "
             f"{type(budget).__name__} {budget!r}; pass e.g. budget=256"
@@ -155,12 +134,6 @@ def _check_budget(budget: object, window: object) -> None:
             f"would select b = B - w = {budget - window} tokens. Use B >= w + 1 (e.g. B = {window + 64}) "
             f"or a smaller window."
         )
-
-
-def _check_prompt_len(prompt_len: object) -> int:
-    if not _is_int(prompt_len) or prompt_len < 1:
-        raise InvalidParameterError(f"prompt_len must be a positive int (tokens in the prompt), got {prompt_len!r}")
-    return int(prompt_len)
 
 
 def _require(value: object, name: str, method: str, why: str) -> Any:
@@ -227,7 +200,7 @@ class ModelShape:
 
     def __post_init__(self) -> None:
         for name in ("layers", "query_heads", "kv_heads"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1, error=InvalidParameterError)
         if self.query_heads % self.kv_heads:
             raise HeadGroupingError(
                 f"query_heads={self.query_heads} is not a multiple of kv_heads={self.kv_heads}: grouped-query "
@@ -296,7 +269,7 @@ class HeadCapacities:
             raise InvalidParameterError(f"selected must have shape (layers, kv_heads), got {selected.shape}")
         selected.setflags(write=False)
         object.__setattr__(self, "selected", selected)
-        _check_int("window", self.window, 0)
+        check_int("window", self.window, 0, error=InvalidParameterError)
 
     @property
     def total_selected(self) -> int:
@@ -310,7 +283,8 @@ class HeadCapacities:
 
     def stored(self, prompt_len: int) -> np.ndarray:
         """All prompt tokens each KV head stores (selected + window), int64 (layers, kv_heads)."""
-        return self.kept(prompt_len) + min(self.window, _check_prompt_len(prompt_len))
+        n = check_int("prompt_len", prompt_len, 1, error=InvalidParameterError)
+        return self.kept(n) + min(self.window, n)
 
 
 def effective_kept(
@@ -334,10 +308,10 @@ def effective_kept(
         int64 array shaped like ``caps``; the window is not counted (add min(w, n) for storage).
     """
     caps = _as_caps(caps)
-    n = _check_prompt_len(prompt_len)
-    _check_int("window", window, 0)
+    n = check_int("prompt_len", prompt_len, 1, error=InvalidParameterError)
+    check_int("window", window, 0, error=InvalidParameterError)
     available = max(n - window, 0)
-    if budget is not None and _check_int("budget", budget, 1) > n:
+    if budget is not None and check_int("budget", budget, 1, error=InvalidParameterError) > n:
         return np.full(caps.shape, available, dtype=np.int64)
     return np.minimum(caps, available)
 
@@ -401,8 +375,8 @@ def uniform_floor(selected_budget: int, ratio: float) -> int:
 
     Computed on the float product, as the original's ``int(base_capacity * ratio)``: for
     b = 100 and r = 0.29 the product is 28.999999999999996, so m = 28, not 29."""
-    b = _check_int("selected_budget", selected_budget, 1)
-    return math.floor(b * _check_fraction("ratio", ratio))
+    b = check_int("selected_budget", selected_budget, 1, error=InvalidParameterError)
+    return math.floor(b * check_fraction("ratio", ratio, error=InvalidParameterError))
 
 
 def sparsemm_caps(sigma: np.ndarray, selected_budget: int, ratio: float) -> np.ndarray:
@@ -467,7 +441,7 @@ def redistribute_saturated(caps: ArrayLike, weights: ArrayLike, available: int) 
     if weights.shape != caps.shape:
         raise ScoreShapeError(f"weights have shape {weights.shape} but caps have shape {caps.shape}")
     _check_finite_non_negative(weights, "weights", "index")
-    available = _check_int("available", available, 0)
+    available = check_int("available", available, 0, error=InvalidParameterError)
     out = caps.ravel().copy()
     flat_weights = weights.ravel()
     while True:
@@ -530,7 +504,7 @@ class _ScoreProportional(_BudgetedAllocation, ABC):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_fraction("ratio", self.ratio)
+        check_fraction("ratio", self.ratio, error=InvalidParameterError)
         if self.saturation not in SATURATION_MODES:
             raise InvalidParameterError(
                 f"saturation must be one of {SATURATION_MODES}, got {self.saturation!r}: 'fidelity' reproduces "
@@ -579,10 +553,8 @@ class _ScoreProportional(_BudgetedAllocation, ABC):
         sigma = self.kv_scores(shape, head_scores)
         caps = sparsemm_caps(sigma, self.selected_budget, self.ratio)
         if self.saturation == "redistribute":
-            n = _check_prompt_len(
-                _require(prompt_len, "prompt_len", type(self).__name__,
-                         "saturation='redistribute' moves what heads with cap >= n - w cannot use")
-            )
+            why = "saturation='redistribute' moves what heads with cap >= n - w cannot use"
+            n = check_int("prompt_len", _require(prompt_len, "prompt_len", type(self).__name__, why), 1, error=InvalidParameterError)
             caps = redistribute_saturated(caps, sigma, max(n - self.window, 0))
         return HeadCapacities(caps, self.window, self.name, skip_if_shorter_than=self.budget)
 
@@ -627,7 +599,7 @@ class RandomAllocation(_ScoreProportional):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0, error=InvalidParameterError)
 
     def random_scores(self, shape: ModelShape | tuple[int, int, int]) -> np.ndarray:
         """The seeded random scores, float64 (layers, query_heads), in [0, 1)."""
@@ -666,9 +638,11 @@ def pyramidkv_caps(budget: int, window: int, layers: int, prompt_len: int, beta:
     precedes the window) are clipped to 0.
     """
     _check_budget(budget, window)
-    layers = _check_int("layers", layers, 2, "PyramidKV interpolates between layers: it needs L >= 2.")
-    n = _check_prompt_len(prompt_len)
-    beta = _check_int("beta", beta, 1)
+    layers = check_int(
+        "layers", layers, 2, error=InvalidParameterError, hint="PyramidKV interpolates between layers: it needs L >= 2."
+    )
+    n = check_int("prompt_len", prompt_len, 1, error=InvalidParameterError)
+    beta = check_int("beta", beta, 1, error=InvalidParameterError)
     base = budget - window
     min_num = base // beta
     max_num = 2 * base - min_num
@@ -697,7 +671,7 @@ class PyramidKVAllocation(_BudgetedAllocation):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("beta", self.beta, 1)
+        check_int("beta", self.beta, 1, error=InvalidParameterError)
 
     def capacities(
         self,
@@ -746,8 +720,8 @@ def adakv_caps(head_scores_sorted: ArrayLike, selected_budget: int, alpha: float
             "head_scores_sorted must be sorted in descending order along the last axis; "
             "pass np.sort(scores, axis=-1)[:, ::-1] (or torch.sort(scores, dim=-1, descending=True).values)"
         )
-    b = _check_int("selected_budget", selected_budget, 1)
-    alpha = _check_fraction("alpha", alpha)
+    b = check_int("selected_budget", selected_budget, 1, error=InvalidParameterError)
+    alpha = check_fraction("alpha", alpha, error=InvalidParameterError)
     kv_heads, n_ctx = scores.shape
     if b > n_ctx:
         return np.full(kv_heads, n_ctx, dtype=np.int64)
@@ -779,7 +753,7 @@ class AdaKVAllocation(_BudgetedAllocation):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_fraction("alpha", self.alpha)
+        check_fraction("alpha", self.alpha, error=InvalidParameterError)
 
     def layer_capacities(self, layer_scores: ArrayLike) -> np.ndarray:
         """One layer: float (kv_heads, n - w) unsorted scores -> int64 (kv_heads,)."""
@@ -809,7 +783,8 @@ class AdaKVAllocation(_BudgetedAllocation):
                 f"attention scores have shape {scores.shape} but the model needs (layers, kv_heads, n - w) "
                 f"with (layers, kv_heads) = {shape.kv_grid}"
             )
-        if prompt_len is not None and _check_prompt_len(prompt_len) - self.window != scores.shape[2]:
+        n = None if prompt_len is None else check_int("prompt_len", prompt_len, 1, error=InvalidParameterError)
+        if n is not None and n - self.window != scores.shape[2]:
             raise ScoreShapeError(
                 f"attention scores cover {scores.shape[2]} keys but prompt_len - window = "
                 f"{prompt_len} - {self.window} = {prompt_len - self.window}"
@@ -824,10 +799,10 @@ def streaming_llm_positions(prompt_len: int, capacity: int, window: int, sink: i
     The first ``sink`` tokens (attention sinks) and the ``capacity - sink`` tokens just before the
     window, so that with the window the head keeps sink + the most recent (B - sink) tokens. A
     prompt with n - w <= capacity keeps all its n - w positions."""
-    n = _check_prompt_len(prompt_len)
-    capacity = _check_int("capacity", capacity, 0)
-    window = _check_int("window", window, 0)
-    sink = _check_int("sink", sink, 0)
+    n = check_int("prompt_len", prompt_len, 1, error=InvalidParameterError)
+    capacity = check_int("capacity", capacity, 0, error=InvalidParameterError)
+    window = check_int("window", window, 0, error=InvalidParameterError)
+    sink = check_int("sink", sink, 0, error=InvalidParameterError)
     if sink > capacity:
         raise InvalidParameterError(f"sink={sink} exceeds the capacity {capacity}: keep sink <= B - w")
     available = max(n - window, 0)
@@ -850,7 +825,7 @@ class StreamingLLMAllocation(_BudgetedAllocation):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("sink", self.sink, 0)
+        check_int("sink", self.sink, 0, error=InvalidParameterError)
         if self.sink > self.selected_budget:
             raise InvalidParameterError(
                 f"sink={self.sink} exceeds b = B - w = {self.selected_budget}: raise the budget or lower sink"
@@ -888,7 +863,8 @@ class FullKV:
     ) -> HeadCapacities:
         """n for every KV head, int64 (layers, kv_heads), window 0."""
         shape = _as_shape(shape)
-        n = _check_prompt_len(_require(prompt_len, "prompt_len", "FullKV", "it stores all n prompt tokens"))
+        given = _require(prompt_len, "prompt_len", "FullKV", "it stores all n prompt tokens")
+        n = check_int("prompt_len", given, 1, error=InvalidParameterError)
         return HeadCapacities(np.full(shape.kv_grid, n, dtype=np.int64), 0, self.name)
 
 

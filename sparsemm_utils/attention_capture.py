@@ -9,9 +9,9 @@ away by the rule. This module keeps only what the rule needs:
 
 - :func:`row_capture_attention` is an attention function registered with transformers'
   ``AttentionInterface`` under :data:`ROW_CAPTURE_ATTENTION` and applied to the LANGUAGE model only
-  (the vision tower keeps ``sdpa``; :func:`sparsemm_utils.models.set_text_attention`). It computes
+  (the vision tower keeps ``sdpa``; :mod:`sparsemm_utils.attention_hooks`). It computes
   the layer's output with ``sdpa`` (memory linear in N on the prefill) and, while a
-  :class:`RowRecorder` is active (:func:`recording`), the softmax row of the LAST query of the
+  :class:`RowRecorder` is active (:func:`recording`, i.e. :data:`ROW_CAPTURE_HOOK`), the softmax row of the LAST query of the
   call, (heads, N): O(H * N) memory instead of O(H * N^2). The row is reduced at once (argmax,
   top-k positions, attention mass on the image, optionally the image slice) so nothing of size N
   outlives the call.
@@ -33,22 +33,17 @@ Batch size 1 only, as in the original scoring scripts.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from sparsemm_utils.models import (
-    LoadedModel,
-    register_text_attention,
-    set_text_attention,
-    text_attention_implementation,
-)
+from sparsemm_utils.attention_hooks import AttentionFunction, AttentionHook, text_attention
+from sparsemm_utils.models import LoadedModel
+from sparsemm_utils.validate import check_choice, check_int, is_int
 
 __all__ = [
     "ROW_CAPTURE_ATTENTION",
@@ -61,10 +56,10 @@ __all__ = [
     "RowRecorder",
     "last_query_attention",
     "row_capture_attention",
+    "ROW_CAPTURE_HOOK",
     "register_row_capture",
     "recording",
     "active_recorder",
-    "text_attention",
     "record_eager_attentions",
     "generate_with_rows",
     "stop_token_ids",
@@ -160,17 +155,15 @@ class CaptureSpec:
     keep_rows: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1:
-            raise ValueError(f"top_k must be an int >= 1, got {self.top_k!r}")
+        check_int("top_k", self.top_k, 1)
         if self.image_span is not None:
             span = tuple(self.image_span)
-            if len(span) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in span):
+            if len(span) != 2 or not all(is_int(v) for v in span):
                 raise ValueError(f"image_span must be (start, count) ints, got {self.image_span!r}")
             if span[0] < 0 or span[1] < 1:
                 raise ValueError(f"image_span needs start >= 0 and count >= 1, got {self.image_span!r}")
             object.__setattr__(self, "image_span", (int(span[0]), int(span[1])))
-        if isinstance(self.image_steps, bool) or not isinstance(self.image_steps, (int, np.integer)) or self.image_steps < 0:
-            raise ValueError(f"image_steps must be an int >= 0, got {self.image_steps!r}")
+        check_int("image_steps", self.image_steps, 0)
         if self.image_steps and self.image_span is None:
             raise ValueError("image_steps > 0 needs image_span=(start, count) to know which keys are the image")
 
@@ -231,8 +224,8 @@ class RowRecorder:
     """
 
     def __init__(self, num_layers: int, num_heads: int, spec: CaptureSpec | None = None):
-        if num_layers < 1 or num_heads < 1:
-            raise ValueError(f"num_layers and num_heads must be >= 1, got {num_layers}, {num_heads}")
+        check_int("num_layers", num_layers, 1)
+        check_int("num_heads", num_heads, 1)
         self.num_layers = int(num_layers)
         self.num_heads = int(num_heads)
         self.spec = spec or CaptureSpec()
@@ -329,72 +322,59 @@ class RowRecorder:
         )
 
 
-_ACTIVE: contextvars.ContextVar[RowRecorder | None] = contextvars.ContextVar("sparsemm_row_recorder", default=None)
+#: The recorder :func:`row_capture_attention` feeds. Without one the function is plain sdpa, so
+#: there is no "no active recorder" error; blocks nest (the inner recorder wins).
+ROW_CAPTURE_HOOK: AttentionHook[RowRecorder] = AttentionHook(
+    "sparsemm_row_recorder",
+    context="a recording() block",
+    usage="wrap the forward/generate call in `with sparsemm_utils.attention_capture.recording(recorder):`",
+)
 
 
 def active_recorder() -> RowRecorder | None:
     """The recorder :func:`row_capture_attention` currently feeds, or None."""
-    return _ACTIVE.get()
+    return ROW_CAPTURE_HOOK.current()
 
 
-@contextlib.contextmanager
-def recording(recorder: RowRecorder) -> Iterator[RowRecorder]:
+def recording(recorder: RowRecorder) -> AbstractContextManager[RowRecorder]:
     """Make ``recorder`` receive the rows of every :func:`row_capture_attention` call inside the
     block (``generate()`` rejects unknown kwargs, so per-call state travels this way)."""
-    token = _ACTIVE.set(recorder)
-    try:
-        yield recorder
-    finally:
-        _ACTIVE.reset(token)
+    return ROW_CAPTURE_HOOK.activate(recorder)
 
 
 # ----------------------------------------------------------------- the attention function
 
 
-def row_capture_attention(
-    module: torch.nn.Module,
+def _record_row(
+    recorder: RowRecorder,
+    layer_idx: int,
     query: torch.Tensor,
     key: torch.Tensor,
-    value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """``sdpa`` attention that also hands the last query's row to the active :class:`RowRecorder`.
+    scaling: float | None,
+) -> None:
+    with torch.no_grad():
+        row = last_query_attention(query, key, attention_mask, scaling=scaling)
+    recorder.add(layer_idx, row)
+
+
+row_capture_attention: AttentionFunction = ROW_CAPTURE_HOOK.observing_sdpa(
+    _record_row,
+    name="row_capture_attention",
+    doc="""``sdpa`` attention that also hands the last query's row to the active :class:`RowRecorder`.
 
     Signature of transformers' ``AttentionInterface``: ``query`` (batch, H, q, d) post-RoPE,
     ``key``/``value`` (batch, H_kv, N, d) as the cache returned them, ``attention_mask`` as the
     ``sdpa`` mask function built it (None or boolean). Returns ``(output, None)`` exactly as
     ``sdpa_attention_forward`` does; without an active recorder it IS sdpa.
-    """
-    output, _ = sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )
-    recorder = _ACTIVE.get()
-    if recorder is not None:
-        with torch.no_grad():
-            row = last_query_attention(query, key, attention_mask, scaling=scaling)
-        recorder.add(int(module.layer_idx), row)
-    return output, None
+    """,
+)
 
 
 def register_row_capture() -> str:
     """Register :func:`row_capture_attention` (with the ``sdpa`` mask function) and return its name.
     Idempotent."""
-    register_text_attention(ROW_CAPTURE_ATTENTION, row_capture_attention, mask="sdpa")
-    return ROW_CAPTURE_ATTENTION
-
-
-@contextlib.contextmanager
-def text_attention(model: torch.nn.Module, name: str) -> Iterator[None]:
-    """Use attention ``name`` in the language model inside the block; restore the previous one after."""
-    previous = text_attention_implementation(model)
-    set_text_attention(model, name)
-    try:
-        yield
-    finally:
-        set_text_attention(model, previous)
+    return ROW_CAPTURE_HOOK.register(ROW_CAPTURE_ATTENTION, row_capture_attention)
 
 
 # ------------------------------------------------------------------------------ generation
@@ -439,10 +419,8 @@ def generate_with_rows(
     produced token t). The language model's attention implementation is restored afterwards.
     Raises :class:`MissingPrefillCacheError` if a step did not attend to the whole prefix.
     """
-    if method not in CAPTURE_METHODS:
-        raise ValueError(f"method must be one of {CAPTURE_METHODS}, got {method!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    check_choice("method", method, CAPTURE_METHODS)
+    check_int("max_new_tokens", max_new_tokens, 1)
     input_ids = inputs["input_ids"]
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
         raise CaptureShapeError(

@@ -43,9 +43,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from PIL import Image
 
+import datasets
+
 from .general_metrics import ALL_METRIC_NAMES, get_scorer
+from .reader_tasks import HELDOUT_SEED, make_task_dataset
+from .validate import check_choice, check_int
 
 __all__ = [
     "BenchmarkError",
@@ -313,16 +319,12 @@ class BenchmarkSpec:
 
         if not isinstance(self.name, str) or not self.name or self.name != self.name.lower():
             raise bad("name must be a non-empty lowercase string")
-        if self.kind not in ("ocr", "general", "offline"):
-            raise bad(f"kind must be 'ocr', 'general' or 'offline', got {self.kind!r}")
-        if self.doc_to_text not in _DOC_TO_TEXT:
-            raise bad(f"doc_to_text must be one of {sorted(_DOC_TO_TEXT)}, got {self.doc_to_text!r}")
-        if self.doc_to_answers not in _DOC_TO_ANSWERS:
-            raise bad(f"doc_to_answers must be one of {sorted(_DOC_TO_ANSWERS)}, got {self.doc_to_answers!r}")
-        if self.max_new_tokens is not None and (
-            isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1
-        ):
-            raise bad(f"max_new_tokens must be a positive int or None, got {self.max_new_tokens!r}")
+        own = f"BenchmarkSpec {self.name!r}:"
+        check_choice(f"{own} kind", self.kind, ("ocr", "general", "offline"), error=BenchmarkError)
+        check_choice(f"{own} doc_to_text", self.doc_to_text, sorted(_DOC_TO_TEXT), error=BenchmarkError)
+        check_choice(f"{own} doc_to_answers", self.doc_to_answers, sorted(_DOC_TO_ANSWERS), error=BenchmarkError)
+        if self.max_new_tokens is not None:
+            check_int(f"{own} max_new_tokens (or None)", self.max_new_tokens, 1, error=BenchmarkError)
         if not self.metrics:
             raise bad("metrics must name at least one metric")
         unknown = [m for m in self.metrics if m not in ALL_METRIC_NAMES]
@@ -521,8 +523,6 @@ def download_instructions(spec: BenchmarkSpec) -> str:
 @contextmanager
 def _datasets_offline() -> Iterator[None]:
     """Make ``datasets`` take its offline path (cache only) inside the block, whatever HF_HUB_OFFLINE says."""
-    import datasets
-
     previous = datasets.config.HF_HUB_OFFLINE
     datasets.config.HF_HUB_OFFLINE = True
     try:
@@ -534,8 +534,6 @@ def _datasets_offline() -> Iterator[None]:
 def _load_folder(folder: Path, config: str | None, split: str) -> Any:
     """One split of a local folder: a ``save_to_disk`` folder, or a hub-layout folder (README
     configs + data files) read by the packaged parquet builder."""
-    import datasets
-
     if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
         loaded = datasets.load_from_disk(str(folder))
         if isinstance(loaded, datasets.DatasetDict):
@@ -549,9 +547,6 @@ def _load_folder(folder: Path, config: str | None, split: str) -> Any:
 
 def _load_from_hub_cache(spec: BenchmarkSpec, config: str | None, cache_dir: str | Path | None) -> Any:
     """The split from the HF hub cache (``hf download``); raises FileNotFoundError when absent."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     try:
         folder = Path(snapshot_download(spec.hub_id, repo_type="dataset", local_files_only=True, cache_dir=cache_dir))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
@@ -563,8 +558,6 @@ def _load_from_hub_cache(spec: BenchmarkSpec, config: str | None, cache_dir: str
 
 
 def _load_from_datasets_cache(spec: BenchmarkSpec, config: str | None, cache_dir: str | Path | None) -> Any:
-    import datasets
-
     try:
         with _datasets_offline():
             return datasets.load_dataset(spec.hub_id, name=config, split=spec.split, cache_dir=cache_dir)
@@ -582,8 +575,6 @@ def load_rows(
 ) -> Any:
     """The raw split of ``spec`` as a ``datasets.Dataset`` (config ``config``, default the spec's)
     from ``source`` (module docstring), without contacting the hub."""
-    import datasets
-
     spec = get_benchmark(spec)
     config = spec.config if config is None else config
     if isinstance(source, datasets.Dataset):
@@ -675,8 +666,6 @@ class BenchmarkSamples(Sequence[EvalSample]):
     Built by :func:`load_benchmark`."""
 
     def __init__(self, spec: BenchmarkSpec, rows: Any, images: Any = None, *, limit: int | None = None):
-        import datasets
-
         self.spec = spec
         missing = [c for c in spec.read_columns if c not in rows.column_names]
         if missing:
@@ -684,8 +673,8 @@ class BenchmarkSamples(Sequence[EvalSample]):
                 f"benchmark {spec.name!r}: the data has columns {rows.column_names}, lacking {missing}; expected the "
                 f"schema of {spec.hub_id or spec.name} (config {spec.config!r}, split {spec.split!r}): {list(spec.columns)}"
             )
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise BenchmarkError(f"limit must be a positive int or None, got {limit!r}")
+        if limit is not None:
+            check_int("limit (or None)", limit, 1, error=BenchmarkError)
         if limit is not None and limit < len(rows):
             rows = rows.select(range(limit))
         keep = [c for c in spec.read_columns if c in rows.column_names]
@@ -809,10 +798,6 @@ def make_reader_benchmark(n_documents: int, seed: int | None = None, *, spec: An
     page, so only reading the image answers it. ``seed`` defaults to the tiny reader's held-out
     stream (:data:`sparsemm_utils.reader_tasks.HELDOUT_SEED`), which its training never saw.
     Returns a ``datasets.Dataset`` in the ``reader_docqa`` schema; pass it as ``source``."""
-    from .reader_tasks import make_task_dataset
-
     if seed is None:
-        from .reader_tasks import HELDOUT_SEED
-
         seed = HELDOUT_SEED
     return make_task_dataset(seed, n_documents, spec=spec, progress=progress)

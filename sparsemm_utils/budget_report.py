@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from sparsemm_utils.allocation import InvalidBudgetError, InvalidParameterError
 from sparsemm_utils.compression import (
@@ -37,6 +38,7 @@ from sparsemm_utils.compression import (
     model_shape,
 )
 from sparsemm_utils.kv_cache import analytic_kv_bytes
+from sparsemm_utils.validate import check_fraction, check_int, is_int
 
 __all__ = [
     "STEP",
@@ -65,10 +67,6 @@ CACHE_BYTES_COLUMNS = ("method", "budget", "prompt_len", "kept_tokens", "kv_byte
 
 class KVBytesMismatchError(AssertionError):
     """A cache reported bytes that differ from sum(kept) x head_dim x 2 x element size."""
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclass(frozen=True)
@@ -100,15 +98,13 @@ class AllocationStepConfig:
         if not isinstance(self.model_id, str) or not self.model_id:
             raise InvalidParameterError(f"model_id must be a non-empty string, got {self.model_id!r}")
         for name in ("seed", "window", "n_prompts", "threads"):
-            value = getattr(self, name)
             minimum = 0 if name in ("seed", "threads") else 1
-            if not _is_int(value) or value < minimum:
-                raise InvalidParameterError(f"{name} must be an int >= {minimum}, got {value!r}")
+            check_int(name, getattr(self, name), minimum, error=InvalidParameterError)
         budgets = tuple(self.budgets) if isinstance(self.budgets, (list, tuple)) else None
         if not budgets:
             raise InvalidBudgetError(f"budgets must be a non-empty list of ints, got {self.budgets!r}")
         for budget in budgets:
-            if not _is_int(budget):
+            if not is_int(budget):
                 raise InvalidBudgetError(
                     f"budgets must be ints (tokens per KV head, window included), got {type(budget).__name__} {budget!r}"
                 )
@@ -128,8 +124,7 @@ class AllocationStepConfig:
                 f"unknown budgeted method(s) {unknown}; step 04 compares {', '.join(BUDGETED_METHODS)} "
                 f"(FullKV is always measured as the reference)"
             )
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:
-            raise InvalidParameterError(f"ratio must be a number in [0, 1], got {self.ratio!r}")
+        check_fraction("ratio", self.ratio, error=InvalidParameterError)
         fraction = self.head_mask_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise InvalidParameterError(f"head_mask_fraction must be a number in (0, 1], got {fraction!r}")
@@ -273,8 +268,6 @@ def measure_prompts(
         raise ValueError("no prompts to measure: step 01 produced no documents?")
     iterator: Iterable = prompts
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(prompts, desc="prompts", unit="prompt")
     rows = _PromptResult()
     for index, (doc_id, inputs) in enumerate(iterator):

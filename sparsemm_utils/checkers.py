@@ -48,6 +48,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+
+from .allocation import ModelShape, SparseMMAllocation
+from .compression import snapkv_scores, topk_positions
+from .head_scoring_rule import GeneratedTokens, SubstringMatch, score_attention_rows
+from .metrics import anls
+from .patch_mapping import QwenVLGeometry, QwenVLPatchMapper
+from .validate import check_int
 
 __all__ = [
     "CheckerError",
@@ -194,10 +202,8 @@ def _check_function(fn: Any, name: str) -> None:
 
 
 def _check_options(n_random: Any, seed: Any) -> tuple[int, int]:
-    for label, value in (("n_random", n_random), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise CheckerError(f"{label} must be an int >= 0, got {value!r}")
-    return int(n_random), int(seed)
+    """A checker's ``n_random`` (random cases to add) and ``seed``, each an int >= 0."""
+    return check_int("n_random", n_random, 0, error=CheckerError), check_int("seed", seed, 0, error=CheckerError)
 
 
 def _run(
@@ -245,8 +251,6 @@ def reference_map_box(box: Sequence[float], width: int, height: int, geometry: A
     :class:`~sparsemm_utils.patch_mapping.QwenVLGeometry` (default: the original settings).
     Returns the sorted positions relative to the first image token.
     """
-    from .patch_mapping import QwenVLGeometry, QwenVLPatchMapper
-
     mapper = QwenVLPatchMapper(geometry if geometry is not None else QwenVLGeometry())
     return mapper.map_box(tuple(box), width=width, height=height).tolist()
 
@@ -298,8 +302,6 @@ def _near_cell_edge(box: Sequence[float], width: int, height: int, geometry: Any
 
 
 def _map_box_cases(n_random: int, seed: int) -> list[Case]:
-    from .patch_mapping import QwenVLGeometry
-
     original = QwenVLGeometry()  # min_pixels 32*28^2, max_pixels 16384*28^2 (docs/method.md §3)
     small = QwenVLGeometry(min_pixels=28 * 28, max_pixels=4 * 28 * 28)  # forces a downscale
     cases = [
@@ -381,8 +383,6 @@ def reference_hit_rule(
     (L, H, N_t): the attention of the query that produced token t over all its N_t keys.
     Returns float64 (L, H).
     """
-    from .head_scoring import GeneratedTokens, SubstringMatch, score_attention_rows
-
     record = {
         "image_token_start": 0,
         "chunks": [{"chunk": text, "positions": [int(p) for p in region]} for text, region in zip(chunk_texts, chunk_regions)],
@@ -522,8 +522,6 @@ def reference_allocation(head_scores: np.ndarray, kv_heads: int, budget: int, wi
     ``head_scores`` (L, H) visual scores S; returns int64 (L, kv_heads): the tokens each KV head
     selects, the window excluded.
     """
-    from .allocation import ModelShape, SparseMMAllocation
-
     scores = np.asarray(head_scores, dtype=np.float64)
     shape = ModelShape(scores.shape[0], scores.shape[1], kv_heads)
     allocation = SparseMMAllocation(budget=budget, window=window, ratio=ratio)
@@ -625,8 +623,6 @@ def reference_snapkv_selection(query: Any, key: Any, caps: Sequence[int], window
     ``query`` (1, H, n, d) and ``key`` (1, H_kv, n, d) torch tensors (post-RoPE); ``caps`` (H_kv,)
     selected tokens per KV head. Returns H_kv sorted lists of the prompt positions each keeps.
     """
-    from .compression import snapkv_scores, topk_positions
-
     n = int(key.shape[-2])
     scores = snapkv_scores(query, key, window, None, kernel_size)
     return [p.tolist() for p in topk_positions(scores, list(caps), n, window)]
@@ -645,16 +641,12 @@ def _compare_selection(expected: list[list[int]], got: Any, case: Case) -> str:
 
 def _qk(values: Sequence[Sequence[float]]) -> Any:
     """(H, n) scalars -> a (1, H, n, 1) float32 tensor (head_dim 1 keeps the hand cases readable)."""
-    import torch
-
     return torch.tensor(values, dtype=torch.float32)[None, :, :, None]
 
 
 def _selection_margin_ok(query: Any, key: Any, caps: Sequence[int], window: int, kernel_size: int) -> bool:
     """True when every KV head's cap-th and (cap+1)-th largest scores are clearly apart, so the
     selection does not depend on float rounding or on how ties are broken."""
-    from .compression import snapkv_scores
-
     scores = snapkv_scores(query, key, window, None, kernel_size).double().numpy()
     for row, cap in zip(scores, caps):
         if 0 < cap < row.size:
@@ -665,8 +657,6 @@ def _selection_margin_ok(query: Any, key: Any, caps: Sequence[int], window: int,
 
 
 def _snapkv_cases(n_random: int, seed: int) -> list[Case]:
-    import torch
-
     ln = math.log
     # Hand 1 (one head, head_dim 1, scaling 1/sqrt(1) = 1): n = 6, w = 2. Keys k_j = ln a_j with
     # a = [1, 2, 1, 4, 1, 1]; window queries q_4 = 1, q_5 = 2, so exp(q k_j) = a_j and a_j^2.
@@ -755,8 +745,6 @@ ANLS_ARGS = ("prediction", "answers")
 
 def reference_anls(prediction: str, answers: Sequence[str]) -> float:
     """The library's ANLS of one question (docs/method.md §6, threshold 0.5), the exercise's signature."""
-    from .metrics import anls
-
     return anls(prediction, list(answers))
 
 

@@ -16,14 +16,13 @@ How a method runs (kvpress calls such a method a *press*):
    The prefill's own attention output uses the full keys; decoding appends every new token to
    every head and evicts nothing.
 
-Everything reaches ``model.generate`` through transformers' extension points only: an attention
-function registered with ``AttentionInterface`` (plus its mask function) under
-:data:`PER_HEAD_ATTENTION`, set on the LANGUAGE model only
-(:func:`sparsemm_utils.models.set_text_attention`; the vision tower keeps sdpa), and the cache
-object passed as ``past_key_values``. Per-call state (the method, the cache) reaches the attention
-function through a context variable set by :func:`compression` (``generate`` rejects unknown
-keyword arguments). No model class is patched; the model's attention implementation is restored
-on exit.
+Everything reaches ``model.generate`` through transformers' extension points only
+(:mod:`sparsemm_utils.attention_hooks`): an attention function registered with
+``AttentionInterface`` (plus its mask function) under :data:`PER_HEAD_ATTENTION`, set on the
+LANGUAGE model only (the vision tower keeps sdpa), and the cache object passed as
+``past_key_values``. Per-call state (the method, the cache) reaches the attention function through
+:data:`COMPRESSION_HOOK`, activated by :func:`compression` (``generate`` rejects unknown keyword
+arguments). No model class is patched; the model's attention implementation is restored on exit.
 
 The head-mask ablation (:class:`HeadMaskAblation`, docs/method.md §5) keeps the full cache and
 zeroes the query of chosen heads, which makes their attention uniform over the visible keys.
@@ -33,10 +32,9 @@ Batch size 1 only, greedy or sampling, no beam search (as the original SparseMM 
 
 from __future__ import annotations
 
-import contextvars
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -63,12 +61,9 @@ from sparsemm_utils.allocation import (
     streaming_llm_positions,
     validate_head_scores,
 )
+from sparsemm_utils.attention_hooks import AttentionHook, NoActiveStateError, text_attention
 from sparsemm_utils.kv_cache import PerHeadKVCache, UnsupportedBatchError, cache_kv_bytes
-from sparsemm_utils.models import (
-    register_text_attention,
-    set_text_attention,
-    text_attention_implementation,
-)
+from sparsemm_utils.validate import check_choice, check_fraction, check_int
 
 __all__ = [
     "PER_HEAD_ATTENTION",
@@ -94,6 +89,7 @@ __all__ = [
     "model_shape",
     "snapkv_scores",
     "topk_positions",
+    "COMPRESSION_HOOK",
     "compression",
     "compressed_generate",
     "per_head_attention",
@@ -117,7 +113,7 @@ class UnknownCompressionMethodError(CompressionError):
     """A method name not in :data:`COMPRESSION_METHODS` (the message lists the known ones)."""
 
 
-class NoActiveCompressionError(RuntimeError):
+class NoActiveCompressionError(NoActiveStateError):
     """The per-head attention function ran outside :func:`compression` / :func:`compressed_generate`."""
 
 
@@ -130,14 +126,8 @@ class InvalidGenerationInputError(CompressionError):
     beam search, a cache of one's own)."""
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InvalidParameterError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    return int(value)
-
-
 def _check_kernel(kernel_size: object) -> int:
-    kernel = _check_int("kernel_size", kernel_size, 1)
+    kernel = check_int("kernel_size", kernel_size, 1, error=InvalidParameterError)
     if kernel % 2 == 0:
         raise InvalidParameterError(
             f"kernel_size must be odd (avg_pool1d with padding kernel_size // 2 keeps the length), got {kernel}; "
@@ -188,7 +178,7 @@ def snapkv_scores(
     kv_heads = key.shape[1]
     if key.shape[2] != n or heads % kv_heads:
         raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} do not match (same n, H % H_kv == 0)")
-    window = _check_int("window", window, 1)
+    window = check_int("window", window, 1, error=InvalidParameterError)
     if window >= n:
         raise InvalidParameterError(f"window w={window} must be < the prompt length n={n} to score anything")
     kernel = _check_kernel(kernel_size)
@@ -449,11 +439,11 @@ class HeadMaskAblation:
     name: ClassVar[str] = "head_mask"
 
     def __post_init__(self) -> None:
-        if self.selection not in ("top", "random"):
-            raise InvalidParameterError(f"selection must be 'top' or 'random', got {self.selection!r}")
-        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
-            raise InvalidParameterError(f"fraction must be a number in (0, 1], got {self.fraction!r}")
-        _check_int("seed", self.seed, 0)
+        check_choice("selection", self.selection, ("top", "random"), error=InvalidParameterError)
+        zero = "fraction must be a number in (0, 1]: the ablation masks at least one head"
+        if check_fraction("fraction", self.fraction, error=InvalidParameterError, hint=zero) == 0:
+            raise InvalidParameterError(f"{zero}, got {self.fraction!r}")
+        check_int("seed", self.seed, 0, error=InvalidParameterError)
         if self.selection == "top":
             object.__setattr__(self, "head_scores", _scores_array(self.head_scores))
 
@@ -605,18 +595,18 @@ class CompressionSession:
         return self.assigned >= self.prompt_len - self.window
 
 
-_ACTIVE: contextvars.ContextVar[CompressionSession | None] = contextvars.ContextVar("sparsemm_compression", default=None)
-
-
-def _active_session(function: str) -> CompressionSession:
-    session = _ACTIVE.get()
-    if session is None:
-        raise NoActiveCompressionError(
-            f"the attention function {function!r} ran outside a compression context: use "
-            f"sparsemm_utils.compression.compressed_generate(loaded, press, inputs, ...) or "
-            f"`with compression(loaded, press) as session:` around the forward pass"
-        )
-    return session
+#: The session every compressed-path attention function reads (:func:`per_head_attention`,
+#: :func:`head_mask_attention`, the decode backends of :mod:`sparsemm_utils.varlen_attention`).
+COMPRESSION_HOOK: AttentionHook[CompressionSession] = AttentionHook(
+    "sparsemm_compression",
+    context="a compression context",
+    usage=(
+        "use sparsemm_utils.compression.compressed_generate(loaded, press, inputs, ...) or "
+        "`with compression(loaded, press) as session:` around the forward pass"
+    ),
+    missing_error=NoActiveCompressionError,
+    nested_error=NestedCompressionError,
+)
 
 
 def per_head_attention(
@@ -637,7 +627,7 @@ def per_head_attention(
     each KV head's stored tokens (:meth:`~sparsemm_utils.kv_cache.PerHeadKVLayer.attend`).
     Shapes: query (1, H, q, d), key/value as the cache's ``update`` returned them; output (1, q, H, d).
     """
-    session = _active_session(PER_HEAD_ATTENTION)
+    session = COMPRESSION_HOOK.active(PER_HEAD_ATTENTION)
     layer = session.cache.layers[module.layer_idx]
     if layer.has_pending_prefill:
         output, _ = sdpa_attention_forward(
@@ -659,7 +649,7 @@ def head_mask_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """sdpa with the query of the session's masked heads of this layer set to zero (uniform attention)."""
-    session = _active_session(HEAD_MASK_ATTENTION)
+    session = COMPRESSION_HOOK.active(HEAD_MASK_ATTENTION)
     heads = np.flatnonzero(session.head_mask[module.layer_idx])
     if heads.size:
         query = query.clone()
@@ -667,28 +657,21 @@ def head_mask_attention(
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-def _register() -> None:
-    # "sdpa" masks: None whenever plain causal attention suffices, so nothing N x N is materialised.
-    register_text_attention(PER_HEAD_ATTENTION, per_head_attention, mask="sdpa")
-    register_text_attention(HEAD_MASK_ATTENTION, head_mask_attention, mask="sdpa")
-
-
 @contextmanager
 def compression(loaded: Any, press: Any, *, decode_reserve: int = 64) -> Iterator[CompressionSession]:
     """Run the language model of ``loaded`` with ``press`` inside the ``with`` block.
 
-    Registers the attention functions (idempotent), switches the language model to the method's
-    attention (FullKV keeps the current one), makes a fresh cache, and yields the
-    :class:`CompressionSession` whose ``cache`` must be passed as ``past_key_values``. On exit the
-    previous attention implementation is restored, also after an error.
+    Registers the method's attention function (idempotent), switches the language model to it
+    (FullKV keeps the current one), makes a fresh cache, and yields the :class:`CompressionSession`
+    whose ``cache`` must be passed as ``past_key_values``. On exit the previous attention
+    implementation is restored, also after an error. Nested contexts raise
+    :class:`NestedCompressionError`.
 
     Args:
         loaded: a :class:`~sparsemm_utils.models.LoadedModel`.
         press: a method dataclass (see :data:`COMPRESSION_METHODS`).
         decode_reserve: rows per KV head reserved for generated tokens (see kv_cache).
     """
-    if _ACTIVE.get() is not None:
-        raise NestedCompressionError("a compression context is already active; nested contexts are not supported")
     if not hasattr(press, "validate_for") or getattr(press, "name", None) not in COMPRESSION_METHODS:
         raise UnknownCompressionMethodError(
             f"press must be one of the method dataclasses ({', '.join(sorted(COMPRESSION_METHODS))}), built e.g. with "
@@ -703,21 +686,13 @@ def compression(loaded: Any, press: Any, *, decode_reserve: int = 64) -> Iterato
         attention = None
     elif isinstance(press, HeadMaskAblation):
         session = CompressionSession(press, shape, DynamicCache(config=text_config), head_mask=press.masked_heads(shape))
-        attention = HEAD_MASK_ATTENTION
+        attention = COMPRESSION_HOOK.register(HEAD_MASK_ATTENTION, head_mask_attention)
     else:
         session = CompressionSession(press, shape, PerHeadKVCache(shape.layers, decode_reserve=decode_reserve))
-        attention = PER_HEAD_ATTENTION
-    previous = text_attention_implementation(model)
-    if attention is not None:
-        _register()
-        set_text_attention(model, attention)
-    token = _ACTIVE.set(session)
-    try:
+        attention = COMPRESSION_HOOK.register(PER_HEAD_ATTENTION, per_head_attention)
+    switch = text_attention(model, attention) if attention is not None else nullcontext()
+    with COMPRESSION_HOOK.activate(session), switch:
         yield session
-    finally:
-        _ACTIVE.reset(token)
-        if attention is not None:
-            set_text_attention(model, previous)
 
 
 @dataclass(eq=False)

@@ -66,6 +66,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from sparsemm_utils.allocation import ModelShape
@@ -80,6 +81,7 @@ from sparsemm_utils.real_shapes import (
     random_prompt,
     weights_bytes,
 )
+from sparsemm_utils.validate import check_choice, check_fraction, check_int
 from sparsemm_utils.varlen_attention import DECODE_BACKENDS, compression_with_backend
 
 __all__ = [
@@ -166,22 +168,6 @@ class MeasurementFailedError(RuntimeError):
 # ---------------------------------------------------------------------------------------- config
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if not _is_int(value) or value < minimum:
-        raise InvalidEfficiencyConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise InvalidEfficiencyConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return str(value)
-
-
 def _as_tuple(name: str, value: object) -> tuple:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise InvalidEfficiencyConfigError(f"{name} must be a list, got {value!r}")
@@ -252,44 +238,43 @@ class EfficiencyConfig:
         object.__setattr__(self, "models", models)
         methods = tuple(str(m).strip().lower() for m in _as_tuple("methods", self.methods))
         for m in methods:
-            _check_choice("each method", m, EFFICIENCY_METHODS)
+            check_choice("each method", m, EFFICIENCY_METHODS, error=InvalidEfficiencyConfigError)
         if len(set(methods)) != len(methods):
             raise InvalidEfficiencyConfigError(f"methods lists a method twice: {list(self.methods)}")
         object.__setattr__(self, "methods", methods)
-        contexts = tuple(_check_int("each context", n, 1) for n in _as_tuple("contexts", self.contexts))
+        contexts = tuple(check_int("each context", n, 1, error=InvalidEfficiencyConfigError) for n in _as_tuple("contexts", self.contexts))
         if any(b <= a for a, b in zip(contexts, contexts[1:])):
             raise InvalidEfficiencyConfigError(f"contexts must be strictly increasing, got {list(contexts)}")
         object.__setattr__(self, "contexts", contexts)
-        _check_int("window", self.window, 1)
-        if _check_int("budget", self.budget, 2) <= self.window:
+        check_int("window", self.window, 1, error=InvalidEfficiencyConfigError)
+        if check_int("budget", self.budget, 2, error=InvalidEfficiencyConfigError) <= self.window:
             raise InvalidEfficiencyConfigError(
                 f"budget B={self.budget} must exceed the window w={self.window} (B counts the window; docs/method.md §5)"
             )
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0:
-            raise InvalidEfficiencyConfigError(f"ratio must be a number in [0, 1], got {self.ratio!r}")
+        check_fraction("ratio", self.ratio, error=InvalidEfficiencyConfigError)
         if self.layers is not None:
-            _check_int("layers", self.layers, 1)
+            check_int("layers", self.layers, 1, error=InvalidEfficiencyConfigError)
             shallowest = min(get_real_shape(m).layers for m in self.models)
             if self.layers > shallowest:
                 raise InvalidEfficiencyConfigError(
                     f"layers={self.layers} exceeds the depth of a model ({shallowest}); use None for full depth"
                 )
-        _check_choice("vocab", self.vocab, ("real", "depth_scaled"))
-        _check_int("decode_steps", self.decode_steps, 1)
-        _check_int("decode_warmup", self.decode_warmup, 0)
-        _check_int("generate_tokens", self.generate_tokens, 1)
-        _check_choice("dtype", self.dtype, ("auto", *_DTYPES))
+        check_choice("vocab", self.vocab, ("real", "depth_scaled"), error=InvalidEfficiencyConfigError)
+        check_int("decode_steps", self.decode_steps, 1, error=InvalidEfficiencyConfigError)
+        check_int("decode_warmup", self.decode_warmup, 0, error=InvalidEfficiencyConfigError)
+        check_int("generate_tokens", self.generate_tokens, 1, error=InvalidEfficiencyConfigError)
+        check_choice("dtype", self.dtype, ("auto", *_DTYPES), error=InvalidEfficiencyConfigError)
         if not isinstance(self.device, str) or not (
             self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         ):
             raise InvalidEfficiencyConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}")
-        _check_choice("decode_attention", self.decode_attention, ("auto", *DECODE_BACKENDS))
-        _check_choice("head_scores", self.head_scores, self.HEAD_SCORE_KINDS)
+        check_choice("decode_attention", self.decode_attention, ("auto", *DECODE_BACKENDS), error=InvalidEfficiencyConfigError)
+        check_choice("head_scores", self.head_scores, self.HEAD_SCORE_KINDS, error=InvalidEfficiencyConfigError)
         if not isinstance(self.extend_positions, bool):
             raise InvalidEfficiencyConfigError(f"extend_positions must be true or false, got {self.extend_positions!r}")
         if self.threads is not None:
-            _check_int("threads", self.threads, 1)
-        _check_int("seed", self.seed, 0)
+            check_int("threads", self.threads, 1, error=InvalidEfficiencyConfigError)
+        check_int("seed", self.seed, 0, error=InvalidEfficiencyConfigError)
         if self.timeout_s is not None and (
             isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0
         ):
@@ -398,7 +383,7 @@ def synthetic_head_scores(shape: ModelShape, kind: str = "skewed", seed: int = 0
     if kind == "uniform":
         return np.ones((shape.layers, shape.query_heads))
     if kind == "skewed":
-        _check_int("power", power, 1)
+        check_int("power", power, 1, error=InvalidEfficiencyConfigError)
         return np.random.default_rng(seed).random((shape.layers, shape.query_heads)) ** power
     raise InvalidEfficiencyConfigError(f"head score kind must be 'skewed' or 'uniform', got {kind!r}")
 
@@ -406,7 +391,7 @@ def synthetic_head_scores(shape: ModelShape, kind: str = "skewed", seed: int = 0
 def make_method(method: str, config: EfficiencyConfig, shape: ModelShape) -> Any:
     """The method dataclass of ``method`` with the config's budget, window, ratio and (SparseMM)
     synthetic head scores for ``shape``."""
-    method = _check_choice("method", method, EFFICIENCY_METHODS)
+    method = check_choice("method", method, EFFICIENCY_METHODS, error=InvalidEfficiencyConfigError)
     if method == "fullkv":
         return make_press("fullkv")
     kwargs: dict[str, Any] = {"budget": config.budget, "window": config.window}
@@ -497,7 +482,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     without AMX are emulated and would time the emulation); else the named dtype."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[_check_choice("dtype", dtype, tuple(_DTYPES))]
+    return _DTYPES[check_choice("dtype", dtype, tuple(_DTYPES), error=InvalidEfficiencyConfigError)]
 
 
 def _cpu_name() -> str:
@@ -611,8 +596,8 @@ def measure(config: EfficiencyConfig, model: str, method: str, context: int) -> 
     shape = get_real_shape(model)
     if model not in config.models and shape.name not in config.models:
         raise InvalidEfficiencyConfigError(f"model {model!r} is not in the config's models {list(config.models)}")
-    method = _check_choice("method", str(method).lower(), EFFICIENCY_METHODS)
-    context = _check_int("context", context, 1)
+    method = check_choice("method", str(method).lower(), EFFICIENCY_METHODS, error=InvalidEfficiencyConfigError)
+    context = check_int("context", context, 1, error=InvalidEfficiencyConfigError)
     config.check_positions(shape, context)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -694,15 +679,9 @@ def run_efficiency(
     analytic_kv_table(config).to_csv(out / "analytic_kv.csv", index=False)
     jobs = [(m, n, method) for m in config.models for n in config.contexts for method in config.methods]
     rows: list[dict[str, Any]] = []
-    try:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(jobs, desc="measurements", disable=not progress)
-    except ImportError:  # pragma: no cover - tqdm ships with the environment
-        iterator = jobs
+    iterator = tqdm(jobs, desc="measurements", disable=not progress)
     for model, n, method in iterator:
-        if hasattr(iterator, "set_postfix_str"):
-            iterator.set_postfix_str(f"{model} {method} n={n}")
+        iterator.set_postfix_str(f"{model} {method} n={n}")
         row_path = out / "measurements" / f"{model}__{method}__{n}.json"
         command = _measurement_command(config_path, model, method, n, row_path)
         try:

@@ -42,6 +42,7 @@ there. New benchmarks, methods or budgets extend the sweep.
 from __future__ import annotations
 
 import csv
+import datetime
 import hashlib
 import json
 import math
@@ -54,8 +55,24 @@ from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
-from .benchmarks import BenchmarkSpec, EvalSample, SkipReport, get_benchmark, score_prediction
+from .benchmarks import (
+    BenchmarkSpec,
+    EvalSample,
+    SkipReport,
+    get_benchmark,
+    load_benchmark,
+    make_reader_benchmark,
+    score_prediction,
+)
+from .compression import compressed_generate, make_press
+from .fastv import FastVAtBudget, fastv_generate_at_budget
+from .prompts import build_inputs
+from .reader_tasks import HELDOUT_SEED
+from .runs import require_upstream
+from .validate import check_choice, check_int
 
 __all__ = [
     "PAPER_BUDGETS",
@@ -104,6 +121,8 @@ PREDICTIONS_FILE = "predictions.jsonl"
 SWEEP_FILE = "sweep.json"
 SUPERSEDED_DIR = "superseded"
 ON_MISMATCH = ("error", "archive")
+#: How argument errors name a budget (it counts the window, docs/method.md §5).
+_BUDGET = "budget (tokens per KV head, window included)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,17 +199,9 @@ def get_method(name: str) -> EvalMethod:
     raise UnknownMethodError(f"unknown method {name!r}; known methods: {', '.join(EVAL_METHODS)}")
 
 
-def _check_budget(budget: Any) -> int:
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
-        raise EvaluationError(f"a budget must be a positive int (tokens per KV head, window included), got {budget!r}")
-    return int(budget)
-
-
 def press_for(method: str, budget: int | None, **settings: Any) -> Any:
     """The press (:mod:`sparsemm_utils.compression`) of ``method`` at ``budget`` (None for the
     budget-free methods), built from the ``settings`` the method takes (:class:`EvalMethod`)."""
-    from .compression import make_press
-
     m = get_method(method)
     if m.budgeted and budget is None:
         raise EvaluationError(f"method {m.name!r} needs a budget")
@@ -203,10 +214,8 @@ def press_for(method: str, budget: int | None, **settings: Any) -> Any:
             raise MissingMethodSettingError(f"method {m.name!r} needs the setting {key!r}{hint}; none was given")
         kwargs[key] = settings[key]
     if m.budgeted:
-        kwargs["budget"] = _check_budget(budget)
+        kwargs["budget"] = check_int(_BUDGET, budget, 1, error=EvaluationError)
     if m.press == "fastv":
-        from .fastv import FastVAtBudget
-
         return FastVAtBudget(budget=kwargs["budget"], k=kwargs["fastv_k"])
     return make_press(m.press, **kwargs)
 
@@ -234,7 +243,7 @@ class Cell:
 def sweep_cells(benchmarks: Iterable[str], methods: Iterable[str], budgets: Iterable[int]) -> list[Cell]:
     """Every cell, benchmark-major, then method, then budget (ascending); a budget-free method
     gets one cell per benchmark."""
-    budgets = sorted({_check_budget(b) for b in budgets})
+    budgets = sorted({check_int(_BUDGET, b, 1, error=EvaluationError) for b in budgets})
     cells = []
     for b in benchmarks:
         name = get_benchmark(b).name
@@ -427,9 +436,7 @@ def _reconcile_manifest(
 def _archive_sweep(out: Path, reason: str) -> Path:
     """Move ``results.csv``, ``predictions.jsonl`` and ``sweep.json`` into ``superseded/<UTC time>/``
     with a ``reason.txt``; returns that folder."""
-    import datetime as _dt
-
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     target = out / SUPERSEDED_DIR / stamp
     target.mkdir(parents=True)
     for name in (RESULTS_FILE, PREDICTIONS_FILE, SWEEP_FILE):
@@ -471,14 +478,11 @@ def run_sweep(
             "error" raises :class:`SweepMismatchError`; "archive" moves its files into
             ``superseded/<UTC time>/`` (module docstring) and starts afresh.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not isinstance(model, str) or not model:
         raise EvaluationError(f"model must be a non-empty string (its name in results.csv), got {model!r}")
-    if on_mismatch not in ON_MISMATCH:
-        raise EvaluationError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
+    check_choice("on_mismatch", on_mismatch, ON_MISMATCH, error=EvaluationError)
     say = log or (lambda message: None)
     specs = {name: get_benchmark(name) for name in benchmarks}
     if any(spec.name != name for name, spec in specs.items()):
@@ -685,10 +689,10 @@ def scaled_budgets(
         raise EvaluationError(f"prompt_tokens must be a positive number, got {prompt_tokens!r}")
     if not (isinstance(reference_prompt_tokens, (int, float)) and reference_prompt_tokens > 0):
         raise EvaluationError(f"reference_prompt_tokens must be a positive number, got {reference_prompt_tokens!r}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise EvaluationError(f"window must be an int >= 0, got {window!r}")
+    check_int("window", window, 0, error=EvaluationError)
     scale = prompt_tokens / reference_prompt_tokens
-    return tuple(sorted({max(window + 1, round(_check_budget(b) * scale)) for b in budgets}))
+    checked = (check_int(_BUDGET, b, 1, error=EvaluationError) for b in budgets)
+    return tuple(sorted({max(window + 1, round(b * scale)) for b in checked}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -698,9 +702,7 @@ def scaled_budgets(
 def prompt_tokens(loaded: Any, samples: Sequence[EvalSample], n: int = 8) -> list[int]:
     """Prompt lengths in tokens (image tokens and chat template included) of the first ``n``
     samples, as :class:`ModelGenerator` builds the prompts."""
-    from .prompts import build_inputs
-
-    _int("n", n, 1)
+    check_int("n", n, 1, error=EvaluationError)
     chosen = [samples[i] for i in range(min(n, len(samples)))]
     return [int(build_inputs(loaded, s.image, s.question)["input_ids"].shape[1]) for s in chosen]
 
@@ -730,17 +732,13 @@ class ModelGenerator:
         return self._presses[key]
 
     def __call__(self, sample: EvalSample, spec: BenchmarkSpec, method: str, budget: int | None) -> Generation:
-        from .compression import compressed_generate
-        from .fastv import FastVAtBudget, fastv_generate_at_budget
-        from .prompts import build_inputs
-
         press = self.press(method, budget)
         t0 = time.perf_counter()
         inputs = build_inputs(self.loaded, sample.image, sample.question)
         n = int(inputs["input_ids"].shape[1])
         limit = spec.generation_limit(self.loaded.model_type)
         if self.max_new_tokens is not None:
-            limit = min(limit, _int("max_new_tokens", self.max_new_tokens, 1))
+            limit = min(limit, check_int("max_new_tokens", self.max_new_tokens, 1, error=EvaluationError))
         details = None
         if isinstance(press, FastVAtBudget):
             result = fastv_generate_at_budget(self.loaded, press, inputs, max_new_tokens=limit, do_sample=False)
@@ -754,12 +752,6 @@ class ModelGenerator:
 
 # --------------------------------------------------------------------------------------------
 # the notebook's parameters
-
-
-def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise EvaluationError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 @dataclass
@@ -803,17 +795,17 @@ class EvalConfig:
             raise EvaluationError(f"run_dir must be a non-empty path, got {self.run_dir!r}")
         if not isinstance(self.model_id, str) or not self.model_id:
             raise EvaluationError(f"model_id must be a non-empty string, got {self.model_id!r}")
-        _int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0, error=EvaluationError)
         if isinstance(self.benchmarks, str) or not self.benchmarks:
             raise EvaluationError(f"benchmarks must be a non-empty list of names, got {self.benchmarks!r}")
         self.benchmarks = tuple(get_benchmark(b).name for b in self.benchmarks)
         if isinstance(self.methods, str) or not self.methods:
             raise EvaluationError(f"methods must be a non-empty list of names, got {self.methods!r}")
         self.methods = tuple(get_method(m).name for m in self.methods)
-        self.window = _int("window", self.window, 0)
+        self.window = check_int("window", self.window, 0, error=EvaluationError)
         if isinstance(self.budgets, str):
             raise EvaluationError(f"budgets must be a list of ints, got {self.budgets!r}")
-        self.budgets = tuple(sorted({_check_budget(b) for b in self.budgets}))
+        self.budgets = tuple(sorted({check_int(_BUDGET, b, 1, error=EvaluationError) for b in self.budgets}))
         small = [b for b in self.budgets if b <= self.window]
         if small:
             raise EvaluationError(f"budgets {small} do not exceed the window w = {self.window}: a budget counts the window (docs/method.md §5)")
@@ -823,23 +815,22 @@ class EvalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise EvaluationError(f"{name} must be a number in (0, 1], got {value!r}")
-        self.fastv_k = _int("fastv_k", self.fastv_k, 1)
+        self.fastv_k = check_int("fastv_k", self.fastv_k, 1, error=EvaluationError)
         if self.limit is not None:
-            self.limit = _int("limit", self.limit, 1)
-        self.n_documents = _int("n_documents", self.n_documents, 1)
+            self.limit = check_int("limit", self.limit, 1, error=EvaluationError)
+        self.n_documents = check_int("n_documents", self.n_documents, 1, error=EvaluationError)
         if self.benchmark_seed is not None:
-            self.benchmark_seed = _int("benchmark_seed", self.benchmark_seed, 0)
+            self.benchmark_seed = check_int("benchmark_seed", self.benchmark_seed, 0, error=EvaluationError)
         if not isinstance(self.benchmark_sources, Mapping):
             raise EvaluationError(f"benchmark_sources must map benchmark names to paths, got {self.benchmark_sources!r}")
         self.benchmark_sources = {get_benchmark(k).name: str(v) for k, v in self.benchmark_sources.items()}
         if not isinstance(self.head_scores, str) or not self.head_scores:
             raise EvaluationError(f"head_scores must be a path, got {self.head_scores!r}")
         if self.max_new_tokens is not None:
-            self.max_new_tokens = _int("max_new_tokens", self.max_new_tokens, 1)
+            self.max_new_tokens = check_int("max_new_tokens", self.max_new_tokens, 1, error=EvaluationError)
         if not isinstance(self.device, str) or not self.device:
             raise EvaluationError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if self.on_mismatch not in ON_MISMATCH:
-            raise EvaluationError(f"on_mismatch must be one of {ON_MISMATCH}, got {self.on_mismatch!r}")
+        check_choice("on_mismatch", self.on_mismatch, ON_MISMATCH, error=EvaluationError)
 
     @property
     def needs_head_scores(self) -> bool:
@@ -849,8 +840,6 @@ class EvalConfig:
         """Step 03's head-score file: an absolute path as is; a relative one is ``<step>/<file>``
         under ``run_dir``, and its absence raises :class:`~sparsemm_utils.runs.MissingUpstreamError`
         naming that step."""
-        from .runs import require_upstream
-
         path = Path(self.head_scores).expanduser()
         if path.is_absolute():
             if not path.is_file():
@@ -865,8 +854,6 @@ class EvalConfig:
         offline one built from ``n_documents`` pages of :meth:`reader_seed` (and written to
         ``save_dir/reader_docqa.parquet`` when given), the others from ``benchmark_sources`` or the
         HF cache; ``limit`` rows each."""
-        from .benchmarks import load_benchmark, make_reader_benchmark
-
         loaded = {}
         for name in self.benchmarks:
             source: Any = self.benchmark_sources.get(name)
@@ -881,8 +868,6 @@ class EvalConfig:
         """``device``, with "auto" resolved to "cuda" when a GPU is visible, else "cpu"."""
         if self.device != "auto":
             return self.device
-        import torch
-
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def press_settings(self, head_scores: Any = None) -> dict[str, Any]:
@@ -911,6 +896,4 @@ class EvalConfig:
         """The offline benchmark's document stream: ``benchmark_seed``, else the tiny reader's held-out one."""
         if self.benchmark_seed is not None:
             return self.benchmark_seed
-        from .reader_tasks import HELDOUT_SEED
-
         return HELDOUT_SEED

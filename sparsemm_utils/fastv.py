@@ -19,7 +19,8 @@ reads a dropped token after layer K-1); image tokens are every position holding 
 (LLaVA-NeXT's newline tokens included), not one contiguous span.
 
 Mechanics: the attention function :func:`fastv_attention` (registered as :data:`FASTV_ATTENTION`,
-language model only) and the per-head cache of step 04
+language model only, its session handed over by :data:`FASTV_HOOK`:
+:mod:`sparsemm_utils.attention_hooks`) and the per-head cache of step 04
 (:class:`~sparsemm_utils.kv_cache.PerHeadKVCache`): at prefill, layers ``< K`` keep all n tokens
 (``keep_all``), layers ``>= K`` store the n - dropped kept positions (``compress``, the same for
 every KV head); decoding attends over what each head stores
@@ -30,7 +31,6 @@ every KV head); decoding attends over what each head stores
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,13 +39,19 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sparsemm_utils.allocation import ModelShape
-from sparsemm_utils.attention_capture import last_query_attention, text_attention
+from sparsemm_utils.attention_capture import last_query_attention
+from sparsemm_utils.attention_hooks import AttentionHook, NoActiveStateError, text_attention
 from sparsemm_utils.compression import GenerationResult
 from sparsemm_utils.kv_cache import PerHeadKVCache, analytic_kv_bytes
-from sparsemm_utils.models import LoadedModel, register_text_attention
+from sparsemm_utils.models import LoadedModel
+from sparsemm_utils.prompts import build_inputs
+from sparsemm_utils.reader_tasks import HELDOUT_SEED, TASK_TYPES, questions_for_document
+from sparsemm_utils.tiny_reader.accuracy import summarize_records
+from sparsemm_utils.validate import check_fraction, check_int, is_int
 from sparsemm_utils.vision_drop import masked_sdpa
 
 __all__ = [
@@ -61,6 +67,7 @@ __all__ = [
     "FastVResult",
     "fastv_ratio_for_budget",
     "fastv_attention",
+    "FASTV_HOOK",
     "register_fastv",
     "fastv",
     "fastv_generate",
@@ -80,16 +87,12 @@ class InvalidFastVParameterError(FastVError):
     """K or R out of range, or K beyond the model's layers."""
 
 
-class NoActiveFastVError(RuntimeError):
+class NoActiveFastVError(NoActiveStateError):
     """:func:`fastv_attention` ran outside a :func:`fastv` context."""
 
 
 class FastVInputError(FastVError):
     """Inputs or ``generate`` arguments FastV cannot honour (batch > 1, padding, a cache of one's own)."""
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -107,15 +110,9 @@ class FastVPress:
     name: ClassVar[str] = "fastv"
 
     def __post_init__(self) -> None:
-        if not _is_int(self.k) or self.k < 1:
-            raise InvalidFastVParameterError(
-                f"k must be an int >= 1 (the layers that see every image token; layer k-1's attention ranks them), "
-                f"got {self.k!r}"
-            )
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float, np.floating)):
-            raise InvalidFastVParameterError(f"ratio must be a number in [0, 1], got {self.ratio!r}")
-        if not 0.0 <= float(self.ratio) <= 1.0:  # also rejects NaN
-            raise InvalidFastVParameterError(f"ratio must lie in [0, 1] (share of image tokens dropped), got {self.ratio}")
+        layers_hint = "the first k layers see every image token; layer k-1's attention ranks them"
+        check_int("k", self.k, 1, error=InvalidFastVParameterError, hint=layers_hint)
+        check_fraction("ratio", self.ratio, error=InvalidFastVParameterError, hint="the share of image tokens dropped")
 
     def validate_for(self, shape: ModelShape) -> None:
         """``k`` must not exceed the model's layers (``k = L``: nothing is dropped)."""
@@ -124,8 +121,7 @@ class FastVPress:
 
     def num_kept_image_tokens(self, num_image_tokens: int) -> int:
         """``round(n_img * (1 - R))``, Python's round as FastV's code (half to even)."""
-        if not _is_int(num_image_tokens) or num_image_tokens < 0:
-            raise InvalidFastVParameterError(f"num_image_tokens must be an int >= 0, got {num_image_tokens!r}")
+        check_int("num_image_tokens", num_image_tokens, 0, error=InvalidFastVParameterError)
         return int(round(num_image_tokens * (1.0 - float(self.ratio))))
 
     def num_dropped(self, num_image_tokens: int) -> int:
@@ -136,7 +132,7 @@ class FastVPress:
         """Prompt tokens each KV head stores after the prefill: int64 ``(layers, kv_heads)``:
         n in layers ``< k``, ``n - dropped`` in layers ``>= k``."""
         self.validate_for(shape)
-        if not _is_int(prompt_len) or not 0 <= num_image_tokens <= prompt_len:
+        if not is_int(prompt_len) or not 0 <= num_image_tokens <= prompt_len:
             raise InvalidFastVParameterError(
                 f"need 0 <= num_image_tokens <= prompt_len, got {num_image_tokens!r} and {prompt_len!r}"
             )
@@ -177,10 +173,8 @@ def fastv_ratio_for_budget(
     """
     press = FastVPress(k=k, ratio=0.0)
     press.validate_for(shape)
-    if not _is_int(target_tokens) or target_tokens < 0:
-        raise InvalidFastVParameterError(f"target_tokens must be an int >= 0, got {target_tokens!r}")
-    if not _is_int(num_image_tokens) or num_image_tokens < 0:
-        raise InvalidFastVParameterError(f"num_image_tokens must be an int >= 0, got {num_image_tokens!r}")
+    check_int("target_tokens", target_tokens, 0, error=InvalidFastVParameterError)
+    check_int("num_image_tokens", num_image_tokens, 0, error=InvalidFastVParameterError)
     layers, kv_heads, n = shape.layers, shape.kv_heads, int(prompt_len)
     pruned_layers = layers - k
     if pruned_layers == 0:
@@ -220,8 +214,7 @@ class FastVAtBudget:
     name: ClassVar[str] = "fastv"
 
     def __post_init__(self) -> None:
-        if not _is_int(self.budget) or self.budget < 1:
-            raise InvalidFastVParameterError(f"budget must be an int >= 1 (prompt tokens per KV head), got {self.budget!r}")
+        check_int("budget", self.budget, 1, error=InvalidFastVParameterError, hint="prompt tokens per KV head")
         FastVPress(k=self.k, ratio=0.0)  # validates k
 
     def target_tokens(self, shape: ModelShape, prompt_len: int) -> int:
@@ -283,7 +276,17 @@ class FastVSession:
         return self._hidden
 
 
-_ACTIVE: contextvars.ContextVar[FastVSession | None] = contextvars.ContextVar("sparsemm_fastv", default=None)
+#: The session :func:`fastv_attention` reads, activated by :func:`fastv`.
+FASTV_HOOK: AttentionHook[FastVSession] = AttentionHook(
+    "sparsemm_fastv",
+    context="a FastV context",
+    usage=(
+        "use sparsemm_utils.fastv.fastv_generate(loaded, press, inputs, ...) or "
+        "`with fastv(loaded, press, input_ids) as session:` and pass session.cache"
+    ),
+    missing_error=NoActiveFastVError,
+    nested_error=FastVError,
+)
 
 
 def fastv_attention(
@@ -302,12 +305,7 @@ def fastv_attention(
     image tokens. Prefill, layer ``>= k``: sdpa with the dropped tokens hidden from every query
     (:func:`~sparsemm_utils.vision_drop.masked_sdpa`), store only the kept positions. Decode:
     attention over what each KV head stores. Shapes: query ``(1, H, q, d)``, output ``(1, q, H, d)``."""
-    session = _ACTIVE.get()
-    if session is None:
-        raise NoActiveFastVError(
-            f"{FASTV_ATTENTION!r} ran outside a FastV context: use sparsemm_utils.fastv.fastv_generate(loaded, press, "
-            "inputs, ...) or `with fastv(loaded, press, input_ids) as session:` and pass session.cache"
-        )
+    session = FASTV_HOOK.active(FASTV_ATTENTION)
     layer_idx = int(module.layer_idx)
     layer = session.cache.layers[layer_idx]
     if not layer.has_pending_prefill:
@@ -333,8 +331,7 @@ def fastv_attention(
 
 def register_fastv() -> str:
     """Register :func:`fastv_attention` (mask function ``sdpa``); returns its name. Idempotent."""
-    register_text_attention(FASTV_ATTENTION, fastv_attention, mask="sdpa")
-    return FASTV_ATTENTION
+    return FASTV_HOOK.register(FASTV_ATTENTION, fastv_attention)
 
 
 def _model_shape(loaded: LoadedModel) -> ModelShape:
@@ -345,9 +342,7 @@ def _model_shape(loaded: LoadedModel) -> ModelShape:
 def fastv(loaded: LoadedModel, press: FastVPress, input_ids: torch.Tensor, *, decode_reserve: int = 64) -> Iterator[FastVSession]:
     """Run ``loaded``'s language model with FastV inside the block, for the prompt ``input_ids``
     ``(1, n)``; pass ``session.cache`` as ``past_key_values``. The previous attention
-    implementation is restored on exit, also after an error."""
-    if _ACTIVE.get() is not None:
-        raise FastVError("a FastV context is already active; nested contexts are not supported")
+    implementation is restored on exit, also after an error. Nested contexts raise :class:`FastVError`."""
     if not isinstance(press, FastVPress):
         raise FastVError(f"press must be a FastVPress, got {press!r}")
     shape = _model_shape(loaded)
@@ -365,13 +360,8 @@ def fastv(loaded: LoadedModel, press: FastVPress, input_ids: torch.Tensor, *, de
         image_positions=positions,
         prompt_len=int(input_ids.shape[1]),
     )
-    name = register_fastv()
-    token = _ACTIVE.set(session)
-    try:
-        with text_attention(loaded.model, name):
-            yield session
-    finally:
-        _ACTIVE.reset(token)
+    with FASTV_HOOK.activate(session), text_attention(loaded.model, register_fastv()):
+        yield session
 
 
 @dataclass(eq=False)
@@ -457,12 +447,6 @@ def evaluate_fastv(
     mean_char_accuracy, n, prompt_kv_bytes (mean over questions of the prompt's stored KV bytes
     after the prefill), full_prompt_kv_bytes (the same with nothing dropped), kv_fraction.
     """
-    from tqdm.auto import tqdm
-
-    from sparsemm_utils.prompts import build_inputs
-    from sparsemm_utils.reader_tasks import HELDOUT_SEED, TASK_TYPES, questions_for_document
-    from sparsemm_utils.tiny_reader.accuracy import summarize_records
-
     tasks = tuple(tasks) if tasks is not None else TASK_TYPES
     seed = HELDOUT_SEED if seed is None else seed
     tokenizer = loaded.processor.tokenizer

@@ -25,7 +25,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .head_scoring import HeadScoringResult, SampleCapture, TokenMatch
+from .head_scoring_capture import HeadScoringResult, SampleCapture
+from .head_scoring_rule import TokenMatch
 from .patch_mapping import PatchMapper, mapper_from_processor
 from .plots.heads import draw_image_attention, plot_heads_on_image
 
@@ -48,7 +49,7 @@ class ExplorerSample:
 
     ``image_attention`` (T', L, H, n_img) float: attention of each head on each image token (relative
     positions) for the first T' generated tokens; ``token_texts`` and ``matches`` (T'): each
-    token's string and :class:`~sparsemm_utils.head_scoring.TokenMatch`; ``hits`` (T', L, H) bool;
+    token's string and :class:`~sparsemm_utils.head_scoring_rule.TokenMatch`; ``hits`` (T', L, H) bool;
     ``image_start``: absolute position of the first image token (to turn regions relative).
     """
 

@@ -56,6 +56,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from sparsemm_utils.validate import check_int
+
 __all__ = [
     "KVCacheError",
     "CacheStateError",
@@ -92,12 +94,6 @@ class InvalidPositionsError(KVCacheError, ValueError):
     """The prompt positions handed to :meth:`PerHeadKVLayer.compress` are malformed."""
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def analytic_kv_bytes(stored_tokens: Any, head_dim: int, dtype: torch.dtype) -> int:
     """docs/method.md §7's analytic KV bytes: sum(stored_tokens) x head_dim x 2 (K and V) x element size.
 
@@ -107,7 +103,7 @@ def analytic_kv_bytes(stored_tokens: Any, head_dim: int, dtype: torch.dtype) -> 
     stored = np.asarray(stored_tokens)
     if stored.dtype.kind not in "iu" or (stored < 0).any():
         raise ValueError(f"stored_tokens must be non-negative integers, got {stored!r}")
-    _check_int("head_dim", head_dim, 1)
+    check_int("head_dim", head_dim, 1)
     return int(stored.sum()) * int(head_dim) * 2 * torch.empty((), dtype=dtype).element_size()
 
 
@@ -150,7 +146,7 @@ class PerHeadKVLayer(CacheLayerMixin):
 
     def __init__(self, decode_reserve: int = 64, layer_idx: int | None = None, **kwargs: Any):
         super().__init__()
-        self.decode_reserve = _check_int("decode_reserve", decode_reserve, 0)
+        self.decode_reserve = check_int("decode_reserve", decode_reserve, 0)
         self.layer_idx = layer_idx
         self._clear()
 
@@ -481,7 +477,7 @@ class PerHeadKVCache(Cache):
     """
 
     def __init__(self, num_layers: int, *, decode_reserve: int = 64):
-        num_layers = _check_int("num_layers", num_layers, 1)
+        num_layers = check_int("num_layers", num_layers, 1)
         super().__init__(layers=[PerHeadKVLayer(decode_reserve, layer_idx=i) for i in range(num_layers)])
 
     @classmethod

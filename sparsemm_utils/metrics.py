@@ -34,6 +34,8 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Literal
 
+from .validate import check_choice, check_fraction
+
 __all__ = [
     "MetricInputError",
     "UnknownMetricError",
@@ -112,11 +114,6 @@ def _check_answers(answers: object, what: str = "answers") -> list[str]:
     for i, answer in enumerate(answers):
         _check_text(answer, f"{what}[{i}]")
     return list(answers)
-
-
-def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise MetricInputError(f"{name} must be one of {list(choices)}, got {value!r}.")
 
 
 def _check_same_length(predictions: Sequence[object], *others: tuple[str, Sequence[object]]) -> None:
@@ -211,9 +208,8 @@ def anls(
     """
     _check_text(prediction, "prediction")
     gts = _check_answers(answers)
-    _check_choice(length_basis, "length_basis", ("raw", "normalized"))
-    if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
-        raise MetricInputError(f"threshold must be a number in [0, 1], got {threshold!r}.")
+    check_choice("length_basis", length_basis, ("raw", "normalized"), error=MetricInputError)
+    threshold = check_fraction("threshold", threshold, error=MetricInputError)
     pred_norm = anls_normalize(prediction)
     distances = []
     for gt in gts:
@@ -521,7 +517,7 @@ def vqa_accuracy(
     """
     _check_text(prediction, "prediction")
     gts = _check_answers(answers)
-    _check_choice(protocol, "protocol", ("textvqa", "vqav2"))
+    check_choice("protocol", protocol, ("textvqa", "vqav2"), error=MetricInputError)
     pred = vqa_normalize(prediction)
     if protocol == "textvqa":
         gts = [vqa_normalize(gt) for gt in gts]
@@ -603,7 +599,7 @@ def ocrbench_correct(
     """
     _check_text(prediction, "prediction")
     gts = [_check_text(answers, "answers")] if isinstance(answers, str) else _check_answers(answers)
-    _check_choice(protocol, "protocol", ("lmms_eval", "ocrbench"))
+    check_choice("protocol", protocol, ("lmms_eval", "ocrbench"), error=MetricInputError)
     if category not in OCRBENCH_CATEGORIES:
         raise MetricInputError(
             f"unknown OCRBench category {category!r}; pass the row's question_type, one of "

@@ -15,16 +15,14 @@ without importing this module) and are re-exported here.
 
 The compression methods of later steps are attention functions registered with transformers'
 ``AttentionInterface`` and applied to the LANGUAGE model only (the vision tower keeps ``sdpa``):
-:func:`register_text_attention` then :func:`set_text_attention`. An attention function receives
-``(module, query, key, value, attention_mask, scaling, dropout, **kwargs)`` with post-RoPE
-queries (M-RoPE for Qwen), ``module.layer_idx`` and ``module.num_key_value_groups``.
+:mod:`sparsemm_utils.attention_hooks` does both (``register_text_attention``, ``set_text_attention``
+and the other names listed there are re-exported here).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +30,15 @@ import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from transformers import AutoProcessor, PreTrainedModel
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.processing_utils import ProcessorMixin
 
+from sparsemm_utils.attention_hooks import (
+    AttentionNotRegisteredError,
+    register_text_attention,
+    set_text_attention,
+    text_attention_implementation,
+    vision_attention_implementation,
+)
 from sparsemm_utils.model_types import SUPPORTED_MODEL_TYPES, TINY_PREFIX, UnsupportedModelError
 from sparsemm_utils.processors import (
     SPARSEMM_MAX_PIXELS,
@@ -61,8 +64,6 @@ __all__ = [
     "vision_attention_implementation",
 ]
 
-_BUILTIN_ATTENTION = ("eager",)  # eager is the fallback, not an entry of AttentionInterface
-
 
 class ModelNotAvailableError(FileNotFoundError):
     """The model is neither a local folder nor in the local Hugging Face cache."""
@@ -82,10 +83,6 @@ class ModelNotAvailableError(FileNotFoundError):
             f"Offline, use a tiny model instead: load_model('{TINY_PREFIX}qwen2_vl' | '{TINY_PREFIX}qwen2_5_vl' | "
             f"'{TINY_PREFIX}llava_next')."
         )
-
-
-class AttentionNotRegisteredError(ValueError):
-    """An attention implementation name is unknown to transformers (or has no mask function)."""
 
 
 @dataclass
@@ -248,65 +245,3 @@ def load_model(
     model = model.to(device).eval()
     set_text_attention(model, text_attn_implementation)
     return LoadedModel(model=model, processor=processor, model_type=model_type, name_or_path=name)
-
-
-def register_text_attention(
-    name: str,
-    fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
-    *,
-    mask: str = "eager",
-) -> None:
-    """Register an attention function AND its mask function under ``name``.
-
-    transformers only builds an attention mask for names that ``AttentionMaskInterface`` knows;
-    for any other name the function silently receives ``attention_mask=None`` (docs/design.md). This
-    registers ``fn`` with ``AttentionInterface`` and the mask function of ``mask`` ("eager": an
-    additive float mask (batch, 1, q, kv) with 0 / dtype-min, always materialised; "sdpa": a
-    boolean mask, or None when plain causal attention suffices) with ``AttentionMaskInterface``.
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"attention name must be a non-empty string, got {name!r}")
-    if not callable(fn):
-        raise TypeError(f"fn must be callable (module, query, key, value, attention_mask, **kwargs), got {fn!r}")
-    if mask not in ALL_MASK_ATTENTION_FUNCTIONS:
-        raise AttentionNotRegisteredError(
-            f"mask {mask!r} is not a known mask function; use one of {sorted(AttentionMaskInterface._global_mapping)}"
-        )
-    AttentionInterface.register(name, fn)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask])
-
-
-def set_text_attention(model: PreTrainedModel, name: str, *, allow_missing_mask: bool = False) -> None:
-    """Use attention implementation ``name`` in the language model only; the vision tower keeps sdpa.
-
-    ``name``: "sdpa", "eager", or a name registered with :func:`register_text_attention`. A name
-    registered with ``AttentionInterface`` but not ``AttentionMaskInterface`` raises (its function
-    would get no mask) unless ``allow_missing_mask=True``.
-    """
-    valid = set(_BUILTIN_ATTENTION) | set(ALL_ATTENTION_FUNCTIONS.valid_keys())
-    if name not in valid:
-        raise AttentionNotRegisteredError(
-            f"attention implementation {name!r} is not registered: call "
-            f"sparsemm_utils.models.register_text_attention({name!r}, fn) first (known: {sorted(valid)})"
-        )
-    if name not in _BUILTIN_ATTENTION and name not in ALL_MASK_ATTENTION_FUNCTIONS and not allow_missing_mask:
-        raise AttentionNotRegisteredError(
-            f"attention {name!r} has no mask function, so it would receive attention_mask=None: register it with "
-            f"register_text_attention({name!r}, fn) (which registers both), or pass allow_missing_mask=True"
-        )
-    model.set_attn_implementation({"text_config": name, "vision_config": "sdpa"})
-    if text_attention_implementation(model) != name:  # defensive: a class whose sub-config keys differ
-        raise AttentionNotRegisteredError(
-            f"{type(model).__name__}: the language model did not switch to {name!r} "
-            f"(it uses {text_attention_implementation(model)!r})"
-        )
-
-
-def text_attention_implementation(model: PreTrainedModel) -> str:
-    """The attention implementation the language model's layers use (its config's ``_attn_implementation``)."""
-    return model.config.get_text_config()._attn_implementation
-
-
-def vision_attention_implementation(model: PreTrainedModel) -> str:
-    """The attention implementation of the vision tower."""
-    return model.config.vision_config._attn_implementation

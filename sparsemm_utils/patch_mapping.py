@@ -50,6 +50,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+from tqdm.auto import tqdm
+
+from . import prompts
+from .validate import check_int
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -142,14 +146,11 @@ def check_model_type(model_type: str) -> str:
 
 
 def _check_image_size(width: int, height: int) -> tuple[int, int]:
-    for name, value in (("width", width), ("height", height)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise InvalidImageSizeError(
-                f"image {name} must be an int number of pixels, got {value!r} ({type(value).__name__})"
-            )
-        if value <= 0:
-            raise InvalidImageSizeError(f"image {name} must be positive, got {value}")
-    return int(width), int(height)
+    """``(width, height)`` as ints, each a whole number of pixels >= 1."""
+    return (
+        check_int("image width", width, 1, error=InvalidImageSizeError),
+        check_int("image height", height, 1, error=InvalidImageSizeError),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,11 +248,6 @@ def _flat(rows: np.ndarray, cols: np.ndarray, stride: int, offset: int = 0) -> n
 # ----------------------------------------------------------------------------------------------
 
 
-def _positive_int(owner: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise InvalidGeometryError(f"{owner}.{name} must be a positive int, got {value!r}")
-
-
 @dataclass(frozen=True)
 class QwenVLGeometry:
     """Qwen2-VL / Qwen2.5-VL image geometry (docs/method.md §3).
@@ -273,7 +269,7 @@ class QwenVLGeometry:
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "merge_size", "min_pixels", "max_pixels"):
-            _positive_int("QwenVLGeometry", name, getattr(self, name))
+            check_int(f"QwenVLGeometry.{name}", getattr(self, name), 1, error=InvalidGeometryError)
         if self.min_pixels > self.max_pixels:
             raise InvalidGeometryError(
                 f"QwenVLGeometry.min_pixels ({self.min_pixels}) must not exceed max_pixels "
@@ -343,8 +339,8 @@ class LlavaNextGeometry:
     grid_pinpoints: tuple[tuple[int, int], ...] = LLAVA_NEXT_PINPOINTS
 
     def __post_init__(self) -> None:
-        _positive_int("LlavaNextGeometry", "base_size", self.base_size)
-        _positive_int("LlavaNextGeometry", "patch_size", self.patch_size)
+        check_int("LlavaNextGeometry.base_size", self.base_size, 1, error=InvalidGeometryError)
+        check_int("LlavaNextGeometry.patch_size", self.patch_size, 1, error=InvalidGeometryError)
         if self.base_size % self.patch_size:
             raise InvalidGeometryError(
                 f"LlavaNextGeometry.base_size ({self.base_size}) must be a multiple of patch_size "
@@ -740,9 +736,7 @@ class PatchMappingConfig:
                 f"'fidelity'), got {self.variant!r}"
             )
         for name in ("seed", "figure_doc_index", "figure_chunk_index"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+            check_int(name, getattr(self, name), 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -838,8 +832,6 @@ def map_documents(
     (outside the image, malformed) keeps its entry with ``positions == []`` so indices stay
     aligned; a reader must treat an empty region as "no region" (skip the token).
     """
-    from . import prompts  # imported here: prompts pulls the tokenizer stack
-
     check_model_type(model_type)
     if mapper is None:
         mapper = mapper_from_processor(processor, model_type)
@@ -851,8 +843,6 @@ def map_documents(
     image_token_id = processor.image_token_id
     iterator: Iterable[Mapping[str, Any]] = documents_ds
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(documents_ds, desc=f"patch mapping ({model_type})")
     records = []
     for doc in iterator:
@@ -883,8 +873,6 @@ def compare_with_processors(image: Any, processors: Mapping[str, Any], variant: 
     agree). One dict per model type: ``model_type``, ``mapping_tokens``, ``processor_tokens``,
     ``image_token_start``, ``agree`` and the ``describe`` fields. ``variant`` applies to
     LLaVA-NeXT only (Qwen has the fidelity rule alone)."""
-    from . import prompts
-
     width, height = image.size
     rows = []
     for model_type, processor in processors.items():

@@ -3,7 +3,7 @@ reading benchmark.
 
 The offline default run needs a model that really reads (docs/design.md, "The offline world"), so
 the project trains a tiny Qwen2-VL on the step-01 grid documents (:mod:`sparsemm_utils.tiny_reader`).
-This module turns a step-01 document (schema :data:`sparsemm_utils.documents.FEATURES`) into
+This module turns a step-01 document (schema :data:`sparsemm_utils.document_dataset.FEATURES`) into
 questions whose answers can only be read from the image, shaped like the study's tasks:
 
 ========  =====================================================  ===========================
@@ -25,7 +25,7 @@ ablations of step 07 read the same held-out pages (:func:`heldout_documents`).
 
 Lines. A line is one ``2_coord`` chunk of a line-level document; for a word-level document the
 words of one visual line are grouped again (a chunk whose vertical centre lies below the previous
-chunk's bottom starts a new line, the rule of :func:`sparsemm_utils.documents.reading_text`).
+chunk's bottom starts a new line, the rule of :func:`sparsemm_utils.document_dataset.reading_text`).
 A line's words are its text split on spaces.
 
 Document streams. Page ``i`` of the stream ``seed`` is ``ReaderDocSpec.render(seed, i)``; streams
@@ -51,13 +51,8 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from .documents import (
-    FEATURES,
-    UPPER_DIGITS_UNAMBIGUOUS,
-    DocumentGeneratorConfig,
-    PageLayout,
-    layout_document,
-)
+from .document_dataset import FEATURES
+from .page_generator import UPPER_DIGITS_UNAMBIGUOUS, DocumentGeneratorConfig, PageLayout, layout_document
 from .prompts import OCR_PROMPT
 from .validate import check_choice, check_int, check_int_range, is_int
 
@@ -117,7 +112,7 @@ class NoQuestionError(ReaderTaskError):
 class ReaderDocSpec:
     """The page distribution of the tiny reader: monospace grid pages (one character per 28 px
     cell = one Qwen2-VL visual token, docs/method.md §3), drawn by
-    :func:`sparsemm_utils.documents.render_document` with ``layout="grid"``.
+    :func:`sparsemm_utils.page_generator.render_document` with ``layout="grid"``.
 
     ``cols`` / ``rows``: page size in cells (uniform); ``lines``: lines with text per page
     (at most ``rows``; lines sit on distinct random rows, so empty rows may separate them);
@@ -263,9 +258,9 @@ def memoized_document_lines() -> Iterator[None]:
 def document_lines(doc: Mapping[str, Any]) -> list[Line]:
     """The lines of a step-01 document, top to bottom (module docstring, "Lines").
 
-    ``doc`` is a row of :data:`~sparsemm_utils.documents.FEATURES` (``2_coord`` required,
+    ``doc`` is a row of :data:`~sparsemm_utils.document_dataset.FEATURES` (``2_coord`` required,
     ``char_coord`` optional). The OCR answer is ``"\\n".join(line.text for line in lines)``,
-    which equals :func:`sparsemm_utils.documents.reading_text` of the chunks."""
+    which equals :func:`sparsemm_utils.document_dataset.reading_text` of the chunks."""
     memo = _LINES_MEMO
     if memo is None:
         return _document_lines(doc)
@@ -278,7 +273,7 @@ def document_lines(doc: Mapping[str, Any]) -> list[Line]:
 def _document_lines(doc: Mapping[str, Any]) -> list[Line]:
     chunks = doc.get("2_coord")
     if chunks is None:
-        raise ReaderTaskError("the document has no '2_coord' field: pass a step-01 row (documents.FEATURES)")
+        raise ReaderTaskError("the document has no '2_coord' field: pass a step-01 row (document_dataset.FEATURES)")
     groups: list[list[int]] = []
     prev_bottom: float | None = None
     for j, entry in enumerate(chunks):

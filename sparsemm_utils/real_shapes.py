@@ -33,6 +33,7 @@ from transformers import GenerationConfig, LlavaNextConfig, Qwen2_5_VLConfig, Qw
 from sparsemm_utils.allocation import ModelShape
 from sparsemm_utils.models import SUPPORTED_MODEL_TYPES, LoadedModel
 from sparsemm_utils.random_models import mrope_section_for
+from sparsemm_utils.validate import check_int
 
 __all__ = [
     "RESERVED_TOKEN_IDS",
@@ -110,12 +111,10 @@ class RealShape:
         """``layers`` validated against the real depth (None: the real depth)."""
         if layers is None:
             return self.layers
-        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= self.layers:
-            raise InvalidShapeOptionError(
-                f"{self.name} has {self.layers} decoder layers: layers must be an int in [1, {self.layers}] "
-                f"(or None for the full depth), got {layers!r}"
-            )
-        return layers
+        return check_int(
+            "layers (or None for the full depth)", layers, 1, self.layers, error=InvalidShapeOptionError,
+            hint=f"{self.name} has {self.layers} decoder layers",
+        )
 
 
 #: Short name (the config file stem) -> shape. Values from the checkpoints' config.json.
@@ -211,11 +210,9 @@ def real_config(
     shape = get_real_shape(shape)
     layers = shape.check_layers(layers)
     vocab = shape.vocab_size if vocab_size is None else vocab_size
-    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < RESERVED_TOKEN_IDS + 8:
-        raise InvalidShapeOptionError(f"vocab_size must be an int >= {RESERVED_TOKEN_IDS + 8}, got {vocab!r}")
+    vocab = check_int("vocab_size", vocab, RESERVED_TOKEN_IDS + 8, error=InvalidShapeOptionError)
     positions = shape.max_position_embeddings if max_position_embeddings is None else max_position_embeddings
-    if isinstance(positions, bool) or not isinstance(positions, int) or positions < 1:
-        raise InvalidShapeOptionError(f"max_position_embeddings must be a positive int, got {positions!r}")
+    positions = check_int("max_position_embeddings", positions, 1, error=InvalidShapeOptionError)
     ids = _special_ids(vocab)
     text: dict[str, Any] = dict(
         vocab_size=vocab,
@@ -314,8 +311,7 @@ def build_random_model(
 def random_prompt(loaded: LoadedModel, length: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
     """A text-only prompt of ``length`` random token ids below the reserved special ids:
     ``{"input_ids": (1, length) int64, "attention_mask": (1, length) ones}`` on the model's device."""
-    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise InvalidShapeOptionError(f"prompt length must be a positive int, got {length!r}")
+    length = check_int("prompt length", length, 1, error=InvalidShapeOptionError)
     vocab = int(loaded.text_config.vocab_size)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab - RESERVED_TOKEN_IDS, (1, length), generator=generator)

@@ -18,7 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePath
 from types import MappingProxyType
+
 import pandas as pd
+
+from .benchmarks import BENCHMARKS
 
 __all__ = [
     "READING_TOLERANCE",
@@ -120,8 +123,6 @@ def compare_with_reference(results: pd.DataFrame, model: str, tolerance: float =
 
     ``results``: step 05's ``results.csv`` frame (model, benchmark, method, budget, metric, score,
     n_samples); only each benchmark's headline metric is compared."""
-    from .benchmarks import BENCHMARKS
-
     if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
         raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
     missing = {"benchmark", "method", "budget", "metric", "score"} - set(results.columns)

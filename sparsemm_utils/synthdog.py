@@ -12,9 +12,9 @@ renders (Donut's synthetic documents) with OCR boxes added by PaddleOCR. Its sch
 - ``4_coord`` / ``4_coord_norm``: the same chunks with 4-corner polygons.
 
 :func:`load_synthdog` reads the first ``n_rows`` rows in dataset order and converts them to the
-step-01 schema (:data:`sparsemm_utils.documents.FEATURES`): ``doc_id`` = row index, the image
+step-01 schema (:data:`sparsemm_utils.document_dataset.FEATURES`): ``doc_id`` = row index, the image
 bytes untouched, ``2_coord`` as is, ``char_coord`` empty (the original has no character boxes),
-``source = "synthdog"``. It does not validate: :func:`sparsemm_utils.documents.validate_rows`
+``source = "synthdog"``. It does not validate: :func:`sparsemm_utils.document_dataset.validate_rows`
 does (a corrupt image is reported there, with its row).
 
 Offline, the hub cannot be reached: :class:`SynthdogUnavailableError` says how to download the
@@ -36,18 +36,17 @@ from PIL import Image as PILImage
 import datasets
 from datasets import Dataset, Features, List, Value
 
-from .documents import (
-    ALNUM,
+from .document_dataset import (
     COLUMNS,
     FEATURES,
     DocumentError,
-    DocumentGeneratorConfig,
     SchemaMismatchError,
-    _with_content_fingerprint,
     reading_text,
-    render_document,
+    with_content_fingerprint,
 )
+from .page_generator import ALNUM, DocumentGeneratorConfig, render_document
 from .runs import repo_root
+from .validate import check_int
 
 __all__ = [
     "SYNTHDOG_HUB_ID",
@@ -142,8 +141,7 @@ def _open(path_or_id: str, split: str) -> Dataset | datasets.IterableDataset:
 def read_synthdog_rows(n_rows: int, path_or_id: str = SYNTHDOG_HUB_ID, split: str = "train") -> list[dict[str, Any]]:
     """The first ``n_rows`` rows of ``split`` in dataset order, as dicts with the hub's columns;
     images undecoded (``{"bytes", "path"}``), so a corrupt file is read, not raised."""
-    if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 1:
-        raise SynthdogError(f"n_rows must be a positive integer, got {n_rows!r}")
+    check_int("n_rows", n_rows, 1, error=SynthdogError)
     source = _open(path_or_id, split)
     names = source.column_names
     if names is not None:
@@ -189,7 +187,7 @@ def synthdog_to_documents(rows: Sequence[dict[str, Any]]) -> Dataset:
         )
         columns["char_coord"].append([])
         columns["source"].append("synthdog")
-    return _with_content_fingerprint(Dataset.from_dict(columns, features=FEATURES))
+    return with_content_fingerprint(Dataset.from_dict(columns, features=FEATURES))
 
 
 def load_synthdog(n_rows: int, path_or_id: str = SYNTHDOG_HUB_ID, split: str = "train") -> Dataset:
@@ -243,7 +241,7 @@ language:
 
 # Fixture in the schema of `{hub_id}`
 
-NOT real data. {n_rows} small pages drawn by `sparsemm_utils.documents` (seed {seed}), stored
+NOT real data. {n_rows} small pages drawn by `sparsemm_utils.page_generator` (seed {seed}), stored
 exactly in the layout and schema of the hub dataset (`README.md` with `dataset_info`, parquet
 shards under `data/`, columns {columns}), so that `datasets.load_dataset(<this folder>)` reads it
 as it reads a download of the hub dataset. Boxes are the generator's line boxes padded by

@@ -29,7 +29,9 @@ exists (``tests/integration/test_varlen_attention.py``, skipped elsewhere).
 Use: inside :func:`sparsemm_utils.compression.compression`, :func:`use_decode_backend` switches
 the language model to an attention function that runs the prefill exactly as the per-head
 attention of :mod:`sparsemm_utils.compression` does (full keys, then compression) and decodes
-with the chosen backend; the compression context restores the model's attention on exit.
+with the chosen backend; it reads the compression session through
+:data:`~sparsemm_utils.compression.COMPRESSION_HOOK`, and the compression context restores the
+model's attention on exit.
 :func:`compressed_generate_with` is ``compressed_generate`` with a backend.
 """
 
@@ -43,13 +45,21 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from sparsemm_utils.attention_hooks import AttentionFunction, set_text_attention
 from sparsemm_utils.compression import (
-    _active_session,
+    COMPRESSION_HOOK,
+    GenerationResult,
+    _check_generation_inputs,
     compression,
     per_head_attention,
 )
 from sparsemm_utils.kv_cache import CacheStateError, PerHeadKVCache, PerHeadKVLayer, UnsupportedBatchError
-from sparsemm_utils.models import register_text_attention, set_text_attention
+from sparsemm_utils.validate import check_choice
+
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch: the flash path reports itself unavailable
+    varlen_attn = None
 
 __all__ = [
     "DECODE_BACKENDS",
@@ -278,7 +288,9 @@ def flash_decode(
     ``(1, H, 1, d)``; returns ``(1, 1, H, d)`` (transformers' attention output layout).
     ``kernel``: the varlen function (default torch's; tests pass :func:`varlen_attn_emulation`)."""
     if kernel is None:
-        from torch.nn.attention.varlen import varlen_attn as kernel
+        if varlen_attn is None:  # pragma: no cover - torch < 2.10
+            raise BackendUnavailableError(f"torch {torch.__version__} has no torch.nn.attention.varlen")
+        kernel = varlen_attn
     args = flash_varlen_arguments(segments, query)
     out = kernel(**args.as_kwargs(), scale=scaling)  # (H_kv, G, d)
     heads, dim = query.shape[1], query.shape[-1]
@@ -329,9 +341,7 @@ def flash_unavailable_reason(device: torch.device | str, dtype: torch.dtype) -> 
     major, _ = torch.cuda.get_device_capability(device)
     if major < 8:
         return f"FlashAttention-2 needs compute capability >= 8.0, got {torch.cuda.get_device_capability(device)}"
-    try:
-        from torch.nn.attention import varlen  # noqa: F401
-    except ImportError:  # pragma: no cover - torch < 2.10
+    if varlen_attn is None:  # pragma: no cover - torch < 2.10
         return f"torch {torch.__version__} has no torch.nn.attention.varlen"
     return None
 
@@ -343,12 +353,11 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     H_kv x the longest head: 8K-token prompt, 32 KV heads of skewed lengths 55..2160, one thread:
     3.7 ms per layer for the loop, over 40 ms for the gather alone). An explicit name is checked:
     ``"flash"`` where it cannot run raises :class:`BackendUnavailableError`."""
+    check_choice("backend", backend, ("auto", *DECODE_BACKENDS), error=UnknownBackendError)
     if backend == "auto":
         if flash_unavailable_reason(device, dtype) is None:
             return "flash"
         return "padded" if torch.device(device).type == "cuda" else "reference"
-    if backend not in DECODE_BACKENDS:
-        raise UnknownBackendError(f"unknown decode backend {backend!r}; choose 'auto' or one of {', '.join(DECODE_BACKENDS)}")
     if backend == "flash":
         reason = flash_unavailable_reason(device, dtype)
         if reason is not None:
@@ -363,24 +372,22 @@ def decode_attend(layer: PerHeadKVLayer, query: torch.Tensor, scaling: float | N
     """Attention of the newest tokens over what every KV head of ``layer`` stores, by ``backend``
     (an explicit one of :data:`DECODE_BACKENDS`). ``query`` ``(1, H, q, d)``; returns ``(1, q, H, d)``.
     ``"flash"`` serves single-token steps; a multi-token step takes the padded path."""
+    check_choice("backend", backend, DECODE_BACKENDS, error=UnknownBackendError)
     if backend == "reference":
         return layer.attend(query, scaling)
     segments = packed_segments(layer)
     if backend == "flash" and query.shape[2] == 1:
         return flash_decode(segments, query, scaling)
-    if backend in ("flash", "padded"):
-        return padded_decode(segments, query, scaling)
-    raise UnknownBackendError(f"unknown decode backend {backend!r}; choose one of {', '.join(DECODE_BACKENDS)}")
+    return padded_decode(segments, query, scaling)
 
 
 def attention_name(backend: str) -> str:
     """The name the attention function of ``backend`` is registered under."""
-    if backend not in DECODE_BACKENDS:
-        raise UnknownBackendError(f"unknown decode backend {backend!r}; choose one of {', '.join(DECODE_BACKENDS)}")
+    check_choice("backend", backend, DECODE_BACKENDS, error=UnknownBackendError)
     return f"{_ATTENTION_PREFIX}{backend}"
 
 
-def _attention_function(backend: str):
+def _attention_function(backend: str) -> AttentionFunction:
     name = attention_name(backend)
 
     def attention(
@@ -393,7 +400,7 @@ def _attention_function(backend: str):
         dropout: float = 0.0,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        layer = _active_session(name).cache.layers[module.layer_idx]
+        layer = COMPRESSION_HOOK.active(name).cache.layers[module.layer_idx]
         if layer.has_pending_prefill:  # prefill: exactly the per-head attention of compression.py
             return per_head_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         return decode_attend(layer, query, scaling, backend), None
@@ -403,15 +410,17 @@ def _attention_function(backend: str):
     return attention
 
 
+#: One attention function per backend, made once so that registering it again is a no-op.
+_BACKEND_ATTENTION: dict[str, AttentionFunction] = {backend: _attention_function(backend) for backend in DECODE_BACKENDS}
+
+
 def use_decode_backend(model: torch.nn.Module, backend: str) -> str:
     """Switch the language model of ``model`` to the per-head attention decoding with ``backend``
     (resolved with :func:`resolve_backend` for the model's device and dtype). Call it inside
     :func:`~sparsemm_utils.compression.compression` with a compressing method: the context
     restores the previous attention on exit. Returns the backend used."""
     backend = resolve_backend(backend, model.device, model.dtype)
-    name = attention_name(backend)
-    register_text_attention(name, _attention_function(backend), mask="sdpa")
-    set_text_attention(model, name)
+    set_text_attention(model, COMPRESSION_HOOK.register(attention_name(backend), _BACKEND_ATTENTION[backend]))
     return backend
 
 
@@ -431,8 +440,6 @@ def compressed_generate_with(
     loaded: Any, press: Any, inputs: Mapping[str, Any], *, backend: str = "auto", **gen_kwargs: Any
 ) -> Any:
     """``compressed_generate`` (same checks, same result type) with decode steps on ``backend``."""
-    from sparsemm_utils.compression import GenerationResult, _check_generation_inputs
-
     _check_generation_inputs(inputs, gen_kwargs)
     max_new = gen_kwargs.get("max_new_tokens") or getattr(loaded.model.generation_config, "max_new_tokens", None) or 64
     with compression_with_backend(loaded, press, backend=backend, decode_reserve=int(max_new)) as session:

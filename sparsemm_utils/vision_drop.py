@@ -21,8 +21,8 @@ model "never sees the image" through its keys.
 
 Mechanics: the attention function :func:`vision_drop_attention` is registered with transformers'
 ``AttentionInterface`` under :data:`VISION_DROP_ATTENTION` (language model only, vision tower
-keeps sdpa, :func:`sparsemm_utils.models.register_text_attention`). The per-call state (which
-layers, which positions are vision) reaches it through a context variable set by
+keeps sdpa, :mod:`sparsemm_utils.attention_hooks`). The per-call state (which layers, which
+positions are vision) reaches it through :data:`VISION_DROP_HOOK`, activated by
 :func:`vision_drop`; the vision positions are read from ``input_ids`` by a forward pre-hook on the
 model (at the prefill: positions holding the image token id; every later token is text), so
 anything that calls ``model.generate`` or ``model(...)`` inside the ``with`` block is ablated,
@@ -32,19 +32,21 @@ e.g. :func:`sparsemm_utils.tiny_reader.accuracy.evaluate_reader`. Batch size 1.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from sparsemm_utils.attention_capture import text_attention
-from sparsemm_utils.layer_analysis import AttentionShapeError, allowed_keys
-from sparsemm_utils.models import LoadedModel, register_text_attention
+from sparsemm_utils.attention_hooks import AttentionHook, NoActiveStateError, allowed_keys, text_attention
+from sparsemm_utils.models import LoadedModel
+from sparsemm_utils.reader_tasks import HELDOUT_SEED, TASK_TYPES
+from sparsemm_utils.tiny_reader.accuracy import evaluate_reader
+from sparsemm_utils.token_categories import AttentionShapeError
+from sparsemm_utils.validate import check_choice, check_int, is_int
 
 __all__ = [
     "READINGS",
@@ -59,6 +61,7 @@ __all__ = [
     "drop_conditions",
     "masked_sdpa",
     "vision_drop_attention",
+    "VISION_DROP_HOOK",
     "register_vision_drop",
     "vision_drop",
     "evaluate_vision_drop",
@@ -78,16 +81,12 @@ class InvalidLayerRangeError(VisionDropError):
     """A layer range that is empty, reversed, negative, or beyond the model's last layer."""
 
 
-class NoActiveVisionDropError(RuntimeError):
+class NoActiveVisionDropError(NoActiveStateError):
     """:func:`vision_drop_attention` ran outside a :func:`vision_drop` context."""
 
 
 class EmptyAttentionRowError(RuntimeError):
     """Hiding keys left a query with nothing to attend to (a prompt that starts with an image token)."""
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclass(frozen=True)
@@ -104,17 +103,15 @@ class VisionDrop:
     reading: str = "inside"
 
     def __post_init__(self) -> None:
-        if not _is_int(self.first) or not _is_int(self.last) or not 0 <= self.first <= self.last:
+        if not is_int(self.first) or not is_int(self.last) or not 0 <= self.first <= self.last:
             raise InvalidLayerRangeError(
                 f"need integers 0 <= first <= last (0-based, inclusive), got first={self.first!r}, last={self.last!r}"
             )
-        if self.reading not in READINGS:
-            raise VisionDropError(f"reading must be one of {READINGS}, got {self.reading!r}")
+        check_choice("reading", self.reading, READINGS, error=VisionDropError)
 
     def layers(self, num_layers: int) -> tuple[int, ...]:
         """The dropped layers of a model with ``num_layers`` layers, sorted."""
-        if not _is_int(num_layers) or num_layers < 1:
-            raise InvalidLayerRangeError(f"num_layers must be an int >= 1, got {num_layers!r}")
+        check_int("num_layers", num_layers, 1, error=InvalidLayerRangeError)
         if self.last >= num_layers:
             raise InvalidLayerRangeError(
                 f"layer range {self.first}-{self.last} reaches beyond the model's last layer ({num_layers - 1}); "
@@ -132,8 +129,8 @@ class VisionDrop:
 def layer_ranges(num_layers: int, size: int) -> list[tuple[int, int]]:
     """Consecutive ranges of ``size`` layers covering ``0 .. num_layers - 1`` (the last one may be
     shorter): ``layer_ranges(32, 4)`` = (0, 3), (4, 7), ..., (28, 31), LLaVA-Mini's 1-4, ..., 29-32."""
-    if not _is_int(num_layers) or num_layers < 1 or not _is_int(size) or size < 1:
-        raise InvalidLayerRangeError(f"num_layers and size must be ints >= 1, got {num_layers!r}, {size!r}")
+    check_int("num_layers", num_layers, 1, error=InvalidLayerRangeError)
+    check_int("size", size, 1, error=InvalidLayerRangeError)
     return [(a, min(a + size, num_layers) - 1) for a in range(0, num_layers, size)]
 
 
@@ -162,7 +159,7 @@ def masked_sdpa(
 
     ``query`` ``(1, H, q, d)``, ``key``/``value`` ``(1, H_kv, kv, d)``; ``hidden_keys`` bool
     ``(kv,)``; ``query_rows`` bool ``(q,)`` (None: every row). The mask is the model's own (or the
-    causal one, :func:`~sparsemm_utils.layer_analysis.allowed_keys`) with those entries removed.
+    causal one, :func:`~sparsemm_utils.attention_hooks.allowed_keys`) with those entries removed.
     Returns ``(1, q, H, d)`` like every attention function. Raises
     :class:`EmptyAttentionRowError` if a row would see no key at all.
     """
@@ -224,7 +221,14 @@ class VisionDropSession:
         return self.vision[:kv_len].to(device)
 
 
-_ACTIVE: contextvars.ContextVar[VisionDropSession | None] = contextvars.ContextVar("sparsemm_vision_drop", default=None)
+#: The session :func:`vision_drop_attention` reads, activated by :func:`vision_drop`.
+VISION_DROP_HOOK: AttentionHook[VisionDropSession] = AttentionHook(
+    "sparsemm_vision_drop",
+    context="a vision_drop() context",
+    usage="wrap the forward/generate call in `with sparsemm_utils.vision_drop.vision_drop(loaded, drop):`",
+    missing_error=NoActiveVisionDropError,
+    nested_error=VisionDropError,
+)
 
 
 def vision_drop_attention(
@@ -241,12 +245,7 @@ def vision_drop_attention(
 
     In a dropped layer: :func:`masked_sdpa` with the vision keys hidden from the text queries
     (query i is position ``kv - q + i``). In any other layer: ``sdpa_attention_forward`` itself."""
-    session = _ACTIVE.get()
-    if session is None:
-        raise NoActiveVisionDropError(
-            f"{VISION_DROP_ATTENTION!r} ran outside a vision_drop() context: wrap the forward/generate call in "
-            "`with sparsemm_utils.vision_drop.vision_drop(loaded, drop):`"
-        )
+    session = VISION_DROP_HOOK.active(VISION_DROP_ATTENTION)
     if int(module.layer_idx) not in session.layers:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     q_len, kv_len = query.shape[2], key.shape[2]
@@ -260,8 +259,7 @@ def vision_drop_attention(
 
 def register_vision_drop() -> str:
     """Register :func:`vision_drop_attention` (mask function ``sdpa``); returns its name. Idempotent."""
-    register_text_attention(VISION_DROP_ATTENTION, vision_drop_attention, mask="sdpa")
-    return VISION_DROP_ATTENTION
+    return VISION_DROP_HOOK.register(VISION_DROP_ATTENTION, vision_drop_attention)
 
 
 def _call_input_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -278,10 +276,8 @@ def vision_drop(loaded: LoadedModel, drop: VisionDrop | None) -> Iterator[Vision
     ``drop=None`` drops nothing (the same attention function with no dropped layer: the
     unmodified model). Registers the attention function (idempotent), switches the language model
     to it, installs the pre-hook that reads the vision positions from ``input_ids``; all of it is
-    undone on exit, also after an error. Nested blocks are refused.
+    undone on exit, also after an error. Nested blocks raise :class:`VisionDropError`.
     """
-    if _ACTIVE.get() is not None:
-        raise VisionDropError("a vision_drop() block is already active; nested blocks are not supported")
     if drop is not None and not isinstance(drop, VisionDrop):
         raise VisionDropError(f"drop must be a VisionDrop or None, got {drop!r}")
     layers = frozenset(drop.layers(loaded.num_layers)) if drop is not None else frozenset()
@@ -297,15 +293,13 @@ def vision_drop(loaded: LoadedModel, drop: VisionDrop | None) -> Iterator[Vision
         seen = int(cache.get_seq_length()) if cache is not None else 0
         session.observe(ids, seen)
 
-    name = register_vision_drop()
-    handle = loaded.model.register_forward_pre_hook(hook, with_kwargs=True)
-    token = _ACTIVE.set(session)
-    try:
-        with text_attention(loaded.model, name):
-            yield session
-    finally:
-        _ACTIVE.reset(token)
-        handle.remove()
+    with VISION_DROP_HOOK.activate(session):
+        handle = loaded.model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with text_attention(loaded.model, register_vision_drop()):
+                yield session
+        finally:
+            handle.remove()
 
 
 # ------------------------------------------------------------------------------ the benchmark
@@ -357,11 +351,6 @@ def evaluate_vision_drop(
     dropped_layers (the layers really dropped, ``"a-b"``), task (each task and ``"all"``),
     exact_match, char_accuracy, mean_char_accuracy, n (questions).
     """
-    from tqdm.auto import tqdm
-
-    from sparsemm_utils.reader_tasks import HELDOUT_SEED, TASK_TYPES
-    from sparsemm_utils.tiny_reader.accuracy import evaluate_reader
-
     tasks = tuple(tasks) if tasks is not None else TASK_TYPES
     seed = HELDOUT_SEED if seed is None else seed
     cache: dict[frozenset[int], dict] = {}

@@ -26,11 +26,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
+import torch
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from sparsemm_utils.runs import require_upstream
+from sparsemm_utils.allocation import InvalidScoresError, SparseMMAllocation
+from sparsemm_utils.compression import model_shape, snapkv_scores, topk_positions
+from sparsemm_utils.document_dataset import load_documents
+from sparsemm_utils.evaluation import read_predictions
+from sparsemm_utils.head_scoring import HeadScoringConfig
+from sparsemm_utils.head_scoring_capture import capture_sample, score_captures
+from sparsemm_utils.head_scoring_files import load_head_scores
+from sparsemm_utils.head_scoring_rule import make_matcher
+from sparsemm_utils.manifest import Manifest
+from sparsemm_utils.models import load_model, register_text_attention, set_text_attention, text_attention_implementation
+from sparsemm_utils.patch_mapping import QwenVLGeometry, QwenVLPatchMapper, load_regions
+from sparsemm_utils.plots.heads import plot_head_heatmap
+from sparsemm_utils.prompts import build_inputs
+from sparsemm_utils.runs import require_upstream, resolve_run_dir
+from sparsemm_utils.validate import check_fraction, check_int
 
 __all__ = [
     "ExerciseRunError",
@@ -86,11 +106,6 @@ class RunComparison:
 # ------------------------------------------------------------------------------------ configs
 
 
-def _non_negative_int(owner: str, name: str, value: Any, minimum: int = 0) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ExerciseRunError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class ExerciseRunConfig:
     """The parameters every exercise notebook has: the run folder, the model, the seed."""
@@ -105,7 +120,7 @@ class ExerciseRunConfig:
             raise ExerciseRunError(f"{owner}.run_dir must be a non-empty path, got {self.run_dir!r}")
         if not isinstance(self.model_id, str) or not self.model_id:
             raise ExerciseRunError(f"{owner}.model_id must be a non-empty string, got {self.model_id!r}")
-        _non_negative_int(owner, "seed", self.seed)
+        check_int(f"{owner}.seed", self.seed, 0, error=ExerciseRunError)
 
 
 @dataclass(frozen=True)
@@ -116,7 +131,7 @@ class MapBoxRunConfig(ExerciseRunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _non_negative_int(type(self).__name__, "n_documents", self.n_documents, 1)
+        check_int(f"{type(self).__name__}.n_documents", self.n_documents, 1, error=ExerciseRunError)
 
 
 @dataclass(frozen=True)
@@ -128,8 +143,8 @@ class HitRuleRunConfig(ExerciseRunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _non_negative_int(type(self).__name__, "n_documents", self.n_documents, 1)
-        _non_negative_int(type(self).__name__, "max_new_tokens", self.max_new_tokens, 1)
+        check_int(f"{type(self).__name__}.n_documents", self.n_documents, 1, error=ExerciseRunError)
+        check_int(f"{type(self).__name__}.max_new_tokens", self.max_new_tokens, 1, error=ExerciseRunError)
 
 
 @dataclass(frozen=True)
@@ -146,11 +161,10 @@ class AllocationRunConfig(ExerciseRunConfig):
         object.__setattr__(self, "budgets", tuple(self.budgets))
         if not self.budgets:
             raise ExerciseRunError(f"{owner}.budgets must list at least one budget")
-        _non_negative_int(owner, "window", self.window, 1)
+        check_int(f"{owner}.window", self.window, 1, error=ExerciseRunError)
         for b in self.budgets:
-            _non_negative_int(owner, "budgets[...]", b, self.window + 1)
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:
-            raise ExerciseRunError(f"{owner}.ratio must be a number in [0, 1], got {self.ratio!r}")
+            check_int(f"{owner}.budgets[...]", b, self.window + 1, error=ExerciseRunError)
+        check_fraction(f"{owner}.ratio", self.ratio, error=ExerciseRunError)
 
 
 @dataclass(frozen=True)
@@ -167,14 +181,13 @@ class SnapKVRunConfig(ExerciseRunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
-        _non_negative_int(owner, "doc_index", self.doc_index)
-        _non_negative_int(owner, "window", self.window, 1)
-        _non_negative_int(owner, "budget", self.budget, self.window + 1)
-        _non_negative_int(owner, "kernel_size", self.kernel_size, 1)
+        check_int(f"{owner}.doc_index", self.doc_index, 0, error=ExerciseRunError)
+        check_int(f"{owner}.window", self.window, 1, error=ExerciseRunError)
+        check_int(f"{owner}.budget", self.budget, self.window + 1, error=ExerciseRunError)
+        check_int(f"{owner}.kernel_size", self.kernel_size, 1, error=ExerciseRunError)
         if self.kernel_size % 2 == 0:
             raise ExerciseRunError(f"{owner}.kernel_size must be odd (docs/method.md §5: default 5), got {self.kernel_size}")
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:
-            raise ExerciseRunError(f"{owner}.ratio must be a number in [0, 1], got {self.ratio!r}")
+        check_fraction(f"{owner}.ratio", self.ratio, error=ExerciseRunError)
 
 
 @dataclass(frozen=True)
@@ -187,7 +200,7 @@ class AnlsRunConfig(ExerciseRunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.max_predictions is not None:
-            _non_negative_int(type(self).__name__, "max_predictions", self.max_predictions, 1)
+            check_int(f"{type(self).__name__}.max_predictions", self.max_predictions, 1, error=ExerciseRunError)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -212,9 +225,6 @@ def _positions(value: Any) -> list[int] | None:
 def check_run_model(cfg: ExerciseRunConfig, step: str) -> None:
     """Raise :class:`ExerciseRunError` when ``step``'s manifest in the run records another
     ``model_id`` than ``cfg.model_id`` (the regions and head scores belong to that model)."""
-    from sparsemm_utils.manifest import Manifest
-    from sparsemm_utils.runs import resolve_run_dir
-
     manifest = Manifest.read(resolve_run_dir(cfg.run_dir) / step)
     recorded = None if manifest is None else manifest.params.get("model_id")
     if recorded is not None and recorded != cfg.model_id:
@@ -228,8 +238,6 @@ def check_run_model(cfg: ExerciseRunConfig, step: str) -> None:
 
 
 def _draw_cells(ax: Any, image: Any, boxes: np.ndarray, expected: set[int], got: set[int], title: str) -> None:
-    from matplotlib.patches import Rectangle
-
     ax.imshow(image)
     for p, (x0, y0, x1, y1) in enumerate(boxes):
         if p in expected and p in got:
@@ -253,11 +261,6 @@ def map_box_on_run(fn: Callable[..., Any], cfg: MapBoxRunConfig) -> RunCompariso
     the first document with the library's cells (blue), yours (red) and both (green) for the
     first chunk that disagrees (or the first chunk).
     """
-    import matplotlib.pyplot as plt
-
-    from sparsemm_utils.documents import load_documents
-    from sparsemm_utils.patch_mapping import QwenVLGeometry, QwenVLPatchMapper, load_regions
-
     regions = load_regions(require_upstream(cfg.run_dir, "02_patch_mapping", "regions.jsonl"))
     report = json.loads(require_upstream(cfg.run_dir, "02_patch_mapping", "mapping_report.json").read_text(encoding="utf-8"))
     families = sorted({r["model_type"] for r in regions})
@@ -299,8 +302,6 @@ def map_box_on_run(fn: Callable[..., Any], cfg: MapBoxRunConfig) -> RunCompariso
     _draw_cells(ax, document["image"], boxes, expected, got,
                 f"doc {doc_id}, chunk {index} {record['chunks'][index]['chunk'][:30]!r}: library blue, yours red, both green")
     x0, y0, x1, y1 = record["chunks"][index]["box"]
-    from matplotlib.patches import Rectangle
-
     ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="black", linewidth=1.2))
     fig.tight_layout()
     return RunComparison("map_box", table, fig, "Positions are relative to the first image token.")
@@ -318,19 +319,11 @@ def hit_rule_on_run(fn: Callable[..., Any], cfg: HitRuleRunConfig) -> RunCompari
     Table: doc_id, tokens, matched (library), max_abs_diff, agree, error. Figure: the library's
     S over these documents beside yours.
     """
-    import matplotlib.pyplot as plt
-
-    from sparsemm_utils import head_scoring as hs
-    from sparsemm_utils.documents import load_documents
-    from sparsemm_utils.models import load_model
-    from sparsemm_utils.patch_mapping import load_regions
-    from sparsemm_utils.plots.heads import plot_head_heatmap
-
     documents = load_documents(require_upstream(cfg.run_dir, "01_ocr_annotation", "documents"))
     regions = {r["doc_id"]: r for r in load_regions(require_upstream(cfg.run_dir, "02_patch_mapping", "regions.jsonl"))}
     check_run_model(cfg, "02_patch_mapping")
     loaded = load_model(cfg.model_id, seed=cfg.seed)
-    scoring = hs.HeadScoringConfig(
+    scoring = HeadScoringConfig(
         run_dir=cfg.run_dir, model_id=cfg.model_id, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
         n_samples=cfg.n_documents, explorer_samples=0, reference_check_samples=0,
     )  # fmt: skip
@@ -338,8 +331,8 @@ def hit_rule_on_run(fn: Callable[..., Any], cfg: HitRuleRunConfig) -> RunCompari
     for i in range(min(cfg.n_documents, len(documents))):
         doc = documents[i]
         record = regions[doc["doc_id"]]
-        sample = hs.capture_sample(loaded, doc, record, scoring, keep_rows=True)
-        expected = hs.score_captures([sample], "substring", "argmax", 1).sample_scores[0]
+        sample = capture_sample(loaded, doc, record, scoring, keep_rows=True)
+        expected = score_captures([sample], "substring", "argmax", 1).sample_scores[0]
         keep = [t for t, stop in enumerate(sample.tokens.stop) if not stop]
         start = int(record["image_token_start"])
         args = (
@@ -357,7 +350,7 @@ def hit_rule_on_run(fn: Callable[..., Any], cfg: HitRuleRunConfig) -> RunCompari
                 diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
             except (TypeError, ValueError) as exc:
                 error = f"the result is not an (L, H) array of numbers ({exc})"
-        matched = int(sum(m.matched for m in hs.make_matcher("substring").match(sample.tokens, record)))
+        matched = int(sum(m.matched for m in make_matcher("substring").match(sample.tokens, record)))
         rows.append({"doc_id": doc["doc_id"], "tokens": len(keep), "matched": matched,
                      "max_abs_diff": diff, "agree": bool(diff <= 1e-9), "error": error})
         library.append(expected)
@@ -389,14 +382,6 @@ def allocation_on_run(fn: Callable[..., Any], cfg: AllocationRunConfig) -> RunCo
     Table: budget, total (library), your_total, heads_differing, max_abs_diff, agree, error.
     Figure: the library's caps and yours at the first budget (layers x KV heads).
     """
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    from sparsemm_utils.allocation import InvalidScoresError, SparseMMAllocation
-    from sparsemm_utils.compression import model_shape
-    from sparsemm_utils.head_scoring import load_head_scores
-    from sparsemm_utils.models import load_model
-
     scores_path = require_upstream(cfg.run_dir, "03_head_scoring", "head_scores.json")
     check_run_model(cfg, "03_head_scoring")
     shape = model_shape(load_model(cfg.model_id, seed=cfg.seed))
@@ -451,8 +436,6 @@ _QK_ATTENTION = "sparsemm_exercise_prefill_qk"
 def _capturing_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
                          dropout: float = 0.0, **kwargs: Any) -> Any:
     """sdpa attention that also records the prefill's post-RoPE (query, key, scaling) per layer."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     store = _QK_STORE.get()
     if store is not None and query.shape[-2] > 1:
         store[int(module.layer_idx)] = (query.detach().float().cpu(), key.detach().float().cpu(), scaling)
@@ -465,8 +448,6 @@ def capture_prefill_qk(loaded: Any) -> Iterator[dict[int, tuple[Any, Any, float 
     the post-RoPE ``query`` (1, H, n, d), ``key`` (1, H_kv, n, d) and the softmax scale of its
     prefill (the same states SnapKV selects from, docs/method.md §5). The model's attention
     implementation is restored on exit."""
-    from sparsemm_utils.models import register_text_attention, set_text_attention, text_attention_implementation
-
     register_text_attention(_QK_ATTENTION, _capturing_attention, mask="sdpa")
     previous = text_attention_implementation(loaded.model)
     store: dict[int, tuple[Any, Any, float | None]] = {}
@@ -491,17 +472,6 @@ def snapkv_selection_on_run(fn: Callable[..., Any], cfg: SnapKVRunConfig) -> Run
     score: float precision decides, so the row agrees), agree, error. Figure: every head's kept
     positions, library vs yours.
     """
-    import matplotlib.pyplot as plt
-    import torch
-    from matplotlib.colors import ListedColormap
-
-    from sparsemm_utils.allocation import SparseMMAllocation
-    from sparsemm_utils.compression import model_shape, snapkv_scores, topk_positions
-    from sparsemm_utils.documents import load_documents
-    from sparsemm_utils.head_scoring import load_head_scores
-    from sparsemm_utils.models import load_model
-    from sparsemm_utils.prompts import build_inputs
-
     documents = load_documents(require_upstream(cfg.run_dir, "01_ocr_annotation", "documents"))
     scores_path = require_upstream(cfg.run_dir, "03_head_scoring", "head_scores.json")
     if cfg.doc_index >= len(documents):
@@ -588,10 +558,6 @@ def anls_on_run(fn: Callable[..., Any], cfg: AnlsRunConfig) -> RunComparison:
     agree, error. Figure: mean ANLS against budget per method, computed with your function
     (dots) and recorded by step 05 (lines): your own version of the paper's figure.
     """
-    import matplotlib.pyplot as plt
-
-    from sparsemm_utils.evaluation import read_predictions
-
     records, _ = read_predictions(require_upstream(cfg.run_dir, "05_eval", "predictions.jsonl"))
     scored = [r for r in records if "anls" in (r.get("scores") or {})]
     if not scored:

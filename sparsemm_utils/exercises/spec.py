@@ -14,6 +14,11 @@ import ast
 from dataclasses import dataclass
 from typing import Any
 
+from sparsemm_utils.checkers import CHECKERS
+from sparsemm_utils.validate import check_int_range
+
+from . import on_run
+
 __all__ = ["ExerciseSpecError", "Exercise"]
 
 
@@ -65,18 +70,12 @@ class Exercise:
     open_questions: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        from sparsemm_utils.checkers import CHECKERS
-
-        from . import on_run
-
         if self.key not in CHECKERS:
             raise ExerciseSpecError(f"exercise key {self.key!r} has no checker; known: {sorted(CHECKERS)}")
         number = self.source.split("_", 1)[0]
         if not (len(number) == 2 and number.isdigit()):
             raise ExerciseSpecError(f"source must be a step name like '02_patch_mapping', got {self.source!r}")
-        low, high = self.minutes
-        if not (isinstance(low, int) and isinstance(high, int) and 0 < low <= high):
-            raise ExerciseSpecError(f"minutes must be (low, high) with 0 < low <= high, got {self.minutes!r}")
+        check_int_range("minutes (low, high)", self.minutes, 1, error=ExerciseSpecError)
         if not self.background:
             raise ExerciseSpecError(f"exercise {self.key!r} must show at least one background cell of {self.source}")
         try:

@@ -1,6 +1,6 @@
 """Figures of step 01: documents with their chunk and character boxes, and dataset statistics.
 
-Both functions take a step-01 dataset (:data:`sparsemm_utils.documents.FEATURES`) and return a
+Both functions take a step-01 dataset (:data:`sparsemm_utils.document_dataset.FEATURES`) and return a
 matplotlib ``Figure``; the notebook saves them as ``fig_samples.png`` and ``fig_statistics.png``.
 """
 
@@ -18,7 +18,7 @@ from PIL import Image as PILImage
 
 import datasets
 
-from ..documents import _image_bytes, char_statistics, chunk_statistics, document_statistics
+from ..document_dataset import char_statistics, chunk_statistics, document_statistics, image_bytes
 
 __all__ = ["plot_samples", "plot_statistics", "CHUNK_COLOR", "CHAR_COLOR"]
 
@@ -53,7 +53,7 @@ def plot_samples(
         ax.axis("off")
     for ax, i in zip(axes.flat, indices):
         row = raw[int(i)]
-        with PILImage.open(io.BytesIO(_image_bytes(row["image"]))) as image:
+        with PILImage.open(io.BytesIO(image_bytes(row["image"]))) as image:
             ax.imshow(image.convert("RGB"))
             width, height = image.size
         if show_chars:

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from ..head_scoring import MATCHED, PAPER_TOP_SHARE, SKIP_REASONS, cumulative_share, top_heads, validate_head_scores
+from ..head_scoring_rule import MATCHED, PAPER_TOP_SHARE, SKIP_REASONS, cumulative_share, top_heads, validate_head_scores
 from ..patch_mapping import LlavaNextPatchMapper, PatchMapper
 
 __all__ = [

@@ -25,7 +25,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from ..layer_analysis import CATEGORIES, ROLES, PromptLayout, spearman
+from ..category_attention import spearman
+from ..token_categories import CATEGORIES, ROLES, PromptLayout
 
 __all__ = [
     "ROLE_COLORS",

@@ -271,7 +271,7 @@ Load it like one: `sparsemm_utils.models.load_model("data/tiny_reader")`.
 
 ## Data recipe
 
-Pages from `sparsemm_utils.documents.render_document` with the grid layout
+Pages from `sparsemm_utils.page_generator.render_document` with the grid layout
 (`sparsemm_utils.reader_tasks.ReaderDocSpec`): {spec.cols[0]}-{spec.cols[1]} columns x {spec.rows[0]}-{spec.rows[1]} rows of
 {spec.cell_size} px cells ({spec.cols[0] * spec.rows[0]}-{spec.cols[1] * spec.rows[1]} visual tokens), {spec.lines[0]}-{spec.lines[1]} lines on distinct random rows,
 {spec.words_per_line[0]}-{spec.words_per_line[1]} words per line of {spec.word_length[0]}-{spec.word_length[1]} characters, one character centred per cell with

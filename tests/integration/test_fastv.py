@@ -12,10 +12,10 @@ from PIL import Image
 
 from sparsemm_utils import fastv as fv
 from sparsemm_utils.allocation import ModelShape
-from sparsemm_utils.attention_capture import text_attention
+from sparsemm_utils.attention_hooks import register_text_attention, text_attention, text_attention_implementation
 from sparsemm_utils.kv_cache import analytic_kv_bytes
-from sparsemm_utils.layer_analysis import forward_inputs_with_response
-from sparsemm_utils.models import load_model, register_text_attention, text_attention_implementation
+from sparsemm_utils.layer_stats_capture import forward_inputs_with_response
+from sparsemm_utils.models import load_model
 from sparsemm_utils.prompts import build_inputs, image_token_span
 from sparsemm_utils.vision_drop import masked_sdpa
 

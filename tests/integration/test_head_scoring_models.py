@@ -11,10 +11,14 @@ import torch
 from PIL import Image
 
 from sparsemm_utils import attention_capture as ac
-from sparsemm_utils import head_scoring as hs
-from sparsemm_utils.documents import DocumentGeneratorConfig, generate_documents
+from sparsemm_utils import head_scoring
+from sparsemm_utils import head_scoring_capture as capture
+from sparsemm_utils import head_scoring_files as files
+from sparsemm_utils import head_scoring_rule as rule
+from sparsemm_utils.attention_hooks import text_attention
 from sparsemm_utils.head_explorer import HeadExplorer, explorer_samples
 from sparsemm_utils.models import load_model, text_attention_implementation, vision_attention_implementation
+from sparsemm_utils.page_generator import DocumentGeneratorConfig, generate_documents
 from sparsemm_utils.patch_mapping import map_documents
 from sparsemm_utils.prompts import build_inputs, image_token_span
 
@@ -69,11 +73,11 @@ def test_scores_on_a_real_capture_follow_the_rule(models):
     start, count = image_token_span(inputs["input_ids"], loaded.image_token_id)
     spec = ac.CaptureSpec(top_k=2, image_span=(start, count))
     ids, captured = ac.generate_with_rows(loaded, inputs, max_new_tokens=6, spec=spec)
-    tokens = hs.generated_tokens(loaded.tokenizer, ids, "qwen2_vl", stop_ids=ac.stop_token_ids(loaded))
+    tokens = rule.generated_tokens(loaded.tokenizer, ids, "qwen2_vl", stop_ids=ac.stop_token_ids(loaded))
     # one chunk made of the first generated character, its region the whole image
     record = {"doc_id": 0, "image_token_start": start, "chunks": [{"chunk": tokens.texts[0], "positions": list(range(count))}]}
-    result = hs.score_captures(
-        [hs.SampleCapture(0, tokens, captured, record, inputs["input_ids"].shape[1], 0.0)], "substring", "argmax"
+    result = capture.score_captures(
+        [capture.SampleCapture(0, tokens, captured, record, inputs["input_ids"].shape[1], 0.0)], "substring", "argmax"
     )
     # by the rule: every token whose text is in the chunk adds [argmax in the image] / |R| per head
     expected = np.zeros((loaded.num_layers, loaded.num_heads))
@@ -81,7 +85,7 @@ def test_scores_on_a_real_capture_follow_the_rule(models):
         if text in record["chunks"][0]["chunk"] and not tokens.stop[t]:
             expected += ((captured.argmax[t] >= start) & (captured.argmax[t] < start + count)) / count
     np.testing.assert_allclose(result.scores, expected)
-    assert result.reason_counts()[hs.MATCHED] >= 1
+    assert result.reason_counts()[rule.MATCHED] >= 1
 
 
 def test_decoding_without_the_prefill_cache_is_caught(models):
@@ -89,7 +93,7 @@ def test_decoding_without_the_prefill_cache_is_caught(models):
     loaded = models["qwen2_vl"]
     inputs = build_inputs(loaded, page(), model_type="qwen2_vl")
     recorder = ac.RowRecorder(loaded.num_layers, loaded.num_heads)
-    with torch.no_grad(), ac.text_attention(loaded.model, ac.register_row_capture()), ac.recording(recorder):
+    with torch.no_grad(), text_attention(loaded.model, ac.register_row_capture()), ac.recording(recorder):
         first = loaded.model(**inputs).logits[0, -1].argmax().view(1, 1)
         loaded.model(input_ids=first, use_cache=False)  # no cache: the step sees only itself
     with pytest.raises(ac.MissingPrefillCacheError, match="issue #10"):
@@ -99,7 +103,7 @@ def test_decoding_without_the_prefill_cache_is_caught(models):
 def test_attention_is_restored_after_an_error(models):
     loaded = models["llava_next"]
     with pytest.raises(RuntimeError, match="boom"):
-        with ac.text_attention(loaded.model, "eager"):
+        with text_attention(loaded.model, "eager"):
             raise RuntimeError("boom")
     assert text_attention_implementation(loaded.model) == "sdpa"
 
@@ -113,29 +117,29 @@ def documents():
 def test_documents_to_scores_and_explorer(models, documents, tmp_path):
     loaded = models["qwen2_vl"]
     regions = map_documents(documents, loaded.processor, "qwen2_vl")
-    cfg = hs.HeadScoringConfig(max_new_tokens=4, n_samples=2, explorer_samples=1, explorer_tokens=3, top_k=2)
-    samples = hs.capture_documents(loaded, documents, regions, cfg, progress=False)
+    cfg = head_scoring.HeadScoringConfig(max_new_tokens=4, n_samples=2, explorer_samples=1, explorer_tokens=3, top_k=2)
+    samples = capture.capture_documents(loaded, documents, regions, cfg, progress=False)
     assert [len(s.tokens) for s in samples] == [4, 4]
     assert samples[0].captured.image_attention.shape[:3] == (3, loaded.num_layers, loaded.num_heads)
     assert samples[1].captured.image_attention is None
-    variants = hs.compare_variants(samples, cfg.top_k)
+    variants = capture.compare_variants(samples, cfg.top_k)
     result = variants["substring/argmax"]
-    paths = hs.write_scoring_outputs(result, tmp_path, samples=samples, report=hs.build_report(cfg, loaded, samples, variants))
-    scores = hs.load_head_scores(paths["head_scores.json"], shape=loaded)
+    paths = head_scoring.write_scoring_outputs(result, tmp_path, samples=samples, report=head_scoring.build_report(cfg, loaded, samples, variants))
+    scores = files.load_head_scores(paths["head_scores.json"], shape=loaded)
     np.testing.assert_allclose(scores, result.scores)
     explorer = HeadExplorer(explorer_samples(samples, result, documents, loaded.processor, "qwen2_vl"), result.scores)
     assert len(explorer.samples) == 1 and explorer.static_figure(max_steps=2) is not None
-    check = hs.compare_with_reference(loaded, documents[0], regions[0], cfg)
+    check = capture.compare_with_reference(loaded, documents[0], regions[0], cfg)
     assert check["tokens_equal"] and check["argmax_equal"] == 1.0 and check["max_abs_row_diff"] < 1e-6
 
 
 def test_regions_from_another_model_are_rejected(models, documents):
     regions = map_documents(documents, models["llava_next"].processor, "llava_next")
-    cfg = hs.HeadScoringConfig(max_new_tokens=2, n_samples=1)
-    with pytest.raises(hs.RegionMismatchError, match="rerun step 02"):
-        hs.capture_documents(models["qwen2_vl"], documents, regions, cfg, progress=False)
+    cfg = head_scoring.HeadScoringConfig(max_new_tokens=2, n_samples=1)
+    with pytest.raises(capture.RegionMismatchError, match="rerun step 02"):
+        capture.capture_documents(models["qwen2_vl"], documents, regions, cfg, progress=False)
     shifted = [{**r, "model_type": "qwen2_vl", "image_token_start": r["image_token_start"] + 1} for r in regions]
-    with pytest.raises(hs.RegionMismatchError, match="wrong keys"):
-        hs.capture_documents(models["qwen2_vl"], documents, shifted, cfg, progress=False)
-    with pytest.raises(hs.RegionMismatchError, match="no record"):
-        hs.capture_documents(models["qwen2_vl"], documents, [], cfg, progress=False)
+    with pytest.raises(capture.RegionMismatchError, match="wrong keys"):
+        capture.capture_documents(models["qwen2_vl"], documents, shifted, cfg, progress=False)
+    with pytest.raises(capture.RegionMismatchError, match="no record"):
+        capture.capture_documents(models["qwen2_vl"], documents, [], cfg, progress=False)

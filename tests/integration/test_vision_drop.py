@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from sparsemm_utils import vision_drop as vd
-from sparsemm_utils.attention_capture import text_attention
+from sparsemm_utils.attention_hooks import text_attention
 from sparsemm_utils.models import load_model, text_attention_implementation
 from sparsemm_utils.prompts import build_inputs, image_token_span
 
@@ -54,7 +54,7 @@ def test_bad_ranges_are_refused():
         vd.VisionDrop(0, 1, "after")
     with pytest.raises(vd.InvalidLayerRangeError, match="beyond the model's last layer"):
         vd.VisionDrop(2, 4).layers(4)
-    with pytest.raises(vd.InvalidLayerRangeError, match="ints >= 1"):
+    with pytest.raises(vd.InvalidLayerRangeError, match="size must be an int >= 1, got 0"):
         vd.layer_ranges(4, 0)
 
 
@@ -169,14 +169,14 @@ def test_evaluate_vision_drop_runs_each_layer_set_once(qwen, monkeypatch):
     calls = []
 
     def fake_evaluate_reader(model, documents, tasks, *, seed, max_new_tokens, progress):
-        session = vd._ACTIVE.get()
+        session = vd.VISION_DROP_HOOK.active()
         calls.append(tuple(sorted(session.layers)))
         acc = 1.0 - 0.1 * len(session.layers)  # a number that tells the conditions apart
         summary = {t: {"n": 2, "exact_match": acc, "char_accuracy": acc, "mean_char_accuracy": acc} for t in tasks}
         summary["all"] = {"n": 2 * len(tasks), "exact_match": acc, "char_accuracy": acc, "mean_char_accuracy": acc}
         return {"summary": summary, "records": [], "seconds": 0.0}
 
-    monkeypatch.setattr("sparsemm_utils.tiny_reader.accuracy.evaluate_reader", fake_evaluate_reader)
+    monkeypatch.setattr("sparsemm_utils.vision_drop.evaluate_reader", fake_evaluate_reader)
     last = loaded.num_layers - 1
     drops = [None, vd.VisionDrop(0, 0, "inside"), vd.VisionDrop(last, last, "inside"), vd.VisionDrop(last, last, "from"),
              vd.VisionDrop(0, 0, "from")]

@@ -562,15 +562,15 @@ def test_other_parameters_are_validated():
         SnapKVAllocation(budget=64, window=0)
     with pytest.raises(InvalidParameterError, match=r"alpha must lie in \[0, 1\]"):
         AdaKVAllocation(budget=64, alpha=-0.1)
-    with pytest.raises(InvalidParameterError, match="beta must be >= 1"):
+    with pytest.raises(InvalidParameterError, match="beta must be an int >= 1"):
         PyramidKVAllocation(budget=64, beta=0)
     with pytest.raises(InvalidParameterError, match="sink=40 exceeds b = B - w = 32"):
         StreamingLLMAllocation(budget=64, sink=40)
-    with pytest.raises(InvalidParameterError, match="seed must be >= 0"):
+    with pytest.raises(InvalidParameterError, match="seed must be an int >= 0"):
         RandomAllocation(budget=64, seed=-1)
     with pytest.raises(InvalidParameterError, match="PyramidKV interpolates between layers"):
         PyramidKVAllocation(budget=64).capacities((1, 4, 4), prompt_len=100)
-    with pytest.raises(InvalidParameterError, match="prompt_len must be a positive int"):
+    with pytest.raises(InvalidParameterError, match="prompt_len must be an int >= 1"):
         SparseMMAllocation(budget=64).capacities(SHAPE, head_scores=DYADIC).kept(0)
 
 

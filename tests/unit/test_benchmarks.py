@@ -189,7 +189,7 @@ def test_limit_keeps_the_first_rows():
     assert first_two.sample_ids == ["57344", "57345"] and first_two.skips.n_rows == 2
     four = load_benchmark("docvqa", source=fixture_dir("docvqa"), limit=4)  # rows 0-3: row 3 has no answers
     assert four.sample_ids == ["57344", "57345", "57346"] and dict(four.skips.counts) == {"no answers": 1}
-    with pytest.raises(BenchmarkError, match="limit must be a positive int"):
+    with pytest.raises(BenchmarkError, match=r"limit \(or None\) must be an int >= 1"):
         load_benchmark("docvqa", source=fixture_dir("docvqa"), limit=0)
 
 

@@ -129,8 +129,7 @@ def _run_prefill(press, n, shape=SHAPE, dim=4, seed=0):
 
     session = CompressionSession(press, shape, PerHeadKVCache(shape.layers, decode_reserve=0))
     g = torch.Generator().manual_seed(seed)
-    token = comp._ACTIVE.set(session)
-    try:
+    with comp.COMPRESSION_HOOK.activate(session):
         for layer_idx in range(shape.layers):
             module = SimpleNamespace(layer_idx=layer_idx, num_key_value_groups=shape.group_size, is_causal=True)
             query = torch.randn(1, shape.query_heads, n, dim, generator=g)
@@ -139,8 +138,6 @@ def _run_prefill(press, n, shape=SHAPE, dim=4, seed=0):
             key_out, value_out = session.cache.update(key, value, layer_idx)
             output, _ = per_head_attention(module, query, key_out, value_out, None, scaling=dim**-0.5)
             assert output.shape == (1, n, shape.query_heads, dim)
-    finally:
-        comp._ACTIVE.reset(token)
     return session
 
 
@@ -255,11 +252,8 @@ def test_head_mask_attention_is_uniform_for_masked_heads():
     key = torch.randn(1, 1, 3, 4, generator=g)
     value = torch.randn(1, 1, 3, 4, generator=g)
     module = SimpleNamespace(layer_idx=0, num_key_value_groups=2, is_causal=True)
-    token = comp._ACTIVE.set(session)
-    try:
+    with comp.COMPRESSION_HOOK.activate(session):
         out, _ = comp.head_mask_attention(module, query, key, value, None, scaling=0.5)
-    finally:
-        comp._ACTIVE.reset(token)
     # head 1 masked: query i averages values 0..i uniformly (causal); head 0 untouched
     uniform = torch.cumsum(value[0, 0], dim=0) / torch.arange(1, 4)[:, None]
     torch.testing.assert_close(out[0, :, 1], uniform)
@@ -321,7 +315,7 @@ def test_other_parameters_are_validated():
         StreamingLLMPress(budget=36, sink=5)
     with pytest.raises(InvalidParameterError, match="fraction must be a number in"):
         HeadMaskAblation(selection="random", fraction=0.0)
-    with pytest.raises(InvalidParameterError, match="selection must be 'top' or 'random'"):
+    with pytest.raises(InvalidParameterError, match="selection must be one of 'top', 'random', got 'bottom'"):
         HeadMaskAblation(selection="bottom")
     with pytest.raises(MissingAllocationInputError, match="AdaKV's caps depend on each layer's attention"):
         AdaKVPress(budget=64).capacities(SHAPE, 100)

@@ -61,7 +61,7 @@ def test_config_takes_lists_from_papermill_and_picks_low_middle_high():
         ({"budgets": "64"}, InvalidBudgetError, "non-empty list"),
         ({"methods": ["sparsemm", "h2o"]}, UnknownCompressionMethodError, r"unknown budgeted method\(s\) \['h2o'\]"),
         ({"methods": ["fullkv"]}, UnknownCompressionMethodError, "FullKV is always measured"),
-        ({"ratio": 1.5}, InvalidParameterError, "ratio must be a number in"),
+        ({"ratio": 1.5}, InvalidParameterError, r"ratio must lie in \[0, 1\], got 1.5"),
         ({"window": 0}, InvalidParameterError, "window must be an int >= 1"),
         ({"n_prompts": 0}, InvalidParameterError, "n_prompts must be an int >= 1"),
         ({"head_mask_fraction": 0}, InvalidParameterError, "head_mask_fraction"),

@@ -11,20 +11,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsemm_utils.documents import (
+from sparsemm_utils.document_dataset import (
     FEATURES,
     DocumentConfigError,
-    DocumentGeneratorConfig,
-    OcrAnnotationConfig,
     content_fingerprint,
-    generate_documents,
-    layout_document,
     load_documents,
-    place_in_cell,
     reading_text,
-    render_document,
     save_documents,
     validate_rows,
+)
+from sparsemm_utils.documents import OcrAnnotationConfig
+from sparsemm_utils.page_generator import (
+    FONTS,
+    DocumentGeneratorConfig,
+    generate_documents,
+    layout_document,
+    place_in_cell,
+    render_document,
 )
 
 SMALL = dict(n_documents=3, page_width_range=(224, 336), page_height_range=(112, 224), lines_per_page_range=(1, 4))
@@ -220,8 +223,6 @@ def test_generated_dataset_passes_validation_without_issues():
 
 
 def test_shipped_font_is_there_with_its_license():
-    from sparsemm_utils.documents import FONTS
-
     font = FONTS["dejavu-sans-mono"]
     assert font.is_file() and (font.parent / "LICENSE_DEJAVU.txt").is_file()
     assert "Bitstream" in (font.parent / "LICENSE_DEJAVU.txt").read_text()

@@ -10,12 +10,8 @@ import matplotlib.pyplot as plt
 import pytest
 from matplotlib.patches import Rectangle
 
-from sparsemm_utils.documents import (
-    DocumentGeneratorConfig,
-    chunk_statistics,
-    document_statistics,
-    generate_documents,
-)
+from sparsemm_utils.document_dataset import chunk_statistics, document_statistics
+from sparsemm_utils.page_generator import DocumentGeneratorConfig, generate_documents
 from sparsemm_utils.plots.documents import CHAR_COLOR, CHUNK_COLOR, plot_samples, plot_statistics
 
 

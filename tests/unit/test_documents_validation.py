@@ -11,20 +11,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from sparsemm_utils.documents import (
+from sparsemm_utils.document_dataset import (
     FEATURES,
     BadDocumentError,
     DocumentConfigError,
     DocumentError,
-    OcrAnnotationConfig,
     SchemaMismatchError,
     _check_box,
     content_fingerprint,
     load_documents,
-    run_ocr_annotation,
     save_documents,
     validate_rows,
 )
+from sparsemm_utils.documents import OcrAnnotationConfig, run_ocr_annotation
 
 
 def png(width: int = 100, height: int = 50) -> dict:

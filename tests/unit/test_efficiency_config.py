@@ -57,7 +57,7 @@ def test_models_are_normalised_to_short_names():
         (dict(contexts=[4096, 2048]), "strictly increasing"),
         (dict(contexts=[0]), "each context must be an int >= 1"),
         (dict(budget=32, window=32), "must exceed the window"),
-        (dict(ratio=1.5), "ratio must be a number in \\[0, 1\\]"),
+        (dict(ratio=1.5), r"ratio must lie in \[0, 1\], got 1.5"),
         (dict(layers=0), "layers must be an int >= 1"),
         (dict(models=["qwen2-vl-7b"], layers=29), "exceeds the depth of a model \\(28\\)"),
         (dict(vocab="tiny"), "vocab must be one of"),

@@ -141,7 +141,7 @@ def test_backend_resolution_on_this_machine():
     assert "CUDA device" in flash_unavailable_reason("cpu", torch.bfloat16)
     with pytest.raises(BackendUnavailableError, match="cannot run here: it needs a CUDA device.*'padded'"):
         resolve_backend("flash", "cpu", torch.bfloat16)
-    with pytest.raises(UnknownBackendError, match="choose 'auto' or one of reference, padded, flash"):
+    with pytest.raises(UnknownBackendError, match="backend must be one of 'auto', 'reference', 'padded', 'flash', got 'triton'"):
         resolve_backend("triton", "cpu", torch.float32)
     with pytest.raises(UnknownBackendError):
         attention_name("auto")

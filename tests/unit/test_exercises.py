@@ -153,7 +153,7 @@ def test_cli_check_build_and_solutions(tmp_path, capsys):
     [
         ({"key": "nope"}, "has no checker"),
         ({"source": "patch_mapping"}, "step name like"),
-        ({"minutes": (30, 20)}, "0 < low <= high"),
+        ({"minutes": (30, 20)}, r"minutes \(low, high\) must satisfy 1 <= min <= max, got \(30, 20\)"),
         ({"background": ()}, "at least one background cell"),
         ({"stub": "def map_box(): pass"}, "must raise NotImplementedError"),
         ({"stub": "def other():\n    raise NotImplementedError"}, "must define map_box()"),
@@ -176,7 +176,7 @@ def test_a_bad_spec_is_rejected(changes, message):
         (lambda: on_run.HitRuleRunConfig(max_new_tokens=True), "max_new_tokens must be an int"),
         (lambda: on_run.AllocationRunConfig(budgets=[16], window=32), r"budgets\[...\] must be an int >= 33"),
         (lambda: on_run.AllocationRunConfig(budgets=[]), "at least one budget"),
-        (lambda: on_run.AllocationRunConfig(ratio=1.5), "ratio must be a number in"),
+        (lambda: on_run.AllocationRunConfig(ratio=1.5), r"ratio must lie in \[0, 1\], got 1.5"),
         (lambda: on_run.SnapKVRunConfig(kernel_size=4), "must be odd"),
         (lambda: on_run.AnlsRunConfig(max_predictions=0), "max_predictions must be an int >= 1"),
         (lambda: on_run.ExerciseRunConfig(run_dir=""), "run_dir must be a non-empty path"),

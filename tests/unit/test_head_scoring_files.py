@@ -13,9 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from sparsemm_utils import head_scoring as hs
+from sparsemm_utils import head_scoring
+from sparsemm_utils import head_scoring_capture as capture
+from sparsemm_utils import head_scoring_files as files
+from sparsemm_utils import head_scoring_rule as rule
 from sparsemm_utils.attention_capture import CapturedAttention
-from sparsemm_utils.head_scoring import GeneratedTokens
+from sparsemm_utils.head_scoring_rule import GeneratedTokens
 
 
 def write(tmp_path, payload, name="scores.json"):
@@ -31,51 +34,51 @@ def test_official_files_lists_of_any_length_are_averaged(tmp_path):
     # keys deliberately not layer-major: heads are placed by key, not by file order
     path = write(tmp_path, {"1-1": [4, 0], "0-0": [1, 3], "0-1": [2], "1-0": [0, 0, 0]})
     # means: 0-0 = 2, 0-1 = 2, 1-0 = 0, 1-1 = 2
-    np.testing.assert_allclose(hs.load_head_scores(path), [[2, 2], [0, 2]])
-    np.testing.assert_allclose(hs.load_head_scores(path, shape=(2, 2)), [[2, 2], [0, 2]])
+    np.testing.assert_allclose(files.load_head_scores(path), [[2, 2], [0, 2]])
+    np.testing.assert_allclose(files.load_head_scores(path, shape=(2, 2)), [[2, 2], [0, 2]])
 
 
 def test_bare_numbers_count_as_one_sample(tmp_path):
-    np.testing.assert_allclose(hs.load_head_scores(write(tmp_path, {"0-0": 0.5, "0-1": [1.5]})), [[0.5, 1.5]])
+    np.testing.assert_allclose(files.load_head_scores(write(tmp_path, {"0-0": 0.5, "0-1": [1.5]})), [[0.5, 1.5]])
 
 
 def test_shape_mismatch_names_both_shapes(tmp_path):
     path = write(tmp_path, {f"{l}-{h}": [1.0] for l in range(2) for h in range(2)})
-    with pytest.raises(hs.HeadScoreShapeError, match=r"2 layers x 2 heads.*3 layers x 4 query heads"):
-        hs.load_head_scores(path, shape=(3, 4))
+    with pytest.raises(rule.HeadScoreShapeError, match=r"2 layers x 2 heads.*3 layers x 4 query heads"):
+        files.load_head_scores(path, shape=(3, 4))
     model = SimpleNamespace(num_layers=2, num_heads=3)
-    with pytest.raises(hs.HeadScoreShapeError, match=r"2 layers x 3 query heads"):
-        hs.load_head_scores(path, shape=model)
+    with pytest.raises(rule.HeadScoreShapeError, match=r"2 layers x 3 query heads"):
+        files.load_head_scores(path, shape=model)
 
 
 @pytest.mark.parametrize(
     "payload, error, message",
     [
-        ('{"0-0": [NaN], "0-1": [1]}', hs.InvalidHeadScoresError, "0-0.*nan"),
-        ({"0-0": [1, -0.5], "0-1": [1]}, hs.InvalidHeadScoresError, "-0.5"),
-        ({"0-0": [], "0-1": [1]}, hs.HeadScoreFileError, "empty list"),
-        ({"0_0": [1]}, hs.HeadScoreFileError, "layer-head"),
-        ({"0-0": [1], "1-1": [1]}, hs.HeadScoreFileError, "missing.*0-1"),
-        ({"0-0": ["x"]}, hs.HeadScoreFileError, "not a number"),
-        ("[1, 2]", hs.HeadScoreFileError, "JSON object"),
-        ("{not json", hs.HeadScoreFileError, "not valid JSON"),
+        ('{"0-0": [NaN], "0-1": [1]}', rule.InvalidHeadScoresError, "0-0.*nan"),
+        ({"0-0": [1, -0.5], "0-1": [1]}, rule.InvalidHeadScoresError, "-0.5"),
+        ({"0-0": [], "0-1": [1]}, files.HeadScoreFileError, "empty list"),
+        ({"0_0": [1]}, files.HeadScoreFileError, "layer-head"),
+        ({"0-0": [1], "1-1": [1]}, files.HeadScoreFileError, "missing.*0-1"),
+        ({"0-0": ["x"]}, files.HeadScoreFileError, "not a number"),
+        ("[1, 2]", files.HeadScoreFileError, "JSON object"),
+        ("{not json", files.HeadScoreFileError, "not valid JSON"),
     ],
 )
 def test_bad_files_get_clear_errors(tmp_path, payload, error, message):
     with pytest.raises(error, match=message):
-        hs.load_head_scores(write(tmp_path, payload))
+        files.load_head_scores(write(tmp_path, payload))
 
 
 def test_missing_file_names_the_step(tmp_path):
     with pytest.raises(FileNotFoundError, match="03_head_scoring"):
-        hs.load_head_scores(tmp_path / "nope.json")
+        files.load_head_scores(tmp_path / "nope.json")
 
 
 def test_validate_head_scores_rejects_bad_values():
-    with pytest.raises(hs.InvalidHeadScoresError, match="head 1-0"):
-        hs.validate_head_scores([[0.0, 1.0], [np.inf, 0.0]])
-    with pytest.raises(hs.HeadScoreShapeError, match="matrix"):
-        hs.validate_head_scores([1.0, 2.0])
+    with pytest.raises(rule.InvalidHeadScoresError, match="head 1-0"):
+        rule.validate_head_scores([[0.0, 1.0], [np.inf, 0.0]])
+    with pytest.raises(rule.HeadScoreShapeError, match="matrix"):
+        rule.validate_head_scores([1.0, 2.0])
 
 
 # ------------------------------------------------------------------------ writing files
@@ -83,7 +86,7 @@ def test_validate_head_scores_rejects_bad_values():
 
 def test_json_is_layer_major_with_one_value_per_sample(tmp_path):
     per_sample = np.arange(12, dtype=float).reshape(2, 2, 3)  # 2 samples, 2 layers, 3 heads
-    path = hs.write_head_scores_json(per_sample, tmp_path / "head_scores.json")
+    path = files.write_head_scores_json(per_sample, tmp_path / "head_scores.json")
     data = json.loads(path.read_text())
     assert list(data) == ["0-0", "0-1", "0-2", "1-0", "1-1", "1-2"]
     assert data["1-2"] == [5.0, 11.0]  # s_1[1, 2] = 5, s_2[1, 2] = 11
@@ -94,15 +97,15 @@ def test_json_is_layer_major_with_one_value_per_sample(tmp_path):
                   elements=st.floats(0, 1e6, allow_nan=False)))
 def test_json_and_csv_round_trip(tmp_path_factory, per_sample):
     folder = tmp_path_factory.mktemp("rt")
-    hs.write_head_scores_json(per_sample, folder / "head_scores.json")
+    files.write_head_scores_json(per_sample, folder / "head_scores.json")
     mean = per_sample.mean(axis=0)
-    np.testing.assert_allclose(hs.load_head_scores(folder / "head_scores.json"), mean, rtol=1e-12)
-    hs.head_scores_frame(mean).to_csv(folder / "head_scores.csv", index=False)
-    np.testing.assert_allclose(hs.load_head_scores(folder / "head_scores.csv", shape=mean.shape), mean)
+    np.testing.assert_allclose(files.load_head_scores(folder / "head_scores.json"), mean, rtol=1e-12)
+    files.head_scores_frame(mean).to_csv(folder / "head_scores.csv", index=False)
+    np.testing.assert_allclose(files.load_head_scores(folder / "head_scores.csv", shape=mean.shape), mean)
 
 
 def test_csv_ranks_by_hand():
-    frame = hs.head_scores_frame(np.array([[0.1, 0.5], [0.5, 0.0]]))
+    frame = files.head_scores_frame(np.array([[0.1, 0.5], [0.5, 0.0]]))
     # 0.5 (0-1) and 0.5 (1-0) tie: layer-major order ranks 0-1 first
     assert frame.to_dict("list") == {
         "layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "score": [0.1, 0.5, 0.5, 0.0], "rank": [3, 1, 2, 4],
@@ -114,17 +117,17 @@ def test_csv_ranks_by_hand():
 
 def test_cumulative_and_top_share_by_hand():
     scores = np.array([[1.0, 3.0], [4.0, 2.0]])  # sorted 4, 3, 2, 1; total 10
-    fractions, shares = hs.cumulative_share(scores)
+    fractions, shares = rule.cumulative_share(scores)
     np.testing.assert_allclose(fractions, [0, 0.25, 0.5, 0.75, 1])
     np.testing.assert_allclose(shares, [0, 0.4, 0.7, 0.9, 1])
-    assert hs.top_share(scores, 0.25) == pytest.approx(0.4)
-    assert hs.top_share(scores, 0.1) == pytest.approx(0.16)  # 0.1 / 0.25 of the way to 0.4
-    assert hs.top_heads(scores, 2) == [(1, 0, 4.0), (0, 1, 3.0)]
+    assert rule.top_share(scores, 0.25) == pytest.approx(0.4)
+    assert rule.top_share(scores, 0.1) == pytest.approx(0.16)  # 0.1 / 0.25 of the way to 0.4
+    assert rule.top_heads(scores, 2) == [(1, 0, 4.0), (0, 1, 3.0)]
 
 
 def test_zero_scores_have_no_share():
-    with pytest.raises(hs.InvalidHeadScoresError, match="zero"):
-        hs.cumulative_share(np.zeros((2, 2)))
+    with pytest.raises(rule.InvalidHeadScoresError, match="zero"):
+        rule.cumulative_share(np.zeros((2, 2)))
 
 
 @settings(max_examples=100, deadline=None)
@@ -132,7 +135,7 @@ def test_zero_scores_have_no_share():
 def test_cumulative_share_is_concave_and_above_the_diagonal(scores):
     if not scores.sum() > 0:
         return
-    fractions, shares = hs.cumulative_share(scores)
+    fractions, shares = rule.cumulative_share(scores)
     steps = np.diff(shares)
     assert shares[-1] == pytest.approx(1.0)
     assert (steps >= -1e-12).all() and (np.diff(steps) <= 1e-12).all()
@@ -155,7 +158,7 @@ RECORD = {"doc_id": 0, "image_token_start": 10, "chunks": [{"chunk": "AB", "posi
 
 def sample(doc_id, texts, argmax, stop=None):
     record = {**RECORD, "doc_id": doc_id}
-    return hs.SampleCapture(doc_id, GeneratedTokens.from_texts(texts, stop), captured(argmax), record, 20, 0.1)
+    return capture.SampleCapture(doc_id, GeneratedTokens.from_texts(texts, stop), captured(argmax), record, 20, 0.1)
 
 
 def test_report_counts_matches_skips_and_samples_without_match(tmp_path):
@@ -165,16 +168,16 @@ def test_report_counts_matches_skips_and_samples_without_match(tmp_path):
         # nothing matches in this sample: it scores 0 and is reported
         sample(6, ["Q", "Z"], [[[10, 10]], [[11, 11]]]),
     ]
-    result = hs.score_captures(samples, "substring", "argmax")
+    result = capture.score_captures(samples, "substring", "argmax")
     np.testing.assert_allclose(result.sample_scores, [[[0.5, 0.0]], [[0.0, 0.0]]])
     np.testing.assert_allclose(result.scores, [[0.25, 0.0]])  # mean over both samples
     summary = result.summary()
     assert summary["tokens_generated"] == 5 and summary["tokens_matched"] == 1
-    assert summary["tokens_skipped"][hs.NO_MATCH] == 3 and summary["tokens_skipped"][hs.END_OF_SEQUENCE] == 1
+    assert summary["tokens_skipped"][rule.NO_MATCH] == 3 and summary["tokens_skipped"][rule.END_OF_SEQUENCE] == 1
     assert summary["samples_with_no_match"] == 1 and summary["doc_ids_with_no_match"] == [6]
     assert summary["top_heads"][0] == {"layer": 0, "head": 0, "score": 0.25}
 
-    paths = hs.write_scoring_outputs(result, tmp_path, samples=samples, report={"model_id": "m"})
+    paths = head_scoring.write_scoring_outputs(result, tmp_path, samples=samples, report={"model_id": "m"})
     assert sorted(paths) == ["head_scores.csv", "head_scores.json", "scoring_report.json", "token_matches.csv"]
     report = json.loads(paths["scoring_report.json"].read_text())
     assert report["model_id"] == "m" and report["samples_with_no_match"] == 1
@@ -186,28 +189,28 @@ def test_report_counts_matches_skips_and_samples_without_match(tmp_path):
 
 def test_topk_needs_captured_positions():
     s = sample(1, ["A"], [[[10, 3]]])
-    with pytest.raises(hs.HeadScoringConfigError, match="top_k=3"):
-        hs.score_captures([s], "substring", "topk", top_k=3)
+    with pytest.raises(rule.HeadScoringConfigError, match="top_k=3"):
+        capture.score_captures([s], "substring", "topk", top_k=3)
 
 
 def test_compare_variants_scores_every_combination():
-    variants = hs.compare_variants([sample(1, ["A"], [[[10, 3]]])], top_k=1)
+    variants = capture.compare_variants([sample(1, ["A"], [[[10, 3]]])], top_k=1)
     assert sorted(variants) == ["char_box/argmax", "char_box/topk", "substring/argmax", "substring/topk"]
-    assert variants["char_box/argmax"].reason_counts()[hs.NO_CHAR_BOXES] == 1
+    assert variants["char_box/argmax"].reason_counts()[rule.NO_CHAR_BOXES] == 1
 
 
 # ------------------------------------------------------------------------------ config
 
 
 def test_config_defaults_and_errors():
-    cfg = hs.HeadScoringConfig()
+    cfg = head_scoring.HeadScoringConfig()
     assert (cfg.match, cfg.selection, cfg.max_new_tokens, cfg.capture) == ("substring", "argmax", 1024, "streamed")
     assert cfg.prompt == "Provide all the OCR results of this image."
-    with pytest.raises(hs.HeadScoringConfigError, match="'substring', 'char_box'"):
-        hs.HeadScoringConfig(match="chunks")
-    with pytest.raises(hs.HeadScoringConfigError, match="n_samples"):
-        hs.HeadScoringConfig(n_samples=0)
-    with pytest.raises(hs.HeadScoringConfigError, match="capture"):
-        hs.HeadScoringConfig(capture="eager")
-    with pytest.raises(hs.HeadScoringConfigError, match="top_k"):
-        hs.HeadScoringConfig(top_k=0)
+    with pytest.raises(rule.HeadScoringConfigError, match="'substring', 'char_box'"):
+        head_scoring.HeadScoringConfig(match="chunks")
+    with pytest.raises(rule.HeadScoringConfigError, match="n_samples"):
+        head_scoring.HeadScoringConfig(n_samples=0)
+    with pytest.raises(rule.HeadScoringConfigError, match="capture"):
+        head_scoring.HeadScoringConfig(capture="eager")
+    with pytest.raises(rule.HeadScoringConfigError, match="top_k"):
+        head_scoring.HeadScoringConfig(top_k=0)

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from sparsemm_utils import head_scoring as hs  # noqa: E402
+from sparsemm_utils import head_scoring_rule as rule  # noqa: E402
 from sparsemm_utils.head_explorer import (  # noqa: E402
     ExplorerDataError,
     ExplorerSample,
@@ -49,7 +49,7 @@ def test_heatmap_and_share_plots_accept_all_zero_scores():
 def test_cumulative_share_marks_are_read_off_the_curve():
     fig = ph.plot_cumulative_share(SCORES, marks=(0.5,), reference=None)
     texts = [t.get_text() for t in fig.axes[0].texts]
-    assert f"{hs.top_share(SCORES, 0.5):.0%}" in texts
+    assert f"{rule.top_share(SCORES, 0.5):.0%}" in texts
 
 
 QWEN = QwenVLPatchMapper()
@@ -81,7 +81,7 @@ def explorer_sample(steps: int = 4) -> ExplorerSample:
     n = QWEN.num_tokens(280, 224)
     rng = np.random.default_rng(0)
     attention = rng.random((steps, 2, 3, n)).astype(np.float16)
-    matches = [hs.TokenMatch(hs.MATCHED, np.array([12, 13])) if t % 2 == 0 else hs.TokenMatch(hs.NO_MATCH) for t in range(steps)]
+    matches = [rule.TokenMatch(rule.MATCHED, np.array([12, 13])) if t % 2 == 0 else rule.TokenMatch(rule.NO_MATCH) for t in range(steps)]
     hits = np.zeros((steps, 2, 3), dtype=bool)
     hits[0, 1, 0] = True
     return ExplorerSample(

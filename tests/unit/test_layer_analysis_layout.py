@@ -1,6 +1,6 @@
 """Token categories on real tiny prompts (docs/method.md §8): system and user text are instruction,
 image tokens vision, generated tokens response, and the chat template's own tokens instruction
-(documented in sparsemm_utils.layer_analysis). Processors only, no model."""
+(documented in sparsemm_utils.token_categories). Processors only, no model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sparsemm_utils import layer_analysis as la
+from sparsemm_utils import token_categories as tc
 from sparsemm_utils.prompts import OCR_PROMPT, QWEN_SYSTEM_PROMPT, VICUNA_SYSTEM_PROMPT, build_inputs
 from sparsemm_utils.random_models import build_tiny_processor
 
@@ -23,12 +23,12 @@ def qwen():
 
 
 def _text(processor, ids, layout, role):
-    return processor.tokenizer.decode(ids[layout.roles == la.ROLES.index(role)])
+    return processor.tokenizer.decode(ids[layout.roles == tc.ROLES.index(role)])
 
 
 def test_qwen_roles_of_a_real_prompt(qwen):
     processor, ids = qwen
-    layout = la.prompt_layout(processor, ids)
+    layout = tc.prompt_layout(processor, ids)
     # ChatML: "<|im_start|>system\n" (8 tokens: 1 special + 6 letters + newline), the system prompt
     # (28 characters), "<|im_end|>\n<|im_start|>user\n<|vision_start|>" (9), 80 image pads,
     # "<|vision_end|>" (1), the OCR prompt (42 characters), "<|im_end|>\n<|im_start|>assistant\n" (13)
@@ -39,10 +39,10 @@ def test_qwen_roles_of_a_real_prompt(qwen):
     assert layout.image_start == 8 + 28 + 9
     # the template tokens, incl. <|vision_start|>/<|vision_end|>, are instruction; image pads are vision
     cats = layout.categories
-    np.testing.assert_array_equal(cats, la.token_categories(ids, processor.image_token_id))
+    np.testing.assert_array_equal(cats, tc.token_categories(ids, processor.image_token_id))
     vision_start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
-    assert cats[int((ids == vision_start).nonzero()[0])] == la.INSTRUCTION
-    assert (cats[ids.numpy() == processor.image_token_id] == la.VISION).all()
+    assert cats[int((ids == vision_start).nonzero()[0])] == tc.INSTRUCTION
+    assert (cats[ids.numpy() == processor.image_token_id] == tc.VISION).all()
 
 
 def test_generated_tokens_are_response(qwen):
@@ -50,30 +50,30 @@ def test_generated_tokens_are_response(qwen):
     answer = processor.tokenizer("ABC", add_special_tokens=False)["input_ids"]
     im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     sequence = torch.cat([ids, torch.tensor(answer + [im_end])])
-    layout = la.prompt_layout(processor, sequence, prompt_len=ids.numel())
+    layout = tc.prompt_layout(processor, sequence, prompt_len=ids.numel())
     assert layout.counts()["response"] == 4
-    np.testing.assert_array_equal(layout.categories[ids.numel():], [la.RESPONSE] * 4)
+    np.testing.assert_array_equal(layout.categories[ids.numel():], [tc.RESPONSE] * 4)
     np.testing.assert_array_equal(
-        layout.categories, la.token_categories(sequence, processor.image_token_id, prompt_len=ids.numel())
+        layout.categories, tc.token_categories(sequence, processor.image_token_id, prompt_len=ids.numel())
     )
 
 
 def test_llava_next_roles_of_a_real_prompt():
     processor = build_tiny_processor("llava_next")
     ids = build_inputs(processor, IMAGE)["input_ids"][0]
-    layout = la.prompt_layout(processor, ids)
+    layout = tc.prompt_layout(processor, ids)
     # Vicuna: "<s>" + system prompt + " USER: " + image tokens (base 576 + crop grid with newlines)
     # + "\n" + OCR prompt + " ASSISTANT:" (the template's space after the text joins the role name)
     assert _text(processor, ids, layout, "system") == VICUNA_SYSTEM_PROMPT
     assert _text(processor, ids, layout, "user") == OCR_PROMPT
-    assert processor.tokenizer.decode(ids[layout.roles == la.ROLES.index("template")]) == "<s> USER: \n ASSISTANT:"
+    assert processor.tokenizer.decode(ids[layout.roles == tc.ROLES.index("template")]) == "<s> USER: \n ASSISTANT:"
     assert layout.num_image_tokens == int((ids == processor.image_token_id).sum()) > 576
 
 
 def test_layout_with_another_text_or_no_system_prompt():
     processor = build_tiny_processor("qwen2_vl")
     ids = build_inputs(processor, IMAGE, "Read line 2.", system_prompt=None)["input_ids"][0]
-    layout = la.prompt_layout(processor, ids, "Read line 2.", system_prompt=None)
+    layout = tc.prompt_layout(processor, ids, "Read line 2.", system_prompt=None)
     # Qwen's template inserts its default system prompt; without a system turn asked for, those
     # tokens are not the caller's system prompt and count as template
     assert layout.counts()["system"] == 0
@@ -82,7 +82,7 @@ def test_layout_with_another_text_or_no_system_prompt():
 
 def test_layout_mismatch_is_reported(qwen):
     processor, ids = qwen
-    with pytest.raises(la.PromptLayoutError, match="does not reproduce"):
-        la.prompt_layout(processor, ids, "Read line 1.")
-    with pytest.raises(la.CategoryLabelError, match="prompt_len"):
-        la.prompt_layout(processor, ids, prompt_len=ids.numel() + 1)
+    with pytest.raises(tc.PromptLayoutError, match="does not reproduce"):
+        tc.prompt_layout(processor, ids, "Read line 1.")
+    with pytest.raises(tc.CategoryLabelError, match="prompt_len"):
+        tc.prompt_layout(processor, ids, prompt_len=ids.numel() + 1)

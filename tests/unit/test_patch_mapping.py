@@ -338,7 +338,7 @@ def test_unknown_model_type_lists_supported_ones():
 
 
 def test_bad_image_sizes_are_rejected():
-    with pytest.raises(InvalidImageSizeError, match="positive"):
+    with pytest.raises(InvalidImageSizeError, match="image width must be an int >= 1, got 0"):
         QwenVLPatchMapper().num_tokens(0, 10)
     with pytest.raises(InvalidImageSizeError, match="int"):
         QwenVLPatchMapper().num_tokens(10.5, 10)

@@ -11,7 +11,8 @@ import sys
 import datasets
 import pytest
 
-from sparsemm_utils.documents import FEATURES, OcrAnnotationConfig, SchemaMismatchError, build_documents, validate_rows
+from sparsemm_utils.document_dataset import FEATURES, SchemaMismatchError, validate_rows
+from sparsemm_utils.documents import OcrAnnotationConfig, build_documents
 from sparsemm_utils.synthdog import (
     FIXTURE_DIR,
     FIXTURE_GENERATOR,
@@ -102,7 +103,7 @@ def test_build_documents_reads_the_fixture_by_relative_path():
 def test_adapter_errors(tmp_path):
     with pytest.raises(NotEnoughRowsError, match="has 6 rows, fewer than n_rows=7; ask for at most 6"):
         load_synthdog(7, str(FIXTURE_DIR))
-    with pytest.raises(SynthdogError, match="n_rows must be a positive integer"):
+    with pytest.raises(SynthdogError, match="n_rows must be an int >= 1"):
         load_synthdog(0, str(FIXTURE_DIR))
     with pytest.raises(FileNotFoundError, match="(?s)no dataset at .*hf download nnethercott/synthdog-en-detection"):
         load_synthdog(1, str(tmp_path / "missing"))
