@@ -50,7 +50,7 @@ from sparsemm_utils.efficiency import synthetic_head_scores
 from sparsemm_utils.kv_cache import cache_kv_bytes
 from sparsemm_utils.models import LoadedModel, set_text_attention, text_attention_implementation
 from sparsemm_utils.real_shapes import REAL_SHAPES
-from sparsemm_utils.tiny_models import build_tiny
+from sparsemm_utils.random_models import build_tiny
 from sparsemm_utils.varlen_attention import DECODE_BACKENDS, use_decode_backend
 
 _QWEN2_VL_7B = REAL_SHAPES["qwen2-vl-7b"]

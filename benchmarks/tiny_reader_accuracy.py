@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 from sparsemm_utils.models import load_model
-from sparsemm_utils.tiny import DEFAULT_READER_DIR, evaluate_reader, heldout_documents, reader_doc_spec
+from sparsemm_utils.reader_tasks import heldout_documents
+from sparsemm_utils.tiny_reader.accuracy import evaluate_reader
+from sparsemm_utils.tiny_reader.config import DEFAULT_READER_DIR, reader_doc_spec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = Path(args.model)
     card_path = model_dir / "training" / "eval_results.json"
     if not card_path.is_file():
-        raise SystemExit(f"{card_path} is missing: train the reader first (python -m sparsemm_utils.tiny train)")
+        raise SystemExit(f"{card_path} is missing: train the reader first (python -m sparsemm_utils.tiny_reader train)")
     card = json.loads(card_path.read_text())
     n_docs = args.docs or card["n_docs"]
     loaded = load_model(model_dir)

@@ -5,7 +5,8 @@ One module per stage of the study (see docs/design.md):
 - ``runs``             run folders, step folders, the missing-upstream error
 - ``pipeline``         the registry of steps and their papermill execution
 - ``models``           loading supported MLLMs (Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT)
-- ``tiny_models``      tiny random-weight models of the same classes, built offline
+- ``random_models``    tiny random-weight models of the same classes, built offline
+- ``tiny_reader``      step 00: the tiny reader, a small Qwen2-VL trained here to read the documents
 - ``documents``        step 01: build, validate and save the OCR documents
 - ``page_generator``   synthetic OCR pages (config, fonts, layout, drawing)
 - ``document_dataset`` the step-01 dataset: schema, save/load, validation, statistics

@@ -50,8 +50,7 @@ from PIL import Image
 import datasets
 
 from .general_metrics import ALL_METRIC_NAMES, get_scorer
-from .reader_tasks import make_task_dataset
-from .tiny import HELDOUT_SEED
+from .reader_tasks import HELDOUT_SEED, make_task_dataset
 from .validate import check_choice, check_int
 
 __all__ = [
@@ -797,7 +796,7 @@ def make_reader_benchmark(n_documents: int, seed: int | None = None, *, spec: An
     pages), each asked "read all", "read line k" and "value of KEY?" where it can host them
     (:func:`~sparsemm_utils.reader_tasks.make_task_dataset`). Every answer is text drawn on the
     page, so only reading the image answers it. ``seed`` defaults to the tiny reader's held-out
-    stream (:data:`sparsemm_utils.tiny.HELDOUT_SEED`), which its training never saw.
+    stream (:data:`sparsemm_utils.reader_tasks.HELDOUT_SEED`), which its training never saw.
     Returns a ``datasets.Dataset`` in the ``reader_docqa`` schema; pass it as ``source``."""
     if seed is None:
         seed = HELDOUT_SEED

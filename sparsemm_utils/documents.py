@@ -31,11 +31,6 @@ from .runs import repo_root, step_dir
 from .synthdog import SYNTHDOG_HUB_ID, load_synthdog
 from .validate import check_choice
 
-# Kept importable from here only until reader_tasks (owned by another branch) imports them from
-# their own modules; nothing else may import these names from this module.
-from .document_dataset import FEATURES  # noqa: F401
-from .page_generator import UPPER_DIGITS_UNAMBIGUOUS, PageLayout, layout_document  # noqa: F401
-
 __all__ = [
     "STEP",
     "OcrAnnotationConfig",

@@ -70,8 +70,8 @@ from .benchmarks import (
 from .compression import compressed_generate, make_press
 from .fastv import FastVAtBudget, fastv_generate_at_budget
 from .prompts import build_inputs
+from .reader_tasks import HELDOUT_SEED
 from .runs import require_upstream
-from .tiny import HELDOUT_SEED
 from .validate import check_choice, check_int
 
 __all__ = [

@@ -49,7 +49,8 @@ from sparsemm_utils.compression import GenerationResult
 from sparsemm_utils.kv_cache import PerHeadKVCache, analytic_kv_bytes
 from sparsemm_utils.models import LoadedModel
 from sparsemm_utils.prompts import build_inputs
-from sparsemm_utils.reader_tasks import TASK_TYPES, questions_for_document
+from sparsemm_utils.reader_tasks import HELDOUT_SEED, TASK_TYPES, questions_for_document
+from sparsemm_utils.tiny_reader.accuracy import summarize_records
 from sparsemm_utils.validate import check_fraction, check_int, is_int
 from sparsemm_utils.vision_drop import masked_sdpa
 
@@ -439,15 +440,13 @@ def evaluate_fastv(
 ) -> pd.DataFrame:
     """Reader accuracy and KV bytes of each FastV setting on the offline benchmark.
 
-    The questions are :func:`sparsemm_utils.tiny.evaluate_reader`'s (one per task a document can
+    The questions are :func:`sparsemm_utils.tiny_reader.accuracy.evaluate_reader`'s (one per task a document can
     host, :func:`~sparsemm_utils.reader_tasks.questions_for_document` with ``seed``, default the
-    held-out seed); scores by :func:`sparsemm_utils.tiny.summarize_records`. Returns one row per
+    held-out seed); scores by :func:`sparsemm_utils.tiny_reader.accuracy.summarize_records`. Returns one row per
     (setting, task incl. ``"all"``): method, k, ratio, task, exact_match, char_accuracy,
     mean_char_accuracy, n, prompt_kv_bytes (mean over questions of the prompt's stored KV bytes
     after the prefill), full_prompt_kv_bytes (the same with nothing dropped), kv_fraction.
     """
-    from sparsemm_utils.tiny import HELDOUT_SEED, summarize_records
-
     tasks = tuple(tasks) if tasks is not None else TASK_TYPES
     seed = HELDOUT_SEED if seed is None else seed
     tokenizer = loaded.processor.tokenizer

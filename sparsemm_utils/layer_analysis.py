@@ -51,7 +51,7 @@ class AttentionByLayerConfig:
     ``n_samples``: step-01 documents analysed with the OCR prompt (the prompt step 03 scores on);
     ``max_new_tokens``: greedy response length for the analysis and the benchmark;
     ``chunk_size``: query rows per attention chunk; ``benchmark_documents``: held-out reader pages
-    for the vision-drop ablation and FastV (:func:`sparsemm_utils.tiny.heldout_documents`);
+    for the vision-drop ablation and FastV (:func:`sparsemm_utils.reader_tasks.heldout_documents`);
     ``tasks``: reader tasks asked on them; ``layer_range_size``: layers per dropped range
     (LLaVA-Mini: 4, i.e. 1-4, 5-8, ... on 32 layers); ``readings``: ``"inside"`` (drop only in the
     range) and/or ``"from"`` (drop from the range to the last layer); ``fastv_k`` (layers that see

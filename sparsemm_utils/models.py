@@ -3,11 +3,15 @@
 One entry point, :func:`load_model`, takes
 
 - ``"tiny-random/<model_type>"``: a tiny random-weight model of the real class, built in-process
-  (:mod:`sparsemm_utils.tiny_models`), deterministic from ``seed``;
-- a local folder (``save_pretrained`` output, e.g. from :func:`~sparsemm_utils.tiny_models.save_tiny`);
+  (:mod:`sparsemm_utils.random_models`), deterministic from ``seed``;
+- a local folder (``save_pretrained`` output, e.g. from :func:`~sparsemm_utils.random_models.save_tiny`);
 - a hub id (``"Qwen/Qwen2-VL-7B-Instruct"``), looked up in the local HF cache only: the hub is never
   contacted. A model that is not there raises :class:`ModelNotAvailableError`, which says how to
   download it first.
+
+:data:`SUPPORTED_MODEL_TYPES`, :data:`TINY_PREFIX` and :class:`UnsupportedModelError` live in
+:mod:`sparsemm_utils.model_types` (so that :mod:`sparsemm_utils.random_models` can use them
+without importing this module) and are re-exported here.
 
 The compression methods of later steps are attention functions registered with transformers'
 ``AttentionInterface`` and applied to the LANGUAGE model only (the vision tower keeps ``sdpa``):
@@ -19,20 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any
 
 import torch
-from transformers import (
-    AutoProcessor,
-    LlavaNextForConditionalGeneration,
-    PreTrainedModel,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLForConditionalGeneration,
-)
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from transformers import AutoProcessor, PreTrainedModel
 from transformers.processing_utils import ProcessorMixin
 
 from sparsemm_utils.attention_hooks import (
@@ -42,12 +39,15 @@ from sparsemm_utils.attention_hooks import (
     text_attention_implementation,
     vision_attention_implementation,
 )
+from sparsemm_utils.model_types import SUPPORTED_MODEL_TYPES, TINY_PREFIX, UnsupportedModelError
 from sparsemm_utils.processors import (
     SPARSEMM_MAX_PIXELS,
     SPARSEMM_MIN_PIXELS,
     image_only_processor_class,
     set_qwen_pixel_bounds,
 )
+from sparsemm_utils.random_models import build_tiny
+from sparsemm_utils.runs import repo_root
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -63,30 +63,6 @@ __all__ = [
     "text_attention_implementation",
     "vision_attention_implementation",
 ]
-
-#: model_type (config.json) -> the transformers class that runs it (docs/method.md §1).
-SUPPORTED_MODEL_TYPES: Mapping[str, type[PreTrainedModel]] = MappingProxyType(
-    {
-        "qwen2_vl": Qwen2VLForConditionalGeneration,
-        "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-        "llava_next": LlavaNextForConditionalGeneration,
-    }
-)
-TINY_PREFIX = "tiny-random/"
-
-
-class UnsupportedModelError(ValueError):
-    """The model type is not one of :data:`SUPPORTED_MODEL_TYPES`."""
-
-    def __init__(self, model_type: Any, where: str = ""):
-        self.model_type = model_type
-        origin = f" (from {where})" if where else ""
-        super().__init__(
-            f"unsupported model_type {model_type!r}{origin}: supported types are "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (classes "
-            f"{', '.join(c.__name__ for c in SUPPORTED_MODEL_TYPES.values())}); for a tiny offline model use "
-            f"'{TINY_PREFIX}<model_type>', e.g. '{TINY_PREFIX}qwen2_vl'"
-        )
 
 
 class ModelNotAvailableError(FileNotFoundError):
@@ -207,9 +183,6 @@ def _load_processor(folder: Path, model_type: str) -> ProcessorMixin:
 def _hub_snapshot(repo_id: str, cache_dir: str | Path | None = None) -> Path:
     """The local snapshot folder of a cached hub repo (``cache_dir``: the HF hub cache, default the
     one under HF_HOME); never touches the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir))
     except HFValidationError as err:
@@ -225,8 +198,6 @@ def _local_path(name: str) -> Path:
     path = Path(name).expanduser()
     if path.exists() or path.is_absolute():
         return path
-    from sparsemm_utils.runs import repo_root
-
     from_root = repo_root() / path
     return from_root if from_root.exists() else path
 
@@ -255,8 +226,6 @@ def load_model(
     torch_dtype = _resolve_dtype(dtype)
     name = str(name_or_path)
     if name.startswith(TINY_PREFIX):
-        from sparsemm_utils.tiny_models import build_tiny
-
         model_type = name[len(TINY_PREFIX) :]
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(model_type, where=name)

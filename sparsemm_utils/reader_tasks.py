@@ -1,8 +1,9 @@
-"""Reading tasks on synthetic documents: questions, answers and training batches for the tiny reader.
+"""Reading tasks on synthetic documents: the tiny reader's pages, its questions, and the offline
+reading benchmark.
 
 The offline default run needs a model that really reads (docs/design.md, "The offline world"), so
-the project trains a tiny Qwen2-VL on the step-01 grid documents (:mod:`sparsemm_utils.tiny`).
-This module turns a step-01 document (schema :data:`sparsemm_utils.documents.FEATURES`) into
+the project trains a tiny Qwen2-VL on the step-01 grid documents (:mod:`sparsemm_utils.tiny_reader`).
+This module turns a step-01 document (schema :data:`sparsemm_utils.document_dataset.FEATURES`) into
 questions whose answers can only be read from the image, shaped like the study's tasks:
 
 ========  =====================================================  ===========================
@@ -19,18 +20,22 @@ task      prompt                                                 answer
 
 Several lines per page make most visual tokens irrelevant to any one ``line`` or ``value``
 answer, which is what makes per-head budgets matter (docs/method.md §5). Step 05 reuses the same
-questions as its offline document-QA benchmark (:func:`make_task_dataset`).
+questions as its offline document-QA benchmark (:func:`make_task_dataset`), and the layer-level
+ablations of step 07 read the same held-out pages (:func:`heldout_documents`).
 
 Lines. A line is one ``2_coord`` chunk of a line-level document; for a word-level document the
 words of one visual line are grouped again (a chunk whose vertical centre lies below the previous
-chunk's bottom starts a new line, the rule of :func:`sparsemm_utils.documents.reading_text`).
+chunk's bottom starts a new line, the rule of :func:`sparsemm_utils.document_dataset.reading_text`).
 A line's words are its text split on spaces.
 
-Training batches (:func:`collate`) hold the chat of :func:`sparsemm_utils.prompts.build_inputs`
-(system prompt, image, prompt) followed by the answer and ``<|im_end|>``; ``labels`` keep the
-answer tokens and the closing ``<|im_end|>`` only (``-100`` elsewhere: loss on the answer only),
-and ``aux_labels`` give each visual token the character drawn inside it (0 = no character), for
-the reader's auxiliary glyph loss.
+Document streams. Page ``i`` of the stream ``seed`` is ``ReaderDocSpec.render(seed, i)``; streams
+of different seeds share no page (``default_rng([seed, index])``). The reader trains on the stream
+of its training seed (0 by default), its model card and the offline benchmark read
+:data:`HELDOUT_SEED`, and its training monitor :data:`VALIDATION_SEED`.
+
+This module builds no training batch: those (labels, pointers, ``collate``) belong to the
+reader's training (:mod:`sparsemm_utils.tiny_reader.batches`), so the steps that only ask
+questions do not import the training code.
 """
 
 from __future__ import annotations
@@ -42,29 +47,30 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import datasets
 import numpy as np
-import torch
-from PIL import Image
+from tqdm.auto import tqdm
 
-from .documents import (
-    UPPER_DIGITS_UNAMBIGUOUS,
-    DocumentGeneratorConfig,
-    PageLayout,
-    layout_document,
-)
-from .prompts import OCR_PROMPT, build_messages
+from .document_dataset import FEATURES
+from .page_generator import UPPER_DIGITS_UNAMBIGUOUS, DocumentGeneratorConfig, PageLayout, layout_document
+from .prompts import OCR_PROMPT
+from .validate import check_choice, check_int, check_int_range, is_int
 
 __all__ = [
     "TASK_TYPES",
     "READER_CHARSET",
     "LINE_PROMPT",
     "VALUE_PROMPT",
+    "HELDOUT_SEED",
+    "VALIDATION_SEED",
     "ReaderTaskError",
     "NoQuestionError",
-    "CollationError",
     "ReaderDocSpec",
+    "heldout_documents",
     "Line",
     "ReaderQuestion",
+    "coord_box",
+    "memoized_document_lines",
     "document_lines",
     "ocr_question",
     "line_question",
@@ -73,21 +79,21 @@ __all__ = [
     "draw_question",
     "questions_for_document",
     "make_task_dataset",
-    "char_classes",
-    "visual_char_labels",
-    "answer_char_boxes",
-    "answer_pointer_labels",
-    "key_pointer_label",
-    "collate",
 ]
 
 #: The task types, in the order :func:`questions_for_document` asks them.
 TASK_TYPES: tuple[str, ...] = ("ocr", "line", "value")
 #: The reader's alphabet: upper case and digits without look-alike pairs (0/O, 1/I, 5/S, 8/B,
-#: 2/Z): 26 glyphs. A trial reader's main confusion was '0' vs 'D' (docs/tiny_reader.md).
+#: 2/Z): 26 glyphs, so that a glyph's shape alone names the character (docs/tiny_reader.md
+#: says which confusion it removed).
 READER_CHARSET: str = UPPER_DIGITS_UNAMBIGUOUS
 LINE_PROMPT = "Read line {k}."
 VALUE_PROMPT = "Value of {key}?"
+#: Document stream of the held-out benchmark (the reader's model card, step 05's offline
+#: ``reader_docqa``, step 07's ablations). The reader's training seed must differ from it.
+HELDOUT_SEED: int = 10_000
+#: Document stream of the monitor evaluated while the reader trains (not the benchmark's).
+VALIDATION_SEED: int = 20_000
 
 
 class ReaderTaskError(ValueError):
@@ -98,30 +104,15 @@ class NoQuestionError(ReaderTaskError):
     """The document cannot host the question asked (no such line, no key-value line, ...)."""
 
 
-class CollationError(ReaderTaskError):
-    """A batch cannot be built (empty batch, wrong processor, inconsistent prompt layout)."""
-
-
 # --------------------------------------------------------------------------------------------
 # the reader's documents
-
-
-def _pair(owner: str, name: str, value: Any, lo: int) -> tuple[int, int]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
-        raise ReaderTaskError(f"{owner}.{name} must be a pair (min, max), got {value!r}")
-    a, b = value
-    if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in (a, b)):
-        raise ReaderTaskError(f"{owner}.{name} must hold integers, got {value!r}")
-    if not lo <= a <= b:
-        raise ReaderTaskError(f"{owner}.{name} must satisfy {lo} <= min <= max, got {value!r}")
-    return int(a), int(b)
 
 
 @dataclass(frozen=True)
 class ReaderDocSpec:
     """The page distribution of the tiny reader: monospace grid pages (one character per 28 px
     cell = one Qwen2-VL visual token, docs/method.md §3), drawn by
-    :func:`sparsemm_utils.documents.render_document` with ``layout="grid"``.
+    :func:`sparsemm_utils.page_generator.render_document` with ``layout="grid"``.
 
     ``cols`` / ``rows``: page size in cells (uniform); ``lines``: lines with text per page
     (at most ``rows``; lines sit on distinct random rows, so empty rows may separate them);
@@ -145,7 +136,7 @@ class ReaderDocSpec:
     def __post_init__(self) -> None:
         own = type(self).__name__
         for name, lo in (("cols", 1), ("rows", 1), ("lines", 1), ("words_per_line", 1), ("word_length", 1)):
-            object.__setattr__(self, name, _pair(own, name, getattr(self, name), lo))
+            object.__setattr__(self, name, check_int_range(f"{own}.{name}", getattr(self, name), lo, error=ReaderTaskError))
         if self.lines[1] > self.rows[0]:
             raise ReaderTaskError(
                 f"{own}.lines={self.lines} allows more lines than the smallest page has rows "
@@ -211,6 +202,13 @@ def _shared_generator_config(spec: ReaderDocSpec, seed: int) -> DocumentGenerato
     return spec.generator_config(seed)
 
 
+def heldout_documents(n: int, spec: ReaderDocSpec | None = None, seed: int = HELDOUT_SEED) -> list[dict[str, Any]]:
+    """Pages ``0 .. n-1`` of the held-out stream ``seed`` (step-01 rows with PIL images) of
+    ``spec``'s distribution (default :class:`ReaderDocSpec`)."""
+    spec = spec or ReaderDocSpec()
+    return [spec.render(seed, i) for i in range(n)]
+
+
 # --------------------------------------------------------------------------------------------
 # lines and questions
 
@@ -229,7 +227,8 @@ class Line:
     char_boxes: tuple[tuple[float, float, float, float], ...] | None = None
 
 
-def _box(coord: Any) -> tuple[float, float, float, float]:
+def coord_box(coord: Any) -> tuple[float, float, float, float]:
+    """A step-01 ``coord`` ``[[x0, y0], [x1, y1]]`` as a box ``(x0, y0, x1, y1)`` of floats."""
     (x0, y0), (x1, y1) = coord
     return float(x0), float(y0), float(x1), float(y1)
 
@@ -259,9 +258,9 @@ def memoized_document_lines() -> Iterator[None]:
 def document_lines(doc: Mapping[str, Any]) -> list[Line]:
     """The lines of a step-01 document, top to bottom (module docstring, "Lines").
 
-    ``doc`` is a row of :data:`~sparsemm_utils.documents.FEATURES` (``2_coord`` required,
+    ``doc`` is a row of :data:`~sparsemm_utils.document_dataset.FEATURES` (``2_coord`` required,
     ``char_coord`` optional). The OCR answer is ``"\\n".join(line.text for line in lines)``,
-    which equals :func:`sparsemm_utils.documents.reading_text` of the chunks."""
+    which equals :func:`sparsemm_utils.document_dataset.reading_text` of the chunks."""
     memo = _LINES_MEMO
     if memo is None:
         return _document_lines(doc)
@@ -274,11 +273,11 @@ def document_lines(doc: Mapping[str, Any]) -> list[Line]:
 def _document_lines(doc: Mapping[str, Any]) -> list[Line]:
     chunks = doc.get("2_coord")
     if chunks is None:
-        raise ReaderTaskError("the document has no '2_coord' field: pass a step-01 row (documents.FEATURES)")
+        raise ReaderTaskError("the document has no '2_coord' field: pass a step-01 row (document_dataset.FEATURES)")
     groups: list[list[int]] = []
     prev_bottom: float | None = None
     for j, entry in enumerate(chunks):
-        x0, y0, x1, y1 = _box(entry["coord"])
+        x0, y0, x1, y1 = coord_box(entry["coord"])
         if prev_bottom is None or (y0 + y1) / 2 > prev_bottom:
             groups.append([j])
         else:
@@ -286,12 +285,12 @@ def _document_lines(doc: Mapping[str, Any]) -> list[Line]:
         prev_bottom = y1
     chars_by_chunk: dict[int, list[tuple[str, tuple[float, float, float, float]]]] = {}
     for entry in doc.get("char_coord") or []:
-        chars_by_chunk.setdefault(int(entry["chunk_index"]), []).append((entry["char"], _box(entry["coord"])))
+        chars_by_chunk.setdefault(int(entry["chunk_index"]), []).append((entry["char"], coord_box(entry["coord"])))
     lines: list[Line] = []
     for group in groups:
         text = " ".join(chunks[j]["chunk"] for j in group)
         words = tuple(text.split())
-        box = _union([_box(chunks[j]["coord"]) for j in group])
+        box = _union([coord_box(chunks[j]["coord"]) for j in group])
         chars = [c for j in group for c in chars_by_chunk.get(j, [])]
         word_boxes = char_boxes = None
         if chars and len(chars) == sum(len(w) for w in words):
@@ -333,7 +332,7 @@ def ocr_question(doc: Mapping[str, Any]) -> ReaderQuestion:
 def line_question(doc: Mapping[str, Any], k: int) -> ReaderQuestion:
     """"Read line k." (``k`` from 1; lines with text only, top to bottom)."""
     lines = document_lines(doc)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(lines):
+    if not is_int(k) or not 1 <= k <= len(lines):
         raise NoQuestionError(f"line {k!r} does not exist: the document has {len(lines)} lines (k counts from 1)")
     line = lines[int(k) - 1]
     return ReaderQuestion("line", LINE_PROMPT.format(k=int(k)), line.text, (line.box,), {"line": int(k)})
@@ -367,9 +366,7 @@ def value_question(doc: Mapping[str, Any], key: str) -> ReaderQuestion:
 
 
 def _check_task(task: str) -> str:
-    if task not in TASK_TYPES:
-        raise ReaderTaskError(f"unknown task {task!r}; choose one of {list(TASK_TYPES)}")
-    return task
+    return check_choice("task", task, TASK_TYPES, error=ReaderTaskError)
 
 
 def draw_question(doc: Mapping[str, Any], task: str, rng: np.random.Generator) -> ReaderQuestion:
@@ -422,15 +419,9 @@ def make_task_dataset(
     Returns a ``datasets.Dataset`` with columns ``question_id`` (int, row order), ``doc_id``,
     ``task``, ``prompt``, ``answer``, ``evidence`` (list of ``[x0, y0, x1, y1]``), ``detail`` (JSON
     string), ``image`` (``datasets.Image``), ``2_coord`` and ``char_coord`` (step-01 schema). The
-    training stream of :mod:`sparsemm_utils.tiny` uses another seed, so a benchmark seed never
-    overlaps it when the seeds differ."""
-    import datasets
-    from tqdm.auto import tqdm
-
-    from .documents import FEATURES
-
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ReaderTaskError(f"n must be a positive integer (number of documents), got {n!r}")
+    reader's training stream uses another seed, so a benchmark seed never overlaps it when the
+    seeds differ."""
+    check_int("n", n, 1, error=ReaderTaskError, hint="the number of documents")
     for t in tasks:
         _check_task(t)
     spec = spec or ReaderDocSpec()
@@ -463,239 +454,3 @@ def make_task_dataset(
         }
     )
     return datasets.Dataset.from_dict(rows, features=features)
-
-
-# --------------------------------------------------------------------------------------------
-# batches
-
-
-def char_classes(charset: str = READER_CHARSET) -> dict[str, int]:
-    """Class ids of the auxiliary glyph loss: 0 = no character, then ``charset`` in order."""
-    return {c: i for i, c in enumerate(charset, start=1)}
-
-
-def visual_char_labels(doc: Mapping[str, Any], mapper: Any, classes: Mapping[str, int]) -> np.ndarray:
-    """The character drawn in each visual token of ``doc``'s image, ``(grid_h * grid_w,)`` int64,
-    row-major (the order of the ``<|image_pad|>`` tokens, docs/method.md §3).
-
-    A token holds class 0 when no character box maps to it, ``classes[char]`` when exactly one
-    box maps to it and that box maps to it alone, and -100 (ignored by the loss) otherwise
-    (boxes over several tokens or tokens under several boxes, impossible on grid pages, or a
-    character outside ``classes``). ``mapper``: a
-    :class:`~sparsemm_utils.patch_mapping.QwenVLPatchMapper` with the processor's geometry."""
-    width, height = doc["image"].size
-    labels = np.zeros(mapper.num_tokens(width, height), dtype=np.int64)
-    hits = np.zeros_like(labels)
-    for entry in doc.get("char_coord") or []:
-        positions = mapper.map_box(_box(entry["coord"]), width=width, height=height)
-        hits[positions] += 1
-        if len(positions) == 1 and entry["char"] in classes:
-            labels[positions[0]] = classes[entry["char"]]
-        else:
-            labels[positions] = -100
-    labels[hits > 1] = -100
-    return labels
-
-
-def _text_char_boxes(line: Line, text: str) -> list[tuple[float, float, float, float] | None]:
-    """The box of each character of ``text``, a suffix of ``line.text`` (``None`` for spaces)."""
-    if not line.text.endswith(text):
-        raise ReaderTaskError(
-            f"the answer {text!r} is not read from the line {line.text!r} its question names; build questions with "
-            "ocr_question / line_question / value_question on the same document"
-        )
-    skipped = sum(1 for c in line.text[: len(line.text) - len(text)] if c != " ")
-    boxes = iter(line.char_boxes[skipped:])
-    return [None if c == " " else next(boxes) for c in text]
-
-
-def answer_char_boxes(doc: Mapping[str, Any], question: ReaderQuestion) -> list[tuple[float, float, float, float] | None]:
-    """Where each character of ``question.answer`` is drawn: one entry per character, the box
-    ``(x0, y0, x1, y1)`` of that very glyph on the page, ``None`` for a space or a line break
-    (drawn nowhere). ``ocr`` answers walk every line, ``line`` answers line ``detail["line"]``,
-    ``value`` answers the words after the key on line ``detail["line"]``.
-
-    Worked example: on a page whose second line is ``"K7 93A"``, "Value of K7?" answers
-    ``"93A"`` and this returns the boxes of the line's 3rd, 4th and 5th glyphs.
-    Raises :class:`ReaderTaskError` for a document without character boxes (``char_coord``)."""
-    lines = document_lines(doc)
-    if any(l.char_boxes is None for l in lines):
-        raise ReaderTaskError(
-            "the document has no character boxes for every line ('char_coord'): answer pointers need a "
-            "step-01 grid document"
-        )
-    if question.task != "ocr":
-        k = int(question.detail.get("line", 0))
-        if not 1 <= k <= len(lines):
-            raise ReaderTaskError(
-                f"the question names line {k} but the document has {len(lines)} lines; build questions on the same document"
-            )
-        return _text_char_boxes(lines[k - 1], question.answer)
-    if question.answer != "\n".join(l.text for l in lines):
-        raise ReaderTaskError(
-            f"the answer {question.answer!r} is not this document's OCR text; build questions with ocr_question on the same document"
-        )
-    out: list[tuple[float, float, float, float] | None] = []
-    for i, line in enumerate(lines):
-        out += ([None] if i else []) + _text_char_boxes(line, line.text)
-    return out
-
-
-def answer_pointer_labels(doc: Mapping[str, Any], question: ReaderQuestion, mapper: Any, *, blanks: bool = False) -> np.ndarray:
-    """The visual token to read each answer token from: ``(len(answer) + 1,)`` int64, one entry
-    per answer character and a last one for the closing ``<|im_end|>``; the targets of the
-    reader's auxiliary *pointer* loss (:class:`sparsemm_utils.tiny.AuxiliaryHeads`).
-
-    A drawn character points at the row-major index (``<|image_pad|>`` order) of the one token its
-    glyph's box maps to (-100 for a glyph over several tokens: none on grid pages). A space, a
-    line break and the closing ``<|im_end|>`` are drawn nowhere: -100, or with ``blanks`` the
-    token right of the previous glyph (the blank cell that shows the word or line has ended),
-    -100 when that glyph is in the last column or has no token of its own.
-
-    Worked example (8 x 4 page, tokens ``row * 8 + col``; ``"CD EF"`` on row 2 from column 3):
-    ``[19, 20, -100, 22, 23, -100]``; with ``blanks`` ``[19, 20, 21, 22, 23, -100]`` (F sits in
-    the last column, so the end has no cell to its right)."""
-    width, height = doc["image"].size
-    out = np.full(len(question.answer) + 1, -100, dtype=np.int64)
-    for i, box in enumerate(answer_char_boxes(doc, question)):
-        if box is not None:
-            positions = mapper.map_box(box, width=width, height=height)
-            if len(positions) == 1:
-                out[i] = int(positions[0])
-    if blanks:
-        grid_w = int(mapper.describe(width, height)["grid_w"])
-        previous = -100
-        for i, ch in enumerate([*question.answer, None]):  # None: the closing <|im_end|>
-            if ch is None or ch in " \n":
-                out[i] = previous + 1 if previous >= 0 and previous % grid_w != grid_w - 1 else -100
-            else:
-                previous = int(out[i])
-    return out
-
-
-def key_pointer_label(doc: Mapping[str, Any], question: ReaderQuestion, mapper: Any) -> int:
-    """The visual token that shows the last character of a ``value`` question's key: the row-major
-    index (``<|image_pad|>`` order) of the one token its glyph's box maps to, -100 for a glyph
-    over several tokens (none on grid pages). The target of the reader's auxiliary *key pointer*
-    loss (:class:`sparsemm_utils.tiny.AuxiliaryHeads`): the prompt steps after the key name the
-    row the key was found on, before the answer starts.
-
-    Worked example (8 x 4 page, tokens ``row * 8 + col``; ``"K7 93A"`` on row 1 from column 0):
-    "Value of K7?" -> the ``7`` at column 1 -> ``9``. Raises :class:`ReaderTaskError` for other
-    tasks and for documents without character boxes."""
-    if question.task != "value":
-        raise ReaderTaskError(f"key pointers are defined for value questions only, got a {question.task!r} question")
-    lines = document_lines(doc)
-    k = int(question.detail.get("line", 0))
-    key = question.detail.get("key")
-    if not 1 <= k <= len(lines) or not lines[k - 1].words or lines[k - 1].words[0] != key:
-        raise ReaderTaskError(f"the question's key {key!r} does not start line {k} of this document; build it with value_question on the same document")
-    boxes = lines[k - 1].char_boxes
-    if boxes is None:
-        raise ReaderTaskError("the document has no character boxes for the key's line ('char_coord'): key pointers need a step-01 grid document")
-    width, height = doc["image"].size
-    positions = mapper.map_box(boxes[len(key) - 1], width=width, height=height)
-    return int(positions[0]) if len(positions) == 1 else -100
-
-
-def collate(
-    processor: Any,
-    samples: Sequence[tuple[Mapping[str, Any], ReaderQuestion]],
-    *,
-    classes: Mapping[str, int] | None = None,
-    mapper: Any = None,
-    pointers: bool = False,
-    pointer_blanks: bool = False,
-    key_pointers: bool = False,
-) -> dict[str, torch.Tensor]:
-    """A right-padded training batch of ``(document, question)`` pairs for a Qwen2-VL reader.
-
-    Each sequence is the chat of :func:`sparsemm_utils.prompts.build_inputs` (system prompt,
-    image, ``question.prompt``, generation prompt) followed by ``question.answer`` and
-    ``<|im_end|>``. Returns the processor's tensors (``input_ids``, ``attention_mask``,
-    ``mm_token_type_ids``: (B, L); ``pixel_values``: (patches, 1176); ``image_grid_thw``: (B, 3))
-    plus ``labels`` (B, L): the token ids of the answer and its closing ``<|im_end|>``, -100
-    elsewhere (padding included); ``prefix_len``: a 0-d tensor, the number of leading tokens
-    shared by every sequence (everything before the first image token); and, when ``classes``
-    is given, ``aux_labels`` (sum of visual tokens,): :func:`visual_char_labels` of each image,
-    concatenated in batch order (``mapper``: default, the processor's own geometry); and, when
-    ``pointers`` is set, ``pointer_labels`` (B, L): at position ``t`` whose next token ``t + 1``
-    is an answer token, the visual token it is read from (:func:`answer_pointer_labels`, with
-    ``blanks=pointer_blanks``; row-major within that sample's image), -100 elsewhere (position
-    ``t`` predicts token ``t + 1``)."""
-    if not samples:
-        raise CollationError("cannot collate an empty batch")
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is None or not hasattr(processor, "image_processor"):
-        raise CollationError(f"collate needs a Qwen2-VL processor (image processor + tokenizer), got {type(processor).__name__}")
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    texts, images, prompts = [], [], []
-    chats: dict[str, str] = {}  # a batch repeats its task's few prompts: render each chat once
-    for doc, q in samples:
-        if q.prompt not in chats:
-            chats[q.prompt] = processor.apply_chat_template(build_messages(q.prompt, "qwen2_vl"), add_generation_prompt=True, tokenize=False)
-        prompt = chats[q.prompt]
-        prompts.append(prompt)
-        texts.append(prompt + q.answer + "<|im_end|>")
-        image = doc["image"]
-        if not isinstance(image, Image.Image):
-            raise CollationError(f"document {doc.get('doc_id')} has no decoded PIL image (got {type(image).__name__})")
-        images.append(image.convert("RGB"))
-    answer_ids = [ids + [eos] for ids in tokenizer([q.answer for _, q in samples], add_special_tokens=False)["input_ids"]]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
-        batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    labels = torch.full_like(ids, -100)
-    lengths = mask.sum(dim=1).tolist()
-    for i, (n, ans) in enumerate(zip(lengths, answer_ids)):
-        tail = ids[i, n - len(ans) : n].tolist()
-        if tail != ans:
-            raise CollationError(
-                f"sample {i}: the last {len(ans)} tokens {tail} are not the answer's {ans}; the chat template or "
-                "tokenizer does not end the sequence with the answer"
-            )
-        labels[i, n - len(ans) : n] = ids[i, n - len(ans) : n]
-    image_id = processor.image_token_id
-    firsts = (ids == image_id).int().argmax(dim=1)
-    if not bool((firsts == firsts[0]).all()) or not bool((ids[:, : int(firsts[0])] == ids[0, : int(firsts[0])]).all()):
-        raise CollationError("the sequences do not share the tokens before the image (different system prompts?)")
-    out = dict(batch)
-    out["labels"] = labels
-    out["prefix_len"] = torch.tensor(int(firsts[0]))
-    if (classes is not None or pointers or key_pointers) and mapper is None:
-        from .patch_mapping import mapper_from_processor
-
-        mapper = mapper_from_processor(processor, "qwen2_vl")
-    if pointers:
-        pointer = torch.full_like(ids, -100)
-        for i, ((doc, q), n, ans) in enumerate(zip(samples, lengths, answer_ids)):
-            start = n - len(ans)  # first answer token; the character tokenizer gives one token per character
-            if len(ans) - 1 != len(q.answer):
-                raise CollationError(f"sample {i}: answer pointers need one token per answer character, got {len(ans) - 1} for {q.answer!r}")
-            pointer[i, start - 1 : n - 1] = torch.from_numpy(answer_pointer_labels(doc, q, mapper, blanks=pointer_blanks))
-        out["pointer_labels"] = pointer
-    if key_pointers:
-        key_labels = torch.full_like(ids, -100)
-        for i, ((doc, q), n, ans) in enumerate(zip(samples, lengths, answer_ids)):
-            if q.task != "value":
-                continue
-            start = n - len(ans)
-            # the key, the rest of the question and the generation prompt end the prompt
-            key, chat = str(q.detail["key"]), prompts[i]
-            tail = tokenizer(chat[chat.rindex(q.prompt) + q.prompt.rindex(key) :], add_special_tokens=False)["input_ids"]
-            key_end = start - len(tail) + len(tokenizer(key, add_special_tokens=False)["input_ids"]) - 1
-            if ids[i, start - len(tail) : start].tolist() != tail:
-                raise CollationError(f"sample {i}: the prompt does not end with the key {key!r} of {q.prompt!r} and the generation prompt")
-            key_labels[i, key_end : start - 1] = key_pointer_label(doc, q, mapper)
-        out["key_labels"] = key_labels
-    if classes is not None:
-        aux = [visual_char_labels(doc, mapper, classes) for doc, _ in samples]
-        counts = (batch["image_grid_thw"].prod(dim=1) // 4).tolist()
-        if [len(a) for a in aux] != counts:
-            raise CollationError(f"visual token counts {[len(a) for a in aux]} disagree with the processor's {counts}")
-        out["aux_labels"] = torch.from_numpy(np.concatenate(aux))
-    return out

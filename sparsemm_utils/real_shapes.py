@@ -32,7 +32,7 @@ from transformers import GenerationConfig, LlavaNextConfig, Qwen2_5_VLConfig, Qw
 
 from sparsemm_utils.allocation import ModelShape
 from sparsemm_utils.models import SUPPORTED_MODEL_TYPES, LoadedModel
-from sparsemm_utils.tiny_models import mrope_section_for
+from sparsemm_utils.random_models import mrope_section_for
 from sparsemm_utils.validate import check_int
 
 __all__ = [

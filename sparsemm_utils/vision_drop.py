@@ -26,7 +26,7 @@ positions are vision) reaches it through :data:`VISION_DROP_HOOK`, activated by
 :func:`vision_drop`; the vision positions are read from ``input_ids`` by a forward pre-hook on the
 model (at the prefill: positions holding the image token id; every later token is text), so
 anything that calls ``model.generate`` or ``model(...)`` inside the ``with`` block is ablated,
-e.g. :func:`sparsemm_utils.tiny.evaluate_reader`. Batch size 1.
+e.g. :func:`sparsemm_utils.tiny_reader.accuracy.evaluate_reader`. Batch size 1.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sparsemm_utils.attention_hooks import AttentionHook, NoActiveStateError, allowed_keys, text_attention
 from sparsemm_utils.models import LoadedModel
-from sparsemm_utils.reader_tasks import TASK_TYPES
+from sparsemm_utils.reader_tasks import HELDOUT_SEED, TASK_TYPES
+from sparsemm_utils.tiny_reader.accuracy import evaluate_reader
 from sparsemm_utils.token_categories import AttentionShapeError
 from sparsemm_utils.validate import check_choice, check_int, is_int
 
@@ -340,7 +341,7 @@ def evaluate_vision_drop(
 ) -> pd.DataFrame:
     """Reader accuracy under each condition of ``drops`` (``None``: the unmodified model).
 
-    Each condition runs :func:`sparsemm_utils.tiny.evaluate_reader` (greedy, full KV cache,
+    Each condition runs :func:`sparsemm_utils.tiny_reader.accuracy.evaluate_reader` (greedy, full KV cache,
     exact match and character accuracy per task, the offline benchmark) inside
     :func:`vision_drop`. Conditions that drop the same set of layers (e.g. ``"inside"`` and
     ``"from"`` of the last range) are evaluated once and reported under each name.
@@ -350,8 +351,6 @@ def evaluate_vision_drop(
     dropped_layers (the layers really dropped, ``"a-b"``), task (each task and ``"all"``),
     exact_match, char_accuracy, mean_char_accuracy, n (questions).
     """
-    from sparsemm_utils.tiny import HELDOUT_SEED, evaluate_reader
-
     tasks = tuple(tasks) if tasks is not None else TASK_TYPES
     seed = HELDOUT_SEED if seed is None else seed
     cache: dict[frozenset[int], dict] = {}

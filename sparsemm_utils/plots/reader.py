@@ -61,7 +61,7 @@ def plot_training(log: pd.DataFrame, validation: pd.DataFrame | None = None, *, 
     ``key_acc`` over the value steps, the only ones it sees), the learning rate and the share
     of easy pages; and, from ``validation_log.csv``, teacher-forced exact match per task on the
     validation pages (equal to greedy exact match). With a ``stage`` column (several training
-    stages, :func:`sparsemm_utils.tiny.training_logs`), dotted lines mark where a stage starts."""
+    stages, :func:`sparsemm_utils.tiny_reader.notebook.training_logs`), dotted lines mark where a stage starts."""
     panels = 3 if validation is not None and len(validation) else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.6))
     starts = log.groupby("stage")["step"].min().iloc[1:].tolist() if "stage" in log else []

@@ -1,6 +1,6 @@
 """The training loop's faster data path gives the very same tensors as the stock code.
 
-``sparsemm_utils.fast_pixels`` (pixels by table lookup) and ``reader_tasks.memoized_document_lines``
+``sparsemm_utils.tiny_reader.fast_pixels`` (pixels by table lookup) and ``reader_tasks.memoized_document_lines``
 are speed-ups only: a reader trained before them must be reproduced bit for bit after them."""
 
 from __future__ import annotations
@@ -12,17 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from sparsemm_utils.fast_pixels import LookupQwen2VLImageProcessor, with_lookup_pixels
-from sparsemm_utils.reader_tasks import (
-    ReaderDocSpec,
-    _document_lines,
-    char_classes,
-    collate,
-    document_lines,
-    memoized_document_lines,
-)
-from sparsemm_utils.tiny import TrainConfig, _StepBatches, build_reader, step_samples, step_task
-from sparsemm_utils.tiny_models import build_tiny_processor
+from sparsemm_utils.random_models import build_tiny_processor
+from sparsemm_utils.reader_tasks import ReaderDocSpec, _document_lines, document_lines, memoized_document_lines
+from sparsemm_utils.tiny_reader.batches import StepBatches, char_classes, collate
+from sparsemm_utils.tiny_reader.config import TrainConfig
+from sparsemm_utils.tiny_reader.curriculum import step_samples, step_task
+from sparsemm_utils.tiny_reader.fast_pixels import LookupQwen2VLImageProcessor, with_lookup_pixels
+from sparsemm_utils.tiny_reader.model import build_reader
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +105,7 @@ def test_step_batches_equal_the_stock_collate(processor):
     """The training loop's batches (lookup pixels, one mapper, memoized lines) are exactly what
     collate gives with the stock processor, for every task."""
     cfg = TrainConfig(steps=30, batch_size=4, validate_every=0, checkpoint_every=0)
-    batches = _StepBatches(cfg, processor, char_classes())
+    batches = StepBatches(cfg, processor, char_classes())
     seen = set()
     for step in range(30):
         task = step_task(cfg, step)

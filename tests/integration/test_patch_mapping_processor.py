@@ -14,7 +14,7 @@ from PIL import Image
 
 from sparsemm_utils import patch_mapping as pm
 from sparsemm_utils import prompts
-from sparsemm_utils.tiny_models import build_tiny_processor
+from sparsemm_utils.random_models import build_tiny_processor
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from sparsemm_utils.prompts import (
     build_messages,
     image_token_span,
 )
-from sparsemm_utils.tiny_models import build_tiny_processor
+from sparsemm_utils.random_models import build_tiny_processor
 
 QWEN_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -118,7 +118,7 @@ def test_qwen_inputs_decode_to_the_prompt_with_expanded_pads(processors, model_t
     # + "user\n" (5) + <|vision_start|> = 1 + 7 + 28 + 1 + 1 + 1 + 5 + 1 = 45
     assert len(QWEN_SYSTEM_PROMPT) == 28
     assert start == 45
-    assert count == 50  # 280 x 140 -> 20 x 10 patches -> 50 tokens (see test_tiny_models)
+    assert count == 50  # 280 x 140 -> 20 x 10 patches -> 50 tokens (see test_random_models)
     decoded = processor.tokenizer.decode(inputs["input_ids"][0])
     assert decoded == QWEN_PROMPT.replace("<|image_pad|>", "<|image_pad|>" * count)
     assert inputs["mm_token_type_ids"][0].tolist() == [0] * start + [1] * count + [0] * (
@@ -133,7 +133,7 @@ def test_llava_inputs_decode_to_the_prompt_with_expanded_image(processors):
     start, count = image_token_span(inputs["input_ids"], processor.image_token_id)
     # <s> + the system prompt + " USER: " (7 characters) come before <image>
     assert start == 1 + len(VICUNA_SYSTEM_PROMPT) + 7
-    assert count == 1752  # 576 + 24 x (48 + 1), see test_tiny_models
+    assert count == 1752  # 576 + 24 x (48 + 1), see test_random_models
     decoded = processor.tokenizer.decode(inputs["input_ids"][0])
     assert decoded == "<s>" + VICUNA_PROMPT.replace("<image>", "<image>" * count)
 

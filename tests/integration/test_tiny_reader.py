@@ -1,64 +1,55 @@
-"""The tiny reader (sparsemm_utils.tiny): schedules, losses, a short training run, the shipped checkpoint."""
+"""The tiny reader (sparsemm_utils.tiny_reader): schedules, losses, a short training run, the shipped checkpoint."""
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from sparsemm_utils.models import load_model
 from sparsemm_utils.patch_mapping import QwenVLPatchMapper
 from sparsemm_utils.reader_tasks import (
+    HELDOUT_SEED,
     TASK_TYPES,
-    answer_pointer_labels,
-    key_pointer_label,
-    char_classes,
-    collate,
+    VALIDATION_SEED,
     document_lines,
-    questions_for_document,
+    heldout_documents,
     value_keys,
 )
-from sparsemm_utils.tiny import (
-    _StepBatches,
-    _train_config_from_args,
-    build_parser,
-    DEFAULT_READER_DIR,
-    POSITION_CLASSES,
-    POSITION_LABEL_SMOOTHING,
-    AuxiliaryHeads,
-    TinyReaderError,
-    visual_positions,
-    ReaderNotebookConfig,
-    linear_patch_embedding,
-    main,
-    rewrite_model_card,
-    write_model_card,
-    HELDOUT_SEED,
-    VALIDATION_SEED,
-    CheckpointMismatchError,
-    ReaderModelSpec,
-    TrainConfig,
-    TrainConfigError,
-    build_reader,
-    easy_page_probability,
+from sparsemm_utils.runs import repo_root
+from sparsemm_utils.tiny_reader.accuracy import (
     error_breakdown,
     evaluate_reader,
-    heldout_documents,
-    learning_rate,
     read,
-    reader_doc_spec,
-    reader_losses,
-    save_reader,
-    step_samples,
-    step_task,
     summarize_records,
-    train_reader,
     value_accuracy_by_keys,
     value_error_sources,
 )
+from sparsemm_utils.tiny_reader.batches import StepBatches, answer_pointer_labels, char_classes, collate, key_pointer_label
+from sparsemm_utils.tiny_reader.card import rewrite_model_card, write_model_card
+from sparsemm_utils.tiny_reader.cli import build_parser, main, train_config_from_args
+from sparsemm_utils.tiny_reader.config import (
+    DEFAULT_READER_DIR,
+    CheckpointMismatchError,
+    ReaderModelSpec,
+    TinyReaderError,
+    TrainConfig,
+    TrainConfigError,
+    reader_doc_spec,
+)
+from sparsemm_utils.tiny_reader.curriculum import easy_page_probability, step_samples, step_task
+from sparsemm_utils.tiny_reader.losses import POSITION_LABEL_SMOOTHING, reader_losses, visual_positions
+from sparsemm_utils.tiny_reader.model import POSITION_CLASSES, AuxiliaryHeads, build_reader, linear_patch_embedding
+from sparsemm_utils.tiny_reader.notebook import ReaderNotebookConfig
+from sparsemm_utils.tiny_reader.training import learning_rate, save_reader, train_reader
 
 # A reader small enough to train a few dozen steps in seconds.
 SMALL_MODEL = ReaderModelSpec(text_hidden=32, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=64,
@@ -183,33 +174,33 @@ def test_step_batches_point_blanks_only_when_asked():
     counts = {}
     for blanks in (False, True):
         cfg = small_config(pointer_blanks=blanks)
-        batch = _StepBatches(cfg, processor, char_classes())[40]
+        batch = StepBatches(cfg, processor, char_classes())[40]
         expected = sum(int((answer_pointer_labels(d, q, QwenVLPatchMapper(), blanks=blanks) != -100).sum()) for d, q in step_samples(cfg, 40))
         counts[blanks] = int((batch["pointer_labels"] != -100).sum())
         assert counts[blanks] == expected
     # every answer ends with <|im_end|>: at least one blank per sequence unless its last glyph is in the last column
     assert counts[True] > counts[False]
     args = build_parser().parse_args(["train", "--pointer-blanks"])
-    assert _train_config_from_args(args).pointer_blanks is True
-    assert _train_config_from_args(build_parser().parse_args(["train"])).pointer_blanks is True  # the default
-    assert _train_config_from_args(build_parser().parse_args(["train", "--no-pointer-blanks"])).pointer_blanks is False
+    assert train_config_from_args(args).pointer_blanks is True
+    assert train_config_from_args(build_parser().parse_args(["train"])).pointer_blanks is True  # the default
+    assert train_config_from_args(build_parser().parse_args(["train", "--no-pointer-blanks"])).pointer_blanks is False
 
 
 def test_step_batches_carry_key_labels_only_when_asked():
     _, processor = build_reader(SMALL_MODEL, seed=0)
     value_step = next(s for s in range(100) if step_task(small_config(), s) == "value")
-    assert "key_labels" not in _StepBatches(small_config(key_weight=0.0), processor, char_classes())[value_step]
+    assert "key_labels" not in StepBatches(small_config(key_weight=0.0), processor, char_classes())[value_step]
     cfg = small_config(key_weight=0.5)
-    batch = _StepBatches(cfg, processor, char_classes())[value_step]
+    batch = StepBatches(cfg, processor, char_classes())[value_step]
     mapper = QwenVLPatchMapper()
     for i, (doc, q) in enumerate(step_samples(cfg, value_step)):
         marked = batch["key_labels"][i][batch["key_labels"][i] != -100]
         # the key's last character, "?", <|im_end|>, "\n", <|im_start|> and the 9 characters of "assistant"
         assert len(marked) == 14 and bool((marked == key_pointer_label(doc, q, mapper)).all())
     line_step = next(s for s in range(100) if step_task(cfg, s) == "line")
-    assert bool((_StepBatches(cfg, processor, char_classes())[line_step]["key_labels"] == -100).all())
+    assert bool((StepBatches(cfg, processor, char_classes())[line_step]["key_labels"] == -100).all())
     args = build_parser().parse_args(["train", "--key-weight", "0.4", "--key-layer", "1", "--key-start", "0.2"])
-    got = _train_config_from_args(args)
+    got = train_config_from_args(args)
     assert (got.key_weight, got.key_layer, got.key_start) == (0.4, 1, 0.2)
 
 
@@ -498,11 +489,11 @@ def test_save_reader_loads_like_a_real_checkpoint(tmp_path):
     result = evaluate_reader(loaded, [doc], ("line",), max_new_tokens=5, progress=False)
     assert result["summary"]["line"]["n"] == 1 and len(result["records"]) == 1
     # the model card is written from measured results, and rebuilt identically from the saved files
-    card = write_model_card(out, cfg, train_result, result, command="python -m sparsemm_utils.tiny train --steps 2", n_docs=1)
+    card = write_model_card(out, cfg, train_result, result, command="python -m sparsemm_utils.tiny_reader train --steps 2", n_docs=1)
     text = card.read_text()
     s = result["summary"]["line"]
     assert f"| line | 1 | {s['exact_match']:.3f} | {s['char_accuracy']:.4f} |" in text
-    assert "`python -m sparsemm_utils.tiny train --steps 2`" in text and "2 steps x batch 4" in text
+    assert "`python -m sparsemm_utils.tiny_reader train --steps 2`" in text and "2 steps x batch 4" in text
     assert rewrite_model_card(out).read_text() == text
     # the evaluate CLI reads the same pages the card's numbers came from
     assert main(["evaluate", "--model", str(out), "--docs", "1", "--tasks", "line", "--out", str(tmp_path / "ev.json")]) == 0
@@ -511,8 +502,6 @@ def test_save_reader_loads_like_a_real_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_stage_starts_from_the_saved_reader_and_its_heads(tmp_path):
-    from safetensors.torch import load_file, save_file
-
     first = small_config(steps=2, position_weight=0.0, pointer_weight=0.0, key_weight=0.0)
     model, processor, head, _ = train_reader(first, tmp_path / "work1", progress=False)
     assert head.position is None and head.pointer is None
@@ -557,6 +546,33 @@ def test_notebook_config():
             ReaderNotebookConfig(**bad)
 
 
+# ------------------------------------------------------------------------------ the package's layers
+
+
+def _fresh_python(*args: str) -> subprocess.CompletedProcess:
+    """``python *args`` in a new interpreter that imports this checkout's package."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo_root()), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=repo_root(), env=env, check=True)
+
+
+@pytest.mark.slow
+def test_scoring_a_reader_imports_no_training_code():
+    """Steps 05 and 07 read held-out pages (reader_tasks) and score readers (accuracy): neither
+    may pull in the training loop, its batches, its losses or the model card."""
+    out = _fresh_python("-c", "import sys, sparsemm_utils.reader_tasks, sparsemm_utils.tiny_reader.accuracy; "
+                              "print(sorted(m for m in sys.modules if m.startswith('sparsemm_utils')))")
+    loaded = set(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
+    assert {"sparsemm_utils.reader_tasks", "sparsemm_utils.tiny_reader.accuracy"} <= loaded
+    for module in ("curriculum", "fast_pixels", "batches", "losses", "training", "card", "notebook", "cli"):
+        assert f"sparsemm_utils.tiny_reader.{module}" not in loaded, module
+
+
+@pytest.mark.slow
+def test_the_command_line_runs_as_a_module():
+    out = _fresh_python("-m", "sparsemm_utils.tiny_reader", "card", "--help")
+    assert out.stdout.startswith("usage: python -m sparsemm_utils.tiny_reader card")
+
+
 # ------------------------------------------------------------------------------ the shipped reader
 
 needs_checkpoint = pytest.mark.skipif(
@@ -591,7 +607,7 @@ def test_shipped_model_card_matches_its_eval_results():
     for task, s in results["summary"].items():
         assert f"| {task} | {s['n']} | {s['exact_match']:.3f} | {s['char_accuracy']:.4f} |" in card
     assert results["command"] in card
-    # the README's promise: `python -m sparsemm_utils.tiny train` with no option trains the shipped recipe
+    # the README's promise: `python -m sparsemm_utils.tiny_reader train` with no option trains the shipped recipe
     saved = json.loads((DEFAULT_READER_DIR / "training" / "train_config.json").read_text())
     assert TrainConfig.from_dict(saved) == TrainConfig()
     size = sum(p.stat().st_size for p in DEFAULT_READER_DIR.rglob("*") if p.is_file())

@@ -176,7 +176,7 @@ def test_evaluate_vision_drop_runs_each_layer_set_once(qwen, monkeypatch):
         summary["all"] = {"n": 2 * len(tasks), "exact_match": acc, "char_accuracy": acc, "mean_char_accuracy": acc}
         return {"summary": summary, "records": [], "seconds": 0.0}
 
-    monkeypatch.setattr("sparsemm_utils.tiny.evaluate_reader", fake_evaluate_reader)
+    monkeypatch.setattr("sparsemm_utils.vision_drop.evaluate_reader", fake_evaluate_reader)
     last = loaded.num_layers - 1
     drops = [None, vd.VisionDrop(0, 0, "inside"), vd.VisionDrop(last, last, "inside"), vd.VisionDrop(last, last, "from"),
              vd.VisionDrop(0, 0, "from")]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from sparsemm_utils import token_categories as tc
 from sparsemm_utils.prompts import OCR_PROMPT, QWEN_SYSTEM_PROMPT, VICUNA_SYSTEM_PROMPT, build_inputs
-from sparsemm_utils.tiny_models import build_tiny_processor
+from sparsemm_utils.random_models import build_tiny_processor
 
 IMAGE = Image.new("RGB", (280, 224), "white")  # Qwen: 10 x 8 = 80 visual tokens
 

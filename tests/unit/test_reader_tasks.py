@@ -1,4 +1,5 @@
-"""Reading tasks of the tiny reader (sparsemm_utils.reader_tasks): lines, questions, batches."""
+"""Reading tasks of the tiny reader (sparsemm_utils.reader_tasks): lines, questions, and the training
+batches built from them (sparsemm_utils.tiny_reader.batches)."""
 
 from __future__ import annotations
 
@@ -12,30 +13,32 @@ from PIL import Image
 
 from sparsemm_utils.patch_mapping import QwenVLPatchMapper
 from sparsemm_utils.prompts import OCR_PROMPT
+from sparsemm_utils.random_models import build_char_tokenizer, build_tiny_processor
 from sparsemm_utils.reader_tasks import (
     READER_CHARSET,
     TASK_TYPES,
-    CollationError,
     NoQuestionError,
     ReaderDocSpec,
     ReaderQuestion,
     ReaderTaskError,
-    answer_char_boxes,
-    answer_pointer_labels,
-    char_classes,
-    collate,
     document_lines,
     draw_question,
     line_question,
     make_task_dataset,
     ocr_question,
     questions_for_document,
-    key_pointer_label,
     value_keys,
     value_question,
+)
+from sparsemm_utils.tiny_reader.batches import (
+    CollationError,
+    answer_char_boxes,
+    answer_pointer_labels,
+    char_classes,
+    collate,
+    key_pointer_label,
     visual_char_labels,
 )
-from sparsemm_utils.tiny_models import build_char_tokenizer, build_tiny_processor
 
 
 def grid_doc(lines: list[tuple[int, int, str]], cols: int = 8, rows: int = 4, doc_id: int = 0) -> dict:
@@ -124,7 +127,7 @@ def test_draw_question_and_errors():
     assert draw_question(DOC, "ocr", rng).answer == ocr_question(DOC).answer
     assert draw_question(DOC, "line", rng).answer in {"K7 93A", "AB CD EF", "Q"}
     assert draw_question(DOC, "value", rng).answer in {"93A", "CD EF"}
-    with pytest.raises(ReaderTaskError, match="unknown task"):
+    with pytest.raises(ReaderTaskError, match="task must be one of"):
         draw_question(DOC, "count", rng)
     single = grid_doc([(0, 0, "ABC")])
     with pytest.raises(NoQuestionError, match="key-value"):
@@ -222,7 +225,7 @@ def test_make_task_dataset_columns_and_determinism():
     assert set(only["task"]) == {"line"} and len(only) == 4
     with pytest.raises(ReaderTaskError):
         make_task_dataset(5, 0)
-    with pytest.raises(ReaderTaskError, match="unknown task"):
+    with pytest.raises(ReaderTaskError, match="task must be one of"):
         make_task_dataset(5, 2, tasks=("ocr", "sum"))
 
 

@@ -1,10 +1,12 @@
-"""Tiny models of the three real classes: build, run, count visual tokens, save/load, attention steering."""
+"""Tiny random-weight models of the three real classes (sparsemm_utils.random_models): build, run, count
+visual tokens, save/load, attention steering."""
 
 from __future__ import annotations
 
 from pathlib import Path
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -29,7 +31,7 @@ from sparsemm_utils.processors import (
     set_qwen_pixel_bounds,
 )
 from sparsemm_utils.prompts import OCR_PROMPT, build_inputs, image_token_span
-from sparsemm_utils.tiny_models import (
+from sparsemm_utils.random_models import (
     LLAVA_V16_GRID_PINPOINTS,
     InvalidTinySpecError,
     TinySpec,
@@ -87,6 +89,9 @@ def test_mrope_section_rejects_odd_head_dim():
         ({"text_heads": 3}, "must divide text_hidden"),
         ({"text_kv_heads": 3}, "divisor of text_heads"),
         ({"text_layers": 0}, "positive integers"),
+        ({"text_layers": True}, "positive integers"),  # a bool is not a size
+        ({"text_hidden": 128.0}, "positive integers"),
+        ({"text_kv_heads": 2.0}, "divisor of text_heads"),
         ({"vision_heads": 3}, "even"),
         ({"min_pixels": 10, "max_pixels": 5}, "min_pixels"),
         ({"hidden": 64}, "unknown tiny-model options"),
@@ -100,6 +105,12 @@ def test_tiny_spec_validation(overrides, fragment):
 def test_llava_needs_two_vision_layers():
     with pytest.raises(InvalidTinySpecError, match="second-to-last"):
         build_tiny("llava_next", vision_layers=1)
+
+
+def test_tiny_spec_takes_numpy_integers_as_ints():
+    spec = TinySpec.from_overrides(text_layers=np.int64(2), text_kv_heads=np.int32(4))
+    assert (spec.text_layers, spec.text_kv_heads) == (2, 4)
+    assert type(spec.text_layers) is int and type(spec.text_kv_heads) is int
 
 
 def test_tiny_spec_family_defaults():

@@ -1,12 +1,12 @@
-"""Qwen2-VL pixel values by table lookup: the same float32 numbers, in less than half the time.
+"""Qwen2-VL pixel values by table lookup: the same float32 numbers, faster.
 
-The reader's training loop (:mod:`sparsemm_utils.tiny`) turns 24 small uint8 pages into
-``pixel_values`` every step. transformers' Qwen2-VL PIL image processor does, per image,
+The reader's training loop (:mod:`sparsemm_utils.tiny_reader.training`) turns 24 small uint8
+pages into ``pixel_values`` every step. transformers' Qwen2-VL PIL image processor does, per image,
 ``resize`` (a no-op when the page already has the size ``smart_resize`` chooses: every reader
 page is a whole number of 28 px cells), ``rescale`` (uint8 -> float64, times 1/255, -> float32),
 ``normalize`` (``(x - mean[c]) / std[c]`` in float32) and ``patchify`` (reshape/transpose into
-``(patches, C * T * 14 * 14)``). Measured on the 2-core machine (10 training batches of steps
-4000-4009, median of 5 passes): 43.1 ms a batch stock, 19.9 ms with the lookup.
+``(patches, C * T * 14 * 14)``). The lookup replaces the float arithmetic of rescale and
+normalize, per pixel, by one table read (docs/tiny_reader.md has its measured speed-up).
 
 Rescale and normalize are element-wise, so each of the 256 byte values of channel ``c`` always
 becomes the same float32. :class:`LookupQwen2VLImageProcessor` runs the processor's OWN
@@ -17,7 +17,7 @@ sizes). Any image the shortcut does not cover (a resize that changes the size, a
 array, rescale or normalize switched off) goes through the stock code unchanged.
 
 :func:`with_lookup_pixels` returns a shallow copy of a Qwen2-VL processor that uses it; the
-original processor (the one :func:`~sparsemm_utils.tiny.save_reader` writes) is untouched.
+original processor (the one :func:`~sparsemm_utils.tiny_reader.training.save_reader` writes) is untouched.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ of visual tokens for an image is exactly what the real model sees (docs/method.m
   ``vision_feature_layer=-2``.
 
 Builds are deterministic: the same ``seed`` gives identical weights (the global torch RNG is left
-untouched), and take well under a second each.
+untouched), and take well under a second each. ``load_model("tiny-random/<model_type>")``
+(:mod:`sparsemm_utils.models`) builds one with :func:`build_tiny`.
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
-from sparsemm_utils.models import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from sparsemm_utils.model_types import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 from sparsemm_utils.processors import (
     SPARSEMM_MAX_PIXELS,
     SPARSEMM_MIN_PIXELS,
     Qwen2_5_VLImageOnlyProcessor,
     Qwen2VLImageOnlyProcessor,
 )
+from sparsemm_utils.validate import is_int
 
 __all__ = [
     "TINY_MODEL_TYPES",
@@ -132,7 +134,7 @@ class InvalidTinySpecError(ValueError):
 
 def _check_model_type(model_type: str) -> None:
     if model_type not in TINY_MODEL_TYPES:
-        raise UnsupportedModelError(model_type, where="tiny_models")
+        raise UnsupportedModelError(model_type, where="random_models")
 
 
 def _family(model_type: str) -> str:
@@ -247,17 +249,23 @@ class TinySpec:
                 "max_pixels",
             )
         }
-        bad = {k: v for k, v in positive.items() if not isinstance(v, int) or v <= 0}
+        bad = {k: v for k, v in positive.items() if not is_int(v) or v <= 0}
         if bad:
             raise InvalidTinySpecError(f"these sizes must be positive integers: {bad}")
+        for k, v in positive.items():  # numpy integers become ints (configs are saved as JSON)
+            object.__setattr__(self, k, int(v))
         if self.text_hidden % self.text_heads:
             raise InvalidTinySpecError(
                 f"text_heads={self.text_heads} must divide text_hidden={self.text_hidden} (head_dim = hidden / heads)"
             )
-        if self.text_kv_heads is not None and (self.text_kv_heads <= 0 or self.text_heads % self.text_kv_heads):
+        if self.text_kv_heads is not None and (
+            not is_int(self.text_kv_heads) or self.text_kv_heads <= 0 or self.text_heads % self.text_kv_heads
+        ):
             raise InvalidTinySpecError(
                 f"text_kv_heads={self.text_kv_heads} must be a positive divisor of text_heads={self.text_heads} (GQA)"
             )
+        if self.text_kv_heads is not None:
+            object.__setattr__(self, "text_kv_heads", int(self.text_kv_heads))
         if self.vision_hidden % self.vision_heads or (self.vision_hidden // self.vision_heads) % 2:
             raise InvalidTinySpecError(
                 f"vision_heads={self.vision_heads} must divide vision_hidden={self.vision_hidden} into an even "

@@ -1,0 +1,47 @@
+"""The model types the project runs, and the error for any other (docs/method.md §1).
+
+Kept apart from :mod:`sparsemm_utils.models` (loading) and :mod:`sparsemm_utils.random_models`
+(building tiny random-weight models) because both need it: ``models`` builds a
+``tiny-random/<model_type>`` model through ``random_models``, and ``random_models`` builds only
+the types listed here. Both import this module; neither imports the other's importer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from transformers import (
+    LlavaNextForConditionalGeneration,
+    PreTrainedModel,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "TINY_PREFIX", "UnsupportedModelError"]
+
+#: model_type (config.json) -> the transformers class that runs it (docs/method.md §1).
+SUPPORTED_MODEL_TYPES: Mapping[str, type[PreTrainedModel]] = MappingProxyType(
+    {
+        "qwen2_vl": Qwen2VLForConditionalGeneration,
+        "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+        "llava_next": LlavaNextForConditionalGeneration,
+    }
+)
+#: ``load_model(TINY_PREFIX + model_type)`` builds a tiny random-weight model of that type.
+TINY_PREFIX = "tiny-random/"
+
+
+class UnsupportedModelError(ValueError):
+    """The model type is not one of :data:`SUPPORTED_MODEL_TYPES`."""
+
+    def __init__(self, model_type: Any, where: str = ""):
+        self.model_type = model_type
+        origin = f" (from {where})" if where else ""
+        super().__init__(
+            f"unsupported model_type {model_type!r}{origin}: supported types are "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (classes "
+            f"{', '.join(c.__name__ for c in SUPPORTED_MODEL_TYPES.values())}); for a tiny offline model use "
+            f"'{TINY_PREFIX}<model_type>', e.g. '{TINY_PREFIX}qwen2_vl'"
+        )
