@@ -26,7 +26,7 @@ from ..paper_efficiency import (
     paper_efficiency_frame,
     paper_speedup,
 )
-from .eval import METHOD_COLORS, METHOD_STYLES
+from .style import METHOD_COLORS, cmap_for, method_color, method_style
 
 __all__ = ["comparable_to_paper", "plot_efficiency", "plot_head_lengths", "efficiency_table"]
 
@@ -63,10 +63,10 @@ def _methods(results: pd.DataFrame) -> list[str]:
 
 
 def _style(method: str) -> dict:
-    style = dict(METHOD_STYLES.get(method, {"linestyle": "-", "marker": "o", "linewidth": 1.6}))
+    style = method_style(method)
     if style.get("marker") is None:
         style["marker"] = "s"
-    return {"color": METHOD_COLORS.get(method, "0.5"), **style}
+    return {"color": method_color(method), **style}
 
 
 def plot_efficiency(
@@ -124,7 +124,7 @@ def plot_efficiency(
                                linewidth=1.0, alpha=0.7, label=f"{method} analytic, full depth {a['dtype'].iloc[0]}")
         if comparable and not ref.empty:
             for r in ref.itertuples(index=False):
-                color = METHOD_COLORS.get(r.method, "0.5")
+                color = method_color(r.method)
                 ax_ms.plot([r.context_len], [r.decode_ms_per_token], marker="D", markersize=9, markerfacecolor="none",
                            markeredgecolor=color, linestyle="none", label=f"paper {r.method}")
                 ax_mem.plot([r.context_len], [r.peak_mem_bytes / _GIB], marker="D", markersize=9, markerfacecolor="none",
@@ -172,7 +172,7 @@ def plot_head_lengths(stored: np.ndarray, *, budget: int, title: str = "") -> Fi
         raise ValueError(f"stored must be a non-empty (layers, kv_heads) array, got shape {stored.shape}")
     layers, kv_heads = stored.shape
     fig, (ax_map, ax_sorted) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [1.1, 1]})
-    image = ax_map.imshow(stored.T, aspect="auto", cmap="magma", origin="lower", interpolation="nearest")
+    image = ax_map.imshow(stored.T, aspect="auto", cmap=cmap_for("kv_tokens"), origin="lower", interpolation="nearest")
     fig.colorbar(image, ax=ax_map, label="tokens stored")
     ax_map.set_xlabel("layer")
     ax_map.set_ylabel("KV head")

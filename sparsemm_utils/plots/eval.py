@@ -15,44 +15,18 @@ from collections.abc import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.figure import Figure
 
 from ..benchmarks import EvalSample, get_benchmark
 from ..evaluation import EVAL_METHODS
+from .style import method_color, method_style
 
 __all__ = [
-    "METHOD_COLORS",
-    "METHOD_STYLES",
     "plot_benchmark_samples",
     "plot_accuracy_vs_budget",
     "plot_accuracy_vs_kv_share",
     "plot_accuracy_by_group",
 ]
-
-_PALETTE = sns.color_palette("tab10", 10)
-#: One colour per method, the same in every figure of the study.
-METHOD_COLORS: Mapping[str, tuple[float, float, float]] = {
-    "sparsemm": _PALETTE[3],
-    "fullkv": (0.2, 0.2, 0.2),
-    "adakv": _PALETTE[0],
-    "snapkv": _PALETTE[2],
-    "pyramidkv": _PALETTE[4],
-    "random": _PALETTE[7],
-    "streamingllm": _PALETTE[8],
-    "mask": _PALETTE[1],
-    "mask_random": _PALETTE[5],
-    "fastv": _PALETTE[6],
-}
-#: Line style and marker per method (SparseMM drawn thicker).
-METHOD_STYLES: Mapping[str, dict] = {m: {"linestyle": "-", "marker": "o", "linewidth": 1.6} for m in METHOD_COLORS} | {
-    "sparsemm": {"linestyle": "-", "marker": "o", "linewidth": 2.6},
-    "fullkv": {"linestyle": "--", "marker": None, "linewidth": 1.4},
-    "mask": {"linestyle": ":", "marker": None, "linewidth": 1.4},
-    "mask_random": {"linestyle": ":", "marker": None, "linewidth": 1.4},
-    "fastv": {"linestyle": "-.", "marker": "s", "linewidth": 1.6},
-}
-
 
 def _label(method: str) -> str:
     return EVAL_METHODS[method].label if method in EVAL_METHODS else method
@@ -68,7 +42,7 @@ def _check(results: pd.DataFrame) -> None:
 
 def _method_style(method: str) -> tuple[tuple[float, float, float], dict]:
     """The method's colour and line style (grey, plain line for a method not in the tables)."""
-    return METHOD_COLORS.get(method, (0.5, 0.5, 0.5)), dict(METHOD_STYLES.get(method, {"linestyle": "-", "marker": "o", "linewidth": 1.6}))
+    return method_color(method), method_style(method)
 
 
 def _benchmark_panels(n: int, ncols: int) -> tuple[Figure, np.ndarray]:

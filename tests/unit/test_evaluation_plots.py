@@ -12,11 +12,11 @@ import pytest
 
 from sparsemm_utils.evaluation import RESULTS_COLUMNS
 from sparsemm_utils.plots.eval import (
-    METHOD_COLORS,
     plot_accuracy_by_group,
     plot_accuracy_vs_budget,
     plot_accuracy_vs_kv_share,
 )
+from sparsemm_utils.plots.style import METHOD_COLORS
 from sparsemm_utils.reference_numbers import reference_frame
 
 MODEL = "Qwen/Qwen2-VL-7B-Instruct"
