@@ -13,7 +13,10 @@ module:
 - :mod:`sparsemm_utils.layer_stats_capture`: recording those statistics from a model;
 - :mod:`sparsemm_utils.vision_drop` and :mod:`sparsemm_utils.fastv`: the ablation and FastV.
 
-Here: :data:`STEP` (inputs from steps 01-03, the tables, ``findings.csv`` and the figures),
+Here: :data:`STEP` (reads :data:`~sparsemm_utils.steps.ocr_annotation.DOCUMENTS`, the pages
+analysed; :data:`~sparsemm_utils.steps.patch_mapping.REGIONS`, the cross-check of the image-token
+positions; :data:`HEAD_SCORES`, step 03's visual scores; writes the tables, ``findings.csv`` and
+the figures),
 :class:`Config` (the notebook's parameters), :func:`write_outputs` (the tables and the findings)
 and :func:`findings` (LLaVA-Mini's findings beside this run's numbers).
 """
@@ -27,21 +30,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sparsemm_utils.artifacts import Artifact, StepSpec
-from sparsemm_utils.category_attention import spearman
-from sparsemm_utils.document_dataset import load_documents
-from sparsemm_utils.findings import Finding, findings_frame, read_findings
-from sparsemm_utils.head_scoring_files import load_head_scores
-from sparsemm_utils.patch_mapping import load_regions
-from sparsemm_utils.reader_tasks import TASK_TYPES
-from sparsemm_utils.token_categories import LayerAnalysisError
-from sparsemm_utils.validate import check_fraction, check_int
-from sparsemm_utils.vision_drop import READINGS
+from ..artifacts import Artifact, StepSpec
+from ..category_attention import spearman
+from ..findings import Finding, findings_frame, read_findings
+from ..head_scoring_files import load_head_scores
+from ..reader_tasks import TASK_TYPES
+from ..token_categories import LayerAnalysisError
+from ..validate import check_fraction, check_int
+from ..vision_drop import READINGS
+from . import ocr_annotation, patch_mapping
 
 __all__ = [
+    "NAME",
     "STEP",
-    "DOCUMENTS",
-    "REGIONS",
     "HEAD_SCORES",
     "CATEGORY_ATTENTION",
     "ENTROPY",
@@ -60,56 +61,53 @@ __all__ = [
     "findings",
 ]
 
-_NAME = "07_attention_by_layer"
+NAME = "07_attention_by_layer"
 
 # ---------------------------------------------------------------------------------------- inputs
 
-#: Step 01's pages (the OCR prompt is asked on them, as step 03 scored it).
-DOCUMENTS = Artifact("01_ocr_annotation", "documents", "step-01 documents (a datasets folder)", reader=load_documents)
-#: Step 02's image-token positions, the cross-check of where the vision tokens sit.
-REGIONS = Artifact("02_patch_mapping", "regions.jsonl", "OCR regions mapped to visual-token positions", reader=load_regions)
 #: Step 03's visual scores S (layers x heads); read with the model to check its shape
-#: (``load_head_scores(HEAD_SCORES.require(run_dir), loaded)``).
+#: (``load_head_scores(HEAD_SCORES.require(run_dir), loaded)``). Declared here until step 03's
+#: module declares it.
 HEAD_SCORES = Artifact("03_head_scoring", "head_scores.json", "visual head scores S (layers x heads)", reader=load_head_scores)
 
 # ---------------------------------------------------------------------------------------- outputs
 
 CATEGORY_ATTENTION: Artifact[pd.DataFrame] = Artifact(
-    _NAME,
+    NAME,
     "category_attention.csv",
     "attention by token category per layer (LLaVA-Mini Eq. 4): layer, target, source, attention, std, n_samples",
     reader=pd.read_csv,
 )
 ENTROPY: Artifact[pd.DataFrame] = Artifact(
-    _NAME,
+    NAME,
     "entropy.csv",
     "attention entropy within each category per layer: layer, target, source, entropy, std, n_samples, max_entropy",
     reader=pd.read_csv,
 )
 HEAD_VISION_SHARE: Artifact[pd.DataFrame] = Artifact(
-    _NAME,
+    NAME,
     "head_vision_share.csv",
     "each head's attention share on vision tokens beside its visual score: layer, head, vision_share, visual_score",
     reader=pd.read_csv,
 )
 VISION_DROP: Artifact[pd.DataFrame] = Artifact(
-    _NAME,
+    NAME,
     "vision_drop.csv",
     "reader accuracy with the vision tokens dropped in ranges of layers (LLaVA-Mini Fig. 5)",
     reader=pd.read_csv,
 )
 FASTV: Artifact[pd.DataFrame] = Artifact(
-    _NAME, "fastv.csv", "FastV's reader accuracy and prompt KV bytes at fixed ratios R", reader=pd.read_csv
+    NAME, "fastv.csv", "FastV's reader accuracy and prompt KV bytes at fixed ratios R", reader=pd.read_csv
 )
 FINDINGS: Artifact[pd.DataFrame] = Artifact(
-    _NAME, "findings.csv", "LLaVA-Mini's findings beside this run's numbers", reader=read_findings
+    NAME, "findings.csv", "LLaVA-Mini's findings beside this run's numbers", reader=read_findings
 )
-FIG_TOKEN_CATEGORIES = Artifact(_NAME, "fig_token_categories.png", "figure: the role of every position of one prompt")
-FIG_CATEGORY_ATTENTION = Artifact(_NAME, "fig_category_attention.png", "figure: attention by category, layer by layer")
-FIG_ENTROPY = Artifact(_NAME, "fig_entropy.png", "figure: attention entropy within each category")
-FIG_HEAD_VISION_SHARE = Artifact(_NAME, "fig_head_vision_share.png", "figure: heads that look vs heads that read")
-FIG_VISION_DROP = Artifact(_NAME, "fig_vision_drop.png", "figure: accuracy with the vision tokens dropped per layer range")
-FIG_FASTV = Artifact(_NAME, "fig_fastv.png", "figure: FastV's accuracy against the KV bytes it keeps")
+FIG_TOKEN_CATEGORIES = Artifact(NAME, "fig_token_categories.png", "figure: the role of every position of one prompt")
+FIG_CATEGORY_ATTENTION = Artifact(NAME, "fig_category_attention.png", "figure: attention by category, layer by layer")
+FIG_ENTROPY = Artifact(NAME, "fig_entropy.png", "figure: attention entropy within each category")
+FIG_HEAD_VISION_SHARE = Artifact(NAME, "fig_head_vision_share.png", "figure: heads that look vs heads that read")
+FIG_VISION_DROP = Artifact(NAME, "fig_vision_drop.png", "figure: accuracy with the vision tokens dropped per layer range")
+FIG_FASTV = Artifact(NAME, "fig_fastv.png", "figure: FastV's accuracy against the KV bytes it keeps")
 
 #: The tables :func:`write_outputs` writes, by its keyword.
 _TABLES: dict[str, Artifact[pd.DataFrame]] = {
@@ -121,9 +119,9 @@ _TABLES: dict[str, Artifact[pd.DataFrame]] = {
 }
 
 STEP = StepSpec(
-    _NAME,
+    NAME,
     "Where the model looks, layer by layer (LLaVA-Mini's analysis) beside the visual heads",
-    inputs=(DOCUMENTS, REGIONS, HEAD_SCORES),
+    inputs=(ocr_annotation.DOCUMENTS, patch_mapping.REGIONS, HEAD_SCORES),
     outputs=(
         *_TABLES.values(),
         FINDINGS,
@@ -305,7 +303,7 @@ def findings(
     iv_late = _mean_at(category_attention, "attention", "instruction", "vision", late)
     out.append(
         Finding(
-            step=_NAME,
+            step=NAME,
             claim="vision tokens draw more attention in early layers than in late ones",
             paper="Attn(-> vision) high in the first layers, falling sharply with depth",
             this_run=(
@@ -319,7 +317,7 @@ def findings(
     ri_late = _mean_at(category_attention, "attention", "response", "instruction", late)
     out.append(
         Finding(
-            step=_NAME,
+            step=NAME,
             claim="late layers attend mostly to instruction tokens",
             paper="over 80% of the attention goes to instruction tokens in the later layers",
             this_run=f"response→instruction {ri_late:.3f} in {l_lab} (response rows see every category, so this is a share)",
@@ -332,7 +330,7 @@ def findings(
     ne_late = _mean_at(ent, "norm", "response", "vision", late)
     out.append(
         Finding(
-            step=_NAME,
+            step=NAME,
             claim="early layers spread attention over the vision tokens (high entropy), late layers focus",
             paper="entropy of the attention on vision tokens much higher in early layers",
             this_run=f"response→vision entropy / uniform {ne_early:.3f} ({e_lab}) vs {ne_late:.3f} ({l_lab})",
@@ -351,7 +349,7 @@ def findings(
             b, first, last = float(base["char_accuracy"].iloc[0]), inside.iloc[0], inside.iloc[-1]
             out.append(
                 Finding(
-                    step=_NAME,
+                    step=NAME,
                     claim="dropping vision tokens early destroys reading; dropping them late barely matters",
                     paper="LLaVA-v1.5 on GQA/MMBench: layers 1-4 dropped -> near zero; 29-32 dropped -> near full",
                     this_run=(
@@ -379,7 +377,7 @@ def findings(
             detail = "; every visual score is 0 (step 03 found no head that reads)"
         out.append(
             Finding(
-                step=_NAME,
+                step=NAME,
                 claim="the heads that look at the image most are the ones that read (SparseMM x LLaVA-Mini)",
                 paper="not measured by either paper (this study's join of the two)",
                 this_run=f"Spearman rho(vision share, visual score) = {rho:.3f} over {len(head_share)} heads{detail}",

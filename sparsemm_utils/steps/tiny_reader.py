@@ -22,16 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sparsemm_utils.artifacts import Artifact, StepSpec
-from sparsemm_utils.findings import Finding, findings_frame, read_findings
-from sparsemm_utils.reader_tasks import TASK_TYPES
-from sparsemm_utils.runs import repo_root
-from sparsemm_utils.tiny_reader.card import TARGET_CHARS, TARGET_EXACT, TARGET_MINUTES
-from sparsemm_utils.tiny_reader.config import DEFAULT_READER_DIR, TrainConfigError
-from sparsemm_utils.tiny_reader.training import training_logs
-from sparsemm_utils.validate import check_int
+from ..artifacts import Artifact, StepSpec
+from ..findings import Finding, findings_frame, read_findings
+from ..reader_tasks import TASK_TYPES
+from ..runs import repo_root
+from ..tiny_reader.card import TARGET_CHARS, TARGET_EXACT, TARGET_MINUTES
+from ..tiny_reader.config import DEFAULT_READER_DIR, TrainConfigError
+from ..tiny_reader.training import training_logs
+from ..validate import check_int
 
 __all__ = [
+    "NAME",
     "STEP",
     "EVAL_RESULTS",
     "FINDINGS",
@@ -47,7 +48,7 @@ __all__ = [
     "findings",
 ]
 
-_NAME = "00_tiny_reader"
+NAME = "00_tiny_reader"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -55,23 +56,23 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 EVAL_RESULTS: Artifact[dict[str, Any]] = Artifact(
-    _NAME,
+    NAME,
     "eval_results.json",
     "the reader's greedy answers to held-out questions (summary per task, every record, seconds)",
     reader=_read_json,
 )
 FINDINGS: Artifact = Artifact(
-    _NAME, "findings.csv", "the reader's accuracy and training time against the project's targets", reader=read_findings
+    NAME, "findings.csv", "the reader's accuracy and training time against the project's targets", reader=read_findings
 )
-FIG_SAMPLES = Artifact(_NAME, "fig_samples.png", "figure: training pages and their questions")
-FIG_TRAINING = Artifact(_NAME, "fig_training.png", "figure: loss and accuracy curves of the training run")
-FIG_ACCURACY = Artifact(_NAME, "fig_accuracy.png", "figure: accuracy per task, this run's pages beside the model card's")
-FIG_PREDICTIONS = Artifact(_NAME, "fig_predictions.png", "figure: held-out answers, the wrong ones first")
+FIG_SAMPLES = Artifact(NAME, "fig_samples.png", "figure: training pages and their questions")
+FIG_TRAINING = Artifact(NAME, "fig_training.png", "figure: loss and accuracy curves of the training run")
+FIG_ACCURACY = Artifact(NAME, "fig_accuracy.png", "figure: accuracy per task, this run's pages beside the model card's")
+FIG_PREDICTIONS = Artifact(NAME, "fig_predictions.png", "figure: held-out answers, the wrong ones first")
 #: The reader trained by ``retrain=True`` (only then; not a declared output).
-RETRAINED_READER = Artifact(_NAME, "reader", "a reader retrained by notebook 00 (retrain=True)")
+RETRAINED_READER = Artifact(NAME, "reader", "a reader retrained by notebook 00 (retrain=True)")
 
 STEP = StepSpec(
-    _NAME,
+    NAME,
     "The tiny reader: a Qwen2-VL trained here to read synthetic documents (outside the chain)",
     inputs=(),
     outputs=(EVAL_RESULTS, FINDINGS, FIG_SAMPLES, FIG_TRAINING, FIG_ACCURACY, FIG_PREDICTIONS),
@@ -214,7 +215,7 @@ def findings(
         s = summary[task]
         out.append(
             Finding(
-                step=_NAME,
+                step=NAME,
                 claim=f"the reader answers `{task}` questions exactly",
                 paper=f"exact match >= {TARGET_EXACT:.2f} on each task: {_TARGETS}",
                 this_run=f"exact match {s['exact_match']:.3f} on {source}",
@@ -227,7 +228,7 @@ def findings(
     overall = f"; all questions together {summary['all']['char_accuracy']:.4f}" if "all" in summary else ""
     out.append(
         Finding(
-            step=_NAME,
+            step=NAME,
             claim="the reader gets the characters of its answers right",
             paper=f"character accuracy >= {TARGET_CHARS:.2f} on each task: {_TARGETS}",
             this_run=(
@@ -239,7 +240,7 @@ def findings(
     )
     out.append(
         Finding(
-            step=_NAME,
+            step=NAME,
             claim="the reader's training fits the project's time budget",
             paper=f"<= {TARGET_MINUTES} minutes of training: {_TARGETS}",
             this_run=f"{training_minutes:.1f} minutes of optimizer wall time over {training_steps} steps (its training_log.csv)",

@@ -10,6 +10,7 @@ import pytest
 from sparsemm_utils import token_categories as tc
 from sparsemm_utils.findings import FINDINGS_COLUMNS
 from sparsemm_utils.steps import attention_by_layer as step
+from sparsemm_utils.steps import ocr_annotation, patch_mapping
 
 N_PAGES = 3
 
@@ -48,6 +49,7 @@ FASTV = pd.DataFrame({"method": ["fastv"], "k": [2], "ratio": [0.5], "task": ["a
 def test_step_declares_its_inputs_and_outputs():
     assert step.STEP.name == "07_attention_by_layer"
     assert step.STEP.needs == ("01_ocr_annotation", "02_patch_mapping", "03_head_scoring")
+    assert step.STEP.inputs[:2] == (ocr_annotation.DOCUMENTS, patch_mapping.REGIONS)
     tables = ["category_attention.csv", "entropy.csv", "head_vision_share.csv", "vision_drop.csv", "fastv.csv", "findings.csv"]
     assert list(step.STEP.output_names[:6]) == tables
     assert all(name.startswith("fig_") and name.endswith(".png") for name in step.STEP.output_names[6:])
