@@ -68,7 +68,7 @@ ROLE_CATEGORY: Mapping[str, int] = {
 
 class LayerAnalysisError(ValueError):
     """Base class of the errors of step 07's analysis (this module, :mod:`~sparsemm_utils.category_attention`,
-    :mod:`~sparsemm_utils.layer_stats_capture`, :mod:`~sparsemm_utils.layer_analysis`)."""
+    :mod:`~sparsemm_utils.layer_stats_capture`, :mod:`~sparsemm_utils.steps.attention_by_layer`)."""
 
 
 class CategoryLabelError(LayerAnalysisError):
