@@ -19,16 +19,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sparsemm_utils.allocation import InvalidBudgetError, InvalidParameterError, kv_group_sum, normalise_head_scores
-from sparsemm_utils.artifacts import Artifact, StepSpec
-from sparsemm_utils.budget_report import BUDGETED_METHODS, AllocationTables
-from sparsemm_utils.compression import UnknownCompressionMethodError
-from sparsemm_utils.findings import Finding, findings_frame, read_findings
-from sparsemm_utils.kv_cache import analytic_kv_bytes
-from sparsemm_utils.steps.head_scoring import DOCUMENTS, HEAD_SCORES
-from sparsemm_utils.validate import check_fraction, check_int, is_int
+from ..allocation import InvalidBudgetError, InvalidParameterError, kv_group_sum, normalise_head_scores
+from ..artifacts import Artifact, StepSpec
+from ..budget_report import BUDGETED_METHODS, AllocationTables
+from ..compression import UnknownCompressionMethodError
+from ..findings import Finding, findings_frame, read_findings
+from ..kv_cache import analytic_kv_bytes
+from ..validate import check_fraction, check_int, is_int
+from . import head_scoring, ocr_annotation
 
 __all__ = [
+    "NAME",
     "STEP",
     "BUDGETS",
     "CACHE_BYTES",
@@ -40,34 +41,34 @@ __all__ = [
     "findings",
 ]
 
-_NAME = "04_allocation"
+NAME = "04_allocation"
 
 BUDGETS: Artifact[pd.DataFrame] = Artifact(
-    _NAME,
+    NAME,
     "budgets.csv",
     "each method's cap per KV head on the first prompt: method, budget, layer, kv_head, selected, window, prompt_len, stored",
     reader=pd.read_csv,
 )
 CACHE_BYTES: Artifact[pd.DataFrame] = Artifact(
-    _NAME,
+    NAME,
     "cache_bytes.csv",
     "KV bytes per method, budget and prompt beside FullKV: method, budget, prompt_len, kept_tokens, kv_bytes, fullkv_bytes, doc_id",
     reader=pd.read_csv,
 )
 SATURATION: Artifact[pd.DataFrame] = Artifact(
-    _NAME,
+    NAME,
     "saturation.csv",
     "heads whose cap reaches n - w per method, budget and prompt: saturated, uncompressed, skipped_layers, lost_tokens",
     reader=pd.read_csv,
 )
 FINDINGS: Artifact[pd.DataFrame] = Artifact(
-    _NAME, "findings.csv", "SparseMM's allocation claims beside this run's caps, saturation and bytes", reader=read_findings
+    NAME, "findings.csv", "SparseMM's allocation claims beside this run's caps, saturation and bytes", reader=read_findings
 )
 
 STEP = StepSpec(
-    _NAME,
+    NAME,
     "Budget allocation: per-head KV budgets, saturation and cache bytes",
-    inputs=(DOCUMENTS, HEAD_SCORES),
+    inputs=(ocr_annotation.DOCUMENTS, head_scoring.HEAD_SCORES),
     outputs=(BUDGETS, CACHE_BYTES, SATURATION, FINDINGS),
 )
 
@@ -187,7 +188,7 @@ def _concentration(budgets: pd.DataFrame, head_scores: np.ndarray) -> Finding | 
     )
     scores = np.asarray(head_scores, dtype=np.float64)
     if not scores.sum() > 0:
-        return Finding(_NAME, claim, paper, "step 03's scores are all zero: nothing to concentrate on", n_kv, None, True)
+        return Finding(NAME, claim, paper, "step 03's scores are all zero: nothing to concentrate on", n_kv, None, True)
     sigma = kv_group_sum(normalise_head_scores(scores), kv_heads)
     top = np.argsort(-sigma.ravel(), kind="stable")[:k]
     shares = []
@@ -203,7 +204,7 @@ def _concentration(budgets: pd.DataFrame, head_scores: np.ndarray) -> Finding | 
         + f" of SparseMM's selected tokens; an equal split would give them {equal:.0%}"
     )
     holds = bool(all(share > equal for _, share in shares))
-    return Finding(_NAME, claim, paper, this_run, n_kv, holds, headline=True)
+    return Finding(NAME, claim, paper, this_run, n_kv, holds, headline=True)
 
 
 def _saturation(saturation: pd.DataFrame, cache_bytes: pd.DataFrame, window: int) -> Finding | None:
@@ -241,7 +242,7 @@ def _saturation(saturation: pd.DataFrame, cache_bytes: pd.DataFrame, window: int
         pairs = others.groupby(["method", "budget"], sort=False)["saturated"].mean()
         text += "; other methods: " + ", ".join(f"{m} at B = {b} ({s:.1f} heads)" for (m, b), s in pairs.items())
     return Finding(
-        _NAME,
+        NAME,
         "SparseMM's favoured heads saturate on short prompts and their surplus is lost",
         "at B = 1024 on prompts of ~2400 tokens the heads kept ~526 selected tokens on average instead of "
         "b = 992; the original does not hand the surplus to other heads (docs/method.md §5)",
@@ -275,7 +276,7 @@ def _bytes(cache_bytes: pd.DataFrame, layers: int, kv_heads: int, head_dim: int,
         first = expected[~compressed_ok][0]
         text += f"; e.g. {row['method']} B = {row['budget']}, doc {row['doc_id']}: {row['kv_bytes']} reported, {first} expected"
     return Finding(
-        _NAME,
+        NAME,
         "the cache holds exactly the analytic KV bytes",
         "KV bytes = sum over layers and KV heads of stored tokens x head_dim x 2 (K and V) x bytes per element "
         "(docs/method.md §7)",

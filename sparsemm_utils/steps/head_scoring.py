@@ -20,13 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sparsemm_utils.artifacts import Artifact, StepSpec
-from sparsemm_utils.attention_capture import CAPTURE_METHODS
-from sparsemm_utils.document_dataset import load_documents
-from sparsemm_utils.findings import Finding, findings_frame, read_findings
-from sparsemm_utils.head_scoring_capture import HeadScoringResult, SampleCapture, jsonable
-from sparsemm_utils.head_scoring_files import head_scores_frame, load_head_scores, write_head_scores_json
-from sparsemm_utils.head_scoring_rule import (
+from ..artifacts import Artifact, StepSpec
+from ..attention_capture import CAPTURE_METHODS
+from ..findings import Finding, findings_frame, read_findings
+from ..head_scoring_capture import HeadScoringResult, SampleCapture, jsonable
+from ..head_scoring_files import head_scores_frame, load_head_scores, write_head_scores_json
+from ..head_scoring_rule import (
     MATCH_RULES,
     PAPER_LAYERS,
     PAPER_TOP_HEADS,
@@ -39,15 +38,14 @@ from sparsemm_utils.head_scoring_rule import (
     top_share,
     validate_head_scores,
 )
-from sparsemm_utils.model_types import is_random_weight_model
-from sparsemm_utils.patch_mapping import load_regions
-from sparsemm_utils.prompts import OCR_PROMPT
-from sparsemm_utils.validate import check_choice, check_int
+from ..model_types import is_random_weight_model
+from ..prompts import OCR_PROMPT
+from ..validate import check_choice, check_int
+from . import ocr_annotation, patch_mapping
 
 __all__ = [
+    "NAME",
     "STEP",
-    "DOCUMENTS",
-    "REGIONS",
     "HEAD_SCORES",
     "HEAD_SCORES_CSV",
     "SCORING_REPORT",
@@ -61,7 +59,7 @@ __all__ = [
     "findings",
 ]
 
-_NAME = "03_head_scoring"
+NAME = "03_head_scoring"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -73,46 +71,37 @@ def _read_token_matches(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"token_text": str, "source": str}, keep_default_na=False)
 
 
-# ---------------------------------------------------------------------------------------- inputs
-
-#: Step 01's pages and their OCR chunk / character boxes.
-DOCUMENTS = Artifact("01_ocr_annotation", "documents", "step-01 documents (a datasets folder)", reader=load_documents)
-#: Step 02's visual-token positions of every box.
-REGIONS = Artifact("02_patch_mapping", "regions.jsonl", "OCR regions mapped to visual-token positions", reader=load_regions)
-
-# ---------------------------------------------------------------------------------------- outputs
-
 #: S (layers x query heads), float64: the mean of each head's per-sample list. Read it with the
 #: model to check its shape: ``load_head_scores(HEAD_SCORES.require(run_dir), shape=loaded)``.
 HEAD_SCORES: Artifact[np.ndarray] = Artifact(
-    _NAME,
+    NAME,
     "head_scores.json",
     'visual head scores S (layers x query heads), the original\'s {"l-h": [s_1, ..., s_N]}',
     reader=load_head_scores,
 )
 HEAD_SCORES_CSV: Artifact[pd.DataFrame] = Artifact(
-    _NAME, "head_scores.csv", "visual head scores, one row per head: layer, head, score, rank", reader=pd.read_csv
+    NAME, "head_scores.csv", "visual head scores, one row per head: layer, head, score, rank", reader=pd.read_csv
 )
 SCORING_REPORT: Artifact[dict] = Artifact(
-    _NAME,
+    NAME,
     "scoring_report.json",
     "the scoring's counts (tokens matched / skipped by reason), top heads, concentration, model and parameters",
     reader=_read_json,
 )
 TOKEN_MATCHES: Artifact[pd.DataFrame] = Artifact(
-    _NAME,
+    NAME,
     "token_matches.csv",
     "one row per generated token: its text, why it was scored or skipped, the heads it hit",
     reader=_read_token_matches,
 )
 FINDINGS: Artifact[pd.DataFrame] = Artifact(
-    _NAME, "findings.csv", "the paper's claims about visual heads beside this run's numbers", reader=read_findings
+    NAME, "findings.csv", "the paper's claims about visual heads beside this run's numbers", reader=read_findings
 )
 
 STEP = StepSpec(
-    _NAME,
+    NAME,
     "Visual head scoring: the OCR hit rule per attention head",
-    inputs=(DOCUMENTS, REGIONS),
+    inputs=(ocr_annotation.DOCUMENTS, patch_mapping.REGIONS),
     outputs=(HEAD_SCORES, HEAD_SCORES_CSV, SCORING_REPORT, TOKEN_MATCHES, FINDINGS),
 )
 
@@ -327,7 +316,7 @@ def findings(scores: np.ndarray, report: Mapping[str, Any]) -> list[Finding]:
     rate = f" ({matched / generated:.0%})" if generated else ""
     result = [
         Finding(
-            _NAME,
+            NAME,
             "every sample has generated tokens the hit rule can score",
             "no rate reported; a token found in no OCR chunk or in several is skipped, and a sample with no "
             "matched token adds 0 to every head (docs/method.md §4)",
@@ -360,7 +349,7 @@ def findings(scores: np.ndarray, report: Mapping[str, Any]) -> list[Finding]:
             this_run, holds = why, None
         result.append(
             Finding(
-                _NAME,
+                NAME,
                 f"the top {fraction:.0%} of heads hold about {paper_share:.0%} of the visual score",
                 f"{paper_share:.0%} on LLaVA-NeXT-Vicuna-7B (docs/method.md §4)",
                 this_run,
@@ -380,7 +369,7 @@ def findings(scores: np.ndarray, report: Mapping[str, Any]) -> list[Finding]:
         this_run, holds = why, None
     result.append(
         Finding(
-            _NAME,
+            NAME,
             "the strongest visual heads sit in the middle layers",
             f"{paper_text} (LLaVA-NeXT-Vicuna-7B, docs/method.md §4)",
             this_run,
