@@ -784,7 +784,7 @@ def map_document(
 
 def map_documents(
     documents_ds: Iterable[Mapping[str, Any]],
-    processor: Any,
+    loaded_or_processor: Any,
     model_type: str,
     mapper: PatchMapper | None = None,
     *,
@@ -792,8 +792,11 @@ def map_documents(
 ) -> list[dict[str, Any]]:
     """Map every OCR chunk and character box of every document (docs/method.md §3).
 
-    For each document the OCR prompt is built with ``prompts.build_inputs(processor, image,
-    prompts.OCR_PROMPT, model_type)``; ``image_token_start`` is the index of its first image
+    ``loaded_or_processor``: a :class:`~sparsemm_utils.models.LoadedModel` (so the prompt gets the
+    model's own default system prompt, :func:`~sparsemm_utils.prompts.resolve_system_prompt`) or a
+    processor (the family's default). For each document the OCR prompt is built with
+    ``prompts.build_inputs(loaded_or_processor, image, prompts.OCR_PROMPT, model_type)``;
+    ``image_token_start`` is the index of its first image
     token and the processor's image-token count must equal the mapping's (else
     :class:`TokenCountMismatchError`). A record (one ``regions.jsonl`` line):
 
@@ -806,6 +809,7 @@ def map_documents(
     aligned; a reader must treat an empty region as "no region" (skip the token).
     """
     check_model_type(model_type)
+    processor = getattr(loaded_or_processor, "processor", loaded_or_processor)
     if mapper is None:
         mapper = mapper_from_processor(processor, model_type)
     expected_family = "qwen_vl" if model_type in QWEN_MODEL_TYPES else "llava_next"
@@ -820,7 +824,7 @@ def map_documents(
     records = []
     for doc in iterator:
         image = doc["image"]
-        inputs = prompts.build_inputs(processor, image, prompts.OCR_PROMPT, model_type)
+        inputs = prompts.build_inputs(loaded_or_processor, image, prompts.OCR_PROMPT, model_type)
         input_ids = inputs["input_ids"][0]
         start, length = prompts.image_token_span(input_ids, image_token_id)
         records.append(
