@@ -52,6 +52,7 @@ from ..runs import require_upstream
 from ..validate import check_choice, check_int
 
 __all__ = [
+    "NAME",
     "RESULTS",
     "PREDICTIONS",
     "SWEEP",
@@ -70,7 +71,7 @@ __all__ = [
     "write_outputs",
 ]
 
-_NAME = "05_eval"
+NAME = "05_eval"
 #: The significance level of the per-question comparisons behind the findings.
 ALPHA: float = 0.05
 _LOWEST_COLUMNS = ["benchmark", "metric", "method", "budget", "score", "n_samples", "vs_fullkv"]
@@ -90,22 +91,22 @@ def read_lowest_budget(path: str | Path) -> pd.DataFrame:
 # step 03's head scores: read with the model's shape (head_scoring_files.load_head_scores)
 _HEAD_SCORES = Artifact("03_head_scoring", "head_scores.json", "visual head scores S (layers x heads)")
 
-RESULTS = Artifact(
-    _NAME, RESULTS_FILE, "the sweep's scores: one row per metric of each (benchmark, method, budget) cell",
+RESULTS: Artifact[pd.DataFrame] = Artifact(
+    NAME, RESULTS_FILE, "the sweep's scores: one row per metric of each (benchmark, method, budget) cell",
     reader=read_results,
 )
-PREDICTIONS = Artifact(
-    _NAME, PREDICTIONS_FILE, "one record per (cell, question): prediction, answers, scores, prompt tokens, KV bytes",
+PREDICTIONS: Artifact[pd.DataFrame] = Artifact(
+    NAME, PREDICTIONS_FILE, "one record per (cell, question): prediction, answers, scores, prompt tokens, KV bytes",
     reader=predictions_frame,
 )
-SWEEP = Artifact(_NAME, SWEEP_FILE, "the sweep's settings and each benchmark's sample set", reader=_read_json)
-LOWEST_BUDGET = Artifact(
-    _NAME, "lowest_budget.csv", "every method at the lowest budget beside FullKV", reader=read_lowest_budget
+SWEEP: Artifact[dict[str, Any]] = Artifact(NAME, SWEEP_FILE, "the sweep's settings and each benchmark's sample set", reader=_read_json)
+LOWEST_BUDGET: Artifact[pd.DataFrame] = Artifact(
+    NAME, "lowest_budget.csv", "every method at the lowest budget beside FullKV", reader=read_lowest_budget
 )
-FINDINGS = Artifact(_NAME, "findings.csv", "step 05's findings against the paper", reader=read_findings)
+FINDINGS: Artifact[pd.DataFrame] = Artifact(NAME, "findings.csv", "step 05's findings against the paper", reader=read_findings)
 
 STEP = StepSpec(
-    _NAME,
+    NAME,
     "Evaluation: accuracy against KV budget for every method",
     inputs=(_HEAD_SCORES,),
     outputs=(RESULTS, PREDICTIONS, SWEEP, LOWEST_BUDGET, FINDINGS),
@@ -555,7 +556,7 @@ def findings(results: pd.DataFrame, predictions: pd.DataFrame) -> list[Finding]:
             holds = False if paired is not None and paired.verdict() is True else None
         out.append(
             Finding(
-                _NAME, f"SparseMM keeps most of FullKV's {spec.metric} at the lowest budget ({spec.title})",
+                NAME, f"SparseMM keeps most of FullKV's {spec.metric} at the lowest budget ({spec.title})",
                 _paper_text(model, benchmark, None),
                 f"{where}: SparseMM {sparse:.3f} vs FullKV {full:.3f} ({share(sparse)}); "
                 f"{_prompt_share(predictions, benchmark, budget)}; {_counts(paired, n, 'FullKV', 'SparseMM')}",
@@ -569,7 +570,7 @@ def findings(results: pd.DataFrame, predictions: pd.DataFrame) -> list[Finding]:
             note = _fastv_note(predictions, benchmark, budget) if method == "fastv" else ""
             out.append(
                 Finding(
-                    _NAME, f"SparseMM is ahead of {label} at the lowest budget ({spec.title})",
+                    NAME, f"SparseMM is ahead of {label} at the lowest budget ({spec.title})",
                     _paper_text(model, benchmark, method),
                     f"{where}: SparseMM {sparse:.3f} ({share(sparse)}) vs {label} {score:.3f} ({share(score)}); "
                     f"{_counts(paired, n, 'SparseMM', label)}{note}",
@@ -583,14 +584,13 @@ def findings(results: pd.DataFrame, predictions: pd.DataFrame) -> list[Finding]:
 # outputs
 
 
-def write_outputs(run_dir: str | Path, results: pd.DataFrame, predictions: pd.DataFrame) -> dict[str, Path]:
-    """Write what the notebook leaves besides the sweep's own files (which
-    :func:`~sparsemm_utils.evaluation.run_sweep` writes as it goes): ``lowest_budget.csv``
-    (:func:`lowest_budget_table`) and ``findings.csv`` (:func:`findings`). Returns {name: path}."""
-    STEP.folder(run_dir, create=True)
-    written = {}
-    lowest_budget_table(results).to_csv(LOWEST_BUDGET.path(run_dir), index=False)
-    written[LOWEST_BUDGET.name] = LOWEST_BUDGET.path(run_dir)
-    findings_frame(findings(results, predictions)).to_csv(FINDINGS.path(run_dir), index=False)
-    written[FINDINGS.name] = FINDINGS.path(run_dir)
-    return written
+def write_outputs(cfg: Config, results: pd.DataFrame, predictions: pd.DataFrame) -> list[Finding]:
+    """Write what the step leaves in ``<cfg.run_dir>/05_eval/`` besides the sweep's own files
+    (which :func:`~sparsemm_utils.evaluation.run_sweep` writes as it goes): ``lowest_budget.csv``
+    (:func:`lowest_budget_table`, :data:`LOWEST_BUDGET`) and ``findings.csv`` (:func:`findings`,
+    :data:`FINDINGS`). Returns the findings."""
+    STEP.folder(cfg.run_dir, create=True)
+    lowest_budget_table(results).to_csv(LOWEST_BUDGET.path(cfg.run_dir), index=False)
+    found = findings(results, predictions)
+    findings_frame(found).to_csv(FINDINGS.path(cfg.run_dir), index=False)
+    return found

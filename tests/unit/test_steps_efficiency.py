@@ -186,6 +186,26 @@ def test_flatness_fails_when_sparsemm_grows_and_cannot_tell_when_both_are_flat()
     assert flat.holds is None and "too short to tell a flat SparseMM from a growing FullKV" in flat.this_run
 
 
+def test_timing_verdicts_are_withheld_when_one_measurements_steps_vary_more_than_the_tolerance():
+    # SparseMM 30 -> 40 ms would fail flatness (1.33x), but FullKV's 2048-token measurement has a
+    # mean 45 ms over a fastest step of 30 ms: 1.5x noise within one measurement > 1.25
+    frame = _measurements(QWEN2B, {"fullkv": [30, 45], "sparsemm": [30, 40]}, [1024, 2048])
+    frame["decode_ms_min"] = frame["decode_ms_per_token"]
+    frame.loc[(frame["method"] == "fullkv") & (frame["context_len"] == 2048), "decode_ms_min"] = 30.0
+    flat = _claims(findings(frame))["SparseMM's decode time stays flat in context while FullKV's grows"]
+    assert flat.holds is None and "timing noise reaches 1.50x here" in flat.this_run
+    # a whole measurement slowed down: FullKV 45 ms at 1024 tokens but 30 at 2048, which no cache
+    # causes (45 / 30 = 1.5 > 1.25); SparseMM's 1.33x spread is not judged
+    slowed = _measurements(QWEN2B, {"fullkv": [45, 30], "sparsemm": [30, 40]}, [1024, 2048])
+    assert _claims(findings(slowed))["SparseMM's decode time stays flat in context while FullKV's grows"].holds is None
+    gpu = {"device": "cuda:0 H100", "layers": 32, "full_layers": 32, "dtype": "bfloat16"}
+    fast = _measurements(VICUNA, {"fullkv": [50, 80], "sparsemm": [39, 40]}, [2048, 32768], **gpu)
+    fast["decode_ms_min"] = fast["decode_ms_per_token"] / 2
+    assert _claims(findings(fast))["SparseMM decodes faster than FullKV at long contexts"].holds is None
+    fast["decode_ms_min"] = fast["decode_ms_per_token"] / 1.1  # a quiet machine: decided again
+    assert _claims(findings(fast))["SparseMM decodes faster than FullKV at long contexts"].holds is True
+
+
 def test_kv_finding_fails_on_a_mismatch_and_names_methods_without_an_analytic_value():
     frame = _measurements(QWEN2B, {"fullkv": [30, 45], "sparsemm": [30, 31], "adakv": [30, 31]}, [1024, 2048])
     frame.loc[frame["method"] == "adakv", "kv_bytes_analytic"] = pd.NA
@@ -215,8 +235,9 @@ def test_kv_finding_quotes_the_full_depth_bytes():
 
 def test_write_outputs_writes_the_targets_and_the_findings(tmp_path):
     frame = _measurements(QWEN2B, {"fullkv": [30, 45], "sparsemm": [30, 31]}, [1024, 2048])
-    written = write_outputs(tmp_path, frame)
-    assert written == {"targets.csv": TARGETS.path(tmp_path), "findings.csv": FINDINGS.path(tmp_path)}
+    found = write_outputs(Config(run_dir=str(tmp_path)), frame)
+    assert found == findings(frame) and len(found) == 4
+    assert sorted(p.name for p in (tmp_path / "06_efficiency").iterdir()) == ["findings.csv", "targets.csv"]
     targets, expected = TARGETS.read(tmp_path), efficiency_targets(frame)
     assert targets["method"].tolist() == expected["method"].tolist() == ["sparsemm", "fullkv"]
     assert targets["flat"].tolist() == [True, None] and targets["speedup_met"].tolist() == [None, None]

@@ -316,10 +316,9 @@ def test_no_findings_without_fullkv_or_sparsemm():
 
 def test_write_outputs_writes_the_lowest_budget_table_and_the_findings(tmp_path):
     results, preds = _sweep({("fullkv", None): [1.0] * 6, ("sparsemm", 16): [1.0] * 6, ("snapkv", 16): [0.0] * 6})
-    written = write_outputs(tmp_path, results, preds)
-    assert written == {"lowest_budget.csv": LOWEST_BUDGET.path(tmp_path), "findings.csv": FINDINGS.path(tmp_path)}
+    found = write_outputs(Config(run_dir=str(tmp_path)), results, preds)
+    assert found == findings(results, preds) and len(found) == 2
+    assert sorted(p.name for p in (tmp_path / step.NAME).iterdir()) == ["findings.csv", "lowest_budget.csv"]
     pd.testing.assert_frame_equal(LOWEST_BUDGET.read(tmp_path), lowest_budget_table(results))
     table = FINDINGS.read(tmp_path)
-    expected = findings_frame(findings(results, preds))
-    assert table["claim"].tolist() == expected["claim"].tolist() and table["holds"].tolist() == [True, True]
-    assert step.STEP.folder(tmp_path) == tmp_path / "05_eval"
+    assert table["claim"].tolist() == findings_frame(found)["claim"].tolist() and table["holds"].tolist() == [True, True]
