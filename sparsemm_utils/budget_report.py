@@ -1,35 +1,37 @@
-"""Step 04: what each method's per-head KV budgets look like on the run's own prompts (docs/method.md §5).
+"""What each method's per-head KV budgets look like on real prompts (docs/method.md §5).
 
-For every method and budget of the step's config, each prompt is prefilled once through
+For every method and budget, each prompt is prefilled once through
 :func:`~sparsemm_utils.compression.compressed_generate` (one new token: the prefill only) and the
-cache's decisions are read back. Three tables come out of it (``<run_dir>/04_allocation/``):
+cache's decisions are read back (:func:`measure_prompts`). Three tables come out of it
+(:class:`AllocationTables`; step 04, :mod:`sparsemm_utils.steps.allocation`, writes them):
 
-- ``budgets.csv``: method, budget, layer, kv_head, selected, window, prompt_len, stored.
+- ``budgets``: method, budget, layer, kv_head, selected, window, prompt_len, stored.
   ``selected``: the cap the method assigns to the KV head (selected tokens, window excluded,
-  before the n - w limit), on the run's first prompt (``prompt_len`` tokens; SparseMM, random
+  before the n - w limit), on the first prompt (``prompt_len`` tokens; SparseMM, random
   and SnapKV do not depend on it, PyramidKV does, AdaKV reads the prompt's attention);
   ``stored``: the prompt tokens the head really keeps for that prompt (window included).
-- ``saturation.csv``: method, budget, doc_id, prompt_len, kv_heads, saturated (heads whose cap
+- ``saturation``: method, budget, doc_id, prompt_len, kv_heads, saturated (heads whose cap
   reaches n - w: they keep everything and the rest of their cap is lost, docs/method.md §5),
   uncompressed (heads storing the whole prompt, saturated or in a layer the original skips
   because n < B), skipped_layers, lost_tokens (sum of cap - (n - w) over saturated heads).
-- ``cache_bytes.csv``: method, budget, prompt_len, kept_tokens, kv_bytes, fullkv_bytes, doc_id.
+- ``cache_bytes``: method, budget, prompt_len, kept_tokens, kv_bytes, fullkv_bytes, doc_id.
   ``kept_tokens``: prompt tokens stored over all layers and KV heads; ``kv_bytes``: what the cache
   reports; ``fullkv_bytes``: the uncompressed cache of the same prompt, measured (docs/method.md §7).
+
+The settings (window, ratio, seed, methods, budgets) come from step 04's config;
+:class:`BudgetSettings` names the fields read here, so this module does not depend on the step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from sparsemm_utils.allocation import InvalidBudgetError, InvalidParameterError
 from sparsemm_utils.compression import (
     FullKVPress,
     UnknownCompressionMethodError,
@@ -38,24 +40,20 @@ from sparsemm_utils.compression import (
     model_shape,
 )
 from sparsemm_utils.kv_cache import analytic_kv_bytes
-from sparsemm_utils.validate import check_fraction, check_int, is_int
 
 __all__ = [
-    "STEP",
     "BUDGETED_METHODS",
     "BUDGETS_COLUMNS",
     "SATURATION_COLUMNS",
     "CACHE_BYTES_COLUMNS",
-    "AllocationStepConfig",
+    "BudgetSettings",
     "AllocationTables",
     "KVBytesMismatchError",
     "build_press",
     "measure_prompt",
     "measure_prompts",
-    "write_tables",
 ]
 
-STEP = "04_allocation"
 #: Methods with a budget, in the order the figures show them.
 BUDGETED_METHODS: tuple[str, ...] = ("sparsemm", "random", "snapkv", "pyramidkv", "adakv", "streamingllm")
 BUDGETS_COLUMNS = ("method", "budget", "layer", "kv_head", "selected", "window", "prompt_len", "stored")
@@ -69,77 +67,19 @@ class KVBytesMismatchError(AssertionError):
     """A cache reported bytes that differ from sum(kept) x head_dim x 2 x element size."""
 
 
-@dataclass(frozen=True)
-class AllocationStepConfig:
-    """Parameters of notebook 04 (validated).
+class BudgetSettings(Protocol):
+    """The settings this module reads (fields of step 04's ``Config``): the local ``window`` w,
+    SparseMM's uniform ``ratio`` r, the random allocation's ``seed``, and the ``methods`` (of
+    :data:`BUDGETED_METHODS`) and ``budgets`` B that :func:`measure_prompts` sweeps."""
 
-    ``window`` w and ``ratio`` r: docs/method.md §5 (defaults 32 and 0.1); ``budgets``: the budgets B
-    to compare, increasing, each > w (the figures show the lowest, a middle one and the highest);
-    ``methods``: a subset of :data:`BUDGETED_METHODS`; ``n_prompts``: how many of step 01's
-    documents to prefill (the first ones, in order); ``head_mask_fraction``: the share of heads
-    the head-mask ablation zeroes (the paper: 10%); ``seed``: model seed (tiny models) and the
-    random allocation's seed; ``threads``: torch CPU threads (0: torch's default).
-    """
-
-    run_dir: str = "runs/dev"
-    model_id: str = "tiny-random/qwen2_vl"
-    seed: int = 0
-    window: int = 32
-    budgets: tuple[int, ...] = (64, 256, 1024)
-    methods: tuple[str, ...] = BUDGETED_METHODS
-    n_prompts: int = 8
-    ratio: float = 0.1
-    head_mask_fraction: float = 0.1
-    threads: int = 1
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.run_dir, (str, Path)) or not str(self.run_dir):
-            raise InvalidParameterError(f"run_dir must be a non-empty path, got {self.run_dir!r}")
-        if not isinstance(self.model_id, str) or not self.model_id:
-            raise InvalidParameterError(f"model_id must be a non-empty string, got {self.model_id!r}")
-        for name in ("seed", "window", "n_prompts", "threads"):
-            minimum = 0 if name in ("seed", "threads") else 1
-            check_int(name, getattr(self, name), minimum, error=InvalidParameterError)
-        budgets = tuple(self.budgets) if isinstance(self.budgets, (list, tuple)) else None
-        if not budgets:
-            raise InvalidBudgetError(f"budgets must be a non-empty list of ints, got {self.budgets!r}")
-        for budget in budgets:
-            if not is_int(budget):
-                raise InvalidBudgetError(
-                    f"budgets must be ints (tokens per KV head, window included), got {type(budget).__name__} {budget!r}"
-                )
-            if budget <= self.window:
-                raise InvalidBudgetError(
-                    f"budget {budget} must exceed the window w={self.window} (B counts the window; e.g. "
-                    f"B = {self.window + 16}), or lower the window"
-                )
-        if list(budgets) != sorted(set(budgets)):
-            raise InvalidBudgetError(f"budgets must be strictly increasing, got {list(budgets)}")
-        methods = tuple(self.methods) if isinstance(self.methods, (list, tuple)) else None
-        if not methods:
-            raise InvalidParameterError(f"methods must be a non-empty list of method names, got {self.methods!r}")
-        unknown = [m for m in methods if m not in BUDGETED_METHODS]
-        if unknown:
-            raise UnknownCompressionMethodError(
-                f"unknown budgeted method(s) {unknown}; step 04 compares {', '.join(BUDGETED_METHODS)} "
-                f"(FullKV is always measured as the reference)"
-            )
-        check_fraction("ratio", self.ratio, error=InvalidParameterError)
-        fraction = self.head_mask_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise InvalidParameterError(f"head_mask_fraction must be a number in (0, 1], got {fraction!r}")
-        object.__setattr__(self, "budgets", tuple(int(b) for b in budgets))
-        object.__setattr__(self, "methods", methods)
-
-    @property
-    def figure_budgets(self) -> tuple[int, ...]:
-        """The low, a middle and the high budget (all of them when there are three or fewer)."""
-        if len(self.budgets) <= 3:
-            return self.budgets
-        return (self.budgets[0], self.budgets[len(self.budgets) // 2], self.budgets[-1])
+    window: int
+    ratio: float
+    seed: int
+    methods: Sequence[str]
+    budgets: Sequence[int]
 
 
-def build_press(name: str, budget: int, cfg: AllocationStepConfig, head_scores: Any = None) -> Any:
+def build_press(name: str, budget: int, cfg: BudgetSettings, head_scores: Any = None) -> Any:
     """The press of budgeted method ``name`` at ``budget`` with the config's window (and ratio and
     seed for SparseMM / random; ``head_scores`` (layers, query_heads) for SparseMM)."""
     if name not in BUDGETED_METHODS:
@@ -254,7 +194,7 @@ def measure_prompt(
 
 def measure_prompts(
     loaded: Any,
-    cfg: AllocationStepConfig,
+    cfg: BudgetSettings,
     prompts: Iterable[tuple[Any, Any]],
     head_scores: Any = None,
     *,
@@ -280,15 +220,3 @@ def measure_prompts(
         saturation=pd.DataFrame(rows.saturation, columns=list(SATURATION_COLUMNS)),
         cache_bytes=pd.DataFrame(rows.cache_bytes, columns=list(CACHE_BYTES_COLUMNS)),
     )
-
-
-def write_tables(tables: AllocationTables, out: str | Path) -> dict[str, Path]:
-    """Write ``budgets.csv``, ``saturation.csv`` and ``cache_bytes.csv`` into ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name in ("budgets", "saturation", "cache_bytes"):
-        path = out / f"{name}.csv"
-        getattr(tables, name).to_csv(path, index=False)
-        paths[name] = path
-    return paths

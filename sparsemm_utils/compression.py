@@ -291,7 +291,7 @@ def _scores_array(head_scores: Any) -> np.ndarray:
     if head_scores is None:
         raise MissingAllocationInputError(
             "head_scores=... is required: the visual head scores (layers, query_heads) of step 03, e.g. "
-            "sparsemm_utils.head_scoring.load_head_scores('<run>/03_head_scoring/head_scores.json', shape)"
+            "sparsemm_utils.head_scoring_files.load_head_scores('<run>/03_head_scoring/head_scores.json', shape)"
         )
     if hasattr(head_scores, "detach"):
         head_scores = head_scores.detach().to("cpu").double().numpy()

@@ -6,7 +6,7 @@ documents whose text positions are known: each row holds an image and its OCR **
 line or a word of text with its box). This module is the dataset itself, whichever source it
 comes from (pages drawn by :mod:`sparsemm_utils.page_generator`, or the original data read by
 :mod:`sparsemm_utils.synthdog`): its schema, saving and loading, the validation of its rows, and
-statistics for the notebook. Step 01 (:mod:`sparsemm_utils.documents`) builds it.
+statistics for the notebook. Step 01 (:mod:`sparsemm_utils.steps.ocr_annotation`) builds it.
 
 Schema of a step-01 dataset (``FEATURES``; :func:`save_documents` writes it with
 ``save_to_disk`` into ``<run_dir>/01_ocr_annotation/documents/``):
@@ -74,7 +74,6 @@ from datasets import Dataset, Features, List, Value
 from .validate import check_choice
 
 __all__ = [
-    "STEP",
     "SOURCES",
     "FEATURES",
     "COLUMNS",
@@ -96,8 +95,6 @@ __all__ = [
     "char_statistics",
 ]
 
-#: The step that writes this dataset (its run folder and its notebook are named after it).
-STEP = "01_ocr_annotation"
 #: Values of the ``source`` column.
 SOURCES = ("synthetic", "synthdog")
 
@@ -236,7 +233,7 @@ def load_documents(path: str | Path) -> Dataset:
     if not (path / "state.json").is_file():
         raise FileNotFoundError(
             f"no step-01 documents at {path} (expected a save_to_disk folder with state.json): "
-            f"run step {STEP} first (notebooks/{STEP}.ipynb, or the pipeline with --to {STEP})"
+            "run step 01 (OCR annotation) first: notebooks/01_ocr_annotation.ipynb, or the pipeline with --to 01"
         )
     ds = datasets.load_from_disk(str(path))
     _check_schema(ds, f"the dataset at {path}")

@@ -8,7 +8,7 @@ no widget frontend, so :meth:`HeadExplorer.show` falls back to a static figure: 
 first tokens for a few heads (by default the best visual head and the worst).
 
 The data are the image attention rows kept by the capture (``CapturedAttention.image_attention``,
-(T', L, H, n_img) for the first T' tokens of the first samples: HeadScoringConfig's
+(T', L, H, n_img) for the first T' tokens of the first samples: step 03's Config's
 ``explorer_samples`` and ``explorer_tokens``).
 """
 
@@ -155,7 +155,7 @@ class HeadExplorer:
     def __init__(self, samples: Sequence[ExplorerSample], scores: np.ndarray | None = None):
         if not samples:
             raise ExplorerDataError(
-                "no sample kept image attention: capture with HeadScoringConfig.explorer_samples >= 1 and "
+                "no sample kept image attention: capture with step 03's Config.explorer_samples >= 1 and "
                 "explorer_tokens >= 1"
             )
         shapes = {s.image_attention.shape[1:3] for s in samples}

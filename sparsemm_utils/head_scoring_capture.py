@@ -8,7 +8,7 @@ pass (:func:`score_captures`, :func:`compare_variants`). :func:`compare_with_ref
 streamed capture against eager attention on one document.
 
 The functions read their settings from step 03's config
-(:class:`sparsemm_utils.head_scoring.HeadScoringConfig`); :class:`CaptureSettings` names the
+(:class:`sparsemm_utils.steps.head_scoring.Config`); :class:`CaptureSettings` names the
 fields they use, so this module does not depend on the step.
 """
 
@@ -66,7 +66,7 @@ class RegionMismatchError(HeadScoringError):
 
 
 class CaptureSettings(Protocol):
-    """The settings this module reads (fields of step 03's ``HeadScoringConfig``): the
+    """The settings this module reads (fields of step 03's ``Config``): the
     ``prompt``, greedy ``max_new_tokens``, the ``top_k`` positions captured, the ``token_text``
     mode, the ``capture`` method, how many documents (``n_samples``, None: all) and which keep
     their image attention (``explorer_samples`` x ``explorer_tokens``), and the ``match`` /
@@ -190,7 +190,7 @@ def positions_for(captured: CapturedAttention, selection: str = "argmax", top_k:
     if top_k > available:
         raise HeadScoringConfigError(
             f"selection='topk' with top_k={top_k}, but only {available} top positions were captured: capture with "
-            f"CaptureSpec(top_k>={top_k}) (HeadScoringConfig.top_k)"
+            f"CaptureSpec(top_k>={top_k}) (step 03's Config.top_k)"
         )
     return captured.top_positions[..., :top_k]
 

@@ -21,16 +21,12 @@ import pandas as pd
 from .head_scoring_rule import HeadScoringError, InvalidHeadScoresError, validate_head_scores
 
 __all__ = [
-    "STEP",
     "HeadScoreFileError",
     "head_scores_to_json_dict",
     "write_head_scores_json",
     "load_head_scores",
     "head_scores_frame",
 ]
-
-#: The step that writes these files (its run folder and its notebook are named after it).
-STEP = "03_head_scoring"
 
 _KEY = re.compile(r"^(\d+)-(\d+)$")
 
@@ -129,7 +125,10 @@ def load_head_scores(path: str | Path, shape: Any = None) -> np.ndarray:
     if path.is_dir():
         path = path / "head_scores.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: head scores are written by step {STEP} (notebooks/{STEP}.ipynb)")
+        raise FileNotFoundError(
+            f"{path} does not exist: head scores are written by step 03 (notebooks/03_head_scoring.ipynb) "
+            "or shipped with a model in the original's JSON format"
+        )
     scores = _load_csv_scores(path) if path.suffix.lower() == ".csv" else _load_json_scores(path)
     return validate_head_scores(scores, shape, source=f"head scores in {path}")
 

@@ -58,6 +58,8 @@ __all__ = [
     "NO_CHAR_BOXES",
     "SKIP_REASONS",
     "PAPER_TOP_SHARE",
+    "PAPER_TOP_HEADS",
+    "PAPER_LAYERS",
     "HeadScoringError",
     "HeadScoringConfigError",
     "HeadScoreShapeError",
@@ -110,6 +112,10 @@ SKIP_REASONS: tuple[str, ...] = (
 #: docs/method.md §4: on LLaVA-NeXT-Vicuna-7B the top 5% of heads hold ~55% of the normalised
 #: score mass, the top 10% ~77%.
 PAPER_TOP_SHARE: Mapping[float, float] = {0.05: 0.55, 0.10: 0.77}
+#: docs/method.md §4: the five strongest heads (layer, head) on LLaVA-NeXT-Vicuna-7B, strongest first,
+#: of its :data:`PAPER_LAYERS` text layers (docs/method.md §1).
+PAPER_TOP_HEADS: tuple[tuple[int, int], ...] = ((14, 24), (15, 14), (15, 12), (21, 30), (16, 19))
+PAPER_LAYERS: int = 32
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -120,7 +126,7 @@ class HeadScoringError(ValueError):
 
 
 class HeadScoringConfigError(HeadScoringError):
-    """A step-03 parameter is invalid (a field of ``HeadScoringConfig``, a rule or selection name)."""
+    """A step-03 parameter is invalid (a field of step 03's ``Config``, a rule or selection name)."""
 
 
 class HeadScoreShapeError(HeadScoringError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -127,8 +128,6 @@ def device_description() -> str:
             return f"cuda:{torch.cuda.get_device_name(0)}"
     except ImportError:  # pragma: no cover - torch is a hard dependency
         pass
-    import os
-
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
@@ -138,7 +137,7 @@ class Manifest:
 
     step: str
     title: str
-    status: str  # "ok" | "failed"
+    status: str  # "ok" | "failed" | "running" (a run in progress, or one that was killed)
     params: dict[str, Any]
     inputs: list[FileRecord]
     outputs: list[FileRecord] = field(default_factory=list)
@@ -157,8 +156,12 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
 
     def write(self, folder: Path) -> Path:
+        """Write ``manifest.json`` atomically (a temporary file renamed over it): a reader, or a run
+        killed mid-write, never sees half a manifest."""
         path = folder / MANIFEST_NAME
-        path.write_text(self.to_json(), encoding="utf-8")
+        tmp = folder / f".{MANIFEST_NAME}.tmp"
+        tmp.write_text(self.to_json(), encoding="utf-8")
+        os.replace(tmp, path)
         return path
 
     @classmethod

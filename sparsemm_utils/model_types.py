@@ -19,7 +19,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "TINY_PREFIX", "UnsupportedModelError"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "TINY_PREFIX", "UnsupportedModelError", "is_random_weight_model"]
 
 #: model_type (config.json) -> the transformers class that runs it (docs/method.md §1).
 SUPPORTED_MODEL_TYPES: Mapping[str, type[PreTrainedModel]] = MappingProxyType(
@@ -31,6 +31,13 @@ SUPPORTED_MODEL_TYPES: Mapping[str, type[PreTrainedModel]] = MappingProxyType(
 )
 #: ``load_model(TINY_PREFIX + model_type)`` builds a tiny random-weight model of that type.
 TINY_PREFIX = "tiny-random/"
+
+
+def is_random_weight_model(model_id: Any) -> bool:
+    """Whether ``model_id`` names a tiny random-weight model (``"tiny-random/<model_type>"``): its
+    heads were never trained, so no head has a reason to read the image and the paper's claims
+    about visual heads cannot be checked on it (the findings say "cannot tell")."""
+    return str(model_id).startswith(TINY_PREFIX)
 
 
 class UnsupportedModelError(ValueError):

@@ -531,7 +531,7 @@ def generate_documents(
     """Generate ``cfg.n_documents`` synthetic OCR documents (docs/method.md §2, offline data).
 
     ``cfg`` may be a step config built on :class:`DocumentGeneratorConfig` (step 01's
-    ``OcrAnnotationConfig``) when its ``source`` is ``"synthetic"``. Returns a
+    ``Config``, :mod:`sparsemm_utils.steps.ocr_annotation`) when its ``source`` is ``"synthetic"``. Returns a
     ``datasets.Dataset`` with :data:`FEATURES` (images PNG-encoded) whose fingerprint is a hash
     of its content. Same config, same bytes.
     """
@@ -541,7 +541,7 @@ def generate_documents(
     if source != "synthetic":
         raise DocumentConfigError(
             f"generate_documents needs source='synthetic', got source={source!r}; "
-            "use build_documents(cfg) to load the original data"
+            "use sparsemm_utils.steps.ocr_annotation.build_documents(cfg) to load the original data"
         )
     if type(cfg) is not DocumentGeneratorConfig:
         cfg = cfg.generator_config()

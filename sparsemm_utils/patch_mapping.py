@@ -1,4 +1,4 @@
-"""Step 02: map an OCR box onto the visual-token positions the LLM sees (docs/method.md §3).
+"""The patch mapping: an OCR box onto the visual-token positions the LLM sees (docs/method.md §3).
 
 SparseMM scores a head when its strongest attention for an output token lands inside the
 *region* of the chunk that token was read from. A region is the set of visual-token positions
@@ -38,6 +38,9 @@ One deliberate difference from the original code: it marks ``flag[start:end]`` w
 W' * p_w``, i.e. inside the ``W mod W'`` leftover strip; Qwen: ``x0 == W``) gets an empty slice
 there, i.e. an empty region. Here the indices are clipped to the grid instead, so every in-image
 box has at least one token; any box with a pixel left of that strip maps identically.
+
+Step 02 itself (its config, ``regions.jsonl``, the report and the findings) is
+:mod:`sparsemm_utils.steps.patch_mapping`; :func:`load_regions` reads its ``regions.jsonl``.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -57,7 +60,6 @@ from .validate import check_int
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
-    "STEP",
     "PatchMappingError",
     "UnsupportedModelTypeError",
     "InvalidBoxError",
@@ -71,7 +73,6 @@ __all__ = [
     "QwenVLPatchMapper",
     "LlavaNextPatchMapper",
     "PatchMapper",
-    "PatchMappingConfig",
     "check_model_type",
     "geometry_from_processor",
     "make_mapper",
@@ -80,12 +81,9 @@ __all__ = [
     "compare_with_processors",
     "map_document",
     "map_documents",
-    "mapping_report",
-    "write_regions",
     "load_regions",
 ]
 
-STEP = "02_patch_mapping"
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava_next")
 QWEN_MODEL_TYPES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl")
 
@@ -714,31 +712,6 @@ def mapper_from_processor(processor: Any, model_type: str, variant: str = "fidel
     return make_mapper(model_type, geometry_from_processor(processor, model_type), variant)
 
 
-@dataclass(frozen=True)
-class PatchMappingConfig:
-    """Parameters of notebook 02 (validated): run folder, model, mapping variant, figure doc."""
-
-    run_dir: str = "runs/dev"
-    model_id: str = "tiny-random/qwen2_vl"
-    seed: int = 0
-    variant: str = "fidelity"
-    figure_doc_index: int = 0
-    figure_chunk_index: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.run_dir, (str, Path)) or not str(self.run_dir):
-            raise ValueError(f"run_dir must be a non-empty path, got {self.run_dir!r}")
-        if not isinstance(self.model_id, str) or not self.model_id:
-            raise ValueError(f"model_id must be a non-empty string, got {self.model_id!r}")
-        if self.variant not in LlavaNextPatchMapper.VARIANTS:
-            raise ValueError(
-                f"variant must be one of {LlavaNextPatchMapper.VARIANTS} (Qwen has only "
-                f"'fidelity'), got {self.variant!r}"
-            )
-        for name in ("seed", "figure_doc_index", "figure_chunk_index"):
-            check_int(name, getattr(self, name), 0)
-
-
 # ----------------------------------------------------------------------------------------------
 # Documents -> regions.jsonl
 # ----------------------------------------------------------------------------------------------
@@ -895,70 +868,20 @@ def compare_with_processors(image: Any, processors: Mapping[str, Any], variant: 
     return rows
 
 
-def _stats(values: Sequence[int]) -> dict[str, float | int | None]:
-    if not values:
-        return {"count": 0, "min": None, "median": None, "mean": None, "max": None}
-    arr = np.asarray(values, dtype=float)
-    return {
-        "count": int(arr.size),
-        "min": int(arr.min()),
-        "median": float(np.median(arr)),
-        "mean": round(float(arr.mean()), 4),
-        "max": int(arr.max()),
-    }
-
-
-def mapping_report(records: Sequence[Mapping[str, Any]], mapper: PatchMapper) -> dict[str, Any]:
-    """Summary written to ``mapping_report.json``: counts, tokens-per-region stats, skipped boxes."""
-    chunk_sizes = [len(c["positions"]) for r in records for c in r["chunks"] if c["positions"]]
-    char_sizes = [len(c["positions"]) for r in records for c in r["chars"] if c["positions"]]
-    skipped = [{"doc_id": r["doc_id"], **s} for r in records for s in r["skipped"]]
-    return {
-        "step": STEP,
-        "model_types": sorted({r["model_type"] for r in records}),
-        "mapper": type(mapper).__name__,
-        "variant": mapper.variant,
-        "geometry_settings": asdict(mapper.geometry),
-        "positions_are": "relative to image_token_start (absolute = image_token_start + position)",
-        "n_documents": len(records),
-        "n_chunks": sum(len(r["chunks"]) for r in records),
-        "n_chunks_mapped": len(chunk_sizes),
-        "n_chars": sum(len(r["chars"]) for r in records),
-        "n_chars_mapped": len(char_sizes),
-        "image_tokens_per_document": _stats([r["num_image_tokens"] for r in records]),
-        "tokens_per_chunk": _stats(chunk_sizes),
-        "tokens_per_char": _stats(char_sizes),
-        "n_skipped": len(skipped),
-        "skipped": skipped,
-    }
-
-
-def write_regions(
-    records: Sequence[Mapping[str, Any]], out_dir: str | Path, mapper: PatchMapper
-) -> tuple[Path, Path]:
-    """Write ``regions.jsonl`` (one record per line) and ``mapping_report.json`` into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    regions_path = out / "regions.jsonl"
-    with regions_path.open("w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
-    report_path = out / "mapping_report.json"
-    report_path.write_text(json.dumps(mapping_report(records, mapper), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return regions_path, report_path
-
-
 _REQUIRED_KEYS = ("doc_id", "model_type", "image_size", "geometry", "image_token_start", "num_image_tokens", "chunks", "chars")
 
 
 def load_regions(path: str | Path) -> list[dict[str, Any]]:
-    """Read ``regions.jsonl`` back (a list of records as written by :func:`write_regions`)."""
+    """Read ``regions.jsonl`` back: a list of records as :func:`map_documents` returns them (one
+    per line, written by step 02, :mod:`sparsemm_utils.steps.patch_mapping`). ``path`` is the file
+    or its folder."""
     path = Path(path)
     if path.is_dir():
         path = path / "regions.jsonl"
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} does not exist: it is written by step {STEP} (notebooks/{STEP}.ipynb)"
+            f"{path} does not exist: regions.jsonl is written by step 02 (patch mapping, "
+            f"notebooks/02_patch_mapping.ipynb); run it first"
         )
     records = []
     with path.open(encoding="utf-8") as fh:
@@ -968,9 +891,9 @@ def load_regions(path: str | Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise PatchMappingError(f"{path}:{lineno} is not valid JSON ({exc}); rerun step {STEP}") from exc
+                raise PatchMappingError(f"{path}:{lineno} is not valid JSON ({exc}); rerun step 02 (patch mapping)") from exc
             missing = [k for k in _REQUIRED_KEYS if k not in record]
             if missing:
-                raise PatchMappingError(f"{path}:{lineno} lacks keys {missing}; rerun step {STEP}")
+                raise PatchMappingError(f"{path}:{lineno} lacks keys {missing}; rerun step 02 (patch mapping)")
             records.append(record)
     return records

@@ -24,17 +24,22 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime as _dt
+import difflib
 import html
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nbconvert
+import nbformat
+import papermill as pm
 import yaml
 
 from .manifest import (
@@ -46,13 +51,14 @@ from .manifest import (
     hash_tree,
     package_versions,
 )
-from .runs import MissingUpstreamError, repo_root, resolve_run_dir
+from .runs import MissingUpstreamError, RunLockedError, repo_root, resolve_run_dir, run_lock
 
 __all__ = [
     "Step",
     "STEPS",
     "PipelineConfig",
     "PipelineConfigError",
+    "TamperedInputError",
     "StepFailedError",
     "StepResult",
     "load_config",
@@ -149,6 +155,11 @@ class PipelineConfigError(ValueError):
     """The pipeline config (YAML) is malformed or names things that do not exist."""
 
 
+class TamperedInputError(RuntimeError):
+    """An upstream output no longer has the sha256 its step's manifest recorded: it was edited
+    (or corrupted) after that step ran. The message names the file, both hashes and the rerun."""
+
+
 class StepFailedError(RuntimeError):
     """A notebook raised: the message names the step, the cell and the error."""
 
@@ -158,13 +169,18 @@ class StepFailedError(RuntimeError):
         self.notebook = notebook
 
 
+def _did_you_mean(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 @dataclass
 class PipelineConfig:
     """A run configuration (``configs/*.yaml``).
 
     ``params`` are shared by every step whose parameters cell declares them (e.g. ``model_id``,
     ``seed``); ``steps[<name>]`` are one step's own parameters, each of which its notebook must
-    declare."""
+    declare. :meth:`check_against` checks both against the notebooks before anything runs."""
 
     name: str
     description: str = ""
@@ -173,44 +189,137 @@ class PipelineConfig:
     path: Path | None = None
 
     def __post_init__(self) -> None:
+        where = self.path or self.name
+        if not isinstance(self.params, dict):
+            raise PipelineConfigError(
+                f"config {where}: params must be a mapping of parameter: value (e.g. `params: {{model_id: ...}}`), "
+                f"got {type(self.params).__name__} {self.params!r}"
+            )
+        if not isinstance(self.steps, dict):
+            raise PipelineConfigError(
+                f"config {where}: steps must be a mapping of step name: {{parameter: value}}, got "
+                f"{type(self.steps).__name__} {self.steps!r}"
+            )
         for step, values in self.steps.items():
-            if not isinstance(values, dict):
+            if values is None:
+                self.steps[step] = {}
+            elif not isinstance(values, dict):
                 raise PipelineConfigError(
-                    f"config section steps.{step} must be a mapping of parameter: value, got {values!r}"
+                    f"config {where}: section steps.{step} must be a mapping of parameter: value, got {values!r}"
                 )
         if "run_dir" in self.params or any("run_dir" in v for v in self.steps.values()):
             raise PipelineConfigError("run_dir is set by the pipeline (--run-dir), not by the config")
 
-    def check_steps(self, steps: Sequence[Step]) -> None:
+    def check_steps(self, steps: Sequence[Any]) -> None:
         """Every step the config configures must exist in the registry."""
         known = [s.name for s in steps]
         unknown = sorted(set(self.steps) - set(known))
         if unknown:
+            hints = "".join(_did_you_mean(u, known) for u in unknown)
             raise PipelineConfigError(
-                f"config {self.path or self.name!s} names unknown step(s) {unknown}; known steps: {known}"
+                f"config {self.path or self.name!s} names unknown step(s) {unknown}{hints}; known steps: {known}"
             )
+
+    def check_against(self, declared: Mapping[str, Mapping[str, Any]]) -> None:
+        """Check the whole config against the notebooks' parameters cells (``declared``: step name ->
+        {parameter: default}) before any step runs: every shared parameter is declared by some step,
+        every step parameter by its step, and each value has the type of the notebook's default."""
+        where = self.path or self.name
+        everything = sorted({p for params in declared.values() for p in params} - {"run_dir"})
+        unused = sorted(set(self.params) - set(everything))
+        if unused:
+            hints = "".join(_did_you_mean(u, everything) for u in unused)
+            raise PipelineConfigError(
+                f"config {where}: shared parameter(s) {unused}{hints} are declared by no step's notebook, so "
+                f"they would be ignored; parameters the notebooks declare: {everything}"
+            )
+        for step, own in self.steps.items():
+            names = declared.get(step, {})
+            undeclared = sorted(set(own) - set(names))
+            if undeclared:
+                hints = "".join(_did_you_mean(u, list(names)) for u in undeclared)
+                raise PipelineConfigError(
+                    f"config {where}: steps.{step} sets {undeclared}{hints}, which notebooks/{step}.ipynb does not "
+                    f"declare in its parameters cell; it declares {sorted(names)}"
+                )
+        for step, names in declared.items():
+            values = {k: v for k, v in self.params.items() if k in names} | dict(self.steps.get(step, {}))
+            for key, value in values.items():
+                problem = _type_problem(names[key], value)
+                if problem:
+                    section = f"steps.{step}.{key}" if key in self.steps.get(step, {}) else f"params.{key}"
+                    raise PipelineConfigError(f"config {where}: {section} = {value!r}: {problem}")
+
+
+def _type_problem(default: Any, value: Any) -> str | None:
+    """Why ``value`` cannot replace the notebook default ``default`` (None when it can). A ``None``
+    default accepts anything; an int default accepts ints, a float default ints and floats; a list
+    default lists; a dict default mappings; a str default strings; a bool default bools."""
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        return None
+    if ok:
+        return None
+    return f"expected {type(default).__name__} like the notebook's default {default!r}, got {type(value).__name__}"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise PipelineConfigError(
+                    f"key {key!r} is written twice in one mapping (line {seen[key] + 1} and line "
+                    f"{key_node.start_mark.line + 1}); YAML would silently keep the last one: keep one"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path) -> PipelineConfig:
-    """Read and validate a pipeline config file."""
+    """Read and validate a pipeline config file: an empty file, a duplicate key, an unknown
+    top-level key or a non-mapping section is an error naming the file."""
     path = Path(path)
     if not path.is_file():
         raise PipelineConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader subclass
+    except PipelineConfigError as exc:
+        raise PipelineConfigError(f"config file {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise PipelineConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if raw is None:
+        raise PipelineConfigError(
+            f"config file {path} is empty: it must hold at least `params:` and `steps:` (see configs/tiny.yaml)"
+        )
     if not isinstance(raw, dict):
-        raise PipelineConfigError(f"config file {path} must hold a mapping at top level")
+        raise PipelineConfigError(f"config file {path} must hold a mapping at top level, got {type(raw).__name__}")
     allowed = {"name", "description", "params", "steps"}
     extra = sorted(set(raw) - allowed)
     if extra:
-        raise PipelineConfigError(f"config file {path}: unknown top-level key(s) {extra}; allowed: {sorted(allowed)}")
+        hints = "".join(_did_you_mean(str(e), sorted(allowed)) for e in extra)
+        raise PipelineConfigError(f"config file {path}: unknown top-level key(s) {extra}{hints}; allowed: {sorted(allowed)}")
     return PipelineConfig(
         name=str(raw.get("name", path.stem)),
         description=str(raw.get("description", "")),
-        params=dict(raw.get("params") or {}),
-        steps={k: dict(v) if isinstance(v, dict) else v for k, v in (raw.get("steps") or {}).items()},
+        params=raw["params"] if raw.get("params") is not None else {},
+        steps=raw["steps"] if raw.get("steps") is not None else {},
         path=path,
     )
 
@@ -232,29 +341,35 @@ def select_steps(from_step: str | None = None, to_step: str | None = None, steps
     return list(steps[start : stop + 1])
 
 
+def _literal(source: str) -> Any:
+    try:
+        return ast.literal_eval(source)
+    except (ValueError, SyntaxError):
+        return None  # not a literal: no type to check against
+
+
 def declared_parameters(notebook: Path) -> dict[str, Any]:
-    """Names (and default literals) of the notebook's ``parameters`` cell, via papermill."""
-    import papermill as pm
+    """Names and default values of the notebook's ``parameters`` cell (papermill reads the cell;
+    each default is the literal written there, None when it is not a literal)."""
+    return {name: _literal(info["default"]) for name, info in pm.inspect_notebook(str(notebook)).items()}
 
-    return {name: info["default"] for name, info in pm.inspect_notebook(str(notebook)).items()}
 
-
-def step_parameters(step: Step, config: PipelineConfig, run_dir: Path, notebook: Path) -> dict[str, Any]:
-    """Parameters injected into ``step``'s notebook; unknown step parameters are an error."""
-    declared = declared_parameters(notebook)
+def step_parameters(step: Any, config: PipelineConfig, run_dir: Path, declared: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters injected into ``step``'s notebook (``declared``: its parameters cell's names and
+    defaults): the shared params it declares, its own section, and ``run_dir``. The config must
+    have passed :meth:`PipelineConfig.check_against`."""
     if "run_dir" not in declared:
-        raise PipelineConfigError(f"{notebook} has no run_dir in its parameters cell")
-    own = config.steps.get(step.name, {})
-    undeclared = sorted(set(own) - set(declared))
-    if undeclared:
-        raise PipelineConfigError(
-            f"config steps.{step.name} sets {undeclared}, which {notebook.name} does not declare in its "
-            f"parameters cell; it declares {sorted(declared)}"
-        )
+        raise PipelineConfigError(f"notebooks/{step.name}.ipynb has no run_dir in its parameters cell")
     params = {k: v for k, v in config.params.items() if k in declared}
-    params.update(own)
+    params.update(config.steps.get(step.name, {}))
     params["run_dir"] = str(run_dir)
     return params
+
+
+def _comparable(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters that decide a rerun: all but ``run_dir``, so a run folder that was moved or
+    copied elsewhere skips its unchanged steps."""
+    return {k: v for k, v in params.items() if k != "run_dir"}
 
 
 def _code_fingerprint() -> list[FileRecord]:
@@ -263,9 +378,14 @@ def _code_fingerprint() -> list[FileRecord]:
     return [r for r in hash_tree(package, base=package.parent, prefix="repo:") if r.path.endswith(".py")]
 
 
-def step_inputs(step: Step, run_dir: Path, root: Path, steps: Sequence[Step]) -> list[FileRecord]:
+def _rerun_command(run_dir: Path, step: str) -> str:
+    return f"python -m sparsemm_utils.pipeline --config <config.yaml> --run-dir {run_dir} --from {step} --to {step} --force"
+
+
+def step_inputs(step: Any, run_dir: Path, root: Path, steps: Sequence[Any]) -> list[FileRecord]:
     """The step's inputs with their hashes: its notebook, the library source, and every output of
-    the steps it needs (read from their manifests, re-hashed now)."""
+    the steps it needs. Each upstream output is re-hashed and compared with the sha256 its step's
+    manifest recorded: a file edited or corrupted since raises :class:`TamperedInputError`."""
     records = [FileRecord.of(step.notebook_path(root), f"repo:notebooks/{step.name}.ipynb")]
     records += _code_fingerprint()
     for need in step.needs:
@@ -273,24 +393,32 @@ def step_inputs(step: Step, run_dir: Path, root: Path, steps: Sequence[Step]) ->
         folder = run_dir / upstream.name
         manifest = Manifest.read(folder)
         if manifest is None or manifest.status != "ok":
+            state = "has not run" if manifest is None else f"did not finish (its manifest says {manifest.status!r})"
             raise MissingUpstreamError(
-                f"step {step.name} needs the outputs of step {upstream.name}, which has not run "
-                f"successfully in {run_dir}: run it first, e.g. `python -m sparsemm_utils.pipeline "
-                f"--config <config.yaml> --run-dir {run_dir} --to {upstream.name}`"
+                f"step {step.name} needs the outputs of step {upstream.name}, which {state} in {run_dir}: run it "
+                f"first, e.g. `python -m sparsemm_utils.pipeline --config <config.yaml> --run-dir {run_dir} "
+                f"--to {upstream.name}`"
             )
         for record in manifest.outputs:
             file = run_dir / record.path
             if not file.is_file():
                 raise MissingUpstreamError(
                     f"step {step.name} needs {record.path}, an output of step {upstream.name} that is "
-                    f"missing from {run_dir}: rerun {upstream.name} (--from {upstream.name} --to "
-                    f"{upstream.name} --force)"
+                    f"missing from {run_dir}: rerun {upstream.name} (`{_rerun_command(run_dir, upstream.name)}`)"
                 )
-            records.append(FileRecord.of(file, record.path))
+            now = FileRecord.of(file, record.path)
+            if now.sha256 != record.sha256:
+                raise TamperedInputError(
+                    f"{file} changed after step {upstream.name} wrote it: its manifest recorded sha256 "
+                    f"{record.sha256[:16]}... ({record.bytes} bytes), the file now has {now.sha256[:16]}... "
+                    f"({now.bytes} bytes). Step {step.name} will not run on an edited input: restore the file or "
+                    f"rerun {upstream.name} (`{_rerun_command(run_dir, upstream.name)}`)"
+                )
+            records.append(now)
     return records
 
 
-def _step_outputs(folder: Path, run_dir: Path, step: Step) -> list[FileRecord]:
+def _step_outputs(folder: Path, run_dir: Path, step: Any) -> list[FileRecord]:
     exclude = {f"{step.name}/{name}" for name in (*_PIPELINE_FILES, f"{step.name}.ipynb", f"{step.name}.html")}
     return hash_tree(folder, base=run_dir, exclude=frozenset(exclude))
 
@@ -306,19 +434,22 @@ def _outputs_unchanged(manifest: Manifest, run_dir: Path) -> bool:
 
 
 def rerun_reason(previous: Manifest | None, params: dict[str, Any], inputs: list[FileRecord], run: Path) -> str | None:
-    """Why a step must run again, or None when it can be skipped (same parameters, same input
-    hashes, outputs unchanged on disk)."""
+    """Why a step must run again, or None when it can be skipped (same parameters apart from the run
+    folder's location, same input hashes, outputs unchanged on disk)."""
     if previous is None:
         return "no manifest yet"
+    if previous.status == "running":
+        return "its last run did not finish (interrupted)"
     if previous.status != "ok":
         return f"last run {previous.status}"
-    if previous.params != params:
-        changed = sorted(k for k in set(previous.params) | set(params) if previous.params.get(k) != params.get(k))
+    before, now = _comparable(previous.params), _comparable(params)
+    if before != now:
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         return f"parameters changed: {', '.join(changed)}"
     if previous.inputs != inputs:
-        before = {r.path: r.sha256 for r in previous.inputs}
-        now = {r.path: r.sha256 for r in inputs}
-        changed = sorted(p for p in set(before) | set(now) if before.get(p) != now.get(p))
+        old = {r.path: r.sha256 for r in previous.inputs}
+        new = {r.path: r.sha256 for r in inputs}
+        changed = sorted(p for p in set(old) | set(new) if old.get(p) != new.get(p))
         shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
         return f"inputs changed: {shown}"
     if not _outputs_unchanged(previous, run):
@@ -342,9 +473,6 @@ def _now() -> str:
 
 
 def _export_html(notebook: Path, target: Path) -> None:
-    import nbconvert
-    import nbformat
-
     exporter = nbconvert.HTMLExporter()
     body, _ = exporter.from_notebook_node(nbformat.read(str(notebook), as_version=4))
     target.write_text(body, encoding="utf-8")
@@ -364,6 +492,64 @@ def _describe_failure(exc: BaseException) -> str:
     return f"{where} raised {ename}: {evalue}{snippet}"
 
 
+#: Where a step's previous good outputs wait while it reruns, and where a failed run is kept.
+PREVIOUS_DIR = ".previous"
+FAILED_DIR = ".failed"
+
+
+def _set_aside(run: Path, folder: Path, step: Any) -> Path | None:
+    """Before a non-resumable step reruns: move its last good outputs to ``<run>/.previous/<step>``
+    (leftovers of an interrupted or failed run are discarded; an older good copy already set aside
+    stays). Returns the copy set aside, if any."""
+    backup = run / PREVIOUS_DIR / step.name
+    if folder.exists():
+        manifest = Manifest.read(folder)
+        if manifest is not None and manifest.status == "ok":
+            if backup.exists():
+                shutil.rmtree(backup)
+            backup.parent.mkdir(parents=True, exist_ok=True)
+            folder.rename(backup)
+        else:
+            shutil.rmtree(folder)
+    return backup if backup.exists() else None
+
+
+def _restore(run: Path, folder: Path, step: Any, backup: Path | None) -> str:
+    """After a failure: when an earlier good run was set aside, keep the failed run in
+    ``<run>/.failed/<step>`` and put the good outputs back; otherwise the failed run stays in the
+    step folder (its manifest says "failed"). Returns a sentence saying which."""
+    if backup is None:
+        return f"Step {step.name} had no earlier successful run; its failed run stays in {folder}"
+    failed = run / FAILED_DIR / step.name
+    if failed.exists():
+        shutil.rmtree(failed)
+    failed.parent.mkdir(parents=True, exist_ok=True)
+    folder.rename(failed)
+    backup.rename(folder)
+    return (
+        f"The previous good outputs of {step.name} are back in place (from its last successful run); the failed "
+        f"run is kept in {failed}"
+    )
+
+
+def _mark_running(folder: Path, manifest: Manifest) -> None:
+    """A resumable step reruns in place: its manifest says "running" until it finishes, so a killed
+    run is never taken for a finished one."""
+    running = Manifest(**{**manifest.__dict__, "status": "running", "error": None})
+    running.write(folder)
+
+
+def declared_parameters_of(steps: Sequence[Any], root: Path) -> dict[str, dict[str, Any]]:
+    """Every selected step's parameters cell: step name -> {parameter: default}."""
+    declared = {}
+    for step in steps:
+        notebook = step.notebook_path(root)
+        if not notebook.is_file():
+            raise PipelineConfigError(f"step {step.name}: notebook {notebook} does not exist")
+        declared[step.name] = declared_parameters(notebook)
+    return declared
+
+
 def run_pipeline(
     config: PipelineConfig | str | Path,
     run_dir: str | Path,
@@ -371,108 +557,149 @@ def run_pipeline(
     from_step: str | None = None,
     to_step: str | None = None,
     force: bool = False,
-    steps: Sequence[Step] | None = None,
+    break_stale_lock: bool = False,
+    steps: Sequence[Any] | None = None,
     root: Path | None = None,
     kernel_name: str = "python3",
     log: Callable[[str], None] = print,
 ) -> list[StepResult]:
     """Run (or skip) the selected steps in order; see the module docstring for the rules.
 
-    Raises :class:`MissingUpstreamError` when a needed step has not run, and
-    :class:`StepFailedError` when a notebook fails (its executed copy is kept for inspection)."""
-    import papermill as pm
-
+    The whole config is checked against every step's notebook before anything runs. The run
+    folder is locked while steps run. Raises :class:`MissingUpstreamError` when a needed step has
+    not run, :class:`TamperedInputError` when an upstream output was edited after its step wrote
+    it, :class:`~sparsemm_utils.runs.RunLockedError` when another pipeline holds the folder, and
+    :class:`StepFailedError` when a notebook fails (its previous good outputs are restored and the
+    failed run is kept under ``<run>/.failed/``)."""
     if not isinstance(config, PipelineConfig):
         config = load_config(config)
     steps = tuple(steps or STEPS)
     config.check_steps(steps)
     root = root or repo_root()
     run = resolve_run_dir(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
+    if run.exists() and not run.is_dir():
+        raise PipelineConfigError(f"--run-dir {run} is a file, not a folder: give a folder (it is created if missing)")
+    declared = declared_parameters_of(steps, root)
+    config.check_against(declared)
     selected = select_steps(from_step, to_step, steps)
+    try:
+        lock = run_lock(run, break_stale=break_stale_lock)
+        lock.__enter__()
+    except RunLockedError:
+        raise
+    except OSError as exc:  # a read-only run folder: fine as long as every step is unchanged
+        return _check_read_only(config, run, selected, steps, root, declared, force, log, exc)
     results: list[StepResult] = []
     try:
         for step in selected:
-            notebook = step.notebook_path(root)
-            if not notebook.is_file():
-                raise PipelineConfigError(f"step {step.name}: notebook {notebook} does not exist")
-            params = step_parameters(step, config, run, notebook)
-            inputs = step_inputs(step, run, root, steps)
-            folder = run / step.name
-            previous = Manifest.read(folder)
-            reason = "--force" if force else rerun_reason(previous, params, inputs, run)
-            if reason is None:
-                log(f"[skip] {step.name}: parameters and input hashes unchanged since {previous.finished_at}")
-                results.append(StepResult(step.name, "skipped", 0.0, folder, "unchanged"))
-                continue
-
-            if folder.exists() and not step.resumable:
-                shutil.rmtree(folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            executed = folder / f"{step.name}.ipynb"
-            html_path = folder / f"{step.name}.html"
-            manifest = Manifest(
-                step=step.name,
-                title=step.title,
-                status="failed",
-                params=params,
-                inputs=inputs,
-                packages=package_versions(),
-                git_commit=git_commit(root),
-                device=device_description(),
-                started_at=_now(),
-                notebook=executed.name,
-            )
-            log(f"[run ] {step.name}: {step.title} ({reason})")
-            start = time.perf_counter()
-            try:
-                pm.execute_notebook(
-                    str(notebook),
-                    str(executed),
-                    parameters=params,
-                    cwd=str(root),
-                    kernel_name=kernel_name,
-                    progress_bar=False,
-                    report_mode=False,
-                )
-            except Exception as exc:  # papermill wraps cell errors in PapermillExecutionError
-                seconds = time.perf_counter() - start
-                message = (
-                    f"step {step.name} failed: {_describe_failure(exc)}. The executed notebook with the "
-                    f"traceback is {executed}"
-                )
-                manifest.error = message
-                manifest.finished_at = _now()
-                manifest.seconds = round(seconds, 3)
-                manifest.write(folder)
-                if executed.is_file():
-                    _export_html(executed, html_path)
-                    manifest.html = html_path.name
-                    manifest.write(folder)
-                results.append(StepResult(step.name, "failed", seconds, folder, message))
-                raise StepFailedError(step.name, message, executed) from exc
-            seconds = time.perf_counter() - start
-            missing = [name for name in step.outputs if not (folder / name).exists()]
-            if missing:
-                message = (
-                    f"step {step.name}: the notebook finished but did not write {missing} into {folder}; "
-                    f"the pipeline registry (sparsemm_utils/pipeline.py) promises them"
-                )
-                manifest.error = message
-                manifest.write(folder)
-                raise StepFailedError(step.name, message, executed)
-            _export_html(executed, html_path)
-            manifest.status = "ok"
-            manifest.html = html_path.name
-            manifest.outputs = _step_outputs(folder, run, step)
-            manifest.finished_at = _now()
-            manifest.seconds = round(seconds, 3)
-            manifest.write(folder)
-            log(f"[done] {step.name} in {seconds:.1f} s")
-            results.append(StepResult(step.name, "ran", seconds, folder, reason))
+            results.append(_run_step(step, config, run, steps, root, declared[step.name], force, kernel_name, log))
     finally:
-        write_index(run, steps, config)
+        try:
+            write_index(run, steps, config)
+        finally:
+            lock.__exit__(None, None, None)
     return results
+
+
+def _check_read_only(config, run, selected, steps, root, declared, force, log, exc) -> list[StepResult]:
+    results = []
+    for step in selected:
+        params = step_parameters(step, config, run, declared[step.name])
+        previous = Manifest.read(run / step.name)
+        reason = "--force" if force else rerun_reason(previous, params, step_inputs(step, run, root, steps), run)
+        if reason is not None:
+            raise PipelineConfigError(
+                f"{run} cannot be written ({exc.strerror or exc}), and step {step.name} must run ({reason}): make the "
+                f"run folder writable or use another --run-dir"
+            ) from exc
+        log(f"[skip] {step.name}: parameters and input hashes unchanged since {previous.finished_at}")
+        results.append(StepResult(step.name, "skipped", 0.0, run / step.name, "unchanged"))
+    log(f"(the run folder {run} is read-only: nothing had to run, index.html was not rewritten)")
+    return results
+
+
+def _run_step(step, config, run, steps, root, declared, force, kernel_name, log) -> StepResult:
+    notebook = step.notebook_path(root)
+    params = step_parameters(step, config, run, declared)
+    inputs = step_inputs(step, run, root, steps)
+    folder = run / step.name
+    previous = Manifest.read(folder)
+    reason = "--force" if force else rerun_reason(previous, params, inputs, run)
+    if reason is None:
+        log(f"[skip] {step.name}: parameters and input hashes unchanged since {previous.finished_at}")
+        return StepResult(step.name, "skipped", 0.0, folder, "unchanged")
+    backup = None
+    if step.resumable:
+        if previous is not None:
+            _mark_running(folder, previous)
+    else:
+        backup = _set_aside(run, folder, step)
+    folder.mkdir(parents=True, exist_ok=True)
+    executed = folder / f"{step.name}.ipynb"
+    html_path = folder / f"{step.name}.html"
+    manifest = Manifest(
+        step=step.name,
+        title=step.title,
+        status="running",
+        params=params,
+        inputs=inputs,
+        packages=package_versions(),
+        git_commit=git_commit(root),
+        device=device_description(),
+        started_at=_now(),
+        notebook=executed.name,
+    )
+    manifest.write(folder)
+    log(f"[run ] {step.name}: {step.title} ({reason})")
+    start = time.perf_counter()
+
+    def fail(message: str, exc: BaseException | None = None) -> StepFailedError:
+        manifest.status = "failed"
+        manifest.error = message
+        manifest.finished_at = _now()
+        manifest.seconds = round(time.perf_counter() - start, 3)
+        if executed.is_file():
+            _export_html(executed, html_path)
+            manifest.html = html_path.name
+        manifest.write(folder)
+        if not step.resumable:
+            message += ". " + _restore(run, folder, step, backup)
+        return StepFailedError(step.name, message, executed)
+
+    try:
+        pm.execute_notebook(
+            str(notebook),
+            str(executed),
+            parameters=params,
+            cwd=str(root),
+            kernel_name=kernel_name,
+            progress_bar=False,
+            report_mode=False,
+        )
+    except Exception as exc:  # papermill wraps cell errors in PapermillExecutionError
+        raise fail(
+            f"step {step.name} failed: {_describe_failure(exc)}. The executed notebook with the traceback is {executed}",
+            exc,
+        ) from exc
+    seconds = time.perf_counter() - start
+    names = getattr(step, "output_names", None) or step.outputs
+    missing = [name for name in names if not (folder / name).exists()]
+    if missing:
+        raise fail(
+            f"step {step.name}: the notebook finished but did not write {missing} into {folder}; its step "
+            f"declaration (sparsemm_utils/steps/) promises them"
+        )
+    _export_html(executed, html_path)
+    manifest.status = "ok"
+    manifest.html = html_path.name
+    manifest.outputs = _step_outputs(folder, run, step)
+    manifest.finished_at = _now()
+    manifest.seconds = round(seconds, 3)
+    manifest.write(folder)
+    if backup is not None:
+        shutil.rmtree(backup)
+    log(f"[done] {step.name} in {seconds:.1f} s")
+    return StepResult(step.name, "ran", seconds, folder, reason)
 
 
 def write_index(run: Path, steps: Sequence[Step] = STEPS, config: PipelineConfig | None = None) -> Path:
@@ -540,6 +767,11 @@ def main(argv: Sequence[str] | None = None, *, steps: Sequence[Step] | None = No
     parser.add_argument("--from", dest="from_step", help="first step to consider (name or number, e.g. 02)")
     parser.add_argument("--to", dest="to_step", help="last step to consider (name or number)")
     parser.add_argument("--force", action="store_true", help="rerun the selected steps even when unchanged")
+    parser.add_argument(
+        "--break-stale-lock",
+        action="store_true",
+        help="remove a lock left by a pipeline process that no longer exists (never one that is alive)",
+    )
     parser.add_argument("--list", action="store_true", help="list the registered steps and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -557,10 +789,11 @@ def main(argv: Sequence[str] | None = None, *, steps: Sequence[Step] | None = No
             from_step=args.from_step,
             to_step=args.to_step,
             force=args.force,
+            break_stale_lock=args.break_stale_lock,
             steps=steps,
             root=root,
         )
-    except (StepFailedError, MissingUpstreamError, PipelineConfigError) as exc:
+    except (StepFailedError, MissingUpstreamError, PipelineConfigError, TamperedInputError, RunLockedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     ran = sum(r.status == "ran" for r in results)

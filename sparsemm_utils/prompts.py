@@ -43,6 +43,7 @@ __all__ = [
     "NonContiguousImageTokensError",
     "ModelTypeMismatchError",
     "build_messages",
+    "resolve_system_prompt",
     "build_inputs",
     "image_token_span",
 ]
@@ -134,6 +135,21 @@ def build_messages(text: str, model_type: str, system_prompt: str | None = DEFAU
     return messages
 
 
+def resolve_system_prompt(loaded_or_processor: Any, model_type: str, system_prompt: str | None) -> str | None:
+    """The system prompt a chat gets: ``system_prompt`` unless it is :data:`DEFAULT_SYSTEM_PROMPT`;
+    then the model's own default when its config declares one (``default_system_prompt`` in
+    ``config.json``; ``None`` = no system turn, e.g. the study model, trained without one), else
+    the family's (Qwen: :data:`QWEN_SYSTEM_PROMPT`, LLaVA-NeXT: :data:`VICUNA_SYSTEM_PROMPT`)."""
+    if system_prompt != DEFAULT_SYSTEM_PROMPT:
+        return system_prompt
+    config = getattr(getattr(loaded_or_processor, "model", None), "config", None)
+    if config is not None and "default_system_prompt" in config.to_dict():
+        return config.default_system_prompt
+    if model_type not in _FAMILY_SYSTEM_PROMPT:
+        raise ModelTypeMismatchError(f"model_type {model_type!r} is not supported (supported: {', '.join(_FAMILY_SYSTEM_PROMPT)})")
+    return _FAMILY_SYSTEM_PROMPT[model_type]
+
+
 def build_inputs(
     loaded_or_processor: Any,
     image: Image.Image,
@@ -156,7 +172,7 @@ def build_inputs(
         raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__} (open it with PIL.Image.open)")
     if not isinstance(text, str) or not text:
         raise ValueError(f"text must be a non-empty string, got {text!r}")
-    messages = build_messages(text, model_type, system_prompt)
+    messages = build_messages(text, model_type, resolve_system_prompt(loaded_or_processor, model_type, system_prompt))
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=[image.convert("RGB")], text=[prompt], return_tensors="pt")
     if model is not None:

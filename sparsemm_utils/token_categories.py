@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparsemm_utils.prompts import DEFAULT_SYSTEM_PROMPT, OCR_PROMPT, _infer_model_type, build_messages
+from sparsemm_utils.prompts import DEFAULT_SYSTEM_PROMPT, OCR_PROMPT, _infer_model_type, build_messages, resolve_system_prompt
 from sparsemm_utils.validate import is_int
 
 __all__ = [
@@ -68,7 +68,7 @@ ROLE_CATEGORY: Mapping[str, int] = {
 
 class LayerAnalysisError(ValueError):
     """Base class of the errors of step 07's analysis (this module, :mod:`~sparsemm_utils.category_attention`,
-    :mod:`~sparsemm_utils.layer_stats_capture`, :mod:`~sparsemm_utils.layer_analysis`)."""
+    :mod:`~sparsemm_utils.layer_stats_capture`, :mod:`~sparsemm_utils.steps.attention_by_layer`)."""
 
 
 class CategoryLabelError(LayerAnalysisError):
@@ -205,6 +205,7 @@ def prompt_layout(
     if not is_int(prompt_len) or not 0 < prompt_len <= n:
         raise CategoryLabelError(f"prompt_len must be an int in [1, {n}], got {prompt_len!r}")
     tokenizer = processor.tokenizer
+    system_prompt = resolve_system_prompt(loaded_or_processor, model_type, system_prompt)
     messages = build_messages(text, model_type, system_prompt)
     rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     image_token = tokenizer.convert_ids_to_tokens(image_token_id)

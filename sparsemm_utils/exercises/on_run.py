@@ -40,7 +40,6 @@ from sparsemm_utils.allocation import InvalidScoresError, SparseMMAllocation
 from sparsemm_utils.compression import model_shape, snapkv_scores, topk_positions
 from sparsemm_utils.document_dataset import load_documents
 from sparsemm_utils.evaluation import read_predictions
-from sparsemm_utils.head_scoring import HeadScoringConfig
 from sparsemm_utils.head_scoring_capture import capture_sample, score_captures
 from sparsemm_utils.head_scoring_files import load_head_scores
 from sparsemm_utils.head_scoring_rule import make_matcher
@@ -50,6 +49,8 @@ from sparsemm_utils.patch_mapping import QwenVLGeometry, QwenVLPatchMapper, load
 from sparsemm_utils.plots.heads import plot_head_heatmap
 from sparsemm_utils.prompts import build_inputs
 from sparsemm_utils.runs import require_upstream, resolve_run_dir
+from sparsemm_utils.steps import eval as step05
+from sparsemm_utils.steps import head_scoring as step03
 from sparsemm_utils.validate import check_fraction, check_int
 
 __all__ = [
@@ -323,7 +324,7 @@ def hit_rule_on_run(fn: Callable[..., Any], cfg: HitRuleRunConfig) -> RunCompari
     regions = {r["doc_id"]: r for r in load_regions(require_upstream(cfg.run_dir, "02_patch_mapping", "regions.jsonl"))}
     check_run_model(cfg, "02_patch_mapping")
     loaded = load_model(cfg.model_id, seed=cfg.seed)
-    scoring = HeadScoringConfig(
+    scoring = step03.Config(
         run_dir=cfg.run_dir, model_id=cfg.model_id, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
         n_samples=cfg.n_documents, explorer_samples=0, reference_check_samples=0,
     )  # fmt: skip
@@ -558,7 +559,7 @@ def anls_on_run(fn: Callable[..., Any], cfg: AnlsRunConfig) -> RunComparison:
     agree, error. Figure: mean ANLS against budget per method, computed with your function
     (dots) and recorded by step 05 (lines): your own version of the paper's figure.
     """
-    records, _ = read_predictions(require_upstream(cfg.run_dir, "05_eval", "predictions.jsonl"))
+    records, _ = read_predictions(step05.PREDICTIONS.require(cfg.run_dir))
     scored = [r for r in records if "anls" in (r.get("scores") or {})]
     if not scored:
         raise ExerciseRunError("step 05 scored no prediction with ANLS in this run (no DocVQA-like benchmark was evaluated)")

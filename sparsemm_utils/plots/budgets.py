@@ -2,7 +2,9 @@
 
 Every function takes a table of :mod:`sparsemm_utils.budget_report` and returns a matplotlib
 ``Figure``; the notebook saves them as ``fig_budget_heatmaps.png``, ``fig_saturation.png``,
-``fig_cache_bytes.png`` and ``fig_head_masks.png``.
+``fig_cache_bytes.png`` and ``fig_head_masks.png``. Colours come from
+:mod:`sparsemm_utils.plots.style`: one colour and line style per method, tokens per KV head in the
+``kv_tokens`` colormap, visual scores in ``visual_score``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+
+from .style import cmap_for, method_color, method_style
 
 __all__ = ["METHOD_LABELS", "plot_budget_heatmaps", "plot_saturation", "plot_cache_bytes", "plot_head_masks"]
 
@@ -30,6 +34,11 @@ METHOD_LABELS: Mapping[str, str] = {
 
 def _label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
+
+
+def _palette(methods: Sequence[str]) -> dict[str, tuple[float, float, float]]:
+    """Label -> the method's colour, for seaborn's ``hue="label"``."""
+    return {_label(m): method_color(m) for m in methods}
 
 
 def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -80,7 +89,7 @@ def plot_budget_heatmaps(
             grid = np.full((layers, kv_heads), np.nan)
             grid[cells.layer.to_numpy(), cells.kv_head.to_numpy()] = cells.given.to_numpy()
             sns.heatmap(
-                grid, ax=ax, cmap="viridis", vmin=0, vmax=vmax, annot=annotate, fmt=".0f", annot_kws={"fontsize": 7},
+                grid, ax=ax, cmap=cmap_for("kv_tokens"), vmin=0, vmax=vmax, annot=annotate, fmt=".0f", annot_kws={"fontsize": 7},
                 cbar=row == 0, cbar_ax=colorbar_ax if row == 0 else None,
                 cbar_kws={"orientation": "horizontal", "label": "tokens (cap + window)"} if row == 0 else None,
             )
@@ -106,12 +115,14 @@ def plot_saturation(saturation: pd.DataFrame) -> Figure:
         uncompressed_share=saturation.uncompressed / saturation.kv_heads,
         label=saturation.method.map(_label),
     )
+    methods = list(dict.fromkeys(saturation.method))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
     for ax, column, title in (
         (axes[0], "saturated_share", "cap >= n - w (surplus lost)"),
         (axes[1], "uncompressed_share", "stores the whole prompt"),
     ):
-        sns.barplot(frame, x="budget", y=column, hue="label", ax=ax, errorbar=("ci", 95), err_kws={"linewidth": 1})
+        sns.barplot(frame, x="budget", y=column, hue="label", hue_order=[_label(m) for m in methods],
+                    palette=_palette(methods), ax=ax, errorbar=("ci", 95), err_kws={"linewidth": 1})
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("budget B (tokens per KV head)")
         ax.set_ylabel("share of KV heads")
@@ -128,14 +139,13 @@ def plot_cache_bytes(cache_bytes: pd.DataFrame) -> Figure:
     prompt, the line through the means. The dotted line is B / n for the mean prompt length n
     (what a cache holding exactly B tokens per head would take)."""
     _require(cache_bytes, ("method", "budget", "prompt_len", "kv_bytes", "fullkv_bytes"), "the cache_bytes table")
-    frame = cache_bytes.assign(
-        kv_fraction=cache_bytes.kv_bytes / cache_bytes.fullkv_bytes, label=cache_bytes.method.map(_label)
-    )
+    frame = cache_bytes.assign(kv_fraction=cache_bytes.kv_bytes / cache_bytes.fullkv_bytes)
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    sns.lineplot(frame, x="budget", y="kv_fraction", hue="label", style="label", markers=True, dashes=False,
-                 errorbar=None, ax=ax)
-    sns.stripplot(frame, x="budget", y="kv_fraction", hue="label", native_scale=True, dodge=False, jitter=False, alpha=0.3,
-                  size=3, ax=ax, legend=False)
+    for method, rows in frame.groupby("method", sort=False):
+        colour = method_color(method)
+        ax.scatter(rows.budget, rows.kv_fraction, color=colour, alpha=0.3, s=9, linewidths=0)
+        means = rows.groupby("budget").kv_fraction.mean()
+        ax.plot(means.index, means.to_numpy(), color=colour, label=_label(method), **method_style(method))
     budgets = np.sort(frame.budget.unique())
     mean_n = float(frame.prompt_len.mean())
     ax.plot(budgets, np.minimum(budgets / mean_n, 1.0), ":", color="grey", label=f"B / n (n = {mean_n:.0f})")
@@ -161,7 +171,7 @@ def plot_head_masks(head_scores: np.ndarray, masks: Mapping[str, np.ndarray]) ->
             raise ValueError(f"mask {name!r} has shape {np.shape(mask)}, the scores {scores.shape}")
     layers, heads = scores.shape
     fig, axes = plt.subplots(1, 1 + len(masks), figsize=((1 + len(masks)) * max(2.5, 0.3 * heads + 1.2), max(2.2, 0.2 * layers + 1)), squeeze=False)
-    sns.heatmap(scores, ax=axes[0, 0], cmap="magma", cbar_kws={"label": "visual score"})
+    sns.heatmap(scores, ax=axes[0, 0], cmap=cmap_for("visual_score"), vmin=0, cbar_kws={"label": "visual score S"})
     axes[0, 0].set_title("visual head scores (step 03)", fontsize=10)
     for ax, (name, mask) in zip(axes[0, 1:], masks.items()):
         sns.heatmap(np.asarray(mask, dtype=float), ax=ax, cmap="Greys", vmin=0, vmax=1, cbar=False, linewidths=0.3, linecolor="lightgrey")

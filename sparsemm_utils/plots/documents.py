@@ -2,6 +2,8 @@
 
 Both functions take a step-01 dataset (:data:`sparsemm_utils.document_dataset.FEATURES`) and return a
 matplotlib ``Figure``; the notebook saves them as ``fig_samples.png`` and ``fig_statistics.png``.
+Pages are drawn in grey levels (the ``"image"`` colormap of :mod:`sparsemm_utils.plots.style`); chunk
+boxes in :data:`CHUNK_COLOR`, character boxes in :data:`CHAR_COLOR`, here and in step 02's figures.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from PIL import Image as PILImage
 import datasets
 
 from ..document_dataset import char_statistics, chunk_statistics, document_statistics, image_bytes
+from .style import cmap_for
 
 __all__ = ["plot_samples", "plot_statistics", "CHUNK_COLOR", "CHAR_COLOR"]
 
@@ -54,7 +57,7 @@ def plot_samples(
     for ax, i in zip(axes.flat, indices):
         row = raw[int(i)]
         with PILImage.open(io.BytesIO(image_bytes(row["image"]))) as image:
-            ax.imshow(image.convert("RGB"))
+            ax.imshow(image.convert("L"), cmap=cmap_for("image"), vmin=0, vmax=255)
             width, height = image.size
         if show_chars:
             for c in row["char_coord"]:

@@ -2,14 +2,17 @@
 
 - :func:`plot_head_heatmap`: the (layer x head) score matrix S, top heads outlined.
 - :func:`plot_cumulative_share`: share of the score mass held by the top fraction of heads, with
-  the 5% / 10% marks and the paper's reference (top 5% ~55%, top 10% ~77% on
-  LLaVA-NeXT-Vicuna-7B).
+  the 5% / 10% marks (each curve's shares there in its legend entry) and the paper's reference
+  (top 5% ~55%, top 10% ~77% on LLaVA-NeXT-Vicuna-7B).
 - :func:`draw_image_attention` / :func:`plot_heads_on_image`: one head's attention over the
   image tokens, drawn on the token cells of the patch mapping (step 02), the token's region
   outlined.
 - :func:`plot_token_reasons`: how many generated tokens each matching rule scored or skipped.
 - :func:`plot_image_mass_vs_score`: a head's visual score against the attention mass it puts on
   the image at all.
+
+Colours come from :mod:`sparsemm_utils.plots.style`: S in the ``visual_score`` colormap, attention
+weights in ``attention``, layers in ``layer``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from PIL import Image
 
 from ..head_scoring_rule import MATCHED, PAPER_TOP_SHARE, SKIP_REASONS, cumulative_share, top_heads, validate_head_scores
 from ..patch_mapping import LlavaNextPatchMapper, PatchMapper
+from .style import cmap_for
 
 __all__ = [
     "plot_head_heatmap",
@@ -48,7 +52,7 @@ def plot_head_heatmap(
     layers, heads = scores.shape
     if ax is None:
         _, ax = plt.subplots(figsize=(min(2 + 0.35 * heads, 14), min(1.5 + 0.3 * layers, 10)))
-    sns.heatmap(scores, ax=ax, cmap="viridis", vmin=0, cbar_kws={"label": "visual score S (mean over samples)"}, square=False)
+    sns.heatmap(scores, ax=ax, cmap=cmap_for("visual_score"), vmin=0, cbar_kws={"label": "visual score S (mean over samples)"}, square=False)
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
     if scores.sum() > 0:
@@ -72,8 +76,10 @@ def plot_cumulative_share(
     """Cumulative share of the score mass against the fraction of heads (heads sorted by score).
 
     ``scores``: one (L, H) matrix or label -> matrix (several variants on one plot). Vertical
-    lines at ``marks``, each curve's share printed there; ``reference``: fraction -> share points
-    (the paper's). A curve whose scores are all zero is listed in the legend as such.
+    lines at ``marks`` (labelled above the axes), each curve's shares there dotted on the curve and
+    written in its legend entry (with several curves, numbers printed at the marks would pile up);
+    ``reference``: fraction -> share points (the paper's). A curve whose scores are all zero is
+    listed in the legend as such.
     """
     curves = {"scores": scores} if not isinstance(scores, Mapping) else dict(scores)
     if ax is None:
@@ -85,15 +91,16 @@ def plot_cumulative_share(
             ax.plot([], [], label=f"{label} (all scores zero)")
             continue
         fractions, shares = cumulative_share(matrix)
-        (line,) = ax.plot(fractions, shares, drawstyle="default", linewidth=1.6, label=label)
-        for f in marks:
-            share = float(np.interp(f, fractions, shares))
-            ax.plot([f], [share], "o", color=line.get_color(), markersize=4)
-            ax.annotate(f"{share:.0%}", (f, share), textcoords="offset points", xytext=(4, -10), fontsize=8,
-                        color=line.get_color())
+        at = [float(np.interp(f, fractions, shares)) for f in marks]
+        text = ", ".join(f"top {f:.0%}: {share:.0%}" for f, share in zip(marks, at))
+        (line,) = ax.plot(fractions, shares, linewidth=1.6, label=f"{label} ({text})" if marks else label)
+        ax.plot(list(marks), at, "o", color=line.get_color(), markersize=4)
     for f in marks:
         ax.axvline(f, color="black", linewidth=0.6, alpha=0.4)
-        ax.text(f, 0.02, f" top {f:.0%}", fontsize=8, rotation=90, va="bottom")
+    if marks:
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(list(marks), [f"{f:.0%}" for f in marks], fontsize=7)
+        top.tick_params(length=2, pad=1)
     if reference:
         xs, ys = zip(*sorted(reference.items()))
         ax.plot(xs, ys, "kx", markersize=8, mew=2, label=f"{reference_label} ({', '.join(f'{y:.0%}' for y in ys)})")
@@ -130,7 +137,7 @@ def draw_image_attention(
     *,
     region: Sequence[int] | np.ndarray = (),
     title: str | None = None,
-    cmap: str = "inferno",
+    cmap: str | None = None,
 ) -> Axes:
     """One head's attention over the image: each drawn token cell filled by its weight.
 
@@ -138,7 +145,9 @@ def draw_image_attention(
     slice of ``CapturedAttention.image_attention``); colour and opacity are scaled from the
     smallest to the largest drawn weight, so a head that puts little mass on the image still
     shows WHERE it looks most, and a uniform head leaves the image visible (the mass itself is
-    printed by the callers' titles). ``region``: relative positions outlined in cyan.
+    printed by the callers' titles). ``region``: relative positions outlined in cyan. ``cmap``:
+    the ``attention`` colormap of :mod:`sparsemm_utils.plots.style` unless given, its lower 80%
+    (the lightest end would vanish on the page).
     """
     width, height = image.size
     weights = np.asarray(weights, dtype=np.float64)
@@ -147,11 +156,12 @@ def draw_image_attention(
         raise ValueError(f"weights must have one value per image token ({n}), got shape {weights.shape}")
     cells = mapper.token_boxes(width, height)
     drawn = drawable_positions(mapper, width, height)
-    ax.imshow(image.convert("L"), cmap="gray", extent=(0, width, height, 0), vmin=0, vmax=255)
+    ax.imshow(image.convert("L"), cmap=cmap_for("image"), extent=(0, width, height, 0), vmin=0, vmax=255)
     w = weights[drawn]
     spread = float(w.max() - w.min()) if w.size else 0.0
     scaled = (w - w.min()) / spread if spread > 0 else np.zeros_like(w)
-    colours = plt.get_cmap(cmap)(scaled)
+    # the colormap's lightest end would vanish on a white page: the strongest cell gets its 80% colour
+    colours = plt.get_cmap(cmap or cmap_for("attention"))(0.8 * scaled)
     colours[:, 3] = 0.05 + 0.6 * scaled
     ax.add_collection(PolyCollection(_cells(cells[drawn]), facecolors=colours, edgecolors="none"))
     lit = np.intersect1d(np.asarray(region, dtype=np.int64), drawn)
@@ -213,7 +223,11 @@ def plot_token_reasons(reason_counts: Mapping[str, Mapping[str, int]]) -> Figure
 
 def plot_image_mass_vs_score(scores: np.ndarray, image_mass: np.ndarray, *, annotate_top: int = 5) -> Figure:
     """Scatter: each head's visual score S (y) against its mean attention mass on the image (x);
-    ``image_mass`` (L, H). A head can look at the image a lot without landing on the right place."""
+    ``image_mass`` (L, H). A head can look at the image a lot without landing on the right place.
+
+    The ``annotate_top`` best heads are named in a column right of the axes, in rank order, each
+    joined to its point by a thin line (heads of near-equal score and mass sit on one spot, where
+    labels at the points would print over each other)."""
     scores = validate_head_scores(scores)
     image_mass = np.asarray(image_mass, dtype=np.float64)
     if image_mass.shape != scores.shape:
@@ -226,13 +240,18 @@ def plot_image_mass_vs_score(scores: np.ndarray, image_mass: np.ndarray, *, anno
             "layer": np.repeat(np.arange(layers), heads),
         }
     )
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     sns.scatterplot(data=frame, x="mean attention mass on the image", y="visual score S", hue="layer",
-                    palette="viridis", ax=ax, s=30)
+                    palette=cmap_for("layer"), ax=ax, s=30)
     if scores.sum() > 0:
-        for layer, head, score in top_heads(scores, annotate_top):
-            ax.annotate(f"L{layer}H{head}", (image_mass[layer, head], score), fontsize=8,
-                        textcoords="offset points", xytext=(3, 3))
+        best = top_heads(scores, annotate_top)
+        step = min(0.12, 0.9 / max(len(best), 1))
+        for rank, (layer, head, score) in enumerate(best):
+            ax.annotate(
+                f"#{rank + 1} L{layer}H{head}", (image_mass[layer, head], score), xycoords="data",
+                xytext=(1.03, 0.95 - rank * step), textcoords="axes fraction", fontsize=8, va="center",
+                arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.6, "shrinkA": 0, "shrinkB": 3},
+            )  # fmt: skip
     ax.set_title("looking at the image vs landing on the text being read", fontsize=10)
     fig.tight_layout()
     return fig

@@ -9,7 +9,10 @@
   both readings (LLaVA-Mini Fig. 5).
 - :func:`plot_fastv`: FastV's accuracy against the KV bytes it keeps.
 
-Every function takes the step's tables (the CSV files' columns) and returns a Figure.
+Every function takes the step's tables (the CSV files' columns) and returns a Figure. Colours come
+from :mod:`sparsemm_utils.plots.style`: attention shares in the attention colormap, visual scores in
+the visual-score one, hue by layer in the layer one, FastV and the unmodified model in their method
+colours.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..category_attention import spearman
 from ..token_categories import CATEGORIES, ROLES, PromptLayout
+from .style import cmap_for, method_color, method_style
 
 __all__ = [
     "ROLE_COLORS",
@@ -127,19 +131,19 @@ def plot_head_vision_share(table: pd.DataFrame, *, annotate_top: int = 5) -> Fig
     share = table.pivot(index="layer", columns="head", values="vision_share").to_numpy()
     score = table.pivot(index="layer", columns="head", values="visual_score").to_numpy()
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.5 * layers + 2.4), gridspec_kw={"width_ratios": [1, 1, 1.1]})
-    sns.heatmap(share, ax=axes[0], cmap="magma", cbar_kws={"label": "share on vision"})
+    sns.heatmap(share, ax=axes[0], cmap=cmap_for("attention"), cbar_kws={"label": "share on vision"})
     axes[0].set_title("attention share on vision tokens", fontsize=10)
     if np.isnan(score).all():
         axes[1].text(0.5, 0.5, "no visual scores\n(step 03 missing)", ha="center", va="center")
         axes[1].set_axis_off()
     else:
-        sns.heatmap(score, ax=axes[1], cmap="viridis", cbar_kws={"label": "visual score S"})
+        sns.heatmap(score, ax=axes[1], cmap=cmap_for("visual_score"), cbar_kws={"label": "visual score S"})
         axes[1].set_title("SparseMM visual score (step 03)", fontsize=10)
     for ax in axes[:2]:
         ax.set_xlabel("query head")
         ax.set_ylabel("layer")
     rho = spearman(table["vision_share"], table["visual_score"])
-    sns.scatterplot(data=table, x="vision_share", y="visual_score", hue="layer", palette="viridis", ax=axes[2], s=30)
+    sns.scatterplot(data=table, x="vision_share", y="visual_score", hue="layer", palette=cmap_for("layer"), ax=axes[2], s=30)
     if np.nanmax(np.nan_to_num(score, nan=0.0)) > 0:  # label the best-scored heads (none when all scores are 0)
         top = table.sort_values("visual_score", ascending=False, kind="stable").head(annotate_top)
         for _, r in top.iterrows():
@@ -166,7 +170,7 @@ def plot_vision_drop(table: pd.DataFrame, *, metric: str = "char_accuracy") -> F
                     palette={"inside": "#6baed6", "from": "#08519c"})
         base = table[(table["reading"] == "none") & (table["task"] == task)][metric]
         if len(base):
-            ax.axhline(float(base.iloc[0]), ls="--", color="black", lw=1, label="no drop")
+            ax.axhline(float(base.iloc[0]), ls="--", color=method_color("fullkv"), lw=1, label="no drop")
         ax.set_title(f"task: {task}", fontsize=10)
         ax.set_xlabel("dropped layer range (0-based)")
         ax.set_ylim(0, 1.02)
@@ -179,13 +183,21 @@ def plot_vision_drop(table: pd.DataFrame, *, metric: str = "char_accuracy") -> F
 
 
 def plot_fastv(table: pd.DataFrame, *, metric: str = "char_accuracy") -> Figure:
-    """FastV: accuracy against the share of the prompt's KV bytes kept, one line per task, each
-    point labelled with its ratio R. ``table``: :func:`sparsemm_utils.fastv.evaluate_fastv`."""
+    """FastV: accuracy against the share of the prompt's KV bytes kept, one line per task in
+    FastV's method colour (all tasks together drawn in its full style, each task lighter with its
+    own marker), each point of the all-tasks line labelled with its ratio R. ``table``:
+    :func:`sparsemm_utils.fastv.evaluate_fastv`."""
     _require(table, ("ratio", "task", "kv_fraction", metric), "plot_fastv")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    markers = iter(("^", "v", "D", "P", "X", "*"))
     for task, part in table.groupby("task", sort=False):
         part = part.sort_values("kv_fraction")
-        ax.plot(part["kv_fraction"], part[metric], marker="o", label=task)
+        style = method_style("fastv")
+        if task != "all":
+            style.update(marker=next(markers, "o"), linestyle=":", linewidth=1.0, alpha=0.75)
+        ax.plot(part["kv_fraction"], part[metric], color=method_color("fastv"), label=task, **style)
+        if task != "all" and "all" in set(table["task"]):
+            continue  # the ratios are labelled once, on the line of all tasks
         for _, r in part.iterrows():
             ax.annotate(f"R={r['ratio']:.2f}", (r["kv_fraction"], r[metric]), fontsize=7, textcoords="offset points", xytext=(3, 3))
     ax.set_xlabel("prompt KV bytes kept (fraction of the full cache)")

@@ -1,6 +1,7 @@
 """Figures of step 02 (docs/method.md §3): an image with its visual-token grid and one region lit.
 
-Each panel draws the image, the cell of every image token under the mapping's own rule
+Each panel draws the image (in grey levels, the ``"image"`` colormap of
+:mod:`sparsemm_utils.plots.style`), the cell of every image token under the mapping's own rule
 (``mapper.token_boxes``: Qwen's 28 px blocks scaled back to the original image; LLaVA-NeXT's
 crop-grid cells of ``p_w x p_h`` px, or the 24 x 24 base grid), fills the cells of the region
 (the positions a box maps to) and outlines the box itself.
@@ -22,6 +23,8 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from ..patch_mapping import Box, LlavaNextPatchMapper, PatchMapper
+from .documents import CHAR_COLOR, CHUNK_COLOR
+from .style import cmap_for
 
 __all__ = ["draw_token_grid", "plot_token_grids", "plot_region_sizes"]
 
@@ -67,7 +70,7 @@ def draw_token_grid(
     width, height = image.size
     cells = mapper.token_boxes(width, height)
     drawn = _block_indices(mapper, width, height, block)
-    ax.imshow(image, extent=(0, width, height, 0))
+    ax.imshow(image.convert("L"), cmap=cmap_for("image"), vmin=0, vmax=255, extent=(0, width, height, 0))
     ax.add_collection(
         PolyCollection(_cells(cells[drawn]), facecolors="none", edgecolors=grid_color, linewidths=0.4, alpha=0.6)
     )
@@ -140,8 +143,9 @@ def plot_token_grids(
 
 
 def plot_region_sizes(records: Sequence[Mapping[str, Any]]) -> Figure:
-    """Histogram of tokens per region over ``regions.jsonl`` records: chunks and characters, each
-    normalised to 100 % on its own (there are many more characters than chunks)."""
+    """Histogram of tokens per region over ``regions.jsonl`` records: chunks (:data:`CHUNK_COLOR`)
+    and characters (:data:`CHAR_COLOR`), each normalised to 100 % on its own (there are many more
+    characters than chunks)."""
     rows = [
         {"kind": kind, "tokens": len(entry["positions"]), "model_type": r["model_type"]}
         for r in records
@@ -156,7 +160,7 @@ def plot_region_sizes(records: Sequence[Mapping[str, Any]]) -> Figure:
     frame = pd.DataFrame(rows)
     sns.histplot(
         data=frame, x="tokens", hue="kind", log_scale=(True, False), element="step",
-        stat="percent", common_norm=False, ax=ax,
+        stat="percent", common_norm=False, palette={"chunk": CHUNK_COLOR, "char": CHAR_COLOR}, ax=ax,
     )
     ax.set_xlabel("visual tokens per region (|R|, log scale)")
     ax.set_title(f"region sizes ({', '.join(sorted(frame['model_type'].unique()))})", fontsize=10)

@@ -16,6 +16,8 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from .style import cmap_for
+
 __all__ = ["plot_questions", "plot_training", "plot_accuracy"]
 
 _EVIDENCE = "#d62728"
@@ -35,7 +37,7 @@ def plot_questions(items: Sequence[Mapping[str, Any]], *, ncols: int = 3) -> Fig
         ax.axis("off")
     for ax, item in zip(axes.flat, items):
         image = item["image"]
-        ax.imshow(image, cmap="gray")
+        ax.imshow(image, cmap=cmap_for("image"))
         w, h = image.size
         for x in range(28, w, 28):
             ax.axvline(x - 0.5, color="#9ecae1", lw=0.5)
@@ -61,7 +63,7 @@ def plot_training(log: pd.DataFrame, validation: pd.DataFrame | None = None, *, 
     ``key_acc`` over the value steps, the only ones it sees), the learning rate and the share
     of easy pages; and, from ``validation_log.csv``, teacher-forced exact match per task on the
     validation pages (equal to greedy exact match). With a ``stage`` column (several training
-    stages, :func:`sparsemm_utils.tiny_reader.notebook.training_logs`), dotted lines mark where a stage starts."""
+    stages, :func:`sparsemm_utils.tiny_reader.training.training_logs`), dotted lines mark where a stage starts."""
     panels = 3 if validation is not None and len(validation) else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.6))
     starts = log.groupby("stage")["step"].min().iloc[1:].tolist() if "stage" in log else []

@@ -50,6 +50,7 @@ from ..reader_tasks import HELDOUT_SEED
 from ..reference_numbers import REFERENCE_MODELS, reference_frame, reference_model_id
 from ..runs import require_upstream
 from ..validate import check_choice, check_int
+from . import head_scoring
 
 __all__ = [
     "NAME",
@@ -88,9 +89,6 @@ def read_lowest_budget(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-# step 03's head scores: read with the model's shape (head_scoring_files.load_head_scores)
-_HEAD_SCORES = Artifact("03_head_scoring", "head_scores.json", "visual head scores S (layers x heads)")
-
 RESULTS: Artifact[pd.DataFrame] = Artifact(
     NAME, RESULTS_FILE, "the sweep's scores: one row per metric of each (benchmark, method, budget) cell",
     reader=read_results,
@@ -108,7 +106,7 @@ FINDINGS: Artifact[pd.DataFrame] = Artifact(NAME, "findings.csv", "step 05's fin
 STEP = StepSpec(
     NAME,
     "Evaluation: accuracy against KV budget for every method",
-    inputs=(_HEAD_SCORES,),
+    inputs=(head_scoring.HEAD_SCORES,),
     outputs=(RESULTS, PREDICTIONS, SWEEP, LOWEST_BUDGET, FINDINGS),
     resumable=True,
 )
@@ -150,7 +148,7 @@ class Config:
     n_documents: int = 4
     benchmark_seed: int | None = None
     benchmark_sources: Mapping[str, str] = field(default_factory=dict)
-    head_scores: str = "03_head_scoring/head_scores.json"
+    head_scores: str = head_scoring.HEAD_SCORES.key
     dtype: str = "auto"
     device: str = "auto"
     max_new_tokens: int | None = None

@@ -77,11 +77,14 @@ The modules, lowest first (each imports only those above it):
 - :mod:`.curriculum`: which pages and questions each training step sees;
 - :mod:`.fast_pixels`, :mod:`.batches`: training batches (labels, pointers, ``collate``);
 - :mod:`.losses`: :func:`~.losses.reader_losses`, the forward pass and every loss;
-- :mod:`.training`: :func:`~.training.train_reader`, :func:`~.training.save_reader`;
+- :mod:`.training`: :func:`~.training.train_reader`, :func:`~.training.save_reader`,
+  :func:`~.training.training_logs`;
 - :mod:`.accuracy`: greedy reading of held-out pages and its summaries (no training code: steps
   05 and 07 use it);
-- :mod:`.card`: the model card; :mod:`.notebook`: notebook 00's config and logs; :mod:`.cli`
-  (``__main__``): the command line.
+- :mod:`.card`: the model card; :mod:`.cli` (``__main__``): the command line.
+
+Notebook 00's parameters, outputs and findings are declared above this package, in the step
+module :mod:`sparsemm_utils.steps.tiny_reader`.
 
 The pages, questions and held-out streams (:data:`~sparsemm_utils.reader_tasks.HELDOUT_SEED`,
 :func:`~sparsemm_utils.reader_tasks.heldout_documents`) live below this package, in

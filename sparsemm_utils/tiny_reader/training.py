@@ -4,7 +4,8 @@
 A run writes into its work folder a log row per step (:data:`TRAIN_LOG`), the monitor's results
 (:data:`VALIDATION_LOG`), its config and resumable checkpoints (:data:`CHECKPOINT_FILE`);
 :func:`save_reader` copies the logs into the release folder's ``training/``, and keeps the
-``training/`` folder of the reader a second stage started from in :data:`PREVIOUS_STAGE_DIR`.
+``training/`` folder of the reader a second stage started from in :data:`PREVIOUS_STAGE_DIR`;
+:func:`training_logs` reads a released reader's logs back, every stage joined.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -42,6 +44,7 @@ __all__ = [
     "learning_rate",
     "train_reader",
     "save_reader",
+    "training_logs",
 ]
 
 #: Files of a work folder (and, but the checkpoint, of a release's ``training/``).
@@ -357,3 +360,34 @@ def save_reader(model: nn.Module, processor: Any, aux_head: nn.Module | None, ou
                 # the stage this one started from: its logs (and, recursively, its own previous stage)
                 shutil.copytree(cfg.init_source() / "training", previous, ignore=shutil.ignore_patterns("aux_head.safetensors"))
     return out
+
+
+def training_logs(reader_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """``(training_log, validation_log)`` of a saved reader as DataFrames, every training stage
+    included (``training/`` and, oldest first, ``training/previous_stage/...``): ``step`` and
+    ``elapsed`` (seconds of optimizer wall time) continue across stages and a ``stage`` column
+    (1, 2, ...) tells them apart. The validation log is ``None`` when no stage recorded one."""
+    folders = []
+    folder = Path(reader_dir) / "training"
+    while (folder / TRAIN_LOG).is_file():
+        folders.append(folder)
+        folder = folder / PREVIOUS_STAGE_DIR
+    if not folders:
+        raise FileNotFoundError(
+            f"{Path(reader_dir) / 'training' / TRAIN_LOG} is missing: this reader was not saved by save_reader with its work folder"
+        )
+    logs, vals = [], []
+    step0, elapsed0 = 0, 0.0
+    for stage, folder in enumerate(reversed(folders), start=1):
+        log = pd.read_csv(folder / TRAIN_LOG)
+        log["stage"] = stage
+        log["step"] += step0
+        log["elapsed"] += elapsed0
+        if (folder / VALIDATION_LOG).is_file():
+            val = pd.read_csv(folder / VALIDATION_LOG)
+            val["stage"] = stage
+            val["step"] += step0
+            vals.append(val)
+        logs.append(log)
+        step0, elapsed0 = int(log["step"].iloc[-1]) + 1, float(log["elapsed"].iloc[-1])
+    return pd.concat(logs, ignore_index=True), (pd.concat(vals, ignore_index=True) if vals else None)

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparsemm_utils.budget_report import AllocationStepConfig, measure_prompts
+from sparsemm_utils.budget_report import measure_prompts
 from sparsemm_utils.compression import model_shape
 from sparsemm_utils.models import load_model
 from sparsemm_utils.prompts import build_inputs
+from sparsemm_utils.steps.allocation import Config
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +21,7 @@ def tables():
     shape = model_shape(loaded)
     assert (shape.layers, shape.query_heads, shape.kv_heads, loaded.head_dim) == (4, 8, 2, 16)
     scores = np.random.default_rng(0).random((shape.layers, shape.query_heads))
-    cfg = AllocationStepConfig(window=8, budgets=[16, 140], n_prompts=1)
+    cfg = Config(window=8, budgets=[16, 140], n_prompts=1)
     return measure_prompts(loaded, cfg, [("doc-0", inputs)], scores, progress=False)
 
 

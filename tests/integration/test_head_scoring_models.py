@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from sparsemm_utils import attention_capture as ac
-from sparsemm_utils import head_scoring
 from sparsemm_utils import head_scoring_capture as capture
 from sparsemm_utils import head_scoring_files as files
 from sparsemm_utils import head_scoring_rule as rule
@@ -21,6 +20,7 @@ from sparsemm_utils.models import load_model, text_attention_implementation, vis
 from sparsemm_utils.page_generator import DocumentGeneratorConfig, generate_documents
 from sparsemm_utils.patch_mapping import map_documents
 from sparsemm_utils.prompts import build_inputs, image_token_span
+from sparsemm_utils.steps import head_scoring as step03
 
 pytestmark = pytest.mark.slow
 
@@ -117,16 +117,18 @@ def documents():
 def test_documents_to_scores_and_explorer(models, documents, tmp_path):
     loaded = models["qwen2_vl"]
     regions = map_documents(documents, loaded.processor, "qwen2_vl")
-    cfg = head_scoring.HeadScoringConfig(max_new_tokens=4, n_samples=2, explorer_samples=1, explorer_tokens=3, top_k=2)
+    cfg = step03.Config(run_dir=str(tmp_path), max_new_tokens=4, n_samples=2, explorer_samples=1, explorer_tokens=3, top_k=2)
     samples = capture.capture_documents(loaded, documents, regions, cfg, progress=False)
     assert [len(s.tokens) for s in samples] == [4, 4]
     assert samples[0].captured.image_attention.shape[:3] == (3, loaded.num_layers, loaded.num_heads)
     assert samples[1].captured.image_attention is None
     variants = capture.compare_variants(samples, cfg.top_k)
     result = variants["substring/argmax"]
-    paths = head_scoring.write_scoring_outputs(result, tmp_path, samples=samples, report=head_scoring.build_report(cfg, loaded, samples, variants))
+    paths = step03.write_outputs(cfg, result, step03.build_report(cfg, loaded, samples, variants), samples=samples)
     scores = files.load_head_scores(paths["head_scores.json"], shape=loaded)
     np.testing.assert_allclose(scores, result.scores)
+    # a tiny-random model: the claims about visual heads cannot be told
+    assert [h is None for h in step03.FINDINGS.read(tmp_path)["holds"]] == [False, True, True, True]
     explorer = HeadExplorer(explorer_samples(samples, result, documents, loaded.processor, "qwen2_vl"), result.scores)
     assert len(explorer.samples) == 1 and explorer.static_figure(max_steps=2) is not None
     check = capture.compare_with_reference(loaded, documents[0], regions[0], cfg)
@@ -135,7 +137,7 @@ def test_documents_to_scores_and_explorer(models, documents, tmp_path):
 
 def test_regions_from_another_model_are_rejected(models, documents):
     regions = map_documents(documents, models["llava_next"].processor, "llava_next")
-    cfg = head_scoring.HeadScoringConfig(max_new_tokens=2, n_samples=1)
+    cfg = step03.Config(max_new_tokens=2, n_samples=1)
     with pytest.raises(capture.RegionMismatchError, match="rerun step 02"):
         capture.capture_documents(models["qwen2_vl"], documents, regions, cfg, progress=False)
     shifted = [{**r, "model_type": "qwen2_vl", "image_token_start": r["image_token_start"] + 1} for r in regions]

@@ -15,6 +15,7 @@ from PIL import Image
 from sparsemm_utils import patch_mapping as pm
 from sparsemm_utils import prompts
 from sparsemm_utils.random_models import build_tiny_processor
+from sparsemm_utils.steps.patch_mapping import REGIONS, Config, write_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -99,8 +100,10 @@ def test_map_documents_end_to_end(processors, tmp_path):
             assert record["chunks"][0]["positions"] and record["chars"][0]["positions"]
             assert set(record["chars"][0]["positions"]) <= set(record["chunks"][0]["positions"])
             assert record["chars"][1]["positions"] == [] and record["skipped"][0]["kind"] == "char"
-        regions, report = pm.write_regions(records, tmp_path / model_type, pm.mapper_from_processor(processor, model_type))
-        assert pm.load_regions(regions) == records
+        run_dir = tmp_path / model_type
+        found = write_outputs(Config(run_dir=str(run_dir)), records, pm.mapper_from_processor(processor, model_type))
+        assert REGIONS.read(run_dir) == records
+        assert found[0].holds is True and found[0].n == len(docs)  # every document agrees with its processor
 
 
 def test_map_documents_rejects_a_mapper_that_disagrees_with_the_processor(processors):

@@ -48,7 +48,6 @@ from sparsemm_utils.tiny_reader.config import (
 from sparsemm_utils.tiny_reader.curriculum import easy_page_probability, step_samples, step_task
 from sparsemm_utils.tiny_reader.losses import POSITION_LABEL_SMOOTHING, reader_losses, visual_positions
 from sparsemm_utils.tiny_reader.model import POSITION_CLASSES, AuxiliaryHeads, build_reader, linear_patch_embedding
-from sparsemm_utils.tiny_reader.notebook import ReaderNotebookConfig
 from sparsemm_utils.tiny_reader.training import learning_rate, save_reader, train_reader
 
 # A reader small enough to train a few dozen steps in seconds.
@@ -535,17 +534,6 @@ def test_linear_patch_embedding_is_the_convolution():
     assert "forward" not in vars(model.model.visual.patch_embed)  # restored on exit
 
 
-def test_notebook_config():
-    cfg = ReaderNotebookConfig()
-    assert cfg.reader_dir == DEFAULT_READER_DIR  # a tiny-random id has no reader behind it
-    assert ReaderNotebookConfig(retrain=True, run_dir="/tmp/x").reader_dir.as_posix() == "/tmp/x/00_tiny_reader/reader"
-    with pytest.raises(TrainConfigError, match="no reader checkpoint"):
-        ReaderNotebookConfig(model_id="data/no_such_reader")
-    for bad in (dict(n_eval_docs=0), dict(retrain="yes"), dict(train_steps=-1), dict(run_dir="")):
-        with pytest.raises(TrainConfigError):
-            ReaderNotebookConfig(**bad)
-
-
 # ------------------------------------------------------------------------------ the package's layers
 
 
@@ -563,7 +551,7 @@ def test_scoring_a_reader_imports_no_training_code():
                               "print(sorted(m for m in sys.modules if m.startswith('sparsemm_utils')))")
     loaded = set(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
     assert {"sparsemm_utils.reader_tasks", "sparsemm_utils.tiny_reader.accuracy"} <= loaded
-    for module in ("curriculum", "fast_pixels", "batches", "losses", "training", "card", "notebook", "cli"):
+    for module in ("curriculum", "fast_pixels", "batches", "losses", "training", "card", "cli"):
         assert f"sparsemm_utils.tiny_reader.{module}" not in loaded, module
 
 

@@ -1,5 +1,5 @@
 """notebooks/00_tiny_reader.ipynb (outside the chain: it documents the shipped reader) runs
-headless on the shipped checkpoint and writes its evaluation and figures."""
+headless on the shipped checkpoint and leaves its evaluation, findings and figures."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import papermill as pm
 import pytest
 
 from sparsemm_utils.runs import repo_root
+from sparsemm_utils.steps import tiny_reader as step
 
 pytestmark = [pytest.mark.slow, pytest.mark.notebooks]
 
@@ -28,3 +29,8 @@ def test_tiny_reader_notebook_runs_on_the_shipped_checkpoint(tmp_path):
     results = json.loads((folder / "eval_results.json").read_text())
     assert results["summary"], "the notebook wrote no accuracy summary"
     assert sorted(p.name for p in folder.glob("fig_*.png")), "the notebook saved no figure"
+    missing = [a.name for a in step.STEP.outputs if not a.exists(tmp_path)]
+    assert not missing, f"the notebook did not leave its declared outputs {missing}"
+    findings = step.FINDINGS.read(tmp_path)
+    assert "the reader answers `value` questions exactly" in set(findings["claim"])
+    assert findings["holds"].map(lambda v: v in (True, False)).all()  # the shipped card judges every target

@@ -1,4 +1,4 @@
-"""Step 04's config, tables and figures (sparsemm_utils.budget_report, sparsemm_utils.plots.budgets),
+"""Step 04's presses, tables and figures (sparsemm_utils.budget_report, sparsemm_utils.plots.budgets),
 without a model (tests/integration/test_compressed_generation_report.py prefills real prompts)."""
 
 from types import SimpleNamespace
@@ -13,18 +13,15 @@ import pandas as pd
 import pytest
 import torch
 
-from sparsemm_utils.allocation import InvalidBudgetError, InvalidParameterError, ModelShape
+from sparsemm_utils.allocation import ModelShape
 from sparsemm_utils.budget_report import (
-    BUDGETED_METHODS,
     BUDGETS_COLUMNS,
     CACHE_BYTES_COLUMNS,
     SATURATION_COLUMNS,
-    AllocationStepConfig,
     AllocationTables,
     KVBytesMismatchError,
     _check_bytes,
     build_press,
-    write_tables,
 )
 from sparsemm_utils.compression import (
     PyramidKVPress,
@@ -33,48 +30,13 @@ from sparsemm_utils.compression import (
     UnknownCompressionMethodError,
 )
 from sparsemm_utils.plots.budgets import plot_budget_heatmaps, plot_cache_bytes, plot_head_masks, plot_saturation
+from sparsemm_utils.steps.allocation import Config
 
 SHAPE = ModelShape(2, 4, 2)
 
 
-def test_config_defaults_are_the_spec_defaults():
-    cfg = AllocationStepConfig()
-    assert (cfg.window, cfg.ratio, cfg.head_mask_fraction) == (32, 0.1, 0.1)
-    assert cfg.methods == BUDGETED_METHODS
-    assert cfg.figure_budgets == (64, 256, 1024)
-
-
-def test_config_takes_lists_from_papermill_and_picks_low_middle_high():
-    cfg = AllocationStepConfig(window=8, budgets=[16, 24, 32, 64, 128], methods=["snapkv"])
-    assert cfg.budgets == (16, 24, 32, 64, 128) and cfg.methods == ("snapkv",)
-    assert cfg.figure_budgets == (16, 32, 128)  # first, len // 2 = index 2, last
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error", "message"),
-    [
-        ({"budgets": [64.0, 128]}, InvalidBudgetError, "budgets must be ints"),
-        ({"budgets": ["64"]}, InvalidBudgetError, "budgets must be ints"),
-        ({"budgets": [16, 64]}, InvalidBudgetError, "budget 16 must exceed the window w=32"),
-        ({"budgets": [128, 64]}, InvalidBudgetError, "strictly increasing"),
-        ({"budgets": []}, InvalidBudgetError, "non-empty list"),
-        ({"budgets": "64"}, InvalidBudgetError, "non-empty list"),
-        ({"methods": ["sparsemm", "h2o"]}, UnknownCompressionMethodError, r"unknown budgeted method\(s\) \['h2o'\]"),
-        ({"methods": ["fullkv"]}, UnknownCompressionMethodError, "FullKV is always measured"),
-        ({"ratio": 1.5}, InvalidParameterError, r"ratio must lie in \[0, 1\], got 1.5"),
-        ({"window": 0}, InvalidParameterError, "window must be an int >= 1"),
-        ({"n_prompts": 0}, InvalidParameterError, "n_prompts must be an int >= 1"),
-        ({"head_mask_fraction": 0}, InvalidParameterError, "head_mask_fraction"),
-        ({"model_id": ""}, InvalidParameterError, "model_id"),
-    ],
-)
-def test_config_errors_say_what_was_wrong(kwargs, error, message):
-    with pytest.raises(error, match=message):
-        AllocationStepConfig(**kwargs)
-
-
 def test_build_press_passes_the_configs_settings():
-    cfg = AllocationStepConfig(window=8, budgets=[16, 64], ratio=0.2, seed=5)
+    cfg = Config(window=8, budgets=[16, 64], ratio=0.2, seed=5)
     scores = np.ones((2, 4))
     sparse = build_press("sparsemm", 16, cfg, scores)
     assert isinstance(sparse, SparseMMPress) and (sparse.budget, sparse.window, sparse.ratio) == (16, 8, 0.2)
@@ -83,7 +45,7 @@ def test_build_press_passes_the_configs_settings():
     assert isinstance(build_press("pyramidkv", 16, cfg), PyramidKVPress)
     # StreamingLLM keeps 4 sinks, fewer when b = B - w is smaller: B = 10, w = 8 -> b = 2 -> 2 sinks
     assert build_press("streamingllm", 64, cfg).sink == 4
-    assert build_press("streamingllm", 10, AllocationStepConfig(window=8, budgets=[10]), None).sink == 2
+    assert build_press("streamingllm", 10, Config(window=8, budgets=[10]), None).sink == 2
     with pytest.raises(UnknownCompressionMethodError, match="unknown budgeted method 'fullkv'"):
         build_press("fullkv", 16, cfg)
 
@@ -131,16 +93,6 @@ def test_summary_by_hand():
     # B = 48: the 40-token prompt keeps 40 (1.0), the 60-token one 48 (0.8); 2 of 4 heads uncompressed on one prompt
     assert summary.loc[("snapkv", 48), "kv_fraction"] == pytest.approx(0.9)
     assert summary.loc[("snapkv", 48), "uncompressed_share"] == pytest.approx(0.25)
-
-
-def test_write_tables_round_trips(tmp_path):
-    tables = _tables()
-    paths = write_tables(tables, tmp_path / "04_allocation")
-    assert sorted(p.name for p in paths.values()) == ["budgets.csv", "cache_bytes.csv", "saturation.csv"]
-    back = pd.read_csv(paths["budgets"])
-    assert tuple(back.columns) == BUDGETS_COLUMNS
-    pd.testing.assert_frame_equal(back, tables.budgets)
-    assert tuple(pd.read_csv(paths["cache_bytes"]).columns) == CACHE_BYTES_COLUMNS
 
 
 def test_figures_have_one_panel_per_method_and_budget():

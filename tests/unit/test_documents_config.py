@@ -1,11 +1,11 @@
-"""Step 01 configs: every invalid parameter gets a clear DocumentConfigError."""
+"""The page generator's config: every invalid parameter gets a clear DocumentConfigError (the step's
+own parameters are tested in test_steps_ocr_annotation.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from sparsemm_utils.document_dataset import DocumentConfigError
-from sparsemm_utils.documents import OcrAnnotationConfig
 from sparsemm_utils.page_generator import UPPER_DIGITS, DocumentGeneratorConfig
 
 
@@ -14,8 +14,6 @@ def test_defaults_are_valid_and_documented_choices():
     assert cfg.charset == UPPER_DIGITS and cfg.chunk_level == "line" and cfg.layout == "free"
     assert cfg.font_name == "pillow"
     assert DocumentGeneratorConfig(layout="grid").font_name == "dejavu-sans-mono"
-    step = OcrAnnotationConfig()
-    assert (step.source, step.n_documents, step.on_bad, step.dataset_path) == ("synthetic", 48, "skip", None)
 
 
 def test_lists_from_yaml_become_tuples():
@@ -57,26 +55,3 @@ def test_charset_is_deduplicated_in_order():
 def test_invalid_generator_parameters(kwargs, match):
     with pytest.raises(DocumentConfigError, match=match):
         DocumentGeneratorConfig(**kwargs)
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(source="hub"), "source must be one of 'synthetic', 'synthdog'"),
-        (dict(on_bad="ignore"), "on_bad must be one of 'skip', 'raise'"),
-        (dict(dataset_path="data/x"), "only read with source='synthdog'"),
-        (dict(source="synthdog", dataset_path=""), "dataset_path must be None or a non-empty string"),
-        (dict(split=""), "split must be a non-empty string"),
-        (dict(n_documents=-3), "n_documents"),
-    ],
-)
-def test_invalid_step_parameters(kwargs, match):
-    with pytest.raises(DocumentConfigError, match=match):
-        OcrAnnotationConfig(**kwargs)
-
-
-def test_generator_config_drops_the_step_fields():
-    step = OcrAnnotationConfig(seed=5, layout="grid", on_bad="raise")
-    gen = step.generator_config()
-    assert type(gen) is DocumentGeneratorConfig
-    assert (gen.seed, gen.layout) == (5, "grid") and not hasattr(gen, "on_bad")

@@ -20,7 +20,6 @@ from sparsemm_utils.document_dataset import (
     save_documents,
     validate_rows,
 )
-from sparsemm_utils.documents import OcrAnnotationConfig
 from sparsemm_utils.page_generator import (
     FONTS,
     DocumentGeneratorConfig,
@@ -29,6 +28,7 @@ from sparsemm_utils.page_generator import (
     place_in_cell,
     render_document,
 )
+from sparsemm_utils.steps.ocr_annotation import Config
 
 SMALL = dict(n_documents=3, page_width_range=(224, 336), page_height_range=(112, 224), lines_per_page_range=(1, 4))
 
@@ -153,13 +153,13 @@ def test_generated_pixels_are_only_paper_where_no_character_box_is():
     assert set(np.unique(np.asarray(mask)).tolist()) <= {0, paper}  # all ink lies inside some character box
 
 
-def test_ocr_annotation_config_generates_the_same_as_its_generator_part():
-    cfg = OcrAnnotationConfig(**SMALL)
+def test_step_config_generates_the_same_as_its_generator_part():
+    cfg = Config(**SMALL)
     a = generate_documents(cfg, progress=False)
     b = generate_documents(cfg.generator_config(), progress=False)
     assert content_fingerprint(a) == content_fingerprint(b)
     with pytest.raises(DocumentConfigError, match="source='synthetic'"):
-        generate_documents(OcrAnnotationConfig(source="synthdog"), progress=False)
+        generate_documents(Config(source="synthdog"), progress=False)
 
 
 def test_reading_text_by_hand():

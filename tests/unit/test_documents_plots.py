@@ -13,6 +13,7 @@ from matplotlib.patches import Rectangle
 from sparsemm_utils.document_dataset import chunk_statistics, document_statistics
 from sparsemm_utils.page_generator import DocumentGeneratorConfig, generate_documents
 from sparsemm_utils.plots.documents import CHAR_COLOR, CHUNK_COLOR, plot_samples, plot_statistics
+from sparsemm_utils.plots.style import cmap_for
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,7 @@ def _rects(ax, color):
 def test_samples_draw_every_chunk_and_character_box(ds):
     fig = plot_samples(ds, [1, 3], ncols=2)
     for ax, i in zip(fig.axes, [1, 3]):
+        assert ax.images[0].get_cmap().name == cmap_for("image")  # pages in the study's image colormap
         assert len(_rects(ax, CHUNK_COLOR)) == len(ds[i]["2_coord"])
         assert len(_rects(ax, CHAR_COLOR)) == len(ds[i]["char_coord"])
         (x0, y0), (x1, y1) = ds[i]["2_coord"][0]["coord"]

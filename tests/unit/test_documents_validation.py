@@ -23,7 +23,6 @@ from sparsemm_utils.document_dataset import (
     save_documents,
     validate_rows,
 )
-from sparsemm_utils.documents import OcrAnnotationConfig, run_ocr_annotation
 
 
 def png(width: int = 100, height: int = 50) -> dict:
@@ -243,7 +242,7 @@ def test_save_refuses_a_foreign_folder_and_replaces_a_saved_dataset(tmp_path):
 
 
 def test_load_documents_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run step 01_ocr_annotation first"):
+    with pytest.raises(FileNotFoundError, match=r"run step 01 \(OCR annotation\) first"):
         load_documents(tmp_path / "nothing")
     datasets.Dataset.from_dict({"doc_id": [1], "text": ["x"]}).save_to_disk(str(tmp_path / "other"))
     with pytest.raises(SchemaMismatchError, match="needs exactly"):
@@ -254,13 +253,3 @@ def test_fingerprint_follows_content():
     a, b = make_ds([{}]), make_ds([{}])
     assert content_fingerprint(a) == content_fingerprint(b)
     assert content_fingerprint(make_ds([{"doc_id": 9}])) != content_fingerprint(a)
-
-
-def test_run_ocr_annotation_writes_the_step_outputs(tmp_path):
-    cfg = OcrAnnotationConfig(n_documents=3, page_width_range=(224, 280), page_height_range=(112, 160))
-    clean, report = run_ocr_annotation(cfg, tmp_path, progress=False)
-    out = tmp_path / "01_ocr_annotation"
-    assert len(load_documents(out / "documents")) == 3
-    saved = json.loads((out / "annotation_report.json").read_text())
-    assert saved["documents"] == 3 and saved["issues"] == [] and saved["config"]["n_documents"] == 3
-    assert saved["chunks"] == report.chunks == sum(len(c) for c in clean["2_coord"])

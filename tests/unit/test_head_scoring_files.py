@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from sparsemm_utils import head_scoring
 from sparsemm_utils import head_scoring_capture as capture
 from sparsemm_utils import head_scoring_files as files
 from sparsemm_utils import head_scoring_rule as rule
 from sparsemm_utils.attention_capture import CapturedAttention
 from sparsemm_utils.head_scoring_rule import GeneratedTokens
+from sparsemm_utils.steps import head_scoring as step03
 
 
 def write(tmp_path, payload, name="scores.json"):
@@ -177,8 +177,9 @@ def test_report_counts_matches_skips_and_samples_without_match(tmp_path):
     assert summary["samples_with_no_match"] == 1 and summary["doc_ids_with_no_match"] == [6]
     assert summary["top_heads"][0] == {"layer": 0, "head": 0, "score": 0.25}
 
-    paths = head_scoring.write_scoring_outputs(result, tmp_path, samples=samples, report={"model_id": "m"})
-    assert sorted(paths) == ["head_scores.csv", "head_scores.json", "scoring_report.json", "token_matches.csv"]
+    paths = step03.write_outputs(step03.Config(run_dir=str(tmp_path)), result, {"model_id": "m"}, samples=samples)
+    assert sorted(paths) == ["findings.csv", "head_scores.csv", "head_scores.json", "scoring_report.json", "token_matches.csv"]
+    assert {p.parent for p in paths.values()} == {tmp_path / "03_head_scoring"}
     report = json.loads(paths["scoring_report.json"].read_text())
     assert report["model_id"] == "m" and report["samples_with_no_match"] == 1
     assert json.loads(paths["head_scores.json"].read_text()) == {"0-0": [0.5, 0.0], "0-1": [0.0, 0.0]}
@@ -197,20 +198,3 @@ def test_compare_variants_scores_every_combination():
     variants = capture.compare_variants([sample(1, ["A"], [[[10, 3]]])], top_k=1)
     assert sorted(variants) == ["char_box/argmax", "char_box/topk", "substring/argmax", "substring/topk"]
     assert variants["char_box/argmax"].reason_counts()[rule.NO_CHAR_BOXES] == 1
-
-
-# ------------------------------------------------------------------------------ config
-
-
-def test_config_defaults_and_errors():
-    cfg = head_scoring.HeadScoringConfig()
-    assert (cfg.match, cfg.selection, cfg.max_new_tokens, cfg.capture) == ("substring", "argmax", 1024, "streamed")
-    assert cfg.prompt == "Provide all the OCR results of this image."
-    with pytest.raises(rule.HeadScoringConfigError, match="'substring', 'char_box'"):
-        head_scoring.HeadScoringConfig(match="chunks")
-    with pytest.raises(rule.HeadScoringConfigError, match="n_samples"):
-        head_scoring.HeadScoringConfig(n_samples=0)
-    with pytest.raises(rule.HeadScoringConfigError, match="capture"):
-        head_scoring.HeadScoringConfig(capture="eager")
-    with pytest.raises(rule.HeadScoringConfigError, match="top_k"):
-        head_scoring.HeadScoringConfig(top_k=0)

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from sparsemm_utils import head_scoring_rule as rule  # noqa: E402
@@ -43,13 +44,46 @@ def test_heatmap_and_share_plots_accept_all_zero_scores():
     ph.plot_head_heatmap(np.zeros((2, 3)))
     fig = ph.plot_cumulative_share({"zeros": np.zeros((2, 3)), "some": SCORES})
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert any("all scores zero" in label for label in labels) and "some" in labels
+    share5, share10 = rule.top_share(SCORES, 0.05), rule.top_share(SCORES, 0.10)
+    assert any("all scores zero" in label for label in labels)
+    assert f"some (top 5%: {share5:.0%}, top 10%: {share10:.0%})" in labels
 
 
 def test_cumulative_share_marks_are_read_off_the_curve():
     fig = ph.plot_cumulative_share(SCORES, marks=(0.5,), reference=None)
-    texts = [t.get_text() for t in fig.axes[0].texts]
-    assert f"{rule.top_share(SCORES, 0.5):.0%}" in texts
+    ax = fig.axes[0]
+    share = rule.top_share(SCORES, 0.5)
+    assert [t.get_text() for t in ax.get_legend().get_texts()][1] == f"scores (top 50%: {share:.0%})"
+    dots = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert len(dots) == 1 and dots[0].get_ydata()[0] == pytest.approx(share)
+
+
+def _overlaps(texts, fig) -> list[tuple[str, str]]:
+    renderer = fig.canvas.get_renderer()
+    # the text's own box (an annotation's get_window_extent also covers its leader line)
+    boxes = [(t.get_text(), Text.get_window_extent(t, renderer)) for t in texts if t.get_text()]
+    return [(a, c) for i, (a, b) in enumerate(boxes) for c, d in boxes[i + 1 :] if b.overlaps(d)]
+
+
+def test_cumulative_share_labels_do_not_pile_up():
+    # four variants with shares within a few points of each other: the numbers sit in the legend
+    curves = {name: SCORES + 0.01 * k for k, name in enumerate(["a", "b", "c", "d"])}
+    fig = ph.plot_cumulative_share(curves)
+    ax = fig.axes[0]
+    assert not [t for t in ax.texts if "%" in t.get_text()]
+    (top,) = ax.child_axes  # the 5% / 10% marks, labelled above the axes
+    fig.canvas.draw()
+    assert [t.get_text() for t in top.get_xticklabels()] == ["5%", "10%"]
+    assert not _overlaps(top.get_xticklabels(), fig)
+
+
+def test_mass_plot_names_heads_on_one_spot_without_overprinting():
+    scores = np.array([[0.0, 0.1, 0.2, 0.3], [1.9, 1.9, 1.9, 0.4]])
+    mass = np.array([[0.1, 0.2, 0.3, 0.4], [0.99, 0.99, 0.99, 0.5]])  # L1H0-L1H2 on one point
+    fig = ph.plot_image_mass_vs_score(scores, mass, annotate_top=4)
+    labels = [t for t in fig.axes[0].texts]
+    assert [t.get_text() for t in labels] == ["#1 L1H0", "#2 L1H1", "#3 L1H2", "#4 L1H3"]
+    assert not _overlaps(labels, fig)
 
 
 QWEN = QwenVLPatchMapper()

@@ -6,14 +6,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsemm_utils import category_attention as ca
-from sparsemm_utils import layer_analysis as la
 from sparsemm_utils import token_categories as tc
 from sparsemm_utils.token_categories import INSTRUCTION as I
 from sparsemm_utils.token_categories import RESPONSE as R
@@ -185,55 +183,6 @@ def test_bad_inputs_raise_clear_errors():
         ca.category_attention_table([])
     with pytest.raises(tc.LayerAnalysisError, match="row selection"):
         _stats_from_matrix(A[None, None], LABELS, 4).head_share(V, "decode")
-
-
-def test_config_validation():
-    cfg = la.AttentionByLayerConfig(tasks=["ocr"], readings=["from"], fastv_ratios=[0, 0.5])
-    assert cfg.tasks == ("ocr",) and cfg.readings == ("from",)
-    with pytest.raises(tc.LayerAnalysisError, match="tasks"):
-        la.AttentionByLayerConfig(tasks=["translate"])
-    with pytest.raises(tc.LayerAnalysisError, match="readings"):
-        la.AttentionByLayerConfig(readings=["before"])
-    with pytest.raises(tc.LayerAnalysisError, match="n_samples"):
-        la.AttentionByLayerConfig(n_samples=0)
-    with pytest.raises(tc.LayerAnalysisError, match="fastv_ratios"):
-        la.AttentionByLayerConfig(fastv_ratios=[1.5])
-
-
-def test_findings_table_reads_the_numbers():
-    # 4 layers: response->vision 0.4 at layer 0, 0.05 at layer 3; response->instruction 0.9 at layer 3
-    rows = []
-    for layer in range(4):
-        rv = [0.4, 0.3, 0.1, 0.05][layer]
-        ri = [0.5, 0.6, 0.8, 0.9][layer]
-        for t in tc.CATEGORIES:
-            for s in tc.CATEGORIES:
-                value = {("response", "vision"): rv, ("response", "instruction"): ri}.get((t, s), 0.1)
-                rows.append({"layer": layer, "target": t, "source": s, "attention": value, "entropy": 1.0, "max_entropy": 2.0})
-    table = pd.DataFrame(rows)
-    drop = pd.DataFrame(
-        [
-            {"reading": "none", "layer_range": "none", "first_layer": -1, "task": "all", "char_accuracy": 0.9},
-            {"reading": "inside", "layer_range": "0-0", "first_layer": 0, "task": "all", "char_accuracy": 0.1},
-            {"reading": "inside", "layer_range": "3-3", "first_layer": 3, "task": "all", "char_accuracy": 0.85},
-        ]
-    )
-    # head view: shares 0.1 .. 0.4, scores in the same order except the first two swapped:
-    # ranks (1, 2, 3, 4) vs (2, 1, 3, 4): d = (1, -1, 0, 0), rho = 1 - 6 * 2 / (4 * 15) = 0.8
-    heads = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1],
-                          "vision_share": [0.1, 0.2, 0.3, 0.4], "visual_score": [0.2, 0.1, 0.3, 0.4]})
-    out = la.findings_table(table, table, drop, heads)
-    assert out.holds.tolist() == [True, True, False, True, True]
-    assert "0.400" in out.this_run[0] and "0.050" in out.this_run[0]
-    assert "0.900" in out.this_run[1]
-    assert "0.100 with layers 0-0" in out.this_run[3]
-    assert "rho(vision share, visual score) = 0.800" in out.this_run[4] and "L1H1 ranks #1" in out.this_run[4]
-    # a model that cannot read at all, and step 03 without any visual head: undetermined
-    blind = drop.assign(char_accuracy=0.0)
-    flat = heads.assign(visual_score=0.0)
-    out = la.findings_table(table, table, blind, flat)
-    assert out.holds[3] is None and out.holds[4] is None
-    assert "every visual score is 0" in out.this_run[4]
 
 
 # ------------------------------------------------------------------------------------ invariants

@@ -33,7 +33,6 @@ from sparsemm_utils.patch_mapping import (
     InvalidImageSizeError,
     LlavaNextGeometry,
     LlavaNextPatchMapper,
-    PatchMappingConfig,
     PatchMappingError,
     QwenVLGeometry,
     QwenVLPatchMapper,
@@ -370,16 +369,6 @@ def test_geometry_and_mapper_validation():
     assert LlavaNextGeometry(grid_pinpoints=[[336, 672]]).grid_pinpoints == ((336, 672),)
 
 
-def test_config_validation():
-    assert PatchMappingConfig().variant == "fidelity"
-    with pytest.raises(ValueError, match="variant"):
-        PatchMappingConfig(variant="nope")
-    with pytest.raises(ValueError, match="figure_doc_index"):
-        PatchMappingConfig(figure_doc_index=-1)
-    with pytest.raises(ValueError, match="model_id"):
-        PatchMappingConfig(model_id="")
-
-
 # ----------------------------------------------------------------------------------------------
 # Construction from a processor
 # ----------------------------------------------------------------------------------------------
@@ -449,23 +438,8 @@ def test_map_document_rejects_a_token_count_mismatch():
         pm.map_document(_doc(), QwenVLPatchMapper(), "qwen2_vl", image_token_start=0, num_image_tokens=899)
 
 
-def test_write_and_load_regions_round_trip(tmp_path):
-    mapper = LlavaNextPatchMapper()
-    record = pm.map_document(_doc(), mapper, "llava_next", image_token_start=5, num_image_tokens=2242)
-    regions, report_path = pm.write_regions([record, record], tmp_path, mapper)
-    assert regions.name == "regions.jsonl" and len(regions.read_text().splitlines()) == 2
-    assert pm.load_regions(regions) == [record, record]
-    assert pm.load_regions(tmp_path) == [record, record]
-    report = json.loads(report_path.read_text())
-    assert report["n_documents"] == 2 and report["n_chunks"] == 4 and report["n_chunks_mapped"] == 2
-    assert report["n_skipped"] == 4 and report["skipped"][0]["doc_id"] == "doc-0"
-    # chunk 'hello' covers 11 x 4 = 44 crop tokens (see the hand example)
-    assert report["tokens_per_chunk"]["min"] == 44 and report["tokens_per_chunk"]["max"] == 44
-    assert report["variant"] == "fidelity" and report["geometry_settings"]["base_size"] == 336
-
-
 def test_load_regions_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="02_patch_mapping"):
+    with pytest.raises(FileNotFoundError, match=r"written by step 02 \(patch mapping"):
         pm.load_regions(tmp_path / "nope.jsonl")
     bad = tmp_path / "regions.jsonl"
     bad.write_text("{not json\n")
@@ -507,6 +481,7 @@ def test_token_grid_figure_lights_exactly_the_region(tmp_path):
     sizes = [[len(c.get_paths()) for c in ax.collections if isinstance(c, PolyCollection)] for ax in axes]
     assert sizes == [[900, 24], [1632, 44], [576, 18]]
     assert "24 tokens lit of 900" in axes[0].get_title()
+    assert all(ax.images[0].get_cmap().name == "gray" for ax in axes)  # plots.style's "image" colormap
     fig.savefig(tmp_path / "grid.png")
     plt.close(fig)
     record = pm.map_document(_doc(), QwenVLPatchMapper(), "qwen2_vl", image_token_start=0, num_image_tokens=900)

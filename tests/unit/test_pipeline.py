@@ -49,7 +49,7 @@ def fake_repo(tmp_path: Path) -> Path:
     )
     _notebook(
         root / "notebooks" / "02_double.ipynb",
-        'run_dir = "runs/dev"',
+        'run_dir = "runs/dev"\nmodel_id = "none"',
         [
             "from pathlib import Path\nv = int((Path(run_dir) / '01_make' / 'value.txt').read_text())",
             "(Path(run_dir) / '02_double' / 'double.txt').write_text(str(2 * v))",

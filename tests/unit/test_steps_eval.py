@@ -14,6 +14,7 @@ from sparsemm_utils.evaluation import EVAL_METHODS, RESULTS_COLUMNS, EvaluationE
 from sparsemm_utils.findings import findings_frame
 from sparsemm_utils.pipeline import STEPS
 from sparsemm_utils.steps import eval as step
+from sparsemm_utils.steps import head_scoring
 from sparsemm_utils.steps.eval import (
     FINDINGS,
     LOWEST_BUDGET,
@@ -33,6 +34,7 @@ from sparsemm_utils.steps.eval import (
 
 def test_step_declares_the_sweep_files_the_tables_and_the_findings():
     assert STEP.name == "05_eval" and STEP.resumable and STEP.needs == ("03_head_scoring",)
+    assert STEP.inputs == (head_scoring.HEAD_SCORES,) and Config().head_scores == "03_head_scoring/head_scores.json"
     assert STEP.output_names == ("results.csv", "predictions.jsonl", "sweep.json", "lowest_budget.csv", "findings.csv")
     assert STEP.notebook_path().is_file()
     registered = next(s for s in STEPS if s.name == STEP.name)

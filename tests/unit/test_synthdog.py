@@ -12,7 +12,6 @@ import datasets
 import pytest
 
 from sparsemm_utils.document_dataset import FEATURES, SchemaMismatchError, validate_rows
-from sparsemm_utils.documents import OcrAnnotationConfig, build_documents
 from sparsemm_utils.synthdog import (
     FIXTURE_DIR,
     FIXTURE_GENERATOR,
@@ -25,6 +24,7 @@ from sparsemm_utils.synthdog import (
     load_synthdog,
     read_synthdog_rows,
 )
+from sparsemm_utils.steps.ocr_annotation import Config, build_documents
 
 PARQUET = FIXTURE_DIR / "data" / "train-00000-of-00001.parquet"
 
@@ -95,7 +95,7 @@ def test_other_local_forms_read_the_same_rows(tmp_path):
 
 
 def test_build_documents_reads_the_fixture_by_relative_path():
-    cfg = OcrAnnotationConfig(source="synthdog", n_documents=2, dataset_path="data/fixtures/synthdog_en_detection")
+    cfg = Config(source="synthdog", n_documents=2, dataset_path="data/fixtures/synthdog_en_detection")
     ds = build_documents(cfg, progress=False)
     assert ds["doc_id"] == [0, 1] and ds["source"] == ["synthdog", "synthdog"]
 

@@ -1,0 +1,228 @@
+"""Step 03's declaration, config, outputs and findings (sparsemm_utils.steps.head_scoring), on
+hand-made scores and reports: no model, no notebook."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from sparsemm_utils import head_scoring_rule as rule
+from sparsemm_utils.findings import findings_frame
+from sparsemm_utils.head_scoring_capture import HeadScoringResult
+from sparsemm_utils.head_scoring_rule import TokenMatch
+from sparsemm_utils.steps import head_scoring as step03
+
+# ------------------------------------------------------------------------------ declaration
+
+
+def test_step_declares_its_inputs_and_every_output():
+    assert step03.STEP.name == "03_head_scoring"
+    assert step03.STEP.needs == ("01_ocr_annotation", "02_patch_mapping")
+    assert step03.STEP.output_names == (
+        "head_scores.json",
+        "head_scores.csv",
+        "scoring_report.json",
+        "token_matches.csv",
+        "findings.csv",
+    )
+    assert step03.HEAD_SCORES.key == "03_head_scoring/head_scores.json"
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+def test_config_defaults_and_errors():
+    cfg = step03.Config()
+    assert (cfg.match, cfg.selection, cfg.max_new_tokens, cfg.capture) == ("substring", "argmax", 1024, "streamed")
+    assert cfg.prompt == "Provide all the OCR results of this image."
+    with pytest.raises(rule.HeadScoringConfigError, match="'substring', 'char_box'"):
+        step03.Config(match="chunks")
+    with pytest.raises(rule.HeadScoringConfigError, match="n_samples"):
+        step03.Config(n_samples=0)
+    with pytest.raises(rule.HeadScoringConfigError, match="capture"):
+        step03.Config(capture="eager")
+    with pytest.raises(rule.HeadScoringConfigError, match="top_k"):
+        step03.Config(top_k=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"run_dir": ""}, "run_dir must be a non-empty path"),
+        ({"model_id": ""}, "model_id must be a non-empty string"),
+        ({"selection": "max"}, "selection"),
+        ({"token_text": "bytes"}, "token_text"),
+        ({"prompt": "  "}, "prompt must be a non-empty string"),
+        ({"explorer_tokens": -1}, "explorer_tokens"),
+        ({"threads": 1.5}, "threads"),
+        ({"device": None}, "dtype and device must be strings"),
+    ],
+)
+def test_config_errors_name_the_parameter(kwargs, message):
+    with pytest.raises(rule.HeadScoringConfigError, match=message):
+        step03.Config(**kwargs)
+
+
+def test_config_to_dict_is_json_ready():
+    cfg = step03.Config(run_dir=Path("runs/x"), n_samples=3)
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert data["run_dir"] == "runs/x" and data["n_samples"] == 3 and data["prompt"] == cfg.prompt
+
+
+# ---------------------------------------------------------------------------------- outputs
+
+
+def _result() -> HeadScoringResult:
+    """Two samples of a 2-layer x 2-head model. Sample 7: token 0 matched a 2-position region and
+    hit heads L0H0 and L1H1 (1/2 each), token 1 was ambiguous, token 2 the stop token. Sample 8:
+    its one token matched a 1-position region and hit L1H1 (1)."""
+    region2, region1 = np.array([30, 31]), np.array([40])
+    return HeadScoringResult(
+        sample_scores=np.array([[[0.5, 0.0], [0.0, 0.5]], [[0.0, 0.0], [0.0, 1.0]]]),
+        doc_ids=[7, 8],
+        matches=[
+            [TokenMatch(rule.MATCHED, region2, (0,)), TokenMatch(rule.AMBIGUOUS), TokenMatch(rule.END_OF_SEQUENCE)],
+            [TokenMatch(rule.MATCHED, region1, (1,))],
+        ],
+        hits=[
+            np.array([[[1, 0], [0, 1]], [[0, 0], [0, 0]], [[0, 0], [0, 0]]], dtype=bool),
+            np.array([[[0, 0], [0, 1]]], dtype=bool),
+        ],
+        match="substring",
+        selection="argmax",
+        top_k=1,
+    )
+
+
+def test_write_outputs_writes_every_declared_output_and_each_reads_back(tmp_path):
+    cfg = step03.Config(run_dir=str(tmp_path), model_id="data/tiny_reader")
+    result = _result()
+    paths = step03.write_outputs(cfg, result, {"layers": 2})
+    assert sorted(paths) == sorted(step03.STEP.output_names)
+    for artifact in step03.STEP.outputs:
+        assert paths[artifact.name] == tmp_path / "03_head_scoring" / artifact.name and artifact.exists(tmp_path)
+    # S = mean over the two samples: [[0.25, 0], [0, 0.75]]
+    np.testing.assert_allclose(step03.HEAD_SCORES.read(tmp_path), [[0.25, 0.0], [0.0, 0.75]])
+    table = step03.HEAD_SCORES_CSV.read(tmp_path)
+    assert table.sort_values("rank")[["layer", "head"]].values.tolist()[:2] == [[1, 1], [0, 0]]
+    report = step03.SCORING_REPORT.read(tmp_path)
+    assert (report["tokens_generated"], report["tokens_matched"], report["layers"]) == (4, 2, 2)
+    tokens = step03.TOKEN_MATCHES.read(tmp_path)
+    assert tokens["reason"].tolist() == ["matched", "ambiguous", "end_of_sequence", "matched"]
+    assert tokens["heads_hit"].tolist() == [2, 0, 0, 1]
+    written = step03.FINDINGS.read(tmp_path)
+    expected = findings_frame(step03.findings(result.scores, {"model_id": cfg.model_id, **report}))
+    assert written["this_run"].tolist() == expected["this_run"].tolist()
+    assert written["holds"].tolist() == expected["holds"].tolist()
+
+
+# --------------------------------------------------------------------------------- findings
+
+
+def _report(**overrides):
+    report = {
+        "model_id": "data/tiny_reader",
+        "match": "substring",
+        "selection": "argmax",
+        "samples": 3,
+        "tokens_generated": 10,
+        "tokens_matched": 6,
+        "tokens_skipped": {"end_of_sequence": 1, "no_match": 1, "ambiguous": 2, "unaligned": 0},
+        "samples_with_no_match": 0,
+    }
+    return {**report, **overrides}
+
+
+def _concentrated() -> np.ndarray:
+    """4 layers x 5 heads = 20 heads (5% = 1 head, 10% = 2 heads): L1H2 holds 12, L2H0 holds 4 and the
+    18 others 2/9 each, 20 in all. Top 5%: 12 / 20 = 60%; top 10%: 16 / 20 = 80%."""
+    scores = np.full((4, 5), 2 / 9)
+    scores[1, 2], scores[2, 0] = 12.0, 4.0
+    return scores
+
+
+def _by_claim(found):
+    return {f.claim: f for f in found}
+
+
+def test_findings_by_hand_on_concentrated_scores():
+    found = step03.findings(_concentrated(), _report())
+    assert [f.step for f in found] == ["03_head_scoring"] * 4
+    tokens, top5, top10, where = found
+    assert tokens.holds is True and tokens.n == 10 and tokens.headline
+    assert tokens.this_run == (
+        "6 of 10 generated tokens matched one region (60%) with the substring/argmax rule, in 3 of 3 samples; "
+        "skipped: 2 ambiguous, 1 end_of_sequence, 1 no_match"
+    )
+    # 60% >= 55% - 10 points; 80% >= 77% - 10 points
+    assert (top5.holds, top5.n, top5.headline) == (True, 20, False)
+    assert top5.this_run.startswith("60.0% of the score in the top 5% of the 20 heads (1.0 heads")
+    assert "55%" in top5.paper and "LLaVA-NeXT-Vicuna-7B" in top5.paper
+    assert (top10.holds, top10.headline) == (True, True) and top10.this_run.startswith("80.0% ")
+    # top five: L1H2, L2H0, then the ties in layer-major order L0H0, L0H1, L0H2: 2 of 5 in layers 1-2
+    assert where.n == 5 and where.holds is False
+    assert where.this_run == (
+        "the 5 strongest heads L1H2, L2H0, L0H0, L0H1, L0H2 sit in layers 0-2 of 4; 2 of 5 in the middle half (layers 1-2)"
+    )
+    assert where.paper.startswith("L14H24, L15H14, L15H12, L21H30, L16H19 sit in layers 14-16, 21 of 32; 5 of 5")
+
+
+def test_equal_scores_are_not_concentrated_and_a_sample_without_match_fails():
+    found = _by_claim(step03.findings(np.ones((4, 5)), _report(samples_with_no_match=1)))
+    assert found["every sample has generated tokens the hit rule can score"].holds is False
+    assert "in 2 of 3 samples" in found["every sample has generated tokens the hit rule can score"].this_run
+    top10 = found["the top 10% of heads hold about 77% of the visual score"]
+    assert top10.holds is False and top10.this_run.startswith("10.0% of the score")
+
+
+def test_random_weights_cannot_tell():
+    found = step03.findings(_concentrated(), _report(model_id="tiny-random/qwen2_vl"))
+    assert found[0].holds is True  # the token counts do not depend on the weights
+    for finding in found[1:]:
+        assert finding.holds is None
+        assert "tiny-random/qwen2_vl has random weights" in finding.this_run
+
+
+def test_all_zero_scores_cannot_tell():
+    found = step03.findings(np.zeros((2, 3)), _report(tokens_matched=0, samples_with_no_match=3))
+    assert found[0].holds is False and found[0].this_run.startswith("0 of 10 generated tokens matched one region (0%)")
+    assert [f.holds for f in found[1:]] == [None, None, None]
+    assert all("all scores are zero" in f.this_run for f in found[1:])
+    assert found[3].n == 0
+
+
+def test_findings_reject_a_report_without_counts():
+    report = _report()
+    del report["tokens_matched"], report["model_id"]
+    with pytest.raises(rule.HeadScoringError, match=r"lacks \['model_id', 'tokens_matched'\]"):
+        step03.findings(np.ones((2, 2)), report)
+    with pytest.raises(rule.HeadScoreShapeError):
+        step03.findings(np.ones(4), _report())
+
+
+def test_middle_layers():
+    assert step03.middle_layers(32) == list(range(8, 24))
+    assert step03.middle_layers(4) == [1, 2]
+    assert step03.middle_layers(1) == [0]
+    with pytest.raises(rule.HeadScoringError, match="layers"):
+        step03.middle_layers(0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.float64, (3, 7), elements=st.floats(0, 50, allow_nan=False)))
+def test_share_verdicts_follow_the_tolerance(scores):
+    found = step03.findings(scores, _report())
+    for finding, (fraction, paper) in zip(found[1:3], sorted(rule.PAPER_TOP_SHARE.items())):
+        if not scores.sum() > 0:
+            assert finding.holds is None
+        else:
+            assert finding.holds == (rule.top_share(scores, fraction) >= paper - step03.SHARE_TOLERANCE)
+    frame = findings_frame(found)
+    assert isinstance(frame, pd.DataFrame) and len(frame) == 4
