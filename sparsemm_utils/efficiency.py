@@ -1,6 +1,7 @@
-"""Step 06: decode latency, peak memory and KV bytes against context length (docs/method.md §7).
+"""Measuring decode latency, peak memory and KV bytes against context length (docs/method.md §7).
 
-The paper's protocol, and how it is run here:
+Step 06 (:mod:`sparsemm_utils.steps.efficiency`) runs these measurements. The paper's protocol
+(:class:`EfficiencyProtocol`), and how it is run here:
 
 - **Input**: a text-only prompt of n random token ids (n = 2K .. 32K), batch 1; SparseMM at
   B = 256, r = 0.1, w = 32 (every method of :mod:`sparsemm_utils.compression` can be timed).
@@ -30,20 +31,16 @@ Decode attention of the compressed caches: ``decode_attention="auto"`` takes tor
 variable-length flash attention on a GPU (one kernel per layer, :mod:`sparsemm_utils.varlen_attention`;
 the padded one-sdpa path where flash cannot run) and the per-head reference loop on a CPU.
 
-Batch use::
+Command line (the whole step without its notebook: ``python -m sparsemm_utils.steps.efficiency``)::
 
-    python -m sparsemm_utils.efficiency run --models qwen2-vl-7b llava-next-vicuna-7b --layers 2 \\
-        --vocab depth_scaled --contexts 1024 2048 4096 8192 --decode-steps 20 --generate-tokens 32 \\
-        --out-dir runs/cpu/06_efficiency
-    python -m sparsemm_utils.efficiency run --models llava-next-vicuna-7b --extend-positions \\
-        --out-dir runs/gpu/06_efficiency                       # the paper's protocol, on a GPU
     python -m sparsemm_utils.efficiency analytic --models llava-next-vicuna-7b qwen2-vl-7b
     python -m sparsemm_utils.efficiency measure --model qwen2-vl-2b --method sparsemm --context 2048 --layers 2
 
 Outputs of :func:`run_efficiency` in ``out_dir``: ``results.csv`` (:data:`RESULT_COLUMNS` first,
 then :data:`EXTRA_COLUMNS`), ``analytic_kv.csv`` (:data:`ANALYTIC_COLUMNS`: analytic KV bytes of
 the FULL-depth real shapes at each context, in the paper's bf16), ``config.json`` (the validated
-configuration) and ``measurements/*.json`` (one row per fresh process).
+configuration) and ``measurements/*.json`` (one row per fresh process); :func:`load_results` and
+:func:`load_analytic` read the two tables back.
 """
 
 from __future__ import annotations
@@ -51,7 +48,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import resource
@@ -72,7 +68,6 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from sparsemm_utils.allocation import ModelShape
 from sparsemm_utils.compression import COMPRESSION_METHODS, make_press, model_shape
 from sparsemm_utils.kv_cache import analytic_kv_bytes, cache_kv_bytes
-from sparsemm_utils.paper_efficiency import paper_speedup
 from sparsemm_utils.real_shapes import (
     RealShape,
     build_random_model,
@@ -88,17 +83,17 @@ __all__ = [
     "RESULT_COLUMNS",
     "EXTRA_COLUMNS",
     "ANALYTIC_COLUMNS",
+    "RESULTS_FILE",
+    "ANALYTIC_FILE",
     "EFFICIENCY_METHODS",
     "PAPER_CONTEXTS",
-    "FLAT_LATENCY_TARGET",
     "SKEWED_SCORE_POWER",
     "EfficiencyError",
     "InvalidEfficiencyConfigError",
     "ContextTooLongError",
     "DeviceNotAvailableError",
     "MeasurementFailedError",
-    "EfficiencyConfig",
-    "efficiency_config_from_params",
+    "EfficiencyProtocol",
     "synthetic_head_scores",
     "resolve_device",
     "resolve_dtype",
@@ -111,8 +106,10 @@ __all__ = [
     "measure",
     "run_efficiency",
     "load_results",
-    "efficiency_targets",
-    "format_targets",
+    "load_analytic",
+    "comparable_to_paper",
+    "add_protocol_arguments",
+    "protocol_from_args",
     "main",
 ]
 
@@ -127,6 +124,9 @@ EXTRA_COLUMNS: tuple[str, ...] = (
     "generated_tokens", "decode_ms_median", "decode_ms_min", "kv_bytes_analytic", "kv_bytes_final",
     "peak_mem_kind", "weights_bytes", "threads", "head_scores", "seconds",
 )
+#: The tables :func:`run_efficiency` writes (step 06's artifacts).
+RESULTS_FILE = "results.csv"
+ANALYTIC_FILE = "analytic_kv.csv"
 #: Columns of ``analytic_kv.csv``.
 ANALYTIC_COLUMNS: tuple[str, ...] = (
     "model", "shape", "method", "context_len", "budget", "layers", "kv_heads", "head_dim", "dtype", "stored_tokens",
@@ -137,8 +137,6 @@ ANALYTIC_COLUMNS: tuple[str, ...] = (
 EFFICIENCY_METHODS: tuple[str, ...] = tuple(m for m in COMPRESSION_METHODS if m != "head_mask")
 #: The paper's context lengths, 2K .. 32K tokens.
 PAPER_CONTEXTS: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768)
-#: The flatness target: SparseMM's slowest / fastest decode step over the contexts (printed, not asserted).
-FLAT_LATENCY_TARGET: float = 1.25
 _DTYPES: Mapping[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -150,7 +148,7 @@ class EfficiencyError(ValueError):
 
 
 class InvalidEfficiencyConfigError(EfficiencyError):
-    """A parameter of :class:`EfficiencyConfig` is malformed (the message says which and why)."""
+    """A parameter of :class:`EfficiencyProtocol` is malformed (the message says which and why)."""
 
 
 class ContextTooLongError(EfficiencyError):
@@ -165,7 +163,7 @@ class MeasurementFailedError(RuntimeError):
     """A measurement's process failed (out of memory, timeout, ...): the message holds its stderr."""
 
 
-# ---------------------------------------------------------------------------------------- config
+# ---------------------------------------------------------------------------------------- protocol
 
 
 def _as_tuple(name: str, value: object) -> tuple:
@@ -177,8 +175,10 @@ def _as_tuple(name: str, value: object) -> tuple:
 
 
 @dataclass(frozen=True)
-class EfficiencyConfig:
-    """What step 06 measures and how (docs/method.md §7); defaults are the paper's protocol on a GPU.
+class EfficiencyProtocol:
+    """What an efficiency run measures and how (docs/method.md §7): the protocol every measurement
+    process receives (as ``config.json``). The defaults are the paper's protocol on a GPU; step 06's
+    :class:`sparsemm_utils.steps.efficiency.Config` builds one from the notebook's parameters.
 
     Args:
         models: real shapes to time (names of :data:`~sparsemm_utils.real_shapes.REAL_SHAPES` or hub ids).
@@ -336,31 +336,13 @@ class EfficiencyConfig:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> EfficiencyConfig:
+    def from_dict(cls, values: Mapping[str, Any]) -> EfficiencyProtocol:
         """Build from a mapping; unknown keys get an error listing the valid ones."""
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(values) - set(names))
         if unknown:
             raise InvalidEfficiencyConfigError(f"unknown efficiency parameter(s) {unknown}; valid: {', '.join(names)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-def efficiency_config_from_params(model_id: str, models: Sequence[str] = (), **params: Any) -> EfficiencyConfig:
-    """The notebook's validation call: ``models`` (empty: the real shape of ``model_id``, e.g.
-    ``"Qwen/Qwen2-VL-7B-Instruct"`` -> qwen2-vl-7b) plus the step's own parameters; checks that the
-    run can happen here (:meth:`EfficiencyConfig.check_runnable`)."""
-    if not models:
-        try:
-            models = (get_real_shape(model_id).name,)
-        except KeyError:
-            raise InvalidEfficiencyConfigError(
-                f"model_id {model_id!r} is not one of the real models this step can time; set models=[...] to real "
-                f"shapes (e.g. ['qwen2-vl-7b', 'llava-next-vicuna-7b']): speed does not depend on the weights, so "
-                f"the tiny model's run times the real shapes with random weights"
-            ) from None
-    config = EfficiencyConfig.from_dict({"models": list(models), **params})
-    config.check_runnable()
-    return config
 
 
 # ------------------------------------------------------------------------------------ head scores
@@ -388,19 +370,19 @@ def synthetic_head_scores(shape: ModelShape, kind: str = "skewed", seed: int = 0
     raise InvalidEfficiencyConfigError(f"head score kind must be 'skewed' or 'uniform', got {kind!r}")
 
 
-def make_method(method: str, config: EfficiencyConfig, shape: ModelShape) -> Any:
-    """The method dataclass of ``method`` with the config's budget, window, ratio and (SparseMM)
+def make_method(method: str, protocol: EfficiencyProtocol, shape: ModelShape) -> Any:
+    """The method dataclass of ``method`` with the protocol's budget, window, ratio and (SparseMM)
     synthetic head scores for ``shape``."""
     method = check_choice("method", method, EFFICIENCY_METHODS, error=InvalidEfficiencyConfigError)
     if method == "fullkv":
         return make_press("fullkv")
-    kwargs: dict[str, Any] = {"budget": config.budget, "window": config.window}
+    kwargs: dict[str, Any] = {"budget": protocol.budget, "window": protocol.window}
     if method in ("sparsemm", "random"):
-        kwargs["ratio"] = float(config.ratio)
+        kwargs["ratio"] = float(protocol.ratio)
     if method == "sparsemm":
-        kwargs["head_scores"] = synthetic_head_scores(shape, config.head_scores, config.seed)
+        kwargs["head_scores"] = synthetic_head_scores(shape, protocol.head_scores, protocol.seed)
     if method == "random":
-        kwargs["seed"] = config.seed
+        kwargs["seed"] = protocol.seed
     return make_press(method, **kwargs)
 
 
@@ -408,35 +390,35 @@ def make_method(method: str, config: EfficiencyConfig, shape: ModelShape) -> Any
 
 
 def analytic_method_kv_bytes(
-    method: str, config: EfficiencyConfig, shape: ModelShape, head_dim: int, context: int, dtype: torch.dtype
+    method: str, protocol: EfficiencyProtocol, shape: ModelShape, head_dim: int, context: int, dtype: torch.dtype
 ) -> int | None:
     """docs/method.md §7's analytic KV bytes of ``method``'s cache right after a prefill of
     ``context`` tokens: sum over layers and KV heads of stored tokens (the method's capacities,
     ``HeadCapacities.stored``) x head_dim x 2 x element size. None for a data-dependent method
     (AdaKV: its caps come from the prompt's attention)."""
-    press = make_method(method, config, shape)
+    press = make_method(method, protocol, shape)
     if getattr(press, "data_dependent", False):
         return None
     stored = press.capacities(shape, context).stored(context)
     return analytic_kv_bytes(stored, head_dim, dtype)
 
 
-def analytic_kv_table(config: EfficiencyConfig, *, dtype: torch.dtype = torch.bfloat16) -> pd.DataFrame:
-    """Analytic KV bytes of every model of ``config`` at its FULL depth, for every method and
+def analytic_kv_table(protocol: EfficiencyProtocol, *, dtype: torch.dtype = torch.bfloat16) -> pd.DataFrame:
+    """Analytic KV bytes of every model of ``protocol`` at its FULL depth, for every method and
     context, in ``dtype`` (default bf16, the paper's): :data:`ANALYTIC_COLUMNS`. SparseMM's caps
     use the synthetic head scores of the full-depth shape."""
     rows = []
-    for shape in config.shapes():
+    for shape in protocol.shapes():
         mshape = shape.model_shape()
-        for method in config.methods:
-            for n in config.contexts:
-                press = make_method(method, config, mshape)
-                kv = analytic_method_kv_bytes(method, config, mshape, shape.head_dim, n, dtype)
+        for method in protocol.methods:
+            for n in protocol.contexts:
+                press = make_method(method, protocol, mshape)
+                kv = analytic_method_kv_bytes(method, protocol, mshape, shape.head_dim, n, dtype)
                 stored = None if kv is None else int(press.capacities(mshape, n).stored(n).sum())
                 rows.append(
                     {
                         "model": shape.hub_id, "shape": shape.name, "method": method, "context_len": n,
-                        "budget": None if method == "fullkv" else config.budget, "layers": shape.layers,
+                        "budget": None if method == "fullkv" else protocol.budget, "layers": shape.layers,
                         "kv_heads": shape.kv_heads, "head_dim": shape.head_dim, "dtype": str(dtype).removeprefix("torch."),
                         "stored_tokens": stored, "kv_bytes": kv,
                     }
@@ -588,34 +570,34 @@ class _Measured:
     kv_bytes: int | None = None
 
 
-def measure(config: EfficiencyConfig, model: str, method: str, context: int) -> dict[str, Any]:
+def measure(protocol: EfficiencyProtocol, model: str, method: str, context: int) -> dict[str, Any]:
     """One measurement in THIS process (:func:`run_efficiency` calls it in a fresh one each time):
-    build ``model``'s shape with random weights, generate ``config.new_tokens`` tokens from a random
+    build ``model``'s shape with random weights, generate ``protocol.new_tokens`` tokens from a random
     prompt of ``context`` tokens with ``method``, and return the row (:data:`RESULT_COLUMNS` +
     :data:`EXTRA_COLUMNS`)."""
     shape = get_real_shape(model)
-    if model not in config.models and shape.name not in config.models:
-        raise InvalidEfficiencyConfigError(f"model {model!r} is not in the config's models {list(config.models)}")
+    if model not in protocol.models and shape.name not in protocol.models:
+        raise InvalidEfficiencyConfigError(f"model {model!r} is not in the protocol's models {list(protocol.models)}")
     method = check_choice("method", str(method).lower(), EFFICIENCY_METHODS, error=InvalidEfficiencyConfigError)
     context = check_int("context", context, 1, error=InvalidEfficiencyConfigError)
-    config.check_positions(shape, context)
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    if device.type == "cpu" and config.threads is not None:
-        torch.set_num_threads(config.threads)
+    protocol.check_positions(shape, context)
+    device = resolve_device(protocol.device)
+    dtype = resolve_dtype(protocol.dtype, device)
+    if device.type == "cpu" and protocol.threads is not None:
+        torch.set_num_threads(protocol.threads)
     started = time.perf_counter()
     loaded = build_random_model(
-        shape, layers=config.layers, vocab_size=config.vocab_size(shape), max_position_embeddings=config.positions(shape),
-        dtype=dtype, device=device, seed=config.seed,
+        shape, layers=protocol.layers, vocab_size=protocol.vocab_size(shape), max_position_embeddings=protocol.positions(shape),
+        dtype=dtype, device=device, seed=protocol.seed,
     )
     mshape = model_shape(loaded)
-    press = make_method(method, config, mshape)
-    inputs = random_prompt(loaded, context, seed=config.seed + context)
+    press = make_method(method, protocol, mshape)
+    inputs = random_prompt(loaded, context, seed=protocol.seed + context)
     measured = _Measured()
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     memory = PeakMemory(device)
-    new_tokens = config.new_tokens
-    with compression_with_backend(loaded, press, backend=config.decode_attention, decode_reserve=new_tokens) as session:
+    new_tokens = protocol.new_tokens
+    with compression_with_backend(loaded, press, backend=protocol.decode_attention, decode_reserve=new_tokens) as session:
         timer = StepTimer(sync, on_first=lambda: setattr(measured, "kv_bytes", cache_kv_bytes(session.cache)))
         memory.reset()
         timer.start()
@@ -628,22 +610,22 @@ def measure(config: EfficiencyConfig, model: str, method: str, context: int) -> 
         kv_final = cache_kv_bytes(session.cache)
     generated = int(output.shape[-1]) - context
     steps = np.asarray(timer.step_seconds()) * 1e3
-    timed = steps[config.decode_warmup : config.decode_warmup + config.decode_steps]
-    if timed.size != config.decode_steps:
-        raise MeasurementFailedError(f"expected {config.decode_steps} timed decode steps, got {timed.size} (generated {generated})")
-    analytic = analytic_method_kv_bytes(method, config, mshape, loaded.head_dim, context, dtype)
+    timed = steps[protocol.decode_warmup : protocol.decode_warmup + protocol.decode_steps]
+    if timed.size != protocol.decode_steps:
+        raise MeasurementFailedError(f"expected {protocol.decode_steps} timed decode steps, got {timed.size} (generated {generated})")
+    analytic = analytic_method_kv_bytes(method, protocol, mshape, loaded.head_dim, context, dtype)
     return {
         "model": shape.hub_id, "method": method, "context_len": context,
-        "budget": None if method == "fullkv" else config.budget,
+        "budget": None if method == "fullkv" else protocol.budget,
         "prefill_s": timer.prefill_s, "decode_ms_per_token": float(timed.mean()), "peak_mem_bytes": peak,
         "kv_bytes": measured.kv_bytes, "device": describe_device(device),
-        "shape": shape.name, "layers": mshape.layers, "full_layers": shape.layers, "vocab_size": config.vocab_size(shape),
-        "dtype": str(dtype).removeprefix("torch."), "decode_attention": backend, "decode_steps": config.decode_steps,
-        "decode_warmup": config.decode_warmup, "generated_tokens": generated,
+        "shape": shape.name, "layers": mshape.layers, "full_layers": shape.layers, "vocab_size": protocol.vocab_size(shape),
+        "dtype": str(dtype).removeprefix("torch."), "decode_attention": backend, "decode_steps": protocol.decode_steps,
+        "decode_warmup": protocol.decode_warmup, "generated_tokens": generated,
         "decode_ms_median": float(np.median(timed)), "decode_ms_min": float(timed.min()),
         "kv_bytes_analytic": analytic, "kv_bytes_final": kv_final, "peak_mem_kind": memory.kind,
         "weights_bytes": weights_bytes(loaded.model), "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "head_scores": config.head_scores if method == "sparsemm" else None,
+        "head_scores": protocol.head_scores if method == "sparsemm" else None,
         "seconds": time.perf_counter() - started,
     }
 
@@ -663,21 +645,21 @@ def _measurement_command(config_path: Path, model: str, method: str, context: in
 
 
 def run_efficiency(
-    config: EfficiencyConfig, out_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] | None = None
+    protocol: EfficiencyProtocol, out_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] | None = None
 ) -> pd.DataFrame:
-    """Every (model, context, method) of ``config``, each in a fresh process, in that order (the
+    """Every (model, context, method) of ``protocol``, each in a fresh process, in that order (the
     methods of one context run back to back, so they see the same machine load). Writes
     ``results.csv`` after every measurement (an interrupted run keeps what it measured),
     ``analytic_kv.csv``, ``config.json`` and ``measurements/*.json`` into ``out_dir``; returns the
     results frame. A failed measurement raises :class:`MeasurementFailedError` with its stderr and
     the command that reproduces it."""
-    config.check_runnable()
+    protocol.check_runnable()
     out = Path(out_dir)
     (out / "measurements").mkdir(parents=True, exist_ok=True)
     config_path = out / "config.json"
-    config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-    analytic_kv_table(config).to_csv(out / "analytic_kv.csv", index=False)
-    jobs = [(m, n, method) for m in config.models for n in config.contexts for method in config.methods]
+    config_path.write_text(json.dumps(protocol.to_dict(), indent=2) + "\n", encoding="utf-8")
+    analytic_kv_table(protocol).to_csv(out / ANALYTIC_FILE, index=False)
+    jobs = [(m, n, method) for m in protocol.models for n in protocol.contexts for method in protocol.methods]
     rows: list[dict[str, Any]] = []
     iterator = tqdm(jobs, desc="measurements", disable=not progress)
     for model, n, method in iterator:
@@ -685,10 +667,10 @@ def run_efficiency(
         row_path = out / "measurements" / f"{model}__{method}__{n}.json"
         command = _measurement_command(config_path, model, method, n, row_path)
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=config.timeout_s, cwd=os.getcwd())
+            done = subprocess.run(command, capture_output=True, text=True, timeout=protocol.timeout_s, cwd=os.getcwd())
         except subprocess.TimeoutExpired as exc:
             raise MeasurementFailedError(
-                f"{model} {method} at n={n} ran past timeout_s={config.timeout_s}; rerun it alone with:\n  {' '.join(command)}"
+                f"{model} {method} at n={n} ran past timeout_s={protocol.timeout_s}; rerun it alone with:\n  {' '.join(command)}"
             ) from exc
         if done.returncode != 0 or not row_path.is_file():
             raise MeasurementFailedError(
@@ -697,7 +679,7 @@ def run_efficiency(
             )
         row = json.loads(row_path.read_text(encoding="utf-8"))
         rows.append(row)
-        _frame(rows).to_csv(out / "results.csv", index=False)
+        _frame(rows).to_csv(out / RESULTS_FILE, index=False)
         if log is not None:
             log(
                 f"{row['shape']:>22} {method:>12} n={n:>6}: prefill {row['prefill_s']:7.2f} s, decode "
@@ -705,6 +687,27 @@ def run_efficiency(
                 f"KV {row['kv_bytes'] / 2**20:9.2f} MiB"
             )
     return _frame(rows)
+
+
+def comparable_to_paper(rows: pd.DataFrame) -> bool:
+    """True when ``rows`` (one model's) were measured as the paper's were: full depth, on a GPU."""
+    if rows.empty:
+        return False
+    full_depth = "layers" not in rows or bool((rows["layers"] == rows["full_layers"]).all())
+    on_gpu = rows["device"].astype(str).str.startswith("cuda").all()
+    return bool(full_depth and on_gpu)
+
+
+def load_analytic(path: str | Path) -> pd.DataFrame:
+    """Read an ``analytic_kv.csv`` written by :func:`run_efficiency` (:data:`ANALYTIC_COLUMNS`;
+    ``budget``, ``stored_tokens`` and ``kv_bytes`` nullable Int64)."""
+    frame = pd.read_csv(path)
+    missing = [c for c in ANALYTIC_COLUMNS if c not in frame.columns]
+    if missing:
+        raise EfficiencyError(f"{path} lacks the columns {missing} of 06_efficiency/analytic_kv.csv")
+    for column in ("budget", "stored_tokens", "kv_bytes"):
+        frame[column] = frame[column].astype("Int64")
+    return frame
 
 
 def load_results(path: str | Path) -> pd.DataFrame:
@@ -719,78 +722,13 @@ def load_results(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-# --------------------------------------------------------------------------------------- targets
-
-
-def efficiency_targets(results: pd.DataFrame) -> pd.DataFrame:
-    """The issue's benchmark targets, per model and compressing method (printed, never asserted):
-
-    - ``spread``: slowest / fastest mean decode step over the contexts; flat when <= 1.25
-      (:data:`FLAT_LATENCY_TARGET`; the paper: SparseMM 37-45 ms from 2K to 32K).
-    - ``speedup``: FullKV / method decode latency at the longest context measured, beside
-      ``paper_speedup`` (docs/method.md §7, SparseMM at 32K; None for other methods, models or
-      contexts); ``speedup_met`` when ``speedup >= paper_speedup`` (NA when there is no paper value).
-    - ``kv_bytes_match``: every measured ``kv_bytes`` equals ``kv_bytes_analytic`` (NA when no
-      row has an analytic value).
-    """
-    columns = ["model", "method", "contexts", "spread", "flat", "longest_context", "speedup", "paper_speedup",
-               "speedup_met", "kv_bytes_match"]
-    rows = []
-    for model, group in results.groupby("model", sort=False):
-        full = group[group["method"] == "fullkv"].set_index("context_len")["decode_ms_per_token"]
-        for method, sub in group[group["method"] != "fullkv"].groupby("method", sort=False):
-            sub = sub.sort_values("context_len")
-            ms = sub["decode_ms_per_token"].to_numpy(dtype=float)
-            longest = int(sub["context_len"].iloc[-1])
-            speedup = float(full[longest] / ms[-1]) if longest in full.index else math.nan
-            paper = paper_speedup(model) if method == "sparsemm" and longest == 32768 else None
-            analytic = sub["kv_bytes_analytic"] if "kv_bytes_analytic" in sub else pd.Series(dtype="Int64")
-            has = analytic.notna()
-            rows.append(
-                {
-                    "model": model, "method": method, "contexts": len(sub), "spread": float(ms.max() / ms.min()),
-                    "flat": bool(ms.max() / ms.min() <= FLAT_LATENCY_TARGET), "longest_context": longest,
-                    "speedup": speedup, "paper_speedup": paper,
-                    "speedup_met": None if paper is None or math.isnan(speedup) else bool(speedup >= paper),
-                    "kv_bytes_match": None if not has.any() else bool((sub["kv_bytes"][has] == analytic[has]).all()),
-                }
-            )
-    # FullKV's own KV check
-    for model, group in results[results["method"] == "fullkv"].groupby("model", sort=False):
-        analytic = group["kv_bytes_analytic"]
-        rows.append(
-            {
-                "model": model, "method": "fullkv", "contexts": len(group), "spread": math.nan, "flat": None,
-                "longest_context": int(group["context_len"].max()), "speedup": 1.0, "paper_speedup": None,
-                "speedup_met": None, "kv_bytes_match": bool((group["kv_bytes"] == analytic).all()),
-            }
-        )
-    return pd.DataFrame(rows, columns=columns)
-
-
-def format_targets(targets: pd.DataFrame) -> str:
-    """The targets as printed lines (what the CLI prints after a run)."""
-    lines = []
-    for row in targets.itertuples(index=False):
-        if row.method == "fullkv":
-            lines.append(f"{row.model} fullkv: measured KV bytes == analytic: {row.kv_bytes_match}")
-            continue
-        paper = "" if row.paper_speedup is None or pd.isna(row.paper_speedup) else (
-            f" (paper {row.paper_speedup:.2f}x: {'met' if row.speedup_met else 'NOT met'})"
-        )
-        lines.append(
-            f"{row.model} {row.method}: decode latency spread over {row.contexts} contexts {row.spread:.2f}x "
-            f"({'flat' if row.flat else 'NOT flat'}, target <= {FLAT_LATENCY_TARGET}); FullKV / {row.method} at "
-            f"n={row.longest_context}: {row.speedup:.2f}x{paper}; KV bytes == analytic: {row.kv_bytes_match}"
-        )
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------------------- CLI
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    d = EfficiencyConfig()
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of :class:`EfficiencyProtocol` (``--decode-steps`` for ``decode_steps``),
+    each defaulting to None (unset: the protocol's default, or ``--config-json``'s value)."""
+    d = EfficiencyProtocol()
     parser.add_argument("--models", nargs="+", default=None, help=f"real shapes (default {list(d.models)})")
     parser.add_argument("--methods", nargs="+", default=None, help=f"methods (default {list(d.methods)}; any of {', '.join(EFFICIENCY_METHODS)})")
     parser.add_argument("--contexts", nargs="+", type=int, default=None, help=f"prompt lengths (default {list(d.contexts)})")
@@ -805,64 +743,54 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", *_DTYPES), default=None)
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:<i> (default auto)")
     parser.add_argument("--decode-attention", choices=("auto", *DECODE_BACKENDS), default=None)
-    parser.add_argument("--head-scores", choices=EfficiencyConfig.HEAD_SCORE_KINDS, default=None)
+    parser.add_argument("--head-scores", choices=EfficiencyProtocol.HEAD_SCORE_KINDS, default=None)
     parser.add_argument("--extend-positions", action="store_true", default=None, help="allow contexts beyond the checkpoint's positions")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--timeout-s", type=float, default=None, help="limit per measurement process")
 
 
-def _config_from_args(args: argparse.Namespace) -> EfficiencyConfig:
+def protocol_from_args(args: argparse.Namespace) -> EfficiencyProtocol:
+    """The protocol of ``args.config_json`` (when given) with the flags that were set on top."""
     values: dict[str, Any] = {}
     if getattr(args, "config_json", None):
         values.update(json.loads(Path(args.config_json).read_text(encoding="utf-8")))
-    for f in dataclasses.fields(EfficiencyConfig):
+    for f in dataclasses.fields(EfficiencyProtocol):
         value = getattr(args, f.name, None)
         if value is not None:
             values[f.name] = value
-    return EfficiencyConfig.from_dict(values)
+    return EfficiencyProtocol.from_dict(values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sparsemm_utils.efficiency", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="every measurement in a fresh process; writes results.csv, analytic_kv.csv")
-    run.add_argument("--out-dir", required=True, help="folder for results.csv etc. (e.g. runs/<run>/06_efficiency)")
-    run.add_argument("--config-json", default=None, help="a config.json of an earlier run; flags override it")
-    _add_config_arguments(run)
     one = sub.add_parser("measure", help="one measurement in this process; prints (and with --out writes) its row")
     one.add_argument("--model", required=True)
     one.add_argument("--method", required=True)
     one.add_argument("--context", type=int, required=True)
     one.add_argument("--out", default=None, help="write the row as JSON here")
     one.add_argument("--config-json", default=None)
-    _add_config_arguments(one)
+    add_protocol_arguments(one)
     analytic = sub.add_parser("analytic", help="print the analytic KV bytes of the full-depth shapes")
     analytic.add_argument("--dtype-bytes", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     analytic.add_argument("--config-json", default=None)
-    _add_config_arguments(analytic)
+    add_protocol_arguments(analytic)
     args = parser.parse_args(argv)
     try:
         if args.command == "measure":
             if args.models is None and not args.config_json:
                 args.models = [args.model]
-            config = _config_from_args(args)
-            row = measure(config, args.model, args.method, args.context)
+            protocol = protocol_from_args(args)
+            row = measure(protocol, args.model, args.method, args.context)
             text = json.dumps(row, indent=2)
             if args.out:
                 Path(args.out).write_text(text + "\n", encoding="utf-8")
             print(text)
             return 0
-        config = _config_from_args(args)
-        if args.command == "analytic":
-            table = analytic_kv_table(config, dtype=_DTYPES[args.dtype_bytes])
-            table["kv_GiB"] = table["kv_bytes"].astype(float) / 2**30
-            print(table.to_string(index=False))
-            return 0
-        print(f"efficiency: {config}", flush=True)
-        results = run_efficiency(config, args.out_dir, log=lambda line: print(line, flush=True))
-        print(format_targets(efficiency_targets(results)))
-        print(f"wrote {Path(args.out_dir) / 'results.csv'} and analytic_kv.csv")
+        table = analytic_kv_table(protocol_from_args(args), dtype=_DTYPES[args.dtype_bytes])
+        table["kv_GiB"] = table["kv_bytes"].astype(float) / 2**30
+        print(table.to_string(index=False))
         return 0
     except (EfficiencyError, MeasurementFailedError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,6 +1,6 @@
-"""Step 05: accuracy against KV budget, for every method on every benchmark (docs/method.md §6).
+"""The evaluation sweep: accuracy against KV budget, for every method on every benchmark (docs/method.md §6).
 
-The sweep runs each *cell* (benchmark, method, budget) over the benchmark's samples: greedy
+Step 05 (:mod:`sparsemm_utils.steps.eval`) runs it. The sweep runs each *cell* (benchmark, method, budget) over the benchmark's samples: greedy
 decoding, batch 1, the method compressing the prompt's KV cache (docs/method.md §5), then the
 benchmark's metrics (:func:`sparsemm_utils.benchmarks.score_prediction`). Methods without a budget
 (FullKV and the head-mask ablations) run once per benchmark, with ``budget`` left empty.
@@ -17,7 +17,7 @@ budget)`` returns the model's answer (a ``str`` or a :class:`Generation`). :clas
 is the real one (``compressed_generate`` on a loaded model); tests pass a fake, so the sweep's
 bookkeeping is tested without a model.
 
-Files (in ``out_dir``; the artifact contract of docs/design.md):
+Files (in ``out_dir``, step 05's folder; the artifact contract of docs/design.md):
 
 - ``results.csv``: model, benchmark, method, budget, metric, score, n_samples; one row per metric
   of each finished cell (``budget`` empty for budget-free methods). A cell's rows are appended
@@ -55,23 +55,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from .benchmarks import (
-    BenchmarkSpec,
-    EvalSample,
-    SkipReport,
-    get_benchmark,
-    load_benchmark,
-    make_reader_benchmark,
-    score_prediction,
-)
+from .benchmarks import BenchmarkSpec, EvalSample, SkipReport, get_benchmark, score_prediction
 from .compression import compressed_generate, make_press
 from .fastv import FastVAtBudget, fastv_generate_at_budget
 from .prompts import build_inputs
-from .reader_tasks import HELDOUT_SEED
-from .runs import require_upstream
 from .validate import check_choice, check_int
 
 __all__ = [
@@ -82,7 +71,7 @@ __all__ = [
     "PREDICTIONS_FILE",
     "SWEEP_FILE",
     "SUPERSEDED_DIR",
-    "STEP",
+    "ON_MISMATCH",
     "EvaluationError",
     "UnknownMethodError",
     "MissingMethodSettingError",
@@ -92,6 +81,7 @@ __all__ = [
     "EVAL_METHODS",
     "get_method",
     "press_for",
+    "check_budgets",
     "Cell",
     "sweep_cells",
     "Generation",
@@ -101,16 +91,11 @@ __all__ = [
     "read_results",
     "read_predictions",
     "predictions_frame",
-    "lowest_budget_table",
-    "cell_statistics",
-    "fastv_match_table",
     "scaled_budgets",
     "prompt_tokens",
     "ModelGenerator",
-    "EvalConfig",
 ]
 
-STEP = "05_eval"
 #: The paper's budgets B (window included), docs/method.md §6.
 PAPER_BUDGETS: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
 #: A typical prompt of the paper's runs, in tokens: docs/method.md §5 quotes ~2400 (LLaVA-NeXT, DocVQA).
@@ -120,7 +105,8 @@ RESULTS_FILE = "results.csv"
 PREDICTIONS_FILE = "predictions.jsonl"
 SWEEP_FILE = "sweep.json"
 SUPERSEDED_DIR = "superseded"
-ON_MISMATCH = ("error", "archive")
+#: What :func:`run_sweep` does with an earlier sweep of other settings in its folder.
+ON_MISMATCH: tuple[str, ...] = ("error", "archive")
 #: How argument errors name a budget (it counts the window, docs/method.md §5).
 _BUDGET = "budget (tokens per KV head, window included)"
 
@@ -186,7 +172,7 @@ EVAL_METHODS: Mapping[str, EvalMethod] = MappingProxyType(
             EvalMethod("streamingllm", "streamingllm", True, ("window",), label="StreamingLLM"),
             EvalMethod("mask", "head_mask", False, ("fraction", "head_scores"), {"selection": "top"}, "Mask top visual heads"),
             EvalMethod("mask_random", "head_mask", False, ("fraction", "seed"), {"selection": "random"}, "Mask random heads"),
-            EvalMethod("fastv", "fastv", True, ("fastv_k",), label="FastV (equal KV bytes)"),
+            EvalMethod("fastv", "fastv", True, ("fastv_k",), label="FastV"),
         )
     }
 )
@@ -240,10 +226,16 @@ class Cell:
         return f"{self.benchmark} / {self.method}" + ("" if self.budget is None else f" @ {self.budget}")
 
 
+def check_budgets(budgets: Iterable[int]) -> tuple[int, ...]:
+    """The budgets as ints, duplicates removed, ascending; :class:`EvaluationError` for a budget
+    that is not an int >= 1."""
+    return tuple(sorted({check_int(_BUDGET, b, 1, error=EvaluationError) for b in budgets}))
+
+
 def sweep_cells(benchmarks: Iterable[str], methods: Iterable[str], budgets: Iterable[int]) -> list[Cell]:
     """Every cell, benchmark-major, then method, then budget (ascending); a budget-free method
     gets one cell per benchmark."""
-    budgets = sorted({check_int(_BUDGET, b, 1, error=EvaluationError) for b in budgets})
+    budgets = check_budgets(budgets)
     cells = []
     for b in benchmarks:
         name = get_benchmark(b).name
@@ -594,80 +586,7 @@ def run_sweep(
 
 
 # --------------------------------------------------------------------------------------------
-# reading the results
-
-
-def lowest_budget_table(results: pd.DataFrame, *, headline_only: bool = True) -> pd.DataFrame:
-    """For each benchmark: every budgeted method at the lowest budget of the results, and the
-    budget-free methods (FullKV, head masks); columns benchmark, metric, method, budget, score,
-    n_samples, vs_fullkv (score - FullKV's score; NaN without a FullKV row).
-    ``headline_only``: keep each benchmark's headline metric only."""
-    if results.empty:
-        return pd.DataFrame(columns=["benchmark", "metric", "method", "budget", "score", "n_samples", "vs_fullkv"])
-    frame = results.copy()
-    if headline_only:
-        frame = frame[[get_benchmark(b).metric == m for b, m in zip(frame["benchmark"], frame["metric"])]]
-    parts = []
-    for (benchmark, metric), group in frame.groupby(["benchmark", "metric"], sort=False):
-        budgeted = group[group["budget"].notna()]
-        lowest = budgeted[budgeted["budget"] == budgeted["budget"].min()] if not budgeted.empty else budgeted
-        free = group[group["budget"].isna()]
-        part = pd.concat([free, lowest])
-        full = group.loc[group["method"] == "fullkv", "score"]
-        part = part.assign(vs_fullkv=part["score"] - (full.iloc[0] if not full.empty else np.nan))
-        parts.append(part)
-    table = pd.concat(parts, ignore_index=True)
-    order = {name: i for i, name in enumerate(EVAL_METHODS)}
-    table = table.sort_values(["benchmark", "metric", "budget", "method"], key=lambda s: s.map(order) if s.name == "method" else s, na_position="first")
-    return table[["benchmark", "metric", "method", "budget", "score", "n_samples", "vs_fullkv"]].reset_index(drop=True)
-
-
-def cell_statistics(predictions: pd.DataFrame) -> pd.DataFrame:
-    """Per (benchmark, method, budget): ``n`` samples, mean ``prompt_tokens``, mean ``kv_bytes``
-    after generation, ``kv_share`` (mean KV bytes / FullKV's on the same benchmark; NaN without a
-    FullKV cell) and mean ``seconds`` per sample. ``predictions``: :func:`predictions_frame`."""
-    columns = ["benchmark", "method", "budget", "n", "prompt_tokens", "kv_bytes", "kv_share", "seconds"]
-    if predictions.empty:
-        return pd.DataFrame(columns=columns)
-    frame = predictions.copy()
-    for c in ("prompt_tokens", "kv_bytes", "seconds"):
-        frame[c] = pd.to_numeric(frame[c], errors="coerce")
-    stats = (
-        frame.groupby(["benchmark", "method", "budget"], dropna=False, sort=False)
-        .agg(n=("sample_id", "size"), prompt_tokens=("prompt_tokens", "mean"), kv_bytes=("kv_bytes", "mean"), seconds=("seconds", "mean"))
-        .reset_index()
-    )
-    full = stats[stats["method"] == "fullkv"].set_index("benchmark")["kv_bytes"]
-    stats["kv_share"] = stats["kv_bytes"] / stats["benchmark"].map(full)
-    return stats[columns]
-
-
-def fastv_match_table(predictions: pd.DataFrame) -> pd.DataFrame:
-    """How FastV met each budget (:class:`sparsemm_utils.fastv.FastVAtBudget`), per benchmark and
-    budget: ``n`` answers, ``reachable`` (share of prompts where FastV fits the budget's KV bytes),
-    mean ``ratio`` R, mean ``dropped`` image tokens, mean ``target_tokens`` and ``stored_tokens``
-    (prompt tokens over all layers and KV heads) and ``stored_over_target`` (their ratio of means).
-    ``predictions``: :func:`predictions_frame`; no FastV answer gives an empty frame."""
-    columns = ["benchmark", "budget", "n", "reachable", "ratio", "dropped", "target_tokens", "stored_tokens", "stored_over_target"]
-    needed = {"detail_ratio", "detail_dropped", "detail_target_tokens", "detail_stored_tokens", "detail_reachable"}
-    frame = predictions[predictions["method"] == "fastv"] if "method" in predictions.columns else predictions.iloc[0:0]
-    if frame.empty:
-        return pd.DataFrame(columns=columns)
-    missing = needed - set(frame.columns)
-    if missing:
-        raise EvaluationError(f"FastV predictions lack {sorted(missing)}: were they written by ModelGenerator?")
-    table = (
-        frame.assign(detail_reachable=frame["detail_reachable"].astype(float))
-        .groupby(["benchmark", "budget"], sort=True)
-        .agg(
-            n=("sample_id", "size"), reachable=("detail_reachable", "mean"), ratio=("detail_ratio", "mean"),
-            dropped=("detail_dropped", "mean"), target_tokens=("detail_target_tokens", "mean"),
-            stored_tokens=("detail_stored_tokens", "mean"),
-        )
-        .reset_index()
-    )  # fmt: skip
-    table["stored_over_target"] = table["stored_tokens"] / table["target_tokens"]
-    return table[columns]
+# budgets
 
 
 def scaled_budgets(
@@ -748,152 +667,3 @@ class ModelGenerator:
         new = result.sequences[0, n:]
         text = self.loaded.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return Generation(text, prompt_tokens=n, kv_bytes=int(result.kv_bytes), seconds=time.perf_counter() - t0, details=details)
-
-
-# --------------------------------------------------------------------------------------------
-# the notebook's parameters
-
-
-@dataclass
-class EvalConfig:
-    """Parameters of notebook 05 (validated in ``__post_init__``).
-
-    ``benchmarks`` / ``methods`` / ``budgets``: the sweep (budgets > ``window``); ``window``,
-    ``ratio``, ``mask_fraction``: docs/method.md §5's w, r and the head-mask share; ``fastv_k``: the
-    layers FastV keeps whole (FastV's K; used by the ``fastv`` method only); ``limit``: first
-    rows per benchmark (None: all); ``n_documents`` / ``benchmark_seed``: the offline benchmark
-    (seed None: the tiny reader's held-out stream); ``benchmark_sources``: {benchmark: local
-    folder or parquet} (else the HF cache); ``head_scores``: step 03's file, relative to
-    ``run_dir`` unless absolute (read only when a method needs it); ``dtype`` / ``device``: for
-    ``load_model`` (device "auto": CUDA when available); ``max_new_tokens``: a cap on every
-    benchmark's generation limit, for smoke runs of random-weight models only (None: lmms-eval's
-    limits); ``on_mismatch``: what :func:`run_sweep` does with an earlier sweep of other settings
-    in the folder ("archive": move it to ``superseded/``; "error": stop)."""
-
-    run_dir: str = "runs/dev"
-    model_id: str = "tiny-random/qwen2_vl"
-    seed: int = 0
-    benchmarks: Sequence[str] = ("reader_docqa",)
-    methods: Sequence[str] = ("fullkv", "sparsemm", "adakv", "snapkv", "pyramidkv", "random")
-    budgets: Sequence[int] = (12, 16, 24, 48)
-    window: int = 8
-    ratio: float = 0.1
-    mask_fraction: float = 0.1
-    fastv_k: int = 2
-    limit: int | None = None
-    n_documents: int = 8
-    benchmark_seed: int | None = None
-    benchmark_sources: Mapping[str, str] = field(default_factory=dict)
-    head_scores: str = "03_head_scoring/head_scores.json"
-    dtype: str = "auto"
-    device: str = "auto"
-    max_new_tokens: int | None = None
-    on_mismatch: str = "archive"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.run_dir, (str, Path)) or not str(self.run_dir):
-            raise EvaluationError(f"run_dir must be a non-empty path, got {self.run_dir!r}")
-        if not isinstance(self.model_id, str) or not self.model_id:
-            raise EvaluationError(f"model_id must be a non-empty string, got {self.model_id!r}")
-        check_int("seed", self.seed, 0, error=EvaluationError)
-        if isinstance(self.benchmarks, str) or not self.benchmarks:
-            raise EvaluationError(f"benchmarks must be a non-empty list of names, got {self.benchmarks!r}")
-        self.benchmarks = tuple(get_benchmark(b).name for b in self.benchmarks)
-        if isinstance(self.methods, str) or not self.methods:
-            raise EvaluationError(f"methods must be a non-empty list of names, got {self.methods!r}")
-        self.methods = tuple(get_method(m).name for m in self.methods)
-        self.window = check_int("window", self.window, 0, error=EvaluationError)
-        if isinstance(self.budgets, str):
-            raise EvaluationError(f"budgets must be a list of ints, got {self.budgets!r}")
-        self.budgets = tuple(sorted({check_int(_BUDGET, b, 1, error=EvaluationError) for b in self.budgets}))
-        small = [b for b in self.budgets if b <= self.window]
-        if small:
-            raise EvaluationError(f"budgets {small} do not exceed the window w = {self.window}: a budget counts the window (docs/method.md §5)")
-        if any(EVAL_METHODS[m].budgeted for m in self.methods) and not self.budgets:
-            raise EvaluationError("budgeted methods need at least one budget")
-        for name in ("ratio", "mask_fraction"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise EvaluationError(f"{name} must be a number in (0, 1], got {value!r}")
-        self.fastv_k = check_int("fastv_k", self.fastv_k, 1, error=EvaluationError)
-        if self.limit is not None:
-            self.limit = check_int("limit", self.limit, 1, error=EvaluationError)
-        self.n_documents = check_int("n_documents", self.n_documents, 1, error=EvaluationError)
-        if self.benchmark_seed is not None:
-            self.benchmark_seed = check_int("benchmark_seed", self.benchmark_seed, 0, error=EvaluationError)
-        if not isinstance(self.benchmark_sources, Mapping):
-            raise EvaluationError(f"benchmark_sources must map benchmark names to paths, got {self.benchmark_sources!r}")
-        self.benchmark_sources = {get_benchmark(k).name: str(v) for k, v in self.benchmark_sources.items()}
-        if not isinstance(self.head_scores, str) or not self.head_scores:
-            raise EvaluationError(f"head_scores must be a path, got {self.head_scores!r}")
-        if self.max_new_tokens is not None:
-            self.max_new_tokens = check_int("max_new_tokens", self.max_new_tokens, 1, error=EvaluationError)
-        if not isinstance(self.device, str) or not self.device:
-            raise EvaluationError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        check_choice("on_mismatch", self.on_mismatch, ON_MISMATCH, error=EvaluationError)
-
-    @property
-    def needs_head_scores(self) -> bool:
-        return any(EVAL_METHODS[m].needs_head_scores for m in self.methods)
-
-    def head_scores_path(self) -> Path:
-        """Step 03's head-score file: an absolute path as is; a relative one is ``<step>/<file>``
-        under ``run_dir``, and its absence raises :class:`~sparsemm_utils.runs.MissingUpstreamError`
-        naming that step."""
-        path = Path(self.head_scores).expanduser()
-        if path.is_absolute():
-            if not path.is_file():
-                raise FileNotFoundError(f"head scores {path} do not exist (step 03 writes head_scores.json)")
-            return path
-        if len(path.parts) < 2:
-            raise EvaluationError(f"head_scores {self.head_scores!r} must be '<step folder>/<file>' under run_dir or absolute")
-        return require_upstream(self.run_dir, path.parts[0], str(Path(*path.parts[1:])))
-
-    def load_benchmarks(self, save_dir: str | Path | None = None, *, progress: bool = False) -> dict[str, Any]:
-        """{name: :class:`~sparsemm_utils.benchmarks.BenchmarkSamples`} of every benchmark: the
-        offline one built from ``n_documents`` pages of :meth:`reader_seed` (and written to
-        ``save_dir/reader_docqa.parquet`` when given), the others from ``benchmark_sources`` or the
-        HF cache; ``limit`` rows each."""
-        loaded = {}
-        for name in self.benchmarks:
-            source: Any = self.benchmark_sources.get(name)
-            if name == "reader_docqa" and source is None:
-                source = make_reader_benchmark(self.n_documents, self.reader_seed(), progress=progress)
-                if save_dir is not None:
-                    source.to_parquet(str(Path(save_dir) / "reader_docqa.parquet"))
-            loaded[name] = load_benchmark(name, source=source, limit=self.limit)
-        return loaded
-
-    def resolved_device(self) -> str:
-        """``device``, with "auto" resolved to "cuda" when a GPU is visible, else "cpu"."""
-        if self.device != "auto":
-            return self.device
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    def press_settings(self, head_scores: Any = None) -> dict[str, Any]:
-        """What :func:`press_for` / :class:`ModelGenerator` take."""
-        return {
-            "window": self.window, "ratio": self.ratio, "seed": self.seed, "fraction": self.mask_fraction,
-            "head_scores": head_scores, "fastv_k": self.fastv_k,
-        }  # fmt: skip
-
-    def sweep_settings(self, head_scores: Any = None) -> dict[str, Any]:
-        """The JSON-able identity of the sweep recorded in ``sweep.json`` (head scores by sha256)."""
-        digest = None
-        if head_scores is not None:
-            digest = hashlib.sha256(np.ascontiguousarray(np.asarray(head_scores, dtype=np.float64)).tobytes()).hexdigest()
-        settings: dict[str, Any] = {
-            "window": self.window, "ratio": self.ratio, "seed": self.seed, "mask_fraction": self.mask_fraction,
-            "head_scores_sha256": digest, "decoding": "greedy, batch 1", "max_new_tokens": self.max_new_tokens,
-        }  # fmt: skip
-        if "fastv" in self.methods:  # only then: sweeps without FastV keep the identity they had
-            settings["fastv_k"] = self.fastv_k
-        if "reader_docqa" in self.benchmarks:  # its sample ids (row numbers) do not change with the seed
-            settings["reader_docqa"] = {"n_documents": self.n_documents, "seed": self.reader_seed()}
-        return settings
-
-    def reader_seed(self) -> int:
-        """The offline benchmark's document stream: ``benchmark_seed``, else the tiny reader's held-out one."""
-        if self.benchmark_seed is not None:
-            return self.benchmark_seed
-        return HELDOUT_SEED

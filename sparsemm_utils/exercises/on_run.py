@@ -49,6 +49,7 @@ from sparsemm_utils.patch_mapping import QwenVLGeometry, QwenVLPatchMapper, load
 from sparsemm_utils.plots.heads import plot_head_heatmap
 from sparsemm_utils.prompts import build_inputs
 from sparsemm_utils.runs import require_upstream, resolve_run_dir
+from sparsemm_utils.steps import eval as step05
 from sparsemm_utils.steps import head_scoring as step03
 from sparsemm_utils.validate import check_fraction, check_int
 
@@ -558,7 +559,7 @@ def anls_on_run(fn: Callable[..., Any], cfg: AnlsRunConfig) -> RunComparison:
     agree, error. Figure: mean ANLS against budget per method, computed with your function
     (dots) and recorded by step 05 (lines): your own version of the paper's figure.
     """
-    records, _ = read_predictions(require_upstream(cfg.run_dir, "05_eval", "predictions.jsonl"))
+    records, _ = read_predictions(step05.PREDICTIONS.require(cfg.run_dir))
     scored = [r for r in records if "anls" in (r.get("scores") or {})]
     if not scored:
         raise ExerciseRunError("step 05 scored no prediction with ANLS in this run (no DocVQA-like benchmark was evaluated)")

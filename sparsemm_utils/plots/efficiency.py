@@ -6,7 +6,8 @@ the speed-up FullKV / method, and KV bytes (measured markers on the analytic lin
 analytic bytes of the FULL-depth real shape, dashed). The paper's absolute numbers (GPU, full
 depth, bf16) are drawn on the latency and memory panels only for rows measured the same way
 (full depth on a GPU); its speed-up, a ratio, is drawn on the speed-up panel always, labelled as
-the paper's GPU figure. :func:`efficiency_table` is the same content as a table.
+the paper's GPU figure. Latency, memory and speed-up are drawn from 0, so a ratio of 1.1x looks
+like one. :func:`efficiency_table` is the same content as a table.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from ..efficiency import RESULT_COLUMNS
+from ..efficiency import RESULT_COLUMNS, comparable_to_paper
 from ..paper_efficiency import (
     PAPER_CONTEXT,
     PAPER_SPARSEMM_FLAT_MS,
@@ -28,7 +29,7 @@ from ..paper_efficiency import (
 )
 from .style import METHOD_COLORS, cmap_for, method_color, method_style
 
-__all__ = ["comparable_to_paper", "plot_efficiency", "plot_head_lengths", "efficiency_table"]
+__all__ = ["plot_efficiency", "plot_head_lengths", "efficiency_table"]
 
 _GIB = float(2**30)
 
@@ -39,15 +40,6 @@ def _check(results: pd.DataFrame) -> None:
         raise ValueError(f"results lacks columns {missing}; pass step 06's results.csv frame (efficiency.load_results)")
     if results.empty:
         raise ValueError("results is empty: run the measurements first (efficiency.run_efficiency)")
-
-
-def comparable_to_paper(rows: pd.DataFrame) -> bool:
-    """True when ``rows`` (one model's) were measured as the paper's were: full depth, on a GPU."""
-    if rows.empty:
-        return False
-    full_depth = "layers" not in rows or bool((rows["layers"] == rows["full_layers"]).all())
-    on_gpu = rows["device"].astype(str).str.startswith("cuda").all()
-    return bool(full_depth and on_gpu)
 
 
 def _context_label(n: int) -> str:
@@ -152,6 +144,8 @@ def plot_efficiency(
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7, loc="best")
+        for ax in (ax_ms, ax_mem, ax_speed):  # from 0: the heights compare as the numbers do
+            ax.set_ylim(bottom=0)
         ax_kv.set_yscale("log")
         ax_kv.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax_ms.set_title(title, fontsize=9, loc="left")

@@ -5,6 +5,9 @@ a log2 axis); methods without a budget (FullKV, head masks) are horizontal lines
 numbers (:mod:`sparsemm_utils.reference_numbers`), when given, are hollow markers joined by a
 dotted line in the method's colour. :func:`plot_accuracy_by_group` splits one benchmark's
 accuracy by a per-sample field (the offline benchmark's task, OCRBench's category, ...).
+Colours and line styles are the study's (:mod:`sparsemm_utils.plots.style`); legend labels are
+the methods' (:data:`~sparsemm_utils.evaluation.EVAL_METHODS`) unless ``labels`` gives measured
+ones (e.g. how many times the budget's KV bytes FastV stored).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ __all__ = [
     "plot_accuracy_by_group",
 ]
 
-def _label(method: str) -> str:
+def _label(method: str, labels: Mapping[str, str] | None = None) -> str:
+    if labels and method in labels:
+        return labels[method]
     return EVAL_METHODS[method].label if method in EVAL_METHODS else method
 
 
@@ -96,6 +101,7 @@ def plot_accuracy_vs_budget(
     methods: Sequence[str] | None = None,
     ncols: int = 3,
     title: str | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Figure:
     """Accuracy (each benchmark's headline metric) against budget.
 
@@ -105,6 +111,8 @@ def plot_accuracy_vs_budget(
             (:func:`~sparsemm_utils.reference_numbers.reference_frame`), or None.
         benchmarks / methods: which to draw (default: all in ``results``, registry order for methods).
         ncols: panels per row.
+        labels: {method: legend label} replacing the registry's labels (e.g.
+            :func:`sparsemm_utils.steps.eval.method_labels`: FastV's measured KV bytes).
     """
     _check(results)
     benchmarks = list(benchmarks or dict.fromkeys(results["benchmark"]))
@@ -131,7 +139,7 @@ def plot_accuracy_vs_budget(
                 else:
                     rows = rows.dropna(subset=["budget"]).sort_values("budget")
                     (line,) = ax.plot(rows["budget"].astype(int), rows["score"], color=color, **style)
-                handles.setdefault(_label(method), line)
+                handles.setdefault(_label(method, labels), line)
             if ref is not None:
                 pts = ref[ref["method"] == method]
                 if pts.empty:
@@ -159,14 +167,22 @@ def plot_accuracy_vs_budget(
     return _finish_panels(fig, axes, len(benchmarks), handles, title)
 
 
-def plot_accuracy_vs_kv_share(results: pd.DataFrame, stats: pd.DataFrame, *, ncols: int = 3, title: str | None = None) -> Figure:
+def plot_accuracy_vs_kv_share(
+    results: pd.DataFrame,
+    stats: pd.DataFrame,
+    *,
+    ncols: int = 3,
+    title: str | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> Figure:
     """Accuracy (each benchmark's headline metric) against the KV bytes each cell really stored,
     as a share of FullKV's: the comparison at equal KV bytes, whatever a method's budget means.
 
     Args:
         results: step 05's ``results.csv`` frame (:func:`~sparsemm_utils.evaluation.read_results`).
-        stats: :func:`~sparsemm_utils.evaluation.cell_statistics` of the same sweep (``kv_share``
+        stats: :func:`~sparsemm_utils.steps.eval.cell_statistics` of the same sweep (``kv_share``
             per benchmark, method and budget; needs a FullKV cell per benchmark).
+        labels: {method: legend label} replacing the registry's labels.
     """
     _check(results)
     missing = {"benchmark", "method", "budget", "kv_share"} - set(stats.columns)
@@ -192,7 +208,7 @@ def plot_accuracy_vs_kv_share(results: pd.DataFrame, stats: pd.DataFrame, *, nco
             color, style = _method_style(method)
             style["marker"] = style.get("marker") or "o"
             (line,) = ax.plot(rows["kv_share"], rows["score"], color=color, **style)
-            handles.setdefault(_label(method), line)
+            handles.setdefault(_label(method, labels), line)
         ax.set_xlim(0, 1.05)
         ax.set_title(spec.title)
         ax.set_xlabel("KV bytes stored / FullKV's (measured)")

@@ -18,13 +18,14 @@ from sparsemm_utils.efficiency import (
     ANALYTIC_COLUMNS,
     EXTRA_COLUMNS,
     RESULT_COLUMNS,
-    EfficiencyConfig,
+    EfficiencyProtocol,
     MeasurementFailedError,
     load_results,
     measure,
     run_efficiency,
 )
 from sparsemm_utils.real_shapes import RESERVED_TOKEN_IDS, build_random_model, random_prompt, weights_bytes
+from sparsemm_utils.steps import efficiency as step
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ SMALL = dict(
 
 @pytest.mark.parametrize("method", ["fullkv", "sparsemm", "snapkv", "pyramidkv", "streamingllm", "adakv"])
 def test_one_measurement_follows_the_protocol(method):
-    config = EfficiencyConfig(methods=[method], **SMALL)
+    config = EfficiencyProtocol(methods=[method], **SMALL)
     row = measure(config, "qwen2-vl-2b", method, 96)
     assert list(row) == list(RESULT_COLUMNS + EXTRA_COLUMNS)
     # 1 (prefill) + 1 warm-up + 3 timed steps = 5 tokens > generate_tokens = 4
@@ -73,7 +74,7 @@ def test_random_prompt_never_holds_a_special_token():
 
 
 def test_run_in_fresh_processes_writes_the_contract(tmp_path):
-    config = EfficiencyConfig(methods=["fullkv", "sparsemm"], **{**SMALL, "contexts": [64]})
+    config = EfficiencyProtocol(methods=["fullkv", "sparsemm"], **{**SMALL, "contexts": [64]})
     lines = []
     results = run_efficiency(config, tmp_path, progress=False, log=lines.append)
     assert len(lines) == 2
@@ -84,14 +85,14 @@ def test_run_in_fresh_processes_writes_the_contract(tmp_path):
     assert results["kv_bytes"].tolist() == frame["kv_bytes"].tolist()
     analytic = pd.read_csv(tmp_path / "analytic_kv.csv")
     assert list(analytic.columns) == list(ANALYTIC_COLUMNS) and set(analytic["layers"]) == {28}
-    assert EfficiencyConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == config
+    assert EfficiencyProtocol.from_dict(json.loads((tmp_path / "config.json").read_text())) == config
     assert sorted(p.name for p in (tmp_path / "measurements").iterdir()) == [
         "qwen2-vl-2b__fullkv__64.json", "qwen2-vl-2b__sparsemm__64.json",
     ]
 
 
 def test_a_failed_measurement_says_how_to_rerun_it(tmp_path, monkeypatch):
-    config = EfficiencyConfig(methods=["fullkv"], **{**SMALL, "contexts": [64]})
+    config = EfficiencyProtocol(methods=["fullkv"], **{**SMALL, "contexts": [64]})
     monkeypatch.setattr(
         eff, "_measurement_command",
         lambda *args: [eff.sys.executable, "-c", "import sys; sys.stderr.write('CUDA out of memory'); sys.exit(3)"],
@@ -104,7 +105,8 @@ def test_cli(capsys, tmp_path):
     assert eff.main(["analytic", "--models", "qwen2-vl-7b", "--contexts", "2048", "32768", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "1879048192" in out  # Qwen2-VL-7B FullKV at 32K in bf16: 28 x 4 x 32768 x 128 x 2 x 2
-    assert eff.main(["run", "--out-dir", str(tmp_path), "--models", "llava-next-vicuna-7b", "--contexts", "8192", "--device", "cpu"]) == 2
+    # the whole step (steps.efficiency's command line) stops before any process on a context too long
+    assert step.main(["--run-dir", str(tmp_path), "--models", "llava-next-vicuna-7b", "--contexts", "8192", "--device", "cpu"]) == 2
     assert "max_position_embeddings=4096" in capsys.readouterr().err
     out_file = tmp_path / "row.json"
     code = eff.main([
@@ -113,3 +115,18 @@ def test_cli(capsys, tmp_path):
         "--generate-tokens", "2", "--device", "cpu", "--out", str(out_file),
     ])
     assert code == 0 and json.loads(out_file.read_text())["kv_bytes"] == json.loads(out_file.read_text())["kv_bytes_analytic"]
+
+
+def test_the_step_without_its_notebook_leaves_every_declared_output(capsys, tmp_path):
+    code = step.main([
+        "--run-dir", str(tmp_path), "--models", "qwen2-vl-2b", "--methods", "fullkv", "sparsemm", "--contexts", "64", "96",
+        "--budget", "48", "--window", "8", "--layers", "2", "--vocab", "depth_scaled", "--decode-steps", "3",
+        "--decode-warmup", "1", "--generate-tokens", "4", "--threads", "1", "--device", "cpu",
+    ])  # fmt: skip
+    assert code == 0
+    assert all(artifact.exists(tmp_path) for artifact in step.STEP.outputs)
+    findings = step.FINDINGS.read(tmp_path)
+    assert len(findings) == 4 and findings["n"].tolist()[:2] == [3, 2]  # 3 timed steps; 2 contexts
+    kv = findings[findings["claim"] == "The cache holds the analytic KV bytes"].iloc[0]
+    assert kv["holds"] is True and kv["n"] == 4
+    assert "KV bytes == analytic: True" in capsys.readouterr().out

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from sparsemm_utils.allocation import ModelShape
 from sparsemm_utils.efficiency import (
     ANALYTIC_COLUMNS,
-    EfficiencyConfig,
+    EfficiencyProtocol,
     InvalidEfficiencyConfigError,
     analytic_kv_table,
     analytic_method_kv_bytes,
@@ -23,8 +23,8 @@ VICUNA = ModelShape(32, 32, 32)
 QWEN7 = ModelShape(28, 28, 4)
 
 
-def _config(**kwargs) -> EfficiencyConfig:
-    return EfficiencyConfig(device="cpu", **kwargs)
+def _config(**kwargs) -> EfficiencyProtocol:
+    return EfficiencyProtocol(device="cpu", **kwargs)
 
 
 def test_fullkv_bytes_by_hand():

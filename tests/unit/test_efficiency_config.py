@@ -1,4 +1,4 @@
-"""Step 06's configuration (docs/method.md §7): validation, derived quantities, bad input."""
+"""The efficiency protocol step 06 measures with (docs/method.md §7): validation, derived quantities, bad input."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from sparsemm_utils.efficiency import (
     EFFICIENCY_METHODS,
     ContextTooLongError,
     DeviceNotAvailableError,
-    EfficiencyConfig,
+    EfficiencyProtocol,
     InvalidEfficiencyConfigError,
-    efficiency_config_from_params,
     resolve_device,
     resolve_dtype,
 )
@@ -23,7 +22,7 @@ CPU = dict(device="cpu")
 
 
 def test_defaults_are_the_papers_protocol():
-    c = EfficiencyConfig()
+    c = EfficiencyProtocol()
     assert c.contexts == (2048, 4096, 8192, 16384, 32768)
     assert (c.budget, c.window, c.ratio) == (256, 32, 0.1)
     assert (c.decode_steps, c.generate_tokens) == (100, 512)
@@ -34,17 +33,17 @@ def test_defaults_are_the_papers_protocol():
 
 def test_new_tokens_covers_the_timed_steps():
     # 1 token from the prefill + 1 warm-up + 20 timed steps = 22 > generate_tokens = 8
-    c = EfficiencyConfig(decode_steps=20, decode_warmup=1, generate_tokens=8, **CPU)
+    c = EfficiencyProtocol(decode_steps=20, decode_warmup=1, generate_tokens=8, **CPU)
     assert c.new_tokens == 22
 
 
 def test_models_are_normalised_to_short_names():
-    c = EfficiencyConfig(models=["Qwen/Qwen2-VL-7B-Instruct", "LLaVA-NeXT-Vicuna-7B"], **CPU)
+    c = EfficiencyProtocol(models=["Qwen/Qwen2-VL-7B-Instruct", "LLaVA-NeXT-Vicuna-7B"], **CPU)
     assert c.models == ("qwen2-vl-7b", "llava-next-vicuna-7b")
     with pytest.raises(UnknownRealShapeError, match="known shapes are"):
-        EfficiencyConfig(models=["gpt-2"])
+        EfficiencyProtocol(models=["gpt-2"])
     with pytest.raises(InvalidEfficiencyConfigError, match="twice"):
-        EfficiencyConfig(models=["qwen2-vl-7b", "Qwen/Qwen2-VL-7B-Instruct"])
+        EfficiencyProtocol(models=["qwen2-vl-7b", "Qwen/Qwen2-VL-7B-Instruct"])
 
 
 @pytest.mark.parametrize(
@@ -73,7 +72,7 @@ def test_models_are_normalised_to_short_names():
 )
 def test_bad_parameters_say_what_is_wrong(kwargs, message):
     with pytest.raises(InvalidEfficiencyConfigError, match=message):
-        EfficiencyConfig(**kwargs)
+        EfficiencyProtocol(**kwargs)
 
 
 def test_every_timeable_method_is_a_compression_method_except_the_head_mask():
@@ -83,20 +82,20 @@ def test_every_timeable_method_is_a_compression_method_except_the_head_mask():
 
 def test_context_longer_than_the_positions_is_a_clear_error():
     # LLaVA-NeXT-Vicuna-7B has 4096 positions: 4096 + 512 generated tokens need 4608
-    c = EfficiencyConfig(models=["llava-next-vicuna-7b"], contexts=[2048, 4096], **CPU)
+    c = EfficiencyProtocol(models=["llava-next-vicuna-7b"], contexts=[2048, 4096], **CPU)
     with pytest.raises(ContextTooLongError, match="needs 4608 positions.*max_position_embeddings=4096.*extend_positions"):
         c.check_runnable()
     c.check_positions(c.shapes()[0], 2048)  # 2048 + 512 = 2560 <= 4096: fine
-    extended = EfficiencyConfig(models=["llava-next-vicuna-7b"], contexts=[2048, 4096], extend_positions=True, **CPU)
+    extended = EfficiencyProtocol(models=["llava-next-vicuna-7b"], contexts=[2048, 4096], extend_positions=True, **CPU)
     extended.check_runnable()
     assert extended.positions(extended.shapes()[0]) == 4608
     # Qwen2-VL-7B: 32768 positions, so the paper's 32K + 512 needs extension too
     with pytest.raises(ContextTooLongError, match="needs 33280 positions"):
-        EfficiencyConfig(models=["qwen2-vl-7b"], **CPU).check_runnable()
+        EfficiencyProtocol(models=["qwen2-vl-7b"], **CPU).check_runnable()
 
 
 def test_a_method_that_cannot_run_on_the_shape_is_caught_before_any_process():
-    c = EfficiencyConfig(models=["qwen2-vl-2b"], methods=["fullkv", "pyramidkv"], layers=1, contexts=[512], **CPU)
+    c = EfficiencyProtocol(models=["qwen2-vl-2b"], methods=["fullkv", "pyramidkv"], layers=1, contexts=[512], **CPU)
     with pytest.raises(InvalidEfficiencyConfigError, match="pyramidkv cannot run on qwen2-vl-2b with 1 layer"):
         c.check_runnable()
 
@@ -106,7 +105,7 @@ def test_a_device_that_is_not_there_is_a_clear_error():
     with pytest.raises(DeviceNotAvailableError, match="sees no GPU.*use device='cpu' or 'auto'"):
         resolve_device("cuda")
     with pytest.raises(DeviceNotAvailableError, match="sees no GPU"):
-        EfficiencyConfig(models=["qwen2-vl-2b"], contexts=[512], device="cuda:1").check_runnable()
+        EfficiencyProtocol(models=["qwen2-vl-2b"], contexts=[512], device="cuda:1").check_runnable()
     assert resolve_device("auto") == torch.device("cpu")
 
 
@@ -123,17 +122,8 @@ def test_dtype_auto_is_bf16_on_gpu_and_fp32_on_cpu():
 
 
 def test_round_trip_through_json_and_unknown_keys():
-    c = EfficiencyConfig(models=["qwen2-vl-2b"], contexts=[256, 512], layers=2, vocab="depth_scaled", **CPU)
-    again = EfficiencyConfig.from_dict(json.loads(json.dumps(c.to_dict())))
+    c = EfficiencyProtocol(models=["qwen2-vl-2b"], contexts=[256, 512], layers=2, vocab="depth_scaled", **CPU)
+    again = EfficiencyProtocol.from_dict(json.loads(json.dumps(c.to_dict())))
     assert again == c
     with pytest.raises(InvalidEfficiencyConfigError, match="unknown efficiency parameter\\(s\\) \\['context'\\]"):
-        EfficiencyConfig.from_dict({"context": [512]})
-
-
-def test_notebook_validation_derives_the_shape_from_a_real_model_id():
-    c = efficiency_config_from_params("Qwen/Qwen2-VL-2B-Instruct", contexts=[512], layers=2, device="cpu")
-    assert c.models == ("qwen2-vl-2b",)
-    with pytest.raises(InvalidEfficiencyConfigError, match="set models=\\[...\\] to real shapes"):
-        efficiency_config_from_params("tiny-random/qwen2_vl", contexts=[512], device="cpu")
-    c = efficiency_config_from_params("tiny-random/qwen2_vl", models=["qwen2-vl-2b"], contexts=[512], device="cpu")
-    assert c.models == ("qwen2-vl-2b",)
+        EfficiencyProtocol.from_dict({"context": [512]})

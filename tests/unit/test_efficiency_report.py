@@ -17,15 +17,15 @@ from sparsemm_utils.efficiency import (  # noqa: E402
     RESULT_COLUMNS,
     PeakMemory,
     StepTimer,
-    efficiency_targets,
-    format_targets,
+    comparable_to_paper,
 )
 from sparsemm_utils.paper_efficiency import (  # noqa: E402
     PAPER_GB_BYTES,
     paper_efficiency_frame,
     paper_speedup,
 )
-from sparsemm_utils.plots.efficiency import comparable_to_paper, efficiency_table, plot_efficiency  # noqa: E402
+from sparsemm_utils.plots.efficiency import efficiency_table, plot_efficiency  # noqa: E402
+from sparsemm_utils.steps.efficiency import efficiency_targets, format_targets  # noqa: E402
 
 VICUNA = "llava-hf/llava-v1.6-vicuna-7b-hf"
 
@@ -144,6 +144,13 @@ def test_figure_overlays_the_papers_absolute_numbers_only_when_comparable():
     assert "paper sparsemm" in fig.axes[0].get_legend_handles_labels()[1]
     two = pd.concat([gpu, _rows("Qwen/Qwen2-VL-2B-Instruct", [5, 6], [4, 4], [2048, 32768])], ignore_index=True)
     assert len(plot_efficiency(two).axes) == 8
+
+
+def test_latency_memory_and_speedup_axes_start_at_zero():
+    """A speed-up of 1.13x must not fill the panel: the three ratio-scale panels start at 0."""
+    fig = plot_efficiency(_rows("Qwen/Qwen2-VL-2B-Instruct", [40, 45], [39, 40], [1024, 2048]))
+    assert [fig.axes[i].get_ylim()[0] for i in range(3)] == [0, 0, 0]
+    assert fig.axes[2].get_ylim()[1] >= 45 / 40  # the speed-up still fits
 
 
 def test_table_puts_the_paper_beside_ours():

@@ -19,16 +19,12 @@ from sparsemm_utils.evaluation import (
     RESULTS_COLUMNS,
     RESULTS_FILE,
     Cell,
-    EvalConfig,
     EvaluationError,
     Generation,
     MissingMethodSettingError,
     ResultsFileError,
     SweepMismatchError,
     UnknownMethodError,
-    cell_statistics,
-    fastv_match_table,
-    lowest_budget_table,
     predictions_frame,
     press_for,
     read_predictions,
@@ -256,26 +252,7 @@ def test_predictions_frame_flattens_scores_and_extra(tmp_path):
     assert frame["budget"].isna().all()
 
 
-# ---------------------------------------------------------------------------------- tables
-
-
-def test_lowest_budget_table():
-    results = pd.DataFrame(
-        [
-            ("m", "gqa", "fullkv", None, "exact_match", 0.9, 4),
-            ("m", "gqa", "sparsemm", 16, "exact_match", 0.7, 4),
-            ("m", "gqa", "sparsemm", 64, "exact_match", 0.85, 4),
-            ("m", "gqa", "snapkv", 16, "exact_match", 0.4, 4),
-            ("m", "gqa", "snapkv", 64, "exact_match", 0.8, 4),
-        ],
-        columns=list(RESULTS_COLUMNS),
-    )
-    results["budget"] = results["budget"].astype("Int64")
-    table = lowest_budget_table(results)
-    assert table["method"].tolist() == ["fullkv", "sparsemm", "snapkv"]
-    assert table["budget"].tolist()[1:] == [16, 16] and pd.isna(table["budget"].iloc[0])
-    # vs_fullkv: 0.7 - 0.9 = -0.2; 0.4 - 0.9 = -0.5
-    assert np.allclose(table["vs_fullkv"].tolist(), [0.0, -0.2, -0.5])
+# ---------------------------------------------------------------------------------- budgets
 
 
 def test_scaled_budgets_hand_example():
@@ -346,111 +323,12 @@ def test_method_details_are_kept_in_the_predictions(tmp_path):
     assert list(frame["detail_ratio"]) == [0.25, 0.25] and list(frame["detail_reachable"]) == [True, True]
 
 
-def test_fastv_match_table_by_hand():
-    # budget 16: two prompts, one reachable (target 100, stored 96), one not (target 100, stored 150)
-    details = [(16, 0.5, 20, 100, 96, True), (16, 1.0, 40, 100, 150, False), (32, 0.25, 10, 200, 200, True)]
-    preds = pd.DataFrame(
-        [{"benchmark": "gqa", "method": "fastv", "budget": b, "sample_id": str(i), "detail_ratio": r, "detail_dropped": d,
-          "detail_target_tokens": t, "detail_stored_tokens": st_, "detail_reachable": ok}
-         for i, (b, r, d, t, st_, ok) in enumerate(details)]
-        + [{"benchmark": "gqa", "method": "fullkv", "budget": None, "sample_id": "0"}]
-    )  # fmt: skip
-    table = fastv_match_table(preds)
-    assert list(table["budget"]) == [16, 32] and list(table["n"]) == [2, 1]
-    row = table.iloc[0]
-    assert (row["reachable"], row["ratio"], row["dropped"], row["target_tokens"], row["stored_tokens"]) == (0.5, 0.75, 30, 100, 123)
-    assert row["stored_over_target"] == pytest.approx(1.23)
-    assert fastv_match_table(preds[preds["method"] == "fullkv"]).empty
-    with pytest.raises(EvaluationError, match="lack"):
-        fastv_match_table(preds.drop(columns=["detail_ratio"]))
-
-
-# ---------------------------------------------------------------------------------- config
-
-
-def test_eval_config_normalises_and_validates():
-    cfg = EvalConfig(benchmarks=["DocVQA"], methods=["SparseMM", "fullkv"], budgets=[64, 16, 64], window=8)
-    assert cfg.benchmarks == ("docvqa",) and cfg.methods == ("sparsemm", "fullkv") and cfg.budgets == (16, 64)
-    assert cfg.needs_head_scores
-    assert not EvalConfig(methods=["fullkv", "snapkv"]).needs_head_scores
-    assert cfg.press_settings("S")["head_scores"] == "S"
-    settings_ = EvalConfig(benchmarks=["reader_docqa"], benchmark_seed=5).sweep_settings(np.ones((2, 2)))
-    assert settings_["reader_docqa"] == {"n_documents": 8, "seed": 5} and len(settings_["head_scores_sha256"]) == 64
-    # FastV's K is part of the sweep's identity only when FastV is in it (older sweeps stay valid)
-    assert "fastv_k" not in settings_
-    with_fastv = EvalConfig(methods=["fullkv", "fastv"], fastv_k=1)
-    assert with_fastv.sweep_settings()["fastv_k"] == 1 and with_fastv.press_settings()["fastv_k"] == 1
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"budgets": [8, 16], "window": 8}, "do not exceed the window"),
-        ({"methods": ["h2o"]}, "unknown method"),
-        ({"benchmarks": ["textcaps"]}, "unknown benchmark"),
-        ({"benchmarks": "docvqa"}, "list of names"),
-        ({"ratio": 0}, "ratio must be"),
-        ({"limit": 0}, "limit must be"),
-        ({"fastv_k": 0}, "fastv_k must be"),
-        ({"on_mismatch": "delete"}, "on_mismatch must be"),
-        ({"model_id": ""}, "model_id"),
-        ({"benchmark_sources": {"nope": "x"}}, "unknown benchmark"),
-    ],
-)
-def test_eval_config_errors(kwargs, message):
-    with pytest.raises((EvaluationError, UnknownBenchmarkError), match=message):
-        EvalConfig(**kwargs)
-
-
 def test_counter_of_calls_per_cell(tmp_path):
     """Each cell answers every sample exactly once."""
     fake = Fake()
     _run(tmp_path, fake)
     per_cell = Counter((m, b) for _, m, b in fake.calls)
     assert set(per_cell.values()) == {4} and len(per_cell) == 7
-
-
-def test_cell_statistics_share_of_the_full_cache(tmp_path):
-    _run(tmp_path, Fake(), methods=["fullkv", "sparsemm"], budgets=[16])
-    stats = cell_statistics(predictions_frame(tmp_path / PREDICTIONS_FILE))
-    full = stats[stats["method"] == "fullkv"].iloc[0]
-    sparse = stats[stats["method"] == "sparsemm"].iloc[0]
-    # fullkv: every sample reports kv_bytes 1000 * 100; sparsemm @16 answers sample 0 only (1000 * 16),
-    # the others are plain strings without kv_bytes -> mean over the one reported value: 16000
-    assert full["n"] == 4 and full["kv_bytes"] == 100_000 and full["kv_share"] == 1.0
-    assert sparse["kv_bytes"] == 16_000 and np.isclose(sparse["kv_share"], 0.16)
-    assert full["prompt_tokens"] == 101.5  # mean of 100, 101, 102, 103
-
-
-def test_head_scores_path_names_the_missing_step(tmp_path):
-    from sparsemm_utils.runs import MissingUpstreamError
-
-    cfg = EvalConfig(run_dir=str(tmp_path))
-    with pytest.raises(MissingUpstreamError, match="03_head_scoring"):
-        cfg.head_scores_path()
-    (tmp_path / "03_head_scoring").mkdir()
-    (tmp_path / "03_head_scoring" / "head_scores.json").write_text("{}")
-    assert cfg.head_scores_path() == tmp_path / "03_head_scoring" / "head_scores.json"
-    with pytest.raises(FileNotFoundError, match="do not exist"):
-        EvalConfig(head_scores=str(tmp_path / "none.json")).head_scores_path()
-    assert EvalConfig(device="cpu").resolved_device() == "cpu"
-    assert EvalConfig(max_new_tokens=4).sweep_settings()["max_new_tokens"] == 4
-
-
-def test_config_loads_the_offline_benchmark_and_local_sources(tmp_path):
-    from sparsemm_utils.benchmark_fixtures import fixture_dir
-
-    cfg = EvalConfig(
-        benchmarks=["reader_docqa", "docvqa"],
-        benchmark_sources={"docvqa": str(fixture_dir("docvqa"))},
-        n_documents=1,
-        benchmark_seed=11,
-        limit=2,
-    )
-    loaded = cfg.load_benchmarks(save_dir=tmp_path)
-    assert list(loaded) == ["reader_docqa", "docvqa"]
-    assert loaded["docvqa"].sample_ids == ["57344", "57345"]  # limit 2: the first two rows
-    assert (tmp_path / "reader_docqa.parquet").is_file() and 1 <= len(loaded["reader_docqa"]) <= 2
 
 
 @settings(max_examples=30, deadline=None)

@@ -47,6 +47,13 @@ def test_one_panel_per_benchmark_one_line_per_method():
     plt.close(fig)
 
 
+def test_measured_labels_replace_the_registry_labels():
+    """FastV's legend says what it stored (steps.eval.method_labels), not that it matched the bytes."""
+    fig = plot_accuracy_vs_budget(_results(), labels={"snapkv": "SnapKV (measured)"})
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["FullKV", "SparseMM", "SnapKV (measured)"]
+    plt.close(fig)
+
+
 def test_reference_points_are_drawn_beside():
     fig = plot_accuracy_vs_budget(_results(), reference=reference_frame(MODEL), benchmarks=["docvqa"])
     ax = fig.axes[0]

@@ -1,0 +1,594 @@
+"""Step 05, ``notebooks/05_eval.ipynb``: accuracy against KV budget for every method (docs/method.md §6).
+
+The sweep itself (cells, methods, the generator, the resumable ``results.csv`` /
+``predictions.jsonl`` / ``sweep.json``) is :mod:`sparsemm_utils.evaluation`; this module declares
+the step around it: its artifacts (:data:`STEP`), the notebook's parameters (:class:`Config`), the
+tables the notebook shows (:func:`lowest_budget_table`, :func:`cell_statistics`,
+:func:`fastv_match_table`), the files it leaves besides the sweep's (:func:`write_outputs`:
+``lowest_budget.csv``, ``findings.csv``) and what the run shows against the paper
+(:func:`findings`).
+
+**How the findings decide.** At the lowest budget B of the sweep, each benchmark's headline
+metric: SparseMM's score as a share of FullKV's, beside the paper's 90-97% at B = 64
+(docs/method.md §6); and SparseMM against each baseline, question by question. One question
+moves a score by 1/n (9.1 points at n = 11), so a difference of a question or two says nothing:
+a comparison holds (or fails) only when an exact two-sided sign test over the questions where the
+two methods differ gives p < :data:`ALPHA`; otherwise the verdict is "cannot tell".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..artifacts import Artifact, StepSpec
+from ..benchmarks import get_benchmark, load_benchmark, make_reader_benchmark
+from ..evaluation import (
+    EVAL_METHODS,
+    ON_MISMATCH,
+    PREDICTIONS_FILE,
+    REFERENCE_PROMPT_TOKENS,
+    RESULTS_FILE,
+    SWEEP_FILE,
+    EvaluationError,
+    check_budgets,
+    get_method,
+    predictions_frame,
+    read_results,
+)
+from ..findings import Finding, findings_frame, read_findings
+from ..reader_tasks import HELDOUT_SEED
+from ..reference_numbers import REFERENCE_MODELS, reference_frame, reference_model_id
+from ..runs import require_upstream
+from ..validate import check_choice, check_int
+from . import head_scoring
+
+__all__ = [
+    "NAME",
+    "RESULTS",
+    "PREDICTIONS",
+    "SWEEP",
+    "LOWEST_BUDGET",
+    "FINDINGS",
+    "STEP",
+    "ALPHA",
+    "Config",
+    "read_lowest_budget",
+    "lowest_budget_table",
+    "cell_statistics",
+    "fastv_match_table",
+    "method_labels",
+    "sign_test",
+    "findings",
+    "write_outputs",
+]
+
+NAME = "05_eval"
+#: The significance level of the per-question comparisons behind the findings.
+ALPHA: float = 0.05
+_LOWEST_COLUMNS = ["benchmark", "metric", "method", "budget", "score", "n_samples", "vs_fullkv"]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_lowest_budget(path: str | Path) -> pd.DataFrame:
+    """``lowest_budget.csv`` as written by :func:`write_outputs` (``budget`` nullable Int64)."""
+    frame = pd.read_csv(path, keep_default_na=False, na_values={"budget": [""], "score": [""], "vs_fullkv": [""]})
+    frame["budget"] = pd.to_numeric(frame["budget"], errors="coerce").astype("Int64")
+    return frame
+
+
+RESULTS: Artifact[pd.DataFrame] = Artifact(
+    NAME, RESULTS_FILE, "the sweep's scores: one row per metric of each (benchmark, method, budget) cell",
+    reader=read_results,
+)
+PREDICTIONS: Artifact[pd.DataFrame] = Artifact(
+    NAME, PREDICTIONS_FILE, "one record per (cell, question): prediction, answers, scores, prompt tokens, KV bytes",
+    reader=predictions_frame,
+)
+SWEEP: Artifact[dict[str, Any]] = Artifact(NAME, SWEEP_FILE, "the sweep's settings and each benchmark's sample set", reader=_read_json)
+LOWEST_BUDGET: Artifact[pd.DataFrame] = Artifact(
+    NAME, "lowest_budget.csv", "every method at the lowest budget beside FullKV", reader=read_lowest_budget
+)
+FINDINGS: Artifact[pd.DataFrame] = Artifact(NAME, "findings.csv", "step 05's findings against the paper", reader=read_findings)
+
+STEP = StepSpec(
+    NAME,
+    "Evaluation: accuracy against KV budget for every method",
+    inputs=(head_scoring.HEAD_SCORES,),
+    outputs=(RESULTS, PREDICTIONS, SWEEP, LOWEST_BUDGET, FINDINGS),
+    resumable=True,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# the notebook's parameters
+
+
+@dataclass
+class Config:
+    """Parameters of notebook 05 (validated in ``__post_init__``); the defaults are
+    ``configs/tiny.yaml``'s.
+
+    ``benchmarks`` / ``methods`` / ``budgets``: the sweep (budgets > ``window``); ``window``,
+    ``ratio``, ``mask_fraction``: docs/method.md §5's w, r and the head-mask share; ``fastv_k``: the
+    layers FastV keeps whole (FastV's K; used by the ``fastv`` method only); ``limit``: first
+    rows per benchmark (None: all); ``n_documents`` / ``benchmark_seed``: the offline benchmark
+    (seed None: the tiny reader's held-out stream); ``benchmark_sources``: {benchmark: local
+    folder or parquet} (else the HF cache); ``head_scores``: step 03's file, relative to
+    ``run_dir`` unless absolute (read only when a method needs it); ``dtype`` / ``device``: for
+    ``load_model`` (device "auto": CUDA when available); ``max_new_tokens``: a cap on every
+    benchmark's generation limit, for smoke runs of random-weight models only (None: lmms-eval's
+    limits); ``on_mismatch``: what :func:`~sparsemm_utils.evaluation.run_sweep` does with an
+    earlier sweep of other settings in the folder ("archive": move it to ``superseded/``;
+    "error": stop)."""
+
+    run_dir: str = "runs/tiny"
+    model_id: str = "data/tiny_reader"
+    seed: int = 0
+    benchmarks: Sequence[str] = ("reader_docqa",)
+    methods: Sequence[str] = ("fullkv", "sparsemm", "adakv", "snapkv", "pyramidkv", "random", "fastv")
+    budgets: Sequence[int] = (16, 32, 64, 96)
+    window: int = 8
+    ratio: float = 0.1
+    mask_fraction: float = 0.1
+    fastv_k: int = 1
+    limit: int | None = None
+    n_documents: int = 4
+    benchmark_seed: int | None = None
+    benchmark_sources: Mapping[str, str] = field(default_factory=dict)
+    head_scores: str = head_scoring.HEAD_SCORES.key
+    dtype: str = "auto"
+    device: str = "auto"
+    max_new_tokens: int | None = None
+    on_mismatch: str = "archive"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.run_dir, (str, Path)) or not str(self.run_dir):
+            raise EvaluationError(f"run_dir must be a non-empty path, got {self.run_dir!r}")
+        if not isinstance(self.model_id, str) or not self.model_id:
+            raise EvaluationError(f"model_id must be a non-empty string, got {self.model_id!r}")
+        check_int("seed", self.seed, 0, error=EvaluationError)
+        if isinstance(self.benchmarks, str) or not self.benchmarks:
+            raise EvaluationError(f"benchmarks must be a non-empty list of names, got {self.benchmarks!r}")
+        self.benchmarks = tuple(get_benchmark(b).name for b in self.benchmarks)
+        if isinstance(self.methods, str) or not self.methods:
+            raise EvaluationError(f"methods must be a non-empty list of names, got {self.methods!r}")
+        self.methods = tuple(get_method(m).name for m in self.methods)
+        self.window = check_int("window", self.window, 0, error=EvaluationError)
+        if isinstance(self.budgets, str):
+            raise EvaluationError(f"budgets must be a list of ints, got {self.budgets!r}")
+        self.budgets = check_budgets(self.budgets)
+        small = [b for b in self.budgets if b <= self.window]
+        if small:
+            raise EvaluationError(f"budgets {small} do not exceed the window w = {self.window}: a budget counts the window (docs/method.md §5)")
+        if any(EVAL_METHODS[m].budgeted for m in self.methods) and not self.budgets:
+            raise EvaluationError("budgeted methods need at least one budget")
+        for name in ("ratio", "mask_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise EvaluationError(f"{name} must be a number in (0, 1], got {value!r}")
+        self.fastv_k = check_int("fastv_k", self.fastv_k, 1, error=EvaluationError)
+        if self.limit is not None:
+            self.limit = check_int("limit", self.limit, 1, error=EvaluationError)
+        self.n_documents = check_int("n_documents", self.n_documents, 1, error=EvaluationError)
+        if self.benchmark_seed is not None:
+            self.benchmark_seed = check_int("benchmark_seed", self.benchmark_seed, 0, error=EvaluationError)
+        if not isinstance(self.benchmark_sources, Mapping):
+            raise EvaluationError(f"benchmark_sources must map benchmark names to paths, got {self.benchmark_sources!r}")
+        self.benchmark_sources = {get_benchmark(k).name: str(v) for k, v in self.benchmark_sources.items()}
+        if not isinstance(self.head_scores, str) or not self.head_scores:
+            raise EvaluationError(f"head_scores must be a path, got {self.head_scores!r}")
+        if self.max_new_tokens is not None:
+            self.max_new_tokens = check_int("max_new_tokens", self.max_new_tokens, 1, error=EvaluationError)
+        if not isinstance(self.device, str) or not self.device:
+            raise EvaluationError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        check_choice("on_mismatch", self.on_mismatch, ON_MISMATCH, error=EvaluationError)
+
+    @property
+    def needs_head_scores(self) -> bool:
+        return any(EVAL_METHODS[m].needs_head_scores for m in self.methods)
+
+    def head_scores_path(self) -> Path:
+        """Step 03's head-score file: an absolute path as is; a relative one is ``<step>/<file>``
+        under ``run_dir``, and its absence raises :class:`~sparsemm_utils.runs.MissingUpstreamError`
+        naming that step."""
+        path = Path(self.head_scores).expanduser()
+        if path.is_absolute():
+            if not path.is_file():
+                raise FileNotFoundError(f"head scores {path} do not exist (step 03 writes head_scores.json)")
+            return path
+        if len(path.parts) < 2:
+            raise EvaluationError(f"head_scores {self.head_scores!r} must be '<step folder>/<file>' under run_dir or absolute")
+        return require_upstream(self.run_dir, path.parts[0], str(Path(*path.parts[1:])))
+
+    def load_benchmarks(self, save_dir: str | Path | None = None, *, progress: bool = False) -> dict[str, Any]:
+        """{name: :class:`~sparsemm_utils.benchmarks.BenchmarkSamples`} of every benchmark: the
+        offline one built from ``n_documents`` pages of :meth:`reader_seed` (and written to
+        ``save_dir/reader_docqa.parquet`` when given), the others from ``benchmark_sources`` or the
+        HF cache; ``limit`` rows each."""
+        loaded = {}
+        for name in self.benchmarks:
+            source: Any = self.benchmark_sources.get(name)
+            if name == "reader_docqa" and source is None:
+                source = make_reader_benchmark(self.n_documents, self.reader_seed(), progress=progress)
+                if save_dir is not None:
+                    source.to_parquet(str(Path(save_dir) / "reader_docqa.parquet"))
+            loaded[name] = load_benchmark(name, source=source, limit=self.limit)
+        return loaded
+
+    def resolved_device(self) -> str:
+        """``device``, with "auto" resolved to "cuda" when a GPU is visible, else "cpu"."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def press_settings(self, head_scores: Any = None) -> dict[str, Any]:
+        """What :func:`~sparsemm_utils.evaluation.press_for` / :class:`~sparsemm_utils.evaluation.ModelGenerator` take."""
+        return {
+            "window": self.window, "ratio": self.ratio, "seed": self.seed, "fraction": self.mask_fraction,
+            "head_scores": head_scores, "fastv_k": self.fastv_k,
+        }  # fmt: skip
+
+    def sweep_settings(self, head_scores: Any = None) -> dict[str, Any]:
+        """The JSON-able identity of the sweep recorded in ``sweep.json`` (head scores by sha256)."""
+        digest = None
+        if head_scores is not None:
+            digest = hashlib.sha256(np.ascontiguousarray(np.asarray(head_scores, dtype=np.float64)).tobytes()).hexdigest()
+        settings: dict[str, Any] = {
+            "window": self.window, "ratio": self.ratio, "seed": self.seed, "mask_fraction": self.mask_fraction,
+            "head_scores_sha256": digest, "decoding": "greedy, batch 1", "max_new_tokens": self.max_new_tokens,
+        }  # fmt: skip
+        if "fastv" in self.methods:  # only then: sweeps without FastV keep the identity they had
+            settings["fastv_k"] = self.fastv_k
+        if "reader_docqa" in self.benchmarks:  # its sample ids (row numbers) do not change with the seed
+            settings["reader_docqa"] = {"n_documents": self.n_documents, "seed": self.reader_seed()}
+        return settings
+
+    def reader_seed(self) -> int:
+        """The offline benchmark's document stream: ``benchmark_seed``, else the tiny reader's held-out one."""
+        if self.benchmark_seed is not None:
+            return self.benchmark_seed
+        return HELDOUT_SEED
+
+
+# --------------------------------------------------------------------------------------------
+# tables of the run
+
+
+def lowest_budget_table(results: pd.DataFrame, *, headline_only: bool = True) -> pd.DataFrame:
+    """For each benchmark: every budgeted method at the lowest budget of the results, and the
+    budget-free methods (FullKV, head masks); columns benchmark, metric, method, budget, score,
+    n_samples, vs_fullkv (score - FullKV's score; NaN without a FullKV row).
+    ``headline_only``: keep each benchmark's headline metric only."""
+    if results.empty:
+        return pd.DataFrame(columns=_LOWEST_COLUMNS)
+    frame = results.copy()
+    if headline_only:
+        frame = frame[[get_benchmark(b).metric == m for b, m in zip(frame["benchmark"], frame["metric"])]]
+    parts = []
+    for (benchmark, metric), group in frame.groupby(["benchmark", "metric"], sort=False):
+        budgeted = group[group["budget"].notna()]
+        lowest = budgeted[budgeted["budget"] == budgeted["budget"].min()] if not budgeted.empty else budgeted
+        free = group[group["budget"].isna()]
+        part = pd.concat([free, lowest])
+        full = group.loc[group["method"] == "fullkv", "score"]
+        part = part.assign(vs_fullkv=part["score"] - (full.iloc[0] if not full.empty else np.nan))
+        parts.append(part)
+    table = pd.concat(parts, ignore_index=True)
+    order = {name: i for i, name in enumerate(EVAL_METHODS)}
+    table = table.sort_values(["benchmark", "metric", "budget", "method"], key=lambda s: s.map(order) if s.name == "method" else s, na_position="first")
+    return table[_LOWEST_COLUMNS].reset_index(drop=True)
+
+
+def cell_statistics(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Per (benchmark, method, budget): ``n`` samples, mean ``prompt_tokens``, mean ``kv_bytes``
+    after generation, ``kv_share`` (mean KV bytes / FullKV's on the same benchmark; NaN without a
+    FullKV cell) and mean ``seconds`` per sample. ``predictions``:
+    :func:`~sparsemm_utils.evaluation.predictions_frame`."""
+    columns = ["benchmark", "method", "budget", "n", "prompt_tokens", "kv_bytes", "kv_share", "seconds"]
+    if predictions.empty:
+        return pd.DataFrame(columns=columns)
+    frame = predictions.copy()
+    for c in ("prompt_tokens", "kv_bytes", "seconds"):
+        frame[c] = pd.to_numeric(frame[c], errors="coerce")
+    stats = (
+        frame.groupby(["benchmark", "method", "budget"], dropna=False, sort=False)
+        .agg(n=("sample_id", "size"), prompt_tokens=("prompt_tokens", "mean"), kv_bytes=("kv_bytes", "mean"), seconds=("seconds", "mean"))
+        .reset_index()
+    )
+    full = stats[stats["method"] == "fullkv"].set_index("benchmark")["kv_bytes"]
+    stats["kv_share"] = stats["kv_bytes"] / stats["benchmark"].map(full)
+    return stats[columns]
+
+
+def fastv_match_table(predictions: pd.DataFrame) -> pd.DataFrame:
+    """How FastV met each budget (:class:`sparsemm_utils.fastv.FastVAtBudget`), per benchmark and
+    budget: ``n`` answers, ``reachable`` (share of prompts where FastV fits the budget's KV bytes),
+    mean ``ratio`` R, mean ``dropped`` image tokens, mean ``target_tokens`` and ``stored_tokens``
+    (prompt tokens over all layers and KV heads) and ``stored_over_target`` (their ratio of means).
+    ``predictions``: :func:`~sparsemm_utils.evaluation.predictions_frame`; no FastV answer gives
+    an empty frame."""
+    columns = ["benchmark", "budget", "n", "reachable", "ratio", "dropped", "target_tokens", "stored_tokens", "stored_over_target"]
+    needed = {"detail_ratio", "detail_dropped", "detail_target_tokens", "detail_stored_tokens", "detail_reachable"}
+    frame = predictions[predictions["method"] == "fastv"] if "method" in predictions.columns else predictions.iloc[0:0]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    missing = needed - set(frame.columns)
+    if missing:
+        raise EvaluationError(f"FastV predictions lack {sorted(missing)}: were they written by ModelGenerator?")
+    table = (
+        frame.assign(detail_reachable=frame["detail_reachable"].astype(float))
+        .groupby(["benchmark", "budget"], sort=True)
+        .agg(
+            n=("sample_id", "size"), reachable=("detail_reachable", "mean"), ratio=("detail_ratio", "mean"),
+            dropped=("detail_dropped", "mean"), target_tokens=("detail_target_tokens", "mean"),
+            stored_tokens=("detail_stored_tokens", "mean"),
+        )
+        .reset_index()
+    )  # fmt: skip
+    table["stored_over_target"] = table["stored_tokens"] / table["target_tokens"]
+    return table[columns]
+
+
+def _percent_range(values: Sequence[float]) -> str:
+    """E.g. [0.904, 0.974] -> "90-97%"."""
+    low, high = f"{100 * min(values):.0f}", f"{100 * max(values):.0f}"
+    return f"{low}%" if low == high else f"{low}-{high}%"
+
+
+def _times(value: float) -> str:
+    return f"{value:.1f}x"
+
+
+def method_labels(predictions: pd.DataFrame) -> dict[str, str]:
+    """Legend labels of the methods, FastV's measured: FastV is matched to a budget's KV bytes
+    only where it can be (:class:`~sparsemm_utils.fastv.FastVAtBudget`), so its label says how
+    many times the budget's bytes it stored (the range of :func:`fastv_match_table`'s
+    ``stored_over_target`` over the budgets), or that it stayed within them."""
+    labels = {name: method.label for name, method in EVAL_METHODS.items()}
+    matches = fastv_match_table(predictions)
+    if not matches.empty:
+        low, high = float(matches["stored_over_target"].min()), float(matches["stored_over_target"].max())
+        if high <= 1.0:
+            labels["fastv"] = "FastV (within the budget's KV bytes)"
+        else:
+            span = _times(high) if _times(low) == _times(high) else f"{low:.1f}-{_times(high)}"
+            labels["fastv"] = f"FastV (stored {span} the budget's KV bytes)"
+    return labels
+
+
+# --------------------------------------------------------------------------------------------
+# findings
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: the probability that a fair coin, tossed ``wins + losses`` times
+    (the questions where two methods differ; ties left out), splits at least as unevenly.
+    E.g. 5 wins, 0 losses: 2 x 0.5^5 = 0.0625; 6 and 0: 0.03125; 1 and 4: 2 x (1 + 5) / 32 = 0.375."""
+    wins = check_int("wins", wins, 0, error=EvaluationError)
+    losses = check_int("losses", losses, 0, error=EvaluationError)
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def _question_scores(predictions: pd.DataFrame, benchmark: str, metric: str, method: str, budget: int | None) -> pd.Series:
+    """One cell's per-question scores, indexed by sample id (empty when the cell has none)."""
+    column = f"score_{metric}"
+    if predictions.empty or column not in predictions.columns:
+        return pd.Series(dtype=float)
+    rows = predictions[(predictions["benchmark"] == benchmark) & (predictions["method"] == method)]
+    rows = rows[rows["budget"].isna()] if budget is None else rows[rows["budget"] == budget]
+    return rows.set_index(rows["sample_id"].astype(str))[column].astype(float)
+
+
+@dataclass(frozen=True)
+class _Paired:
+    """Two cells compared question by question: ``wins`` where the first scores higher."""
+
+    wins: int
+    losses: int
+    ties: int
+
+    @property
+    def p(self) -> float:
+        return sign_test(self.wins, self.losses)
+
+    def verdict(self) -> bool | None:
+        """True / False when the first is ahead / behind with p < ALPHA; None otherwise."""
+        if self.p >= ALPHA:
+            return None
+        return self.wins > self.losses
+
+
+def _paired(first: pd.Series, second: pd.Series) -> _Paired | None:
+    common = first.index.intersection(second.index)
+    if common.empty:
+        return None
+    diff = first[common].to_numpy() - second[common].to_numpy()
+    return _Paired(int((diff > 0).sum()), int((diff < 0).sum()), int((diff == 0).sum()))
+
+
+def _short_model(hub_id: str) -> str:
+    return next((short for short, full in REFERENCE_MODELS.items() if full == hub_id), hub_id)
+
+
+def _paper_shares(method: str) -> list[float]:
+    """``method``'s score at B = 64 over FullKV's, for every model and benchmark of docs/method.md §6."""
+    ref = reference_frame()
+    full = ref[ref["method"] == "fullkv"].set_index(["model", "benchmark"])["score"]
+    rows = ref[(ref["method"] == method) & (ref["budget"] == 64)]
+    return [float(s / full[(m, b)]) for m, b, s in zip(rows["model"], rows["benchmark"], rows["score"])]
+
+
+def _paper_pair(model: str, benchmark: str) -> pd.DataFrame:
+    """The paper's numbers of this model and benchmark (empty when it reports none)."""
+    ref = reference_frame(model)
+    return ref[ref["benchmark"] == benchmark]
+
+
+def _paper_score(pair: pd.DataFrame, method: str, budget: int | None) -> float | None:
+    rows = pair[(pair["method"] == method) & (pair["budget"].isna() if budget is None else pair["budget"] == budget)]
+    return None if rows.empty else float(rows["score"].iloc[0])
+
+
+def _paper_text(model: str, benchmark: str, baseline: str | None) -> str:
+    """The paper's value for SparseMM against FullKV (``baseline`` None) or against ``baseline``:
+    this model's and benchmark's numbers when the paper reports them, else its range at B = 64."""
+    label = EVAL_METHODS[baseline].label if baseline else "FullKV"
+    pair = _paper_pair(model, benchmark)
+    full, sparse = _paper_score(pair, "fullkv", None), _paper_score(pair, "sparsemm", 64)
+    other = full if baseline is None else _paper_score(pair, baseline, 64)
+    if full is not None and sparse is not None and other is not None:
+        where = f"{_short_model(reference_model_id(model))} {get_benchmark(benchmark).title}"
+        if baseline is None:
+            return f"{where}, B = 64: SparseMM {sparse:.3f} vs FullKV {full:.3f} ({sparse / full:.0%}) (docs/method.md §6)"
+        return f"{where}, B = 64: SparseMM {sparse:.3f} ({sparse / full:.0%} of FullKV) vs {label} {other:.3f} ({other / full:.0%}) (docs/method.md §6)"
+    sparse_shares = _paper_shares("sparsemm")
+    pairs = f"{len(sparse_shares)} model/benchmark pairs"
+    if baseline is None:
+        return f"B = 64: SparseMM keeps {_percent_range(sparse_shares)} of FullKV on {pairs} (docs/method.md §6)"
+    shares = _paper_shares(baseline)
+    if not shares:
+        return f"{label} is not in the paper's table (docs/method.md §6)"
+    ahead = sum(s > b for s, b in zip(sparse_shares, shares))
+    return (
+        f"B = 64: SparseMM keeps {_percent_range(sparse_shares)} of FullKV, {label} {_percent_range(shares)}; "
+        f"SparseMM ahead on {ahead} of {len(shares)} pairs (docs/method.md §6)"
+    )
+
+
+def _counts(paired: _Paired | None, n: int, first: str, second: str) -> str:
+    one = f"one question = {100 / n:.1f} points"
+    if paired is None:
+        return f"no per-question scores to compare ({one})"
+    text = (
+        f"{first} higher on {paired.wins}, lower on {paired.losses}, equal on {paired.ties} of {n} questions "
+        f"(sign test p = {paired.p:.2g}; {one})"
+    )
+    if paired.verdict() is None:
+        text += f": too few questions differ to tell at p < {ALPHA}"
+    return text
+
+
+def _prompt_share(predictions: pd.DataFrame, benchmark: str, budget: int) -> str:
+    tokens = pd.to_numeric(predictions.loc[predictions["benchmark"] == benchmark, "prompt_tokens"], errors="coerce").dropna() if not predictions.empty else pd.Series(dtype=float)
+    paper = f"the paper's B = 64 is {64 / REFERENCE_PROMPT_TOKENS:.1%} of a ~{REFERENCE_PROMPT_TOKENS}-token prompt"
+    if tokens.empty:
+        return paper
+    return f"B = {budget} is {budget / tokens.mean():.0%} of the mean {tokens.mean():.0f}-token prompt; {paper}"
+
+
+def _fastv_note(predictions: pd.DataFrame, benchmark: str, budget: int) -> str:
+    """How FastV met the budget's KV bytes ("" when its answers carry no byte match, e.g. a fake generator's)."""
+    if "detail_stored_tokens" not in predictions.columns:
+        return ""
+    matches = fastv_match_table(predictions)
+    row = matches[(matches["benchmark"] == benchmark) & (matches["budget"] == budget)]
+    if row.empty:
+        return ""
+    r = row.iloc[0]
+    return (
+        f"; FastV stored {r['stored_over_target']:.1f}x the budget's KV bytes here (within them on "
+        f"{round(r['reachable'] * r['n'])} of {int(r['n'])} prompts)"
+    )
+
+
+def findings(results: pd.DataFrame, predictions: pd.DataFrame) -> list[Finding]:
+    """What this run shows at its lowest budget, per benchmark (headline metric), against the
+    paper (docs/method.md §6):
+
+    - SparseMM keeps most of FullKV's accuracy: holds when its score is at least the paper's
+      lowest share (90% of FullKV at B = 64); fails when it is below that and FullKV is ahead
+      question by question (sign test p < :data:`ALPHA`); cannot tell otherwise. Headline.
+    - SparseMM is ahead of each budgeted baseline at that budget: holds / fails when the sign test
+      over the questions says SparseMM is ahead / behind with p < :data:`ALPHA`; cannot tell
+      otherwise (the text gives both scores as shares of FullKV, the counts and 1 question = 100/n
+      points). The one against SnapKV (uniform budgets) is a headline.
+
+    ``results``: ``results.csv`` (:func:`~sparsemm_utils.evaluation.read_results`);
+    ``predictions``: :func:`~sparsemm_utils.evaluation.predictions_frame` (per-question scores,
+    prompt lengths, FastV's byte match). A benchmark without FullKV or SparseMM cells gives none."""
+    out: list[Finding] = []
+    paper_floor = min(_paper_shares("sparsemm"))
+    for benchmark in dict.fromkeys(results["benchmark"]):
+        spec = get_benchmark(benchmark)
+        rows = results[(results["benchmark"] == benchmark) & (results["metric"] == spec.metric)]
+        budgeted = rows[rows["budget"].notna()]
+        full_rows = rows[rows["method"] == "fullkv"]
+        if budgeted.empty or full_rows.empty:
+            continue
+        budget = int(budgeted["budget"].min())
+        lowest = budgeted[budgeted["budget"] == budget].set_index("method")
+        if "sparsemm" not in lowest.index:
+            continue
+        model = str(rows["model"].iloc[0])
+        full, sparse = float(full_rows["score"].iloc[0]), float(lowest.loc["sparsemm", "score"])
+        n = int(lowest.loc["sparsemm", "n_samples"])
+        sparse_q = _question_scores(predictions, benchmark, spec.metric, "sparsemm", budget)
+        where = f"{spec.title} {spec.metric}, B = {budget}"
+
+        def share(score: float) -> str:
+            return f"{score / full:.0%} of FullKV" if full > 0 else "FullKV scores 0"
+
+        paired = _paired(_question_scores(predictions, benchmark, spec.metric, "fullkv", None), sparse_q)
+        if full <= 0:
+            holds = None
+        elif sparse / full >= paper_floor:
+            holds = True
+        else:
+            holds = False if paired is not None and paired.verdict() is True else None
+        out.append(
+            Finding(
+                NAME, f"SparseMM keeps most of FullKV's {spec.metric} at the lowest budget ({spec.title})",
+                _paper_text(model, benchmark, None),
+                f"{where}: SparseMM {sparse:.3f} vs FullKV {full:.3f} ({share(sparse)}); "
+                f"{_prompt_share(predictions, benchmark, budget)}; {_counts(paired, n, 'FullKV', 'SparseMM')}",
+                n, holds, headline=True,
+            )
+        )  # fmt: skip
+        for method in (m for m in EVAL_METHODS if m in lowest.index and m != "sparsemm"):
+            label = EVAL_METHODS[method].label
+            score = float(lowest.loc[method, "score"])
+            paired = _paired(sparse_q, _question_scores(predictions, benchmark, spec.metric, method, budget))
+            note = _fastv_note(predictions, benchmark, budget) if method == "fastv" else ""
+            out.append(
+                Finding(
+                    NAME, f"SparseMM is ahead of {label} at the lowest budget ({spec.title})",
+                    _paper_text(model, benchmark, method),
+                    f"{where}: SparseMM {sparse:.3f} ({share(sparse)}) vs {label} {score:.3f} ({share(score)}); "
+                    f"{_counts(paired, n, 'SparseMM', label)}{note}",
+                    n, None if paired is None else paired.verdict(), headline=method == "snapkv",
+                )
+            )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# outputs
+
+
+def write_outputs(cfg: Config, results: pd.DataFrame, predictions: pd.DataFrame) -> list[Finding]:
+    """Write what the step leaves in ``<cfg.run_dir>/05_eval/`` besides the sweep's own files
+    (which :func:`~sparsemm_utils.evaluation.run_sweep` writes as it goes): ``lowest_budget.csv``
+    (:func:`lowest_budget_table`, :data:`LOWEST_BUDGET`) and ``findings.csv`` (:func:`findings`,
+    :data:`FINDINGS`). Returns the findings."""
+    STEP.folder(cfg.run_dir, create=True)
+    lowest_budget_table(results).to_csv(LOWEST_BUDGET.path(cfg.run_dir), index=False)
+    found = findings(results, predictions)
+    findings_frame(found).to_csv(FINDINGS.path(cfg.run_dir), index=False)
+    return found
