@@ -1,6 +1,7 @@
 """The chain of notebooks, run headless by papermill (docs/design.md, "How data flows").
 
-``STEPS`` below is the only list of the study's steps: the Makefile, CI, the tests and
+``STEPS`` below is the only list of the study's steps, built from the step modules'
+declarations (:mod:`sparsemm_utils.steps`); the Makefile, CI, the tests and
 ``runs/<run>/index.html`` all read it. For each step in order the pipeline
 
 1. checks that every upstream step left its outputs (else :class:`MissingUpstreamError` naming the
@@ -49,11 +50,14 @@ from .manifest import (
     hash_tree,
     package_versions,
 )
+from .artifacts import StepSpec
 from .run_index import write_index
 from .runs import MissingUpstreamError, RunLockedError, repo_root, resolve_run_dir, run_lock
+from .steps import allocation, attention_by_layer, efficiency, head_scoring, ocr_annotation, patch_mapping
+from .steps import eval as eval_step
 
 __all__ = [
-    "Step",
+    "check_registry",
     "STEPS",
     "PipelineConfig",
     "PipelineConfigError",
@@ -69,82 +73,42 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Step:
-    """One step of the study: ``notebooks/<name>.ipynb`` writing into ``<run>/<name>/``.
-
-    ``needs`` names the steps whose outputs it reads; ``outputs`` the files or folders (relative to
-    its step folder) it must leave behind, checked after the notebook ran. A ``resumable`` step
-    keeps its folder when it reruns (its notebook skips the work it finds finished, e.g. the eval
-    sweep's cells); any other step starts from an empty folder."""
-
-    name: str
-    title: str
-    needs: tuple[str, ...] = ()
-    outputs: tuple[str, ...] = ()
-    resumable: bool = False
-
-    @property
-    def number(self) -> str:
-        return self.name.split("_", 1)[0]
-
-    def notebook_path(self, root: Path | None = None) -> Path:
-        return (root or repo_root()) / "notebooks" / f"{self.name}.ipynb"
-
-
-#: The registry: the only list of steps (order = execution order).
-STEPS: tuple[Step, ...] = (
-    Step(
-        "01_ocr_annotation",
-        "OCR annotation: documents with chunk and character boxes",
-        needs=(),
-        outputs=("documents", "annotation_report.json"),
-    ),
-    Step(
-        "02_patch_mapping",
-        "Patch mapping: OCR boxes to visual-token positions",
-        needs=("01_ocr_annotation",),
-        outputs=("regions.jsonl", "mapping_report.json"),
-    ),
-    Step(
-        "03_head_scoring",
-        "Visual head scoring: the OCR hit rule per attention head",
-        needs=("01_ocr_annotation", "02_patch_mapping"),
-        outputs=("head_scores.json", "head_scores.csv", "scoring_report.json"),
-    ),
-    Step(
-        "04_allocation",
-        "Budget allocation: per-head KV budgets, saturation and cache bytes",
-        needs=("01_ocr_annotation", "03_head_scoring"),
-        outputs=("budgets.csv", "cache_bytes.csv", "saturation.csv"),
-    ),
-    Step(
-        "05_eval",
-        "Evaluation: accuracy against KV budget for every method",
-        needs=("03_head_scoring",),
-        outputs=("results.csv", "predictions.jsonl", "sweep.json", "lowest_budget.csv"),
-        resumable=True,
-    ),
-    Step(
-        "06_efficiency",
-        "Efficiency: decode latency, peak memory and KV bytes against context",
-        needs=(),
-        outputs=("results.csv", "analytic_kv.csv", "targets.csv"),
-    ),
-    Step(
-        "07_attention_by_layer",
-        "Where the model looks, layer by layer (LLaVA-Mini's analysis) beside the visual heads",
-        needs=("01_ocr_annotation", "02_patch_mapping", "03_head_scoring"),
-        outputs=(
-            "category_attention.csv",
-            "entropy.csv",
-            "head_vision_share.csv",
-            "vision_drop.csv",
-            "fastv.csv",
-            "findings.csv",
-        ),
-    ),
+#: The registry: the only list of the chain's steps (order = execution order), built from the
+#: declarations of the step modules (sparsemm_utils/steps/: notebook, inputs, outputs). Step 00
+#: (the tiny reader's notebook) is outside the chain.
+STEPS: tuple[StepSpec, ...] = (
+    ocr_annotation.STEP,
+    patch_mapping.STEP,
+    head_scoring.STEP,
+    allocation.STEP,
+    eval_step.STEP,
+    efficiency.STEP,
+    attention_by_layer.STEP,
 )
+
+
+def check_registry(steps: Sequence[StepSpec]) -> None:
+    """Each step reads only outputs that earlier steps declare: a step name, an order or an output
+    name retyped wrong anywhere fails here, not halfway through a run."""
+    seen: dict[str, StepSpec] = {}
+    for step in steps:
+        if step.name in seen:
+            raise PipelineConfigError(f"step {step.name} is registered twice")
+        for artifact in step.inputs:
+            upstream = seen.get(artifact.step)
+            if upstream is None:
+                raise PipelineConfigError(
+                    f"step {step.name} reads {artifact.key}, but step {artifact.step} does not come before it in the registry"
+                )
+            if artifact.name not in upstream.output_names:
+                raise PipelineConfigError(
+                    f"step {step.name} reads {artifact.key}, which step {artifact.step} does not declare among its outputs "
+                    f"{list(upstream.output_names)}"
+                )
+        seen[step.name] = step
+
+
+check_registry(STEPS)
 
 #: Files of a step folder that the pipeline itself writes (not outputs of the notebook).
 _PIPELINE_FILES = ("manifest.json",)
@@ -323,14 +287,14 @@ def load_config(path: str | Path) -> PipelineConfig:
     )
 
 
-def _step_by_name(name: str, steps: Sequence[Step]) -> Step:
+def _step_by_name(name: str, steps: Sequence[StepSpec]) -> StepSpec:
     for step in steps:
         if name in (step.name, step.number):
             return step
     raise PipelineConfigError(f"unknown step {name!r}; known steps: {[s.name for s in steps]}")
 
 
-def select_steps(from_step: str | None = None, to_step: str | None = None, steps: Sequence[Step] = STEPS) -> list[Step]:
+def select_steps(from_step: str | None = None, to_step: str | None = None, steps: Sequence[StepSpec] = STEPS) -> list[StepSpec]:
     """The steps from ``from_step`` to ``to_step`` inclusive (a full name or its number, e.g. "02")."""
     names = [s.name for s in steps]
     start = names.index(_step_by_name(from_step, steps).name) if from_step else 0
@@ -681,8 +645,7 @@ def _run_step(step, config, run, steps, root, declared, force, kernel_name, log)
             exc,
         ) from exc
     seconds = time.perf_counter() - start
-    names = getattr(step, "output_names", None) or step.outputs
-    missing = [name for name in names if not (folder / name).exists()]
+    missing = [name for name in step.output_names if not (folder / name).exists()]
     if missing:
         raise fail(
             f"step {step.name}: the notebook finished but did not write {missing} into {folder}; its step "
@@ -701,7 +664,7 @@ def _run_step(step, config, run, steps, root, declared, force, kernel_name, log)
     return StepResult(step.name, "ran", seconds, folder, reason)
 
 
-def main(argv: Sequence[str] | None = None, *, steps: Sequence[Step] | None = None, root: Path | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, steps: Sequence[StepSpec] | None = None, root: Path | None = None) -> int:
     """The command line; ``steps`` and ``root`` replace the registry and repo root (for tests)."""
     steps = tuple(steps or STEPS)
     parser = argparse.ArgumentParser(

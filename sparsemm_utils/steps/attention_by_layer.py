@@ -15,7 +15,7 @@ module:
 
 Here: :data:`STEP` (reads :data:`~sparsemm_utils.steps.ocr_annotation.DOCUMENTS`, the pages
 analysed; :data:`~sparsemm_utils.steps.patch_mapping.REGIONS`, the cross-check of the image-token
-positions; :data:`HEAD_SCORES`, step 03's visual scores; writes the tables, ``findings.csv`` and
+positions; :data:`~sparsemm_utils.steps.head_scoring.HEAD_SCORES`, step 03's visual scores; writes the tables, ``findings.csv`` and
 the figures),
 :class:`Config` (the notebook's parameters), :func:`write_outputs` (the tables and the findings)
 and :func:`findings` (LLaVA-Mini's findings beside this run's numbers).
@@ -33,17 +33,15 @@ import pandas as pd
 from ..artifacts import Artifact, StepSpec
 from ..category_attention import spearman
 from ..findings import Finding, findings_frame, read_findings
-from ..head_scoring_files import load_head_scores
 from ..reader_tasks import TASK_TYPES
 from ..token_categories import LayerAnalysisError
 from ..validate import check_fraction, check_int
 from ..vision_drop import READINGS
-from . import ocr_annotation, patch_mapping
+from . import head_scoring, ocr_annotation, patch_mapping
 
 __all__ = [
     "NAME",
     "STEP",
-    "HEAD_SCORES",
     "CATEGORY_ATTENTION",
     "ENTROPY",
     "HEAD_VISION_SHARE",
@@ -62,13 +60,6 @@ __all__ = [
 ]
 
 NAME = "07_attention_by_layer"
-
-# ---------------------------------------------------------------------------------------- inputs
-
-#: Step 03's visual scores S (layers x heads); read with the model to check its shape
-#: (``load_head_scores(HEAD_SCORES.require(run_dir), loaded)``). Declared here until step 03's
-#: module declares it.
-HEAD_SCORES = Artifact("03_head_scoring", "head_scores.json", "visual head scores S (layers x heads)", reader=load_head_scores)
 
 # ---------------------------------------------------------------------------------------- outputs
 
@@ -121,7 +112,7 @@ _TABLES: dict[str, Artifact[pd.DataFrame]] = {
 STEP = StepSpec(
     NAME,
     "Where the model looks, layer by layer (LLaVA-Mini's analysis) beside the visual heads",
-    inputs=(ocr_annotation.DOCUMENTS, patch_mapping.REGIONS, HEAD_SCORES),
+    inputs=(ocr_annotation.DOCUMENTS, patch_mapping.REGIONS, head_scoring.HEAD_SCORES),
     outputs=(
         *_TABLES.values(),
         FINDINGS,

@@ -14,15 +14,18 @@ import nbformat
 import pytest
 
 from sparsemm_utils import pipeline as pl
+from sparsemm_utils.artifacts import Artifact, StepSpec
 from sparsemm_utils.manifest import Manifest, sha256_file
 from sparsemm_utils.runs import MissingUpstreamError
 
 pytestmark = pytest.mark.slow
 
+VALUE = Artifact("01_make", "value.txt", "the number")
+DOUBLE = Artifact("02_double", "double.txt", "twice the number")
 FAKE_STEPS = (
-    pl.Step("01_make", "write a number", needs=(), outputs=("value.txt",)),
-    pl.Step("02_double", "double it", needs=("01_make",), outputs=("double.txt",)),
-    pl.Step("03_fail", "raise on purpose", needs=("02_double",), outputs=()),
+    StepSpec("01_make", "write a number", outputs=(VALUE,)),
+    StepSpec("02_double", "double it", inputs=(VALUE,), outputs=(DOUBLE,)),
+    StepSpec("03_fail", "raise on purpose", inputs=(DOUBLE,)),
 )
 
 
@@ -210,9 +213,30 @@ def test_resumable_step_keeps_its_folder_and_others_start_clean(tmp_path, fake_r
     )
     run = tmp_path / "run"
     for resumable, expected in ((True, "1\n2\n"), (False, "2\n")):
-        steps = (pl.Step("01_append", "append", outputs=("log.txt",), resumable=resumable),)
+        steps = (StepSpec("01_append", "append", outputs=(Artifact("01_append", "log.txt", "the log"),), resumable=resumable),)
         folder = run / ("resumable" if resumable else "plain")
         for value in (1, 2):
             config = pl.PipelineConfig(name="fake", steps={"01_append": {"value": value}})
             pl.run_pipeline(config, folder, steps=steps, root=fake_repo, log=lambda _: None)
         assert (folder / "01_append" / "log.txt").read_text() == expected
+
+
+def test_the_registry_check_catches_a_retyped_name():
+    value = Artifact("01_make", "value.txt", "the number")
+    typo = Artifact("01_make", "valeu.txt", "the number, misspelled")
+    pl.check_registry((StepSpec("01_make", "m", outputs=(value,)), StepSpec("02_use", "u", inputs=(value,))))
+    with pytest.raises(pl.PipelineConfigError, match="does not declare among its outputs"):
+        pl.check_registry((StepSpec("01_make", "m", outputs=(value,)), StepSpec("02_use", "u", inputs=(typo,))))
+    with pytest.raises(pl.PipelineConfigError, match="does not come before it"):
+        pl.check_registry((StepSpec("02_use", "u", inputs=(value,)), StepSpec("01_make", "m", outputs=(value,))))
+
+
+def test_every_notebook_has_a_step_module_and_every_step_module_a_notebook():
+    import importlib
+
+    notebooks = {p.stem for p in (pl.repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb")}
+    modules = {p.stem for p in (pl.repo_root() / "sparsemm_utils" / "steps").glob("*.py")} - {"__init__"}
+    assert {n.split("_", 1)[1] for n in notebooks} == modules
+    for name in notebooks:
+        module = importlib.import_module(f"sparsemm_utils.steps.{name.split('_', 1)[1]}")
+        assert module.STEP.name == name and module.STEP.notebook_path().is_file()
