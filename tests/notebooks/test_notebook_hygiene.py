@@ -52,3 +52,12 @@ def test_parameters_cell_holds_literals_only(path: Path):
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]
         names |= {t.id for t in targets}
     assert "run_dir" in names
+
+
+@pytest.mark.parametrize("path", sorted((repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.stem)
+def test_the_config_cell_rejects_parameters_the_notebook_does_not_declare(path):
+    cells = [c for c in nbformat.read(str(path), as_version=4).cells if c.cell_type == "code"]
+    config_cells = [c.source for c in cells if "cfg = Config(" in c.source]
+    assert config_cells, f"{path.name} builds no Config"
+    source = config_cells[0]
+    assert source.index("reject_unknown_parameters(Config)") < source.index("cfg = Config(")
