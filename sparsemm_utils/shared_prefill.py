@@ -214,7 +214,7 @@ def _prefill_only(
     recorder = PREFILL_HOOK.active(SHARED_PREFILL_ATTENTION)
     inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
     outputs = model(**inputs, return_dict=True)
-    logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
+    logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
     scores = logits_processor(input_ids, logits)
     cache = outputs.past_key_values
     shape = model_shape(model)
@@ -295,9 +295,9 @@ class CompressedPrefill:
 
 
 def check_shareable(press: Any) -> None:
-    """Raise :class:`PrefillNotShareableError` for a method whose prefill is not the model's own,
-    and :class:`~sparsemm_utils.compression.UnknownCompressionMethodError`-like errors for objects
-    that are not a method at all."""
+    """Raise :class:`PrefillNotShareableError` for a method whose prefill is not the model's own
+    (FastV, the head-mask ablation) and for anything that is not a method of
+    :data:`~sparsemm_utils.compression.COMPRESSION_METHODS`."""
     if isinstance(press, (FastVAtBudget, FastVPress)):
         raise PrefillNotShareableError(
             "FastV drops image tokens INSIDE the prefill (after layer K), so its prefill differs from every other "
@@ -327,7 +327,8 @@ def compress_prefill(prefill: SharedPrefill, press: Any) -> CompressedPrefill:
     if isinstance(press, FullKVPress):
         decisions.prompt_len = prefill.prompt_len
         return CompressedPrefill(press, decisions, (None,) * prefill.shape.layers)
-    if press.window > prefill.query_window and prefill.prompt_len > prefill.query_window:
+    scores = press.selection == "snapkv"  # StreamingLLM reads no queries
+    if scores and press.window > prefill.query_window and prefill.prompt_len > prefill.query_window:
         raise SharedPrefillError(
             f"{press.name} with window w={press.window} scores with the last w prompt queries, but the prefill recorded "
             f"{prefill.query_window}: call shared_prefill(..., query_window={press.window}) (or larger)"
@@ -431,10 +432,9 @@ def decode_rows(
     cache = BatchedPerHeadKVCache.from_prefill(
         prefill.states(), [row.positions for row in rows], decode_reserve=max(prefill.max_new_tokens - 1, 0)
     )
-    ids = torch.cat(
-        [prefill.input_ids.expand(len(rows), n), torch.full((len(rows), 1), prefill.first_token, dtype=prefill.input_ids.dtype)],
-        dim=1,
-    )
+    prompt = prefill.input_ids
+    first = torch.full((len(rows), 1), prefill.first_token, dtype=prompt.dtype, device=prompt.device)
+    ids = torch.cat([prompt.expand(len(rows), n), first], dim=1)  # on the prompt's device, as generate keeps them
     done = prefill.stopping_criteria(ids, prefill.first_logits.expand(len(rows), -1))
     extra = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
     results: list[PressGeneration | None] = [None] * len(rows)
@@ -461,11 +461,12 @@ def decode_rows(
             positions = None
             if prefill.last_position_ids is not None:
                 last = prefill.last_position_ids
-                positions = (last + step).expand(*last.shape[:-2], len(active), 1)
+                positions = (last + step).expand(*last.shape[:-2], len(active), 1).to(model.device)
             outputs = model(
-                input_ids=ids[:, -1:], position_ids=positions, past_key_values=cache, use_cache=True, return_dict=True, **extra
+                input_ids=ids[:, -1:].to(model.device), position_ids=positions, past_key_values=cache, use_cache=True,
+                return_dict=True, **extra,
             )
-            logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
+            logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=ids.device)
             scores = prefill.logits_processor(ids, logits)
             ids = torch.cat([ids, torch.argmax(scores, dim=-1, keepdim=True).to(ids.dtype)], dim=1)
             done = prefill.stopping_criteria(ids, scores)

@@ -121,6 +121,23 @@ def test_every_row_equals_batch_one_compressed_generate(model_id):
         assert len(lengths) > 1  # rows ended at different steps: finished rows left the batch
 
 
+
+def test_llava_next_with_an_image():
+    # anyres: 1500+ prompt tokens, the image features entering at the prefill only (the study model's class)
+    loaded, _, scores = _setup("tiny-random/llava_next")
+    inputs = build_inputs(loaded, Image.new("RGB", (120, 90), "white"))
+    n = int(inputs["input_ids"].shape[1])
+    assert n > 1000
+    presses = [
+        FullKVPress(),
+        SparseMMPress(budget=64, window=WINDOW, head_scores=scores),
+        AdaKVPress(budget=64, window=WINDOW),
+        SnapKVPress(budget=n + 1, window=WINDOW),
+    ]
+    for press, row in zip(presses, shared_generate(loaded, presses, inputs, max_new_tokens=4)):
+        alone = compressed_generate(loaded, press, inputs, max_new_tokens=4, do_sample=False)
+        assert torch.equal(row.sequences, alone.sequences) and row.kv_bytes == alone.kv_bytes, press.name
+
 def test_the_batched_cache_holds_the_analytic_bytes_of_its_rows():
     loaded, prompts, scores = _setup("tiny-random/qwen2_vl")
     inputs = prompts[0]
