@@ -27,7 +27,9 @@ arguments). No model class is patched; the model's attention implementation is r
 The head-mask ablation (:class:`HeadMaskAblation`, docs/method.md §5) keeps the full cache and
 zeroes the query of chosen heads, which makes their attention uniform over the visible keys.
 
-Batch size 1 only, greedy or sampling, no beam search (as the original SparseMM code).
+Batch size 1 only, greedy or sampling, no beam search (as the original SparseMM code). Many methods
+on one prompt share its prefill and decode as one batch in :mod:`sparsemm_utils.shared_prefill`
+(greedy), which selects with the same :meth:`PrefillDecisions.select`.
 """
 
 from __future__ import annotations

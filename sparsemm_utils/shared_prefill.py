@@ -411,7 +411,7 @@ def decode_rows(
             "padded" whenever several rows decode (one sdpa over the R x H_kv segments per layer
             instead of R x H_kv calls; with the tiny reader's 107-151-token prompts and 21 rows,
             one torch thread, ``benchmarks/shared_prefill_speed.py --questions 30 --backends
-            reference padded`` measured 4.70 questions per CPU second against 3.24 for the
+            reference padded`` measured 6.47 questions per CPU second against 3.95 for the
             per-segment loop), else
             :func:`~sparsemm_utils.varlen_attention.resolve_backend`'s choice.
 

@@ -8,6 +8,9 @@ sum; decoding positions are the batch-1 ones; methods that change the prefill ar
 """
 
 import functools
+import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,3 +244,17 @@ def test_backends_give_the_same_tokens():
     for a, b in zip(reference, padded):
         assert torch.equal(a.sequences, b.sequences) and a.kv_bytes == b.kv_bytes
     assert text_attention_implementation(loaded.model) == "sdpa"
+
+
+def test_the_speed_benchmark_runs_and_finds_every_cell_identical(capsys):
+    """benchmarks/shared_prefill_speed.py on one question (timings are printed, never asserted)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "shared_prefill_speed.py"
+    spec = importlib.util.spec_from_file_location("shared_prefill_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["shared_prefill_speed"] = bench
+    spec.loader.exec_module(bench)
+    cells, _ = bench.step05_cells(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    assert ("fullkv", None) in cells and ("sparsemm", 16) in cells and not any(m == "fastv" for m, _ in cells)
+    assert bench.main(["--questions", "1"]) == 0  # 1 when a cell's tokens or bytes differ between the paths
+    out = capsys.readouterr().out
+    assert "per cell" in out and "shared (auto)" in out and "yes" in out
