@@ -27,13 +27,15 @@ arguments). No model class is patched; the model's attention implementation is r
 The head-mask ablation (:class:`HeadMaskAblation`, docs/method.md §5) keeps the full cache and
 zeroes the query of chosen heads, which makes their attention uniform over the visible keys.
 
-Batch size 1 only, greedy or sampling, no beam search (as the original SparseMM code).
+Batch size 1 only, greedy or sampling, no beam search (as the original SparseMM code). Many methods
+on one prompt share its prefill and decode as one batch in :mod:`sparsemm_utils.shared_prefill`
+(greedy), which selects with the same :meth:`PrefillDecisions.select`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -83,11 +85,13 @@ __all__ = [
     "StreamingLLMPress",
     "HeadMaskAblation",
     "Press",
+    "PrefillDecisions",
     "CompressionSession",
     "GenerationResult",
     "make_press",
     "model_shape",
     "snapkv_scores",
+    "snapkv_window_scores",
     "topk_positions",
     "COMPRESSION_HOOK",
     "compression",
@@ -145,6 +149,13 @@ def model_shape(loaded_or_model: Any) -> ModelShape:
 # ------------------------------------------------------------------------------------- selection
 
 
+def _check_window(window: object, prompt_len: int) -> int:
+    window = check_int("window", window, 1, error=InvalidParameterError)
+    if window >= prompt_len:
+        raise InvalidParameterError(f"window w={window} must be < the prompt length n={prompt_len} to score anything")
+    return window
+
+
 def snapkv_scores(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -158,7 +169,8 @@ def snapkv_scores(
     at position n - w + i, sees keys 0 .. n - w + i); averaged over the w window queries; columns
     0 .. n - w - 1 kept; averaged over the G = H / H_kv query heads of each KV group; smoothed by
     ``avg_pool1d(kernel_size, stride 1, padding kernel_size // 2)`` (zero padding counted, as
-    torch's default and the original).
+    torch's default and the original). Only the last w queries matter:
+    :func:`snapkv_window_scores` computes the same from those alone.
 
     Args:
         query: ``(1, H, n, d)`` post-RoPE queries of the prompt.
@@ -174,21 +186,49 @@ def snapkv_scores(
         raise UnsupportedBatchError(
             f"snapkv_scores needs query (1, H, n, d) and key (1, H_kv, n, d), got {tuple(query.shape)}, {tuple(key.shape)}"
         )
-    _, heads, n, dim = query.shape
-    kv_heads = key.shape[1]
-    if key.shape[2] != n or heads % kv_heads:
+    n = query.shape[2]
+    if key.shape[2] != n:
         raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} do not match (same n, H % H_kv == 0)")
-    window = check_int("window", window, 1, error=InvalidParameterError)
-    if window >= n:
-        raise InvalidParameterError(f"window w={window} must be < the prompt length n={n} to score anything")
+    window = _check_window(window, n)
+    return snapkv_window_scores(query[:, :, n - window :], key, scaling, kernel_size)
+
+
+def snapkv_window_scores(
+    window_query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float | None = None,
+    kernel_size: int = 5,
+) -> torch.Tensor:
+    """:func:`snapkv_scores` from the queries of the last w prompt positions only (what a shared
+    prefill keeps, :mod:`sparsemm_utils.shared_prefill`); the window w is ``window_query``'s length.
+
+    Args:
+        window_query: ``(1, H, w, d)`` post-RoPE queries of prompt positions n - w .. n - 1.
+        key: ``(1, H_kv, n, d)`` post-RoPE keys of the whole prompt, 1 <= w < n.
+
+    Returns:
+        float32 ``(H_kv, n - w)``.
+    """
+    if window_query.ndim != 4 or key.ndim != 4 or window_query.shape[0] != 1 or key.shape[0] != 1:
+        raise UnsupportedBatchError(
+            f"snapkv_window_scores needs window_query (1, H, w, d) and key (1, H_kv, n, d), got "
+            f"{tuple(window_query.shape)}, {tuple(key.shape)}"
+        )
+    _, heads, window, dim = window_query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
+    if heads % kv_heads or key.shape[-1] != dim:
+        raise ValueError(
+            f"window_query {tuple(window_query.shape)} and key {tuple(key.shape)} do not match (same d, H % H_kv == 0)"
+        )
+    _check_window(window, n)
     kernel = _check_kernel(kernel_size)
     scale = dim**-0.5 if scaling is None else float(scaling)
     group = heads // kv_heads
-    q = query[0, :, -window:, :].float()  # (H, w, d)
+    q = window_query[0].float()  # (H, w, d)
     k = repeat_kv(key, group)[0].float()  # (H, n, d)
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # (H, w, n)
-    row = torch.arange(window, device=query.device)[:, None]
-    col = torch.arange(window, device=query.device)[None, :]
+    row = torch.arange(window, device=window_query.device)[:, None]
+    col = torch.arange(window, device=window_query.device)[None, :]
     logits[:, :, n - window :] = logits[:, :, n - window :].masked_fill(col > row, float("-inf"))
     attn = torch.softmax(logits, dim=-1, dtype=torch.float32).mean(dim=1)  # (H, n)
     attn = attn[:, : n - window].reshape(kv_heads, group, n - window).mean(dim=1)  # (H_kv, n - w)
@@ -507,30 +547,29 @@ def make_press(name: str, **kwargs: Any) -> Press:
 
 
 @dataclass(eq=False)
-class CompressionSession:
-    """State of one compressed forward/generation: the method, the model shape, the cache, and what
-    the prefill decided.
+class PrefillDecisions:
+    """What a method decided at one prompt's prefill, layer by layer (docs/method.md §5): the caps
+    it assigned, the layers it left uncompressed, and which prompt positions each KV head keeps.
+
+    :meth:`select` is THE selection rule of the compressed path: :class:`CompressionSession`
+    (batch 1, inside ``model.generate``) and :mod:`sparsemm_utils.shared_prefill` (one prefill
+    shared by many methods) both call it.
 
     Attributes:
         press: the method.
         shape: the language model's (layers, query_heads, kv_heads).
-        cache: the cache to pass as ``past_key_values`` (a :class:`PerHeadKVCache` for the
-            compressing methods, a ``DynamicCache`` for FullKV and the head-mask ablation).
-        prompt_len: n, set at the prefill.
+        prompt_len: n, set at the prefill's first layer.
         assigned: int64 (layers, kv_heads): the caps (selected tokens, window excluded) the method
             assigned at the prefill, before the n - w limit; -1 until the layer's prefill ran.
         skipped_layers: layers left uncompressed because n < B (the original's whole-prompt skip).
-        head_mask: bool (layers, query_heads) for :class:`HeadMaskAblation`, else None.
     """
 
     press: Any
     shape: ModelShape
-    cache: Cache
-    prompt_len: int | None = None
+    prompt_len: int | None = field(default=None, kw_only=True)
     assigned: np.ndarray = field(init=False)
-    skipped_layers: list[int] = field(default_factory=list)
-    head_mask: np.ndarray | None = None
-    _static: HeadCapacities | None = field(default=None, repr=False)
+    skipped_layers: list[int] = field(default_factory=list, kw_only=True)
+    _static: HeadCapacities | None = field(default=None, repr=False, kw_only=True)
 
     def __post_init__(self) -> None:
         self.assigned = np.full(self.shape.kv_grid, -1, dtype=np.int64)
@@ -544,11 +583,32 @@ class CompressionSession:
         if not getattr(self.press, "data_dependent", False):
             self._static = self.press.capacities(self.shape, n)
 
-    def prefill_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
-        """Choose the prompt positions each KV head of ``layer_idx`` keeps and pack them.
+    def select(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        scaling: float | None,
+        *,
+        scorer: Callable[[int, int], torch.Tensor] | None = None,
+    ) -> list[torch.Tensor] | None:
+        """Decide what each KV head of ``layer_idx`` keeps; record its caps (and a skip).
 
-        ``query`` (1, H, n, d) and ``key`` (1, H_kv, n, d) are the prefill's post-RoPE states."""
-        layer = self.cache.layers[layer_idx]
+        Args:
+            layer_idx: the decoder layer (layer 0 starts a new prompt).
+            query: ``(1, H, m, d)`` post-RoPE queries of the LAST m prompt positions, m >= min(w, n)
+                (the whole prompt's queries in the batch-1 path; SnapKV reads the last w only).
+            key: ``(1, H_kv, n, d)`` post-RoPE keys of the prompt.
+            scaling: the attention's softmax scale.
+            scorer: ``scorer(window, kernel_size)`` -> this layer's SnapKV scores ``(H_kv, n - w)``
+                (:func:`snapkv_window_scores` of ``query`` and ``key``, the default); a shared
+                prefill passes a memoised one, so methods with the same w and kernel score once.
+
+        Returns:
+            H_kv sorted int64 position tensors (docs/method.md §5: top-cap by window attention, or
+            StreamingLLM's sinks + recent tokens, then the window), or None when every head keeps
+            all n positions (n < B skip, or every cap >= n - w).
+        """
         n = int(key.shape[-2])
         if layer_idx == 0 or self.prompt_len is None:
             self._start_prefill(n)
@@ -558,22 +618,20 @@ class CompressionSession:
             if n - w < press.allocation.selected_budget:  # b > n - w: the original does not compress
                 self.assigned[layer_idx] = press.allocation.selected_budget
                 self.skipped_layers.append(layer_idx)
-                layer.keep_all()
-                return
-            scores = snapkv_scores(query, key, w, scaling, press.kernel_size)
+                return None
+            scores = self._window_scores(query, key, scaling, scorer)
             caps = press.layer_capacities(scores)
             self.assigned[layer_idx] = caps
-            layer.compress(topk_positions(scores, caps, n, w))
-            return
+            return topk_positions(scores, caps, n, w)
         caps = self._static.selected[layer_idx]
         self.assigned[layer_idx] = caps
         skip_below = self._static.skip_if_shorter_than
         if skip_below is not None and n < skip_below:
             self.skipped_layers.append(layer_idx)
-            layer.keep_all()
-        elif (caps >= n - w).all():
-            layer.keep_all()
-        elif press.selection == "streaming":
+            return None
+        if (caps >= n - w).all():
+            return None
+        if press.selection == "streaming":
             tail = torch.arange(n - w, n, device=key.device)
             positions = []
             for cap in caps.tolist():
@@ -582,10 +640,21 @@ class CompressionSession:
                 else:
                     chosen = torch.as_tensor(streaming_llm_positions(n, cap, w, press.sink), device=key.device)
                     positions.append(torch.cat([chosen, tail]))
-            layer.compress(positions)
-        else:
-            scores = snapkv_scores(query, key, w, scaling, press.kernel_size)
-            layer.compress(topk_positions(scores, caps, n, w))
+            return positions
+        return topk_positions(self._window_scores(query, key, scaling, scorer), caps, n, w)
+
+    def _window_scores(
+        self, query: torch.Tensor, key: torch.Tensor, scaling: float | None, scorer: Callable[[int, int], torch.Tensor] | None
+    ) -> torch.Tensor:
+        w = self.window
+        if scorer is not None:
+            return scorer(w, self.press.kernel_size)
+        if query.ndim != 4 or query.shape[2] < w:
+            raise ValueError(
+                f"{self.press.name}: SnapKV scoring needs the queries of the last w={w} prompt positions, got a query "
+                f"of shape {tuple(query.shape)}; record at least w window queries (shared_prefill(query_window=...))"
+            )
+        return snapkv_window_scores(query[:, :, query.shape[2] - w :], key, scaling, self.press.kernel_size)
 
     def saturated(self) -> np.ndarray:
         """bool (layers, kv_heads): heads whose cap reached n - w (they keep everything; the rest of
@@ -593,6 +662,32 @@ class CompressionSession:
         if self.prompt_len is None:
             raise RuntimeError("no prefill has run in this session yet")
         return self.assigned >= self.prompt_len - self.window
+
+
+@dataclass(eq=False)
+class CompressionSession(PrefillDecisions):
+    """State of one compressed forward/generation: the method's :class:`PrefillDecisions` plus the
+    cache they are applied to.
+
+    Attributes (besides :class:`PrefillDecisions`'):
+        cache: the cache to pass as ``past_key_values`` (a :class:`PerHeadKVCache` for the
+            compressing methods, a ``DynamicCache`` for FullKV and the head-mask ablation).
+        head_mask: bool (layers, query_heads) for :class:`HeadMaskAblation`, else None.
+    """
+
+    cache: Cache
+    head_mask: np.ndarray | None = field(default=None, kw_only=True)
+
+    def prefill_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
+        """Choose the prompt positions each KV head of ``layer_idx`` keeps (:meth:`select`) and pack them.
+
+        ``query`` (1, H, n, d) and ``key`` (1, H_kv, n, d) are the prefill's post-RoPE states."""
+        positions = self.select(layer_idx, query, key, scaling)
+        layer = self.cache.layers[layer_idx]
+        if positions is None:
+            layer.keep_all()
+        else:
+            layer.compress(positions)
 
 
 #: The session every compressed-path attention function reads (:func:`per_head_attention`,

@@ -13,12 +13,18 @@ Storage design (one :class:`PerHeadKVLayer` per decoder layer)
   ``[start[h], start[h] + room[h])`` of both, of which the first ``length[h]`` rows are in use:
   its kept prompt tokens (in prompt order) followed by the tokens generated since.
   No padding to the longest head: a head with 40 tokens next to one with 900 costs 40 rows.
+- **Rows.** A layer may hold R rows, R compressions of ONE prompt decoding side by side
+  (:class:`BatchedPerHeadKVCache`, filled by :meth:`PerHeadKVLayer.load_rows` from a shared
+  prefill, :mod:`sparsemm_utils.shared_prefill`): segment ``r * H_kv + h`` is KV head h of row r,
+  packed like the others, so rows pay only for what they keep. A prefill's own cache
+  (:class:`PerHeadKVCache`) has one row.
 - **Appends without copying the cache.** ``room[h] = length[h] + reserve`` leaves every head a
   reserve of free rows after compression; a decode step writes its new key and value into row
   ``start[h] + length[h]`` of every head (one ``index_copy_``, O(H_kv x head_dim)). Only when a
   head's reserve runs out is the layer re-packed with a reserve twice as large, so over T decode
   steps the layer is re-packed O(log T) times (amortised O(1) per step). ``compressed_generate``
-  sizes the reserve to ``max_new_tokens``, so a generation re-packs nothing.
+  sizes the reserve to ``max_new_tokens``, so a generation re-packs nothing. Dropping rows
+  (:meth:`PerHeadKVLayer.select_rows`) compacts the kept ones into new buffers.
 - **Honest byte accounting.** :meth:`PerHeadKVLayer.kv_bytes` counts rows in use only
   (docs/method.md §7's formula); :meth:`PerHeadKVLayer.allocated_bytes` counts the buffers
   (rows in use + the decode reserve); :meth:`PerHeadKVLayer.slack_bytes` is their difference.
@@ -27,7 +33,7 @@ Storage design (one :class:`PerHeadKVLayer` per decoder layer)
 - **Logical length.** ``get_seq_length`` reports the number of tokens the layer has SEEN (prompt
   + generated), not how many it keeps: ``generate`` and Qwen's M-RoPE deltas derive positions
   from it, and keys are stored after RoPE, so evicting tokens never shifts the positions of the
-  ones kept or of those generated later.
+  ones kept or of those generated later. Rows decode in lockstep, so they share it.
 
 Protocol (what the attention function of :mod:`sparsemm_utils.compression` relies on)
 --------------------------------------------------------------------------------------
@@ -35,15 +41,17 @@ Protocol (what the attention function of :mod:`sparsemm_utils.compression` relie
    *pending* and returns them unchanged, so the prefill's own attention uses the full keys
    (docs/method.md §5). The attention function then calls :meth:`PerHeadKVLayer.compress` with the
    prompt positions each head keeps (or :meth:`PerHeadKVLayer.keep_all`), which packs them and
-   drops the full tensors.
-2. Decode: ``update(k, v)`` appends the ``t`` new tokens to every head and returns them (only
-   them). The heads' stored tokens have different lengths, so no ``(1, H_kv, len, d)`` tensor
-   exists: attention over the cache goes through :meth:`PerHeadKVLayer.attend`, one
-   ``scaled_dot_product_attention`` per KV head over its own segment (views, no copies).
+   drops the full tensors. (A shared prefill instead packs R rows at once with
+   :meth:`PerHeadKVLayer.load_rows`.)
+2. Decode: ``update(k, v)`` appends the ``t`` new tokens to every head (of every row) and returns
+   them (only them). The heads' stored tokens have different lengths, so no
+   ``(R, H_kv, len, d)`` tensor exists: attention over the cache goes through
+   :meth:`PerHeadKVLayer.attend`, one ``scaled_dot_product_attention`` per (row, KV head) over its
+   own segment (views, no copies), or the one-call paths of :mod:`sparsemm_utils.varlen_attention`.
    Using the cache with any other attention function is an error caught at the next update.
 
-Batch size 1 only (as the original SparseMM and AdaKV code); beam search, cropping and batch
-reordering raise :class:`UnsupportedCacheOperationError`.
+A prefill runs one prompt at a time (batch size 1, as the original SparseMM and AdaKV code);
+beam search, cropping and repeating rows raise :class:`UnsupportedCacheOperationError`.
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ __all__ = [
     "InvalidPositionsError",
     "PerHeadKVLayer",
     "PerHeadKVCache",
+    "BatchedPerHeadKVCache",
     "analytic_kv_bytes",
     "cache_kv_bytes",
 ]
@@ -83,7 +92,8 @@ class CacheStateError(KVCacheError):
 
 
 class UnsupportedBatchError(KVCacheError, ValueError):
-    """A batch larger than 1: per-head compression runs one prompt at a time (as the original)."""
+    """A prefill batch larger than 1 (per-head compression runs one prompt at a time, as the
+    original), or a decode batch that does not match the cache's rows."""
 
 
 class UnsupportedCacheOperationError(KVCacheError, NotImplementedError):
@@ -110,10 +120,10 @@ def analytic_kv_bytes(stored_tokens: Any, head_dim: int, dtype: torch.dtype) -> 
 def cache_kv_bytes(cache: Cache) -> int:
     """Bytes of keys and values a transformers cache holds (docs/method.md §7).
 
-    A :class:`PerHeadKVCache` reports its rows in use (:meth:`PerHeadKVCache.kv_bytes`); any other
+    A :class:`PerHeadKVCache` (or :class:`BatchedPerHeadKVCache`) reports its rows in use (:meth:`PerHeadKVCache.kv_bytes`); any other
     cache whose layers hold ``keys`` / ``values`` tensors (``DynamicCache``, FullKV) reports their
     sizes, i.e. n x H_kv x head_dim x 2 x element size per layer."""
-    if isinstance(cache, PerHeadKVCache):
+    if isinstance(cache, _PackedCache):
         return cache.kv_bytes()
     total = 0
     for layer in cache.layers:
@@ -126,11 +136,22 @@ def cache_kv_bytes(cache: Cache) -> int:
 # ----------------------------------------------------------------------------------------- layer
 
 
+def _segment_rows(starts: Sequence[int], lengths: Sequence[int], device: Any) -> torch.Tensor:
+    """Buffer rows ``start .. start + length - 1`` of every segment, concatenated (int64)."""
+    lengths_t = torch.as_tensor(list(lengths), dtype=torch.int64, device=device)
+    # row j of the concatenation belongs to segment s: start[s] + (j - first row of s in the concatenation)
+    offsets = torch.as_tensor(list(starts), dtype=torch.int64, device=device) - (torch.cumsum(lengths_t, 0) - lengths_t)
+    return torch.arange(int(lengths_t.sum()), device=device) + torch.repeat_interleave(offsets, lengths_t)
+
+
 class PerHeadKVLayer(CacheLayerMixin):
-    """One decoder layer's KV cache with a different number of stored tokens per KV head.
+    """One decoder layer's KV cache with a different number of stored tokens per KV head, for one
+    prompt or for R rows decoding side by side.
 
     See the module docstring for the storage design and the protocol. Shapes: keys and values
-    enter as ``(1, H_kv, t, head_dim)``; the packed buffers are ``(capacity, head_dim)``.
+    enter as ``(rows, H_kv, t, head_dim)`` (rows = 1 from a prefill); the packed buffers are
+    ``(capacity, head_dim)``; segment ``row * H_kv + head`` holds what KV head ``head`` of row
+    ``row`` stores.
 
     Args:
         decode_reserve: free rows each KV head gets after compression for the tokens generated
@@ -153,19 +174,21 @@ class PerHeadKVLayer(CacheLayerMixin):
     # ------------------------------------------------------------------ state
 
     def _clear(self) -> None:
-        # CacheLayerMixin's attributes: there is no single (1, H_kv, len, d) tensor here.
+        # CacheLayerMixin's attributes: there is no single (rows, H_kv, len, d) tensor here.
         self.keys = None
         self.values = None
         self.is_initialized = False
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._k: torch.Tensor | None = None  # (capacity, head_dim)
         self._v: torch.Tensor | None = None
+        # one entry per segment (row * H_kv + head)
         self._starts: list[int] = []
         self._lengths: list[int] = []
         self._rooms: list[int] = []
-        self._reserve = self.decode_reserve
         self._prompt_positions: list[torch.Tensor] = []
+        self._reserve = self.decode_reserve
         self._seen = 0
+        self.rows = 0  # rows packed (1 after a prefill's compression)
         self.prompt_len = 0
         self.num_kv_heads = 0
         self.head_dim = 0
@@ -200,10 +223,17 @@ class PerHeadKVLayer(CacheLayerMixin):
                 f"{self._where()}: keys and values must both be (batch, kv_heads, tokens, head_dim), got "
                 f"{tuple(key_states.shape)} and {tuple(value_states.shape)}"
             )
-        if key_states.shape[0] != 1:
+        batch = int(key_states.shape[0])
+        if not self.is_compressed and batch != 1:
             raise UnsupportedBatchError(
-                f"{self._where()}: batch size {key_states.shape[0]}: the per-head KV cache holds one prompt "
-                f"(batch size 1, as the original SparseMM/AdaKV code); run prompts one at a time"
+                f"{self._where()}: batch size {batch}: the per-head KV cache prefills one prompt "
+                f"(batch size 1, as the original SparseMM/AdaKV code); run prompts one at a time, or decode several "
+                f"compressions of one prompt with sparsemm_utils.shared_prefill"
+            )
+        if self.is_compressed and batch != self.rows:
+            raise UnsupportedBatchError(
+                f"{self._where()}: batch size {batch}, but the cache holds {self.rows} row(s): decode steps feed one "
+                f"token per row"
             )
         if self.is_initialized and (key_states.shape[1], key_states.shape[-1]) != (self.num_kv_heads, self.head_dim):
             raise ValueError(
@@ -217,8 +247,8 @@ class PerHeadKVLayer(CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill (empty layer): keep the full keys/values pending and return them unchanged.
-        Decode: append the new tokens to every head and return them (only them; attend with
-        :meth:`attend`). Inputs ``(1, H_kv, t, head_dim)``."""
+        Decode: append the new tokens to every head of every row and return them (only them;
+        attend with :meth:`attend`). Inputs ``(rows, H_kv, t, head_dim)``."""
         self._check_states(key_states, value_states)
         if self._pending is not None:
             raise CacheStateError(
@@ -234,31 +264,59 @@ class PerHeadKVLayer(CacheLayerMixin):
         self._append(key_states, value_states)
         return key_states, value_states
 
-    def _validated_positions(self, positions: Sequence[torch.Tensor], n: int) -> list[torch.Tensor]:
+    def _validated_positions(self, positions: Sequence[torch.Tensor], n: int, row: str = "") -> list[torch.Tensor]:
         if len(positions) != self.num_kv_heads:
             raise InvalidPositionsError(
-                f"{self._where()}: got positions for {len(positions)} KV heads, the layer has {self.num_kv_heads}"
+                f"{self._where()}{row}: got positions for {len(positions)} KV heads, the layer has {self.num_kv_heads}"
             )
         out = []
         for h, pos in enumerate(positions):
             pos = torch.as_tensor(pos)
             if pos.ndim != 1 or pos.dtype not in (torch.int64, torch.int32):
                 raise InvalidPositionsError(
-                    f"{self._where()}, KV head {h}: positions must be a 1-D integer tensor, got "
-                    f"{pos.dtype} of shape {tuple(pos.shape)}"
+                    f"{self._where()}{row}, KV head {h}: positions must be a 1-D integer tensor, got {pos.dtype} of "
+                    f"shape {tuple(pos.shape)}"
                 )
-            pos = pos.to(device=self.device, dtype=torch.int64)
-            if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= n):
-                raise InvalidPositionsError(
-                    f"{self._where()}, KV head {h}: positions must lie in [0, {n}) (the prompt has {n} tokens), got "
-                    f"min {int(pos.min())}, max {int(pos.max())}"
-                )
-            if pos.numel() > 1 and not bool((pos[1:] > pos[:-1]).all()):
-                raise InvalidPositionsError(
-                    f"{self._where()}, KV head {h}: positions must be strictly increasing (sorted, no duplicates)"
-                )
-            out.append(pos)
+            out.append(pos.to(device=self.device, dtype=torch.int64))
+        # the range and order checks of all heads at once (one sync), the head named on failure
+        flat = torch.cat(out)
+        starts_new = torch.zeros(flat.numel(), dtype=torch.bool, device=self.device)
+        first = np.cumsum([0] + [p.numel() for p in out[:-1]])
+        starts_new[torch.as_tensor(first[first < flat.numel()], dtype=torch.int64, device=self.device)] = True
+        increasing = (flat[1:] > flat[:-1]) | starts_new[1:]
+        if flat.numel() and bool(((flat < 0) | (flat >= n)).any() | ~increasing.all()):
+            for h, pos in enumerate(out):
+                where = f"{self._where()}{row}, KV head {h}"
+                if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= n):
+                    raise InvalidPositionsError(
+                        f"{where}: positions must lie in [0, {n}) (the prompt has {n} tokens), got "
+                        f"min {int(pos.min())}, max {int(pos.max())}"
+                    )
+                if pos.numel() > 1 and not bool((pos[1:] > pos[:-1]).all()):
+                    raise InvalidPositionsError(f"{where}: positions must be strictly increasing (sorted, no duplicates)")
         return out
+
+    def _pack(self, keys: torch.Tensor, values: torch.Tensor, rows: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Pack R rows of kept prompt positions (validated) from one prompt's ``(1, H_kv, n, d)``
+        keys and values: segment r * H_kv + h gathers ``keys[0, h, rows[r][h]]``."""
+        kept = [pos for row in rows for pos in row]
+        heads = self.num_kv_heads
+        lengths = [int(p.numel()) for p in kept]
+        rooms = [length + self._reserve for length in lengths]
+        starts = np.concatenate([[0], np.cumsum(rooms)[:-1]]).astype(int).tolist()
+        k_buf = keys.new_empty((int(sum(rooms)), self.head_dim))
+        v_buf = values.new_empty((int(sum(rooms)), self.head_dim))
+        if sum(lengths):
+            # one gather for all segments (no copy of the whole prompt): (head, position) pairs
+            head = torch.cat([torch.full_like(pos, s % heads) for s, pos in enumerate(kept)])
+            position = torch.cat(kept)
+            target = _segment_rows(starts, lengths, self.device)
+            k_buf.index_copy_(0, target, keys[0][head, position])
+            v_buf.index_copy_(0, target, values[0][head, position])
+        self._k, self._v = k_buf, v_buf
+        self._starts, self._lengths, self._rooms = starts, lengths, rooms
+        self._prompt_positions = [p.detach().clone() for p in kept]
+        self.rows = len(rows)
 
     def compress(self, positions: Sequence[torch.Tensor]) -> None:
         """Pack the pending prefill, keeping in KV head h only the prompt positions ``positions[h]``.
@@ -273,21 +331,7 @@ class PerHeadKVLayer(CacheLayerMixin):
                 f"{self._where()}: nothing to compress; compress() runs once, right after the prefill's update()"
             )
         keys, values = self._pending
-        n = int(keys.shape[-2])
-        kept = self._validated_positions(positions, n)
-        lengths = [int(p.numel()) for p in kept]
-        rooms = [length + self._reserve for length in lengths]
-        starts = np.concatenate([[0], np.cumsum(rooms)[:-1]]).astype(int).tolist()
-        capacity = int(sum(rooms))
-        k_buf = keys.new_empty((capacity, self.head_dim))
-        v_buf = values.new_empty((capacity, self.head_dim))
-        for h, (pos, start, length) in enumerate(zip(kept, starts, lengths)):
-            if length:
-                k_buf[start : start + length] = keys[0, h].index_select(0, pos)
-                v_buf[start : start + length] = values[0, h].index_select(0, pos)
-        self._k, self._v = k_buf, v_buf
-        self._starts, self._lengths, self._rooms = starts, lengths, rooms
-        self._prompt_positions = [p.detach().clone() for p in kept]
+        self._pack(keys, values, [self._validated_positions(positions, int(keys.shape[-2]))])
         self._pending = None
 
     def keep_all(self) -> None:
@@ -298,21 +342,55 @@ class PerHeadKVLayer(CacheLayerMixin):
         everything = torch.arange(n, device=self.device)
         self.compress([everything] * self.num_kv_heads)
 
+    def load_rows(
+        self, keys: torch.Tensor, values: torch.Tensor, rows: Sequence[Sequence[torch.Tensor] | None]
+    ) -> None:
+        """Pack R rows from ONE prompt's prefill into an empty layer: row r keeps, in KV head h,
+        the prompt positions ``rows[r][h]`` (None: all n). Each row then decodes on its own
+        (:meth:`update` with batch R appends one token per row to every head of that row).
+
+        Args:
+            keys, values: ``(1, H_kv, n, head_dim)`` post-RoPE prompt states (not modified).
+            rows: per row, H_kv 1-D int tensors (strictly increasing, in [0, n)) or None.
+        """
+        if self.is_initialized:
+            raise CacheStateError(f"{self._where()}: load_rows() fills an empty layer; call reset() first")
+        self._check_states(keys, values)
+        if not rows:
+            raise InvalidPositionsError(f"{self._where()}: load_rows() needs at least one row")
+        self.lazy_initialization(keys, values)
+        n = int(keys.shape[-2])
+        everything = torch.arange(n, device=self.device)
+        checked = [
+            self._validated_positions([everything] * self.num_kv_heads if row is None else row, n, f", row {r}")
+            for r, row in enumerate(rows)
+        ]
+        self._pack(keys, values, checked)
+        self._seen = self.prompt_len = n
+
     # ------------------------------------------------------------------ decode
+
+    def _relayout(self, segments: Sequence[int], rooms: Sequence[int]) -> None:
+        """Copy the rows in use of ``segments`` (old indices, in their new order) into fresh
+        buffers where segment i gets ``rooms[i]`` rows."""
+        lengths = [self._lengths[s] for s in segments]
+        starts = np.concatenate([[0], np.cumsum(rooms)[:-1]]).astype(int).tolist() if rooms else []
+        capacity = int(sum(rooms))
+        k_buf = self._k.new_empty((capacity, self.head_dim))
+        v_buf = self._v.new_empty((capacity, self.head_dim))
+        if sum(lengths):
+            source = _segment_rows([self._starts[s] for s in segments], lengths, self._k.device)
+            target = _segment_rows(starts, lengths, self._k.device)
+            k_buf.index_copy_(0, target, self._k.index_select(0, source))
+            v_buf.index_copy_(0, target, self._v.index_select(0, source))
+        self._prompt_positions = [self._prompt_positions[s] for s in segments]
+        self._k, self._v = k_buf, v_buf
+        self._starts, self._lengths, self._rooms = starts, lengths, list(rooms)
 
     def _repack(self, needed: int) -> None:
         """Copy every head into a new buffer with a reserve of ``max(2 x reserve, needed)`` rows."""
         self._reserve = max(2 * self._reserve, needed, 1)
-        rooms = [length + self._reserve for length in self._lengths]
-        starts = np.concatenate([[0], np.cumsum(rooms)[:-1]]).astype(int).tolist()
-        capacity = int(sum(rooms))
-        k_buf = self._k.new_empty((capacity, self.head_dim))
-        v_buf = self._v.new_empty((capacity, self.head_dim))
-        for old, new, length in zip(self._starts, starts, self._lengths):
-            k_buf[new : new + length] = self._k[old : old + length]
-            v_buf[new : new + length] = self._v[old : old + length]
-        self._k, self._v = k_buf, v_buf
-        self._starts, self._rooms = starts, rooms
+        self._relayout(range(len(self._lengths)), [length + self._reserve for length in self._lengths])
         self.repacks += 1
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -323,87 +401,119 @@ class PerHeadKVLayer(CacheLayerMixin):
             [start + length + j for start, length in zip(self._starts, self._lengths) for j in range(t)],
             device=self._k.device,
         )
-        # key_states[0]: (H_kv, t, d) -> (H_kv * t, d), head-major like `rows`
-        self._k.index_copy_(0, rows, key_states[0].reshape(-1, self.head_dim).to(self._k.dtype))
-        self._v.index_copy_(0, rows, value_states[0].reshape(-1, self.head_dim).to(self._v.dtype))
+        # (rows, H_kv, t, d) -> (rows * H_kv * t, d): segment-major like `rows`
+        self._k.index_copy_(0, rows, key_states.reshape(-1, self.head_dim).to(self._k.dtype))
+        self._v.index_copy_(0, rows, value_states.reshape(-1, self.head_dim).to(self._v.dtype))
         self._lengths = [length + t for length in self._lengths]
         self._seen += t
 
-    def head_keys(self, head: int) -> torch.Tensor:
-        """The keys KV head ``head`` stores, ``(length[head], head_dim)`` (a view, not a copy)."""
-        self._require_compressed("head_keys")
-        start = self._starts[head]
-        return self._k[start : start + self._lengths[head]]
+    def select_rows(self, indices: Sequence[int] | torch.Tensor) -> None:
+        """Keep only the rows ``indices`` (in that order), e.g. to drop finished generations; the
+        kept rows are compacted into new buffers (each head keeps its free decode rows), so the
+        dropped rows' bytes are released."""
+        self._require_compressed("select_rows")
+        indices = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
+        if len(set(indices)) != len(indices) or any(not 0 <= i < self.rows for i in indices):
+            raise ValueError(f"{self._where()}: row indices must be distinct, in [0, {self.rows}), got {indices}")
+        heads = self.num_kv_heads
+        segments = [r * heads + h for r in indices for h in range(heads)]
+        self._relayout(segments, [self._rooms[s] for s in segments])
+        self.rows = len(indices)
 
-    def head_values(self, head: int) -> torch.Tensor:
-        """The values KV head ``head`` stores, ``(length[head], head_dim)`` (a view, not a copy)."""
+    def _segment(self, head: int, row: int) -> int:
+        if not (0 <= head < self.num_kv_heads and 0 <= row < self.rows):
+            raise IndexError(f"{self._where()}: no KV head {head} of row {row} ({self.rows} rows x {self.num_kv_heads} heads)")
+        return row * self.num_kv_heads + head
+
+    def head_keys(self, head: int, row: int = 0) -> torch.Tensor:
+        """The keys KV head ``head`` of row ``row`` stores, ``(length, head_dim)`` (a view, not a copy)."""
+        self._require_compressed("head_keys")
+        s = self._segment(head, row)
+        return self._k[self._starts[s] : self._starts[s] + self._lengths[s]]
+
+    def head_values(self, head: int, row: int = 0) -> torch.Tensor:
+        """The values KV head ``head`` of row ``row`` stores, ``(length, head_dim)`` (a view, not a copy)."""
         self._require_compressed("head_values")
-        start = self._starts[head]
-        return self._v[start : start + self._lengths[head]]
+        s = self._segment(head, row)
+        return self._v[self._starts[s] : self._starts[s] + self._lengths[s]]
 
     def _require_compressed(self, what: str) -> None:
         if not self.is_compressed:
             raise CacheStateError(f"{self._where()}: {what}() needs a compressed prefill (run the prefill first)")
 
     def attend(self, query: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
-        """Attention of the newest ``q`` tokens over what every KV head stores.
+        """Attention of the newest ``q`` tokens of every row over what each KV head of that row stores.
 
         Query head h reads KV head h // G (G = H / H_kv, as ``repeat_kv`` lays them out). The last
         ``q`` stored tokens of each head are the queries' own tokens (appended by the update just
         before), so query i sees the head's older tokens and new tokens 0..i (causal).
 
         Args:
-            query: ``(1, H, q, head_dim)``, post-RoPE.
+            query: ``(rows, H, q, head_dim)``, post-RoPE.
             scaling: softmax scale (default head_dim ** -0.5).
 
         Returns:
-            ``(1, q, H, head_dim)``, the layout transformers' attention functions return.
+            ``(rows, q, H, head_dim)``, the layout transformers' attention functions return.
         """
         self._require_compressed("attend")
-        if query.ndim != 4 or query.shape[0] != 1:
-            raise UnsupportedBatchError(f"{self._where()}: query must be (1, heads, q, head_dim), got {tuple(query.shape)}")
-        _, heads, q_len, dim = query.shape
+        if query.ndim != 4 or query.shape[0] != self.rows:
+            raise UnsupportedBatchError(
+                f"{self._where()}: query must be ({self.rows}, heads, q, head_dim) (one row per cached row), got "
+                f"{tuple(query.shape)}"
+            )
+        rows, heads, q_len, dim = query.shape
         if heads % self.num_kv_heads:
             raise ValueError(f"{self._where()}: {heads} query heads are not a multiple of {self.num_kv_heads} KV heads")
         group = heads // self.num_kv_heads
-        out = query.new_empty((heads, q_len, dim))
-        for h in range(self.num_kv_heads):
-            length = self._lengths[h]
-            keys = self.head_keys(h)[None, None]  # (1, 1, length, d)
-            values = self.head_values(h)[None, None]
-            # the G query heads of this group become G * q query rows against one KV head
-            rows = query[0, h * group : (h + 1) * group].reshape(1, 1, group * q_len, dim)
-            mask = None
-            if q_len > 1:  # new token i sees keys 0 .. length - q + i
-                visible = torch.arange(length, device=query.device)[None, :] <= (
-                    length - q_len + torch.arange(q_len, device=query.device)[:, None]
-                )
-                mask = visible.repeat(group, 1)
-            o = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scaling)
-            out[h * group : (h + 1) * group] = o.view(group, q_len, dim)
-        return out.transpose(0, 1).unsqueeze(0).contiguous()
+        out = query.new_empty((rows, heads, q_len, dim))
+        for row in range(rows):
+            for h in range(self.num_kv_heads):
+                length = self._lengths[self._segment(h, row)]
+                keys = self.head_keys(h, row)[None, None]  # (1, 1, length, d)
+                values = self.head_values(h, row)[None, None]
+                # the G query heads of this group become G * q query rows against one KV head
+                rows_q = query[row, h * group : (h + 1) * group].reshape(1, 1, group * q_len, dim)
+                mask = None
+                if q_len > 1:  # new token i sees keys 0 .. length - q + i
+                    visible = torch.arange(length, device=query.device)[None, :] <= (
+                        length - q_len + torch.arange(q_len, device=query.device)[:, None]
+                    )
+                    mask = visible.repeat(group, 1)
+                o = F.scaled_dot_product_attention(rows_q, keys, values, attn_mask=mask, scale=scaling)
+                out[row, h * group : (h + 1) * group] = o.view(group, q_len, dim)
+        return out.transpose(1, 2).contiguous()
 
     # ------------------------------------------------------------------ accounting
 
     def lengths(self) -> list[int]:
-        """Tokens each KV head stores now (kept prompt tokens + generated ones), H_kv ints.
+        """Tokens each KV head stores now (kept prompt tokens + generated ones): H_kv ints for one
+        row, rows x H_kv ints (row-major) for several (:meth:`row_lengths` shapes them).
         Before compression: the pending prompt length for every head."""
         if self._pending is not None:
             return [self.prompt_len] * self.num_kv_heads
         return list(self._lengths)
 
-    def prompt_positions(self) -> list[torch.Tensor]:
-        """Prompt positions each KV head kept at compression, H_kv sorted int64 tensors
+    def row_lengths(self) -> np.ndarray:
+        """Tokens each KV head of each row stores now, int64 (rows, H_kv)."""
+        self._require_compressed("row_lengths")
+        return np.array(self._lengths, dtype=np.int64).reshape(self.rows, self.num_kv_heads)
+
+    def prompt_positions(self, row: int = 0) -> list[torch.Tensor]:
+        """Prompt positions each KV head of row ``row`` kept at compression, H_kv sorted int64 tensors
         (generated tokens, at positions n, n + 1, ..., are kept by every head and not listed)."""
         self._require_compressed("prompt_positions")
-        return list(self._prompt_positions)
+        return [self._prompt_positions[self._segment(h, row)] for h in range(self.num_kv_heads)]
 
     def _element_size(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size() if self.is_initialized else 0
 
     def kv_bytes(self) -> int:
-        """docs/method.md §7: sum over KV heads of stored tokens x head_dim x 2 x element size."""
+        """docs/method.md §7: sum over KV heads (of every row) of stored tokens x head_dim x 2 x element size."""
         return sum(self.lengths()) * self.head_dim * 2 * self._element_size()
+
+    def row_kv_bytes(self) -> np.ndarray:
+        """:meth:`kv_bytes` of each row, int64 (rows,)."""
+        return self.row_lengths().sum(axis=1) * self.head_dim * 2 * self._element_size()
 
     def allocated_bytes(self) -> int:
         """Bytes the layer's buffers occupy: stored rows + the unused decode reserve (or, before
@@ -421,7 +531,8 @@ class PerHeadKVLayer(CacheLayerMixin):
     # ------------------------------------------------------------------ CacheLayerMixin
 
     def get_seq_length(self) -> int:
-        """Tokens SEEN (prompt + generated), not kept: positions and ``generate`` rely on it."""
+        """Tokens SEEN (prompt + generated), not kept: positions and ``generate`` rely on it. Rows
+        decode in lockstep, so every row has seen as many."""
         return self._seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -453,23 +564,53 @@ class PerHeadKVLayer(CacheLayerMixin):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if repeats != 1:
             raise UnsupportedCacheOperationError(
-                f"the per-head KV cache holds batch size 1; cannot repeat it {repeats} times "
+                f"the per-head KV cache cannot repeat its rows {repeats} times "
                 "(num_return_sequences / num_beams must be 1)"
             )
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise UnsupportedCacheOperationError("the per-head KV cache holds batch size 1; batch selection is not supported")
+        """Keep the rows ``indices`` (:meth:`select_rows`)."""
+        self.select_rows(indices)
 
     def __repr__(self) -> str:
         state = "pending prefill" if self._pending is not None else ("compressed" if self.is_compressed else "empty")
-        return f"PerHeadKVLayer(layer={self.layer_idx}, {state}, lengths={self.lengths() if self.is_initialized else []})"
+        rows = f", rows={self.rows}" if self.rows > 1 else ""
+        return f"PerHeadKVLayer(layer={self.layer_idx}, {state}{rows}, lengths={self.lengths() if self.is_initialized else []})"
 
 
 # ----------------------------------------------------------------------------------------- cache
 
 
-class PerHeadKVCache(Cache):
-    """A transformers ``Cache`` of :class:`PerHeadKVLayer`, one per decoder layer of the language model.
+class _PackedCache(Cache):
+    """What the per-head caches share: a transformers ``Cache`` of :class:`PerHeadKVLayer`, one per
+    decoder layer, and its byte accounting (docs/method.md §7)."""
+
+    def _require_all_initialized(self, what: str) -> None:
+        missing = [i for i, layer in enumerate(self.layers) if not layer.is_initialized]
+        if missing:
+            raise CacheStateError(f"{what}(): layers {missing} hold nothing yet (run a prefill first)")
+
+    def kv_bytes(self) -> int:
+        """docs/method.md §7: sum over layers and KV heads of stored tokens x head_dim x 2 x element size."""
+        return sum(layer.kv_bytes() for layer in self.layers)
+
+    def allocated_bytes(self) -> int:
+        """Bytes the buffers occupy, decode reserve included."""
+        return sum(layer.allocated_bytes() for layer in self.layers)
+
+    def slack_bytes(self) -> int:
+        """Reserved but unused bytes (the decode reserve not yet filled)."""
+        return self.allocated_bytes() - self.kv_bytes()
+
+    @property
+    def repacks(self) -> int:
+        """Re-packings over all layers (a head ran out of decode reserve)."""
+        return sum(layer.repacks for layer in self.layers)
+
+
+class PerHeadKVCache(_PackedCache):
+    """A transformers ``Cache`` of :class:`PerHeadKVLayer`, one per decoder layer of the language model,
+    holding one prompt (batch size 1).
 
     Pass it to ``model.generate(past_key_values=cache)`` together with the per-head attention
     function (``sparsemm_utils.compression.compressed_generate`` does both). Shapes reported by
@@ -496,24 +637,71 @@ class PerHeadKVCache(Cache):
         self._require_all_initialized("kept_prompt_tokens")
         return np.array([[p.numel() for p in layer.prompt_positions()] for layer in self.layers], dtype=np.int64)
 
-    def _require_all_initialized(self, what: str) -> None:
-        missing = [i for i, layer in enumerate(self.layers) if not layer.is_initialized]
-        if missing:
-            raise CacheStateError(f"{what}(): layers {missing} hold nothing yet (run a prefill first)")
 
-    def kv_bytes(self) -> int:
-        """docs/method.md §7: sum over layers and KV heads of stored tokens x head_dim x 2 x element size."""
-        return sum(layer.kv_bytes() for layer in self.layers)
+class BatchedPerHeadKVCache(_PackedCache):
+    """R compressions of ONE prompt decoding side by side: row r is what one method kept of the
+    shared prefill (:mod:`sparsemm_utils.shared_prefill`), with its own number of tokens in every
+    (layer, KV head). Each :class:`PerHeadKVLayer` packs segment (row, head) without padding, so
+    no head pays for another's length in what is stored; decode steps append one token to every
+    head of every row; :meth:`select_rows` drops finished rows and releases their bytes.
 
-    def allocated_bytes(self) -> int:
-        """Bytes the buffers occupy, decode reserve included."""
-        return sum(layer.allocated_bytes() for layer in self.layers)
+    Build it with :meth:`from_prefill`. Shapes reported by the accounting methods are
+    (rows, layers, kv_heads); every row has seen the same number of tokens (lockstep decoding).
+    """
 
-    def slack_bytes(self) -> int:
-        """Reserved but unused bytes (the decode reserve not yet filled)."""
-        return self.allocated_bytes() - self.kv_bytes()
+    def __init__(self, num_layers: int, *, decode_reserve: int = 64):
+        num_layers = check_int("num_layers", num_layers, 1)
+        super().__init__(layers=[PerHeadKVLayer(decode_reserve, layer_idx=i) for i in range(num_layers)])
+
+    @classmethod
+    def from_prefill(
+        cls,
+        states: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        rows: Sequence[Sequence[Sequence[torch.Tensor] | None]],
+        *,
+        decode_reserve: int = 64,
+    ) -> BatchedPerHeadKVCache:
+        """One cache row per entry of ``rows``, all from the same prompt.
+
+        Args:
+            states: per layer, the prompt's post-RoPE ``(keys, values)``, each ``(1, H_kv, n, d)``.
+            rows: per row, per layer, H_kv sorted position tensors (what each KV head keeps) or
+                None (the layer keeps all n tokens in every head).
+            decode_reserve: free rows per (row, KV head) for the tokens generated next.
+        """
+        if not rows:
+            raise InvalidPositionsError("a batched cache needs at least one row")
+        cache = cls(len(states), decode_reserve=decode_reserve)
+        for r, row in enumerate(rows):
+            if len(row) != len(states):
+                raise InvalidPositionsError(f"row {r} gives positions for {len(row)} layers, the prompt has {len(states)}")
+        for layer_idx, (layer, (keys, values)) in enumerate(zip(cache.layers, states)):
+            layer.load_rows(keys, values, [row[layer_idx] for row in rows])
+        return cache
 
     @property
-    def repacks(self) -> int:
-        """Re-packings over all layers (a head ran out of decode reserve)."""
-        return sum(layer.repacks for layer in self.layers)
+    def rows(self) -> int:
+        """Rows the cache holds now."""
+        return self.layers[0].rows
+
+    def stored_tokens(self) -> np.ndarray:
+        """Tokens each KV head of each row stores now, int64 (rows, layers, kv_heads)."""
+        self._require_all_initialized("stored_tokens")
+        return np.stack([layer.row_lengths() for layer in self.layers], axis=1)
+
+    def kept_prompt_tokens(self) -> np.ndarray:
+        """Prompt tokens each KV head of each row kept, int64 (rows, layers, kv_heads)."""
+        self._require_all_initialized("kept_prompt_tokens")
+        return np.array(
+            [[[p.numel() for p in layer.prompt_positions(r)] for layer in self.layers] for r in range(self.rows)],
+            dtype=np.int64,
+        ).reshape(self.rows, len(self.layers), self.layers[0].num_kv_heads)
+
+    def row_kv_bytes(self) -> np.ndarray:
+        """docs/method.md §7's KV bytes of each row, int64 (rows,); they sum to :meth:`kv_bytes`."""
+        return np.sum([layer.row_kv_bytes() for layer in self.layers], axis=0).astype(np.int64)
+
+    def select_rows(self, indices: Sequence[int] | torch.Tensor) -> None:
+        """Keep only the rows ``indices`` (in that order) in every layer (:meth:`PerHeadKVLayer.select_rows`)."""
+        for layer in self.layers:
+            layer.select_rows(indices)

@@ -78,6 +78,7 @@ __all__ = [
     "resolve_backend",
     "attention_name",
     "use_decode_backend",
+    "register_backend_attention",
     "compression_with_backend",
     "compressed_generate_with",
 ]
@@ -370,15 +371,26 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
 
 def decode_attend(layer: PerHeadKVLayer, query: torch.Tensor, scaling: float | None, backend: str) -> torch.Tensor:
     """Attention of the newest tokens over what every KV head of ``layer`` stores, by ``backend``
-    (an explicit one of :data:`DECODE_BACKENDS`). ``query`` ``(1, H, q, d)``; returns ``(1, q, H, d)``.
-    ``"flash"`` serves single-token steps; a multi-token step takes the padded path."""
+    (an explicit one of :data:`DECODE_BACKENDS`). ``query`` ``(rows, H, q, d)`` (rows = the
+    layer's rows, 1 for a prompt's own cache); returns ``(rows, q, H, d)``. ``"flash"`` serves
+    single-token steps; a multi-token step takes the padded path.
+
+    Several rows (:class:`~sparsemm_utils.kv_cache.BatchedPerHeadKVCache`) go through the one-call
+    paths as ONE row of rows x H query heads: segment r * H_kv + h is KV head h of row r, and query
+    head r * H + j of the flattened row reads segment (r * H + j) // G = r * H_kv + j // G, its own."""
     check_choice("backend", backend, DECODE_BACKENDS, error=UnknownBackendError)
     if backend == "reference":
         return layer.attend(query, scaling)
     segments = packed_segments(layer)
-    if backend == "flash" and query.shape[2] == 1:
-        return flash_decode(segments, query, scaling)
-    return padded_decode(segments, query, scaling)
+    if query.ndim != 4 or query.shape[0] != layer.rows:
+        raise UnsupportedBatchError(f"query must be ({layer.rows}, heads, q, head_dim), got {tuple(query.shape)}")
+    rows, heads, q_len, dim = query.shape
+    flat = query.reshape(1, rows * heads, q_len, dim)
+    if backend == "flash" and q_len == 1:
+        out = flash_decode(segments, flat, scaling)
+    else:
+        out = padded_decode(segments, flat, scaling)
+    return out.view(q_len, rows, heads, dim).transpose(0, 1)  # (1, q, rows * H, d) -> (rows, q, H, d)
 
 
 def attention_name(backend: str) -> str:
@@ -420,8 +432,17 @@ def use_decode_backend(model: torch.nn.Module, backend: str) -> str:
     :func:`~sparsemm_utils.compression.compression` with a compressing method: the context
     restores the previous attention on exit. Returns the backend used."""
     backend = resolve_backend(backend, model.device, model.dtype)
-    set_text_attention(model, COMPRESSION_HOOK.register(attention_name(backend), _BACKEND_ATTENTION[backend]))
+    set_text_attention(model, register_backend_attention(backend))
     return backend
+
+
+def register_backend_attention(backend: str) -> str:
+    """Register the per-head attention function of ``backend`` (an explicit one of
+    :data:`DECODE_BACKENDS`; idempotent) and return the name to switch the language model to
+    (e.g. with :func:`~sparsemm_utils.attention_hooks.text_attention`). It reads the cache of the
+    session active in :data:`~sparsemm_utils.compression.COMPRESSION_HOOK`."""
+    check_choice("backend", backend, DECODE_BACKENDS, error=UnknownBackendError)
+    return COMPRESSION_HOOK.register(attention_name(backend), _BACKEND_ATTENTION[backend])
 
 
 @contextmanager

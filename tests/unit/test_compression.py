@@ -1,5 +1,6 @@
 """Compression methods (sparsemm_utils.compression): SnapKV selection by hand, the prefill's
-decisions against the allocation rules, head masks, and bad input. No model here (see
+decisions against the allocation rules, the same decisions from a shared prefill
+(sparsemm_utils.shared_prefill.compress_prefill), head masks, and bad input. No model here (see
 tests/integration/test_compressed_generation.py for generate)."""
 
 import math
@@ -10,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from sparsemm_utils.allocation import (
     InvalidBudgetError,
@@ -35,9 +37,18 @@ from sparsemm_utils.compression import (
     make_press,
     per_head_attention,
     snapkv_scores,
+    snapkv_window_scores,
     topk_positions,
 )
 from sparsemm_utils.kv_cache import PerHeadKVCache
+from sparsemm_utils.shared_prefill import (
+    LayerPrefill,
+    PrefillNotShareableError,
+    SharedPrefill,
+    SharedPrefillError,
+    check_shareable,
+    compress_prefill,
+)
 
 PROPERTY = settings(max_examples=50, deadline=None)
 LN3 = math.log(3.0)
@@ -123,18 +134,25 @@ def test_snapkv_scores_errors():
 SHAPE = ModelShape(layers=3, query_heads=4, kv_heads=2)
 
 
+def _prefill_states(n, shape=SHAPE, dim=4, seed=0):
+    """Random post-RoPE (query, key, value) of an n-token prompt, per layer."""
+    g = torch.Generator().manual_seed(seed)
+    states = []
+    for _ in range(shape.layers):
+        query = torch.randn(1, shape.query_heads, n, dim, generator=g)
+        key = torch.randn(1, shape.kv_heads, n, dim, generator=g)
+        states.append((query, key, torch.randn(1, shape.kv_heads, n, dim, generator=g)))
+    return states
+
+
 def _run_prefill(press, n, shape=SHAPE, dim=4, seed=0):
     """Drive the per-head attention function as a model's layers would, on random states."""
     from sparsemm_utils import compression as comp
 
     session = CompressionSession(press, shape, PerHeadKVCache(shape.layers, decode_reserve=0))
-    g = torch.Generator().manual_seed(seed)
     with comp.COMPRESSION_HOOK.activate(session):
-        for layer_idx in range(shape.layers):
+        for layer_idx, (query, key, value) in enumerate(_prefill_states(n, shape, dim, seed)):
             module = SimpleNamespace(layer_idx=layer_idx, num_key_value_groups=shape.group_size, is_causal=True)
-            query = torch.randn(1, shape.query_heads, n, dim, generator=g)
-            key = torch.randn(1, shape.kv_heads, n, dim, generator=g)
-            value = torch.randn(1, shape.kv_heads, n, dim, generator=g)
             key_out, value_out = session.cache.update(key, value, layer_idx)
             output, _ = per_head_attention(module, query, key_out, value_out, None, scaling=dim**-0.5)
             assert output.shape == (1, n, shape.query_heads, dim)
@@ -191,6 +209,15 @@ def test_adakv_prefill_uses_each_layers_scores():
     np.testing.assert_array_equal(session.cache.stored_tokens(), np.minimum(session.assigned, 36) + 4)
 
 
+def _property_press(method, budget, window, seed):
+    kwargs = {"budget": budget, "window": window}
+    if method == "sparsemm":
+        kwargs["head_scores"] = np.random.default_rng(seed).random((SHAPE.layers, SHAPE.query_heads))
+    if method == "streamingllm":
+        kwargs["sink"] = min(2, budget - window)
+    return make_press(method, **kwargs)
+
+
 @PROPERTY
 @given(
     method=st.sampled_from(["sparsemm", "random", "snapkv", "pyramidkv", "streamingllm"]),
@@ -204,12 +231,7 @@ def test_the_cache_stores_what_the_allocation_assigns(method, budget, window, n,
     # min(cap, n - w) + min(w, n), or all n where the original skips the prompt (n < B).
     # So the total is the allocation's total after the n - w limit, and every head holds at least
     # its floor (min(m, n - w) + w for SparseMM / random).
-    kwargs = {"budget": budget, "window": window}
-    if method == "sparsemm":
-        kwargs["head_scores"] = np.random.default_rng(seed).random((SHAPE.layers, SHAPE.query_heads))
-    if method == "streamingllm":
-        kwargs["sink"] = min(2, budget - window)
-    press = make_press(method, **kwargs)
+    press = _property_press(method, budget, window, seed)
     session = _run_prefill(press, n=n, seed=seed)
     expected = press.capacities(SHAPE, n).stored(n)
     np.testing.assert_array_equal(session.cache.stored_tokens(), expected)
@@ -218,6 +240,85 @@ def test_the_cache_stores_what_the_allocation_assigns(method, budget, window, n,
         assert (session.cache.stored_tokens() >= min(floor, max(n - window, 0)) + min(window, n)).all()
         caps = press.capacities(SHAPE, n)
         assert session.cache.stored_tokens().sum() == (effective_kept(caps.selected, n, window, budget=budget) + min(window, n)).sum()
+
+
+# ------------------------------------------------------------------ a shared prefill, without a model
+
+
+def _shared_prefill(states, query_window):
+    """A :class:`SharedPrefill` of hand-made states keeping the last ``query_window`` queries."""
+    n = states[0][1].shape[2]
+    layers = tuple(
+        LayerPrefill(key, value, query[:, :, max(n - query_window, 0) :].clone(), 4**-0.5) for query, key, value in states
+    )
+    return SharedPrefill(
+        input_ids=torch.zeros(1, n, dtype=torch.long), layers=layers, shape=SHAPE, query_window=query_window,
+        first_logits=torch.zeros(5), first_token=0, last_position_ids=None, max_new_tokens=1,
+        logits_processor=LogitsProcessorList(), stopping_criteria=StoppingCriteriaList(),
+    )  # fmt: skip
+
+
+def test_window_scores_equal_snapkv_scores_of_the_full_queries():
+    query, key, _ = _prefill_states(12)[0]
+    for window, kernel in ((1, 1), (3, 5), (11, 3)):
+        full = snapkv_scores(query, key, window, 0.5, kernel)
+        torch.testing.assert_close(snapkv_window_scores(query[:, :, 12 - window :], key, 0.5, kernel), full, rtol=0, atol=0)
+    with pytest.raises(InvalidParameterError, match="window w=12 must be < the prompt length n=12"):
+        snapkv_window_scores(query, key)
+    with pytest.raises(ValueError, match="do not match"):
+        snapkv_window_scores(query[:, :3], key)  # 3 query heads for 2 KV heads
+
+
+@PROPERTY
+@given(
+    method=st.sampled_from(["sparsemm", "random", "snapkv", "pyramidkv", "adakv", "streamingllm"]),
+    budget=st.integers(5, 40),
+    window=st.integers(1, 4),
+    extra=st.integers(0, 3),
+    n=st.integers(1, 48),
+    seed=st.integers(0, 1000),
+)
+def test_a_shared_prefill_decides_what_the_batch_one_session_decides(method, budget, window, extra, n, seed):
+    # Invariant: from the keys and only the last (window + extra) queries, every method assigns the same
+    # caps, skips the same layers and keeps the same positions as the batch-1 path with all n queries.
+    press = _property_press(method, budget, window, seed)
+    session = _run_prefill(press, n=n, seed=seed)
+    row = compress_prefill(_shared_prefill(_prefill_states(n, seed=seed), window + extra), press)
+    np.testing.assert_array_equal(row.decisions.assigned, session.assigned)
+    assert row.decisions.skipped_layers == session.skipped_layers
+    assert row.decisions.prompt_len == session.prompt_len == n
+    np.testing.assert_array_equal(row.decisions.saturated(), session.saturated())
+    for layer_idx, positions in enumerate(row.positions):
+        expected = [p.tolist() for p in session.cache.layers[layer_idx].prompt_positions()]
+        assert (positions is None and expected == [list(range(n))] * SHAPE.kv_heads) or (
+            positions is not None and [p.tolist() for p in positions] == expected
+        )
+
+
+def test_methods_sharing_a_window_score_each_layer_once():
+    prefill = _shared_prefill(_prefill_states(30, seed=1), 8)
+    for press in (SnapKVPress(budget=12, window=8), AdaKVPress(budget=16, window=8), SnapKVPress(budget=12, window=4)):
+        compress_prefill(prefill, press)
+    assert sorted(prefill.layers[0]._scores) == [(4, 5), (8, 5)]
+
+
+def test_fullkv_keeps_everything_and_assigns_nothing_as_its_batch_one_session():
+    row = compress_prefill(_shared_prefill(_prefill_states(10, seed=2), 4), FullKVPress())
+    assert row.positions == (None, None, None)
+    assert (row.decisions.assigned == -1).all() and row.decisions.skipped_layers == [] and row.decisions.prompt_len == 10
+
+
+def test_a_shared_prefill_refuses_misuse_with_the_fix():
+    prefill = _shared_prefill(_prefill_states(20, seed=3), 4)
+    with pytest.raises(SharedPrefillError, match=r"recorded 4: call shared_prefill\(\.\.\., query_window=8\)"):
+        compress_prefill(prefill, SnapKVPress(budget=12, window=8))
+    with pytest.raises(PrefillNotShareableError, match="head-mask ablation"):
+        check_shareable(HeadMaskAblation(selection="random"))
+    with pytest.raises(PrefillNotShareableError, match="press must be one of"):
+        check_shareable(object())
+    wrong = SparseMMPress(budget=12, window=4, head_scores=np.ones((4, 4)))
+    with pytest.raises(ScoreShapeError, match=r"the model needs \(layers, query_heads\) = \(3, 4\)"):
+        compress_prefill(prefill, wrong)
 
 
 # --------------------------------------------------------------------------------- head masks

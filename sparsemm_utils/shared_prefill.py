@@ -1,0 +1,497 @@
+"""One prefill per prompt, compressed by every method, decoded together (docs/method.md §5).
+
+Every KV-compression method of :mod:`sparsemm_utils.compression` compresses the cache AFTER the
+prefill, whose own attention uses the full keys (docs/method.md §5), so the prefill is the same
+for all of them: its output, the first generated token, and the post-RoPE keys and values every
+method selects from. This module computes it once per prompt and lets each method compress it:
+
+1. :func:`shared_prefill`: one forward over the prompt through ``model.generate`` (so the inputs,
+   positions, logits processors and stopping criteria are exactly generate's), with sdpa attention
+   that records, per layer, the post-RoPE keys and values of all n prompt positions and the
+   post-RoPE queries of the last ``query_window`` positions (all SnapKV / AdaKV scoring reads,
+   docs/method.md §5), plus the logits and the token of the first generated step and the position
+   ids of the prompt's last token (Qwen's M-RoPE deltas included).
+2. :func:`compress_prefill`: one method's decisions on that prefill, by the SAME selection code as
+   the batch-1 path (:meth:`~sparsemm_utils.compression.PrefillDecisions.select`: the caps, the
+   n < B skip, AdaKV's data-dependent caps, SnapKV's top-cap or StreamingLLM's sinks + recent).
+3. :func:`decode_rows`: the compressed caches of R methods as the R rows of one
+   :class:`~sparsemm_utils.kv_cache.BatchedPerHeadKVCache` (per-(row, KV head) lengths, packed),
+   decoded greedily in lockstep: every row starts from the prefill's first token; a row leaves the
+   batch when it emits an end-of-sequence token or reaches ``max_new_tokens`` (its KV bytes and
+   tokens are recorded then, as batch-1 generation would end there).
+
+:func:`shared_generate` chains the three. Each row's tokens equal
+``compressed_generate(loaded, press, inputs, max_new_tokens=T, do_sample=False)`` for its press
+alone, and its KV bytes equal that run's (tests/integration/test_shared_prefill.py); the only
+numerical difference is that the decoder's matrix products run on R rows at once.
+
+Methods that change the prefill itself cannot share it: the head-mask ablation (it zeroes
+queries during the prefill) and FastV (it drops image tokens inside it) raise
+:class:`PrefillNotShareableError`; run them with ``compressed_generate`` /
+``fastv_generate_at_budget``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DynamicCache, LogitsProcessorList, StoppingCriteriaList
+
+from sparsemm_utils.allocation import ModelShape
+from sparsemm_utils.attention_hooks import AttentionHook, NoActiveStateError, text_attention, text_attention_implementation
+from sparsemm_utils.compression import (
+    COMPRESSION_HOOK,
+    COMPRESSION_METHODS,
+    CompressionError,
+    CompressionSession,
+    FullKVPress,
+    HeadMaskAblation,
+    PrefillDecisions,
+    _check_generation_inputs,
+    model_shape,
+    snapkv_window_scores,
+)
+from sparsemm_utils.fastv import FastVAtBudget, FastVPress
+from sparsemm_utils.kv_cache import BatchedPerHeadKVCache
+from sparsemm_utils.validate import check_int
+from sparsemm_utils.varlen_attention import register_backend_attention, resolve_backend
+
+__all__ = [
+    "SHARED_PREFILL_ATTENTION",
+    "SharedPrefillError",
+    "PrefillNotShareableError",
+    "NoActiveSharedPrefillError",
+    "LayerPrefill",
+    "SharedPrefill",
+    "CompressedPrefill",
+    "PressGeneration",
+    "check_shareable",
+    "shared_prefill",
+    "compress_prefill",
+    "decode_rows",
+    "shared_generate",
+]
+
+#: Name the recording prefill attention is registered under (AttentionInterface + mask interface).
+SHARED_PREFILL_ATTENTION = "sparsemm_shared_prefill"
+
+
+class SharedPrefillError(CompressionError):
+    """Base class of this module's errors."""
+
+
+class PrefillNotShareableError(SharedPrefillError):
+    """A method whose prefill differs from the model's own (head masks, FastV)."""
+
+
+class NoActiveSharedPrefillError(NoActiveStateError):
+    """The recording prefill ran outside :func:`shared_prefill`."""
+
+
+# ---------------------------------------------------------------------------------- the prefill
+
+
+@dataclass(frozen=True, eq=False)
+class LayerPrefill:
+    """What one decoder layer's prefill leaves for the methods' selection.
+
+    Attributes:
+        keys: ``(1, H_kv, n, d)`` post-RoPE keys of the prompt (what the cache stores).
+        values: ``(1, H_kv, n, d)`` values.
+        window_query: ``(1, H, m, d)`` post-RoPE queries of the last m = min(query_window, n)
+            prompt positions (SnapKV's window attention, docs/method.md §5).
+        scaling: the layer's softmax scale.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    window_query: torch.Tensor
+    scaling: float | None
+    _scores: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def window_scores(self, window: int, kernel_size: int) -> torch.Tensor:
+        """:func:`~sparsemm_utils.compression.snapkv_window_scores` of this layer for window w and
+        ``kernel_size``, float32 ``(H_kv, n - w)``, computed once per (w, kernel) and shared by
+        every method that asks (do not modify it)."""
+        key = (int(window), int(kernel_size))
+        if key not in self._scores:
+            m = int(self.window_query.shape[2])
+            if window > m:
+                raise SharedPrefillError(
+                    f"SnapKV with window w={window} needs the last {window} prompt queries, the prefill recorded {m}: "
+                    f"call shared_prefill(..., query_window={window}) (or larger)"
+                )
+            self._scores[key] = snapkv_window_scores(self.window_query[:, :, m - window :], self.keys, self.scaling, kernel_size)
+        return self._scores[key]
+
+
+@dataclass(frozen=True, eq=False)
+class SharedPrefill:
+    """One prompt's prefill, shared by every method (see the module docstring).
+
+    Attributes:
+        input_ids: ``(1, n)`` prompt ids.
+        layers: one :class:`LayerPrefill` per decoder layer.
+        shape: the language model's (layers, query_heads, kv_heads).
+        query_window: queries recorded per layer (the largest window a method may use).
+        first_logits: float32 ``(vocab,)`` raw logits of the first generated token.
+        first_token: that token (greedy, after ``generate``'s logits processors).
+        last_position_ids: position ids of the prompt's last token as ``generate`` feeds them
+            (``(4, 1, 1)`` text + M-RoPE for Qwen2-VL / Qwen2.5-VL, ``(1, 1)`` for LLaVA-NeXT), or
+            None for a model that takes none; decode step t feeds ``last_position_ids + t``.
+        max_new_tokens: the generation limit the stopping criteria were built for.
+        logits_processor, stopping_criteria: what ``generate`` prepared for this prompt (greedy).
+    """
+
+    input_ids: torch.Tensor
+    layers: tuple[LayerPrefill, ...]
+    shape: ModelShape
+    query_window: int
+    first_logits: torch.Tensor
+    first_token: int
+    last_position_ids: torch.Tensor | None
+    max_new_tokens: int
+    logits_processor: LogitsProcessorList = field(repr=False)
+    stopping_criteria: StoppingCriteriaList = field(repr=False)
+
+    @property
+    def prompt_len(self) -> int:
+        """n, the prompt's tokens."""
+        return int(self.input_ids.shape[1])
+
+    def states(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the prompt's ``(keys, values)``, each ``(1, H_kv, n, d)``."""
+        return [(layer.keys, layer.values) for layer in self.layers]
+
+
+@dataclass(eq=False)
+class _Recorder:
+    """The recording prefill's state: per layer, the last queries and the scale."""
+
+    query_window: int
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    scalings: dict[int, float | None] = field(default_factory=dict)
+
+
+def _observe(recorder: _Recorder, layer_idx: int, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: Any) -> None:
+    if layer_idx in recorder.queries:
+        raise SharedPrefillError(f"layer {layer_idx} ran twice in one shared prefill; it records one forward pass")
+    m = min(recorder.query_window, int(query.shape[2]))
+    recorder.queries[layer_idx] = query[:, :, query.shape[2] - m :].detach().clone()
+    recorder.scalings[layer_idx] = scaling
+
+
+PREFILL_HOOK: AttentionHook[_Recorder] = AttentionHook(
+    "sparsemm_shared_prefill",
+    context="a shared prefill",
+    usage="use sparsemm_utils.shared_prefill.shared_prefill(loaded, inputs, max_new_tokens=...)",
+    missing_error=NoActiveSharedPrefillError,
+    nested_error=SharedPrefillError,
+)
+
+_PREFILL_ATTENTION = PREFILL_HOOK.observing_sdpa(
+    _observe,
+    name="shared_prefill_attention",
+    doc="sdpa (the prefill of every compressed path) that records each layer's last queries for the shared prefill.",
+)
+
+
+def _prefill_only(
+    model: Any,
+    input_ids: torch.Tensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: Any,
+    **model_kwargs: Any,
+) -> SharedPrefill:
+    """``generate``'s decoding step for :func:`shared_prefill` (its ``custom_generate``): the prefill
+    forward exactly as greedy decoding runs it, the first token, then stop."""
+    recorder = PREFILL_HOOK.active(SHARED_PREFILL_ATTENTION)
+    inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
+    outputs = model(**inputs, return_dict=True)
+    logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
+    scores = logits_processor(input_ids, logits)
+    cache = outputs.past_key_values
+    shape = model_shape(model)
+    if len(recorder.queries) != shape.layers or len(cache.layers) != shape.layers:
+        raise SharedPrefillError(
+            f"the prefill recorded {len(recorder.queries)} of {shape.layers} layers: the language model did not run "
+            f"the recording attention in every layer"
+        )
+    layers = tuple(
+        LayerPrefill(layer.keys, layer.values, recorder.queries[i], recorder.scalings[i])
+        for i, layer in enumerate(cache.layers)
+    )
+    positions = model_kwargs.get("position_ids")
+    return SharedPrefill(
+        input_ids=input_ids,
+        layers=layers,
+        shape=shape,
+        query_window=recorder.query_window,
+        first_logits=logits[0],
+        first_token=int(torch.argmax(scores[0])),
+        last_position_ids=None if positions is None else positions[..., -1:].clone(),
+        max_new_tokens=int(generation_config.max_new_tokens),
+        logits_processor=logits_processor,
+        stopping_criteria=stopping_criteria,
+    )
+
+
+def shared_prefill(loaded: Any, inputs: Mapping[str, Any], *, max_new_tokens: int, query_window: int = 32) -> SharedPrefill:
+    """Prefill one prompt once for every method (docs/method.md §5: compression follows the prefill).
+
+    Runs ``loaded.model.generate(**inputs, max_new_tokens=..., do_sample=False)`` up to its first
+    token, with the language model on sdpa (the prefill attention of every compressed path, and
+    FullKV's on an sdpa model) recording what the methods' selection reads.
+
+    Args:
+        loaded: a :class:`~sparsemm_utils.models.LoadedModel` whose language model uses sdpa.
+        inputs: one prompt (batch 1, no padding), e.g. :func:`sparsemm_utils.prompts.build_inputs`.
+        max_new_tokens: the generation limit of the decode that follows (>= 1).
+        query_window: prompt queries recorded per layer, at least the largest window w of the
+            methods that will compress this prefill (docs/method.md §5: default 32).
+    """
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, error=SharedPrefillError)
+    query_window = check_int("query_window", query_window, 1, error=SharedPrefillError)
+    _check_generation_inputs(inputs, {"max_new_tokens": max_new_tokens})
+    model = loaded.model
+    implementation = text_attention_implementation(model)
+    if implementation != "sdpa":
+        raise SharedPrefillError(
+            f"the language model uses {implementation!r} attention; the shared prefill runs sdpa, as every compressed "
+            f"path's prefill does, so FullKV would prefill differently: load the model with sdpa "
+            f"(sparsemm_utils.models.load_model does) or set_text_attention(model, 'sdpa')"
+        )
+    name = PREFILL_HOOK.register(SHARED_PREFILL_ATTENTION, _PREFILL_ATTENTION)
+    cache = DynamicCache(config=model.config.get_text_config())
+    with PREFILL_HOOK.activate(_Recorder(query_window)), text_attention(model, name):
+        return model.generate(
+            **inputs, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False, custom_generate=_prefill_only
+        )
+
+
+# ------------------------------------------------------------------------------ the compression
+
+
+@dataclass(frozen=True, eq=False)
+class CompressedPrefill:
+    """One method's compression of a :class:`SharedPrefill`.
+
+    Attributes:
+        press: the method.
+        decisions: its caps, skipped layers and saturation (as the batch-1 session records them).
+        positions: per layer, H_kv sorted int64 tensors (the prompt positions each KV head keeps),
+            or None where the layer keeps all n tokens in every head.
+    """
+
+    press: Any
+    decisions: PrefillDecisions
+    positions: tuple[list[torch.Tensor] | None, ...]
+
+
+def check_shareable(press: Any) -> None:
+    """Raise :class:`PrefillNotShareableError` for a method whose prefill is not the model's own
+    (FastV, the head-mask ablation) and for anything that is not a method of
+    :data:`~sparsemm_utils.compression.COMPRESSION_METHODS`."""
+    if isinstance(press, (FastVAtBudget, FastVPress)):
+        raise PrefillNotShareableError(
+            "FastV drops image tokens INSIDE the prefill (after layer K), so its prefill differs from every other "
+            "method's and cannot be shared: run it alone with sparsemm_utils.fastv.fastv_generate_at_budget"
+        )
+    if isinstance(press, HeadMaskAblation):
+        raise PrefillNotShareableError(
+            "the head-mask ablation zeroes the query of chosen heads during the prefill itself, so its prefill differs "
+            "from every other method's and cannot be shared: run it alone with compressed_generate"
+        )
+    name = getattr(press, "name", None)
+    if name not in COMPRESSION_METHODS or not isinstance(press, COMPRESSION_METHODS[name]):
+        raise PrefillNotShareableError(
+            f"press must be one of the KV-compression methods of sparsemm_utils.compression "
+            f"({', '.join(sorted(set(COMPRESSION_METHODS) - {HeadMaskAblation.name}))}), built e.g. with "
+            f"make_press('snapkv', budget=64); got {press!r}"
+        )
+
+
+def compress_prefill(prefill: SharedPrefill, press: Any) -> CompressedPrefill:
+    """What ``press`` keeps of ``prefill``, layer by layer, decided by
+    :meth:`~sparsemm_utils.compression.PrefillDecisions.select` exactly as the batch-1 path decides
+    (FullKV keeps everything and, as its batch-1 session, assigns no caps)."""
+    check_shareable(press)
+    press.validate_for(prefill.shape)
+    decisions = PrefillDecisions(press, prefill.shape)
+    if isinstance(press, FullKVPress):
+        decisions.prompt_len = prefill.prompt_len
+        return CompressedPrefill(press, decisions, (None,) * prefill.shape.layers)
+    scores = press.selection == "snapkv"  # StreamingLLM reads no queries
+    if scores and press.window > prefill.query_window and prefill.prompt_len > prefill.query_window:
+        raise SharedPrefillError(
+            f"{press.name} with window w={press.window} scores with the last w prompt queries, but the prefill recorded "
+            f"{prefill.query_window}: call shared_prefill(..., query_window={press.window}) (or larger)"
+        )
+    positions = tuple(
+        decisions.select(i, layer.window_query, layer.keys, layer.scaling, scorer=layer.window_scores)
+        for i, layer in enumerate(prefill.layers)
+    )
+    return CompressedPrefill(press, decisions, positions)
+
+
+# ----------------------------------------------------------------------------------- the decode
+
+
+@dataclass(frozen=True, eq=False)
+class PressGeneration:
+    """One method's greedy generation from a shared prefill (what ``compressed_generate`` returns
+    for it alone, minus the cache object).
+
+    Attributes:
+        press: the method.
+        decisions: the caps it assigned, its skipped layers (:meth:`saturated` from them).
+        sequences: ``(1, n + new tokens)`` prompt and generated ids (``GenerationResult.sequences``).
+        kv_bytes: docs/method.md §7's KV bytes its cache held when its generation ended.
+        stored_tokens: int64 (layers, kv_heads) tokens each KV head stored then.
+        kept_prompt_tokens: int64 (layers, kv_heads) prompt tokens each KV head kept.
+    """
+
+    press: Any
+    decisions: PrefillDecisions
+    sequences: torch.Tensor
+    kv_bytes: int
+    stored_tokens: np.ndarray
+    kept_prompt_tokens: np.ndarray
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.decisions.prompt_len)
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        """``(new tokens,)`` the generated ids."""
+        return self.sequences[0, self.prompt_len :]
+
+    @property
+    def assigned(self) -> np.ndarray:
+        return self.decisions.assigned
+
+    @property
+    def skipped_layers(self) -> list[int]:
+        return self.decisions.skipped_layers
+
+    def saturated(self) -> np.ndarray:
+        """bool (layers, kv_heads): heads whose cap reached n - w (docs/method.md §5)."""
+        return self.decisions.saturated()
+
+
+def _supports_logits_to_keep(model: Any) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@torch.no_grad()
+def decode_rows(
+    loaded: Any, prefill: SharedPrefill, rows: Sequence[CompressedPrefill], *, backend: str = "auto"
+) -> list[PressGeneration]:
+    """Greedy decoding of every compression of ``prefill`` side by side, one cache row each.
+
+    All rows start from ``prefill.first_token``; each step feeds every active row its last token
+    (positions ``prefill.last_position_ids + step``, the same for all rows), applies ``generate``'s
+    logits processors to the float32 logits and takes the argmax; ``generate``'s stopping
+    criteria (end-of-sequence tokens, ``max_new_tokens``) end a row, whose tokens and KV bytes are
+    recorded then and which leaves the batch.
+
+    Args:
+        loaded: the :class:`~sparsemm_utils.models.LoadedModel` that ran the prefill.
+        prefill: from :func:`shared_prefill`.
+        rows: from :func:`compress_prefill` on ``prefill``, one per method (any order, repeats allowed).
+        backend: decode attention over the rows' segments: "reference", "padded", "flash"
+            (:mod:`sparsemm_utils.varlen_attention`) or "auto": flash where it runs, else
+            "padded" whenever several rows decode (one sdpa over the R x H_kv segments per layer
+            instead of R x H_kv calls; with the tiny reader's 107-151-token prompts and 21 rows,
+            one torch thread, ``benchmarks/shared_prefill_speed.py --questions 30 --backends
+            reference padded`` measured 6.47 questions per CPU second against 3.95 for the
+            per-segment loop), else
+            :func:`~sparsemm_utils.varlen_attention.resolve_backend`'s choice.
+
+    Returns:
+        One :class:`PressGeneration` per row, in the order of ``rows``.
+    """
+    if not rows:
+        raise SharedPrefillError("decode_rows needs at least one compressed prefill (compress_prefill(prefill, press))")
+    for row in rows:
+        if not isinstance(row, CompressedPrefill) or row.decisions.prompt_len != prefill.prompt_len:
+            raise SharedPrefillError(
+                f"every row must be compress_prefill(prefill, press) of THIS prefill (n = {prefill.prompt_len}), got {row!r}"
+            )
+    model = loaded.model
+    resolved = resolve_backend(backend, model.device, model.dtype)
+    backend = "padded" if backend == "auto" and resolved == "reference" and len(rows) > 1 else resolved
+    n = prefill.prompt_len
+    cache = BatchedPerHeadKVCache.from_prefill(
+        prefill.states(), [row.positions for row in rows], decode_reserve=max(prefill.max_new_tokens - 1, 0)
+    )
+    prompt = prefill.input_ids
+    first = torch.full((len(rows), 1), prefill.first_token, dtype=prompt.dtype, device=prompt.device)
+    ids = torch.cat([prompt.expand(len(rows), n), first], dim=1)  # on the prompt's device, as generate keeps them
+    done = prefill.stopping_criteria(ids, prefill.first_logits.expand(len(rows), -1))
+    extra = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+    results: list[PressGeneration | None] = [None] * len(rows)
+    active = list(range(len(rows)))  # the row of `rows` that each cache row decodes
+    session = CompressionSession(None, prefill.shape, cache)  # decode-only: the decisions are the rows'
+    step = 0
+    with COMPRESSION_HOOK.activate(session), text_attention(model, register_backend_attention(backend)):
+        while True:
+            finished = torch.nonzero(done).flatten().tolist()
+            if finished:
+                row_bytes, stored, kept = cache.row_kv_bytes(), cache.stored_tokens(), cache.kept_prompt_tokens()
+                for i in finished:
+                    row = rows[active[i]]
+                    results[active[i]] = PressGeneration(
+                        row.press, row.decisions, ids[i : i + 1].clone(), int(row_bytes[i]), stored[i], kept[i]
+                    )
+                keep = torch.nonzero(~done).flatten().tolist()
+                if not keep:
+                    break
+                cache.select_rows(keep)
+                ids = ids[keep]
+                active = [active[i] for i in keep]
+            step += 1
+            positions = None
+            if prefill.last_position_ids is not None:
+                last = prefill.last_position_ids
+                positions = (last + step).expand(*last.shape[:-2], len(active), 1).to(model.device)
+            outputs = model(
+                input_ids=ids[:, -1:].to(model.device), position_ids=positions, past_key_values=cache, use_cache=True,
+                return_dict=True, **extra,
+            )
+            logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=ids.device)
+            scores = prefill.logits_processor(ids, logits)
+            ids = torch.cat([ids, torch.argmax(scores, dim=-1, keepdim=True).to(ids.dtype)], dim=1)
+            done = prefill.stopping_criteria(ids, scores)
+    return results
+
+
+def shared_generate(
+    loaded: Any,
+    presses: Sequence[Any],
+    inputs: Mapping[str, Any],
+    *,
+    max_new_tokens: int,
+    backend: str = "auto",
+) -> list[PressGeneration]:
+    """Greedy generation of one prompt under every method of ``presses``: one :func:`shared_prefill`
+    (recording the largest window), :func:`compress_prefill` per method, one :func:`decode_rows`.
+    Every method is checked (:func:`check_shareable`, ``validate_for``) before any forward pass.
+    Returns one :class:`PressGeneration` per press, in order; each equals
+    ``compressed_generate(loaded, press, inputs, max_new_tokens=max_new_tokens, do_sample=False)``."""
+    if not presses:
+        raise SharedPrefillError("presses is empty: give at least one method (e.g. [FullKVPress(), SnapKVPress(budget=64)])")
+    shape = model_shape(loaded)
+    for press in presses:
+        check_shareable(press)
+        press.validate_for(shape)
+    query_window = max([int(getattr(press, "window", 0)) for press in presses] + [1])
+    prefill = shared_prefill(loaded, inputs, max_new_tokens=max_new_tokens, query_window=query_window)
+    return decode_rows(loaded, prefill, [compress_prefill(prefill, press) for press in presses], backend=backend)
