@@ -312,7 +312,9 @@ def plot_visual_vs_copy_heads(
                 named.setdefault((l, h), []).append(f"{tag}#{rank}")
     _label_column(ax, [(copy[l, h], visual[l, h]) for l, h in named],
                   [f"L{l}H{h} ({', '.join(tags)})" for (l, h), tags in named.items()])  # fmt: skip
-    ax.legend(title="layer", fontsize=7, title_fontsize=8, loc="best")
+    handles, names = ax.get_legend_handles_labels()  # below the x label: the points keep the whole axes
+    ax.legend(handles, names, title="layer", fontsize=7, title_fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.16), ncol=max(len(names), 1), frameon=False)  # fmt: skip
     ax.set_title(
         f"visual vs text-copy score per head: {len(overlap.shared)} of the top {k} of each are shared "
         f"(top {fraction:.0%} of {visual.size} heads, dashed)",
