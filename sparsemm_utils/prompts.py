@@ -118,10 +118,13 @@ def _resolve(loaded_or_processor: Any, model_type: str | None) -> tuple[Processo
     return processor, model_type, model
 
 
-def build_messages(text: str, model_type: str, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[dict]:
+def build_messages(
+    text: str, model_type: str, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, *, image: bool = True
+) -> list[dict]:
     """The chat for one image and one text (docs/method.md §2): optional system turn, then the user
-    turn ``[image, text]``. ``system_prompt``: the family default (``"default"``), a string, or None
-    for no system turn (Qwen's template then still inserts its default system prompt)."""
+    turn ``[image, text]`` (``[text]`` when ``image=False``, e.g. the text-copy chat of
+    :mod:`sparsemm_utils.text_heads`). ``system_prompt``: the family default (``"default"``), a
+    string, or None for no system turn (Qwen's template then still inserts its default system prompt)."""
     if model_type not in _FAMILY_SYSTEM_PROMPT:
         raise ModelTypeMismatchError(
             f"model_type {model_type!r} is not supported (supported: {', '.join(_FAMILY_SYSTEM_PROMPT)})"
@@ -131,7 +134,8 @@ def build_messages(text: str, model_type: str, system_prompt: str | None = DEFAU
     messages: list[dict] = []
     if system_prompt is not None:
         messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]})
+    content = [{"type": "image"}] if image else []
+    messages.append({"role": "user", "content": [*content, {"type": "text", "text": text}]})
     return messages
 
 

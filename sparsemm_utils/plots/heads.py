@@ -10,6 +10,8 @@
 - :func:`plot_token_reasons`: how many generated tokens each matching rule scored or skipped.
 - :func:`plot_image_mass_vs_score`: a head's visual score against the attention mass it puts on
   the image at all.
+- :func:`plot_visual_vs_copy_heads`: a head's visual score against its text-copy score (the
+  language model's own copy heads, :mod:`sparsemm_utils.text_heads`), with both heatmaps.
 
 Colours come from :mod:`sparsemm_utils.plots.style`: S in the ``visual_score`` colormap, attention
 weights in ``attention``, layers in ``layer``.
@@ -28,6 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+from ..head_comparison import top_overlap
 from ..head_scoring_rule import MATCHED, PAPER_TOP_SHARE, SKIP_REASONS, cumulative_share, top_heads, validate_head_scores
 from ..patch_mapping import LlavaNextPatchMapper, PatchMapper
 from .style import cmap_for
@@ -40,19 +43,25 @@ __all__ = [
     "plot_heads_on_image",
     "plot_token_reasons",
     "plot_image_mass_vs_score",
+    "plot_visual_vs_copy_heads",
 ]
 
 
 def plot_head_heatmap(
-    scores: np.ndarray, *, ax: Axes | None = None, title: str | None = None, annotate_top: int = 5
+    scores: np.ndarray,
+    *,
+    ax: Axes | None = None,
+    title: str | None = None,
+    annotate_top: int = 5,
+    label: str = "visual score S (mean over samples)",
 ) -> Figure:
     """Heatmap of S (L, H): layers as rows, query heads as columns; the ``annotate_top`` best
-    heads outlined in red with their rank."""
+    heads outlined in red with their rank; ``label`` names the colour bar."""
     scores = validate_head_scores(scores)
     layers, heads = scores.shape
     if ax is None:
         _, ax = plt.subplots(figsize=(min(2 + 0.35 * heads, 14), min(1.5 + 0.3 * layers, 10)))
-    sns.heatmap(scores, ax=ax, cmap=cmap_for("visual_score"), vmin=0, cbar_kws={"label": "visual score S (mean over samples)"}, square=False)
+    sns.heatmap(scores, ax=ax, cmap=cmap_for("visual_score"), vmin=0, cbar_kws={"label": label}, square=False)
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
     if scores.sum() > 0:
@@ -245,13 +254,74 @@ def plot_image_mass_vs_score(scores: np.ndarray, image_mass: np.ndarray, *, anno
                     palette=cmap_for("layer"), ax=ax, s=30)
     if scores.sum() > 0:
         best = top_heads(scores, annotate_top)
-        step = min(0.12, 0.9 / max(len(best), 1))
-        for rank, (layer, head, score) in enumerate(best):
-            ax.annotate(
-                f"#{rank + 1} L{layer}H{head}", (image_mass[layer, head], score), xycoords="data",
-                xytext=(1.03, 0.95 - rank * step), textcoords="axes fraction", fontsize=8, va="center",
-                arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.6, "shrinkA": 0, "shrinkB": 3},
-            )  # fmt: skip
+        _label_column(ax, [(image_mass[l, h], s) for l, h, s in best],
+                      [f"#{rank + 1} L{l}H{h}" for rank, (l, h, _) in enumerate(best)])  # fmt: skip
     ax.set_title("looking at the image vs landing on the text being read", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _label_column(ax: Axes, points: Sequence[tuple[float, float]], labels: Sequence[str]) -> None:
+    """Name ``points`` (data coordinates) in a column right of the axes, in the given order, each
+    joined to its point by a thin line: heads of near-equal values sit on one spot, where labels
+    at the points would print over each other."""
+    step = min(0.12, 0.9 / max(len(labels), 1))
+    for i, ((x, y), text) in enumerate(zip(points, labels)):
+        ax.annotate(
+            text, (x, y), xycoords="data", xytext=(1.03, 0.95 - i * step), textcoords="axes fraction", fontsize=8,
+            va="center", arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.6, "shrinkA": 0, "shrinkB": 3},
+        )  # fmt: skip
+
+
+def plot_visual_vs_copy_heads(
+    visual: np.ndarray, copy: np.ndarray, *, annotate_top: int = 3, fraction: float = 0.10
+) -> Figure:
+    """A head's visual score S (y) against its text-copy score (x), one point per head coloured by
+    layer, and the two (L, H) heatmaps side by side below (both in the ``visual_score``
+    colormap, each scaled to its own maximum).
+
+    Dashed lines mark each score's top ``fraction`` of heads (the k-th highest score, k =
+    :func:`~sparsemm_utils.head_comparison.top_count`): points above and right of both are in both
+    top sets. The ``annotate_top`` best heads of each score are named in a column right of the
+    scatter (``V#r``: visual rank, ``T#r``: text-copy rank), joined to their points.
+    """
+    visual = validate_head_scores(visual, source="visual head scores")
+    copy = validate_head_scores(copy, visual.shape, source="text-copy head scores")
+    layers, heads = visual.shape
+    overlap = top_overlap(visual, copy, fraction)
+    map_height = min(1.5 + 0.3 * layers, 10)
+    fig = plt.figure(figsize=(12, 4.4 + map_height))
+    grid = fig.add_gridspec(2, 2, height_ratios=[4.4, map_height])
+    ax = fig.add_subplot(grid[0, :])
+    frame = pd.DataFrame(
+        {
+            "text-copy score (hits per document)": copy.ravel(),
+            "visual score S": visual.ravel(),
+            "layer": np.repeat(np.arange(layers), heads),
+        }
+    )
+    sns.scatterplot(data=frame, x="text-copy score (hits per document)", y="visual score S", hue="layer",
+                    palette=cmap_for("layer"), ax=ax, s=30)  # fmt: skip
+    k = overlap.k
+    ax.axvline(np.sort(copy.ravel())[::-1][k - 1], color="grey", linestyle="--", linewidth=0.8)
+    ax.axhline(np.sort(visual.ravel())[::-1][k - 1], color="grey", linestyle="--", linewidth=0.8)
+    named: dict[tuple[int, int], list[str]] = {}
+    for tag, matrix in (("V", visual), ("T", copy)):
+        if matrix.sum() > 0:
+            for rank, (l, h, _) in enumerate(top_heads(matrix, annotate_top), start=1):
+                named.setdefault((l, h), []).append(f"{tag}#{rank}")
+    _label_column(ax, [(copy[l, h], visual[l, h]) for l, h in named],
+                  [f"L{l}H{h} ({', '.join(tags)})" for (l, h), tags in named.items()])  # fmt: skip
+    handles, names = ax.get_legend_handles_labels()  # below the x label: the points keep the whole axes
+    ax.legend(handles, names, title="layer", fontsize=7, title_fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.16), ncol=max(len(names), 1), frameon=False)  # fmt: skip
+    ax.set_title(
+        f"visual vs text-copy score per head: {len(overlap.shared)} of the top {k} of each are shared "
+        f"(top {fraction:.0%} of {visual.size} heads, dashed)",
+        fontsize=10,
+    )
+    plot_head_heatmap(visual, ax=fig.add_subplot(grid[1, 0]), title="visual score S", annotate_top=annotate_top)
+    plot_head_heatmap(copy, ax=fig.add_subplot(grid[1, 1]), title="text-copy score", annotate_top=annotate_top,
+                      label="text-copy score (hits per document)")  # fmt: skip
     fig.tight_layout()
     return fig

@@ -4,14 +4,19 @@ The step generates greedily for each document, records every head's attention
 (:mod:`sparsemm_utils.head_scoring_capture`), scores the heads with the OCR hit rule
 (:mod:`sparsemm_utils.head_scoring_rule`, which states the rule and its named variants) and writes
 the original's ``head_scores.json`` beside ``head_scores.csv`` (:mod:`sparsemm_utils.head_scoring_files`),
-``scoring_report.json``, ``token_matches.csv`` and ``findings.csv``. This module declares the step
-(:data:`STEP`, its artifacts), its parameters (:class:`Config`), its report, the writing of its
-outputs (:func:`write_outputs`) and the paper's claims checked on the run (:func:`findings`).
+``scoring_report.json``, ``token_matches.csv`` and ``findings.csv``. With ``text_heads`` it also
+scores the language model's own text-copy heads on the same documents given as text
+(:mod:`sparsemm_utils.text_heads`, docs/method.md §4 "Text-copy heads"), writes them to
+``text_head_scores.json`` and compares them with the visual heads
+(:mod:`sparsemm_utils.head_comparison`). This module declares the step (:data:`STEP`, its
+artifacts), its parameters (:class:`Config`), its report, the writing of its outputs
+(:func:`write_outputs`) and the paper's claims checked on the run (:func:`findings`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +28,7 @@ import pandas as pd
 from ..artifacts import Artifact, StepSpec
 from ..attention_capture import CAPTURE_METHODS
 from ..findings import Finding, findings_frame, read_findings
+from ..head_comparison import CONCENTRATION_FRACTIONS, compare_head_scores, rank_correlation, top_count, top_overlap
 from ..head_scoring_capture import HeadScoringResult, SampleCapture, jsonable
 from ..head_scoring_files import head_scores_frame, load_head_scores, write_head_scores_json
 from ..head_scoring_rule import (
@@ -40,6 +46,7 @@ from ..head_scoring_rule import (
 )
 from ..model_types import is_random_weight_model
 from ..prompts import OCR_PROMPT
+from ..text_heads import SMOLLM2_COPY_HEADS, TextHeadResult
 from ..validate import check_choice, check_int
 from . import ocr_annotation, patch_mapping
 
@@ -51,12 +58,17 @@ __all__ = [
     "SCORING_REPORT",
     "TOKEN_MATCHES",
     "FINDINGS",
+    "TEXT_HEAD_SCORES",
+    "OPTIONAL_OUTPUTS",
     "SHARE_TOLERANCE",
+    "SIGNIFICANCE",
+    "TEXT_TOP_FRACTION",
     "Config",
     "build_report",
     "write_outputs",
     "middle_layers",
     "findings",
+    "text_findings",
 ]
 
 NAME = "03_head_scoring"
@@ -98,16 +110,33 @@ FINDINGS: Artifact[pd.DataFrame] = Artifact(
     NAME, "findings.csv", "the paper's claims about visual heads beside this run's numbers", reader=read_findings
 )
 
+#: The language model's own text-copy scores (layers x query heads) on the same documents given
+#: as text, in head_scores.json's format (docs/method.md §4 "Text-copy heads"). Written only with
+#: ``Config.text_heads``, hence in :data:`OPTIONAL_OUTPUTS` and not in ``STEP.outputs`` (which the
+#: pipeline requires after every run).
+TEXT_HEAD_SCORES: Artifact[np.ndarray] = Artifact(
+    NAME,
+    "text_head_scores.json",
+    'text-copy head scores (layers x query heads), {"l-h": [s_1, ..., s_N]}: the hit rule on copying the page text from the prompt',
+    reader=load_head_scores,
+)
+
 STEP = StepSpec(
     NAME,
     "Visual head scoring: the OCR hit rule per attention head",
     inputs=(ocr_annotation.DOCUMENTS, patch_mapping.REGIONS),
     outputs=(HEAD_SCORES, HEAD_SCORES_CSV, SCORING_REPORT, TOKEN_MATCHES, FINDINGS),
 )
+#: Outputs written only when a parameter asks for them (``text_heads``).
+OPTIONAL_OUTPUTS: tuple[Artifact, ...] = (TEXT_HEAD_SCORES,)
 
 #: How far (in share points) this run's top-share may fall below the paper's and still count as
 #: "as concentrated as the paper's" in :func:`findings`.
 SHARE_TOLERANCE = 0.10
+#: The probability below which an overlap or a rank correlation counts as more than chance.
+SIGNIFICANCE = 0.05
+#: The top fraction of heads whose overlap :func:`findings` reports (visual vs text-copy).
+TEXT_TOP_FRACTION = 0.10
 
 
 @dataclass
@@ -125,7 +154,9 @@ class Config:
     the notebook compares the streamed rows with the eager reference (0: skip; the reference needs
     H x N^2 memory per layer). ``dtype``/``device``: passed to ``load_model``. ``threads``: torch
     CPU threads (0: torch's default; 1 is fastest for tiny models on a shared CPU, where idle
-    OpenMP threads spin against other processes).
+    OpenMP threads spin against other processes). ``text_heads``: also score the language
+    model's text-copy heads (:mod:`sparsemm_utils.text_heads`) on the first ``text_samples``
+    documents (None: all; issue 20 measured SmolLM2-135M on 24), one eager forward each.
     """
 
     run_dir: str = "runs/dev"
@@ -146,6 +177,8 @@ class Config:
     dtype: str = "auto"
     device: str = "cpu"
     threads: int = 0
+    text_heads: bool = True
+    text_samples: int | None = 24
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_dir, (str, Path)) or not str(self.run_dir):
@@ -169,6 +202,10 @@ class Config:
             check_int(name, getattr(self, name), 0, error=HeadScoringConfigError)
         if not isinstance(self.dtype, str) or not isinstance(self.device, str):
             raise HeadScoringConfigError(f"dtype and device must be strings, got {self.dtype!r}, {self.device!r}")
+        if not isinstance(self.text_heads, bool):
+            raise HeadScoringConfigError(f"text_heads must be True or False, got {self.text_heads!r}")
+        if self.text_samples is not None:
+            check_int("text_samples (or None for all documents)", self.text_samples, 1, error=HeadScoringConfigError)
 
     def to_dict(self) -> dict[str, Any]:
         """The parameters as JSON-ready values (for ``scoring_report.json``)."""
@@ -219,20 +256,32 @@ def write_outputs(
     report: Mapping[str, Any] | None = None,
     *,
     samples: Sequence[SampleCapture] | None = None,
+    text: TextHeadResult | None = None,
 ) -> dict[str, Path]:
     """Write every output of step 03 into ``<cfg.run_dir>/03_head_scoring/``: ``head_scores.json``
     (original format, from ``result.sample_scores`` (N, L, H)), ``head_scores.csv``,
     ``scoring_report.json`` (``result.summary()`` updated with ``report``, e.g. :func:`build_report`),
     ``token_matches.csv`` (:meth:`HeadScoringResult.token_table`; ``samples`` gives the token ids
-    and texts) and ``findings.csv`` (:func:`findings`). Returns file name -> path."""
+    and texts) and ``findings.csv`` (:func:`findings`). With ``text`` (the text-copy scores,
+    :func:`sparsemm_utils.text_heads.score_copy_documents`) also ``text_head_scores.json`` (from
+    ``text.sample_scores`` (N', L, H)), and the report gains ``text_heads``: ``text.summary()``
+    and its ``comparison`` with the visual scores; without ``text`` a ``text_head_scores.json``
+    left by an earlier run is removed (it would not belong to these scores). Returns file name -> path."""
     STEP.folder(cfg.run_dir, create=True)
     paths = {artifact.name: artifact.path(cfg.run_dir) for artifact in STEP.outputs}
     write_head_scores_json(result.sample_scores, paths[HEAD_SCORES.name])
     head_scores_frame(result.scores).to_csv(paths[HEAD_SCORES_CSV.name], index=False)
     full = {**result.summary(), **(dict(report) if report else {})}
+    text_scores = None
+    TEXT_HEAD_SCORES.path(cfg.run_dir).unlink(missing_ok=True)
+    if text is not None:
+        text_scores = text.scores
+        paths[TEXT_HEAD_SCORES.name] = write_head_scores_json(text.sample_scores, TEXT_HEAD_SCORES.path(cfg.run_dir))
+        comparison = compare_head_scores(result.scores, text_scores, TEXT_TOP_FRACTION)
+        full["text_heads"] = {**text.summary(), "comparison": comparison}
     paths[SCORING_REPORT.name].write_text(json.dumps(full, indent=2, default=jsonable) + "\n", encoding="utf-8")
     result.token_table(samples).to_csv(paths[TOKEN_MATCHES.name], index=False)
-    table = findings_frame(findings(result.scores, {"model_id": cfg.model_id, **full}))
+    table = findings_frame(findings(result.scores, {"model_id": cfg.model_id, **full}, text_scores))
     table.to_csv(paths[FINDINGS.name], index=False)
     return paths
 
@@ -282,12 +331,14 @@ def _location(heads: Sequence[tuple[int, int]], layers: int) -> tuple[int, str]:
     return inside, text
 
 
-def findings(scores: np.ndarray, report: Mapping[str, Any]) -> list[Finding]:
+def findings(scores: np.ndarray, report: Mapping[str, Any], text_scores: np.ndarray | None = None) -> list[Finding]:
     """The paper's claims about visual heads (docs/method.md §4) beside this run's numbers.
 
     ``scores``: S (L, H), e.g. ``HEAD_SCORES.read(run_dir)``; ``report``: ``scoring_report.json``
     (``SCORING_REPORT.read(run_dir)``; it needs ``model_id``, ``match``, ``selection``, ``samples``,
     ``tokens_generated``, ``tokens_matched``, ``tokens_skipped`` and ``samples_with_no_match``).
+    ``text_scores``: the text-copy scores (``TEXT_HEAD_SCORES.read(run_dir)``) when the run
+    scored them; :func:`text_findings` is then appended (the report needs ``text_heads``).
 
     1. Every sample has tokens the rule scores (n: generated tokens; the counts by reason).
     2-3. The top 5% / top 10% of heads hold about 55% / 77% of the score (n: heads). Holds when this
@@ -374,6 +425,165 @@ def findings(scores: np.ndarray, report: Mapping[str, Any]) -> list[Finding]:
             f"{paper_text} (LLaVA-NeXT-Vicuna-7B, docs/method.md §4)",
             this_run,
             n=len(top),
+            holds=holds,
+        )
+    )
+    if text_scores is not None:
+        result.extend(text_findings(scores, text_scores, report))
+    return result
+
+
+#: The keys of ``scoring_report.json``'s ``text_heads`` :func:`text_findings` reads.
+_TEXT_REPORT_KEYS = ("samples", "answer_tokens", "tokens_scored", "tokens_skipped", "top_heads")
+
+
+def _named(heads: Sequence[tuple[int, int]]) -> str:
+    return ", ".join(f"L{l}H{h}" for l, h in heads)
+
+
+def text_findings(scores: np.ndarray, text_scores: np.ndarray, report: Mapping[str, Any]) -> list[Finding]:
+    """The language model's own text-copy heads beside its visual heads (docs/method.md §4,
+    "Text-copy heads"). The paper reports nothing on text heads: the ``paper`` column says so and
+    sets issue 20's measurement on SmolLM2-135M (:data:`~sparsemm_utils.text_heads.SMOLLM2_COPY_HEADS`)
+    beside this run, labelled as such.
+
+    ``scores`` / ``text_scores``: the visual and the text-copy S (L, H) of one model; ``report``:
+    ``scoring_report.json`` with ``model_id`` and ``text_heads`` (its ``samples``,
+    ``answer_tokens``, ``tokens_scored``, ``tokens_skipped``, ``top_heads`` with hit rates).
+
+    1. The copy score is concentrated (n: heads): holds when the text top-10% share is within
+       :data:`SHARE_TOLERANCE` of SmolLM2-135M's or above.
+    2. Only for a model of SmolLM2-135M's shape (30 x 9 heads, e.g. the study model): most of the
+       six copy heads issue 20 names are among this run's top 10% copy heads.
+    3. The top :data:`TEXT_TOP_FRACTION` of visual and of text-copy heads overlap beyond chance
+       (n: heads): holds when the hypergeometric probability of an overlap this large is below
+       :data:`SIGNIFICANCE`.
+    4. A head's visual score rises with its copy score (n: heads): holds when Spearman's rho > 0
+       and its permutation p-value is below :data:`SIGNIFICANCE`.
+
+    A random-weight model, or all-zero scores, cannot tell (``holds=None``).
+    """
+    scores = validate_head_scores(scores)
+    text_scores = validate_head_scores(text_scores, scores.shape, source="text-copy head scores")
+    text = report.get("text_heads")
+    missing = [key for key in _TEXT_REPORT_KEYS if not isinstance(text, Mapping) or key not in text]
+    if "model_id" not in report or missing:
+        raise HeadScoringError(
+            f"the scoring report lacks model_id or text_heads {missing}: pass scoring_report.json as write_outputs "
+            "wrote it with text= (SCORING_REPORT.read(run_dir))"
+        )
+    ref = SMOLLM2_COPY_HEADS
+    n_heads = scores.size
+    layers, heads = scores.shape
+    random_weights = is_random_weight_model(report["model_id"])
+    copy_zero = not float(text_scores.sum()) > 0
+    visual_zero = not float(scores.sum()) > 0
+    if random_weights:
+        why = f"the model {report['model_id']} has random weights: no head is expected to copy or read"
+    elif copy_zero:
+        why = "all text-copy scores are zero: no head's strongest key ever landed on a token's source"
+    else:
+        why = ""
+    compare_why = why or ("all visual scores are zero: there are no visual heads to compare" if visual_zero else "")
+    suffix = (lambda reason: f"; {reason}" if reason else "")
+    not_in_paper = "not in the paper (SparseMM scores visual heads only and reports nothing on text-copy heads)"
+    skipped = ", ".join(f"{int(c)} {r}" for r, c in sorted(dict(text["tokens_skipped"]).items()) if int(c) > 0) or "none"
+    counts = (
+        f"{int(text['tokens_scored'])} of {int(text['answer_tokens'])} answer tokens scored in {int(text['samples'])} "
+        f"documents (skipped: {skipped})"
+    )
+    result = []
+
+    reference_shares = " and ".join(
+        f"the top {f:.0%} hold {ref.top_share[f]:.0%}" for f in sorted(ref.top_share)
+    )
+    if copy_zero:
+        this_run, holds = f"{why}; {counts}", None
+    else:
+        shares = {f: top_share(text_scores, f) for f in CONCENTRATION_FRACTIONS}
+        strongest = ", ".join(
+            f"L{h['layer']}H{h['head']} ({float(h['hit_rate']):.2f})" for h in list(text["top_heads"])[:3]
+        )
+        this_run = (
+            " and ".join(f"the top {f:.0%} hold {shares[f]:.1%}" for f in CONCENTRATION_FRACTIONS)
+            + f" of the copy score of the {n_heads} heads; strongest (hit rate): {strongest}; {counts}"
+            + suffix(why)
+        )
+        holds = None if random_weights else bool(shares[0.10] >= ref.top_share[0.10] - SHARE_TOLERANCE)
+    result.append(
+        Finding(
+            NAME,
+            "a few heads do the language model's copying from text",
+            f"{not_in_paper}; {ref.label}: {reference_shares} of the copy score of its {ref.layers * ref.heads} heads "
+            f"({ref.documents} documents)",
+            this_run,
+            n=n_heads,
+            holds=holds,
+        )
+    )
+
+    if (layers, heads) == (ref.layers, ref.heads):
+        named = [(l, h) for l, h, _ in ref.top_heads]
+        k = top_count(n_heads, TEXT_TOP_FRACTION)
+        top = {(l, h) for l, h, _ in top_heads(text_scores, k)}
+        inside = [head for head in named if head in top]
+        this_run = why if copy_zero else (
+            f"{len(inside)} of the {len(named)} are among this run's top {k} copy heads"
+            + (f" ({_named(inside)})" if inside else "")
+            + suffix(why)
+        )
+        result.append(
+            Finding(
+                NAME,
+                f"the strongest copy heads are {ref.model}'s",
+                f"{not_in_paper}; {ref.label}: {ref.heads_text()}",
+                this_run,
+                n=len(named),
+                holds=None if why else bool(2 * len(inside) > len(named)),
+            )
+        )
+
+    overlap = top_overlap(scores, text_scores, TEXT_TOP_FRACTION)
+    if copy_zero or visual_zero:
+        this_run, holds = compare_why, None
+    else:
+        this_run = (
+            f"{len(overlap.shared)} of the top {overlap.k} visual heads are among the top {overlap.k} copy heads "
+            f"({overlap.overlap:.0%}; two random sets of {overlap.k} of the {n_heads} heads share {overlap.chance:.0%} "
+            f"on average, p = {overlap.p_value:.2g} of sharing as many)"
+            + (f": {_named(overlap.shared)}" if overlap.shared else "")
+            + ("; equal scores at the cut were taken in layer-major order" if overlap.ties_at_cut else "")
+            + suffix(compare_why)
+        )
+        holds = None if compare_why else bool(overlap.p_value < SIGNIFICANCE)
+    result.append(
+        Finding(
+            NAME,
+            f"the visual heads are the language model's own copy heads (top {TEXT_TOP_FRACTION:.0%} overlap)",
+            not_in_paper,
+            this_run,
+            n=n_heads,
+            holds=holds,
+        )
+    )
+
+    correlation = rank_correlation(scores, text_scores)
+    if math.isnan(correlation.rho):
+        this_run, holds = compare_why or "one of the score matrices is constant: its ranks carry no order", None
+    else:
+        this_run = (
+            f"Spearman's rho = {correlation.rho:+.2f} between the visual and the copy scores of the {n_heads} heads "
+            f"(two-sided permutation p = {correlation.p_value:.2g}, {correlation.permutations} shuffles)"
+            + suffix(compare_why)
+        )
+        holds = None if compare_why else bool(correlation.rho > 0 and correlation.p_value < SIGNIFICANCE)
+    result.append(
+        Finding(
+            NAME,
+            "heads that copy text also read the image (rank correlation)",
+            not_in_paper,
+            this_run,
+            n=n_heads,
             holds=holds,
         )
     )

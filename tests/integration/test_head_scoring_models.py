@@ -22,18 +22,9 @@ from sparsemm_utils.patch_mapping import map_documents
 from sparsemm_utils.prompts import build_inputs, image_token_span
 from sparsemm_utils.steps import head_scoring as step03
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_next")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

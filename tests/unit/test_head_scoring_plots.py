@@ -86,6 +86,23 @@ def test_mass_plot_names_heads_on_one_spot_without_overprinting():
     assert not _overlaps(labels, fig)
 
 
+def test_visual_vs_copy_plot_names_the_top_heads_of_both_without_overprinting():
+    visual = np.array([[0.0, 0.1, 0.2, 0.3], [1.9, 1.9, 1.9, 0.4]])
+    copy = np.array([[5.0, 0.0, 0.0, 4.0], [2.0, 2.0, 2.0, 0.0]])  # L1H0-L1H2 on one point again
+    fig = ph.plot_visual_vs_copy_heads(visual, copy, annotate_top=2, fraction=0.25)
+    scatter, left, _, right, _ = fig.axes  # the scatter, then each heatmap with its colour bar
+    labels = [t.get_text() for t in scatter.texts]
+    assert labels == ["L1H0 (V#1)", "L1H1 (V#2)", "L0H0 (T#1)", "L0H3 (T#2)"]
+    assert not _overlaps(scatter.texts, fig)
+    # top 25% of 8 heads = 2: the visual top two (L1H0, L1H1) and the copy top two (L0H0, L0H3) share none
+    assert scatter.get_title().startswith("visual vs text-copy score per head: 0 of the top 2 of each are shared")
+    assert [line.get_xdata()[0] for line in scatter.get_lines() if line.get_linestyle() == "--"][0] == 4.0
+    assert (left.get_title(), right.get_title()) == ("visual score S", "text-copy score")
+    assert fig.axes[4].get_ylabel() == "text-copy score (hits per document)"
+    with pytest.raises(rule.HeadScoreShapeError, match="text-copy head scores"):
+        ph.plot_visual_vs_copy_heads(visual, copy[:, :3])
+
+
 QWEN = QwenVLPatchMapper()
 IMAGE = Image.new("RGB", (280, 224), "white")  # resized to 280 x 224: a 8 x 10 grid of 80 tokens
 
