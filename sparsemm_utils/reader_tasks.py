@@ -62,6 +62,7 @@ __all__ = [
     "LINE_PROMPT",
     "VALUE_PROMPT",
     "HELDOUT_SEED",
+    "STUDY_PAGES",
     "VALIDATION_SEED",
     "ReaderTaskError",
     "NoQuestionError",
@@ -193,6 +194,12 @@ class ReaderDocSpec:
         """The same document laid out, not drawn yet (``.row()`` draws it; ``.row(draw=False)``:
         its text and boxes only, far cheaper)."""
         return layout_document(_shared_generator_config(self, seed), index)
+
+
+#: The study model's pages (:mod:`sparsemm_utils.study_model`): 12 x 8 cells of 28 px = 336 x 224 px
+#: (the study model's one page size, so one visual token stays one cell), 3-6 lines of 1-3 words of
+#: 1-4 characters. The offline benchmark ``study_docqa`` asks its questions on these pages.
+STUDY_PAGES = ReaderDocSpec(cols=(12, 12), rows=(8, 8), lines=(3, 6), words_per_line=(1, 3), word_length=(1, 4))
 
 
 @functools.lru_cache(maxsize=64)

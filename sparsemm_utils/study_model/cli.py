@@ -1,6 +1,7 @@
 """``python -m sparsemm_utils.study_model``: train the study model's parts, assemble the model.
 
     python -m sparsemm_utils.study_model train --out data/study_model     # both stages (see --help)
+    python -m sparsemm_utils.study_model validate --recipe "what changed" --record data/study_model/recipes.json
     python -m sparsemm_utils.study_model assemble                         # -> build/study_model/
 """
 
@@ -20,14 +21,14 @@ import torch
 from safetensors.torch import save_file
 
 from sparsemm_utils.models import LoadedModel
-from sparsemm_utils.reader_tasks import TASK_TYPES, VALIDATION_SEED
+from sparsemm_utils.reader_tasks import STUDY_PAGES, TASK_TYPES, VALIDATION_SEED
 from sparsemm_utils.tiny_reader.accuracy import evaluate_reader
 
-from .architecture import StudyModelSpec, build_processor, build_study_model, trained_state
-from .assemble import ASSEMBLED_DIR, PARTS_DIR, SPEC_FILE, TRAINED_FILE, ensure_assembled, assemble
+from .architecture import StudyModelSpec, build_processor, build_study_model, merge_lora, trained_state
+from .assemble import ASSEMBLED_DIR, PARTS_DIR, SPEC_FILE, TRAINED_FILE, assemble, build_from_parts, ensure_assembled
 from .backbone import BACKBONE, load_backbone
-from .pages import STUDY_PAGES
 from .training import StudyTrainConfig, train_alignment, train_tasks
+from .validation import validate_recipe
 
 __all__ = ["main", "train", "VALIDATION_FILE", "LOG_FILE", "CONFIG_FILE"]
 
@@ -85,6 +86,17 @@ def train(cfg: StudyTrainConfig, out: Path, *, log=print) -> dict:
     return summary
 
 
+def validate_parts(parts: Path, *, recipe: str, command: str = "") -> dict:
+    """:func:`.validation.validate_recipe` on the model built from ``parts`` (adapters merged), with
+    the recipe's training minutes from its ``validation.json``."""
+    model, processor, _ = build_from_parts(parts)
+    merge_lora(model)
+    loaded = LoadedModel(model=model, processor=processor, model_type="llava_next", name_or_path=str(parts))
+    trained = json.loads((Path(parts) / VALIDATION_FILE).read_text(encoding="utf-8")) if (Path(parts) / VALIDATION_FILE).is_file() else {}
+    result = validate_recipe(loaded)
+    return {"recipe": recipe, "command": command, "training_minutes": trained.get("training_minutes"), **result}
+
+
 def _short(record: dict) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
 
@@ -110,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             tr.add_argument(f"--{f.name.replace('_', '-')}", type=type(value), default=None, help=f"default {value}")
     tr.add_argument("--lora-rank", type=int, default=None, help=f"default {StudyModelSpec().lora_rank}")
+    va = sub.add_parser("validate", help="judge trained parts on validation pages (heads, FullKV, SparseMM vs random)")
+    va.add_argument("--parts", type=Path, default=PARTS_DIR)
+    va.add_argument("--recipe", required=True, help="what this recipe changed (one line, for the model card)")
+    va.add_argument("--command", dest="train_command", default="", help="the training command that made the parts")
+    va.add_argument("--record", type=Path, default=None, help="append the result to this JSON list (e.g. data/study_model/recipes.json)")
+    va.add_argument("--threads", type=int, default=2)
     asm = sub.add_parser("assemble", help="join the pinned backbone and the trained parts into a model folder")
     asm.add_argument("--out", type=Path, default=ASSEMBLED_DIR)
     asm.add_argument("--parts", type=Path, default=PARTS_DIR)
@@ -119,6 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = _config_from_args(args)
         summary = train(cfg, args.out)
         print(json.dumps({k: v for k, v in summary.items() if k != "validation"}, indent=2))
+        return 0
+    if args.command == "validate":
+        torch.set_num_threads(args.threads)
+        result = validate_parts(args.parts, recipe=args.recipe, command=args.train_command)
+        if args.record is not None:
+            records = json.loads(args.record.read_text(encoding="utf-8")) if args.record.is_file() else []
+            records.append(result)
+            args.record.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+        print(json.dumps(result, indent=2))
         return 0
     folder = assemble(args.out, args.parts) if args.force else ensure_assembled(args.out, args.parts)
     print(folder)

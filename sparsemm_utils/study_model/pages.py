@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 from sparsemm_utils.prompts import build_messages
-from sparsemm_utils.reader_tasks import NoQuestionError, ReaderDocSpec, ReaderQuestion, TASK_TYPES, draw_question
+from sparsemm_utils.reader_tasks import STUDY_PAGES, TASK_TYPES, NoQuestionError, ReaderDocSpec, ReaderQuestion, draw_question
 
 __all__ = [
-    "STUDY_PAGES",
     "TRAIN_SEED",
     "PageBatchError",
     "cell_targets",
@@ -36,8 +35,6 @@ __all__ = [
     "draw_samples",
 ]
 
-#: The study model's pages: 12 x 8 cells of 28 px = 336 x 224 px, 3-6 lines of 1-3 words.
-STUDY_PAGES = ReaderDocSpec(cols=(12, 12), rows=(8, 8), lines=(3, 6), words_per_line=(1, 3), word_length=(1, 4))
 #: Page stream of the training batches (validation: reader_tasks.VALIDATION_SEED; the benchmark:
 #: reader_tasks.HELDOUT_SEED; step 01's documents: the config's seed).
 TRAIN_SEED = 1

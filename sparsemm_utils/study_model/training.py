@@ -34,11 +34,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from sparsemm_utils.reader_tasks import TASK_TYPES, VALIDATION_SEED
+from sparsemm_utils.reader_tasks import STUDY_PAGES, TASK_TYPES
 from sparsemm_utils.validate import check_fraction, check_int
 
 from .architecture import StudyModelSpec, lora_modules
-from .pages import STUDY_PAGES, TRAIN_SEED, TaskBatch, cell_targets, char_token_id, draw_samples, task_batch
+from .pages import TRAIN_SEED, TaskBatch, cell_targets, char_token_id, draw_samples, task_batch
 
 __all__ = [
     "StudyTrainConfig",
