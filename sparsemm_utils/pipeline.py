@@ -530,6 +530,35 @@ def _restore(run: Path, folder: Path, step: Any, backup: Path | None) -> str:
     )
 
 
+def _recover_interrupted(run: Path, steps: Sequence[Any], log: Callable[[str], None]) -> None:
+    """Undo what a pipeline killed mid-step (``kill -9``, a power cut) left behind, before anything
+    runs: a step whose good outputs were set aside (``<run>/.previous/<step>``) and whose folder
+    holds an unfinished run (manifest "running" or none) gets its good outputs back, the unfinished
+    run kept in ``<run>/.failed/<step>``; a copy set aside beside a finished run is stale and goes."""
+    for step in steps:
+        backup = run / PREVIOUS_DIR / step.name
+        if not backup.is_dir():
+            continue
+        folder = run / step.name
+        kept = Manifest.read(backup)
+        current = Manifest.read(folder) if folder.exists() else None
+        if current is not None and current.status == "ok":
+            shutil.rmtree(backup)  # the run finished; only removing its backup was left to do
+            continue
+        if kept is None or kept.status != "ok":
+            continue
+        message = ""
+        if folder.exists():
+            failed = run / FAILED_DIR / step.name
+            if failed.exists():
+                shutil.rmtree(failed)
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            folder.rename(failed)
+            message = f"; the interrupted run is kept in {failed}"
+        backup.rename(folder)
+        log(f"[back] {step.name}: its last run was interrupted; the outputs of its previous good run are back in place{message}")
+
+
 def _mark_running(folder: Path, manifest: Manifest) -> None:
     """A resumable step reruns in place: its manifest says "running" until it finishes, so a killed
     run is never taken for a finished one."""
@@ -591,6 +620,7 @@ def run_pipeline(
         return _check_read_only(config, run, selected, steps, root, declared, force, log, exc)
     results: list[StepResult] = []
     try:
+        _recover_interrupted(run, steps, log)
         for step in selected:
             results.append(_run_step(step, config, run, steps, root, declared[step.name], force, kernel_name, log))
     finally:
