@@ -29,7 +29,8 @@ Files (in ``out_dir``, step 05's folder; the artifact contract of docs/design.md
 - ``sweep.json``: what the sweep was run with (model, settings) and each benchmark's sample set
   (count, sha256 of the sample ids, skipped rows by reason).
 - ``sweep_ledger.jsonl``: the sha256 of every line the sweep wrote into ``results.csv`` and
-  ``predictions.jsonl``, appended right after the line itself: ``{"file", "line", "sha256"}``.
+  ``predictions.jsonl`` (without its line ending), appended right after the line itself:
+  ``{"file", "line", "sha256"}``.
 
 Resuming: a rerun into the same folder first checks both files against the ledger
 (:func:`verify_ledger`): a line edited or deleted since the sweep wrote it raises
@@ -379,7 +380,9 @@ def _split_lines(data: bytes) -> tuple[list[bytes], bytes]:
 
 
 def _line_sha256(line: bytes) -> str:
-    return hashlib.sha256(line).hexdigest()
+    """sha256 of a line without its line ending (a file re-saved with other line endings holds the
+    same lines)."""
+    return hashlib.sha256(line.rstrip(b"\r\n")).hexdigest()
 
 
 class _Ledger:
@@ -473,11 +476,6 @@ def verify_ledger(out_dir: str | Path, *, repair: bool = False) -> dict[str, tup
         path = out / name
         lines, rest = _split_lines(data[name])
         digests = recorded[name]
-        if len(lines) < len(digests):
-            raise SweepTamperedError(
-                f"{path} has {len(lines)} complete line(s) but the sweep wrote {len(digests)} (its ledger {ledger_path} "
-                f"records each): line {len(lines) + 1} onward was deleted or cut off. " + _restart_hint(out)
-            )
         for number, (line, digest) in enumerate(zip(lines, digests), start=1):
             now = _line_sha256(line)
             if now != digest:
@@ -485,6 +483,11 @@ def verify_ledger(out_dir: str | Path, *, repair: bool = False) -> dict[str, tup
                     f"{path} line {number} is not what the sweep wrote{_describe_line(name, line)}: its ledger "
                     f"{ledger_path} records sha256 {digest[:16]}..., the line now has {now[:16]}.... " + _restart_hint(out)
                 )
+        if len(lines) < len(digests):
+            raise SweepTamperedError(
+                f"{path} has {len(lines)} complete line(s) but the sweep wrote {len(digests)} (its ledger {ledger_path} "
+                f"records each): line {len(lines) + 1} onward was deleted or cut off. " + _restart_hint(out)
+            )
         extra = len(lines) - len(digests) + (1 if rest else 0)
         status[name] = (len(digests), extra)
         if repair and extra:
