@@ -181,7 +181,7 @@ def _load_csv_scores(path: Path, shape: Any) -> np.ndarray:
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:  # pandas raises several types for unreadable files
-        raise HeadScoreFileError(f"{path} is not a readable CSV ({exc}); rerun step 03 or restore the file") from exc
+        raise HeadScoreFileError(f"{path} is not a readable CSV ({str(exc).strip()}); rerun step 03 or restore the file") from exc
     needed = {"layer", "head", "score"}
     if not needed.issubset(frame.columns):
         raise HeadScoreFileError(f"{path} needs columns {sorted(needed)}, has {list(frame.columns)}")
