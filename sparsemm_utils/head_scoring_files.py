@@ -204,25 +204,30 @@ def zero_scores_explanation(path: str | Path) -> str:
     were skipped, and what to do. Without a readable report, the general reasons."""
     path = Path(path)
     report_path = path.parent / REPORT_NAME
-    counts = ""
     try:
         report = json.loads(report_path.read_text(encoding="utf-8"))
         skipped = {k: v for k, v in dict(report.get("tokens_skipped") or {}).items() if v}
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1])) or "none"
+        matched = report.get("tokens_matched")
         counts = (
-            f"step 03 matched {report.get('tokens_matched')} of {report.get('tokens_generated')} generated tokens "
-            f"over {report.get('samples')} samples to an annotated image region (skipped tokens: {reasons}; "
-            f"{REPORT_NAME}). "
+            f"step 03 matched {matched} of {report.get('tokens_generated')} generated tokens over "
+            f"{report.get('samples')} samples to an annotated image region (skipped tokens: {reasons}; {REPORT_NAME})"
         )
+        if matched:
+            counts += (
+                f", and for none of those {matched} did a head's strongest attention "
+                f"({report.get('selection', 'argmax')}) fall inside the token's region"
+            )
     except (OSError, ValueError, AttributeError, TypeError):
-        counts = f"step 03 matched no generated token to an annotated image region ({report_path} not readable). "
+        counts = f"step 03 matched no generated token to an annotated image region ({report_path} not readable)"
     return (
-        f"the head scores in {path} are zero for every head: {counts}No head ever hit a region, so there is nothing "
-        "to rank heads or allocate budgets by. This happens when the model's answers do not reproduce the page's "
-        "text (random or untrained weights, a model that does not read this kind of page; skipped as no_match or "
-        "ambiguous) or the regions do not line up (empty_region, unaligned). Look at token_matches.csv beside it "
-        "(each generated token and why it did not match), then rerun step 03 with a model that reads the documents, "
-        "or with more samples (n_samples) or a longer answer (max_new_tokens)"
+        f"the head scores in {path} are zero for every head: {counts}. No head ever hit a region, so there is "
+        "nothing to rank heads or allocate budgets by. This happens when the model's answers do not reproduce the "
+        "page's text (random or untrained weights, a model that does not read this kind of page; skipped as "
+        "no_match or ambiguous), when it does not look at the text it reads, or when the regions do not line up "
+        "(empty_region, unaligned). Look at token_matches.csv beside it (each generated token and why it did not "
+        "match), then rerun step 03 with a model that reads the documents, or with more samples (n_samples) or a "
+        "longer answer (max_new_tokens)"
     )
 
 
