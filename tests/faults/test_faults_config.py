@@ -138,7 +138,9 @@ def test_a_size_above_its_bound_is_refused_unless_allowed(make, name, bound):
     make(allow_large=True)  # the explicit override
 
 
-@pytest.mark.parametrize("cls", [ocr_annotation.Config, head_scoring.Config, eval_step.Config, attention_by_layer.Config])
+@pytest.mark.parametrize(
+    "cls", [ocr_annotation.Config, head_scoring.Config, eval_step.Config, attention_by_layer.Config], ids=["01", "03", "05", "07"]
+)
 def test_allow_large_must_be_a_bool(cls):
     with pytest.raises(ValueError, match="allow_large must be True or False, got str 'yes'"):
         cls(allow_large="yes")

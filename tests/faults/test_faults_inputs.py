@@ -75,6 +75,7 @@ def test_a_region_outside_its_image_span_is_refused(tmp_path, kind, positions, s
     "field, value, shown",
     [("image_token_start", -3, "image_token_start must be an int >= 0, got -3"),
      ("num_image_tokens", 0, "num_image_tokens must be an int >= 1, got 0")],
+    ids=["image-token-start-negative", "num-image-tokens-zero"],
 )  # fmt: skip
 def test_an_impossible_image_span_is_refused(tmp_path, field, value, shown):
     path = _regions(tmp_path, {**RECORD, field: value})
