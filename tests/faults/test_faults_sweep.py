@@ -100,9 +100,16 @@ def test_a_hand_edited_score_in_results_csv_is_detected(finished):
     assert "0.25" in path.read_text()  # left as found for the user to inspect
 
 
-def test_a_hand_edited_prediction_names_its_cell_and_sample(finished):
-    _replace_line(finished / PREDICTIONS_FILE, 5, lambda line: line.replace('"prediction": "?"', '"prediction": "red"'))
-    with pytest.raises(SweepTamperedError, match=r"predictions.jsonl line 5 is not what the sweep wrote \(cell textvqa/snapkv@16, sample 1\)"):
+@pytest.mark.parametrize(
+    "name, line, old, new, expected",
+    [(PREDICTIONS_FILE, 5, '"prediction": "?"', '"prediction": "red"',
+      r"predictions.jsonl line 5 is not what the sweep wrote \(cell textvqa/snapkv@16, sample 1\)"),
+     (LEDGER_FILE, 3, '"line": 3', '"line": 7', f"{LEDGER_FILE} line 3 is not a record the sweep writes.*the ledger was edited")],
+    ids=["prediction-edited", "ledger-edited"],
+)  # fmt: skip
+def test_an_edited_prediction_or_ledger_line_is_detected(finished, name, line, old, new, expected):
+    _replace_line(finished / name, line, lambda text: text.replace(old, new))
+    with pytest.raises(SweepTamperedError, match=expected):
         _sweep(finished)
 
 
@@ -160,12 +167,6 @@ def test_results_without_a_ledger_are_not_resumed(finished):
     _sweep(finished, generate, on_mismatch="archive")
     (archived,) = (finished / "superseded").iterdir()
     assert (archived / RESULTS_FILE).is_file() and len(generate.calls) == 9
-
-
-def test_an_edited_ledger_is_detected(finished):
-    _replace_line(finished / LEDGER_FILE, 3, lambda line: line.replace('"line": 3', '"line": 7'))
-    with pytest.raises(SweepTamperedError, match=f"{LEDGER_FILE} line 3 is not a record the sweep writes"):
-        _sweep(finished)
 
 
 def test_a_ledger_cut_mid_write_is_repaired(half_done):
