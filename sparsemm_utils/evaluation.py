@@ -481,7 +481,8 @@ def verify_ledger(out_dir: str | Path, *, repair: bool = False) -> dict[str, tup
             if now != digest:
                 raise SweepTamperedError(
                     f"{path} line {number} is not what the sweep wrote{_describe_line(name, line)}: its ledger "
-                    f"{ledger_path} records sha256 {digest[:16]}..., the line now has {now[:16]}.... " + _restart_hint(out)
+                    f"{ledger_path} records sha256 {digest[:16]}..., the line now has {now[:16]}... (edited after the "
+                    "sweep wrote it). " + _restart_hint(out)
                 )
         if len(lines) < len(digests):
             raise SweepTamperedError(
