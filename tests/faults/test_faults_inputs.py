@@ -96,9 +96,9 @@ def test_a_half_written_regions_line_is_refused(tmp_path):
 
 
 def test_a_record_whose_image_span_is_not_the_prompts_is_refused():
-    with pytest.raises(capture.RegionMismatchError, match="image tokens start at 45 \\(41 tokens\\) but step 02 recorded 45 \\(40 tokens\\)"):
+    with pytest.raises(capture.RegionMismatchError, match="image tokens start at 45 \\(41 tokens\\) but step 02's regions.jsonl records 45 \\(40 tokens\\)"):
         capture._check_record(RECORD, "qwen2_vl", 0, 45, 41)
-    with pytest.raises(capture.RegionMismatchError, match="mapped its boxes for 'qwen2_vl' but the model is 'llava_next'"):
+    with pytest.raises(capture.RegionMismatchError, match="step 02 \\(regions.jsonl\\) mapped its boxes for 'qwen2_vl' but the model is 'llava_next'"):
         capture._check_record(RECORD, "llava_next", 0, 45, 40)
 
 
