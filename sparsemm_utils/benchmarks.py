@@ -573,9 +573,10 @@ def _load_from_datasets_cache(spec: BenchmarkSpec, config: str | None, cache_dir
         raise FileNotFoundError(f"not in the datasets cache ({type(exc).__name__})") from exc
 
 
-def check_parquet(path: Path, spec: BenchmarkSpec) -> int:
+def check_parquet(path: Path, spec: BenchmarkSpec, *, allow_empty: bool = False) -> int:
     """The number of rows of the parquet file ``path`` from its footer (the data is not read);
-    :class:`BenchmarkFileError` naming the file when it is truncated, not parquet, or empty."""
+    :class:`BenchmarkFileError` naming the file when it is truncated, not parquet, or (unless
+    ``allow_empty``: a shard of a folder, which may hold other splits) empty."""
     try:
         rows = pq.read_metadata(path).num_rows
     except (pa.ArrowException, OSError) as exc:
@@ -583,7 +584,7 @@ def check_parquet(path: Path, spec: BenchmarkSpec) -> int:
             f"{path} is not a readable parquet file ({exc}): it was cut off (an interrupted copy or download) or is "
             f"not parquet. Copy or download it again. " + download_instructions(spec)
         ) from None
-    if rows == 0:
+    if rows == 0 and not allow_empty:
         raise BenchmarkFileError(
             f"{path} is a parquet file with 0 rows: benchmark {spec.name!r} would have no sample to evaluate. Pass "
             f"the benchmark's data (config {spec.config!r}, split {spec.split!r}). " + download_instructions(spec)
@@ -620,7 +621,7 @@ def load_rows(
             with _datasets_offline():
                 return datasets.load_dataset("parquet", data_files=str(path), split="train")
         for shard in sorted(path.rglob("*.parquet")):
-            check_parquet(shard, spec)
+            check_parquet(shard, spec, allow_empty=True)
         try:
             return _load_folder(path, config, spec.split)
         except BenchmarkError:
