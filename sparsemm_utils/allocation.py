@@ -342,7 +342,9 @@ def validate_head_scores(scores: ArrayLike, shape: ModelShape | tuple[int, int, 
     if not array.any():
         raise InvalidScoresError(
             "head scores are all zero: no head ever attended to the annotated region, so there is "
-            "nothing to allocate by. Check the scoring step (03) output or use RandomAllocation."
+            "nothing to allocate by. Step 03 matched no generated token to a region: its scoring_report.json "
+            "(tokens_matched of tokens_generated, tokens_skipped by reason) and token_matches.csv say why "
+            "(load_head_scores on its head_scores.json explains it); rescore, or use RandomAllocation."
         )
     return array
 

@@ -48,6 +48,8 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from PIL import Image
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .general_metrics import ALL_METRIC_NAMES, get_scorer
 from .reader_tasks import HELDOUT_SEED, make_task_dataset
@@ -58,6 +60,7 @@ __all__ = [
     "UnknownBenchmarkError",
     "BenchmarkUnavailableError",
     "BenchmarkSchemaError",
+    "BenchmarkFileError",
     "UnreadableImageError",
     "EvalSample",
     "SkipReport",
@@ -71,6 +74,7 @@ __all__ = [
     "MMBENCH_OPTIONS_HEADER",
     "get_benchmark",
     "download_instructions",
+    "check_parquet",
     "load_rows",
     "load_benchmark",
     "BenchmarkSamples",
@@ -109,6 +113,10 @@ class BenchmarkUnavailableError(BenchmarkError, FileNotFoundError):
 
 class BenchmarkSchemaError(BenchmarkError):
     """The data lacks columns the benchmark reads (wrong dataset, config or split)."""
+
+
+class BenchmarkFileError(BenchmarkError):
+    """A local parquet file is truncated, not parquet, or holds no rows: the message names it."""
 
 
 class UnreadableImageError(BenchmarkError):
@@ -565,6 +573,25 @@ def _load_from_datasets_cache(spec: BenchmarkSpec, config: str | None, cache_dir
         raise FileNotFoundError(f"not in the datasets cache ({type(exc).__name__})") from exc
 
 
+def check_parquet(path: Path, spec: BenchmarkSpec, *, allow_empty: bool = False) -> int:
+    """The number of rows of the parquet file ``path`` from its footer (the data is not read);
+    :class:`BenchmarkFileError` naming the file when it is truncated, not parquet, or (unless
+    ``allow_empty``: a shard of a folder, which may hold other splits) empty."""
+    try:
+        rows = pq.read_metadata(path).num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise BenchmarkFileError(
+            f"{path} is not a readable parquet file ({exc}): it was cut off (an interrupted copy or download) or is "
+            f"not parquet. Copy or download it again. " + download_instructions(spec)
+        ) from None
+    if rows == 0 and not allow_empty:
+        raise BenchmarkFileError(
+            f"{path} is a parquet file with 0 rows: benchmark {spec.name!r} would have no sample to evaluate. Pass "
+            f"the benchmark's data (config {spec.config!r}, split {spec.split!r}). " + download_instructions(spec)
+        )
+    return rows
+
+
 def load_rows(
     spec: BenchmarkSpec | str,
     source: Any = None,
@@ -590,8 +617,11 @@ def load_rows(
         if path.is_file():
             if path.suffix != ".parquet":
                 raise BenchmarkError(f"{path} is a file but not a .parquet file; pass a parquet file or a dataset folder")
+            check_parquet(path, spec)
             with _datasets_offline():
                 return datasets.load_dataset("parquet", data_files=str(path), split="train")
+        for shard in sorted(path.rglob("*.parquet")):
+            check_parquet(shard, spec, allow_empty=True)
         try:
             return _load_folder(path, config, spec.split)
         except BenchmarkError:

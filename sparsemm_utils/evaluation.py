@@ -28,12 +28,20 @@ Files (in ``out_dir``, step 05's folder; the artifact contract of docs/design.md
   cut the answer).
 - ``sweep.json``: what the sweep was run with (model, settings) and each benchmark's sample set
   (count, sha256 of the sample ids, skipped rows by reason).
+- ``sweep_ledger.jsonl``: the sha256 of every line the sweep wrote into ``results.csv`` and
+  ``predictions.jsonl`` (without its line ending), appended right after the line itself:
+  ``{"file", "line", "sha256"}``.
 
-Resuming: a rerun into the same folder skips every cell already in ``results.csv`` and, inside
-an unfinished cell, every sample already in ``predictions.jsonl`` (a truncated last line, left
-by a crash mid-write, is dropped). A rerun with another model, other settings, or another sample
-set for a benchmark already there raises :class:`SweepMismatchError`: use a fresh folder, or
-``on_mismatch="archive"`` (notebook 05's default), which moves the earlier sweep's three files
+Resuming: a rerun into the same folder first checks both files against the ledger
+(:func:`verify_ledger`): a line edited or deleted since the sweep wrote it raises
+:class:`SweepTamperedError` naming the file, the line, both hashes and what to do, so an edited
+score is never kept as a finished cell; lines after the last recorded one (a crash between
+writing a line and recording it, or a truncated last line left by a crash mid-write) are dropped
+and regenerated. The sweep then skips every cell already in ``results.csv`` and, inside an
+unfinished cell, every sample already in ``predictions.jsonl``. A rerun with another model, other
+settings, or another sample set for a benchmark already there raises :class:`SweepMismatchError`
+(so does a folder whose files have no ledger, e.g. one written by an older version): use a fresh
+folder, or ``on_mismatch="archive"`` (notebook 05's default), which moves the earlier sweep's files
 into ``superseded/<UTC time>/`` (with a ``reason.txt``) and starts afresh: nothing is lost, and a
 rerun of the chain after a change upstream (a retrained model, new head scores) does not stop
 there. New benchmarks, methods or budgets extend the sweep.
@@ -44,6 +52,7 @@ from __future__ import annotations
 import csv
 import datetime
 import hashlib
+import io
 import json
 import math
 import time
@@ -70,12 +79,14 @@ __all__ = [
     "RESULTS_FILE",
     "PREDICTIONS_FILE",
     "SWEEP_FILE",
+    "LEDGER_FILE",
     "SUPERSEDED_DIR",
     "ON_MISMATCH",
     "EvaluationError",
     "UnknownMethodError",
     "MissingMethodSettingError",
     "SweepMismatchError",
+    "SweepTamperedError",
     "ResultsFileError",
     "EvalMethod",
     "EVAL_METHODS",
@@ -91,6 +102,7 @@ __all__ = [
     "read_results",
     "read_predictions",
     "predictions_frame",
+    "verify_ledger",
     "scaled_budgets",
     "prompt_tokens",
     "ModelGenerator",
@@ -104,6 +116,7 @@ RESULTS_COLUMNS: tuple[str, ...] = ("model", "benchmark", "method", "budget", "m
 RESULTS_FILE = "results.csv"
 PREDICTIONS_FILE = "predictions.jsonl"
 SWEEP_FILE = "sweep.json"
+LEDGER_FILE = "sweep_ledger.jsonl"
 SUPERSEDED_DIR = "superseded"
 #: What :func:`run_sweep` does with an earlier sweep of other settings in its folder.
 ON_MISMATCH: tuple[str, ...] = ("error", "archive")
@@ -133,6 +146,12 @@ class SweepMismatchError(EvaluationError):
 
 class ResultsFileError(EvaluationError):
     """``results.csv`` is not in the artifact contract's format."""
+
+
+class SweepTamperedError(EvaluationError):
+    """A line of ``results.csv`` or ``predictions.jsonl`` is not what the sweep wrote (its ledger
+    records another sha256, or the line is gone): the message names the file, the line, both
+    hashes and what to do."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,14 +311,16 @@ def read_results(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def _append_results(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+def _append_results(path: Path, rows: Sequence[Mapping[str, Any]], ledger: "_Ledger") -> None:
     new = not path.is_file() or path.stat().st_size == 0
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(RESULTS_COLUMNS))
+    if new:
+        writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row[k] is None else row[k]) for k in RESULTS_COLUMNS})
     with open(path, "a", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(RESULTS_COLUMNS))
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row[k] is None else row[k]) for k in RESULTS_COLUMNS})
+        ledger.append(f, RESULTS_FILE, buffer.getvalue())
 
 
 def read_predictions(path: str | Path) -> tuple[list[dict[str, Any]], int]:
@@ -345,12 +366,138 @@ def predictions_frame(records: str | Path | Sequence[Mapping[str, Any]]) -> pd.D
     return frame
 
 
-def _write_predictions(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+# --------------------------------------------------------------------------------------------
+# the ledger: what the sweep wrote, line by line
+
+#: The files whose every line the ledger records.
+_LEDGERED: tuple[str, ...] = (RESULTS_FILE, PREDICTIONS_FILE)
+
+
+def _split_lines(data: bytes) -> tuple[list[bytes], bytes]:
+    """The complete lines of ``data`` (each with its b"\\n") and the unterminated rest."""
+    parts = data.split(b"\n")
+    return [part + b"\n" for part in parts[:-1]], parts[-1]
+
+
+def _line_sha256(line: bytes) -> str:
+    """sha256 of a line without its line ending (a file re-saved with other line endings holds the
+    same lines)."""
+    return hashlib.sha256(line.rstrip(b"\r\n")).hexdigest()
+
+
+class _Ledger:
+    """Appends to ``sweep_ledger.jsonl`` one ``{"file", "line", "sha256"}`` record per line written
+    into a ledgered file, right after the line itself is on disk (a crash in between leaves a line
+    without a record, which the next run drops). ``counts``: lines already recorded per file."""
+
+    def __init__(self, out: Path, counts: Mapping[str, int]):
+        self.path = out / LEDGER_FILE
+        self.counts = {name: int(counts.get(name, 0)) for name in _LEDGERED}
+
+    def append(self, handle: Any, name: str, text: str) -> None:
+        """Write ``text`` (whole lines) to ``handle``, the open file ``name``, then record its lines."""
+        handle.write(text)
+        handle.flush()
+        lines, rest = _split_lines(text.encode("utf-8"))
+        if rest:
+            raise EvaluationError(f"internal: a write to {name} must end with a newline, got {rest[-40:]!r}")
+        records = []
+        for line in lines:
+            self.counts[name] += 1
+            records.append(json.dumps({"file": name, "line": self.counts[name], "sha256": _line_sha256(line)}) + "\n")
+        with open(self.path, "a", encoding="utf-8", newline="") as ledger:
+            ledger.write("".join(records))
+            ledger.flush()
+
+
+def _describe_line(name: str, line: bytes) -> str:
+    """What a ledgered line holds, for error messages: the cell and sample of a prediction, the row
+    of a result."""
+    text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+    if name == PREDICTIONS_FILE:
+        try:
+            record = json.loads(text)
+            return (
+                f" (cell {record.get('benchmark')}/{record.get('method')}@{record.get('budget')}, "
+                f"sample {record.get('sample_id')})"
+            )
+        except (ValueError, AttributeError):
+            pass
+    return f" (it now reads {text[:120]!r})"
+
+
+def _restart_hint(out: Path) -> str:
+    files = ", ".join((RESULTS_FILE, PREDICTIONS_FILE, LEDGER_FILE, SWEEP_FILE))
+    return (
+        f"The sweep does not resume on edited results (a finished cell would keep the edited value). Restore the "
+        f"file, or start the sweep afresh: move {files} out of {out} (e.g. into {out / SUPERSEDED_DIR}/) and rerun "
+        "step 05 (`python -m sparsemm_utils.pipeline --config <config.yaml> --run-dir <run> --from 05_eval --to "
+        "05_eval`)"
+    )
+
+
+def verify_ledger(out_dir: str | Path, *, repair: bool = False) -> dict[str, tuple[int, int]]:
+    """Check ``results.csv`` and ``predictions.jsonl`` in ``out_dir`` against ``sweep_ledger.jsonl``
+    line by line (module docstring). Returns {file: (lines verified, unrecorded lines after them)}.
+
+    Raises :class:`SweepTamperedError` when a recorded line differs from its sha256 or is gone, or
+    the ledger itself is malformed, and :class:`SweepMismatchError` when the files hold lines but
+    there is no ledger (they cannot be verified). With ``repair``, what follows the last recorded
+    line of each file (and an unfinished last ledger line) is cut off: a crash left it there."""
+    out = Path(out_dir)
+    ledger_path = out / LEDGER_FILE
+    data = {name: (out / name).read_bytes() if (out / name).is_file() else b"" for name in _LEDGERED}
+    if not any(data.values()):  # nothing to verify: an old ledger (if any) describes files no longer there
+        if repair and ledger_path.is_file():
+            ledger_path.write_bytes(b"")
+        return {name: (0, 0) for name in _LEDGERED}
+    if not ledger_path.is_file():
+        raise SweepMismatchError(
+            f"{out} holds {' and '.join(n for n in _LEDGERED if data[n])} but no {LEDGER_FILE} (written by an older "
+            "version of the sweep, or deleted): its results cannot be verified, so they are not resumed; use another "
+            "output folder (or on_mismatch='archive')"
+        )
+    ledger_lines, ledger_rest = _split_lines(ledger_path.read_bytes())
+    recorded: dict[str, list[str]] = {name: [] for name in _LEDGERED}
+    for number, raw in enumerate(ledger_lines, start=1):
+        try:
+            entry = json.loads(raw)
+            name, line, digest = entry["file"], int(entry["line"]), str(entry["sha256"])
+            if name not in recorded or line != len(recorded[name]) + 1:
+                raise ValueError(f"expected line {len(recorded.get(name, [])) + 1} of {name}")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SweepTamperedError(
+                f"{ledger_path} line {number} is not a record the sweep writes ({exc}): the ledger was edited. "
+                + _restart_hint(out)
+            ) from None
+        recorded[name].append(digest)
+    status = {}
+    for name in _LEDGERED:
+        path = out / name
+        lines, rest = _split_lines(data[name])
+        digests = recorded[name]
+        for number, (line, digest) in enumerate(zip(lines, digests), start=1):
+            now = _line_sha256(line)
+            if now != digest:
+                raise SweepTamperedError(
+                    f"{path} line {number} is not what the sweep wrote{_describe_line(name, line)}: its ledger "
+                    f"{ledger_path} records sha256 {digest[:16]}..., the line now has {now[:16]}... (edited after the "
+                    "sweep wrote it). " + _restart_hint(out)
+                )
+        if len(lines) < len(digests):
+            raise SweepTamperedError(
+                f"{path} has {len(lines)} complete line(s) but the sweep wrote {len(digests)} (its ledger {ledger_path} "
+                f"records each): line {len(lines) + 1} onward was deleted or cut off. " + _restart_hint(out)
+            )
+        extra = len(lines) - len(digests) + (1 if rest else 0)
+        status[name] = (len(digests), extra)
+        if repair and extra:
+            with open(path, "r+b") as handle:
+                handle.truncate(sum(len(line) for line in lines[: len(digests)]))
+    if repair and ledger_rest:
+        with open(ledger_path, "r+b") as handle:
+            handle.truncate(sum(len(line) for line in ledger_lines))
+    return status
 
 
 def _budget_key(value: Any) -> int | None:
@@ -426,12 +573,12 @@ def _reconcile_manifest(
 
 
 def _archive_sweep(out: Path, reason: str) -> Path:
-    """Move ``results.csv``, ``predictions.jsonl`` and ``sweep.json`` into ``superseded/<UTC time>/``
+    """Move ``results.csv``, ``predictions.jsonl``, ``sweep.json`` and the ledger into ``superseded/<UTC time>/``
     with a ``reason.txt``; returns that folder."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     target = out / SUPERSEDED_DIR / stamp
     target.mkdir(parents=True)
-    for name in (RESULTS_FILE, PREDICTIONS_FILE, SWEEP_FILE):
+    for name in (RESULTS_FILE, PREDICTIONS_FILE, SWEEP_FILE, LEDGER_FILE):
         if (out / name).exists():
             (out / name).rename(target / name)
     (target / "reason.txt").write_text(reason + "\n", encoding="utf-8")
@@ -499,6 +646,7 @@ def run_sweep(
     results_path = out / RESULTS_FILE
     try:
         _reconcile_manifest(out / SWEEP_FILE, model, settings or {}, sets)
+        verify_ledger(out)
         others = sorted(set(read_results(results_path)["model"]) - {model})
         if others:
             raise SweepMismatchError(f"{results_path} holds results of model(s) {others}, not {model!r}: use another folder")
@@ -508,17 +656,19 @@ def run_sweep(
         moved = _archive_sweep(out, str(exc))
         say(f"{exc}\n-> moved the earlier sweep's files to {moved} and started afresh")
         _reconcile_manifest(out / SWEEP_FILE, model, settings or {}, sets)
+    verified = verify_ledger(out, repair=True)
+    for name, (_, extra) in verified.items():
+        if extra:
+            say(f"dropped {extra} line(s) at the end of {name} that the ledger does not record (a run stopped mid-write)")
+    ledger = _Ledger(out, {name: kept for name, (kept, _) in verified.items()})
     done = read_results(results_path)
     finished = {(b, m, _budget_key(k)) for b, m, k in zip(done["benchmark"], done["method"], done["budget"])}
 
     predictions_path = out / PREDICTIONS_FILE
-    records, dropped = read_predictions(predictions_path)
+    records, _ = read_predictions(predictions_path)
     by_cell: dict[tuple[str, str, int | None], dict[str, dict[str, Any]]] = {}
     for r in records:
         by_cell.setdefault((r["benchmark"], r["method"], _budget_key(r["budget"])), {})[str(r["sample_id"])] = r
-    if dropped:
-        _write_predictions(predictions_path, records)
-        say(f"dropped a truncated last line of {predictions_path.name} (a run stopped mid-write)")
 
     pending = [c for c in cells if c.key not in finished]
     skipped = [c for c in cells if c.key in finished]
@@ -528,7 +678,7 @@ def run_sweep(
     generated = reused = 0
     bar = tqdm(total=todo, desc="evaluating", unit="sample", disable=not progress)
     try:
-        with open(predictions_path, "a", encoding="utf-8") as pred_file:
+        with open(predictions_path, "a", encoding="utf-8", newline="") as pred_file:
             for cell in pending:
                 spec = specs[cell.benchmark]
                 samples = benchmarks[cell.benchmark]
@@ -562,8 +712,7 @@ def run_sweep(
                         record["raw_output"] = gen.text
                     if gen.details:
                         record["method_details"] = dict(gen.details)
-                    pred_file.write(json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
-                    pred_file.flush()
+                    ledger.append(pred_file, PREDICTIONS_FILE, json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
                     cell_records.append(record)
                     generated += 1
                     bar.update(1)
@@ -576,7 +725,7 @@ def run_sweep(
                             "metric": metric, "score": sum(values) / len(values), "n_samples": len(values),
                         }
                     )  # fmt: skip
-                _append_results(results_path, rows)
+                _append_results(results_path, rows, ledger)
                 head = rows[0]
                 say(f"{cell}: {head['metric']} = {head['score']:.4f} over {head['n_samples']} samples")
     finally:

@@ -103,14 +103,14 @@ class SampleCapture:
 def _check_record(record: Mapping[str, Any], model_type: str, doc_id: Any, start: int, count: int) -> None:
     if record.get("model_type") != model_type:
         raise RegionMismatchError(
-            f"document {doc_id!r}: step 02 mapped its boxes for {record.get('model_type')!r} but the model is "
-            f"{model_type!r}; rerun step 02_patch_mapping with the same model_id"
+            f"document {doc_id!r}: step 02 (regions.jsonl) mapped its boxes for {record.get('model_type')!r} but the "
+            f"model is {model_type!r}; rerun step 02_patch_mapping with the same model_id"
         )
     expected = (int(record["image_token_start"]), int(record["num_image_tokens"]))
     if (start, count) != expected:
         raise RegionMismatchError(
-            f"document {doc_id!r}: the prompt's image tokens start at {start} ({count} tokens) but step 02 recorded "
-            f"{expected[0]} ({expected[1]} tokens): the regions would point at the wrong keys. Rerun step "
+            f"document {doc_id!r}: the prompt's image tokens start at {start} ({count} tokens) but step 02's "
+            f"regions.jsonl records {expected[0]} ({expected[1]} tokens): the regions would point at the wrong keys. Rerun step "
             "02_patch_mapping with the same model_id and processor settings (and the OCR prompt)."
         )
 

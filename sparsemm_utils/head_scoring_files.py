@@ -4,29 +4,47 @@
 head), layer-major, holding that head's per-sample scores s_n (docs/method.md §4); a reader
 averages each list to get S. ``head_scores.csv`` has one row per head: layer, head, score (S),
 rank. :func:`load_head_scores` reads either, or an officially shipped JSON file, and checks what
-it reads (keys, missing heads, empty lists, values, the model's shape) before anyone uses it.
+it reads (keys, missing heads, empty lists, values, the model's shape) before anyone uses it:
+every key or row is checked against the model's shape (or, without one, against the number of
+heads the file holds) before the (L, H) matrix is allocated, so a key like ``"99999-99999"``
+fails at once instead of asking for a 10^10-cell grid. Scores that are zero for every head (step 03
+matched no generated token to a region) are refused with the counts of step 03's
+``scoring_report.json`` when it lies beside the file (:func:`zero_scores_explanation`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .head_scoring_rule import HeadScoringError, InvalidHeadScoresError, validate_head_scores
+from .head_scoring_rule import (
+    HeadScoreShapeError,
+    HeadScoringError,
+    InvalidHeadScoresError,
+    _expected_shape,
+    validate_head_scores,
+)
 
 __all__ = [
     "HeadScoreFileError",
     "head_scores_to_json_dict",
     "write_head_scores_json",
     "load_head_scores",
+    "zero_scores_explanation",
     "head_scores_frame",
+    "REPORT_NAME",
 ]
+
+#: Step 03's report, read beside a head-score file to explain scores that are all zero.
+REPORT_NAME = "scoring_report.json"
 
 _KEY = re.compile(r"^(\d+)-(\d+)$")
 
@@ -57,11 +75,28 @@ def _number(value: Any, key: str, path: Path) -> float:
     return float(value)
 
 
-def _load_json_scores(path: Path) -> np.ndarray:
+def _unique_keys(path: Path) -> Any:
+    """A ``json`` object hook refusing a key written twice (JSON would keep the last)."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise HeadScoreFileError(f"{path}: key {key!r} is written twice; JSON would silently keep the last one")
+            seen[key] = value
+        return seen
+
+    return hook
+
+
+def _load_json_scores(path: Path, shape: Any) -> np.ndarray:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys(path))
     except json.JSONDecodeError as exc:
-        raise HeadScoreFileError(f"{path} is not valid JSON ({exc}); expected {{\"l-h\": [s_1, ..., s_N]}}") from exc
+        raise HeadScoreFileError(
+            f"{path} is not valid JSON ({exc}; a half-written or edited file?); expected {{\"l-h\": [s_1, ..., s_N]}}. "
+            "Rerun step 03 or restore the file"
+        ) from exc
     if not isinstance(data, dict) or not data:
         raise HeadScoreFileError(f"{path} must hold a non-empty JSON object {{\"l-h\": [s_1, ..., s_N]}}")
     means: dict[tuple[int, int], float] = {}
@@ -78,40 +113,125 @@ def _load_json_scores(path: Path) -> np.ndarray:
             raise InvalidHeadScoresError(
                 f"{path}: head {key!r} has score {bad[0]!r}; scores must be finite and >= 0. Rerun step 03 or fix the file."
             )
-        means[(int(parsed.group(1)), int(parsed.group(2)))] = float(np.mean(numbers))
-    layers = 1 + max(l for l, _ in means)
-    heads = 1 + max(h for _, h in means)
-    missing = [f"{l}-{h}" for l in range(layers) for h in range(heads) if (l, h) not in means]
-    if missing:
+        head = (int(parsed.group(1)), int(parsed.group(2)))
+        if head in means:
+            raise HeadScoreFileError(f"{path}: key {key!r} names head {head[0]}-{head[1]} a second time")
+        means[head] = float(np.mean(numbers))
+    return _grid(means, path, shape)
+
+
+def _missing(heads: Mapping[tuple[int, int], float], layers: int, width: int) -> Iterator[str]:
+    """The 'l-h' keys of the layers x width grid absent from ``heads``, lazily in layer-major order."""
+    for l in range(layers):
+        for h in range(width):
+            if (l, h) not in heads:
+                yield f"{l}-{h}"
+
+
+def _grid(values: Mapping[tuple[int, int], float], path: Path, shape: Any) -> np.ndarray:
+    """The (L, H) matrix of ``values`` ({(layer, head): S}), checked before it is allocated: every
+    (layer, head) inside the model's shape when given, and the grid spanned by the largest layer
+    and head no bigger than the number of heads the file holds (else some are missing)."""
+    layers = 1 + max(l for l, _ in values)
+    heads = 1 + max(h for _, h in values)
+    expected = _expected_shape(shape)
+    if expected is not None and (layers > expected[0] or heads > expected[1]):
+        l, h = max(values, key=lambda key: (key[0] >= expected[0] or key[1] >= expected[1], key))
+        raise HeadScoreShapeError(
+            f"{path}: head '{l}-{h}' lies outside the model's {expected[0]} layers x {expected[1]} query heads "
+            f"(layers 0..{expected[0] - 1}, heads 0..{expected[1] - 1}): the scores belong to another model or the "
+            "file was edited. Rerun step 03 for this model, or pick the file made for it"
+        )
+    if layers * heads != len(values):
+        missing = list(itertools.islice(_missing(values, layers, heads), 5))
         raise HeadScoreFileError(
-            f"{path}: keys cover up to {layers} layers x {heads} heads but {len(missing)} head(s) are missing "
-            f"(first: {', '.join(missing[:5])}); every 'l-h' of the grid must be present"
+            f"{path}: keys cover up to {layers} layers x {heads} heads but {layers * heads - len(values)} head(s) are "
+            f"missing (first: {', '.join(missing)}); every 'l-h' of the grid must be present. Rerun step 03 or "
+            "restore the file"
         )
     scores = np.zeros((layers, heads), dtype=np.float64)
-    for (l, h), v in means.items():
+    for (l, h), v in values.items():
         scores[l, h] = v
     return scores
 
 
-def _load_csv_scores(path: Path) -> np.ndarray:
+def _csv_column(frame: pd.DataFrame, column: str, path: Path, *, index: bool) -> np.ndarray:
+    """One column of head_scores.csv as numbers: head indices must be non-negative integers written
+    as such ("1.7" is not truncated to 1), scores numbers; an empty cell is a short (ragged) row.
+    The error names the line of the file (the header is line 1)."""
+    raw = frame[column].astype(str).str.strip()
+    if index:
+        good = raw.str.fullmatch(r"\d+")
+        wanted = "a non-negative integer"
+    else:
+        good = pd.to_numeric(raw, errors="coerce").notna() | raw.str.lower().isin(["nan", "inf", "-inf"])
+        wanted = "a number"
+    if not good.all():
+        row = int(np.flatnonzero(~good.to_numpy())[0])
+        value = raw.iloc[row]
+        what = "is empty (a short, ragged row?)" if value == "" else f"holds {value!r}, which is not {wanted}"
+        raise HeadScoreFileError(
+            f"{path} line {row + 2}: column {column!r} {what}; every row is layer, head, score (and rank). Rerun "
+            "step 03 or fix the file"
+        )
+    return raw.astype(np.int64).to_numpy() if index else raw.astype(np.float64).to_numpy()
+
+
+def _load_csv_scores(path: Path, shape: Any) -> np.ndarray:
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:  # pandas raises several types for unreadable files
-        raise HeadScoreFileError(f"{path} is not a readable CSV ({exc})") from exc
+        raise HeadScoreFileError(f"{path} is not a readable CSV ({str(exc).strip()}); rerun step 03 or restore the file") from exc
     needed = {"layer", "head", "score"}
     if not needed.issubset(frame.columns):
         raise HeadScoreFileError(f"{path} needs columns {sorted(needed)}, has {list(frame.columns)}")
-    if frame.duplicated(["layer", "head"]).any():
-        raise HeadScoreFileError(f"{path} lists some (layer, head) more than once")
-    layers, heads = int(frame["layer"].max()) + 1, int(frame["head"].max()) + 1
-    if len(frame) != layers * heads:
-        raise HeadScoreFileError(f"{path} has {len(frame)} rows but layers x heads = {layers} x {heads} needs {layers * heads}")
-    scores = np.full((layers, heads), np.nan)
-    scores[frame["layer"].to_numpy(int), frame["head"].to_numpy(int)] = frame["score"].to_numpy(float)
-    return scores
+    if frame.empty:
+        raise HeadScoreFileError(f"{path} has a header but no rows; rerun step 03 or restore the file")
+    layer = _csv_column(frame, "layer", path, index=True)
+    head = _csv_column(frame, "head", path, index=True)
+    score = _csv_column(frame, "score", path, index=False)
+    values: dict[tuple[int, int], float] = {}
+    for row, key in enumerate(zip(layer.tolist(), head.tolist())):
+        if key in values:
+            raise HeadScoreFileError(f"{path} line {row + 2} lists head {key[0]}-{key[1]} a second time")
+        values[key] = float(score[row])
+    return _grid(values, path, shape)
 
 
-def load_head_scores(path: str | Path, shape: Any = None) -> np.ndarray:
+def zero_scores_explanation(path: str | Path) -> str:
+    """Why the head scores in ``path`` are zero for every head, from step 03's
+    ``scoring_report.json`` beside it: how many generated tokens matched a region, why the others
+    were skipped, and what to do. Without a readable report, the general reasons."""
+    path = Path(path)
+    report_path = path.parent / REPORT_NAME
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        skipped = {k: v for k, v in dict(report.get("tokens_skipped") or {}).items() if v}
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1])) or "none"
+        matched = report.get("tokens_matched")
+        counts = (
+            f"step 03 matched {matched} of {report.get('tokens_generated')} generated tokens over "
+            f"{report.get('samples')} samples to an annotated image region (skipped tokens: {reasons}; {REPORT_NAME})"
+        )
+        if matched:
+            counts += (
+                f", and for none of those {matched} did a head's strongest attention "
+                f"({report.get('selection', 'argmax')}) fall inside the token's region"
+            )
+    except (OSError, ValueError, AttributeError, TypeError):
+        counts = f"step 03 matched no generated token to an annotated image region ({report_path} not readable)"
+    return (
+        f"the head scores in {path} are zero for every head: {counts}. No head ever hit a region, so there is "
+        "nothing to rank heads or allocate budgets by. This happens when the model's answers do not reproduce the "
+        "page's text (random or untrained weights, a model that does not read this kind of page; skipped as "
+        "no_match or ambiguous), when it does not look at the text it reads, or when the regions do not line up "
+        "(empty_region, unaligned). Look at token_matches.csv beside it (each generated token and why it did not "
+        "match), then rerun step 03 with a model that reads the documents, or with more samples (n_samples) or a "
+        "longer answer (max_new_tokens)"
+    )
+
+
+def load_head_scores(path: str | Path, shape: Any = None, *, allow_zero: bool = False) -> np.ndarray:
     """Head scores S (L, H) float64 from a step-03 file or an officially shipped one.
 
     ``.json``: the original format ``{"l-h": [s_1, ..., s_N]}``: lists of any length (each head's
@@ -119,6 +239,8 @@ def load_head_scores(path: str | Path, shape: Any = None) -> np.ndarray:
     one-element list); heads are placed by their key, so the file's key order does not matter
     (the original relies on layer-major order). ``.csv``: ``head_scores.csv`` (layer, head, score).
     ``shape``: ``(layers, heads)`` or a LoadedModel to check against (None: inferred from the keys).
+    ``allow_zero``: accept scores that are zero for every head (text-copy scores may be; visual
+    scores that are all zero leave nothing to allocate by, :func:`zero_scores_explanation`).
     Raises :class:`HeadScoreFileError`, :class:`HeadScoreShapeError`, :class:`InvalidHeadScoresError`.
     """
     path = Path(path)
@@ -129,8 +251,11 @@ def load_head_scores(path: str | Path, shape: Any = None) -> np.ndarray:
             f"{path} does not exist: head scores are written by step 03 (notebooks/03_head_scoring.ipynb) "
             "or shipped with a model in the original's JSON format"
         )
-    scores = _load_csv_scores(path) if path.suffix.lower() == ".csv" else _load_json_scores(path)
-    return validate_head_scores(scores, shape, source=f"head scores in {path}")
+    scores = _load_csv_scores(path, shape) if path.suffix.lower() == ".csv" else _load_json_scores(path, shape)
+    scores = validate_head_scores(scores, shape, source=f"head scores in {path}")
+    if not allow_zero and not scores.any():
+        raise InvalidHeadScoresError(zero_scores_explanation(path))
+    return scores
 
 
 def head_scores_frame(scores: np.ndarray) -> pd.DataFrame:

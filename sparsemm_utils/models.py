@@ -54,10 +54,12 @@ __all__ = [
     "TINY_PREFIX",
     "UnsupportedModelError",
     "ModelNotAvailableError",
+    "ModelFilesError",
     "AttentionNotRegisteredError",
     "LoadedModel",
     "load_model",
     "read_model_type",
+    "check_model_files",
     "register_text_attention",
     "set_text_attention",
     "text_attention_implementation",
@@ -83,6 +85,63 @@ class ModelNotAvailableError(FileNotFoundError):
             f"Offline, use a tiny model instead: load_model('{TINY_PREFIX}qwen2_vl' | '{TINY_PREFIX}qwen2_5_vl' | "
             f"'{TINY_PREFIX}llava_next')."
         )
+
+
+class ModelFilesError(ValueError):
+    """A file of a local model folder is damaged (half a ``config.json``, a truncated
+    ``model.safetensors``): the message names the file and how to get a good copy."""
+
+    def __init__(self, folder: str | Path, file: str | Path, problem: str):
+        self.folder = Path(folder)
+        self.file = Path(file)
+        super().__init__(
+            f"model folder {folder}: {file} {problem}. The folder is damaged (an interrupted copy or download, or "
+            f"an edit): copy or download the model again; for the shipped tiny reader, restore it from git "
+            f"(`git checkout -- data/tiny_reader`); for a hub model, `hf download <id>` again into the HF cache"
+        )
+
+
+#: Bytes of a safetensors file's header-length prefix (little-endian u64).
+_SAFETENSORS_PREFIX = 8
+
+
+def _check_safetensors(folder: Path, file: Path) -> None:
+    """A safetensors file holds its 8-byte header length, the JSON header, and exactly the tensor
+    bytes the header's ``data_offsets`` describe; anything shorter was cut off."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        prefix = handle.read(_SAFETENSORS_PREFIX)
+        if len(prefix) < _SAFETENSORS_PREFIX:
+            raise ModelFilesError(folder, file, f"has {size} bytes, too few for a safetensors header (truncated?)")
+        length = int.from_bytes(prefix, "little")
+        if _SAFETENSORS_PREFIX + length > size:
+            raise ModelFilesError(
+                folder, file, f"has {size} bytes but its header alone needs {_SAFETENSORS_PREFIX + length} (truncated?)"
+            )
+        try:
+            header = json.loads(handle.read(length))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise ModelFilesError(folder, file, f"has an unreadable safetensors header ({exc})") from None
+    expected = _SAFETENSORS_PREFIX + length + end
+    if size != expected:
+        raise ModelFilesError(
+            folder, file, f"has {size} bytes but its header describes {expected} ({'truncated' if size < expected else 'extra bytes'})"
+        )
+
+
+def check_model_files(folder: str | Path) -> None:
+    """Check a local model folder before loading it: every top-level ``*.json`` parses, and every
+    ``*.safetensors`` has exactly the bytes its header describes (:class:`ModelFilesError`
+    naming the file otherwise). Reads only the JSON files and the safetensors headers."""
+    folder = Path(folder)
+    for file in sorted(folder.glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ModelFilesError(folder, file, f"is not valid JSON ({exc}; half a file?)") from None
+    for file in sorted(folder.glob("*.safetensors")):
+        _check_safetensors(folder, file)
 
 
 @dataclass
@@ -151,8 +210,13 @@ def read_model_type(folder: str | Path) -> str:
     config_path = Path(folder) / "config.json"
     if not config_path.is_file():
         raise ModelNotAvailableError(str(folder), reason=f"the folder has no config.json ({config_path})")
-    with open(config_path, encoding="utf-8") as f:
-        model_type = json.load(f).get("model_type")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelFilesError(folder, config_path, f"is not valid JSON ({exc}; half a file?)") from None
+    if not isinstance(config, dict):
+        raise ModelFilesError(folder, config_path, f"must hold a JSON object, got {type(config).__name__}")
+    model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(model_type, where=str(config_path))
     return model_type
@@ -238,6 +302,7 @@ def load_model(
             raise ModelNotAvailableError(name, reason="the path exists but is a file; pass the model's folder")
         folder = path if path.is_dir() else _hub_snapshot(name, cache_dir)
         model_type = read_model_type(folder)
+        check_model_files(folder)
         model = SUPPORTED_MODEL_TYPES[model_type].from_pretrained(folder, dtype=torch_dtype, attn_implementation="sdpa")
         processor = _load_processor(folder, model_type)
         if model_type != "llava_next":

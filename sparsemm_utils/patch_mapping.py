@@ -56,7 +56,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import prompts
-from .validate import check_int
+from .validate import check_int, is_int
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -875,10 +875,43 @@ def compare_with_processors(image: Any, processors: Mapping[str, Any], variant: 
 _REQUIRED_KEYS = ("doc_id", "model_type", "image_size", "geometry", "image_token_start", "num_image_tokens", "chunks", "chars")
 
 
+def _check_positions(record: Mapping[str, Any], where: str) -> None:
+    """Every region of a ``regions.jsonl`` record points inside its image span: ``image_token_start``
+    >= 0, ``num_image_tokens`` >= 1 and each position an int in ``[0, num_image_tokens)`` (positions
+    are relative to the span's start). A position outside would score a key that is not an image
+    token (or, negative, count from the end), so the record is refused naming the entry."""
+    doc = record.get("doc_id")
+    for key, minimum in (("image_token_start", 0), ("num_image_tokens", 1)):
+        check_int(f"{where}: document {doc!r}: {key}", record[key], minimum, error=PatchMappingError,
+                  hint="the file was edited or is not step 02's; rerun step 02 (patch mapping)")
+    count = int(record["num_image_tokens"])
+    for kind in ("chunks", "chars"):
+        entries = record[kind]
+        if not isinstance(entries, list):
+            raise PatchMappingError(f"{where}: document {doc!r}: {kind} must be a list; rerun step 02 (patch mapping)")
+        for index, entry in enumerate(entries):
+            positions = entry.get("positions") if isinstance(entry, Mapping) else None
+            if not isinstance(positions, list):
+                raise PatchMappingError(
+                    f"{where}: document {doc!r}, {kind[:-1]} {index}: positions must be a list of image-token "
+                    "indices; rerun step 02 (patch mapping)"
+                )
+            bad = [p for p in positions if not is_int(p) or not 0 <= p < count]
+            if bad:
+                raise PatchMappingError(
+                    f"{where}: document {doc!r}, {kind[:-1]} {index} ({entry.get(kind[:-1])!r}) has position {bad[0]!r} "
+                    f"outside its image span [0, {count}) (num_image_tokens = {count}): a region must point at the "
+                    "document's own image tokens. The file was edited or belongs to another model; rerun step 02 "
+                    "(patch mapping)"
+                )
+
+
 def load_regions(path: str | Path) -> list[dict[str, Any]]:
     """Read ``regions.jsonl`` back: a list of records as :func:`map_documents` returns them (one
     per line, written by step 02, :mod:`sparsemm_utils.steps.patch_mapping`). ``path`` is the file
-    or its folder."""
+    or its folder. Every record is checked: its keys, and every region inside its image span
+    (:func:`_check_positions`); a bad line raises :class:`PatchMappingError` naming file, line,
+    document and entry."""
     path = Path(path)
     if path.is_dir():
         path = path / "regions.jsonl"
@@ -896,8 +929,11 @@ def load_regions(path: str | Path) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise PatchMappingError(f"{path}:{lineno} is not valid JSON ({exc}); rerun step 02 (patch mapping)") from exc
+            if not isinstance(record, dict):
+                raise PatchMappingError(f"{path}:{lineno} is not a JSON object; rerun step 02 (patch mapping)")
             missing = [k for k in _REQUIRED_KEYS if k not in record]
             if missing:
                 raise PatchMappingError(f"{path}:{lineno} lacks keys {missing}; rerun step 02 (patch mapping)")
+            _check_positions(record, f"{path}:{lineno}")
             records.append(record)
     return records

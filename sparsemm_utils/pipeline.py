@@ -58,7 +58,9 @@ from .steps import eval as eval_step
 
 __all__ = [
     "check_registry",
+    "check_step_configs",
     "STEPS",
+    "STEP_CONFIGS",
     "PipelineConfig",
     "PipelineConfigError",
     "TamperedInputError",
@@ -109,6 +111,13 @@ def check_registry(steps: Sequence[StepSpec]) -> None:
 
 
 check_registry(STEPS)
+
+#: Each registered step's parameters class (``Config`` of its module in sparsemm_utils/steps/),
+#: built from the run's config by :func:`check_step_configs` before any step runs.
+STEP_CONFIGS: dict[str, type] = {
+    module.STEP.name: module.Config
+    for module in (ocr_annotation, patch_mapping, head_scoring, allocation, eval_step, efficiency, attention_by_layer)
+}
 
 #: Files of a step folder that the pipeline itself writes (not outputs of the notebook).
 _PIPELINE_FILES = ("manifest.json",)
@@ -216,9 +225,11 @@ class PipelineConfig:
 
 def _type_problem(default: Any, value: Any) -> str | None:
     """Why ``value`` cannot replace the notebook default ``default`` (None when it can). A ``None``
-    default accepts anything; an int default accepts ints, a float default ints and floats; a list
-    default lists; a dict default mappings; a str default strings; a bool default bools."""
-    if default is None:
+    default accepts anything, and a ``None`` value replaces any default (e.g. ``layers: null``, all
+    layers; whether the step allows it is its ``Config``'s check, :func:`check_step_configs`); an
+    int default accepts ints, a float default ints and floats; a list default lists; a dict
+    default mappings; a str default strings; a bool default bools."""
+    if default is None or value is None:
         return None
     if isinstance(default, bool):
         ok = isinstance(value, bool)
@@ -327,6 +338,30 @@ def step_parameters(step: Any, config: PipelineConfig, run_dir: Path, declared: 
     params.update(config.steps.get(step.name, {}))
     params["run_dir"] = str(run_dir)
     return params
+
+
+def check_step_configs(
+    config: PipelineConfig, steps: Sequence[Any], run_dir: Path, declared: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Build the ``Config`` of every registered step in ``steps`` from its notebook's literal defaults
+    (``declared``) and the parameters the run gives it, before any step runs: a value its step
+    refuses (out of range, above a size bound, an unknown method, a device that is not there) stops
+    here, not after the steps before it have run. Steps outside the registry are not checked."""
+    where = config.path or config.name
+    registered = {step.name: step for step in STEPS}
+    for step in steps:
+        cls = STEP_CONFIGS.get(step.name)
+        if cls is None or registered.get(step.name) is not step:
+            continue
+        params = step_parameters(step, config, run_dir, declared[step.name])
+        values = {k: v for k, v in declared[step.name].items() if v is not None} | params
+        try:
+            cls(**values)
+        except Exception as exc:  # each step's Config raises its own error classes
+            raise PipelineConfigError(
+                f"config {where}: step {step.name} refuses its parameters ({type(exc).__name__}: {exc}); nothing has run. "
+                f"Fix steps.{step.name} (or params) in the config"
+            ) from exc
 
 
 def _comparable(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -495,6 +530,35 @@ def _restore(run: Path, folder: Path, step: Any, backup: Path | None) -> str:
     )
 
 
+def _recover_interrupted(run: Path, steps: Sequence[Any], log: Callable[[str], None]) -> None:
+    """Undo what a pipeline killed mid-step (``kill -9``, a power cut) left behind, before anything
+    runs: a step whose good outputs were set aside (``<run>/.previous/<step>``) and whose folder
+    holds an unfinished run (manifest "running" or none) gets its good outputs back, the unfinished
+    run kept in ``<run>/.failed/<step>``; a copy set aside beside a finished run is stale and goes."""
+    for step in steps:
+        backup = run / PREVIOUS_DIR / step.name
+        if not backup.is_dir():
+            continue
+        folder = run / step.name
+        kept = Manifest.read(backup)
+        current = Manifest.read(folder) if folder.exists() else None
+        if current is not None and current.status == "ok":
+            shutil.rmtree(backup)  # the run finished; only removing its backup was left to do
+            continue
+        if kept is None or kept.status != "ok":
+            continue
+        message = ""
+        if folder.exists():
+            failed = run / FAILED_DIR / step.name
+            if failed.exists():
+                shutil.rmtree(failed)
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            folder.rename(failed)
+            message = f"; the interrupted run is kept in {failed}"
+        backup.rename(folder)
+        log(f"[back] {step.name}: its last run was interrupted; the outputs of its previous good run are back in place{message}")
+
+
 def _mark_running(folder: Path, manifest: Manifest) -> None:
     """A resumable step reruns in place: its manifest says "running" until it finishes, so a killed
     run is never taken for a finished one."""
@@ -528,7 +592,8 @@ def run_pipeline(
 ) -> list[StepResult]:
     """Run (or skip) the selected steps in order; see the module docstring for the rules.
 
-    The whole config is checked against every step's notebook before anything runs. The run
+    The whole config is checked against every step's notebook, and each selected step's ``Config``
+    is built from it (:func:`check_step_configs`), before anything runs. The run
     folder is locked while steps run. Raises :class:`MissingUpstreamError` when a needed step has
     not run, :class:`TamperedInputError` when an upstream output was edited after its step wrote
     it, :class:`~sparsemm_utils.runs.RunLockedError` when another pipeline holds the folder, and
@@ -545,6 +610,7 @@ def run_pipeline(
     declared = declared_parameters_of(steps, root)
     config.check_against(declared)
     selected = select_steps(from_step, to_step, steps)
+    check_step_configs(config, selected, run, declared)
     try:
         lock = run_lock(run, break_stale=break_stale_lock)
         lock.__enter__()
@@ -554,6 +620,7 @@ def run_pipeline(
         return _check_read_only(config, run, selected, steps, root, declared, force, log, exc)
     results: list[StepResult] = []
     try:
+        _recover_interrupted(run, steps, log)
         for step in selected:
             results.append(_run_step(step, config, run, steps, root, declared[step.name], force, kernel_name, log))
     finally:

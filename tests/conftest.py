@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+import nbformat
 import pytest
 
 from sparsemm_utils import pipeline as pl
@@ -17,3 +21,21 @@ def tiny_chain(tmp_path_factory):
     config = pl.load_config(repo_root() / "configs" / "tiny.yaml")
     results = pl.run_pipeline(config, run, log=lambda line: print(line, flush=True))
     return run, config, results
+
+
+def _write_notebook(path: Path, params: str, body: list[str]) -> Path:
+    """A small notebook at ``path``: a markdown title, the ``parameters`` cell ``params`` and one
+    code cell per entry of ``body`` (the pipeline tests' fake steps)."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    cell = nbformat.v4.new_code_cell(params)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# fake"), cell] + [nbformat.v4.new_code_cell(b) for b in body]
+    nbformat.write(nb, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_notebook() -> Callable[[Path, str, list[str]], Path]:
+    """``write_notebook(path, params, body)``: write a fake step's notebook (see :func:`_write_notebook`)."""
+    return _write_notebook

@@ -33,6 +33,7 @@ import pandas as pd
 from ..artifacts import Artifact, StepSpec
 from ..category_attention import spearman
 from ..findings import Finding, findings_frame, read_findings
+from ..parameters import MAX_DOCUMENTS, MAX_NEW_TOKENS, check_allow_large, check_size
 from ..reader_tasks import TASK_TYPES
 from ..token_categories import LayerAnalysisError
 from ..validate import check_fraction, check_int
@@ -142,7 +143,9 @@ class Config:
     range) and/or ``"from"`` (drop from the range to the last layer); ``fastv_k`` (layers that see
     every image token) and ``fastv_ratios`` (share R of image tokens dropped after them);
     ``dtype`` / ``device``: passed to ``load_model``; ``threads``: torch CPU threads (0: torch's
-    default; 1 is fastest for tiny models on a shared CPU).
+    default; 1 is fastest for tiny models on a shared CPU); ``allow_large``: lift the bounds on
+    ``n_samples`` / ``benchmark_documents`` (:data:`~sparsemm_utils.parameters.MAX_DOCUMENTS`) and
+    ``max_new_tokens`` (:data:`~sparsemm_utils.parameters.MAX_NEW_TOKENS`).
     """
 
     run_dir: str = "runs/tiny"
@@ -160,6 +163,7 @@ class Config:
     dtype: str = "auto"
     device: str = "cpu"
     threads: int = 1
+    allow_large: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_dir, (str, Path)) or not str(self.run_dir):
@@ -177,6 +181,9 @@ class Config:
             ("threads", 0),
         ):
             check_int(name, getattr(self, name), minimum, error=LayerAnalysisError)
+        large = check_allow_large(self.allow_large, error=LayerAnalysisError)
+        for name, maximum in (("n_samples", MAX_DOCUMENTS), ("benchmark_documents", MAX_DOCUMENTS), ("max_new_tokens", MAX_NEW_TOKENS)):
+            check_size(name, getattr(self, name), maximum, allow_large=large, error=LayerAnalysisError)
         self.tasks = tuple(self.tasks)
         unknown = [t for t in self.tasks if t not in TASK_TYPES]
         if unknown or not self.tasks:

@@ -46,6 +46,7 @@ from ..evaluation import (
     read_results,
 )
 from ..findings import Finding, findings_frame, read_findings
+from ..parameters import MAX_DOCUMENTS, MAX_NEW_TOKENS, check_allow_large, check_size
 from ..reader_tasks import HELDOUT_SEED
 from ..reference_numbers import REFERENCE_MODELS, reference_frame, reference_model_id
 from ..runs import require_upstream
@@ -132,7 +133,9 @@ class Config:
     benchmark's generation limit, for smoke runs of random-weight models only (None: lmms-eval's
     limits); ``on_mismatch``: what :func:`~sparsemm_utils.evaluation.run_sweep` does with an
     earlier sweep of other settings in the folder ("archive": move it to ``superseded/``;
-    "error": stop)."""
+    "error": stop); ``allow_large``: lift the bounds on ``n_documents``
+    (:data:`~sparsemm_utils.parameters.MAX_DOCUMENTS`) and ``max_new_tokens``
+    (:data:`~sparsemm_utils.parameters.MAX_NEW_TOKENS`)."""
 
     run_dir: str = "runs/tiny"
     model_id: str = "data/tiny_reader"
@@ -153,6 +156,7 @@ class Config:
     device: str = "auto"
     max_new_tokens: int | None = None
     on_mismatch: str = "archive"
+    allow_large: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_dir, (str, Path)) or not str(self.run_dir):
@@ -182,7 +186,8 @@ class Config:
         self.fastv_k = check_int("fastv_k", self.fastv_k, 1, error=EvaluationError)
         if self.limit is not None:
             self.limit = check_int("limit", self.limit, 1, error=EvaluationError)
-        self.n_documents = check_int("n_documents", self.n_documents, 1, error=EvaluationError)
+        large = check_allow_large(self.allow_large, error=EvaluationError)
+        self.n_documents = check_size("n_documents", self.n_documents, MAX_DOCUMENTS, allow_large=large, error=EvaluationError)
         if self.benchmark_seed is not None:
             self.benchmark_seed = check_int("benchmark_seed", self.benchmark_seed, 0, error=EvaluationError)
         if not isinstance(self.benchmark_sources, Mapping):
@@ -191,7 +196,9 @@ class Config:
         if not isinstance(self.head_scores, str) or not self.head_scores:
             raise EvaluationError(f"head_scores must be a path, got {self.head_scores!r}")
         if self.max_new_tokens is not None:
-            self.max_new_tokens = check_int("max_new_tokens", self.max_new_tokens, 1, error=EvaluationError)
+            self.max_new_tokens = check_size(
+                "max_new_tokens", self.max_new_tokens, MAX_NEW_TOKENS, allow_large=large, error=EvaluationError
+            )
         if not isinstance(self.device, str) or not self.device:
             raise EvaluationError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         check_choice("on_mismatch", self.on_mismatch, ON_MISMATCH, error=EvaluationError)

@@ -15,6 +15,7 @@ artifacts), its parameters (:class:`Config`), its report, the writing of its out
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -45,6 +46,7 @@ from ..head_scoring_rule import (
     validate_head_scores,
 )
 from ..model_types import is_random_weight_model
+from ..parameters import MAX_DOCUMENTS, MAX_NEW_TOKENS, check_allow_large, check_size
 from ..prompts import OCR_PROMPT
 from ..text_heads import SMOLLM2_COPY_HEADS, TextHeadResult
 from ..validate import check_choice, check_int
@@ -118,7 +120,7 @@ TEXT_HEAD_SCORES: Artifact[np.ndarray] = Artifact(
     NAME,
     "text_head_scores.json",
     'text-copy head scores (layers x query heads), {"l-h": [s_1, ..., s_N]}: the hit rule on copying the page text from the prompt',
-    reader=load_head_scores,
+    reader=functools.partial(load_head_scores, allow_zero=True),  # a model may copy no text at all
 )
 
 STEP = StepSpec(
@@ -157,6 +159,9 @@ class Config:
     OpenMP threads spin against other processes). ``text_heads``: also score the language
     model's text-copy heads (:mod:`sparsemm_utils.text_heads`) on the first ``text_samples``
     documents (None: all; issue 20 measured SmolLM2-135M on 24), one eager forward each.
+    ``allow_large``: lift the bounds on ``n_samples`` / ``text_samples``
+    (:data:`~sparsemm_utils.parameters.MAX_DOCUMENTS`) and ``max_new_tokens``
+    (:data:`~sparsemm_utils.parameters.MAX_NEW_TOKENS`).
     """
 
     run_dir: str = "runs/dev"
@@ -179,6 +184,7 @@ class Config:
     threads: int = 0
     text_heads: bool = True
     text_samples: int | None = 24
+    allow_large: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_dir, (str, Path)) or not str(self.run_dir):
@@ -186,9 +192,11 @@ class Config:
         if not isinstance(self.model_id, str) or not self.model_id:
             raise HeadScoringConfigError(f"model_id must be a non-empty string, got {self.model_id!r}")
         check_int("seed", self.seed, 0, error=HeadScoringConfigError)
-        check_int("max_new_tokens", self.max_new_tokens, 1, error=HeadScoringConfigError)
+        large = check_allow_large(self.allow_large, error=HeadScoringConfigError)
+        check_size("max_new_tokens", self.max_new_tokens, MAX_NEW_TOKENS, allow_large=large, error=HeadScoringConfigError)
         if self.n_samples is not None:
-            check_int("n_samples (or None for all documents)", self.n_samples, 1, error=HeadScoringConfigError)
+            check_size("n_samples (or None for all documents)", self.n_samples, MAX_DOCUMENTS, allow_large=large,
+                       error=HeadScoringConfigError)
         check_choice("match", self.match, MATCH_RULES, error=HeadScoringConfigError)
         check_choice("selection", self.selection, SELECTIONS, error=HeadScoringConfigError)
         check_int("top_k", self.top_k, 1, error=HeadScoringConfigError)
@@ -205,7 +213,8 @@ class Config:
         if not isinstance(self.text_heads, bool):
             raise HeadScoringConfigError(f"text_heads must be True or False, got {self.text_heads!r}")
         if self.text_samples is not None:
-            check_int("text_samples (or None for all documents)", self.text_samples, 1, error=HeadScoringConfigError)
+            check_size("text_samples (or None for all documents)", self.text_samples, MAX_DOCUMENTS, allow_large=large,
+                       error=HeadScoringConfigError)
 
     def to_dict(self) -> dict[str, Any]:
         """The parameters as JSON-ready values (for ``scoring_report.json``)."""

@@ -33,6 +33,7 @@ from ..document_dataset import (
 )
 from ..findings import Finding, findings_frame, read_findings
 from ..page_generator import DocumentGeneratorConfig, generate_documents
+from ..parameters import MAX_DOCUMENTS, check_allow_large, check_size
 from ..runs import repo_root
 from ..synthdog import SYNTHDOG_HUB_ID, load_synthdog
 from ..validate import check_choice, check_int
@@ -87,7 +88,7 @@ STEP = StepSpec(
 
 #: Parameters of the notebook alone (where to write, how many pages to draw): they do not shape
 #: the documents, so the annotation report does not record them.
-_NOTEBOOK_ONLY = ("run_dir", "n_sample_figures")
+_NOTEBOOK_ONLY = ("run_dir", "n_sample_figures", "allow_large")
 
 
 @dataclass
@@ -107,6 +108,8 @@ class Config(DocumentGeneratorConfig):
       (:class:`~sparsemm_utils.document_dataset.BadDocumentError`).
     - ``run_dir``: the run folder (relative paths from the repository root).
     - ``n_sample_figures``: pages drawn in ``fig_samples.png``.
+    - ``allow_large``: lift the bound on ``n_documents``
+      (:data:`~sparsemm_utils.parameters.MAX_DOCUMENTS`).
     """
 
     source: str = "synthetic"
@@ -115,9 +118,12 @@ class Config(DocumentGeneratorConfig):
     on_bad: str = "skip"
     run_dir: str = "runs/tiny"
     n_sample_figures: int = 4
+    allow_large: bool = False
 
     def __post_init__(self) -> None:
         own = type(self).__name__
+        check_allow_large(self.allow_large, error=DocumentConfigError)
+        check_size(f"{own}.n_documents", self.n_documents, MAX_DOCUMENTS, allow_large=self.allow_large, error=DocumentConfigError)
         check_choice(f"{own}.source", self.source, SOURCES, error=DocumentConfigError)
         check_choice(f"{own}.on_bad", self.on_bad, ("skip", "raise"), error=DocumentConfigError)
         if self.dataset_path is not None and (not isinstance(self.dataset_path, str) or not self.dataset_path):
@@ -149,7 +155,7 @@ def build_documents(cfg: Config, *, progress: bool = True) -> Dataset:
 
 def report_parameters(cfg: Config) -> dict[str, Any]:
     """The parameters recorded in ``annotation_report.json``: every field of ``cfg`` that shapes
-    the documents (the notebook's ``run_dir`` and ``n_sample_figures`` left out)."""
+    the documents (the notebook's ``run_dir``, ``n_sample_figures`` and ``allow_large`` left out)."""
     return {k: v for k, v in asdict(cfg).items() if k not in _NOTEBOOK_ONLY}
 
 

@@ -116,7 +116,8 @@ def test_documents_to_scores_and_explorer(models, documents, tmp_path):
     variants = capture.compare_variants(samples, cfg.top_k)
     result = variants["substring/argmax"]
     paths = step03.write_outputs(cfg, result, step03.build_report(cfg, loaded, samples, variants), samples=samples)
-    scores = files.load_head_scores(paths["head_scores.json"], shape=loaded)
+    # a tiny-random model matches no token, so its scores are all zero: allocation would refuse them
+    scores = files.load_head_scores(paths["head_scores.json"], shape=loaded, allow_zero=True)
     np.testing.assert_allclose(scores, result.scores)
     # a tiny-random model: the claims about visual heads cannot be told
     assert [h is None for h in step03.FINDINGS.read(tmp_path)["holds"]] == [False, True, True, True]

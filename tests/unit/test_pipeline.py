@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nbformat
 import pytest
 
 from sparsemm_utils import pipeline as pl
@@ -29,20 +28,11 @@ FAKE_STEPS = (
 )
 
 
-def _notebook(path: Path, params: str, body: list[str]) -> None:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    cell = nbformat.v4.new_code_cell(params)
-    cell.metadata["tags"] = ["parameters"]
-    nb.cells = [nbformat.v4.new_markdown_cell("# fake"), cell] + [nbformat.v4.new_code_cell(b) for b in body]
-    nbformat.write(nb, str(path))
-
-
 @pytest.fixture()
-def fake_repo(tmp_path: Path) -> Path:
+def fake_repo(tmp_path: Path, write_notebook) -> Path:
     root = tmp_path / "repo"
     (root / "notebooks").mkdir(parents=True)
-    _notebook(
+    write_notebook(
         root / "notebooks" / "01_make.ipynb",
         'run_dir = "runs/dev"\nvalue = 1\nseed = 0',
         [
@@ -50,7 +40,7 @@ def fake_repo(tmp_path: Path) -> Path:
             "(out / 'value.txt').write_text(str(value))",
         ],
     )
-    _notebook(
+    write_notebook(
         root / "notebooks" / "02_double.ipynb",
         'run_dir = "runs/dev"\nmodel_id = "none"',
         [
@@ -58,7 +48,7 @@ def fake_repo(tmp_path: Path) -> Path:
             "(Path(run_dir) / '02_double' / 'double.txt').write_text(str(2 * v))",
         ],
     )
-    _notebook(
+    write_notebook(
         root / "notebooks" / "03_fail.ipynb",
         'run_dir = "runs/dev"',
         ["x = 1", "raise ValueError('deliberate failure for the test')"],
@@ -202,8 +192,8 @@ def test_list_command(capsys):
         assert step.name in out
 
 
-def test_resumable_step_keeps_its_folder_and_others_start_clean(tmp_path, fake_repo):
-    _notebook(
+def test_resumable_step_keeps_its_folder_and_others_start_clean(tmp_path, fake_repo, write_notebook):
+    write_notebook(
         fake_repo / "notebooks" / "01_append.ipynb",
         'run_dir = "runs/dev"\nvalue = 1',
         [
