@@ -34,7 +34,7 @@ def test_manifests_outputs_and_index(tiny_run):
         raw = json.loads((folder / "manifest.json").read_text())
         for key in ("params", "inputs", "outputs", "packages", "git_commit", "device", "started_at", "finished_at", "seconds"):
             assert key in raw, f"{step.name} manifest lacks {key}"
-        for name in step.outputs:
+        for name in step.output_names:
             assert (folder / name).exists(), f"{step.name} did not write {name}"
         assert f"{step.name}/{step.name}.html" in index
         assert list(folder.glob("fig_*.png")), f"{step.name} saved no figure"
