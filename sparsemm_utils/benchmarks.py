@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .general_metrics import ALL_METRIC_NAMES, get_scorer
-from .reader_tasks import HELDOUT_SEED, make_task_dataset
+from .reader_tasks import HELDOUT_SEED, STUDY_PAGES, ReaderDocSpec, make_task_dataset
 from .validate import check_choice, check_int
 
 __all__ = [
@@ -80,6 +80,7 @@ __all__ = [
     "BenchmarkSamples",
     "score_prediction",
     "make_reader_benchmark",
+    "OFFLINE_PAGES",
 ]
 
 SHORT_ANSWER_POST_PROMPT = "\nAnswer the question using a single word or phrase."
@@ -474,20 +475,28 @@ _VQAV2 = _spec(
     extra_columns={"answer_type": "answer_type", "question_type": "question_type"},
     download_size="about 35 GB (214,354 questions; use limit= for a subset)",
 )  # fmt: skip
-_READER = _spec(
-    # the offline default: sparsemm_utils.reader_tasks.make_task_dataset on a held-out seed
-    name="reader_docqa", title="Reader DocQA (offline)", task="reader_docqa", kind="offline",
-    hub_id=None, config=None, split="test", data_files=(),
-    columns=("question_id", "doc_id", "task", "prompt", "answer", "evidence", "detail", "image", "2_coord",
-             "char_coord"),
-    id_column="question_id", image_column="image", question_column="prompt", answer_column="answer",
-    doc_to_text="verbatim", max_new_tokens=64, metrics=("anls", "exact_match"),
-    extra_columns={"task": "task", "doc_id": "doc_id"},
-)  # fmt: skip
+def _offline(name: str, title: str, max_new_tokens: int) -> BenchmarkSpec:
+    # the offline benchmarks: sparsemm_utils.reader_tasks.make_task_dataset on a held-out seed
+    return _spec(
+        name=name, title=title, task=name, kind="offline",
+        hub_id=None, config=None, split="test", data_files=(),
+        columns=("question_id", "doc_id", "task", "prompt", "answer", "evidence", "detail", "image", "2_coord",
+                 "char_coord"),
+        id_column="question_id", image_column="image", question_column="prompt", answer_column="answer",
+        doc_to_text="verbatim", max_new_tokens=max_new_tokens, metrics=("anls", "exact_match"),
+        extra_columns={"task": "task", "doc_id": "doc_id"},
+    )  # fmt: skip
+
+
+_READER = _offline("reader_docqa", "Reader DocQA (offline)", 64)
+# a study page holds up to 6 lines of 14 cells: its OCR answer can reach ~90 tokens
+_STUDY = _offline("study_docqa", "Study DocQA (offline)", 96)
+#: The offline benchmarks and their pages: the 1.3M tiny reader's (CI) and the study model's.
+OFFLINE_PAGES: Mapping[str, ReaderDocSpec] = MappingProxyType({"reader_docqa": ReaderDocSpec(), "study_docqa": STUDY_PAGES})
 
 #: The registry: benchmark name -> spec.
 BENCHMARKS: Mapping[str, BenchmarkSpec] = MappingProxyType(
-    {s.name: s for s in (_DOCVQA, _TEXTVQA, _OCRBENCH, _CHARTQA, _MMBENCH, _GQA, _VQAV2, _READER)}
+    {s.name: s for s in (_DOCVQA, _TEXTVQA, _OCRBENCH, _CHARTQA, _MMBENCH, _GQA, _VQAV2, _READER, _STUDY)}
 )
 OCR_BENCHMARKS: tuple[str, ...] = tuple(n for n, s in BENCHMARKS.items() if s.kind == "ocr")
 GENERAL_BENCHMARKS: tuple[str, ...] = tuple(n for n, s in BENCHMARKS.items() if s.kind == "general")
@@ -820,14 +829,19 @@ def score_prediction(spec: BenchmarkSpec | str, prediction: str, sample: EvalSam
 # the offline benchmark
 
 
-def make_reader_benchmark(n_documents: int, seed: int | None = None, *, spec: Any = None, progress: bool = False) -> Any:
-    """The offline document-QA benchmark (``reader_docqa``): documents ``0 .. n_documents - 1``
-    of the stream ``seed`` drawn by step 01's generator (:class:`~sparsemm_utils.reader_tasks.ReaderDocSpec`
-    pages), each asked "read all", "read line k" and "value of KEY?" where it can host them
-    (:func:`~sparsemm_utils.reader_tasks.make_task_dataset`). Every answer is text drawn on the
-    page, so only reading the image answers it. ``seed`` defaults to the tiny reader's held-out
-    stream (:data:`sparsemm_utils.reader_tasks.HELDOUT_SEED`), which its training never saw.
-    Returns a ``datasets.Dataset`` in the ``reader_docqa`` schema; pass it as ``source``."""
+def make_reader_benchmark(
+    n_documents: int, seed: int | None = None, *, spec: Any = None, name: str = "reader_docqa", progress: bool = False
+) -> Any:
+    """An offline document-QA benchmark (``name``: ``reader_docqa`` on the tiny reader's pages,
+    ``study_docqa`` on the study model's, :data:`OFFLINE_PAGES`): documents ``0 .. n_documents - 1``
+    of the stream ``seed`` drawn by step 01's generator, each asked "read all", "read line k" and
+    "value of KEY?" where it can host them (:func:`~sparsemm_utils.reader_tasks.make_task_dataset`).
+    Every answer is text drawn on the page, so only reading the image answers it. ``seed``
+    defaults to the held-out stream (:data:`sparsemm_utils.reader_tasks.HELDOUT_SEED`), which no
+    training and no design choice sees. ``spec`` overrides the benchmark's pages. Returns a
+    ``datasets.Dataset`` in the schema of ``name``; pass it as ``source``."""
+    if name not in OFFLINE_PAGES:
+        raise UnknownBenchmarkError(f"{name!r} is not an offline benchmark; offline benchmarks: {', '.join(OFFLINE_PAGES)}")
     if seed is None:
         seed = HELDOUT_SEED
-    return make_task_dataset(seed, n_documents, spec=spec, progress=progress)
+    return make_task_dataset(seed, n_documents, spec=spec or OFFLINE_PAGES[name], progress=progress)

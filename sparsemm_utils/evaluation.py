@@ -55,8 +55,9 @@ import hashlib
 import io
 import json
 import math
+import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -70,6 +71,8 @@ from .benchmarks import BenchmarkSpec, EvalSample, SkipReport, get_benchmark, sc
 from .compression import compressed_generate, make_press
 from .fastv import FastVAtBudget, fastv_generate_at_budget
 from .prompts import build_inputs
+from .shared_prefill import shared_generate
+from .statistics import bootstrap_interval, paired_bootstrap_interval
 from .validate import check_choice, check_int
 
 __all__ = [
@@ -91,6 +94,9 @@ __all__ = [
     "EvalMethod",
     "EVAL_METHODS",
     "get_method",
+    "is_random_mask",
+    "MASK_RANDOM_DRAW",
+    "SHAREABLE_PRESSES",
     "press_for",
     "check_budgets",
     "Cell",
@@ -112,7 +118,14 @@ __all__ = [
 PAPER_BUDGETS: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
 #: A typical prompt of the paper's runs, in tokens: docs/method.md §5 quotes ~2400 (LLaVA-NeXT, DocVQA).
 REFERENCE_PROMPT_TOKENS: int = 2400
-RESULTS_COLUMNS: tuple[str, ...] = ("model", "benchmark", "method", "budget", "metric", "score", "n_samples")
+#: The artifact contract's columns (docs/design.md); the last five are the uncertainty of the score:
+#: its 95% bootstrap interval over the questions, and for a budgeted method its paired difference
+#: from SparseMM at the same budget (SparseMM minus the method, same questions resampled together)
+#: with that difference's interval (empty where there is nothing to compare).
+LEGACY_RESULTS_COLUMNS: tuple[str, ...] = ("model", "benchmark", "method", "budget", "metric", "score", "n_samples")
+RESULTS_COLUMNS: tuple[str, ...] = (
+    *LEGACY_RESULTS_COLUMNS, "ci_low", "ci_high", "sparsemm_minus_method", "diff_ci_low", "diff_ci_high"
+)
 RESULTS_FILE = "results.csv"
 PREDICTIONS_FILE = "predictions.jsonl"
 SWEEP_FILE = "sweep.json"
@@ -197,11 +210,33 @@ EVAL_METHODS: Mapping[str, EvalMethod] = MappingProxyType(
 )
 
 
+#: ``mask_random_<k>``: one more draw of the random head mask, with seed ``k`` (the paper's ablation
+#: compares the top visual heads with several draws of random heads).
+MASK_RANDOM_DRAW = re.compile(r"^mask_random_(\d{1,3})$")
+#: Methods whose compression happens after a prefill with the full keys: one prefill per question
+#: serves them all (:func:`sparsemm_utils.shared_prefill.shared_generate`). The head masks and
+#: FastV change the prefill itself and run one by one.
+SHAREABLE_PRESSES: frozenset[str] = frozenset({"fullkv", "sparsemm", "adakv", "snapkv", "pyramidkv", "random", "streamingllm"})
+
+
 def get_method(name: str) -> EvalMethod:
-    """The method registered under ``name``; :class:`UnknownMethodError` lists the known ones."""
-    if isinstance(name, str) and name.strip().lower() in EVAL_METHODS:
-        return EVAL_METHODS[name.strip().lower()]
-    raise UnknownMethodError(f"unknown method {name!r}; known methods: {', '.join(EVAL_METHODS)}")
+    """The method registered under ``name``, or a draw ``mask_random_<k>`` of the random head mask
+    (seed ``k``); :class:`UnknownMethodError` lists the known ones."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key in EVAL_METHODS:
+        return EVAL_METHODS[key]
+    match = MASK_RANDOM_DRAW.match(key) if isinstance(key, str) else None
+    if match:
+        seed = int(match.group(1))
+        return EvalMethod(key, "head_mask", False, ("fraction",), {"selection": "random", "seed": seed}, f"Mask random heads (draw {seed})")
+    raise UnknownMethodError(
+        f"unknown method {name!r}; known methods: {', '.join(EVAL_METHODS)}, and mask_random_<k> (a random-mask draw with seed k)"
+    )
+
+
+def is_random_mask(method: str) -> bool:
+    """``mask_random`` or one of its draws ``mask_random_<k>``."""
+    return method == "mask_random" or bool(MASK_RANDOM_DRAW.match(method))
 
 
 def press_for(method: str, budget: int | None, **settings: Any) -> Any:
@@ -288,6 +323,24 @@ class Generate(Protocol):
     def __call__(self, sample: EvalSample, spec: BenchmarkSpec, method: str, budget: int | None) -> str | Generation: ...
 
 
+def generate_group(generate: Any, sample: EvalSample, spec: BenchmarkSpec, cells: Sequence["Cell"]) -> Iterator[tuple["Cell", Generation]]:
+    """The answers of one sample under several cells, as ``(cell, generation)`` pairs: all at once
+    through ``generate.many(sample, spec, [(method, budget), ...])`` when the generator has it (one
+    shared prefill for the methods that allow it), else one call per cell, each yielded as soon as
+    it is answered (so a crash loses no finished answer)."""
+    many = getattr(generate, "many", None)
+    if many is None:
+        for cell in cells:
+            out = generate(sample, spec, cell.method, cell.budget)
+            yield cell, out if isinstance(out, Generation) else Generation(out)
+        return
+    answers = list(many(sample, spec, [(c.method, c.budget) for c in cells]))
+    if len(answers) != len(cells):
+        raise EvaluationError(f"the generator returned {len(answers)} answers for {len(cells)} cells")
+    for cell, out in zip(cells, answers):
+        yield cell, out if isinstance(out, Generation) else Generation(out)
+
+
 # --------------------------------------------------------------------------------------------
 # files
 
@@ -302,11 +355,16 @@ def read_results(path: str | Path) -> pd.DataFrame:
         frame = pd.DataFrame({c: pd.Series(dtype="object") for c in RESULTS_COLUMNS})
         frame["budget"] = frame["budget"].astype("Int64")
         return frame
-    frame = pd.read_csv(path, dtype={"model": str, "benchmark": str, "method": str, "metric": str}, keep_default_na=False, na_values={"budget": [""], "score": ["", "nan"]})
+    numeric = {c: ["", "nan"] for c in ("score", *RESULTS_COLUMNS[len(LEGACY_RESULTS_COLUMNS):])}
+    frame = pd.read_csv(path, dtype={"model": str, "benchmark": str, "method": str, "metric": str}, keep_default_na=False, na_values={"budget": [""], **numeric})
+    if tuple(frame.columns) == LEGACY_RESULTS_COLUMNS:  # written before the intervals existed
+        for column in RESULTS_COLUMNS[len(LEGACY_RESULTS_COLUMNS):]:
+            frame[column] = np.nan
     if tuple(frame.columns) != RESULTS_COLUMNS:
         raise ResultsFileError(f"{path} has columns {list(frame.columns)}; the artifact contract is {list(RESULTS_COLUMNS)}")
     frame["budget"] = pd.to_numeric(frame["budget"], errors="coerce").astype("Int64")
-    frame["score"] = pd.to_numeric(frame["score"], errors="coerce")
+    for column in ("score", *RESULTS_COLUMNS[len(LEGACY_RESULTS_COLUMNS):]):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
     frame["n_samples"] = pd.to_numeric(frame["n_samples"]).astype(int)
     return frame
 
@@ -318,7 +376,7 @@ def _append_results(path: Path, rows: Sequence[Mapping[str, Any]], ledger: "_Led
     if new:
         writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row[k] is None else row[k]) for k in RESULTS_COLUMNS})
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in RESULTS_COLUMNS})
     with open(path, "a", newline="", encoding="utf-8") as f:
         ledger.append(f, RESULTS_FILE, buffer.getvalue())
 
@@ -595,6 +653,7 @@ def run_sweep(
     generate: Generate,
     settings: Mapping[str, Any] | None = None,
     skips: Mapping[str, SkipReport] | None = None,
+    method_limits: Mapping[str, int] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
     on_mismatch: str = "error",
@@ -611,6 +670,8 @@ def run_sweep(
         settings: JSON-able description of everything else that shapes the answers (window, ratio,
             head-score hash, generation options...), recorded in ``sweep.json`` and compared on reruns.
         skips: skip reports of benchmarks given as plain sequences.
+        method_limits: {method: n}: that method answers only the first n samples of each benchmark
+            (e.g. the head-mask ablation on a subset; record it in ``settings``).
         progress: show a tqdm bar over the samples still to generate.
         log: where one line per cell goes (None: silent).
         on_mismatch: when the folder holds a sweep of another model, settings or sample set:
@@ -670,68 +731,101 @@ def run_sweep(
     for r in records:
         by_cell.setdefault((r["benchmark"], r["method"], _budget_key(r["budget"])), {})[str(r["sample_id"])] = r
 
+    limits = {get_method(m).name: check_int(f"method_limits[{m!r}]", n, 1, error=EvaluationError) for m, n in (method_limits or {}).items()}
+
+    def cell_ids(cell: Cell) -> list[str]:
+        return ids[cell.benchmark][: limits.get(cell.method, len(ids[cell.benchmark]))]
+
     pending = [c for c in cells if c.key not in finished]
     skipped = [c for c in cells if c.key in finished]
-    todo = sum(len(ids[c.benchmark]) - len(set(ids[c.benchmark]) & set(by_cell.get(c.key, {}))) for c in pending)
+    todo = sum(len(cell_ids(c)) - len(set(cell_ids(c)) & set(by_cell.get(c.key, {}))) for c in pending)
     if skipped:
         say(f"{len(skipped)} of {len(cells)} cells already in {RESULTS_FILE}: skipped")
     generated = reused = 0
-    bar = tqdm(total=todo, desc="evaluating", unit="sample", disable=not progress)
+    bar = tqdm(total=todo, desc="evaluating", unit="answer", disable=not progress)
     try:
         with open(predictions_path, "a", encoding="utf-8", newline="") as pred_file:
-            for cell in pending:
-                spec = specs[cell.benchmark]
-                samples = benchmarks[cell.benchmark]
-                have = by_cell.get(cell.key, {})
-                cell_records = []
-                bar.set_postfix_str(str(cell))
-                for i, sample_id in enumerate(ids[cell.benchmark]):
-                    if sample_id in have:
-                        cell_records.append(have[sample_id])
-                        reused += 1
+            for bench in dict.fromkeys(c.benchmark for c in pending):
+                spec, samples = specs[bench], benchmarks[bench]
+                bench_cells = [c for c in pending if c.benchmark == bench]
+                for c in bench_cells:
+                    by_cell.setdefault(c.key, {})
+                for i, sample_id in enumerate(ids[bench]):
+                    due = [c for c in bench_cells if i < len(cell_ids(c))]
+                    missing = [c for c in due if sample_id not in by_cell[c.key]]
+                    reused += len(due) - len(missing)
+                    if not missing:
                         continue
                     sample = samples[i]
                     if sample.sample_id != sample_id:
-                        raise EvaluationError(f"benchmark {cell.benchmark!r}: sample {i} changed id while the sweep ran")
+                        raise EvaluationError(f"benchmark {bench!r}: sample {i} changed id while the sweep ran")
+                    bar.set_postfix_str(f"{bench} {sample_id}")
                     t0 = time.perf_counter()
-                    out_ = generate(sample, spec, cell.method, cell.budget)
-                    seconds = time.perf_counter() - t0
-                    gen = out_ if isinstance(out_, Generation) else Generation(out_)
-                    if not isinstance(gen.text, str):
-                        raise EvaluationError(f"the generator returned {type(gen.text).__name__} for {cell}, not a str")
-                    prediction = spec.postprocess(gen.text)
-                    record: dict[str, Any] = {
-                        "model": model, "benchmark": cell.benchmark, "method": cell.method, "budget": cell.budget,
-                        "sample_id": sample_id, "prediction": prediction, "answers": list(sample.answers),
-                        "scores": score_prediction(spec, prediction, sample),
-                        "extra": {k: v for k, v in sample.extra.items() if k != "raw_question" and isinstance(v, (str, int, float, bool))},
-                        "prompt_tokens": gen.prompt_tokens, "kv_bytes": gen.kv_bytes,
-                        "seconds": round(gen.seconds if gen.seconds is not None else seconds, 4),
-                    }  # fmt: skip
-                    if prediction != gen.text:
-                        record["raw_output"] = gen.text
-                    if gen.details:
-                        record["method_details"] = dict(gen.details)
-                    ledger.append(pred_file, PREDICTIONS_FILE, json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
-                    cell_records.append(record)
-                    generated += 1
-                    bar.update(1)
-                rows = []
-                for metric in spec.metrics:
-                    values = [float(r["scores"][metric]) for r in cell_records]
-                    rows.append(
-                        {
-                            "model": model, "benchmark": cell.benchmark, "method": cell.method, "budget": cell.budget,
-                            "metric": metric, "score": sum(values) / len(values), "n_samples": len(values),
-                        }
-                    )  # fmt: skip
+                    for cell, gen in generate_group(generate, sample, spec, missing):
+                        record = _prediction_record(model, cell, sample, spec, gen, time.perf_counter() - t0)
+                        t0 = time.perf_counter()
+                        ledger.append(pred_file, PREDICTIONS_FILE, json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
+                        by_cell[cell.key][sample_id] = record
+                        generated += 1
+                        bar.update(1)
+                rows = [row for c in bench_cells for row in _result_rows(model, spec, [c], cell_ids(c), by_cell)]
                 _append_results(results_path, rows, ledger)
-                head = rows[0]
-                say(f"{cell}: {head['metric']} = {head['score']:.4f} over {head['n_samples']} samples")
+                for row in rows:
+                    if row["metric"] == spec.metrics[0]:
+                        cell = Cell(bench, row["method"], row["budget"])
+                        say(f"{cell}: {row['metric']} = {row['score']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}] over {row['n_samples']} samples")
     finally:
         bar.close()
     ran = pending
     return SweepResult(read_results(results_path), ran, skipped, generated, reused, out)
+
+
+def _prediction_record(model: str, cell: "Cell", sample: EvalSample, spec: BenchmarkSpec, gen: Generation, seconds: float) -> dict[str, Any]:
+    if not isinstance(gen.text, str):
+        raise EvaluationError(f"the generator returned {type(gen.text).__name__} for {cell}, not a str")
+    prediction = spec.postprocess(gen.text)
+    record: dict[str, Any] = {
+        "model": model, "benchmark": cell.benchmark, "method": cell.method, "budget": cell.budget,
+        "sample_id": sample.sample_id, "prediction": prediction, "answers": list(sample.answers),
+        "scores": score_prediction(spec, prediction, sample),
+        "extra": {k: v for k, v in sample.extra.items() if k != "raw_question" and isinstance(v, (str, int, float, bool))},
+        "prompt_tokens": gen.prompt_tokens, "kv_bytes": gen.kv_bytes,
+        "seconds": round(gen.seconds if gen.seconds is not None else seconds, 4),
+    }  # fmt: skip
+    if prediction != gen.text:
+        record["raw_output"] = gen.text
+    if gen.details:
+        record["method_details"] = dict(gen.details)
+    return record
+
+
+def _scores(records: Mapping[str, Mapping[str, Any]], sample_ids: Sequence[str], metric: str) -> np.ndarray:
+    return np.array([float(records[s]["scores"][metric]) for s in sample_ids])
+
+
+def _result_rows(
+    model: str, spec: BenchmarkSpec, cells: Sequence["Cell"], sample_ids: Sequence[str], by_cell: Mapping[Any, Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """One row per metric of each finished cell: the mean over the samples, its 95% bootstrap
+    interval, and for a budgeted method other than SparseMM the paired difference SparseMM minus
+    the method at the same budget with its interval (when SparseMM's cell there is complete)."""
+    rows = []
+    for cell in cells:
+        for metric in spec.metrics:
+            values = _scores(by_cell[cell.key], sample_ids, metric)
+            low, high = bootstrap_interval(values, seed=0)
+            row = {
+                "model": model, "benchmark": cell.benchmark, "method": cell.method, "budget": cell.budget,
+                "metric": metric, "score": float(values.mean()), "n_samples": int(values.size),
+                "ci_low": low, "ci_high": high,
+            }  # fmt: skip
+            reference = by_cell.get((cell.benchmark, "sparsemm", cell.budget), {})
+            if cell.budget is not None and cell.method != "sparsemm" and all(s in reference for s in sample_ids):
+                ours = _scores(reference, sample_ids, metric)
+                d_low, d_high = paired_bootstrap_interval(ours, values, seed=0)
+                row.update({"sparsemm_minus_method": float((ours - values).mean()), "diff_ci_low": d_low, "diff_ci_high": d_high})
+            rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -804,15 +898,43 @@ class ModelGenerator:
         t0 = time.perf_counter()
         inputs = build_inputs(self.loaded, sample.image, sample.question)
         n = int(inputs["input_ids"].shape[1])
-        limit = spec.generation_limit(self.loaded.model_type)
-        if self.max_new_tokens is not None:
-            limit = min(limit, check_int("max_new_tokens", self.max_new_tokens, 1, error=EvaluationError))
+        limit = self._limit(spec)
         details = None
         if isinstance(press, FastVAtBudget):
             result = fastv_generate_at_budget(self.loaded, press, inputs, max_new_tokens=limit, do_sample=False)
             details = {"fastv_k": press.k, **asdict(result.match)}
         else:
             result = compressed_generate(self.loaded, press, inputs, max_new_tokens=limit, do_sample=False)
-        new = result.sequences[0, n:]
+        return self._generation(result.sequences[0, n:], n, int(result.kv_bytes), time.perf_counter() - t0, details)
+
+    def _generation(self, new: Any, n: int, kv_bytes: int, seconds: float, details: Mapping[str, Any] | None = None) -> Generation:
         text = self.loaded.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return Generation(text, prompt_tokens=n, kv_bytes=int(result.kv_bytes), seconds=time.perf_counter() - t0, details=details)
+        return Generation(text, prompt_tokens=n, kv_bytes=kv_bytes, seconds=seconds, details=details)
+
+    def _limit(self, spec: BenchmarkSpec) -> int:
+        limit = spec.generation_limit(self.loaded.model_type)
+        if self.max_new_tokens is not None:
+            limit = min(limit, check_int("max_new_tokens", self.max_new_tokens, 1, error=EvaluationError))
+        return limit
+
+    def many(self, sample: EvalSample, spec: BenchmarkSpec, cells: Sequence[tuple[str, int | None]]) -> list[Generation]:
+        """The answers of one sample under several (method, budget) cells, in order. The methods of
+        :data:`SHAREABLE_PRESSES` share one prefill and decode together
+        (:func:`~sparsemm_utils.shared_prefill.shared_generate`: token for token what
+        :func:`~sparsemm_utils.compression.compressed_generate` gives each alone); the head masks and
+        FastV run one by one. ``seconds`` of a shared answer is the group's time divided by its size."""
+        shared = [i for i, (m, _) in enumerate(cells) if get_method(m).press in SHAREABLE_PRESSES]
+        out: list[Generation | None] = [None] * len(cells)
+        if shared:
+            t0 = time.perf_counter()
+            inputs = build_inputs(self.loaded, sample.image, sample.question)
+            n = int(inputs["input_ids"].shape[1])
+            presses = [self.press(*cells[i]) for i in shared]
+            results = shared_generate(self.loaded, presses, inputs, max_new_tokens=self._limit(spec))
+            seconds = (time.perf_counter() - t0) / len(shared)
+            for i, result in zip(shared, results):
+                out[i] = self._generation(result.sequences[0, n:], n, int(result.kv_bytes), seconds)
+        for i, (method, budget) in enumerate(cells):
+            if out[i] is None:
+                out[i] = self(sample, spec, method, budget)
+        return out  # type: ignore[return-value]

@@ -21,20 +21,24 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..benchmarks import EvalSample, get_benchmark
-from ..evaluation import EVAL_METHODS
+from ..evaluation import EVAL_METHODS, UnknownMethodError, get_method, is_random_mask
 from .style import method_color, method_style
 
 __all__ = [
     "plot_benchmark_samples",
     "plot_accuracy_vs_budget",
     "plot_accuracy_vs_kv_share",
+    "plot_paired_differences",
     "plot_accuracy_by_group",
 ]
 
 def _label(method: str, labels: Mapping[str, str] | None = None) -> str:
     if labels and method in labels:
         return labels[method]
-    return EVAL_METHODS[method].label if method in EVAL_METHODS else method
+    try:
+        return get_method(method).label
+    except UnknownMethodError:
+        return method
 
 
 def _check(results: pd.DataFrame) -> None:
@@ -115,6 +119,7 @@ def plot_accuracy_vs_budget(
             :func:`sparsemm_utils.steps.eval.method_labels`: FastV's measured KV bytes).
     """
     _check(results)
+    results, labels = _pool_random_masks(results, labels)
     benchmarks = list(benchmarks or dict.fromkeys(results["benchmark"]))
     present = set(results["method"])
     methods = list(methods or [m for m in EVAL_METHODS if m in present] + sorted(present - set(EVAL_METHODS)))
@@ -134,11 +139,17 @@ def plot_accuracy_vs_budget(
             color, style = _method_style(method)
             rows = sub[sub["method"] == method]
             if not rows.empty:
+                bands = {"ci_low", "ci_high"} <= set(rows.columns) and rows[["ci_low", "ci_high"]].notna().all().all()
                 if rows["budget"].isna().all():
-                    line = ax.hlines(float(rows["score"].iloc[0]), *span, color=color, linestyles=style["linestyle"], linewidth=style["linewidth"])
+                    score = float(rows["score"].iloc[0])
+                    line = ax.hlines(score, *span, color=color, linestyles=style["linestyle"], linewidth=style["linewidth"])
+                    if bands:
+                        ax.axhspan(float(rows["ci_low"].iloc[0]), float(rows["ci_high"].iloc[0]), color=color, alpha=0.07, linewidth=0)
                 else:
                     rows = rows.dropna(subset=["budget"]).sort_values("budget")
                     (line,) = ax.plot(rows["budget"].astype(int), rows["score"], color=color, **style)
+                    if bands:
+                        ax.fill_between(rows["budget"].astype(int), rows["ci_low"], rows["ci_high"], color=color, alpha=0.12, linewidth=0)
                 handles.setdefault(_label(method, labels), line)
             if ref is not None:
                 pts = ref[ref["method"] == method]
@@ -164,6 +175,61 @@ def plot_accuracy_vs_budget(
         ax.grid(True, alpha=0.3)
     if paper_handle is not None:
         handles["paper (hollow, dotted)"] = paper_handle
+    return _finish_panels(fig, axes, len(benchmarks), handles, title)
+
+
+def _pool_random_masks(results: pd.DataFrame, labels: Mapping[str, str] | None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Random-mask draws (``mask_random_<k>``) drawn as one line: their mean score (the band
+    spans the draws' lowest and highest score), labelled with the number of draws."""
+    labels = dict(labels or {})
+    draws = results[results["method"].map(is_random_mask)]
+    if draws["method"].nunique() <= 1:
+        return results, labels
+    keys = ["model", "benchmark", "metric"]
+    pooled = draws.groupby(keys, sort=False).agg(score=("score", "mean"), ci_low=("score", "min"), ci_high=("score", "max"), n_samples=("n_samples", "first")).reset_index()
+    pooled["method"], pooled["budget"] = "mask_random", pd.array([pd.NA] * len(pooled), dtype="Int64")
+    labels["mask_random"] = f"Mask random heads (mean of {draws['method'].nunique()} draws; band: their range)"
+    rest = results[~results["method"].map(is_random_mask)]
+    return pd.concat([rest, pooled[[c for c in results.columns if c in pooled.columns]]], ignore_index=True), labels
+
+
+def plot_paired_differences(results: pd.DataFrame, *, ncols: int = 3, title: str | None = None) -> Figure:
+    """SparseMM minus each budgeted method at every budget (each benchmark's headline metric), with
+    the paired bootstrap 95% interval of the difference (``results.csv``'s
+    ``sparsemm_minus_method``, ``diff_ci_low``, ``diff_ci_high``): above the zero line SparseMM is
+    ahead on the same questions."""
+    _check(results)
+    frame = results.dropna(subset=["sparsemm_minus_method"]) if "sparsemm_minus_method" in results.columns else results.iloc[0:0]
+    frame = frame[[get_benchmark(b).metric == m for b, m in zip(frame["benchmark"], frame["metric"])]]
+    if frame.empty:
+        raise ValueError("results hold no paired differences: the sweep needs SparseMM and another budgeted method at the same budgets")
+    benchmarks = list(dict.fromkeys(frame["benchmark"]))
+    fig, axes = _benchmark_panels(len(benchmarks), ncols)
+    handles: dict[str, object] = {}
+    methods = [m for m in EVAL_METHODS if m in set(frame["method"])]
+    for ax, name in zip(axes.flat, benchmarks):
+        spec = get_benchmark(name)
+        sub = frame[frame["benchmark"] == name]
+        offsets = np.linspace(-0.06, 0.06, max(len(methods), 1))
+        for offset, method in zip(offsets, methods):
+            rows = sub[sub["method"] == method].sort_values("budget")
+            if rows.empty:
+                continue
+            color, style = _method_style(method)
+            x = rows["budget"].astype(int).to_numpy() * 2**offset
+            y = rows["sparsemm_minus_method"].to_numpy()
+            err = np.vstack([y - rows["diff_ci_low"].to_numpy(), rows["diff_ci_high"].to_numpy() - y])
+            line = ax.errorbar(x, y, yerr=err, color=color, marker=style.get("marker") or "o", linestyle="-", linewidth=1.2, capsize=3)
+            handles.setdefault(f"SparseMM - {_label(method)}", line)
+        ax.axhline(0.0, color="0.3", linewidth=0.9)
+        budgets = sorted(int(b) for b in sub["budget"].unique())
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets)
+        ax.set_xticklabels([str(b) for b in budgets])
+        ax.set_title(f"{spec.title} (n = {int(sub['n_samples'].iloc[0])})")
+        ax.set_xlabel("KV budget B per head (window included)")
+        ax.set_ylabel(f"SparseMM - method, {spec.metric} (95% CI)")
+        ax.grid(True, alpha=0.3)
     return _finish_panels(fig, axes, len(benchmarks), handles, title)
 
 

@@ -66,14 +66,20 @@ QUANTITY_CMAPS: Mapping[str, str] = MappingProxyType(
 )
 
 
+def _family(method: str) -> str:
+    """A random-mask draw (``mask_random_<k>``) is drawn like ``mask_random``."""
+    head, _, tail = method.rpartition("_")
+    return head if head == "mask_random" and tail.isdigit() else method
+
+
 def method_color(method: str) -> tuple[float, float, float]:
     """The method's colour (mid grey for a method not in :data:`METHOD_COLORS`)."""
-    return METHOD_COLORS.get(method, (0.5, 0.5, 0.5))
+    return METHOD_COLORS.get(_family(method), (0.5, 0.5, 0.5))
 
 
 def method_style(method: str) -> dict:
     """Line style, marker and width of ``method`` (a fresh dict the caller may change)."""
-    return dict(METHOD_STYLES.get(method, _PLAIN))
+    return dict(METHOD_STYLES.get(_family(method), _PLAIN))
 
 
 def cmap_for(quantity: str) -> str:

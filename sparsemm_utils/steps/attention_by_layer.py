@@ -36,7 +36,8 @@ from ..findings import Finding, findings_frame, read_findings
 from ..parameters import MAX_DOCUMENTS, MAX_NEW_TOKENS, check_allow_large, check_size
 from ..reader_tasks import TASK_TYPES
 from ..token_categories import LayerAnalysisError
-from ..validate import check_fraction, check_int
+from ..benchmarks import OFFLINE_PAGES
+from ..validate import check_choice, check_fraction, check_int
 from ..vision_drop import READINGS
 from . import head_scoring, ocr_annotation, patch_mapping
 
@@ -137,7 +138,9 @@ class Config:
     ``n_samples``: step-01 documents analysed with the OCR prompt (the prompt step 03 scores on);
     ``max_new_tokens``: greedy response length for the analysis and the benchmark;
     ``chunk_size``: query rows per attention chunk; ``benchmark_documents``: held-out reader pages
-    for the vision-drop ablation and FastV (:func:`sparsemm_utils.reader_tasks.heldout_documents`);
+    for the vision-drop ablation and FastV (:func:`sparsemm_utils.reader_tasks.heldout_documents`), drawn
+    like the pages of the offline benchmark ``pages`` (:data:`sparsemm_utils.benchmarks.OFFLINE_PAGES`:
+    the tiny reader's or the study model's);
     ``tasks``: reader tasks asked on them; ``layer_range_size``: layers per dropped range
     (LLaVA-Mini: 4, i.e. 1-4, 5-8, ... on 32 layers); ``readings``: ``"inside"`` (drop only in the
     range) and/or ``"from"`` (drop from the range to the last layer); ``fastv_k`` (layers that see
@@ -155,6 +158,7 @@ class Config:
     max_new_tokens: int = 32
     chunk_size: int = 256
     benchmark_documents: int = 3
+    pages: str = "reader_docqa"
     tasks: tuple[str, ...] = ("ocr", "line", "value")
     layer_range_size: int = 1
     readings: tuple[str, ...] = ("inside", "from")
@@ -184,6 +188,7 @@ class Config:
         large = check_allow_large(self.allow_large, error=LayerAnalysisError)
         for name, maximum in (("n_samples", MAX_DOCUMENTS), ("benchmark_documents", MAX_DOCUMENTS), ("max_new_tokens", MAX_NEW_TOKENS)):
             check_size(name, getattr(self, name), maximum, allow_large=large, error=LayerAnalysisError)
+        check_choice("pages", self.pages, tuple(OFFLINE_PAGES), error=LayerAnalysisError)
         self.tasks = tuple(self.tasks)
         unknown = [t for t in self.tasks if t not in TASK_TYPES]
         if unknown or not self.tasks:

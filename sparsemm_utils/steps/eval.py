@@ -8,19 +8,18 @@ tables the notebook shows (:func:`lowest_budget_table`, :func:`cell_statistics`,
 ``lowest_budget.csv``, ``findings.csv``) and what the run shows against the paper
 (:func:`findings`).
 
-**How the findings decide.** At the lowest budget B of the sweep, each benchmark's headline
-metric: SparseMM's score as a share of FullKV's, beside the paper's 90-97% at B = 64
-(docs/method.md §6); and SparseMM against each baseline, question by question. One question
-moves a score by 1/n (9.1 points at n = 11), so a difference of a question or two says nothing:
-a comparison holds (or fails) only when an exact two-sided sign test over the questions where the
-two methods differ gives p < :data:`ALPHA`; otherwise the verdict is "cannot tell".
+**How the findings decide.** Each benchmark's headline metric at the two lowest budgets of the
+sweep: SparseMM's score as a share of FullKV's, beside the paper's 90-97% at B = 64
+(docs/method.md §6); SparseMM against each baseline on the same questions, judged by the paired
+bootstrap 95% interval of the difference (:mod:`sparsemm_utils.statistics`): above zero holds,
+below zero fails, straddling zero cannot tell (one question moves a score by 1/n, 9.1 points at
+n = 11); and, when the sweep masks heads, the top visual heads against random draws.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +30,10 @@ import pandas as pd
 import torch
 
 from ..artifacts import Artifact, StepSpec
-from ..benchmarks import get_benchmark, load_benchmark, make_reader_benchmark
+from ..benchmarks import OFFLINE_PAGES, get_benchmark, load_benchmark, make_reader_benchmark
 from ..evaluation import (
     EVAL_METHODS,
+    is_random_mask,
     ON_MISMATCH,
     PREDICTIONS_FILE,
     REFERENCE_PROMPT_TOKENS,
@@ -46,6 +46,7 @@ from ..evaluation import (
     read_results,
 )
 from ..findings import Finding, findings_frame, read_findings
+from ..statistics import paired_bootstrap_interval
 from ..parameters import MAX_DOCUMENTS, MAX_NEW_TOKENS, check_allow_large, check_size
 from ..reader_tasks import HELDOUT_SEED
 from ..reference_numbers import REFERENCE_MODELS, reference_frame, reference_model_id
@@ -61,21 +62,18 @@ __all__ = [
     "LOWEST_BUDGET",
     "FINDINGS",
     "STEP",
-    "ALPHA",
+    "MASK_RATIO_TARGET",
     "Config",
     "read_lowest_budget",
     "lowest_budget_table",
     "cell_statistics",
     "fastv_match_table",
     "method_labels",
-    "sign_test",
     "findings",
     "write_outputs",
 ]
 
 NAME = "05_eval"
-#: The significance level of the per-question comparisons behind the findings.
-ALPHA: float = 0.05
 _LOWEST_COLUMNS = ["benchmark", "metric", "method", "budget", "score", "n_samples", "vs_fullkv"]
 
 
@@ -133,7 +131,8 @@ class Config:
     benchmark's generation limit, for smoke runs of random-weight models only (None: lmms-eval's
     limits); ``on_mismatch``: what :func:`~sparsemm_utils.evaluation.run_sweep` does with an
     earlier sweep of other settings in the folder ("archive": move it to ``superseded/``;
-    "error": stop); ``allow_large``: lift the bounds on ``n_documents``
+    "error": stop); ``ablation_samples``: the head masks (``mask``, ``mask_random``,
+    ``mask_random_<k>``) answer only the first n questions (None: all); ``allow_large``: lift the bounds on ``n_documents``
     (:data:`~sparsemm_utils.parameters.MAX_DOCUMENTS`) and ``max_new_tokens``
     (:data:`~sparsemm_utils.parameters.MAX_NEW_TOKENS`)."""
 
@@ -156,6 +155,7 @@ class Config:
     device: str = "auto"
     max_new_tokens: int | None = None
     on_mismatch: str = "archive"
+    ablation_samples: int | None = None
     allow_large: bool = False
 
     def __post_init__(self) -> None:
@@ -177,7 +177,7 @@ class Config:
         small = [b for b in self.budgets if b <= self.window]
         if small:
             raise EvaluationError(f"budgets {small} do not exceed the window w = {self.window}: a budget counts the window (docs/method.md §5)")
-        if any(EVAL_METHODS[m].budgeted for m in self.methods) and not self.budgets:
+        if any(get_method(m).budgeted for m in self.methods) and not self.budgets:
             raise EvaluationError("budgeted methods need at least one budget")
         for name in ("ratio", "mask_fraction"):
             value = getattr(self, name)
@@ -202,10 +202,19 @@ class Config:
         if not isinstance(self.device, str) or not self.device:
             raise EvaluationError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         check_choice("on_mismatch", self.on_mismatch, ON_MISMATCH, error=EvaluationError)
+        if self.ablation_samples is not None:
+            self.ablation_samples = check_int("ablation_samples", self.ablation_samples, 1, error=EvaluationError)
+
+    def method_limits(self) -> dict[str, int]:
+        """The head masks answer only the first ``ablation_samples`` questions of each benchmark
+        (all of them when None): the ablation runs the full cache once per mask, prefill included."""
+        if self.ablation_samples is None:
+            return {}
+        return {m: self.ablation_samples for m in self.methods if get_method(m).press == "head_mask"}
 
     @property
     def needs_head_scores(self) -> bool:
-        return any(EVAL_METHODS[m].needs_head_scores for m in self.methods)
+        return any(get_method(m).needs_head_scores for m in self.methods)
 
     def head_scores_path(self) -> Path:
         """Step 03's head-score file: an absolute path as is; a relative one is ``<step>/<file>``
@@ -228,10 +237,10 @@ class Config:
         loaded = {}
         for name in self.benchmarks:
             source: Any = self.benchmark_sources.get(name)
-            if name == "reader_docqa" and source is None:
-                source = make_reader_benchmark(self.n_documents, self.reader_seed(), progress=progress)
+            if name in OFFLINE_PAGES and source is None:
+                source = make_reader_benchmark(self.n_documents, self.reader_seed(), name=name, progress=progress)
                 if save_dir is not None:
-                    source.to_parquet(str(Path(save_dir) / "reader_docqa.parquet"))
+                    source.to_parquet(str(Path(save_dir) / f"{name}.parquet"))
             loaded[name] = load_benchmark(name, source=source, limit=self.limit)
         return loaded
 
@@ -259,8 +268,10 @@ class Config:
         }  # fmt: skip
         if "fastv" in self.methods:  # only then: sweeps without FastV keep the identity they had
             settings["fastv_k"] = self.fastv_k
-        if "reader_docqa" in self.benchmarks:  # its sample ids (row numbers) do not change with the seed
-            settings["reader_docqa"] = {"n_documents": self.n_documents, "seed": self.reader_seed()}
+        if self.method_limits():  # likewise: only sweeps that limit a method record it
+            settings["method_limits"] = self.method_limits()
+        for name in (b for b in self.benchmarks if b in OFFLINE_PAGES):  # sample ids (row numbers) do not change with the seed
+            settings[name] = {"n_documents": self.n_documents, "seed": self.reader_seed()}
         return settings
 
     def reader_seed(self) -> int:
@@ -380,19 +391,6 @@ def method_labels(predictions: pd.DataFrame) -> dict[str, str]:
 # findings
 
 
-def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test: the probability that a fair coin, tossed ``wins + losses`` times
-    (the questions where two methods differ; ties left out), splits at least as unevenly.
-    E.g. 5 wins, 0 losses: 2 x 0.5^5 = 0.0625; 6 and 0: 0.03125; 1 and 4: 2 x (1 + 5) / 32 = 0.375."""
-    wins = check_int("wins", wins, 0, error=EvaluationError)
-    losses = check_int("losses", losses, 0, error=EvaluationError)
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1))
-    return min(1.0, 2 * tail / 2**n)
-
-
 def _question_scores(predictions: pd.DataFrame, benchmark: str, metric: str, method: str, budget: int | None) -> pd.Series:
     """One cell's per-question scores, indexed by sample id (empty when the cell has none)."""
     column = f"score_{metric}"
@@ -401,33 +399,6 @@ def _question_scores(predictions: pd.DataFrame, benchmark: str, metric: str, met
     rows = predictions[(predictions["benchmark"] == benchmark) & (predictions["method"] == method)]
     rows = rows[rows["budget"].isna()] if budget is None else rows[rows["budget"] == budget]
     return rows.set_index(rows["sample_id"].astype(str))[column].astype(float)
-
-
-@dataclass(frozen=True)
-class _Paired:
-    """Two cells compared question by question: ``wins`` where the first scores higher."""
-
-    wins: int
-    losses: int
-    ties: int
-
-    @property
-    def p(self) -> float:
-        return sign_test(self.wins, self.losses)
-
-    def verdict(self) -> bool | None:
-        """True / False when the first is ahead / behind with p < ALPHA; None otherwise."""
-        if self.p >= ALPHA:
-            return None
-        return self.wins > self.losses
-
-
-def _paired(first: pd.Series, second: pd.Series) -> _Paired | None:
-    common = first.index.intersection(second.index)
-    if common.empty:
-        return None
-    diff = first[common].to_numpy() - second[common].to_numpy()
-    return _Paired(int((diff > 0).sum()), int((diff < 0).sum()), int((diff == 0).sum()))
 
 
 def _short_model(hub_id: str) -> str:
@@ -456,7 +427,7 @@ def _paper_score(pair: pd.DataFrame, method: str, budget: int | None) -> float |
 def _paper_text(model: str, benchmark: str, baseline: str | None) -> str:
     """The paper's value for SparseMM against FullKV (``baseline`` None) or against ``baseline``:
     this model's and benchmark's numbers when the paper reports them, else its range at B = 64."""
-    label = EVAL_METHODS[baseline].label if baseline else "FullKV"
+    label = get_method(baseline).label if baseline else "FullKV"
     pair = _paper_pair(model, benchmark)
     full, sparse = _paper_score(pair, "fullkv", None), _paper_score(pair, "sparsemm", 64)
     other = full if baseline is None else _paper_score(pair, baseline, 64)
@@ -477,19 +448,6 @@ def _paper_text(model: str, benchmark: str, baseline: str | None) -> str:
         f"B = 64: SparseMM keeps {_percent_range(sparse_shares)} of FullKV, {label} {_percent_range(shares)}; "
         f"SparseMM ahead on {ahead} of {len(shares)} pairs (docs/method.md §6)"
     )
-
-
-def _counts(paired: _Paired | None, n: int, first: str, second: str) -> str:
-    one = f"one question = {100 / n:.1f} points"
-    if paired is None:
-        return f"no per-question scores to compare ({one})"
-    text = (
-        f"{first} higher on {paired.wins}, lower on {paired.losses}, equal on {paired.ties} of {n} questions "
-        f"(sign test p = {paired.p:.2g}; {one})"
-    )
-    if paired.verdict() is None:
-        text += f": too few questions differ to tell at p < {ALPHA}"
-    return text
 
 
 def _prompt_share(predictions: pd.DataFrame, benchmark: str, budget: int) -> str:
@@ -515,17 +473,86 @@ def _fastv_note(predictions: pd.DataFrame, benchmark: str, budget: int) -> str:
     )
 
 
-def findings(results: pd.DataFrame, predictions: pd.DataFrame) -> list[Finding]:
-    """What this run shows at its lowest budget, per benchmark (headline metric), against the
-    paper (docs/method.md §6):
+def _difference(first: pd.Series, second: pd.Series) -> tuple[float, float, float, int] | None:
+    """Mean of ``first - second`` over their common questions, its paired bootstrap 95% interval,
+    and n (None without common questions)."""
+    common = first.index.intersection(second.index)
+    if common.empty:
+        return None
+    a, b = first[common].to_numpy(dtype=float), second[common].to_numpy(dtype=float)
+    low, high = paired_bootstrap_interval(a, b, seed=0)
+    return float((a - b).mean()), low, high, int(common.size)
 
-    - SparseMM keeps most of FullKV's accuracy: holds when its score is at least the paper's
-      lowest share (90% of FullKV at B = 64); fails when it is below that and FullKV is ahead
-      question by question (sign test p < :data:`ALPHA`); cannot tell otherwise. Headline.
-    - SparseMM is ahead of each budgeted baseline at that budget: holds / fails when the sign test
-      over the questions says SparseMM is ahead / behind with p < :data:`ALPHA`; cannot tell
-      otherwise (the text gives both scores as shares of FullKV, the counts and 1 question = 100/n
-      points). The one against SnapKV (uniform budgets) is a headline.
+
+def _interval_verdict(diff: tuple[float, float, float, int] | None) -> bool | None:
+    """True when the paired interval lies above zero, False when below, None when it straddles it."""
+    if diff is None:
+        return None
+    _, low, high, _ = diff
+    return True if low > 0 else False if high < 0 else None
+
+
+def _diff_text(diff: tuple[float, float, float, int] | None, first: str, second: str) -> str:
+    if diff is None:
+        return "no per-question scores to compare"
+    mean, low, high, n = diff
+    return f"{first} - {second} = {mean:+.3f} [{low:+.3f}, {high:+.3f}] (paired bootstrap 95%, n = {n}; one question = {100 / n:.1f} points)"
+
+
+def _label(method: str) -> str:
+    return get_method(method).label
+
+
+#: The paper's claim about the head-mask ablation (docs/method.md §5) and the project's target for it.
+MASK_RATIO_TARGET = 3.0
+
+
+def _mask_finding(predictions: pd.DataFrame, benchmark: str, metric: str, title: str) -> Finding | None:
+    """Masking the top visual heads against masking as many random heads (every ``mask_random*``
+    draw of the sweep), each as the drop from FullKV on the same questions."""
+    full = _question_scores(predictions, benchmark, metric, "fullkv", None)
+    top = _question_scores(predictions, benchmark, metric, "mask", None)
+    draws = sorted({m for m in predictions.get("method", pd.Series(dtype=str)) if is_random_mask(m)})
+    if full.empty or top.empty or not draws:
+        return None
+    drop_top = _difference(full, top)
+    drops = {m: _difference(full, _question_scores(predictions, benchmark, metric, m, None)) for m in draws}
+    random_mean = float(np.mean([d[0] for d in drops.values() if d is not None]))
+    randoms = predictions[(predictions["benchmark"] == benchmark) & predictions["method"].map(is_random_mask)]
+    random_per_question = randoms.groupby(randoms["sample_id"].astype(str))[f"score_{metric}"].mean()
+    gap = _difference(random_per_question, top)  # how much more the top mask loses than the mean random mask
+    ratio = drop_top[0] / random_mean if drop_top is not None and random_mean > 0 else float("inf")
+    each = ", ".join(f"{m.removeprefix('mask_random_') if m != 'mask_random' else '0'}: {d[0]:+.3f}" for m, d in drops.items() if d is not None)
+    ratio_text = f"{ratio:.1f}x" if np.isfinite(ratio) else "random masks cost nothing on average"
+    verdict = _interval_verdict(gap)  # is the top mask worse than the mean random mask, question by question?
+    if verdict is True:
+        holds = bool(not np.isfinite(ratio) or ratio >= MASK_RATIO_TARGET)
+    else:
+        holds = False if verdict is False else None
+    return Finding(
+        NAME, f"Masking the top visual heads hurts far more than masking random heads ({title})",
+        f"the paper's ablation: the top 10% visual heads masked lose much more than 10% random heads (docs/method.md §5); "
+        f"this project's target: at least {MASK_RATIO_TARGET:.0f}x the mean random drop",
+        f"{metric} drop from FullKV: top heads {drop_top[0]:+.3f} [{drop_top[1]:+.3f}, {drop_top[2]:+.3f}], random heads "
+        f"{random_mean:+.3f} on average over {len(drops)} draws ({each}); ratio {ratio_text}; "
+        f"{_diff_text(gap, 'mean random mask', 'top mask')}",
+        drop_top[3], holds, headline=True,
+    )  # fmt: skip
+
+
+def findings(results: pd.DataFrame, predictions: pd.DataFrame) -> list[Finding]:
+    """What this run shows, per benchmark (headline metric), against the paper (docs/method.md §6):
+
+    - SparseMM keeps most of FullKV's accuracy at the lowest budget: holds when its score is at least
+      the paper's lowest share (90% of FullKV at B = 64); fails when it is below that and FullKV is
+      ahead on the same questions (paired bootstrap 95% interval of the difference above zero);
+      cannot tell otherwise. Headline.
+    - At each of the two lowest budgets, SparseMM is ahead of each budgeted baseline: holds / fails
+      when the paired bootstrap 95% interval of SparseMM minus the baseline lies above / below zero,
+      cannot tell when it straddles zero (the text gives both scores, the difference with its
+      interval, n and what one question is worth). The ones against random allocation and SnapKV at
+      the lowest budget are headlines.
+    - With ``mask`` and random-mask draws in the sweep: the head-mask ablation (:func:`_mask_finding`).
 
     ``results``: ``results.csv`` (:func:`~sparsemm_utils.evaluation.read_results`);
     ``predictions``: :func:`~sparsemm_utils.evaluation.predictions_frame` (per-question scores,
@@ -534,54 +561,62 @@ def findings(results: pd.DataFrame, predictions: pd.DataFrame) -> list[Finding]:
     paper_floor = min(_paper_shares("sparsemm"))
     for benchmark in dict.fromkeys(results["benchmark"]):
         spec = get_benchmark(benchmark)
-        rows = results[(results["benchmark"] == benchmark) & (results["metric"] == spec.metric)]
+        metric = spec.metric
+        rows = results[(results["benchmark"] == benchmark) & (results["metric"] == metric)]
         budgeted = rows[rows["budget"].notna()]
         full_rows = rows[rows["method"] == "fullkv"]
         if budgeted.empty or full_rows.empty:
             continue
-        budget = int(budgeted["budget"].min())
-        lowest = budgeted[budgeted["budget"] == budget].set_index("method")
-        if "sparsemm" not in lowest.index:
-            continue
         model = str(rows["model"].iloc[0])
-        full, sparse = float(full_rows["score"].iloc[0]), float(lowest.loc["sparsemm", "score"])
-        n = int(lowest.loc["sparsemm", "n_samples"])
-        sparse_q = _question_scores(predictions, benchmark, spec.metric, "sparsemm", budget)
-        where = f"{spec.title} {spec.metric}, B = {budget}"
+        full = float(full_rows["score"].iloc[0])
+        full_q = _question_scores(predictions, benchmark, metric, "fullkv", None)
+        budgets = sorted(int(b) for b in budgeted["budget"].unique())
+        for rank, budget in enumerate(budgets[:2]):
+            cells = budgeted[budgeted["budget"] == budget].set_index("method")
+            if "sparsemm" not in cells.index:
+                continue
+            sparse = float(cells.loc["sparsemm", "score"])
+            n = int(cells.loc["sparsemm", "n_samples"])
+            sparse_q = _question_scores(predictions, benchmark, metric, "sparsemm", budget)
+            where = f"{spec.title} {metric}, B = {budget}"
 
-        def share(score: float) -> str:
-            return f"{score / full:.0%} of FullKV" if full > 0 else "FullKV scores 0"
+            def share(score: float) -> str:
+                return f"{score / full:.0%} of FullKV" if full > 0 else "FullKV scores 0"
 
-        paired = _paired(_question_scores(predictions, benchmark, spec.metric, "fullkv", None), sparse_q)
-        if full <= 0:
-            holds = None
-        elif sparse / full >= paper_floor:
-            holds = True
-        else:
-            holds = False if paired is not None and paired.verdict() is True else None
-        out.append(
-            Finding(
-                NAME, f"SparseMM keeps most of FullKV's {spec.metric} at the lowest budget ({spec.title})",
-                _paper_text(model, benchmark, None),
-                f"{where}: SparseMM {sparse:.3f} vs FullKV {full:.3f} ({share(sparse)}); "
-                f"{_prompt_share(predictions, benchmark, budget)}; {_counts(paired, n, 'FullKV', 'SparseMM')}",
-                n, holds, headline=True,
-            )
-        )  # fmt: skip
-        for method in (m for m in EVAL_METHODS if m in lowest.index and m != "sparsemm"):
-            label = EVAL_METHODS[method].label
-            score = float(lowest.loc[method, "score"])
-            paired = _paired(sparse_q, _question_scores(predictions, benchmark, spec.metric, method, budget))
-            note = _fastv_note(predictions, benchmark, budget) if method == "fastv" else ""
-            out.append(
-                Finding(
-                    NAME, f"SparseMM is ahead of {label} at the lowest budget ({spec.title})",
-                    _paper_text(model, benchmark, method),
-                    f"{where}: SparseMM {sparse:.3f} ({share(sparse)}) vs {label} {score:.3f} ({share(score)}); "
-                    f"{_counts(paired, n, 'SparseMM', label)}{note}",
-                    n, None if paired is None else paired.verdict(), headline=method == "snapkv",
-                )
-            )  # fmt: skip
+            if rank == 0:
+                loss = _difference(full_q, sparse_q)
+                if full <= 0:
+                    holds = None
+                elif sparse / full >= paper_floor:
+                    holds = True
+                else:
+                    holds = False if _interval_verdict(loss) is True else None
+                out.append(
+                    Finding(
+                        NAME, f"SparseMM keeps most of FullKV's {metric} at the lowest budget ({spec.title})",
+                        _paper_text(model, benchmark, None),
+                        f"{where}: SparseMM {sparse:.3f} vs FullKV {full:.3f} ({share(sparse)}); "
+                        f"{_prompt_share(predictions, benchmark, budget)}; {_diff_text(loss, 'FullKV', 'SparseMM')}",
+                        n, holds, headline=True,
+                    )
+                )  # fmt: skip
+            for method in (m for m in cells.index if m != "sparsemm" and get_method(m).budgeted):
+                score = float(cells.loc[method, "score"])
+                diff = _difference(sparse_q, _question_scores(predictions, benchmark, metric, method, budget))
+                note = _fastv_note(predictions, benchmark, budget) if method == "fastv" else ""
+                which = "lowest" if rank == 0 else "second-lowest"
+                out.append(
+                    Finding(
+                        NAME, f"SparseMM is ahead of {_label(method)} at the {which} budget ({spec.title})",
+                        _paper_text(model, benchmark, method),
+                        f"{where}: SparseMM {sparse:.3f} ({share(sparse)}) vs {_label(method)} {score:.3f} ({share(score)}); "
+                        f"{_diff_text(diff, 'SparseMM', _label(method))}{note}",
+                        n, _interval_verdict(diff), headline=rank == 0 and method in ("random", "snapkv"),
+                    )
+                )  # fmt: skip
+        mask = _mask_finding(predictions, benchmark, metric, spec.title)
+        if mask is not None:
+            out.append(mask)
     return out
 
 

@@ -33,6 +33,11 @@ __all__ = [
     "TRAINED_FILE",
     "SPEC_FILE",
     "RECORD_FILE",
+    "LOG_FILE",
+    "VALIDATION_FILE",
+    "CONFIG_FILE",
+    "RECIPES_FILE",
+    "CARD_FILE",
     "StudyPartsError",
     "read_spec",
     "build_from_parts",
@@ -47,6 +52,12 @@ ASSEMBLED_DIR = Path("build/study_model")
 TRAINED_FILE = "trained.safetensors"
 SPEC_FILE = "spec.json"
 RECORD_FILE = "assembled_from.json"
+#: What training writes beside the parts (read by the model card).
+LOG_FILE = "training_log.csv"
+VALIDATION_FILE = "validation.json"
+CONFIG_FILE = "train_config.json"
+RECIPES_FILE = "recipes.json"
+CARD_FILE = "MODEL_CARD.md"
 
 
 class StudyPartsError(FileNotFoundError):

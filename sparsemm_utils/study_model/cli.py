@@ -25,16 +25,24 @@ from sparsemm_utils.reader_tasks import STUDY_PAGES, TASK_TYPES, VALIDATION_SEED
 from sparsemm_utils.tiny_reader.accuracy import evaluate_reader
 
 from .architecture import StudyModelSpec, build_processor, build_study_model, merge_lora, trained_state
-from .assemble import ASSEMBLED_DIR, PARTS_DIR, SPEC_FILE, TRAINED_FILE, assemble, build_from_parts, ensure_assembled
+from .assemble import (
+    ASSEMBLED_DIR,
+    CONFIG_FILE,
+    LOG_FILE,
+    PARTS_DIR,
+    SPEC_FILE,
+    TRAINED_FILE,
+    VALIDATION_FILE,
+    assemble,
+    build_from_parts,
+    ensure_assembled,
+)
+from .card import write_card
 from .backbone import BACKBONE, load_backbone
 from .training import StudyTrainConfig, train_alignment, train_tasks
 from .validation import validate_recipe
 
-__all__ = ["main", "train", "VALIDATION_FILE", "LOG_FILE", "CONFIG_FILE"]
-
-LOG_FILE = "training_log.csv"
-VALIDATION_FILE = "validation.json"
-CONFIG_FILE = "train_config.json"
+__all__ = ["main", "train", "validate_parts"]
 
 
 def _validator(model, processor, cfg: StudyTrainConfig, history: list):
@@ -83,6 +91,7 @@ def train(cfg: StudyTrainConfig, out: Path, *, log=print) -> dict:
     }
     (out / VALIDATION_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+    write_card(out)
     return summary
 
 
@@ -128,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     va.add_argument("--command", dest="train_command", default="", help="the training command that made the parts")
     va.add_argument("--record", type=Path, default=None, help="append the result to this JSON list (e.g. data/study_model/recipes.json)")
     va.add_argument("--threads", type=int, default=2)
+    cd = sub.add_parser("card", help="(re)write <parts>/MODEL_CARD.md from the files beside it")
+    cd.add_argument("--parts", type=Path, default=PARTS_DIR)
     asm = sub.add_parser("assemble", help="join the pinned backbone and the trained parts into a model folder")
     asm.add_argument("--out", type=Path, default=ASSEMBLED_DIR)
     asm.add_argument("--parts", type=Path, default=PARTS_DIR)
@@ -137,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = _config_from_args(args)
         summary = train(cfg, args.out)
         print(json.dumps({k: v for k, v in summary.items() if k != "validation"}, indent=2))
+        return 0
+    if args.command == "card":
+        print(write_card(args.parts))
         return 0
     if args.command == "validate":
         torch.set_num_threads(args.threads)

@@ -49,6 +49,7 @@ __all__ = [
     "train_alignment",
     "train_tasks",
     "learning_rate_factor",
+    "alignment_similarity",
 ]
 
 
@@ -155,8 +156,8 @@ def alignment_loss(
     stats = {
         "glyph_accuracy": float(hit[glyph.reshape(-1)].float().mean()) if glyph.any() else float("nan"),
         "empty_accuracy": float(hit[~glyph.reshape(-1)].float().mean()) if (~glyph).any() else float("nan"),
-        "glyph_rel_error": float(relative[glyph].mean()) if glyph.any() else float("nan"),
-        "empty_rel_error": float(relative[~glyph].mean()) if (~glyph).any() else float("nan"),
+        "glyph_rel_error": float(relative[glyph].detach().mean()) if glyph.any() else float("nan"),
+        "empty_rel_error": float(relative[~glyph].detach().mean()) if (~glyph).any() else float("nan"),
     }
     return loss, stats
 
@@ -295,3 +296,29 @@ def train_tasks(
 
 def save_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@torch.no_grad()
+def alignment_similarity(model: Any, processor: Any, doc: Mapping[str, Any], cell: int = 28) -> tuple[list[str], list[str], np.ndarray]:
+    """How far a page reaches the language model as its own text: for every glyph cell of ``doc``
+    (row-major), the cosine similarity of its projected feature with the LLM's input embedding of
+    each page character (the charset, then ``" "``). Returns (the cells' characters, the columns'
+    characters, similarity (cells, characters)). Works on a trained or an assembled study model."""
+    tokenizer = processor.tokenizer
+    pixels = processor.image_processor(images=[doc["image"]], return_tensors="pt")
+    features = image_features(model, pixels["pixel_values"], pixels["image_sizes"])[0]
+    vision = model.config.vision_config
+    base = (vision.image_size // vision.patch_size) ** 2
+    width, height = doc["image"].size
+    rows, cols = height // cell, width // cell
+    grid = features[base:].reshape(rows, cols + 1, -1)[:, :cols]
+    targets = cell_targets(doc, tokenizer, rows, cols, cell)
+    space = char_token_id(tokenizer, " ")
+    chars = list(STUDY_PAGES.charset) + [" "]
+    ids = torch.tensor([char_token_id(tokenizer, c) for c in chars])
+    embeddings = model.get_input_embeddings().weight[ids].float()
+    glyph = targets != space
+    cells = grid[glyph].float()
+    similarity = F.normalize(cells, dim=-1) @ F.normalize(embeddings, dim=-1).T
+    names = [tokenizer.decode([int(i)]) for i in targets[glyph].tolist()]
+    return names, chars, similarity.numpy()

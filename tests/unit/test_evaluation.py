@@ -118,7 +118,13 @@ def test_sweep_writes_the_artifact_contract(tmp_path):
     # the budget of fullkv is an empty field in the file
     raw = (tmp_path / RESULTS_FILE).read_text().splitlines()
     assert raw[0] == ",".join(RESULTS_COLUMNS)
-    assert raw[1] == "fake/model,gqa,fullkv,,exact_match,1.0,4"
+    assert raw[1] == "fake/model,gqa,fullkv,,exact_match,1.0,4,1.0,1.0,,,"  # FullKV: no paired difference
+    # each cell's bootstrap interval brackets its score; SnapKV's paired difference from SparseMM at
+    # B = 16 is the mean of [1, 0, 0, 0] - [0, 0, 0, 0] = 0.25, with its own interval around it
+    assert ((table["ci_low"] <= table["score"]) & (table["score"] <= table["ci_high"])).all()
+    snap16 = table[(table["method"] == "snapkv") & (table["budget"] == 16)].iloc[0]
+    assert snap16["sparsemm_minus_method"] == 0.25 and snap16["diff_ci_low"] <= 0.25 <= snap16["diff_ci_high"]
+    assert table.loc[table["method"] == "sparsemm", "sparsemm_minus_method"].isna().all()
     assert len(fake.calls) == 7 * 4 and result.generated == 28 and result.reused == 0
     # one prediction record per (cell, sample)
     records, dropped = read_predictions(tmp_path)
@@ -156,18 +162,18 @@ def test_rerun_skips_finished_cells(tmp_path):
     pd.testing.assert_frame_equal(first.results, second.results)
 
 
-def test_a_crash_mid_cell_resumes_at_the_next_sample(tmp_path):
+def test_a_crash_resumes_at_the_next_answer(tmp_path):
     clean = _run(tmp_path / "clean", Fake()).results
-    crashing = Fake(fail_at=6)  # fullkv (4 samples) done, sparsemm@16 has answered 2 of 4
+    crashing = Fake(fail_at=6)  # sample 0 answered by 6 of the 7 cells, then the crash
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(tmp_path / "run", crashing)
-    assert read_results(tmp_path / "run")["method"].tolist() == ["fullkv"]
+    assert read_results(tmp_path / "run").empty  # results are written when a benchmark's samples are all answered
     assert len(read_predictions(tmp_path / "run")[0]) == 6
     resumed = Fake()
     result = _run(tmp_path / "run", resumed)
-    # sparsemm@16 resumes at sample 2; then 5 more cells x 4 samples
-    assert resumed.calls[:2] == [("2", "sparsemm", 16), ("3", "sparsemm", 16)]
-    assert len(resumed.calls) == 2 + 5 * 4 and result.reused == 2
+    # the sweep goes sample by sample: sample 0's last cell, then samples 1-3 under all 7 cells
+    assert resumed.calls[:2] == [("0", "snapkv", 64), ("1", "fullkv", None)]
+    assert len(resumed.calls) == 1 + 3 * 7 and result.reused == 6
     pd.testing.assert_frame_equal(result.results, clean)
     assert len(read_predictions(tmp_path / "run")[0]) == 28
 
@@ -179,7 +185,7 @@ def test_a_truncated_last_prediction_line_is_dropped_and_regenerated(tmp_path):
     path.write_text(path.read_text() + '{"model": "fake/model", "benchm')  # a crash mid-write
     resumed = Fake()
     _run(tmp_path, resumed)
-    assert resumed.calls[0] == ("2", "sparsemm", 16)
+    assert resumed.calls[0] == ("0", "snapkv", 64)
     records, dropped = read_predictions(path)
     assert dropped == 0 and len(records) == 28
 
@@ -375,3 +381,44 @@ def test_resumed_sweep_equals_a_clean_one_and_scores_are_sample_means(answers, o
             cell = [r["scores"]["exact_match"] for r in records if r["method"] == row["method"] and r["budget"] == budget]
             assert len(cell) == row["n_samples"] == len(samples)
             assert np.isclose(row["score"], sum(cell) / len(cell))
+
+
+class GroupedFake(Fake):
+    """A generator with ``many``: one call per sample for all its cells (as ModelGenerator's shared prefill)."""
+
+    def __init__(self):
+        super().__init__()
+        self.groups: list[tuple[str, tuple]] = []
+
+    def many(self, sample, spec, cells):
+        self.groups.append((sample.sample_id, tuple(cells)))
+        return [self(sample, spec, m, b) for m, b in cells]
+
+
+def test_a_grouped_generator_answers_each_sample_once_for_all_its_cells(tmp_path):
+    clean = _run(tmp_path / "clean", Fake()).results
+    grouped = GroupedFake()
+    result = _run(tmp_path / "grouped", grouped)
+    assert [s for s, _ in grouped.groups] == ["0", "1", "2", "3"]
+    assert all(len(cells) == 7 for _, cells in grouped.groups)
+    pd.testing.assert_frame_equal(result.results, clean)
+
+
+def test_method_limits_answer_only_the_first_samples(tmp_path):
+    fake = Fake()
+    result = _run(tmp_path, fake, methods=["fullkv", "mask", "mask_random_3"], budgets=[], method_limits={"mask": 2, "mask_random_3": 3})
+    n = dict(zip(result.results["method"], result.results["n_samples"]))
+    assert n == {"fullkv": 4, "mask": 2, "mask_random_3": 3}
+    assert sorted(s for s, m, _ in fake.calls if m == "mask") == ["0", "1"]
+
+
+def test_random_mask_draws_are_methods_with_their_own_seed():
+    from sparsemm_utils.evaluation import get_method, is_random_mask, press_for
+
+    draw = get_method("mask_random_4")
+    assert draw.press == "head_mask" and draw.fixed == {"selection": "random", "seed": 4} and not draw.budgeted
+    assert is_random_mask("mask_random") and is_random_mask("mask_random_4") and not is_random_mask("mask")
+    press = press_for("mask_random_4", None, fraction=0.1, seed=0)
+    assert press.seed == 4 and press.selection == "random"
+    with pytest.raises(UnknownMethodError, match="mask_random_<k>"):
+        get_method("mask_random_x")

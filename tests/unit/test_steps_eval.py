@@ -6,11 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from sparsemm_utils.benchmarks import UnknownBenchmarkError
-from sparsemm_utils.evaluation import EVAL_METHODS, RESULTS_COLUMNS, EvaluationError, predictions_frame
+from sparsemm_utils.evaluation import EVAL_METHODS, LEGACY_RESULTS_COLUMNS, EvaluationError, predictions_frame
 from sparsemm_utils.findings import findings_frame
 from sparsemm_utils.pipeline import STEPS
 from sparsemm_utils.steps import eval as step
@@ -25,7 +23,6 @@ from sparsemm_utils.steps.eval import (
     findings,
     lowest_budget_table,
     method_labels,
-    sign_test,
     write_outputs,
 )
 
@@ -134,7 +131,7 @@ def test_lowest_budget_table():
             ("m", "gqa", "snapkv", 16, "exact_match", 0.4, 4),
             ("m", "gqa", "snapkv", 64, "exact_match", 0.8, 4),
         ],
-        columns=list(RESULTS_COLUMNS),
+        columns=list(LEGACY_RESULTS_COLUMNS),
     )
     results["budget"] = results["budget"].astype("Int64")
     table = lowest_budget_table(results)
@@ -202,22 +199,6 @@ def test_fastvs_label_says_what_it_stored():
 # ---------------------------------------------------------------------------------- findings
 
 
-def test_sign_test_by_hand():
-    assert sign_test(5, 0) == pytest.approx(2 * 0.5**5)  # 0.0625: five of five is not enough at 0.05
-    assert sign_test(6, 0) == pytest.approx(0.03125)
-    assert sign_test(1, 4) == pytest.approx(2 * (1 + 5) / 32)  # 0.375
-    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
-    with pytest.raises(EvaluationError, match="wins must be an int >= 0"):
-        sign_test(-1, 2)
-
-
-@given(st.integers(0, 60), st.integers(0, 60))
-def test_sign_test_is_a_symmetric_probability(wins, losses):
-    p = sign_test(wins, losses)
-    assert 0 < p <= 1 and p == sign_test(losses, wins)
-    assert sign_test(wins + 1, losses) <= p or wins < losses  # a more uneven split is no more likely
-
-
 def _sweep(cells: dict[tuple[str, int | None], list[float]], *, benchmark="gqa", model="m", prompt=100):
     """results.csv and the predictions of per-question scores {(method, budget): [score, ...]}."""
     metric = "anls" if benchmark == "docvqa" else "exact_match"
@@ -228,7 +209,7 @@ def _sweep(cells: dict[tuple[str, int | None], list[float]], *, benchmark="gqa",
     ]  # fmt: skip
     results = pd.DataFrame(
         [(model, benchmark, m, b, metric, float(np.mean(s)), len(s)) for (m, b), s in cells.items()],
-        columns=list(RESULTS_COLUMNS),
+        columns=list(LEGACY_RESULTS_COLUMNS),
     )
     results["budget"] = results["budget"].astype("Int64")
     return results, predictions_frame(records)
@@ -238,17 +219,20 @@ def _by_claim(found):
     return {f.claim.split(" (")[0]: f for f in found}
 
 
-def test_findings_at_the_lowest_budget_by_hand():
+def test_findings_at_the_two_lowest_budgets_by_hand():
     # 6 questions. FullKV answers all; at B = 16 SparseMM answers all too (100% of FullKV >= the
-    # paper's 90%); SnapKV none: SparseMM higher on 6 of 6, sign test 2 / 2^6 = 0.031 < 0.05;
-    # PyramidKV misses one: SparseMM higher on 1, equal on 5, p = 1: cannot tell. B = 64 is ignored.
+    # paper's 90%); SnapKV none: SparseMM - SnapKV = 1 on every question, so every resample gives 1:
+    # interval [1, 1], above zero, holds. PyramidKV misses one question: the difference is 1/6 on
+    # average, but 1/6^... a resample without that question gives 0, so the interval touches zero:
+    # cannot tell. At B = 32 (second-lowest) SnapKV answers all: SparseMM - SnapKV = 0, cannot tell.
+    # B = 64 is not judged.
     ones, zeros = [1.0] * 6, [0.0] * 6
     results, preds = _sweep({
-        ("fullkv", None): ones, ("sparsemm", 16): ones, ("sparsemm", 64): zeros,
-        ("snapkv", 16): zeros, ("snapkv", 64): ones, ("pyramidkv", 16): [1.0] * 5 + [0.0],
+        ("fullkv", None): ones, ("sparsemm", 16): ones, ("sparsemm", 32): ones, ("sparsemm", 64): zeros,
+        ("snapkv", 16): zeros, ("snapkv", 32): ones, ("snapkv", 64): ones, ("pyramidkv", 16): [1.0] * 5 + [0.0],
     })  # fmt: skip
     found = findings(results, preds)
-    assert [f.step for f in found] == ["05_eval"] * 3 and all(f.n == 6 for f in found)
+    assert [f.step for f in found] == ["05_eval"] * 4 and all(f.n == 6 for f in found)
     got = _by_claim(found)
     keeps = got["SparseMM keeps most of FullKV's exact_match at the lowest budget"]
     assert keeps.holds is True and keeps.headline
@@ -257,27 +241,42 @@ def test_findings_at_the_lowest_budget_by_hand():
     assert "SparseMM keeps 90-97% of FullKV on 7 model/benchmark pairs" in keeps.paper
     snap = got["SparseMM is ahead of SnapKV at the lowest budget"]
     assert snap.holds is True and snap.headline
-    assert "higher on 6, lower on 0, equal on 0 of 6 questions (sign test p = 0.031; one question = 16.7 points)" in snap.this_run
+    assert "SparseMM - SnapKV = +1.000 [+1.000, +1.000] (paired bootstrap 95%, n = 6; one question = 16.7 points)" in snap.this_run
     assert "SnapKV 65-86%; SparseMM ahead on 7 of 7 pairs" in snap.paper
     pyramid = got["SparseMM is ahead of PyramidKV at the lowest budget"]
-    assert pyramid.holds is None and not pyramid.headline
-    assert "too few questions differ to tell at p < 0.05" in pyramid.this_run
+    assert pyramid.holds is None and not pyramid.headline and "SparseMM - PyramidKV = +0.167 [+0.000," in pyramid.this_run
+    second = got["SparseMM is ahead of SnapKV at the second-lowest budget"]
+    assert second.holds is None and not second.headline and "B = 32" in second.this_run
 
 
-def test_findings_that_fail_and_that_cannot_tell():
-    # SparseMM answers nothing at B = 16 where FullKV and SnapKV answer all 6: FullKV ahead on
-    # 6 of 6 (p = 0.031) with 0% < 90%: fails; SnapKV ahead on 6 of 6: fails.
+def test_findings_that_fail():
+    # SparseMM answers nothing at B = 16 where FullKV and SnapKV answer all 6: 0% < 90% and FullKV
+    # ahead on every question (interval [1, 1]): fails; SnapKV ahead: fails.
     ones, zeros = [1.0] * 6, [0.0] * 6
     results, preds = _sweep({("fullkv", None): ones, ("sparsemm", 16): zeros, ("snapkv", 16): ones})
     got = _by_claim(findings(results, preds))
     assert got["SparseMM keeps most of FullKV's exact_match at the lowest budget"].holds is False
     assert got["SparseMM is ahead of SnapKV at the lowest budget"].holds is False
-    # with 5 questions the same pattern is 5 of 5: p = 0.0625, so it cannot tell
-    results, preds = _sweep({("fullkv", None): ones[:5], ("sparsemm", 16): zeros[:5], ("snapkv", 16): ones[:5]})
-    got = _by_claim(findings(results, preds))
-    assert got["SparseMM keeps most of FullKV's exact_match at the lowest budget"].holds is None
-    assert got["SparseMM is ahead of SnapKV at the lowest budget"].holds is None
-    assert "one question = 20.0 points" in got["SparseMM is ahead of SnapKV at the lowest budget"].this_run
+
+
+def test_the_head_mask_ablation_by_hand():
+    # 10 questions. FullKV answers all; masking the top heads loses 8, each random draw loses 1
+    # (a different question each): drop 0.8 against 0.1 on average = 8x >= 3x, and the mean random
+    # mask (0.9 on every question) beats the top mask on every question it loses: holds.
+    ones = [1.0] * 10
+    cells = {("fullkv", None): ones, ("sparsemm", 16): ones, ("mask", None): [1.0, 1.0] + [0.0] * 8}
+    for k in range(1, 4):
+        cells[(f"mask_random_{k}", None)] = [0.0 if i == k else 1.0 for i in range(10)]
+    results, preds = _sweep(cells)
+    mask = _by_claim(findings(results, preds))["Masking the top visual heads hurts far more than masking random heads"]
+    assert mask.holds is True and mask.headline and mask.n == 10
+    assert "top heads +0.800" in mask.this_run and "random heads +0.100 on average over 3 draws (1: +0.100, 2: +0.100, 3: +0.100)" in mask.this_run
+    assert "ratio 8.0x" in mask.this_run
+    # random masks exactly as harmful as the top one: the gap is 0 on every question, no verdict
+    for k in range(1, 4):
+        cells[(f"mask_random_{k}", None)] = [1.0, 1.0] + [0.0] * 8
+    results, preds = _sweep(cells)
+    assert _by_claim(findings(results, preds))["Masking the top visual heads hurts far more than masking random heads"].holds is None
 
 
 def test_findings_quote_the_papers_own_pair_and_name_what_it_lacks():
