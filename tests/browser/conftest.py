@@ -146,7 +146,7 @@ def lab(tiny_run, tmp_path_factory):
     root.mkdir()
     for step in pl.STEPS:
         source = step.notebook_path()
-        params = pl.step_parameters(step, config, run, source)
+        params = pl.step_parameters(step, config, run, pl.declared_parameters(source))
         nb = parameterize_notebook(load_notebook_node(str(source)), params, report_mode=False)
         nbformat.write(nb, str(root / source.name))
     home = base / "home"

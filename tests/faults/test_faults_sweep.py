@@ -62,7 +62,9 @@ def finished(tmp_path) -> Path:
 
 @pytest.fixture()
 def half_done(tmp_path) -> Path:
-    """A sweep that crashed in its second cell (fullkv finished, snapkv@16 answered 1 of 3)."""
+    """A sweep that crashed at its fifth answer. The sweep goes sample by sample, every cell of a
+    sample at once: sample 0 is answered in all three cells, sample 1 in fullkv only, and no cell
+    has finished, so results.csv is not written yet."""
     out = tmp_path / "05_eval"
     with pytest.raises(RuntimeError, match="simulated crash"):
         _sweep(out, Generator(fail_at=4))
@@ -134,7 +136,7 @@ def test_a_line_cut_mid_write_is_dropped_and_regenerated(half_done):
     lines: list[str] = []
     resumed = _sweep(half_done, log=lines.append)
     assert any("dropped 1 line(s) at the end of predictions.jsonl" in line for line in lines)
-    assert resumed.reused == 1 and read_predictions(path)[1] == 0
+    assert resumed.reused == 4 and read_predictions(path)[1] == 0
     assert verify_ledger(half_done)[PREDICTIONS_FILE] == (9, 0)
 
 
@@ -150,13 +152,20 @@ def test_a_line_written_but_not_recorded_is_regenerated(half_done, tmp_path):
     pd.testing.assert_frame_equal(result.results, _sweep(tmp_path / "clean").results)
 
 
-def test_a_fake_results_row_appended_by_hand_is_not_kept(half_done, tmp_path):
-    path = half_done / RESULTS_FILE
-    path.write_text(path.read_text() + "fake/model,textvqa,snapkv,16,vqa_accuracy,1.0,3\n")
+def test_a_fake_results_row_appended_by_hand_is_not_kept(tmp_path):
+    """textvqa's cells finished (its rows are in results.csv) and docvqa crashed at its second
+    answer; a row appended by hand for an unfinished docvqa cell is not taken as its result."""
+    two = {"textvqa": SAMPLES, "docvqa": SAMPLES}
+    out = tmp_path / "05_eval"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _sweep(out, Generator(fail_at=10), benchmarks=two)
+    path = out / RESULTS_FILE
+    assert len(read_results(path)) == 3  # textvqa's three cells
+    path.write_text(path.read_text() + "fake/model,docvqa,snapkv,16,anls,1.0,3\n")
     generate = Generator()
-    result = _sweep(half_done, generate)
+    result = _sweep(out, generate, benchmarks=two)
     assert ("2", "snapkv", 16) in generate.calls  # the cell was computed, not taken from the fake row
-    pd.testing.assert_frame_equal(result.results, _sweep(tmp_path / "clean").results)
+    pd.testing.assert_frame_equal(result.results, _sweep(tmp_path / "clean", benchmarks=two).results)
 
 
 def test_results_without_a_ledger_are_not_resumed(finished):

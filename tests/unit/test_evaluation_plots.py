@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from sparsemm_utils.evaluation import RESULTS_COLUMNS
+from sparsemm_utils.evaluation import LEGACY_RESULTS_COLUMNS, RESULTS_COLUMNS
 from sparsemm_utils.plots.eval import (
     plot_accuracy_by_group,
     plot_accuracy_vs_budget,
@@ -28,7 +28,7 @@ def _results() -> pd.DataFrame:
         for method, base in (("sparsemm", 0.8), ("snapkv", 0.6)):
             for i, budget in enumerate((64, 128, 256)):
                 rows.append((MODEL, bench, method, budget, metric, base + 0.05 * i, 10))
-    frame = pd.DataFrame(rows, columns=list(RESULTS_COLUMNS))
+    frame = pd.DataFrame(rows, columns=list(LEGACY_RESULTS_COLUMNS)).reindex(columns=list(RESULTS_COLUMNS))
     frame["budget"] = frame["budget"].astype("Int64")
     return frame
 
