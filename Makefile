@@ -18,7 +18,7 @@ help:
 	@echo "make reproduce   set up .venv and run the whole chain on $(CONFIG) into $(RUN)/"
 	@echo "                 (CONFIG=configs/tiny.yaml RUN=runs/tiny: the fast chain on the 1.3M tiny reader)"
 	@echo "make test        set up .venv (with test tools) and run every test"
-	@echo "make test-fast   unit tests only"
+	@echo "make test-fast   unit tests only (no notebook, no model; under a minute)"
 	@echo "make test-browser  the JupyterLab + Chromium test alone (tests/browser/)"
 	@echo "make exercises   rebuild notebooks/exercises/ from the full notebooks"
 	@echo "make lab         open JupyterLab on notebooks/"
@@ -72,7 +72,7 @@ exercises: setup
 	$(PY) -m sparsemm_utils.exercises build
 
 test-fast: setup-dev
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -m "not slow" tests/unit
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
