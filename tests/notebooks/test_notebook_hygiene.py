@@ -10,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from sparsemm_utils.pipeline import STEPS
+from sparsemm_utils.pipeline import STEPS, declared_parameters, load_config
 from sparsemm_utils.runs import repo_root
 
 NOTEBOOKS = sorted((repo_root() / "notebooks").glob("*.ipynb"))
@@ -61,3 +61,20 @@ def test_the_config_cell_rejects_parameters_the_notebook_does_not_declare(path):
     assert config_cells, f"{path.name} builds no Config"
     source = config_cells[0]
     assert source.index("reject_unknown_parameters(Config)") < source.index("cfg = Config(")
+
+
+@pytest.mark.parametrize("step", STEPS, ids=lambda s: s.name)
+def test_parameters_cell_defaults_are_the_default_runs(step):
+    """Opened in JupyterLab, a chain notebook's parameters cell is the offline default run
+    (configs/study.yaml, run_dir runs/study): Run All redoes the step `make reproduce` ran, with
+    the same parameters, instead of a different one over its outputs."""
+    config = load_config(repo_root() / "configs" / "study.yaml")
+    declared = declared_parameters(step.notebook_path())
+    expected = {k: v for k, v in config.params.items() if k in declared} | dict(config.steps.get(step.name, {}))
+    differ = {k: (declared.get(k), v) for k, v in expected.items() if _plain(declared.get(k)) != _plain(v)}
+    assert not differ, f"{step.name}: parameters cell (left) differs from configs/study.yaml (right): {differ}"
+    assert declared["run_dir"] == "runs/study"
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
