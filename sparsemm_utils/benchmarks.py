@@ -287,6 +287,9 @@ class BenchmarkSpec:
         doc_to_answers: ``"list"`` (a string or a list of strings) or ``"vqav2"`` (list of dicts).
         pre_prompt / post_prompt: lmms-eval's ``default`` prompt kwargs.
         max_new_tokens: the task YAML's limit, None when it sets none (wrapper default applies).
+        task_limits: {question type: limit} for benchmarks that mix question types (the offline
+            ones: ``EvalSample.extra["task"]``), as lmms-eval gives each task its own limit; a
+            type not listed gets ``max_new_tokens``.
         until: stop strings of the task YAML.
         metrics: metric names (first = the headline metric), from :data:`ALL_METRIC_NAMES`.
         metric_fields: keys of ``EvalSample.extra`` passed to the metrics as keyword arguments.
@@ -314,6 +317,7 @@ class BenchmarkSpec:
     pre_prompt: str = ""
     post_prompt: str = ""
     max_new_tokens: int | None = None
+    task_limits: Mapping[str, int] = field(default_factory=dict)
     until: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ("anls",)
     metric_fields: tuple[str, ...] = ()
@@ -353,6 +357,11 @@ class BenchmarkSpec:
         if absent:
             raise bad(f"metric_fields {absent} are not filled (add them to extra_columns)")
         object.__setattr__(self, "extra_columns", MappingProxyType(dict(self.extra_columns)))
+        for kind, limit in dict(self.task_limits).items():
+            check_int(f"task_limits[{kind!r}]", limit, 1, error=BenchmarkError)
+        if self.task_limits and "task" not in self.extra_columns:
+            raise bad("task_limits needs the question type in extra_columns['task']")
+        object.__setattr__(self, "task_limits", MappingProxyType(dict(self.task_limits)))
 
     @property
     def metric(self) -> str:
@@ -381,6 +390,13 @@ class BenchmarkSpec:
                 f"it is known for model types {sorted(WRAPPER_MAX_NEW_TOKENS)}, got {model_type!r}"
             )
         return WRAPPER_MAX_NEW_TOKENS[model_type]
+
+    def sample_limit(self, sample: "EvalSample", model_type: str | None = None) -> int:
+        """``max_new_tokens`` for one sample: :meth:`generation_limit`, lowered to
+        ``task_limits[sample.extra["task"]]`` when its question type has one."""
+        limit = self.generation_limit(model_type)
+        kind = sample.extra.get("task")
+        return min(limit, self.task_limits[kind]) if kind in self.task_limits else limit
 
     def postprocess(self, text: str) -> str:
         """The decoded answer cut at the first stop string of :attr:`until` (lmms-eval's
@@ -475,7 +491,7 @@ _VQAV2 = _spec(
     extra_columns={"answer_type": "answer_type", "question_type": "question_type"},
     download_size="about 35 GB (214,354 questions; use limit= for a subset)",
 )  # fmt: skip
-def _offline(name: str, title: str, max_new_tokens: int) -> BenchmarkSpec:
+def _offline(name: str, title: str, max_new_tokens: int, task_limits: Mapping[str, int] | None = None) -> BenchmarkSpec:
     # the offline benchmarks: sparsemm_utils.reader_tasks.make_task_dataset on a held-out seed
     return _spec(
         name=name, title=title, task=name, kind="offline",
@@ -483,14 +499,15 @@ def _offline(name: str, title: str, max_new_tokens: int) -> BenchmarkSpec:
         columns=("question_id", "doc_id", "task", "prompt", "answer", "evidence", "detail", "image", "2_coord",
                  "char_coord"),
         id_column="question_id", image_column="image", question_column="prompt", answer_column="answer",
-        doc_to_text="verbatim", max_new_tokens=max_new_tokens, metrics=("anls", "exact_match"),
+        doc_to_text="verbatim", max_new_tokens=max_new_tokens, task_limits=task_limits or {}, metrics=("anls", "exact_match"),
         extra_columns={"task": "task", "doc_id": "doc_id"},
     )  # fmt: skip
 
 
 _READER = _offline("reader_docqa", "Reader DocQA (offline)", 64)
-# a study page holds up to 6 lines of 14 cells: its OCR answer can reach ~90 tokens
-_STUDY = _offline("study_docqa", "Study DocQA (offline)", 96)
+# a study page holds up to 6 lines of 14 cells: its OCR answer can reach ~90 tokens; a line or a
+# value is at most one line (14 characters, never more than 14 tokens plus the end token)
+_STUDY = _offline("study_docqa", "Study DocQA (offline)", 96, {"line": 32, "value": 32})
 #: The offline benchmarks and their pages: the 1.3M tiny reader's (CI) and the study model's.
 OFFLINE_PAGES: Mapping[str, ReaderDocSpec] = MappingProxyType({"reader_docqa": ReaderDocSpec(), "study_docqa": STUDY_PAGES})
 

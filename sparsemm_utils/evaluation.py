@@ -898,7 +898,7 @@ class ModelGenerator:
         t0 = time.perf_counter()
         inputs = build_inputs(self.loaded, sample.image, sample.question)
         n = int(inputs["input_ids"].shape[1])
-        limit = self._limit(spec)
+        limit = self._limit(spec, sample)
         details = None
         if isinstance(press, FastVAtBudget):
             result = fastv_generate_at_budget(self.loaded, press, inputs, max_new_tokens=limit, do_sample=False)
@@ -911,8 +911,8 @@ class ModelGenerator:
         text = self.loaded.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return Generation(text, prompt_tokens=n, kv_bytes=kv_bytes, seconds=seconds, details=details)
 
-    def _limit(self, spec: BenchmarkSpec) -> int:
-        limit = spec.generation_limit(self.loaded.model_type)
+    def _limit(self, spec: BenchmarkSpec, sample: EvalSample) -> int:
+        limit = spec.sample_limit(sample, self.loaded.model_type)
         if self.max_new_tokens is not None:
             limit = min(limit, check_int("max_new_tokens", self.max_new_tokens, 1, error=EvaluationError))
         return limit
@@ -930,7 +930,7 @@ class ModelGenerator:
             inputs = build_inputs(self.loaded, sample.image, sample.question)
             n = int(inputs["input_ids"].shape[1])
             presses = [self.press(*cells[i]) for i in shared]
-            results = shared_generate(self.loaded, presses, inputs, max_new_tokens=self._limit(spec))
+            results = shared_generate(self.loaded, presses, inputs, max_new_tokens=self._limit(spec, sample))
             seconds = (time.perf_counter() - t0) / len(shared)
             for i, result in zip(shared, results):
                 out[i] = self._generation(result.sequences[0, n:], n, int(result.kv_bytes), seconds)

@@ -272,6 +272,9 @@ class Config:
             settings["method_limits"] = self.method_limits()
         for name in (b for b in self.benchmarks if b in OFFLINE_PAGES):  # sample ids (row numbers) do not change with the seed
             settings[name] = {"n_documents": self.n_documents, "seed": self.reader_seed()}
+            limits = get_benchmark(name).task_limits
+            if limits:  # only benchmarks that limit a question type record it
+                settings[name]["task_limits"] = dict(limits)
         return settings
 
     def reader_seed(self) -> int:

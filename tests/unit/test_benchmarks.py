@@ -21,6 +21,7 @@ from sparsemm_utils.benchmarks import (
     BenchmarkSchemaError,
     BenchmarkSpec,
     BenchmarkUnavailableError,
+    EvalSample,
     UnknownBenchmarkError,
     UnreadableImageError,
     get_benchmark,
@@ -63,6 +64,8 @@ def test_unknown_benchmark_lists_the_known_ones():
         ({"doc_to_text": "fancy"}, "doc_to_text"),
         ({"name": "DocVQA"}, "lowercase"),
         ({"metric_fields": ("category",)}, "metric_fields"),
+        ({"task_limits": {"line": 0}}, "task_limits\\['line'\\]"),
+        ({"task_limits": {"line": 8}}, "needs the question type in extra_columns"),
     ],
 )
 def test_spec_validation(change, message):
@@ -93,6 +96,19 @@ def test_generation_limit_falls_back_to_the_wrapper_default():
     assert BENCHMARKS["chartqa"].generation_limit("llava_next") == 16  # the task's own limit wins
     with pytest.raises(BenchmarkError, match="model types"):
         textvqa.generation_limit("gpt2")
+
+
+def test_a_question_type_can_have_its_own_limit():
+    """study_docqa mixes question types as lmms-eval would keep separate tasks: reading a whole
+    page may take 96 tokens, a line or a value at most 32; other benchmarks are unaffected."""
+    study, image = get_benchmark("study_docqa"), Image.new("RGB", (8, 8))
+    sample = lambda task: EvalSample("0", image, "q", ("a",), {"task": task})  # noqa: E731
+    assert [study.sample_limit(sample(t), "llava_next") for t in ("ocr", "line", "value")] == [96, 32, 32]
+    assert study.sample_limit(EvalSample("0", image, "q", ("a",), {}), "llava_next") == 96  # no type: the benchmark's
+    assert get_benchmark("reader_docqa").sample_limit(sample("line"), "qwen2_vl") == 64  # the tiny reader's: one limit
+    assert BENCHMARKS["chartqa"].sample_limit(sample("line"), "qwen2_vl") == 16
+    with pytest.raises(TypeError):
+        study.task_limits["line"] = 8  # frozen like the spec
 
 
 def test_postprocess_cuts_at_stop_strings():

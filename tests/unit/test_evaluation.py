@@ -422,3 +422,21 @@ def test_random_mask_draws_are_methods_with_their_own_seed():
     assert press.seed == 4 and press.selection == "random"
     with pytest.raises(UnknownMethodError, match="mask_random_<k>"):
         get_method("mask_random_x")
+
+
+def test_the_generator_limits_each_sample_by_its_question_type():
+    """ModelGenerator decodes a sample up to its benchmark's limit for that question type, lowered
+    further by its own smoke-run cap."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from sparsemm_utils.benchmarks import EvalSample, get_benchmark
+    from sparsemm_utils.evaluation import ModelGenerator
+
+    study, image = get_benchmark("study_docqa"), Image.new("RGB", (8, 8))
+    line, ocr = (EvalSample("0", image, "q", ("a",), {"task": t}) for t in ("line", "ocr"))
+    generator = ModelGenerator(SimpleNamespace(model_type="llava_next"))
+    assert (generator._limit(study, line), generator._limit(study, ocr)) == (32, 96)
+    capped = ModelGenerator(SimpleNamespace(model_type="llava_next"), max_new_tokens=40)
+    assert (capped._limit(study, line), capped._limit(study, ocr)) == (32, 40)
