@@ -62,7 +62,8 @@ def render_card(parts: str | Path = PARTS_DIR) -> str:
         f"sha256 `{BACKBONE.sha256}`, dequantized to float32), with a vision tower, projector and LoRA adapters trained",
         f"here. This folder ships only the trained parts (`{TRAINED_FILE}`, {size_mb:.1f} MB, sha256",
         f"`{sha256_file(folder / TRAINED_FILE)}`) and `{SPEC_FILE}`; `make reproduce` joins them with the backbone into",
-        "`build/study_model/` (`python -m sparsemm_utils.study_model assemble`).",
+        "`build/study_model/` (`python -m sparsemm_utils.study_model assemble`). Why it is built this way and how the",
+        "recipe was chosen: [docs/study_model.md](../../docs/study_model.md).",
         "",
         "## Architecture",
         "",
@@ -92,7 +93,8 @@ def render_card(parts: str | Path = PARTS_DIR) -> str:
         f"{STUDY_PAGES.words_per_line[0]}-{STUDY_PAGES.words_per_line[1]} words of {STUDY_PAGES.word_length[0]}-"
         f"{STUDY_PAGES.word_length[1]} characters from `{STUDY_PAGES.charset}`. Streams: training seed {TRAIN_SEED},",
         f"validation seed {VALIDATION_SEED} (every design choice below was judged there), step 05's benchmark seed",
-        f"{HELDOUT_SEED} (never looked at while designing).",
+        f"{HELDOUT_SEED} (no design choice was judged on it; the exploration's scratch code printed a training monitor on",
+        "its pages, see docs/study_model.md).",
         "",
     ]
     if config:

@@ -66,7 +66,7 @@ class StudyTrainConfig:
     align_batch: int = 16
     align_lr: float = 1e-3
     empty_weight: float = 0.25
-    task_steps: int = 900
+    task_steps: int = 300
     task_batch: int = 8
     lora_lr: float = 3e-4
     vision_lr: float = 1e-4
@@ -77,7 +77,7 @@ class StudyTrainConfig:
     grad_clip: float = 1.0
     threads: int = 2
     validation_every: int = 300
-    validation_docs: int = 40
+    validation_docs: int = 20
     spec: StudyModelSpec = field(default_factory=StudyModelSpec)
 
     def __post_init__(self) -> None:

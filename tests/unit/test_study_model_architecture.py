@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
+from sparsemm_utils.runs import repo_root
 from sparsemm_utils.study_model.architecture import LoRALinear, StudyModelError, StudyModelSpec, VisionSpec
+from sparsemm_utils.study_model.assemble import CONFIG_FILE, PARTS_DIR
 from sparsemm_utils.study_model.pages import PageBatchError, cell_targets
 from sparsemm_utils.study_model.training import (
     StudyTrainConfig,
@@ -117,3 +120,10 @@ def test_a_bad_training_config_is_refused(kwargs, message):
 def test_the_training_config_round_trips():
     cfg = StudyTrainConfig(task_steps=5, spec=StudyModelSpec(lora_rank=4))
     assert StudyTrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_the_defaults_are_the_shipped_recipe():
+    """`python -m sparsemm_utils.study_model train` with no option retrains the shipped parts:
+    the defaults are data/study_model/train_config.json."""
+    shipped = json.loads((repo_root() / PARTS_DIR / CONFIG_FILE).read_text(encoding="utf-8"))
+    assert StudyTrainConfig.from_dict(shipped) == StudyTrainConfig()
