@@ -23,6 +23,18 @@ def tiny_chain(tmp_path_factory):
     return run, config, results
 
 
+@pytest.fixture(scope="session")
+def study_model(tmp_path_factory) -> tuple[Path, list[str]]:
+    """The study model assembled once per test session from the shipped parts (data/study_model/)
+    and the pinned backbone, as `make reproduce` assembles it: (model folder, assembly log)."""
+    from sparsemm_utils.study_model.assemble import PARTS_DIR, ensure_assembled
+
+    out = tmp_path_factory.mktemp("study_model") / "model"
+    lines: list[str] = []
+    ensure_assembled(out, repo_root() / PARTS_DIR, log=lines.append)
+    return out, lines
+
+
 def _write_notebook(path: Path, params: str, body: list[str]) -> Path:
     """A small notebook at ``path``: a markdown title, the ``parameters`` cell ``params`` and one
     code cell per entry of ``body`` (the pipeline tests' fake steps)."""
