@@ -60,6 +60,7 @@ from sparsemm_utils.allocation import (
     SnapKVAllocation,
     SparseMMAllocation,
     StreamingLLMAllocation,
+    adakv_round,
     build_with_known_fields,
     streaming_llm_positions,
     validate_head_scores,
@@ -511,9 +512,22 @@ class AdaKVPress(_SnapKVSelecting):
             "forward (see CompressionSession.assigned), or with AdaKVAllocation.capacities(shape, attention=...)"
         )
 
-    def layer_capacities(self, pooled_scores: torch.Tensor) -> np.ndarray:
-        """One layer's caps, int64 (H_kv,), from its :func:`snapkv_scores` ``(H_kv, n - w)``."""
-        return self.allocation.layer_capacities(pooled_scores)
+    def layer_capacities(self, pooled_scores: torch.Tensor, model_dtype: torch.dtype | None = None) -> np.ndarray:
+        """One layer's caps, int64 (H_kv,), from its :func:`snapkv_scores` ``(H_kv, n - w)``.
+
+        With ``selection_dtype="model"`` and the model's ``model_dtype``, the steps before the
+        rounding run as the original's ``AdaKVCluster.update_kv`` runs them, in that dtype: each
+        head's top-b mass over its total, the scaled sorted scores, the layer-wide ``torch.topk``
+        (its choice on ties); otherwise :func:`~sparsemm_utils.allocation.adakv_caps` in float64.
+        """
+        if self.selection_dtype != "model" or model_dtype is None:
+            return self.allocation.layer_capacities(pooled_scores)
+        b = self.allocation.selected_budget
+        kv_heads, length = pooled_scores.shape
+        ranked = pooled_scores.to(model_dtype)[None].sort(dim=-1, descending=True).values  # (1, H_kv, n - w)
+        weight = ranked[..., :b].sum(dim=-1, keepdim=True) / ranked.sum(dim=-1, keepdim=True)
+        chosen = torch.topk((ranked * weight).reshape(1, -1), k=kv_heads * b, dim=-1).indices[0] // length
+        return adakv_round(torch.bincount(chosen, minlength=kv_heads).cpu().numpy(), b, self.alpha)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -692,7 +706,7 @@ class PrefillDecisions:
                 self.skipped_layers.append(layer_idx)
                 return None
             scores = self._window_scores(query, key, scaling, scorer)
-            caps = press.layer_capacities(scores)
+            caps = press.layer_capacities(scores, key.dtype)
             self.assigned[layer_idx] = caps
             return topk_positions(scores, caps, n, w, ranking=press.ranking)
         caps = self._static.selected[layer_idx]

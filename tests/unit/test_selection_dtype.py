@@ -69,6 +69,19 @@ def original_kept(scores, caps, ranking):
     return [set(order[h, : int(cap)].tolist()) for h, cap in enumerate(caps)]
 
 
+def original_adakv_caps(attn_score, base_capacity, floor_ratio):
+    """``AdaKVCluster.update_kv``'s capacities (normalize=True, skip=0) from its (1, H_kv, n - w) scores."""
+    sorted_attn_score, _ = attn_score.sort(dim=-1, descending=True)
+    bsz, num_kv_heads, length = sorted_attn_score.shape
+    floor_capacity = int(base_capacity * floor_ratio)
+    ratio_weight = sorted_attn_score[..., :base_capacity].sum(dim=-1, keepdim=True) / sorted_attn_score.sum(dim=-1, keepdim=True)
+    adaptive_attn_score = (sorted_attn_score * ratio_weight).reshape(bsz, length * num_kv_heads)
+    sorted_indices = torch.topk(adaptive_attn_score, k=num_kv_heads * base_capacity, dim=-1).indices // length
+    head_adaptive_capacity = torch.zeros((bsz, num_kv_heads), dtype=sorted_indices.dtype)
+    head_adaptive_capacity.scatter_add_(-1, sorted_indices, torch.ones_like(sorted_indices))
+    return torch.round(head_adaptive_capacity * (1 - floor_ratio) + floor_capacity).int()[0].numpy()
+
+
 def original_last_row(query, key):
     """The eager attention's weights (softmax in float32, cast back) of the last query, (1, H, N)."""
     keys = repeat_kv(key, query.shape[1] // key.shape[1])
@@ -130,6 +143,20 @@ def test_the_two_dtypes_keep_different_tokens_on_bf16_models():
         assert model == original, f"case {case}"
         differ += float32 != original
     assert differ >= 3, f"float32 and the original kept the same tokens in {len(CASES) - differ} of {len(CASES)} cases"
+
+
+def test_adakv_caps_follow_the_originals_bf16_arithmetic():
+    # the top-b mass ratio and the scaled scores rounded to bf16, ranked by torch.topk: the float64
+    # rule (adakv_caps) gives other caps in some cases, the model's dtype in none
+    float64_differs = 0
+    for case in range(40):
+        query, key = bf16_states(case, heads=8, kv_heads=4)
+        press = AdaKVPress(budget=32, window=8, selection_dtype="model")
+        expected = original_adakv_caps(original_window_scores(query, repeat_kv(key, 2), 8, 2), 24, 0.2)
+        scores = snapkv_scores(query, key, 8, selection_dtype="model")
+        np.testing.assert_array_equal(press.layer_capacities(scores, torch.bfloat16), expected, err_msg=f"case {case}")
+        float64_differs += not np.array_equal(press.layer_capacities(scores), expected)
+    assert float64_differs >= 3
 
 
 def _press(method, selection_dtype):
