@@ -45,6 +45,16 @@ folder, or ``on_mismatch="archive"`` (notebook 05's default), which moves the ea
 into ``superseded/<UTC time>/`` (with a ``reason.txt``) and starts afresh: nothing is lost, and a
 rerun of the chain after a change upstream (a retrained model, new head scores) does not stop
 there. New benchmarks, methods or budgets extend the sweep.
+
+Sharding (:mod:`sparsemm_utils.sharding`): ``run_sweep(..., shard=Shard(i, n))`` into
+``<out>/shards/<i>-of-<n>/`` answers only the samples at positions ``k % n == i`` of each
+benchmark (every cell of them), writes their ``predictions.jsonl`` with its ledger and no
+``results.csv`` (a cell is finished only over all shards), and resumes like any sweep. The
+single-process ``run_sweep`` into ``<out>`` then merges the shard folders first
+(:func:`merge_shards`: every (cell, sample) exactly once, from the shard that owns it, every
+shard with this sweep's model, settings and sample sets, every shard's ledger intact), writing
+``predictions.jsonl`` in the single-process order; it then finds every answer there and writes
+``results.csv`` exactly as a single-process run does.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ import io
 import json
 import math
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -72,6 +83,7 @@ from .compression import compressed_generate, make_press
 from .fastv import FastVAtBudget, fastv_generate_at_budget
 from .prompts import build_inputs
 from .shared_prefill import shared_generate
+from .sharding import MERGED_DIR, SHARDS_DIR, Shard, ShardError, shard_folders
 from .statistics import bootstrap_interval, paired_bootstrap_interval
 from .validate import check_choice, check_int
 
@@ -105,6 +117,7 @@ __all__ = [
     "Generate",
     "SweepResult",
     "run_sweep",
+    "merge_shards",
     "read_results",
     "read_predictions",
     "predictions_frame",
@@ -663,6 +676,7 @@ def run_sweep(
     progress: bool = True,
     log: Callable[[str], None] | None = print,
     on_mismatch: str = "error",
+    shard: Shard | None = None,
 ) -> SweepResult:
     """Run every unfinished cell of benchmarks x methods x budgets (module docstring).
 
@@ -683,6 +697,9 @@ def run_sweep(
         on_mismatch: when the folder holds a sweep of another model, settings or sample set:
             "error" raises :class:`SweepMismatchError`; "archive" moves its files into
             ``superseded/<UTC time>/`` (module docstring) and starts afresh.
+        shard: answer only this shard's samples, into a shard folder (module docstring,
+            "Sharding"); its ``results`` are empty. Without it, shard folders under ``out_dir``
+            are merged first (:func:`merge_shards`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -710,6 +727,16 @@ def run_sweep(
             "skipped": dict(report.counts) if report is not None else {},
             "n_rows": report.n_rows if report is not None else len(sample_ids),
         }
+    limits = {get_method(m).name: check_int(f"method_limits[{m!r}]", n, 1, error=EvaluationError) for m, n in (method_limits or {}).items()}
+
+    def cell_ids(cell: Cell) -> list[str]:
+        return ids[cell.benchmark][: limits.get(cell.method, len(ids[cell.benchmark]))]
+
+    if shard is None:
+        merged = merge_shards(out, model=model, settings=settings or {}, sets=sets, cells=cells, cell_ids=cell_ids)
+        if merged:
+            say(f"merged {merged} answers of the shard folders into {out / PREDICTIONS_FILE} (the shards are kept in {out / MERGED_DIR})")
+    settings = dict(settings or {}) if shard is None else {**(settings or {}), "shard": str(shard)}
     results_path = out / RESULTS_FILE
     try:
         _reconcile_manifest(out / SWEEP_FILE, model, settings or {}, sets)
@@ -737,14 +764,12 @@ def run_sweep(
     for r in records:
         by_cell.setdefault((r["benchmark"], r["method"], _budget_key(r["budget"])), {})[str(r["sample_id"])] = r
 
-    limits = {get_method(m).name: check_int(f"method_limits[{m!r}]", n, 1, error=EvaluationError) for m, n in (method_limits or {}).items()}
-
-    def cell_ids(cell: Cell) -> list[str]:
-        return ids[cell.benchmark][: limits.get(cell.method, len(ids[cell.benchmark]))]
+    def owned(cell: Cell) -> list[str]:
+        return [sid for k, sid in enumerate(cell_ids(cell)) if shard is None or shard.owns(k)]
 
     pending = [c for c in cells if c.key not in finished]
     skipped = [c for c in cells if c.key in finished]
-    todo = sum(len(cell_ids(c)) - len(set(cell_ids(c)) & set(by_cell.get(c.key, {}))) for c in pending)
+    todo = sum(len(owned(c)) - len(set(owned(c)) & set(by_cell.get(c.key, {}))) for c in pending)
     if skipped:
         say(f"{len(skipped)} of {len(cells)} cells already in {RESULTS_FILE}: skipped")
     generated = reused = 0
@@ -757,6 +782,8 @@ def run_sweep(
                 for c in bench_cells:
                     by_cell.setdefault(c.key, {})
                 for i, sample_id in enumerate(ids[bench]):
+                    if shard is not None and not shard.owns(i):
+                        continue
                     due = [c for c in bench_cells if i < len(cell_ids(c))]
                     missing = [c for c in due if sample_id not in by_cell[c.key]]
                     reused += len(due) - len(missing)
@@ -774,6 +801,8 @@ def run_sweep(
                         by_cell[cell.key][sample_id] = record
                         generated += 1
                         bar.update(1)
+                if shard is not None:
+                    continue  # a shard holds part of each cell: the merge writes the results
                 rows = [row for c in bench_cells for row in _result_rows(model, spec, [c], cell_ids(c), by_cell)]
                 _append_results(results_path, rows, ledger)
                 for row in rows:
@@ -784,6 +813,111 @@ def run_sweep(
         bar.close()
     ran = pending
     return SweepResult(read_results(results_path), ran, skipped, generated, reused, out)
+
+
+def _shard_answers(folder: Path, shard: Shard, model: str, settings: Mapping[str, Any], sets: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The answers of one shard folder, after checking that it is a shard of this sweep and that
+    its ledger holds every line of it."""
+    rerun = f"rerun it (`--shard {shard}`: it resumes)"
+    if not (folder / SWEEP_FILE).is_file():
+        raise ShardError(f"shard {shard} ({folder}) has no {SWEEP_FILE}: it never started; {rerun}")
+    manifest = json.loads((folder / SWEEP_FILE).read_text(encoding="utf-8"))
+    recorded = dict(manifest.get("settings", {}))
+    if recorded.pop("shard", None) != str(shard):
+        raise ShardError(f"{folder} is named shard {shard} but its {SWEEP_FILE} records shard {manifest.get('settings', {}).get('shard')!r}")
+    if manifest.get("model") != model or recorded != _jsonable(dict(settings)):
+        raise ShardError(
+            f"shard {shard} ({folder}) ran model {manifest.get('model')!r} with settings {recorded}; this sweep is "
+            f"{model!r} with {_jsonable(dict(settings))}: rerun the shards with this config (move {folder.parent} away first)"
+        )
+    for name, info in sets.items():
+        theirs = manifest.get("benchmarks", {}).get(name, {}).get("sample_ids_sha256")
+        if theirs != info["sample_ids_sha256"]:
+            raise ShardError(
+                f"shard {shard} ({folder}) answered benchmark {name!r} on another sample set (sha256 {str(theirs)[:12]}..., "
+                f"this sweep {info['sample_ids_sha256'][:12]}...): rerun the shards with this config"
+            )
+    status = verify_ledger(folder)  # SweepTamperedError when a recorded line was edited
+    if any(extra for _, extra in status.values()):
+        raise ShardError(f"shard {shard} ({folder}) stopped mid-write (lines its ledger does not record); {rerun}")
+    return read_predictions(folder)[0]
+
+
+def merge_shards(
+    out_dir: str | Path,
+    *,
+    model: str,
+    settings: Mapping[str, Any],
+    sets: Mapping[str, Mapping[str, Any]],
+    cells: Sequence[Cell],
+    cell_ids: Callable[[Cell], Sequence[str]],
+) -> int:
+    """Merge the shard folders under ``out_dir`` (:func:`~sparsemm_utils.sharding.shard_folders`)
+    into its ``predictions.jsonl`` and ledger, in the order a single-process sweep writes them
+    (benchmark, sample, cell); returns the number of answers (0 when there are no shards).
+
+    Checked first, each failure a :class:`~sparsemm_utils.sharding.ShardError` naming the shard to
+    rerun: the shards form one set ``0..n-1``; each ran this ``model``, ``settings`` and sample
+    ``sets`` (``sweep.json``) and its ledger verifies; each expected (cell, sample) of ``cells``
+    (samples ``cell_ids(cell)``) is answered exactly once, by the shard owning its position, and
+    nothing else is. ``out_dir`` must hold no answers yet. The shard folders then move to
+    ``<out_dir>/shards.merged/``."""
+    out = Path(out_dir)
+    folders = shard_folders(out)
+    if not folders:
+        return 0
+    held = [name for name in (RESULTS_FILE, PREDICTIONS_FILE) if (out / name).is_file() and (out / name).stat().st_size]
+    if held:
+        raise ShardError(
+            f"{out} holds {' and '.join(held)} already and shard folders to merge in {out / SHARDS_DIR}: keep one of "
+            f"the two (move the other away) and rerun"
+        )
+    answers: dict[tuple[tuple[str, str, int | None], str], tuple[Shard, dict[str, Any]]] = {}
+    for shard, folder in folders.items():
+        for record in _shard_answers(folder, shard, model, settings, sets):
+            key = ((record["benchmark"], record["method"], _budget_key(record["budget"])), str(record["sample_id"]))
+            if key in answers:
+                raise ShardError(
+                    f"sample {key[1]} of cell {key[0]} is answered by shard {answers[key][0]} and by shard {shard}: the "
+                    "shards overlap; rerun them into a fresh run folder"
+                )
+            answers[key] = (shard, record)
+    count = next(iter(folders)).count
+    order: list[tuple[tuple[str, str, int | None], str]] = []
+    missing: dict[Shard, int] = {}
+    for bench in dict.fromkeys(c.benchmark for c in cells):
+        bench_cells = [c for c in cells if c.benchmark == bench]
+        longest = max(len(cell_ids(c)) for c in bench_cells)
+        ids = next(cell_ids(c) for c in bench_cells if len(cell_ids(c)) == longest)
+        for k, sample_id in enumerate(ids):
+            owner = Shard(k % count, count)
+            for cell in (c for c in bench_cells if k < len(cell_ids(c))):
+                key = (cell.key, sample_id)
+                if key not in answers:
+                    missing[owner] = missing.get(owner, 0) + 1
+                elif answers[key][0] != owner:
+                    raise ShardError(f"sample {sample_id} (position {k}) of cell {cell} belongs to shard {owner}, but shard {answers[key][0]} answered it")
+                order.append(key)
+    if missing:
+        which = ", ".join(f"{shard} ({n} answers)" for shard, n in sorted(missing.items(), key=lambda item: item[0].index))
+        raise ShardError(f"the shards are incomplete: {which} missing; rerun each (`--shard i/n`: it resumes), then merge")
+    unexpected = set(answers) - set(order)
+    if unexpected:
+        cell, sample_id = sorted(unexpected, key=str)[0]
+        raise ShardError(
+            f"the shards hold {len(unexpected)} answers this sweep does not ask for (e.g. sample {sample_id} of cell {cell}): "
+            "they ran other benchmarks, methods or budgets; rerun them with this config"
+        )
+    for name in (SWEEP_FILE, LEDGER_FILE):  # no answers are here (checked above): nothing they describe remains
+        (out / name).unlink(missing_ok=True)
+    ledger = _Ledger(out, {})
+    with open(out / PREDICTIONS_FILE, "w", encoding="utf-8", newline="") as handle:
+        ledger.append(handle, PREDICTIONS_FILE, "".join(json.dumps(answers[key][1], ensure_ascii=False) + "\n" for key in order))
+    merged = out / MERGED_DIR
+    if merged.exists():
+        shutil.rmtree(merged)
+    (out / SHARDS_DIR).rename(merged)
+    return len(order)
 
 
 def _prediction_record(model: str, cell: "Cell", sample: EvalSample, spec: BenchmarkSpec, gen: Generation, seconds: float) -> dict[str, Any]:

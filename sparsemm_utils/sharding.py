@@ -1,0 +1,112 @@
+"""Sharded runs: one process (or GPU) of several takes every n-th sample (docs/design.md, "Sharded runs").
+
+A :class:`Shard` ``i/n`` owns the samples whose position ``k`` in the step's own sample order has
+``k % n == i``: the order the single-process run uses, so the union of the shards is that run's
+sample set and a merge can lay the results out in that run's order. Each shard writes its partial
+results into its own folder, ``<step folder>/shards/<i>-of-<n>/`` (:func:`shard_folder`), and
+resumes there; the single-process run of the step merges the folders (:func:`shard_folders` finds
+them) after checking that every sample is there exactly once and that every shard ran with the
+same settings. Launchers (``accelerate launch``, ``torchrun``) say which shard a process is
+through ``RANK`` and ``WORLD_SIZE`` (:meth:`Shard.from_env`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .validate import check_int
+
+__all__ = ["SHARDS_DIR", "MERGED_DIR", "ShardError", "Shard", "shard_folder", "shard_folders"]
+
+#: Under a step's folder: one folder per shard, ``<i>-of-<n>``.
+SHARDS_DIR = "shards"
+#: Where the shard folders go once merged (the merge keeps them, for the record).
+MERGED_DIR = "shards.merged"
+_NAME = re.compile(r"(\d+)-of-(\d+)")
+
+
+class ShardError(ValueError):
+    """A shard specification is malformed, or a set of shard folders cannot be merged (a shard
+    missing or incomplete, a sample twice, other settings): the message names what and what to run."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (0 <= index < count): owns sample positions ``k % count == index``."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        check_int("shard count", self.count, 1, error=ShardError)
+        check_int("shard index", self.index, 0, self.count - 1, error=ShardError)
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"i/n"`` (e.g. ``"0/2"``)."""
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+        if match is None:
+            raise ShardError(f"a shard is 'i/n' with 0 <= i < n (e.g. 0/2), got {text!r}")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Shard:
+        """The shard of this process from ``RANK`` and ``WORLD_SIZE``, which ``accelerate launch``
+        and ``torchrun`` set for each process they start."""
+        environ = os.environ if environ is None else environ
+        missing = [name for name in ("RANK", "WORLD_SIZE") if name not in environ]
+        if missing:
+            raise ShardError(
+                f"--shard env reads RANK and WORLD_SIZE, and {' and '.join(missing)} is not set: start the processes "
+                "with `accelerate launch` or `torchrun`, or give the shard as --shard i/n"
+            )
+        try:
+            return cls(int(environ["RANK"]), int(environ["WORLD_SIZE"]))
+        except ValueError:
+            raise ShardError(f"RANK={environ['RANK']!r} and WORLD_SIZE={environ['WORLD_SIZE']!r} must be integers") from None
+
+    def owns(self, position: int) -> bool:
+        """Whether the sample at ``position`` of the step's sample order is this shard's."""
+        return position % self.count == self.index
+
+    @property
+    def name(self) -> str:
+        return f"{self.index}-of-{self.count}"
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def shard_folder(step_folder: str | Path, shard: Shard) -> Path:
+    """``<step folder>/shards/<i>-of-<n>``: where ``shard`` writes its partial results."""
+    return Path(step_folder) / SHARDS_DIR / shard.name
+
+
+def shard_folders(step_folder: str | Path) -> dict[Shard, Path]:
+    """The shard folders under ``step_folder`` to merge ({} when there are none), checked to be
+    one complete set ``0..n-1`` of one ``n``; :class:`ShardError` otherwise."""
+    root = Path(step_folder) / SHARDS_DIR
+    if not root.is_dir():
+        return {}
+    found: dict[Shard, Path] = {}
+    for path in sorted(root.iterdir()):
+        match = _NAME.fullmatch(path.name)
+        if not path.is_dir() or match is None:
+            raise ShardError(f"{path} is not a shard folder (<i>-of-<n>): remove it from {root}")
+        found[Shard(int(match.group(1)), int(match.group(2)))] = path
+    counts = sorted({shard.count for shard in found})
+    if len(counts) > 1:
+        raise ShardError(f"{root} holds shards of {counts} processes; keep one set (move the others away) and rerun")
+    if found:
+        count = counts[0]
+        absent = [i for i in range(count) if Shard(i, count) not in found]
+        if absent:
+            raise ShardError(
+                f"{root} lacks shard(s) {', '.join(f'{i}/{count}' for i in absent)} of {count}: run them "
+                f"(`python -m sparsemm_utils.pipeline ... --shard {absent[0]}/{count}`) before the merge"
+            )
+    return dict(sorted(found.items(), key=lambda item: item[0].index))
