@@ -61,7 +61,7 @@ class Shard:
         missing = [name for name in ("RANK", "WORLD_SIZE") if name not in environ]
         if missing:
             raise ShardError(
-                f"--shard env reads RANK and WORLD_SIZE, and {' and '.join(missing)} is not set: start the processes "
+                f"--shard env reads RANK and WORLD_SIZE, and {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: start the processes "
                 "with `accelerate launch` or `torchrun`, or give the shard as --shard i/n"
             )
         try:

@@ -6,7 +6,8 @@ the step around it: its artifacts (:data:`STEP`), the notebook's parameters (:cl
 tables the notebook shows (:func:`lowest_budget_table`, :func:`cell_statistics`,
 :func:`fastv_match_table`), the files it leaves besides the sweep's (:func:`write_outputs`:
 ``lowest_budget.csv``, ``findings.csv``) and what the run shows against the paper
-(:func:`findings`).
+(:func:`findings`). :func:`sweep` runs the notebook's sweep outside it: one shard of a sharded
+run (``python -m sparsemm_utils.pipeline ... --shard i/n``, docs/design.md "Sharded runs").
 
 **How the findings decide.** Each benchmark's headline metric at the two lowest budgets of the
 sweep: SparseMM's score as a share of FullKV's, beside the paper's 90-97% at B = 64
@@ -41,12 +42,18 @@ from ..evaluation import (
     RESULTS_FILE,
     SWEEP_FILE,
     EvaluationError,
+    ModelGenerator,
+    SweepResult,
     check_budgets,
     get_method,
     predictions_frame,
     read_results,
+    run_sweep,
 )
 from ..findings import Finding, findings_frame, read_findings
+from ..head_scoring_files import load_head_scores
+from ..models import load_model
+from ..sharding import Shard, shard_folder
 from ..statistics import paired_bootstrap_interval
 from ..parameters import MAX_DOCUMENTS, MAX_NEW_TOKENS, check_allow_large, check_size
 from ..reader_tasks import HELDOUT_SEED
@@ -65,6 +72,7 @@ __all__ = [
     "STEP",
     "MASK_RATIO_TARGET",
     "Config",
+    "sweep",
     "read_lowest_budget",
     "lowest_budget_table",
     "cell_statistics",
@@ -289,6 +297,31 @@ class Config:
         if self.benchmark_seed is not None:
             return self.benchmark_seed
         return HELDOUT_SEED
+
+
+def sweep(cfg: Config, shard: Shard | None = None, *, log: Any = print, progress: bool = True) -> SweepResult:
+    """The sweep of notebook 05 (its benchmarks, model, head scores, generator and ``run_sweep``
+    arguments): into the step folder, or with ``shard`` into that shard's folder
+    (:func:`~sparsemm_utils.sharding.shard_folder`), answering only its samples. The offline
+    benchmark's parquet copy is the notebook's to write (several shards would write it at once)."""
+    samples = cfg.load_benchmarks()
+    loaded = load_model(cfg.model_id, dtype=cfg.dtype, device=cfg.resolved_device(), seed=cfg.seed)
+    head_scores = load_head_scores(cfg.head_scores_path(), shape=loaded) if cfg.needs_head_scores else None
+    out = STEP.folder(cfg.run_dir, create=True)
+    return run_sweep(
+        out if shard is None else shard_folder(out, shard),
+        model=cfg.model_id,
+        benchmarks=samples,
+        methods=cfg.methods,
+        budgets=cfg.budgets,
+        generate=ModelGenerator(loaded, cfg.press_settings(head_scores), max_new_tokens=cfg.max_new_tokens),
+        settings=cfg.sweep_settings(head_scores),
+        method_limits=cfg.method_limits(),
+        on_mismatch=cfg.on_mismatch,
+        shard=shard,
+        progress=progress,
+        log=log,
+    )
 
 
 # --------------------------------------------------------------------------------------------
