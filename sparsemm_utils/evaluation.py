@@ -66,7 +66,6 @@ import io
 import json
 import math
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -83,7 +82,7 @@ from .compression import compressed_generate, make_press
 from .fastv import FastVAtBudget, fastv_generate_at_budget
 from .prompts import build_inputs
 from .shared_prefill import shared_generate
-from .sharding import MERGED_DIR, SHARDS_DIR, Shard, ShardError, shard_folders
+from .sharding import MERGED_DIR, SHARDS_DIR, Shard, ShardError, retire_shards, shard_folders
 from .statistics import bootstrap_interval, paired_bootstrap_interval
 from .validate import check_choice, check_int
 
@@ -913,10 +912,7 @@ def merge_shards(
     ledger = _Ledger(out, {})
     with open(out / PREDICTIONS_FILE, "w", encoding="utf-8", newline="") as handle:
         ledger.append(handle, PREDICTIONS_FILE, "".join(json.dumps(answers[key][1], ensure_ascii=False) + "\n" for key in order))
-    merged = out / MERGED_DIR
-    if merged.exists():
-        shutil.rmtree(merged)
-    (out / SHARDS_DIR).rename(merged)
+    retire_shards(out)
     return len(order)
 
 

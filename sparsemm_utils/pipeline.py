@@ -394,6 +394,7 @@ def step_config(step: Any, config: PipelineConfig | str | Path, run_dir: str | P
 #: The steps whose samples a sharded run splits over processes (``--shard``): step name -> the
 #: function that runs one shard of it, ``(its Config, Shard) -> Any`` (docs/design.md "Sharded runs").
 SHARDED_STEPS: dict[str, Callable[..., Any]] = {
+    head_scoring.NAME: head_scoring.capture_shard,
     eval_step.NAME: eval_step.sweep,
 }
 

@@ -8,24 +8,49 @@ resumes there; the single-process run of the step merges the folders (:func:`sha
 them) after checking that every sample is there exactly once and that every shard ran with the
 same settings. Launchers (``accelerate launch``, ``torchrun``) say which shard a process is
 through ``RANK`` and ``WORLD_SIZE`` (:meth:`Shard.from_env`).
+
+Step 05's sweep keeps its shards' answers in its own ledgered files
+(:func:`sparsemm_utils.evaluation.merge_shards`); other steps keep one pickled item per sample
+position (:func:`save_item`: ``<position>.pkl``, written atomically, so a shard resumes at the
+first position it lacks) beside the settings that shaped the items (:func:`open_shard`:
+``shard.json``), and :func:`merge_items` returns all items in position order.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .validate import check_int
 
-__all__ = ["SHARDS_DIR", "MERGED_DIR", "ShardError", "Shard", "shard_folder", "shard_folders"]
+__all__ = [
+    "SHARDS_DIR",
+    "MERGED_DIR",
+    "SETTINGS_FILE",
+    "ShardError",
+    "Shard",
+    "shard_folder",
+    "shard_folders",
+    "open_shard",
+    "save_item",
+    "load_item",
+    "merge_items",
+    "retire_shards",
+]
 
 #: Under a step's folder: one folder per shard, ``<i>-of-<n>``.
 SHARDS_DIR = "shards"
 #: Where the shard folders go once merged (the merge keeps them, for the record).
 MERGED_DIR = "shards.merged"
+#: In a shard folder of items: the shard and the settings its items were made with.
+SETTINGS_FILE = "shard.json"
 _NAME = re.compile(r"(\d+)-of-(\d+)")
 
 
@@ -110,3 +135,84 @@ def shard_folders(step_folder: str | Path) -> dict[Shard, Path]:
                 f"(`python -m sparsemm_utils.pipeline ... --shard {absent[0]}/{count}`) before the merge"
             )
     return dict(sorted(found.items(), key=lambda item: item[0].index))
+
+
+def open_shard(parent: str | Path, shard: Shard, settings: Mapping[str, Any]) -> Path:
+    """The folder of ``shard`` under ``parent`` (created), whose items are made with ``settings``
+    (JSON-able). A folder left by a run with other settings is refused, not mixed in."""
+    folder = shard_folder(parent, shard)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"shard": str(shard), "settings": json.loads(json.dumps(dict(settings), default=str))}
+    path = folder / SETTINGS_FILE
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old != record:
+            raise ShardError(
+                f"{folder} holds shard {old.get('shard')} made with settings {old.get('settings')}; this run is shard {shard} "
+                f"with {record['settings']}: move {folder.parent} away (or delete it) and rerun the shards"
+            )
+    else:
+        path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return folder
+
+
+def save_item(folder: str | Path, position: int, value: Any) -> Path:
+    """Pickle ``value`` as ``<folder>/<position>.pkl``, atomically (a kill leaves it whole or absent)."""
+    path = Path(folder) / f"{position}.pkl"
+    partial = path.with_suffix(".pkl.partial")
+    with open(partial, "wb") as handle:
+        pickle.dump(value, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(partial, path)
+    return path
+
+
+def load_item(folder: str | Path, position: int) -> Any:
+    """The item at ``position`` of a shard folder, or None when it has not been made yet."""
+    path = Path(folder) / f"{position}.pkl"
+    if not path.is_file():
+        return None
+    with open(path, "rb") as handle:
+        return pickle.load(handle)  # written by save_item of this project's own run
+
+
+def merge_items(parent: str | Path, count: int, settings: Mapping[str, Any]) -> list[Any] | None:
+    """The ``count`` items of the shard folders under ``parent`` in position order (None when
+    there are no shard folders); then the folders move to ``<parent>/shards.merged/``.
+
+    :class:`ShardError` when the folders are not one complete set, a folder was made with other
+    ``settings`` or holds an item of a position it does not own, or a position is missing."""
+    folders = shard_folders(parent)
+    if not folders:
+        return None
+    owner: dict[int, Shard] = {}
+    for shard, folder in folders.items():
+        if not (folder / SETTINGS_FILE).is_file():
+            raise ShardError(f"shard {shard} ({folder}) has no {SETTINGS_FILE}: it never started; rerun it (`--shard {shard}`)")
+        open_shard(parent, shard, settings)  # refuses other settings
+        for path in folder.glob("*.pkl"):
+            if not path.stem.isdigit():
+                raise ShardError(f"{path} is not an item of a shard (<position>.pkl): remove it")
+            position = int(path.stem)
+            if not shard.owns(position) or position >= count:
+                raise ShardError(f"{path}: position {position} is not one of shard {shard}'s (of {count} samples); the shards overlap")
+            owner[position] = shard
+    missing = [k for k in range(count) if k not in owner]
+    if missing:
+        lacking = sorted({str(Shard(k % len(folders), len(folders))) for k in missing})
+        raise ShardError(
+            f"the shards are incomplete: {len(missing)} of {count} samples missing (shard(s) {', '.join(lacking)}); rerun each "
+            "(`--shard i/n`: it resumes), then merge"
+        )
+    items = [load_item(folders[owner[k]], k) for k in range(count)]
+    retire_shards(parent)
+    return items
+
+
+def retire_shards(parent: str | Path) -> Path:
+    """After a merge: ``<parent>/shards`` becomes ``<parent>/shards.merged`` (replacing an older
+    one), so a later run of the step starts afresh and the merged shards stay on record."""
+    merged = Path(parent) / MERGED_DIR
+    if merged.exists():
+        shutil.rmtree(merged)
+    (Path(parent) / SHARDS_DIR).rename(merged)
+    return merged
