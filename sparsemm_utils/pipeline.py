@@ -26,7 +26,7 @@ Sharded runs (docs/design.md "Sharded runs"): ``--shard i/n`` (or ``--shard env`
 samples of the selected sharded steps (:data:`SHARDED_STEPS`) into their ``shards/`` folders; the
 run without ``--shard`` then merges them, checked complete, and runs the notebook as usual::
 
-    accelerate launch --num_processes 8 -m sparsemm_utils.pipeline --config C --run-dir R --from 05 --to 05 --shard env
+    accelerate launch --multi_gpu --num_processes 8 -m sparsemm_utils.pipeline --config C --run-dir R --from 05 --to 05 --shard env
     python -m sparsemm_utils.pipeline --config C --run-dir R
 """
 
@@ -62,7 +62,7 @@ from .manifest import (
 from .artifacts import StepSpec
 from .run_index import write_index
 from .runs import MissingUpstreamError, RunLockedError, repo_root, resolve_run_dir, run_lock
-from .sharding import Shard, ShardError
+from .sharding import SHARDS_DIR, Shard, ShardError
 from .steps import allocation, attention_by_layer, efficiency, head_scoring, ocr_annotation, patch_mapping
 from .steps import eval as eval_step
 
@@ -83,6 +83,7 @@ __all__ = [
     "run_shard",
     "step_config",
     "SHARDED_STEPS",
+    "ShardedStep",
     "write_index",
     "main",
 ]
@@ -391,12 +392,27 @@ def step_config(step: Any, config: PipelineConfig | str | Path, run_dir: str | P
     return _step_config(step, step_parameters(step, config, resolve_run_dir(run_dir), declared), declared)
 
 
-#: The steps whose samples a sharded run splits over processes (``--shard``): step name -> the
-#: function that runs one shard of it, ``(its Config, Shard) -> Any`` (docs/design.md "Sharded runs").
-SHARDED_STEPS: dict[str, Callable[..., Any]] = {
-    head_scoring.NAME: head_scoring.capture_shard,
-    eval_step.NAME: eval_step.sweep,
+@dataclass(frozen=True)
+class ShardedStep:
+    """How a step runs sharded: ``run(its Config, Shard)`` runs one shard; ``parent(run_dir)`` is
+    the folder whose ``shards/`` holds the shard folders until the step's run merges them."""
+
+    run: Callable[..., Any]
+    parent: Callable[[Path], Path]
+
+
+#: The steps whose samples a sharded run splits over processes (``--shard``; docs/design.md
+#: "Sharded runs"). Step 03's shards live outside its folder, which a rerun sets aside.
+SHARDED_STEPS: dict[str, ShardedStep] = {
+    head_scoring.NAME: ShardedStep(head_scoring.capture_shard, lambda run: run / head_scoring.SHARDS_ROOT / head_scoring.NAME),
+    eval_step.NAME: ShardedStep(eval_step.sweep, lambda run: run / eval_step.NAME),
 }
+
+
+def _has_shards(step: Any, run: Path) -> bool:
+    """Whether shard folders of ``step`` wait to be merged in ``run``."""
+    sharded = SHARDED_STEPS.get(step.name)
+    return sharded is not None and (sharded.parent(run) / SHARDS_DIR).is_dir()
 
 
 def run_shard(
@@ -436,7 +452,7 @@ def run_shard(
             artifact.require(run)
         log(f"[shard {shard}] {step.name}: {step.title}")
         start = time.perf_counter()
-        SHARDED_STEPS[step.name](step_config(step, config, run, root=root), shard)
+        SHARDED_STEPS[step.name].run(step_config(step, config, run, root=root), shard)
         log(f"[shard {shard}] {step.name} done in {time.perf_counter() - start:.1f} s; the pipeline run of the step merges the shards")
     return [step.name for step in selected]
 
@@ -732,6 +748,8 @@ def _run_step(step, config, run, steps, root, declared, force, kernel_name, log)
     folder = run / step.name
     previous = Manifest.read(folder)
     reason = "--force" if force else rerun_reason(previous, params, inputs, run)
+    if reason is None and _has_shards(step, run):
+        reason = "shard folders to merge"
     if reason is None:
         log(f"[skip] {step.name}: parameters and input hashes unchanged since {previous.finished_at}")
         return StepResult(step.name, "skipped", 0.0, folder, "unchanged")

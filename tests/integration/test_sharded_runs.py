@@ -1,7 +1,6 @@
 """A sharded run equals the single-process run byte for byte (issue 23 item 2, docs/design.md
 "Sharded runs"): step 05's sweep on the tiny reader over 2 CPU processes of
-`python -m sparsemm_utils.pipeline --shard`, one of them given its shard as accelerate and torchrun
-do (RANK / WORLD_SIZE); step 03's captures in two shards, merged into the same head_scores.json."""
+`python -m sparsemm_utils.pipeline --shard env` started by torchrun; step 03's captures in two shards, merged into the same head_scores.json."""
 
 from __future__ import annotations
 
@@ -47,11 +46,15 @@ def _upstream(run: Path) -> None:
     write_head_scores_json(scores, head_scoring.HEAD_SCORES.path(run))
 
 
-def _shard(config: Path, run: Path, spec: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    environ = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1"}
+def _launch(config: Path, run: Path) -> subprocess.CompletedProcess:
+    """Step 05 as 2 processes of `--shard env` started by torchrun, which sets RANK / WORLD_SIZE /
+    LOCAL_RANK as `accelerate launch --multi_gpu` does (accelerate's own launcher has no multi-process
+    CPU mode without MPI)."""
+    environ = {**os.environ, "OMP_NUM_THREADS": "1"}
     environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "sparsemm_utils.pipeline", "--config", str(config), "--run-dir", str(run), "--from", "05", "--to", "05", "--shard", spec]
-    return subprocess.Popen(command, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "sparsemm_utils.pipeline", "--config", str(config), "--run-dir", str(run), "--from", "05", "--to", "05", "--shard", "env"]
+    return subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -60,10 +63,8 @@ def test_two_shard_processes_give_the_single_process_results(tmp_path, one_torch
     sharded, single = tmp_path / "sharded", tmp_path / "single"
     for run in (sharded, single):
         _upstream(run)
-    processes = [_shard(config, sharded, "0/2"), _shard(config, sharded, "env", {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})]
-    for process in processes:
-        output, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, output
+    launched = _launch(config, sharded)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
     for index in range(2):
         records, _ = read_predictions(eval_step.STEP.folder(sharded) / "shards" / f"{index}-of-2")
         assert {int(r["sample_id"]) % 2 for r in records} == {index}  # the reader's ids are row numbers 0..10
