@@ -925,11 +925,16 @@ class ModelGenerator:
         return self._presses[key]
 
     def __call__(self, sample: EvalSample, spec: BenchmarkSpec, method: str, budget: int | None) -> Generation:
+        return self.answer(sample, method, budget, self._limit(spec, sample))
+
+    def answer(self, sample: EvalSample, method: str, budget: int | None, limit: int) -> Generation:
+        """One answer of ``method`` at ``budget`` to ``sample`` (its image and ``question``, the
+        text given to the model), greedy, at most ``limit`` new tokens (the caller's limit: a
+        benchmark's in :meth:`__call__`, an lmms-eval request's in the lmms-eval adapter)."""
         press = self.press(method, budget)
         t0 = time.perf_counter()
         inputs = build_inputs(self.loaded, sample.image, sample.question)
         n = int(inputs["input_ids"].shape[1])
-        limit = self._limit(spec, sample)
         details = None
         if isinstance(press, FastVAtBudget):
             result = fastv_generate_at_budget(self.loaded, press, inputs, max_new_tokens=limit, do_sample=False)
