@@ -160,8 +160,11 @@ def test_the_sweep_reports_lmms_evals_numbers(tmp_path, benchmark):
             out, model="fake", benchmarks={benchmark: samples}, methods=["fullkv"], budgets=[],
             generate=lambda sample, spec, method, budget: raw[sample.sample_id], progress=False, log=None, lmms_eval=protocol,
         )  # fmt: skip
-        table = read_results(out / "results.csv").set_index("metric")["score"]
+        results = read_results(out / "results.csv")
+        table = results.set_index("metric")["score"]
         want = ref["expected"][protocol]["runs"]["all"]
         for theirs, ours in RUN[benchmark].items():
             assert table[ours] == pytest.approx(want[theirs], abs=TOL), (protocol, ours)
+        # every number's bootstrap interval is on the number's own scale (x100, /1000)
+        assert ((results["ci_low"] <= results["score"] + TOL) & (results["score"] <= results["ci_high"] + TOL)).all()
         assert json.loads((out / "sweep.json").read_text())["settings"]["scoring"]["lmms_eval_commit"] == PROTOCOLS[protocol].lmms_eval_commit
