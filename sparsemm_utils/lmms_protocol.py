@@ -117,27 +117,24 @@ class LmmsProtocol:
         return {"lmms_eval": self.name, "lmms_eval_commit": self.lmms_eval_commit, "lmms_eval_ref": self.lmms_eval_ref}
 
 
+def _protocol(name: str, commit: str, ref: str, vqav2: str, ocrbench: str, post_prompts: Mapping[str, str]) -> LmmsProtocol:
+    """A protocol from its VQAv2 and OCRBench scorer variants (:mod:`sparsemm_utils.metrics`)."""
+    options = {"vqav2_accuracy": {"protocol": vqav2}, "ocrbench_accuracy": {"protocol": ocrbench}}
+    return LmmsProtocol(name, commit, ref, MappingProxyType(options), MappingProxyType(dict(post_prompts)))
+
+
 PROTOCOLS: Mapping[str, LmmsProtocol] = MappingProxyType(
     {
-        "0.3": LmmsProtocol(
-            name="0.3",
-            lmms_eval_commit="a863517758764b2da7be0b5649d68fa744ab73e6",
-            lmms_eval_ref="tag v0.3.4",
-            metric_options=MappingProxyType(
-                {"vqav2_accuracy": {"protocol": "vqav2"}, "ocrbench_accuracy": {"protocol": "lmms_eval"}}
+        p.name: p
+        for p in (
+            _protocol("0.3", "a863517758764b2da7be0b5649d68fa744ab73e6", "tag v0.3.4", "vqav2", "lmms_eval", {}),
+            _protocol(
+                "current", "75571cfe0fa36ca5ec2e6aa2bb268f9d38295af3", "main of 2026-08-06", "vqav2_2025", "lmms_eval_2026",
+                {"vqav2": SHORT_ANSWER_POST_PROMPT},
             ),
-        ),
-        "current": LmmsProtocol(
-            name="current",
-            lmms_eval_commit="75571cfe0fa36ca5ec2e6aa2bb268f9d38295af3",
-            lmms_eval_ref="main of 2026-08-06",
-            metric_options=MappingProxyType(
-                {"vqav2_accuracy": {"protocol": "vqav2_2025"}, "ocrbench_accuracy": {"protocol": "lmms_eval_2026"}}
-            ),
-            post_prompts=MappingProxyType({"vqav2": SHORT_ANSWER_POST_PROMPT}),
-        ),
+        )
     }
-)
+)  # fmt: skip
 #: The paper's protocol.
 DEFAULT_LMMS_EVAL = "0.3"
 
