@@ -22,13 +22,13 @@ Files (in ``out_dir``, step 05's folder; the artifact contract of docs/design.md
 
 - ``results.csv``: model, benchmark, method, budget, metric, score, n_samples; one row per metric
   and per lmms-eval aggregate (OCRBench's /1000 score and categories, MMBench's circular score,
-  ChartQA's splits) of each finished cell (``budget`` empty for budget-free methods). A cell's rows are appended
-  when the cell finishes, so the file only ever holds finished cells.
+  ChartQA's splits) of each finished cell (``budget`` empty for budget-free methods). A cell's
+  rows are appended when the cell finishes, so the file only ever holds finished cells.
 - ``predictions.jsonl``: one JSON object per (cell, sample), appended as soon as the sample is
-  answered: model, benchmark, method, budget, sample_id, prediction (stripped, as lmms-eval scores
-  it), answers, scores (MMBench: options), and when
-  the generator reports them prompt_tokens, kv_bytes, seconds (``raw_output`` when a stop string or the strip
-  cut the answer).
+  answered: model, benchmark, method, budget, sample_id, prediction (stripped, as lmms-eval
+  scores it), answers, scores (MMBench: options), and when the generator reports them
+  prompt_tokens, kv_bytes, seconds (``raw_output`` when a stop string or the strip changed the
+  answer).
 - ``sweep.json``: what the sweep was run with (model, settings, the scoring protocol and its
   lmms-eval commit under ``settings["scoring"]``) and each benchmark's sample set
   (count, sha256 of the sample ids, skipped rows by reason).
