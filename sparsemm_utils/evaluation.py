@@ -180,8 +180,9 @@ class SweepTamperedError(EvaluationError):
 class EvalMethod:
     """One method of the sweep: the press it builds (:data:`sparsemm_utils.compression.COMPRESSION_METHODS`,
     or ``"fastv"``: :class:`sparsemm_utils.fastv.FastVAtBudget`), whether it takes a budget, its
-    fixed press arguments, and the sweep settings it takes (``window``, ``ratio``, ``head_scores``,
-    ``seed``, ``fraction``, ``fastv_k``)."""
+    fixed press arguments, the sweep settings it takes (``window``, ``ratio``, ``head_scores``,
+    ``seed``, ``fraction``, ``fastv_k``: required) and its ``options`` (passed on when the sweep
+    gives them, else the press's default: ``selection_dtype``)."""
 
     name: str
     press: str
@@ -189,11 +190,15 @@ class EvalMethod:
     takes: tuple[str, ...] = ()
     fixed: Mapping[str, Any] = field(default_factory=dict)
     label: str = ""
+    options: tuple[str, ...] = ()
 
     @property
     def needs_head_scores(self) -> bool:
         return "head_scores" in self.takes
 
+
+#: The options of the methods that select by window attention (compression.snapkv_window_scores).
+_SCORING = ("selection_dtype",)
 
 #: The sweep's methods, under the original scripts' names.
 EVAL_METHODS: Mapping[str, EvalMethod] = MappingProxyType(
@@ -201,11 +206,11 @@ EVAL_METHODS: Mapping[str, EvalMethod] = MappingProxyType(
         m.name: m
         for m in (
             EvalMethod("fullkv", "fullkv", False, label="FullKV"),
-            EvalMethod("sparsemm", "sparsemm", True, ("window", "ratio", "head_scores"), label="SparseMM"),
-            EvalMethod("adakv", "adakv", True, ("window",), label="AdaKV"),
-            EvalMethod("snapkv", "snapkv", True, ("window",), label="SnapKV"),
-            EvalMethod("pyramidkv", "pyramidkv", True, ("window",), label="PyramidKV"),
-            EvalMethod("random", "random", True, ("window", "ratio", "seed"), label="Random allocation"),
+            EvalMethod("sparsemm", "sparsemm", True, ("window", "ratio", "head_scores"), label="SparseMM", options=_SCORING),
+            EvalMethod("adakv", "adakv", True, ("window",), label="AdaKV", options=_SCORING),
+            EvalMethod("snapkv", "snapkv", True, ("window",), label="SnapKV", options=_SCORING),
+            EvalMethod("pyramidkv", "pyramidkv", True, ("window",), label="PyramidKV", options=_SCORING),
+            EvalMethod("random", "random", True, ("window", "ratio", "seed"), label="Random allocation", options=_SCORING),
             EvalMethod("streamingllm", "streamingllm", True, ("window",), label="StreamingLLM"),
             EvalMethod("mask", "head_mask", False, ("fraction", "head_scores"), {"selection": "top"}, "Mask top visual heads"),
             EvalMethod("mask_random", "head_mask", False, ("fraction", "seed"), {"selection": "random"}, "Mask random heads"),
@@ -258,6 +263,7 @@ def press_for(method: str, budget: int | None, **settings: Any) -> Any:
             hint = " (step 03's head_scores.json)" if key == "head_scores" else ""
             raise MissingMethodSettingError(f"method {m.name!r} needs the setting {key!r}{hint}; none was given")
         kwargs[key] = settings[key]
+    kwargs.update({key: settings[key] for key in m.options if settings.get(key) is not None})
     if m.budgeted:
         kwargs["budget"] = check_int(_BUDGET, budget, 1, error=EvaluationError)
     if m.press == "fastv":

@@ -70,7 +70,8 @@ class CaptureSettings(Protocol):
     ``prompt``, greedy ``max_new_tokens``, the ``top_k`` positions captured, the ``token_text``
     mode, the ``capture`` method, how many documents (``n_samples``, None: all) and which keep
     their image attention (``explorer_samples`` x ``explorer_tokens``), and the ``match`` /
-    ``selection`` variant :func:`compare_with_reference` scores."""
+    ``selection`` variant :func:`compare_with_reference` scores, and the ``selection_dtype`` the
+    attention rows are computed in (:class:`~sparsemm_utils.attention_capture.CaptureSpec`)."""
 
     prompt: str | None
     max_new_tokens: int
@@ -82,6 +83,7 @@ class CaptureSettings(Protocol):
     explorer_tokens: int
     match: str
     selection: str
+    selection_dtype: str
 
 
 @dataclass
@@ -130,7 +132,13 @@ def capture_sample(
     inputs = build_inputs(loaded, document["image"], cfg.prompt, loaded.model_type)
     start, count = image_token_span(inputs["input_ids"], loaded.image_token_id)
     _check_record(record, loaded.model_type, document.get("doc_id"), start, count)
-    spec = CaptureSpec(top_k=cfg.top_k, image_span=(start, count), image_steps=image_steps, keep_rows=keep_rows)
+    spec = CaptureSpec(
+        top_k=cfg.top_k,
+        image_span=(start, count),
+        image_steps=image_steps,
+        keep_rows=keep_rows,
+        selection_dtype=cfg.selection_dtype,
+    )
     ids, captured = generate_with_rows(
         loaded, inputs, max_new_tokens=cfg.max_new_tokens, spec=spec, method=method or cfg.capture
     )

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from ..artifacts import Artifact, StepSpec
+from ..attention_hooks import SELECTION_DTYPES
 from ..benchmarks import OFFLINE_PAGES, get_benchmark, load_benchmark, make_reader_benchmark
 from ..evaluation import (
     EVAL_METHODS,
@@ -130,7 +131,9 @@ class Config:
     ``run_dir`` unless absolute (read only when a method needs it); ``dtype`` / ``device``: for
     ``load_model`` (device "auto": CUDA when available); ``max_new_tokens``: a cap on every
     benchmark's generation limit, for smoke runs of random-weight models only (None: lmms-eval's
-    limits); ``on_mismatch``: what :func:`~sparsemm_utils.evaluation.run_sweep` does with an
+    limits); ``selection_dtype``: the dtype SnapKV-style selection scores the keys in (SparseMM,
+    AdaKV, SnapKV, PyramidKV, random): ``"float32"`` (the default) or ``"model"`` (the original's
+    rounding and ranking; docs/deviations.md "Selection scores"); ``on_mismatch``: what :func:`~sparsemm_utils.evaluation.run_sweep` does with an
     earlier sweep of other settings in the folder ("archive": move it to ``superseded/``;
     "error": stop); ``ablation_samples``: the head masks (``mask``, ``mask_random``,
     ``mask_random_<k>``) answer only the first n questions (None: all); ``allow_large``: lift the bounds on ``n_documents``
@@ -157,6 +160,7 @@ class Config:
     dtype: str = "auto"
     device: str = "auto"
     max_new_tokens: int | None = None
+    selection_dtype: str = "float32"
     on_mismatch: str = "archive"
     ablation_samples: int | None = None
     allow_large: bool = False
@@ -205,6 +209,7 @@ class Config:
             )
         if not isinstance(self.device, str) or not self.device:
             raise EvaluationError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        check_choice("selection_dtype", self.selection_dtype, SELECTION_DTYPES, error=EvaluationError)
         check_choice("on_mismatch", self.on_mismatch, ON_MISMATCH, error=EvaluationError)
         if self.ablation_samples is not None:
             self.ablation_samples = check_int("ablation_samples", self.ablation_samples, 1, error=EvaluationError)
@@ -264,7 +269,7 @@ class Config:
         """What :func:`~sparsemm_utils.evaluation.press_for` / :class:`~sparsemm_utils.evaluation.ModelGenerator` take."""
         return {
             "window": self.window, "ratio": self.ratio, "seed": self.seed, "fraction": self.mask_fraction,
-            "head_scores": head_scores, "fastv_k": self.fastv_k,
+            "head_scores": head_scores, "fastv_k": self.fastv_k, "selection_dtype": self.selection_dtype,
         }  # fmt: skip
 
     def sweep_settings(self, head_scores: Any = None) -> dict[str, Any]:
@@ -278,6 +283,8 @@ class Config:
         }  # fmt: skip
         if "fastv" in self.methods:  # only then: sweeps without FastV keep the identity they had
             settings["fastv_k"] = self.fastv_k
+        if self.selection_dtype != "float32":  # likewise: float32 sweeps keep the identity they had
+            settings["selection_dtype"] = self.selection_dtype
         if self.method_limits():  # likewise: only sweeps that limit a method record it
             settings["method_limits"] = self.method_limits()
         for name in (b for b in self.benchmarks if b in OFFLINE_PAGES):  # sample ids (row numbers) do not change with the seed

@@ -28,6 +28,7 @@ import pandas as pd
 
 from ..artifacts import Artifact, StepSpec
 from ..attention_capture import CAPTURE_METHODS
+from ..attention_hooks import SELECTION_DTYPES
 from ..findings import Finding, findings_frame, read_findings
 from ..head_comparison import CONCENTRATION_FRACTIONS, compare_head_scores, rank_correlation, top_count, top_overlap
 from ..head_scoring_capture import HeadScoringResult, SampleCapture, jsonable
@@ -151,6 +152,9 @@ class Config:
     positions captured, so every variant can be scored from one pass). ``token_text``: see
     :func:`~sparsemm_utils.head_scoring_rule.token_strings`. ``capture``: ``"streamed"`` (row capture) | ``"reference"`` (eager +
     output_attentions, N^2 memory). ``prompt``: the user text (docs/method.md §2: the OCR prompt).
+    ``selection_dtype``: the dtype of the attention rows the hit rule ranks, ``"float32"`` (the
+    default) or ``"model"`` (the original's: softmax cast back to the model's dtype, argmax by
+    ``topk(1)``; docs/deviations.md "Selection scores").
     ``explorer_samples`` / ``explorer_tokens``: keep the image attention of the first tokens of
     the first samples for figures and the explorer. ``reference_check_samples``: samples on which
     the notebook compares the streamed rows with the eager reference (0: skip; the reference needs
@@ -174,6 +178,7 @@ class Config:
     top_k: int = 5
     token_text: str = "family"
     capture: str = "streamed"
+    selection_dtype: str = "float32"
     prompt: str | None = None
     explorer_samples: int = 2
     explorer_tokens: int = 48
@@ -202,6 +207,7 @@ class Config:
         check_int("top_k", self.top_k, 1, error=HeadScoringConfigError)
         check_choice("token_text", self.token_text, TOKEN_TEXT_MODES, error=HeadScoringConfigError)
         check_choice("capture", self.capture, CAPTURE_METHODS, error=HeadScoringConfigError)
+        check_choice("selection_dtype", self.selection_dtype, SELECTION_DTYPES, error=HeadScoringConfigError)
         if self.prompt is None:
             self.prompt = OCR_PROMPT
         if not isinstance(self.prompt, str) or not self.prompt.strip():
