@@ -10,8 +10,8 @@ line runs a model with the project's KV-cache compression::
 ``model_args`` (:class:`AdapterSettings`): ``pretrained`` (a model :func:`~sparsemm_utils.models.load_model`
 loads), ``method`` (a step-05 method name, :data:`~sparsemm_utils.evaluation.EVAL_METHODS`),
 ``budget`` (tokens per KV head, window included; none for the budget-free methods), ``window``,
-``ratio``, ``mask_fraction``, ``fastv_k``, ``seed``, ``head_scores`` (step 03's file, for the
-methods that need it), ``dtype``, ``device``.
+``ratio``, ``mask_fraction``, ``fastv_k``, ``seed``, ``selection_dtype`` ("float32" or "model",
+as step 05's), ``head_scores`` (step 03's file, for the methods that need it), ``dtype``, ``device``.
 
 What the adapter does per request is what lmms-eval's ``qwen2_vl`` wrapper does around the
 model, with the project's generator inside (:meth:`~sparsemm_utils.evaluation.ModelGenerator.answer`:
@@ -32,11 +32,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .attention_hooks import SELECTION_DTYPES
 from .benchmarks import WRAPPER_MAX_NEW_TOKENS, EvalSample
 from .evaluation import EvaluationError, ModelGenerator, get_method
 from .head_scoring_files import load_head_scores
 from .models import load_model
-from .validate import check_int
+from .validate import check_choice, check_int
 
 __all__ = ["MODEL_NAME", "AdapterSettings", "SparseMMRequests", "lmms_class", "manifests"]
 
@@ -57,6 +58,7 @@ class AdapterSettings:
     mask_fraction: float = 0.1
     fastv_k: int = 2
     seed: int = 0
+    selection_dtype: str = "float32"
     head_scores: str | None = None
     dtype: str = "bfloat16"
     device: str = "cuda"
@@ -81,6 +83,8 @@ class AdapterSettings:
         for name in ("ratio", "mask_fraction"):
             if name in out:
                 out[name] = float(out[name])
+        if "selection_dtype" in out:
+            check_choice("selection_dtype", out["selection_dtype"], SELECTION_DTYPES, error=EvaluationError)
         if budget is not None:
             budget = check_int("budget", int(budget) if isinstance(budget, str) else budget, 1, error=EvaluationError)
         return cls(method=method, budget=budget, **out)
@@ -89,7 +93,7 @@ class AdapterSettings:
         """What :class:`~sparsemm_utils.evaluation.ModelGenerator` takes (as step 05's Config gives it)."""
         return {
             "window": self.window, "ratio": self.ratio, "seed": self.seed, "fraction": self.mask_fraction,
-            "head_scores": head_scores, "fastv_k": self.fastv_k,
+            "head_scores": head_scores, "fastv_k": self.fastv_k, "selection_dtype": self.selection_dtype,
         }  # fmt: skip
 
 

@@ -43,6 +43,9 @@ def test_settings_from_model_args():
         AdapterSettings.from_args(method="snapkv")
     with pytest.raises(EvaluationError, match="budget must be an int >= 1"):
         AdapterSettings.from_args(pretrained="m", budget="0")
+    assert AdapterSettings.from_args(pretrained="m", selection_dtype="model").press_settings(None)["selection_dtype"] == "model"
+    with pytest.raises(EvaluationError, match="selection_dtype must be one of"):
+        AdapterSettings.from_args(pretrained="m", selection_dtype="bf16")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is not None, reason="lmms-eval is installed")
