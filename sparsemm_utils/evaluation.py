@@ -2,7 +2,8 @@
 
 Step 05 (:mod:`sparsemm_utils.steps.eval`) runs it. The sweep runs each *cell* (benchmark, method, budget) over the benchmark's samples: greedy
 decoding, batch 1, the method compressing the prompt's KV cache (docs/method.md §5), then the
-benchmark's metrics (:func:`sparsemm_utils.benchmarks.score_prediction`). Methods without a budget
+benchmark's metrics and aggregates as the chosen lmms-eval version computes them, from the
+stripped answer to the reported numbers (:mod:`sparsemm_utils.lmms_protocol`). Methods without a budget
 (FullKV and the head-mask ablations) run once per benchmark, with ``budget`` left empty.
 
 Methods (:data:`EVAL_METHODS`) carry the original scripts' names (``scripts/eval/*.sh``:
@@ -20,13 +21,16 @@ bookkeeping is tested without a model.
 Files (in ``out_dir``, step 05's folder; the artifact contract of docs/design.md):
 
 - ``results.csv``: model, benchmark, method, budget, metric, score, n_samples; one row per metric
-  of each finished cell (``budget`` empty for budget-free methods). A cell's rows are appended
-  when the cell finishes, so the file only ever holds finished cells.
+  and per lmms-eval aggregate (OCRBench's /1000 score and categories, MMBench's circular score,
+  ChartQA's splits) of each finished cell (``budget`` empty for budget-free methods). A cell's
+  rows are appended when the cell finishes, so the file only ever holds finished cells.
 - ``predictions.jsonl``: one JSON object per (cell, sample), appended as soon as the sample is
-  answered: model, benchmark, method, budget, sample_id, prediction, answers, scores, and when
-  the generator reports them prompt_tokens, kv_bytes, seconds (``raw_output`` when a stop string
-  cut the answer).
-- ``sweep.json``: what the sweep was run with (model, settings) and each benchmark's sample set
+  answered: model, benchmark, method, budget, sample_id, prediction (stripped, as lmms-eval
+  scores it), answers, scores (MMBench: options), and when the generator reports them
+  prompt_tokens, kv_bytes, seconds (``raw_output`` when a stop string or the strip changed the
+  answer).
+- ``sweep.json``: what the sweep was run with (model, settings, the scoring protocol and its
+  lmms-eval commit under ``settings["scoring"]``) and each benchmark's sample set
   (count, sha256 of the sample ids, skipped rows by reason).
 - ``sweep_ledger.jsonl``: the sha256 of every line the sweep wrote into ``results.csv`` and
   ``predictions.jsonl`` (without its line ending), appended right after the line itself:
@@ -77,7 +81,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .benchmarks import BenchmarkSpec, EvalSample, SkipReport, get_benchmark, score_prediction
+from .benchmarks import BenchmarkSpec, EvalSample, SkipReport, get_benchmark
+from .lmms_protocol import DEFAULT_LMMS_EVAL, LmmsProtocol, aggregates, get_protocol, scored_answer, scoring_context
 from .compression import compressed_generate, make_press
 from .fastv import FastVAtBudget, fastv_generate_at_budget
 from .prompts import build_inputs
@@ -676,6 +681,7 @@ def run_sweep(
     log: Callable[[str], None] | None = print,
     on_mismatch: str = "error",
     shard: Shard | None = None,
+    lmms_eval: str | LmmsProtocol = DEFAULT_LMMS_EVAL,
 ) -> SweepResult:
     """Run every unfinished cell of benchmarks x methods x budgets (module docstring).
 
@@ -699,6 +705,10 @@ def run_sweep(
         shard: answer only this shard's samples, into a shard folder (module docstring,
             "Sharding"); its ``results`` are empty. Without it, shard folders under ``out_dir``
             are merged first (:func:`merge_shards`).
+        lmms_eval: the scoring protocol, "0.3" or "current" (:mod:`sparsemm_utils.lmms_protocol`):
+            each answer is stripped and scored, each cell aggregated, as that lmms-eval does;
+            recorded in ``sweep.json`` with the lmms-eval commit. The samples' prompts must
+            have been built with its specs (``protocol.spec(name)``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -706,7 +716,8 @@ def run_sweep(
         raise EvaluationError(f"model must be a non-empty string (its name in results.csv), got {model!r}")
     check_choice("on_mismatch", on_mismatch, ON_MISMATCH, error=EvaluationError)
     say = log or (lambda message: None)
-    specs = {name: get_benchmark(name) for name in benchmarks}
+    protocol = get_protocol(lmms_eval)
+    specs = {name: protocol.spec(name) for name in benchmarks}
     if any(spec.name != name for name, spec in specs.items()):
         raise EvaluationError(f"benchmarks must be keyed by their registry names, got {list(benchmarks)}")
     cells = sweep_cells(benchmarks, methods, budgets)
@@ -732,13 +743,13 @@ def run_sweep(
         return ids[cell.benchmark][: limits.get(cell.method, len(ids[cell.benchmark]))]
 
     if shard is None:
-        merged = merge_shards(out, model=model, settings=settings or {}, sets=sets, cells=cells, cell_ids=cell_ids)
+        merged = merge_shards(out, model=model, settings=_with_protocol(settings, protocol), sets=sets, cells=cells, cell_ids=cell_ids)
         if merged:
             say(f"merged {merged} answers of the shard folders into {out / PREDICTIONS_FILE} (the shards are kept in {out / MERGED_DIR})")
     settings = dict(settings or {}) if shard is None else {**(settings or {}), "shard": str(shard)}
     results_path = out / RESULTS_FILE
     try:
-        _reconcile_manifest(out / SWEEP_FILE, model, settings or {}, sets)
+        _reconcile_manifest(out / SWEEP_FILE, model, _with_protocol(settings, protocol), sets)
         verify_ledger(out)
         others = sorted(set(read_results(results_path)["model"]) - {model})
         if others:
@@ -748,7 +759,7 @@ def run_sweep(
             raise
         moved = _archive_sweep(out, str(exc))
         say(f"{exc}\n-> moved the earlier sweep's files to {moved} and started afresh")
-        _reconcile_manifest(out / SWEEP_FILE, model, settings or {}, sets)
+        _reconcile_manifest(out / SWEEP_FILE, model, _with_protocol(settings, protocol), sets)
     verified = verify_ledger(out, repair=True)
     for name, (_, extra) in verified.items():
         if extra:
@@ -777,6 +788,7 @@ def run_sweep(
         with open(predictions_path, "a", encoding="utf-8", newline="") as pred_file:
             for bench in dict.fromkeys(c.benchmark for c in pending):
                 spec, samples = specs[bench], benchmarks[bench]
+                context = _scoring_context(spec, samples)
                 bench_cells = [c for c in pending if c.benchmark == bench]
                 for c in bench_cells:
                     by_cell.setdefault(c.key, {})
@@ -794,7 +806,7 @@ def run_sweep(
                     bar.set_postfix_str(f"{bench} {sample_id}")
                     t0 = time.perf_counter()
                     for cell, gen in generate_group(generate, sample, spec, missing):
-                        record = _prediction_record(model, cell, sample, spec, gen, time.perf_counter() - t0)
+                        record = _prediction_record(model, cell, sample, spec, gen, time.perf_counter() - t0, protocol, context)
                         t0 = time.perf_counter()
                         ledger.append(pred_file, PREDICTIONS_FILE, json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
                         by_cell[cell.key][sample_id] = record
@@ -916,18 +928,38 @@ def merge_shards(
     return len(order)
 
 
-def _prediction_record(model: str, cell: "Cell", sample: EvalSample, spec: BenchmarkSpec, gen: Generation, seconds: float) -> dict[str, Any]:
+def _with_protocol(settings: Mapping[str, Any] | None, protocol: LmmsProtocol) -> dict[str, Any]:
+    """The sweep's settings with its scoring protocol (and lmms-eval commit) recorded."""
+    return {**(settings or {}), "scoring": protocol.as_dict()}
+
+
+def _scoring_context(spec: BenchmarkSpec, samples: Sequence[EvalSample]) -> dict[str, Any]:
+    """:func:`~sparsemm_utils.lmms_protocol.scoring_context` of a benchmark's samples (a
+    ``BenchmarkSamples`` gives its answers without decoding images); empty when none is needed."""
+    if not spec.metric_fields or "corpus" not in spec.metric_fields:
+        return {}
+    all_answers = getattr(samples, "all_answers", None)
+    return scoring_context(spec, all_answers() if all_answers is not None else [s.answers for s in samples])
+
+
+def _prediction_record(
+    model: str, cell: "Cell", sample: EvalSample, spec: BenchmarkSpec, gen: Generation, seconds: float,
+    protocol: LmmsProtocol, context: Mapping[str, Any],
+) -> dict[str, Any]:  # fmt: skip
     if not isinstance(gen.text, str):
         raise EvaluationError(f"the generator returned {type(gen.text).__name__} for {cell}, not a str")
-    prediction = spec.postprocess(gen.text)
+    scored = scored_answer(spec, gen.text, sample, protocol, context)
+    prediction = scored["prediction"]
     record: dict[str, Any] = {
         "model": model, "benchmark": cell.benchmark, "method": cell.method, "budget": cell.budget,
         "sample_id": sample.sample_id, "prediction": prediction, "answers": list(sample.answers),
-        "scores": score_prediction(spec, prediction, sample),
+        "scores": scored["scores"],
         "extra": {k: v for k, v in sample.extra.items() if k != "raw_question" and isinstance(v, (str, int, float, bool))},
         "prompt_tokens": gen.prompt_tokens, "kv_bytes": gen.kv_bytes,
         "seconds": round(gen.seconds if gen.seconds is not None else seconds, 4),
     }  # fmt: skip
+    if "options" in scored:
+        record["options"] = scored["options"]
     if prediction != gen.text:
         record["raw_output"] = gen.text
     if gen.details:
@@ -935,31 +967,30 @@ def _prediction_record(model: str, cell: "Cell", sample: EvalSample, spec: Bench
     return record
 
 
-def _scores(records: Mapping[str, Mapping[str, Any]], sample_ids: Sequence[str], metric: str) -> np.ndarray:
-    return np.array([float(records[s]["scores"][metric]) for s in sample_ids])
-
-
 def _result_rows(
     model: str, spec: BenchmarkSpec, cells: Sequence["Cell"], sample_ids: Sequence[str], by_cell: Mapping[Any, Mapping[str, Any]]
 ) -> list[dict[str, Any]]:
-    """One row per metric of each finished cell: the mean over the samples, its 95% bootstrap
-    interval, and for a budgeted method other than SparseMM the paired difference SparseMM minus
-    the method at the same budget with its interval (when SparseMM's cell there is complete)."""
+    """One row per reported number of each finished cell (:func:`~sparsemm_utils.lmms_protocol.aggregates`:
+    the mean of each metric, and lmms-eval's own aggregates such as OCRBench's /1000 score): the
+    number, its 95% bootstrap interval over its units (scaled as the number), and for a budgeted
+    method other than SparseMM the paired difference SparseMM minus the method at the same budget
+    with its interval (when SparseMM's cell there is complete). ``n_samples``: the questions."""
     rows = []
     for cell in cells:
-        for metric in spec.metrics:
-            values = _scores(by_cell[cell.key], sample_ids, metric)
-            low, high = bootstrap_interval(values, seed=0)
+        reference = by_cell.get((cell.benchmark, "sparsemm", cell.budget), {})
+        paired = cell.budget is not None and cell.method != "sparsemm" and all(s in reference for s in sample_ids)
+        theirs = {a.metric: a for a in aggregates(spec, [by_cell[cell.key][s] for s in sample_ids])}
+        ours = {a.metric: a for a in aggregates(spec, [reference[s] for s in sample_ids])} if paired else {}
+        for metric, agg in theirs.items():
+            low, high = (agg.scale * v for v in bootstrap_interval(agg.values, seed=0))
             row = {
                 "model": model, "benchmark": cell.benchmark, "method": cell.method, "budget": cell.budget,
-                "metric": metric, "score": float(values.mean()), "n_samples": int(values.size),
-                "ci_low": low, "ci_high": high,
+                "metric": metric, "score": agg.score, "n_samples": len(sample_ids), "ci_low": low, "ci_high": high,
             }  # fmt: skip
-            reference = by_cell.get((cell.benchmark, "sparsemm", cell.budget), {})
-            if cell.budget is not None and cell.method != "sparsemm" and all(s in reference for s in sample_ids):
-                ours = _scores(reference, sample_ids, metric)
-                d_low, d_high = paired_bootstrap_interval(ours, values, seed=0)
-                row.update({"sparsemm_minus_method": float((ours - values).mean()), "diff_ci_low": d_low, "diff_ci_high": d_high})
+            if metric in ours and ours[metric].values.size == agg.values.size:
+                d_low, d_high = (agg.scale * v for v in paired_bootstrap_interval(ours[metric].values, agg.values, seed=0))
+                diff = agg.scale * float((ours[metric].values - agg.values).mean())
+                row.update({"sparsemm_minus_method": diff, "diff_ci_low": d_low, "diff_ci_high": d_high})
             rows.append(row)
     return rows
 
@@ -1030,11 +1061,16 @@ class ModelGenerator:
         return self._presses[key]
 
     def __call__(self, sample: EvalSample, spec: BenchmarkSpec, method: str, budget: int | None) -> Generation:
+        return self.answer(sample, method, budget, self._limit(spec, sample))
+
+    def answer(self, sample: EvalSample, method: str, budget: int | None, limit: int) -> Generation:
+        """One answer of ``method`` at ``budget`` to ``sample`` (its image and ``question``, the
+        text given to the model), greedy, at most ``limit`` new tokens (the caller's limit: a
+        benchmark's in :meth:`__call__`, an lmms-eval request's in the lmms-eval adapter)."""
         press = self.press(method, budget)
         t0 = time.perf_counter()
         inputs = build_inputs(self.loaded, sample.image, sample.question)
         n = int(inputs["input_ids"].shape[1])
-        limit = self._limit(spec, sample)
         details = None
         if isinstance(press, FastVAtBudget):
             result = fastv_generate_at_budget(self.loaded, press, inputs, max_new_tokens=limit, do_sample=False)

@@ -52,6 +52,7 @@ from ..evaluation import (
 )
 from ..findings import Finding, findings_frame, read_findings
 from ..head_scoring_files import load_head_scores
+from ..lmms_protocol import DEFAULT_LMMS_EVAL, PROTOCOLS, LmmsProtocol, get_protocol
 from ..models import load_model
 from ..sharding import Shard, shard_folder
 from ..statistics import paired_bootstrap_interval
@@ -145,7 +146,9 @@ class Config:
     "error": stop); ``ablation_samples``: the head masks (``mask``, ``mask_random``,
     ``mask_random_<k>``) answer only the first n questions (None: all); ``allow_large``: lift the bounds on ``n_documents``
     (:data:`~sparsemm_utils.parameters.MAX_DOCUMENTS`) and ``max_new_tokens``
-    (:data:`~sparsemm_utils.parameters.MAX_NEW_TOKENS`)."""
+    (:data:`~sparsemm_utils.parameters.MAX_NEW_TOKENS`); ``lmms_eval``: which lmms-eval's rules
+    build the prompts and score the answers, end to end ("0.3": v0.3.4, the paper's; "current":
+    today's; :mod:`sparsemm_utils.lmms_protocol`, the differences in docs/deviations.md)."""
 
     run_dir: str = "runs/tiny"
     model_id: str = "data/tiny_reader"
@@ -169,6 +172,7 @@ class Config:
     on_mismatch: str = "archive"
     ablation_samples: int | None = None
     allow_large: bool = False
+    lmms_eval: str = DEFAULT_LMMS_EVAL
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_dir, (str, Path)) or not str(self.run_dir):
@@ -217,6 +221,12 @@ class Config:
         check_choice("on_mismatch", self.on_mismatch, ON_MISMATCH, error=EvaluationError)
         if self.ablation_samples is not None:
             self.ablation_samples = check_int("ablation_samples", self.ablation_samples, 1, error=EvaluationError)
+        check_choice("lmms_eval (the scoring protocol)", self.lmms_eval, tuple(PROTOCOLS), error=EvaluationError)
+
+    @property
+    def protocol(self) -> LmmsProtocol:
+        """The scoring protocol ``lmms_eval`` names."""
+        return get_protocol(self.lmms_eval)
 
     def method_limits(self) -> dict[str, int]:
         """The head masks answer only the first ``ablation_samples`` questions of each benchmark
@@ -246,7 +256,7 @@ class Config:
         """{name: :class:`~sparsemm_utils.benchmarks.BenchmarkSamples`} of every benchmark: the
         offline one built from ``n_documents`` pages of :meth:`reader_seed` (and written to
         ``save_dir/reader_docqa.parquet`` when given), the others from ``benchmark_sources`` or the
-        HF cache; ``limit`` rows each."""
+        HF cache; ``limit`` rows each; prompts as the ``lmms_eval`` protocol builds them."""
         loaded = {}
         for name in self.benchmarks:
             source: Any = self.benchmark_sources.get(name)
@@ -254,7 +264,7 @@ class Config:
                 source = make_reader_benchmark(self.n_documents, self.reader_seed(), name=name, progress=progress)
                 if save_dir is not None:
                     source.to_parquet(str(Path(save_dir) / f"{name}.parquet"))
-            loaded[name] = load_benchmark(name, source=source, limit=self.limit)
+            loaded[name] = load_benchmark(self.protocol.spec(name), source=source, limit=self.limit)
         return loaded
 
     def resolved_device(self) -> str:
@@ -319,6 +329,7 @@ def sweep(cfg: Config, shard: Shard | None = None, *, log: Any = print, progress
         method_limits=cfg.method_limits(),
         on_mismatch=cfg.on_mismatch,
         shard=shard,
+        lmms_eval=cfg.lmms_eval,
         progress=progress,
         log=log,
     )

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from sparsemm_utils.benchmarks import EvalSample, SkipReport, UnknownBenchmarkError
+from sparsemm_utils.lmms_protocol import PROTOCOLS
 from sparsemm_utils.evaluation import (
     EVAL_METHODS,
     PREDICTIONS_FILE,
@@ -93,7 +94,7 @@ def test_unknown_names_list_the_known_ones():
     with pytest.raises(UnknownMethodError, match="known methods: fullkv, sparsemm, adakv"):
         sweep_cells(["gqa"], ["h2o"], [64])
     with pytest.raises(UnknownBenchmarkError, match="known benchmarks"):
-        sweep_cells(["textcaps"], ["fullkv"], [64])
+        sweep_cells(["nocaps"], ["fullkv"], [64])
     with pytest.raises(EvaluationError, match=r"budget \(tokens per KV head, window included\) must be an int >= 1, got 0"):
         sweep_cells(["gqa"], ["snapkv"], [0])
     with pytest.raises(EvaluationError, match="needs budgets"):
@@ -136,7 +137,7 @@ def test_sweep_writes_the_artifact_contract(tmp_path):
     assert first["scores"] == {"exact_match": 1.0} and first["prompt_tokens"] == 100 and first["kv_bytes"] == 100000
     assert first["extra"] == {"fullAnswer": "", "imageId": "n0"}  # raw_question left out
     manifest = json.loads((tmp_path / "sweep.json").read_text())
-    assert manifest["model"] == "fake/model" and manifest["settings"] == {"window": 8}
+    assert manifest["model"] == "fake/model" and manifest["settings"] == {"window": 8, "scoring": PROTOCOLS["0.3"].as_dict()}
     assert manifest["benchmarks"]["gqa"]["n_samples"] == 4
 
 
@@ -225,7 +226,7 @@ def test_a_mismatched_sweep_is_archived_on_request(tmp_path):
     assert {name: (archived / name).read_text() for name in before} == before  # moved intact
     assert "settings" in (archived / "reason.txt").read_text()
     assert any(str(archived) in line for line in lines)
-    assert result.generated == 4 and json.loads((tmp_path / "sweep.json").read_text())["settings"] == {"window": 16}
+    assert result.generated == 4 and json.loads((tmp_path / "sweep.json").read_text())["settings"] == {"window": 16, "scoring": PROTOCOLS["0.3"].as_dict()}
     # a matching rerun leaves the archive alone and reuses the new sweep
     again = _run(tmp_path, Fake(), settings={"window": 16}, methods=["fullkv"], on_mismatch="archive")
     assert again.generated == 0 and len(list((tmp_path / "superseded").iterdir())) == 1
