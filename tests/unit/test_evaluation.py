@@ -501,7 +501,7 @@ def test_each_shard_answers_its_own_positions_and_resumes(tmp_path):
 def test_a_merge_refuses_shards_of_another_sweep(tmp_path):
     for index in range(2):
         _run(shard_folder(tmp_path, Shard(index, 2)), Fake(), shard=Shard(index, 2))
-    with pytest.raises(ShardError, match=r"shard 0/2 .* ran model 'fake/model' with settings \{'window': 8\}; this sweep is 'fake/model' with \{'window': 4\}"):
+    with pytest.raises(ShardError, match=r"shard 0/2 .* ran model 'fake/model' with settings \{'scoring': \{.*\}, 'window': 8\}; this sweep is 'fake/model' with \{'window': 4, 'scoring'"):
         _run(tmp_path, Fake(), settings={"window": 4})
     with pytest.raises(ShardError, match="on another sample set"):
         _run(tmp_path, Fake(), benchmarks={"gqa": GQA[:3]})
