@@ -377,7 +377,7 @@ def synthetic_head_scores(shape: ModelShape, kind: str = "skewed", seed: int = 0
     §4's 55% and 77% for LLaVA-NeXT-Vicuna-7B's real scores, so the allocation is about as
     uneven as the real one (speed depends on how uneven, not on which heads). Depth L' < L draws
     the first L' rows of depth L's scores (row-major draws). "uniform": ones (every KV head gets
-    B - w). ``benchmarks/decode_latency.py`` uses power 8 (a milder skew)."""
+    B - w)."""
     if kind == "uniform":
         return np.ones((shape.layers, shape.query_heads))
     if kind == "skewed":
