@@ -226,7 +226,7 @@ class EfficiencyProtocol:
     """
 
     models: tuple[str, ...] = ("llava-next-vicuna-7b",)
-    methods: tuple[str, ...] = ("fullkv", "sparsemm")
+    methods: tuple[str, ...] = ("fullkv", STATIC_FULLKV, "sparsemm")
     contexts: tuple[int, ...] = PAPER_CONTEXTS
     budget: int = 256
     window: int = 32
