@@ -32,7 +32,7 @@ import argparse
 import dataclasses
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,8 +44,9 @@ from ..artifacts import Artifact, StepSpec
 from ..efficiency import (
     ANALYTIC_FILE,
     BASELINES,
-    STATIC_FULLKV,
+    PAPER_CONTEXTS,
     RESULTS_FILE,
+    STATIC_FULLKV,
     EfficiencyError,
     EfficiencyProtocol,
     InvalidEfficiencyConfigError,
@@ -77,6 +78,10 @@ __all__ = [
     "head_lengths_sentence",
     "findings",
     "write_outputs",
+    "PAPER_GPU_PROTOCOL",
+    "DRY_RUN_CHANGES",
+    "paper_protocol_config",
+    "run_step",
     "main",
 ]
 
@@ -488,25 +493,62 @@ def write_outputs(cfg: Config, results: pd.DataFrame, analytic: pd.DataFrame | N
     return found
 
 
+#: The paper's protocol on a GPU (docs/method.md §7): the real shapes at full depth with random
+#: weights in bf16, 2K-32K tokens (beyond Vicuna's 4096 checkpoint positions), B = 256, r = 0.1,
+#: w = 32, 100 timed decode steps, peak memory over 512 generated tokens; both full-cache baselines.
+PAPER_GPU_PROTOCOL: dict[str, object] = dict(
+    methods=("fullkv", STATIC_FULLKV, "sparsemm"), contexts=PAPER_CONTEXTS, budget=256, window=32, ratio=0.1,
+    layers=None, vocab="real", decode_steps=100, decode_warmup=2, generate_tokens=512, dtype="bfloat16",
+    device="cuda", decode_attention="auto", head_scores="skewed", extend_positions=True, threads=None, timeout_s=1800,
+)
+#: What a CPU dry run of :data:`PAPER_GPU_PROTOCOL` changes: the same processes, files and code
+#: paths at 1 layer, float32, a depth-scaled vocabulary, 64-128 tokens and a few steps.
+DRY_RUN_CHANGES: dict[str, object] = dict(
+    device="cpu", dtype="float32", layers=1, vocab="depth_scaled", contexts=(64, 128), budget=48, window=8,
+    decode_steps=2, decode_warmup=1, generate_tokens=4, threads=1, timeout_s=600,
+)
+
+
+def paper_protocol_config(
+    run_dir: str | Path, *, models: Sequence[str] = tuple(REFERENCE_MODELS), dry_run: bool = False, **changes: object
+) -> Config:
+    """Step 06's :class:`Config` for the paper's protocol on a GPU (:data:`PAPER_GPU_PROTOCOL`) on
+    ``models`` (default: the three the paper times), or with ``dry_run`` its CPU check
+    (:data:`DRY_RUN_CHANGES`); ``changes``: any other field (e.g. ``contexts``). Raises
+    :class:`~sparsemm_utils.efficiency.DeviceNotAvailableError` without a GPU unless ``dry_run``."""
+    values = {**PAPER_GPU_PROTOCOL, **(DRY_RUN_CHANGES if dry_run else {}), **changes}
+    return Config(run_dir=str(run_dir), models=list(models), **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
+
+
+def run_step(cfg: Config, log: Callable[[str], None] = print) -> tuple[pd.DataFrame, list[Finding]]:
+    """Every measurement of ``cfg`` in a fresh process into ``<run_dir>/06_efficiency/``, then
+    :func:`write_outputs`; logs each row, the targets and the findings. Returns (results, findings)."""
+    log(f"efficiency: {cfg.protocol}")
+    results = run_efficiency(cfg.protocol, STEP.folder(cfg.run_dir, create=True), log=log)
+    found = write_outputs(cfg, results, ANALYTIC_KV.read(cfg.run_dir))
+    log(format_targets(efficiency_targets(results)))
+    log(findings_markdown(found))
+    log(f"wrote {', '.join(str(a.path(cfg.run_dir)) for a in STEP.outputs)}")
+    return results, found
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """The step without its notebook: every measurement in a fresh process into
-    ``<run_dir>/06_efficiency/``, then :func:`write_outputs`; prints the targets and findings."""
+    """The step without its notebook (:func:`run_step`); exit code 2 with the reason on bad input
+    or a failed measurement."""
     parser = argparse.ArgumentParser(prog="python -m sparsemm_utils.steps.efficiency", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", required=True, help="the run folder (results go to <run-dir>/06_efficiency)")
     parser.add_argument("--config-json", default=None, help="a config.json of an earlier run; flags override it")
     add_protocol_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = Config(run_dir=args.run_dir, **protocol_from_args(args).to_dict())
-        print(f"efficiency: {cfg.protocol}", flush=True)
-        results = run_efficiency(cfg.protocol, STEP.folder(cfg.run_dir, create=True), log=lambda line: print(line, flush=True))
-        found = write_outputs(cfg, results, ANALYTIC_KV.read(cfg.run_dir))
+        run_step(Config(run_dir=args.run_dir, **protocol_from_args(args).to_dict()), _print)
     except (EfficiencyError, MeasurementFailedError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_targets(efficiency_targets(results)))
-    print(findings_markdown(found))
-    print(f"wrote {', '.join(str(a.path(cfg.run_dir)) for a in STEP.outputs)}")
     return 0
 
 
