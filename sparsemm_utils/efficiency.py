@@ -198,7 +198,8 @@ class EfficiencyProtocol:
 
     Args:
         models: real shapes to time (names of :data:`~sparsemm_utils.real_shapes.REAL_SHAPES` or hub ids).
-        methods: methods of :data:`EFFICIENCY_METHODS`; FullKV is the reference of every ratio.
+        methods: methods of :data:`EFFICIENCY_METHODS`; FullKV (``fullkv``, DynamicCache) is the reference of
+            every ratio, ``fullkv_static`` (StaticCache) the second, fair one (:data:`BASELINES`).
         contexts: prompt lengths n in tokens (strictly increasing).
         budget, window, ratio: B (window included), w and SparseMM's uniform share r (docs/method.md §5).
         layers: decoder layers kept (None: the real depth); the same for every model, and at most
