@@ -15,6 +15,8 @@ from sparsemm_utils.decode_benchmark import COLUMNS, DecodeBenchmarkConfig, form
 from sparsemm_utils.efficiency import InvalidEfficiencyConfigError
 from sparsemm_utils.real_shapes import RealShape
 
+pytestmark = pytest.mark.slow
+
 # 6 layers of a tiny LLaVA-NeXT (llama) shape: 4 query heads, 2 KV heads, head_dim 16
 TINY = RealShape(
     name="tiny-llama", hub_id="test/tiny-llama", model_type="llava_next", text_model_type="llama", layers=6, hidden=64,
