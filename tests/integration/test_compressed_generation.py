@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from sparsemm_utils.allocation import ModelShape, ScoreShapeError
+from sparsemm_utils.allocation import ScoreShapeError
 from sparsemm_utils.compression import (
     AdaKVPress,
     FullKVPress,
@@ -309,32 +309,3 @@ def test_bad_input_fails_before_any_forward_pass(setup):
     with pytest.raises(ScoreShapeError, match=f"the model needs \\(layers, query_heads\\) = \\({shape.layers}, {shape.query_heads}\\)"):
         compressed_generate(loaded, wrong, inputs, max_new_tokens=2)
     assert text_attention_implementation(loaded.model) == "sdpa"
-
-
-# ------------------------------------------------------------------------- the benchmark, smoke
-
-
-def test_decode_latency_benchmark_runs_on_a_small_shape():
-    """benchmarks/decode_latency.py on a small model (timings are printed, never asserted)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_latency.py"
-    spec = importlib.util.spec_from_file_location("decode_latency", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["decode_latency"] = bench
-    spec.loader.exec_module(bench)
-    widths = dict(text_hidden=64, text_heads=4, text_kv_heads=2, text_intermediate=64)
-    rows = bench.run_benchmark((64, 96), budget=24, window=8, layers=2, steps=1, warmup=1, widths=widths, progress=False)
-    assert [r.context for r in rows] == [64, 96]
-    # the benchmark's SparseMM: B = 24, w = 8, skewed synthetic scores rng(seed 0).random((L, H)) ** 8
-    press = SparseMMPress(budget=24, window=8, head_scores=np.random.default_rng(0).random((2, 4)) ** 8)
-    shape = ModelShape(2, 4, 2)
-    for r in rows:  # bytes measured right after the "prefill": 2 layers x 2 KV heads x head_dim 16 x 2 x 4 bytes
-        assert r.fullkv_kv_bytes == r.context * 2 * 2 * 16 * 2 * 4
-        stored = press.capacities(shape, r.context).stored(r.context)  # cap + window per KV head, n > B
-        assert r.sparsemm_kv_bytes == int(stored.sum()) * 16 * 2 * 4
-        assert abs(int(stored.sum()) - 24 * 4) <= 2  # B per KV head on average, up to the caps' rounding
-        assert r.fullkv_ms > 0 and r.sparsemm_ms > 0
-    assert "ratio FullKV / SparseMM at n = 96" in bench.format_rows(rows)
