@@ -59,10 +59,16 @@ single-process ``run_sweep`` into ``<out>`` then merges the shard folders first
 shard with this sweep's model, settings and sample sets, every shard's ledger intact), writing
 ``predictions.jsonl`` in the single-process order; it then finds every answer there and writes
 ``results.csv`` exactly as a single-process run does.
+
+Re-scoring (:func:`rescore_sweep`, ``python -m sparsemm_utils.evaluation rescore <folder>``): a
+finished sweep's answers scored again under another protocol (or a sweep written before answers
+were stripped, scored as today), without generating anything; the table goes to a file of its
+own, never over the sweep's ``results.csv``.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import hashlib
@@ -82,7 +88,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .benchmarks import BenchmarkSpec, EvalSample, SkipReport, get_benchmark
-from .lmms_protocol import DEFAULT_LMMS_EVAL, LmmsProtocol, aggregates, get_protocol, scored_answer, scoring_context
+from .lmms_protocol import DEFAULT_LMMS_EVAL, PROTOCOLS, LmmsProtocol, aggregates, get_protocol, scored_answer, scoring_context
 from .compression import compressed_generate, make_press
 from .fastv import FastVAtBudget, fastv_generate_at_budget
 from .prompts import build_inputs
@@ -126,6 +132,8 @@ __all__ = [
     "read_predictions",
     "predictions_frame",
     "verify_ledger",
+    "rescore_records",
+    "rescore_sweep",
     "scaled_budgets",
     "prompt_tokens",
     "ModelGenerator",
@@ -995,6 +1003,82 @@ def _result_rows(
     return rows
 
 
+def rescore_records(records: Sequence[Mapping[str, Any]], *, lmms_eval: str | LmmsProtocol = DEFAULT_LMMS_EVAL) -> pd.DataFrame:
+    """The results table (:data:`RESULTS_COLUMNS`) of prediction records scored again under
+    ``lmms_eval``: each record's model text (``raw_output`` where the record has one, else
+    ``prediction``: records written before answers were stripped hold the model's text there) goes
+    through the protocol's strip and metrics (:func:`~sparsemm_utils.lmms_protocol.scored_answer`),
+    then each cell (benchmark, method, budget; in the order the records first name them) is
+    aggregated over its samples (in record order) with its intervals and SparseMM's paired
+    differences, exactly as :func:`run_sweep` writes them. Nothing is generated; the images are not
+    needed (a record keeps the answers and the scalar fields the metrics read)."""
+    protocol = get_protocol(lmms_eval)
+    if not records:
+        raise EvaluationError("no prediction records to re-score: the sweep answered nothing yet")
+    models = sorted({str(r.get("model")) for r in records})
+    if len(models) != 1:
+        raise EvaluationError(f"the records come from {len(models)} models {models}; re-score one model's sweep at a time")
+    by_bench: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        by_bench.setdefault(str(record["benchmark"]), []).append(record)
+    rows: list[dict[str, Any]] = []
+    for bench, bench_records in by_bench.items():
+        spec = protocol.spec(bench)
+        samples = {}
+        for r in bench_records:
+            extra = dict(r.get("extra") or {})
+            if "options" in r:
+                extra["options"] = dict(r["options"])
+            samples.setdefault(str(r["sample_id"]), EvalSample(str(r["sample_id"]), None, "", tuple(r["answers"]), extra))
+        context = scoring_context(spec, [s.answers for s in samples.values()])
+        by_cell: dict[tuple[str, str, int | None], dict[str, dict[str, Any]]] = {}
+        for r in bench_records:
+            raw = r.get("raw_output", r["prediction"])
+            scored = scored_answer(spec, raw, samples[str(r["sample_id"])], protocol, context)
+            key = (bench, str(r["method"]), _budget_key(r["budget"]))
+            by_cell.setdefault(key, {})[str(r["sample_id"])] = {**r, **scored}
+        for key, answered in by_cell.items():
+            rows += _result_rows(models[0], spec, [Cell(*key)], list(answered), by_cell)
+    frame = pd.DataFrame([{k: row.get(k) for k in RESULTS_COLUMNS} for row in rows], columns=list(RESULTS_COLUMNS))
+    frame["budget"] = pd.to_numeric(frame["budget"], errors="coerce").astype("Int64")
+    return frame
+
+
+def rescore_sweep(
+    folder: str | Path, *, lmms_eval: str | LmmsProtocol = DEFAULT_LMMS_EVAL, out: str | Path | None = None
+) -> pd.DataFrame:
+    """:func:`rescore_records` of a sweep folder's ``predictions.jsonl``, after checking it against
+    its ledger (:func:`verify_ledger`: an edited answer raises :class:`SweepTamperedError`).
+    ``out``: also write the table there as CSV (never the sweep's own ``results.csv``)."""
+    folder = Path(folder)
+    if not (folder / PREDICTIONS_FILE).is_file():
+        raise EvaluationError(f"{folder} has no {PREDICTIONS_FILE}: give a step-05 folder (e.g. runs/study/05_eval)")
+    verify_ledger(folder)
+    frame = rescore_records(read_predictions(folder)[0], lmms_eval=lmms_eval)
+    if out is not None:
+        out = Path(out)
+        if out.resolve() == (folder / RESULTS_FILE).resolve():
+            raise EvaluationError(f"{out} is the sweep's own {RESULTS_FILE}, which its ledger records: write the re-scored table elsewhere")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(out, index=False)
+    return frame
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sparsemm_utils.evaluation rescore <step-05 folder> [--lmms-eval 0.3|current] [--out file.csv]``."""
+    parser = argparse.ArgumentParser(prog="python -m sparsemm_utils.evaluation", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    rescore = sub.add_parser("rescore", help="score a finished sweep's answers again, generating nothing")
+    rescore.add_argument("folder", help="a step-05 folder, e.g. runs/study/05_eval")
+    rescore.add_argument("--lmms-eval", default=DEFAULT_LMMS_EVAL, choices=sorted(PROTOCOLS), help="the scoring protocol")
+    rescore.add_argument("--out", help="write the table there as CSV")
+    args = parser.parse_args(argv)
+    frame = rescore_sweep(args.folder, lmms_eval=args.lmms_eval, out=args.out)
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        print(frame.to_string(index=False))
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # budgets
 
@@ -1110,3 +1194,7 @@ class ModelGenerator:
             if out[i] is None:
                 out[i] = self(sample, spec, method, budget)
         return out  # type: ignore[return-value]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

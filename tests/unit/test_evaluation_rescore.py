@@ -1,0 +1,116 @@
+"""Re-scoring a finished sweep (``evaluation.rescore_records`` / ``rescore_sweep`` / the ``rescore``
+command): the same protocol gives back ``results.csv`` exactly; answers written before the strip
+are scored as lmms-eval scores them; a tampered or missing file is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from sparsemm_utils.benchmarks import EvalSample
+from sparsemm_utils.evaluation import (
+    PREDICTIONS_FILE,
+    RESULTS_COLUMNS,
+    RESULTS_FILE,
+    EvaluationError,
+    Generation,
+    SweepTamperedError,
+    main,
+    read_predictions,
+    read_results,
+    rescore_records,
+    rescore_sweep,
+    run_sweep,
+)
+
+IMAGE = Image.new("RGB", (8, 8), "white")
+DOCVQA = [EvalSample(str(i), IMAGE, f"q{i}", (answer,), {"raw_question": f"q{i}"}) for i, answer in enumerate(["1998", "total", "12%", "Paris", "42"])]
+
+
+def padded(sample, spec, method, budget):
+    """FullKV answers right with whitespace around; SparseMM drops the last character of every
+    answer; SnapKV answers "?". Padding makes the sweep keep ``raw_output``."""
+    answer = sample.answers[0]
+    if method == "fullkv":
+        return Generation(f" {answer} \n", prompt_tokens=50)
+    if method == "sparsemm":
+        return Generation(answer[:-1] + "\n", prompt_tokens=50)
+    return "?"
+
+
+def _sweep(out, **kwargs):
+    args = dict(
+        model="fake/model", benchmarks={"docvqa": DOCVQA}, methods=["fullkv", "sparsemm", "snapkv", "mask"],
+        budgets=[16, 32], generate=padded, settings={"window": 8}, method_limits={"mask": 3}, progress=False, log=None,
+    )  # fmt: skip
+    args.update(kwargs)
+    return run_sweep(out, **args)
+
+
+@pytest.mark.parametrize("protocol", ["0.3", "current"])
+def test_rescoring_under_the_sweeps_own_protocol_gives_back_its_results(tmp_path, protocol):
+    _sweep(tmp_path, lmms_eval=protocol)
+    rescored = rescore_sweep(tmp_path, lmms_eval=protocol, out=tmp_path / "rescored.csv")
+    expected = read_results(tmp_path)
+    pd.testing.assert_frame_equal(rescored, expected, check_dtype=False)
+    assert tuple(rescored.columns) == RESULTS_COLUMNS
+    # the mask cell (3 samples) and the paired differences are part of it
+    assert set(rescored.loc[rescored.method == "mask", "n_samples"]) == {3}
+    assert rescored["sparsemm_minus_method"].notna().any()
+    pd.testing.assert_frame_equal(read_results(tmp_path / "rescored.csv"), expected, check_dtype=False)
+
+
+def test_an_answer_written_before_the_strip_is_scored_as_lmms_eval_scores_it():
+    # worked by hand: lmms-eval strips "1999 \n" to "1999"; ANLS = 1 - 1/4 = 0.75. The unstripped
+    # text gave 1 - 1/6 = 0.833 (its length counted the space and the newline).
+    record = {
+        "model": "m", "benchmark": "docvqa", "method": "fullkv", "budget": None, "sample_id": "0",
+        "prediction": "1999 \n", "answers": ["1998"], "scores": {"anls": 1 - 1 / 6}, "extra": {},
+    }  # fmt: skip
+    frame = rescore_records([record], lmms_eval="0.3")
+    assert frame.loc[0, "metric"] == "anls"
+    assert frame.loc[0, "score"] == pytest.approx(0.75)
+    assert frame.loc[0, "n_samples"] == 1
+    # the model's text is read from raw_output where a record has one
+    stripped = {**record, "prediction": "1999", "raw_output": "1998\n"}
+    assert rescore_records([stripped], lmms_eval="0.3").loc[0, "score"] == pytest.approx(1.0)
+
+
+def test_rescoring_refuses_what_it_cannot_score(tmp_path):
+    with pytest.raises(EvaluationError, match="no predictions.jsonl"):
+        rescore_sweep(tmp_path)
+    with pytest.raises(EvaluationError, match="no prediction records"):
+        rescore_records([])
+    records = [
+        {"model": name, "benchmark": "docvqa", "method": "fullkv", "budget": None, "sample_id": "0", "prediction": "a", "answers": ["a"], "extra": {}}
+        for name in ("m1", "m2")
+    ]
+    with pytest.raises(EvaluationError, match="2 models"):
+        rescore_records(records)
+    _sweep(tmp_path)
+    with pytest.raises(EvaluationError, match="own results.csv"):
+        rescore_sweep(tmp_path, out=tmp_path / RESULTS_FILE)
+
+
+def test_an_edited_answer_is_detected_before_rescoring(tmp_path):
+    _sweep(tmp_path)
+    path = tmp_path / PREDICTIONS_FILE
+    lines = path.read_text(encoding="utf-8").splitlines()
+    first = json.loads(lines[0])
+    first["raw_output"] = first["answers"][0]
+    lines[0] = json.dumps(first, ensure_ascii=False)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(SweepTamperedError):
+        rescore_sweep(tmp_path)
+
+
+def test_the_rescore_command_prints_and_writes_the_table(tmp_path, capsys):
+    _sweep(tmp_path)
+    assert main(["rescore", str(tmp_path), "--lmms-eval", "current", "--out", str(tmp_path / "current.csv")]) == 0
+    assert "sparsemm_minus_method" in capsys.readouterr().out
+    frame = read_results(tmp_path / "current.csv")
+    assert len(frame) == len(read_results(tmp_path))
+    assert len(read_predictions(tmp_path)[0]) == 5 * (1 + 2 + 2) + 3
