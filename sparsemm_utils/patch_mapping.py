@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,7 @@ __all__ = [
     "PatchMapper",
     "Geometry",
     "MAPPER_FAMILY",
+    "ARITHMETICS",
     "check_model_type",
     "geometry_from_processor",
     "make_mapper",
@@ -264,6 +266,34 @@ def _index_range(lo: float, hi: float, step: float, n: int) -> np.ndarray:
     first = min(max(int(lo // step), 0), n - 1)
     last = min(max(int(hi // step), 0), n - 1)
     return np.arange(first, last + 1, dtype=np.int64)
+
+
+#: How a box coordinate is scaled onto a resized grid: ``"exact"`` (rational arithmetic, the
+#: default) or ``"float64"`` (the original's ``x * (resized / original)``; docs/deviations.md).
+ARITHMETICS: tuple[str, ...] = ("exact", "float64")
+
+
+def _exact(value: float) -> Fraction:
+    """A box coordinate as the exact rational it stores (every float is a dyadic rational)."""
+    return Fraction(int(value)) if isinstance(value, (int, np.integer)) else Fraction(float(value))
+
+
+def _scaled_index_range(lo: float, hi: float, scale: Fraction, step: int, n: int, arithmetic: str) -> np.ndarray:
+    """:func:`_index_range` of ``lo * scale .. hi * scale`` (``scale = resized / original``, a
+    rational); shape ``(k,)``. ``"exact"``: ``floor(lo * scale / step)`` in rational arithmetic, so
+    a coordinate that scales exactly onto a token boundary lands in the token that starts there;
+    ``"float64"``: the original's ``(lo * (resized / original)) // step`` in float64, which can land
+    just below the boundary, one token low (docs/deviations.md, "Qwen mapping in exact arithmetic")."""
+    if arithmetic == "float64":
+        return _index_range(lo * float(scale), hi * float(scale), step, n)
+    first = min(max(math.floor(_exact(lo) * scale / step), 0), n - 1)
+    last = min(max(math.floor(_exact(hi) * scale / step), 0), n - 1)
+    return np.arange(first, last + 1, dtype=np.int64)
+
+
+def _check_arithmetic(arithmetic: str) -> None:
+    if arithmetic not in ARITHMETICS:
+        raise PatchMappingError(f"unknown mapping arithmetic {arithmetic!r}; choose one of {ARITHMETICS}")
 
 
 def _flat(rows: np.ndarray, cols: np.ndarray, stride: int, offset: int = 0) -> np.ndarray:
@@ -614,10 +644,14 @@ class QwenVLPatchMapper:
     columns ``floor(x0/28) .. floor(x1/28)`` inclusive (clipped to the grid, so a box touching the
     right/bottom edge never yields ``col == grid_w``); position ``row * grid_w + col`` relative to
     the first ``<|image_pad|>`` token. Only the original rule exists (``variant="fidelity"``).
+    ``arithmetic``: ``"exact"`` (default) scales in rational arithmetic, so a box edge exactly on a
+    token boundary lands in the token starting there; ``"float64"`` is the original's
+    ``x * (W_r / W)`` in float64, one token low on some boundaries (docs/deviations.md).
     """
 
     geometry: QwenVLGeometry = field(default_factory=QwenVLGeometry)
     variant: Literal["fidelity"] = "fidelity"
+    arithmetic: Literal["exact", "float64"] = "exact"
 
     VARIANTS: ClassVar[tuple[str, ...]] = ("fidelity",)
     family: ClassVar[str] = "qwen_vl"
@@ -631,6 +665,7 @@ class QwenVLPatchMapper:
             raise PatchMappingError(
                 f"unknown Qwen-VL mapping variant {self.variant!r}; choose one of {self.VARIANTS}"
             )
+        _check_arithmetic(self.arithmetic)
 
     def num_tokens(self, width: int, height: int) -> int:
         """Image tokens the LLM sees for a ``width x height`` image."""
@@ -653,9 +688,9 @@ class QwenVLPatchMapper:
         h_r, w_r = self.geometry.resized_size(height, width)
         f = self.geometry.factor
         grid_h, grid_w = h_r // f, w_r // f
-        sx, sy = w_r / width, h_r / height
-        rows = _index_range(b.y0 * sy, b.y1 * sy, f, grid_h)
-        cols = _index_range(b.x0 * sx, b.x1 * sx, f, grid_w)
+        sx, sy = Fraction(w_r, width), Fraction(h_r, height)
+        rows = _scaled_index_range(b.y0, b.y1, sy, f, grid_h, self.arithmetic)
+        cols = _scaled_index_range(b.x0, b.x1, sx, f, grid_w, self.arithmetic)
         return _flat(rows, cols, grid_w)
 
     def token_boxes(self, width: int, height: int) -> np.ndarray:
@@ -818,7 +853,7 @@ class InternVLPatchMapper:
 
     The box is scaled to the tiled canvas (``cols * 448 / W``, ``rows * 448 / H``); rows
     ``floor(y0/28) .. floor(y1/28)`` and columns ``floor(x0/28) .. floor(x1/28)`` of the canvas's
-    ``16 rows x 16 cols`` token grid are marked (inclusive, clipped), and global token ``(R, C)`` is
+    ``(16 * rows) x (16 * cols)`` token grid are marked (inclusive, clipped), and global token ``(R, C)`` is
     token ``(R mod 16) * 16 + C mod 16`` of tile ``(R // 16) * cols + C // 16``: position
     ``256 * tile + (R mod 16) * 16 + C mod 16``, relative to the first ``<IMG_CONTEXT>``. This is
     Qwen's 28 px block rule on the tiles the language model reads in tile order.
@@ -827,10 +862,12 @@ class InternVLPatchMapper:
     only); ``"base_and_crop"`` also marks the thumbnail's tokens under the box (box scaled by
     ``448 / W``, ``448 / H``; position ``256 * tiles + row * 16 + col``), the analogue of
     LLaVA-NeXT's base grid. A one-tile image has no thumbnail, so both variants agree on it.
+    ``arithmetic``: as :class:`QwenVLPatchMapper`'s (``"exact"`` by default).
     """
 
     geometry: InternVLGeometry = field(default_factory=InternVLGeometry)
     variant: Literal["fidelity", "base_and_crop"] = "fidelity"
+    arithmetic: Literal["exact", "float64"] = "exact"
 
     VARIANTS: ClassVar[tuple[str, ...]] = ("fidelity", "base_and_crop")
     family: ClassVar[str] = "internvl"
@@ -842,6 +879,7 @@ class InternVLPatchMapper:
             )
         if self.variant not in self.VARIANTS:
             raise PatchMappingError(f"unknown InternVL mapping variant {self.variant!r}; choose one of {self.VARIANTS}")
+        _check_arithmetic(self.arithmetic)
 
     def num_tokens(self, width: int, height: int) -> int:
         """Image tokens the LLM sees for a ``width x height`` image (tiles + thumbnail)."""
@@ -874,16 +912,18 @@ class InternVLPatchMapper:
         rows, cols = self.geometry.tile_grid(height, width)
         grid_h, grid_w = self.geometry.grid(height, width)
         size, cell = self.geometry.tile_size, self.geometry.cell
-        sx, sy = cols * size / width, rows * size / height
+        sx, sy = Fraction(cols * size, width), Fraction(rows * size, height)
         positions = self._tile_positions(
-            _index_range(b.y0 * sy, b.y1 * sy, cell, grid_h), _index_range(b.x0 * sx, b.x1 * sx, cell, grid_w), cols
+            _scaled_index_range(b.y0, b.y1, sy, cell, grid_h, self.arithmetic),
+            _scaled_index_range(b.x0, b.x1, sx, cell, grid_w, self.arithmetic),
+            cols,
         )
         if self.variant == "base_and_crop" and self.geometry.has_thumbnail(height, width):
             side = self.geometry.tokens_per_side
-            tx, ty = size / width, size / height
+            tx, ty = Fraction(size, width), Fraction(size, height)
             thumb = _flat(
-                _index_range(b.y0 * ty, b.y1 * ty, cell, side),
-                _index_range(b.x0 * tx, b.x1 * tx, cell, side),
+                _scaled_index_range(b.y0, b.y1, ty, cell, side, self.arithmetic),
+                _scaled_index_range(b.x0, b.x1, tx, cell, side, self.arithmetic),
                 side,
                 offset=rows * cols * self.geometry.tokens_per_tile,
             )
