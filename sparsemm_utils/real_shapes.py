@@ -21,18 +21,30 @@ them, so a prompt never contains an image token.
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import torch
-from transformers import GenerationConfig, LlavaNextConfig, Qwen2_5_VLConfig, Qwen2VLConfig
+from transformers import (
+    GenerationConfig,
+    InternVLConfig,
+    LlavaNextConfig,
+    LlavaOnevisionConfig,
+    Qwen2_5_VLConfig,
+    Qwen2VLConfig,
+    Qwen3VLConfig,
+)
 
 from sparsemm_utils.allocation import ModelShape
+from sparsemm_utils.kv_cache import analytic_kv_bytes
 from sparsemm_utils.models import SUPPORTED_MODEL_TYPES, LoadedModel
-from sparsemm_utils.random_models import mrope_section_for
+from sparsemm_utils.patch_mapping import LLAVA_ONEVISION_PINPOINTS
+from sparsemm_utils.random_models import interleaved_mrope_section_for, mrope_section_for
 from sparsemm_utils.validate import check_int
 
 __all__ = [
@@ -47,6 +59,9 @@ __all__ = [
     "build_random_model",
     "random_prompt",
     "weights_bytes",
+    "PAPER_MEMORY_CONTEXT",
+    "GpuMemory",
+    "gpu_memory",
 ]
 
 #: Ids at the top of the vocabulary held by special tokens: EOS, padding, image placeholder,
@@ -69,8 +84,10 @@ class InvalidShapeOptionError(ValueError):
 class RealShape:
     """One real model's language-model shape (docs/method.md §1) and the class that runs it.
 
-    ``layers`` L, ``query_heads`` H, ``kv_heads`` H_kv, head_dim = hidden / H; ``text_model_type``
-    is the text config's model type ("llama", "mistral", or the Qwen text model);
+    ``layers`` L, ``query_heads`` H, ``kv_heads`` H_kv, head_dim = hidden / H unless the checkpoint
+    names its own (``attention_head_dim``: Qwen3-VL-4B has hidden 2560, 32 heads of 128);
+    ``text_model_type`` is the text config's model type ("llama", "mistral", "qwen2", or the Qwen-VL
+    text model);
     ``max_position_embeddings`` is the checkpoint's own (LLaVA-NeXT-Vicuna's is 4096: the paper
     still times it at 32K tokens, RoPE being computed on the fly).
     """
@@ -89,19 +106,20 @@ class RealShape:
     rope_theta: float
     rms_norm_eps: float
     tie_word_embeddings: bool = False
+    attention_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise InvalidShapeOptionError(f"{self.name}: model_type {self.model_type!r} is not supported")
-        if self.hidden % self.query_heads or self.query_heads % self.kv_heads:
+        if (self.attention_head_dim is None and self.hidden % self.query_heads) or self.query_heads % self.kv_heads:
             raise InvalidShapeOptionError(
-                f"{self.name}: need hidden % query_heads == 0 and query_heads % kv_heads == 0, got "
-                f"{self.hidden}, {self.query_heads}, {self.kv_heads}"
+                f"{self.name}: need hidden % query_heads == 0 (or an explicit attention_head_dim) and "
+                f"query_heads % kv_heads == 0, got {self.hidden}, {self.query_heads}, {self.kv_heads}"
             )
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.query_heads
+        return self.attention_head_dim if self.attention_head_dim is not None else self.hidden // self.query_heads
 
     def model_shape(self, layers: int | None = None) -> ModelShape:
         """(layers, query_heads, kv_heads), at full depth or ``layers``."""
@@ -155,6 +173,48 @@ REAL_SHAPES: Mapping[str, RealShape] = MappingProxyType(
                 text_model_type="qwen2_5_vl_text", layers=28, hidden=3584, intermediate=18944, query_heads=28,
                 kv_heads=4, vocab_size=152064, max_position_embeddings=128000, rope_theta=1_000_000.0,
                 rms_norm_eps=1e-6,
+            ),
+            *(
+                RealShape(
+                    name=f"qwen3-vl-{size}", hub_id=f"Qwen/Qwen3-VL-{size.upper()}-Instruct", model_type="qwen3_vl",
+                    text_model_type="qwen3_vl_text", layers=layers, hidden=hidden, intermediate=intermediate,
+                    query_heads=heads, kv_heads=8, vocab_size=151936, max_position_embeddings=262144,
+                    rope_theta=5_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie, attention_head_dim=128,
+                )
+                for size, layers, hidden, intermediate, heads, tie in (
+                    ("2b", 28, 2048, 6144, 16, True),
+                    ("4b", 36, 2560, 9728, 32, True),
+                    ("8b", 36, 4096, 12288, 32, False),
+                )
+            ),
+            RealShape(
+                name="llava-onevision-qwen2-0.5b", hub_id="llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+                model_type="llava_onevision", text_model_type="qwen2", layers=24, hidden=896, intermediate=4864,
+                query_heads=14, kv_heads=2, vocab_size=152000, max_position_embeddings=32768,
+                rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+            ),
+            RealShape(
+                name="llava-onevision-qwen2-7b", hub_id="llava-hf/llava-onevision-qwen2-7b-ov-hf",
+                model_type="llava_onevision", text_model_type="qwen2", layers=28, hidden=3584, intermediate=18944,
+                query_heads=28, kv_heads=4, vocab_size=152128, max_position_embeddings=32768,
+                rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+            ),
+            *(
+                # InternVL3's language models are Qwen2.5 (0.5B, 1.5B, 7B, 14B, 32B, 72B)
+                RealShape(
+                    name=f"internvl3-{size}", hub_id=f"OpenGVLab/InternVL3-{size.upper()}-hf", model_type="internvl",
+                    text_model_type="qwen2", layers=layers, hidden=hidden, intermediate=intermediate,
+                    query_heads=heads, kv_heads=kv_heads, vocab_size=151674, max_position_embeddings=32768,
+                    rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                )
+                for size, layers, hidden, intermediate, heads, kv_heads in (
+                    ("1b", 24, 896, 4864, 14, 2),
+                    ("2b", 28, 1536, 8960, 12, 2),
+                    ("8b", 28, 3584, 18944, 28, 4),
+                    ("14b", 48, 5120, 13824, 40, 8),
+                    ("38b", 64, 5120, 27648, 40, 8),
+                    ("78b", 80, 8192, 29568, 64, 8),
+                )
             ),
         )
     }
@@ -228,6 +288,10 @@ def real_config(
         pad_token_id=ids["pad"],
         bos_token_id=None,
     )
+    if shape.model_type in ("llava_onevision", "internvl"):
+        return _qwen2_based_config(shape, text, ids)
+    if shape.model_type == "qwen3_vl":
+        return _qwen3_vl_config(shape, text, ids)
     if shape.model_type == "llava_next":
         text.update(model_type=shape.text_model_type, rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta})
         if shape.text_model_type == "mistral":
@@ -270,6 +334,68 @@ def real_config(
         spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0], tokens_per_second=2,
     )
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
+
+
+#: A tiny vision tower (the text-only benchmark never runs it): width 32, one layer, two heads.
+_TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=14)
+
+
+def _qwen2_based_config(shape: RealShape, text: dict[str, Any], ids: dict[str, int]):
+    """LLaVA-OneVision / InternVL: the Qwen2 language model of ``shape`` (1D RoPE) behind a tiny
+    SigLIP 384/14 or InternViT 448/14 tower."""
+    text.update(
+        model_type="qwen2", use_sliding_window=False,
+        rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
+    )
+    if shape.model_type == "llava_onevision":
+        return LlavaOnevisionConfig(
+            text_config=text,
+            vision_config=dict(model_type="siglip_vision_model", image_size=384, vision_use_head=False, **_TINY_VISION),
+            image_token_index=ids["image"],
+            video_token_index=ids["video"],
+            vision_feature_select_strategy="full",
+            vision_feature_layer=-1,
+            image_grid_pinpoints=[list(p) for p in LLAVA_ONEVISION_PINPOINTS],
+            vision_aspect_ratio="anyres_max_9",
+            tie_word_embeddings=shape.tie_word_embeddings,
+        )
+    return InternVLConfig(
+        text_config=text,
+        vision_config=dict(image_size=448, **_TINY_VISION),
+        image_token_id=ids["image"],
+        image_seq_length=256,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=shape.tie_word_embeddings,
+    )
+
+
+def _qwen3_vl_config(shape: RealShape, text: dict[str, Any], ids: dict[str, int]) -> Qwen3VLConfig:
+    """Qwen3-VL: the real text model (explicit head_dim, QK-norm, interleaved M-RoPE [24, 20, 20])
+    behind a tiny 16 px tower whose one block feeds the deepstack merge."""
+    text.update(
+        head_dim=shape.head_dim,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": shape.rope_theta,
+            "mrope_section": interleaved_mrope_section_for(shape.head_dim),
+            "mrope_interleaved": True,
+        },
+    )
+    vision = dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=shape.hidden, patch_size=16,
+        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[0],
+    )
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["image"],
+        video_token_id=ids["video"],
+        vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+        tie_word_embeddings=shape.tie_word_embeddings,
+    )
 
 
 def build_random_model(
@@ -328,3 +454,82 @@ def weights_bytes(model: torch.nn.Module) -> int:
         seen.add(p.data_ptr())
         total += p.numel() * p.element_size()
     return total
+
+
+#: The paper's longest measured context (docs/method.md §7): 32K prompt tokens + 512 generated.
+PAPER_MEMORY_CONTEXT: int = 32768 + 512
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """What a model of a shape needs on the GPU at ``context`` tokens, from its shapes alone.
+
+    ``text_weights_bytes``: the language model and its output layer (the real vocabulary, tied
+    embeddings counted once) in ``dtype``; ``full_kv_bytes``: the uncompressed KV cache,
+    ``layers x kv_heads x context x head_dim x 2`` elements (docs/method.md §7). The vision tower
+    is NOT included (its size is not part of :class:`RealShape`; 0.4-0.7 B parameters for the
+    models here, 5.5 B for InternVL3-38B / 78B's InternViT-6B), nor activations."""
+
+    name: str
+    context: int
+    dtype: str
+    text_parameters: int
+    text_weights_bytes: int
+    full_kv_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.text_weights_bytes + self.full_kv_bytes
+
+    def line(self) -> str:
+        """One line for a config's header: GiB of weights, KV cache and their sum."""
+        gib = 2**30
+        return (
+            f"GPU memory ({self.dtype}, {self.context} tokens, vision tower and activations not counted): "
+            f"{self.text_weights_bytes / gib:.1f} GiB language-model weights ({self.text_parameters / 1e9:.2f} B "
+            f"parameters) + {self.full_kv_bytes / gib:.1f} GiB full KV cache = {self.total_bytes / gib:.1f} GiB"
+        )
+
+
+def gpu_memory(shape: RealShape | str, context: int = PAPER_MEMORY_CONTEXT, dtype: torch.dtype = torch.bfloat16) -> GpuMemory:
+    """:class:`GpuMemory` of ``shape`` at ``context`` tokens: the language model is built on the
+    meta device (no memory) from :func:`real_config` at full depth and vocabulary and its
+    parameters counted; the KV bytes are :func:`~sparsemm_utils.kv_cache.analytic_kv_bytes` of
+    every KV head storing ``context`` tokens."""
+    shape = get_real_shape(shape)
+    context = check_int("context", context, 1, error=InvalidShapeOptionError)
+    config = real_config(shape)
+    with torch.device("meta"):
+        model = SUPPORTED_MODEL_TYPES[shape.model_type]._from_config(config, dtype=dtype)
+    text_parts = (model.model.language_model, model.lm_head)
+    unique = {id(p): p for part in text_parts for p in part.parameters()}
+    parameters = sum(p.numel() for p in unique.values())
+    element = torch.empty((), dtype=dtype).element_size()
+    stored = np.full((shape.layers, shape.kv_heads), context, dtype=np.int64)
+    return GpuMemory(
+        name=shape.name,
+        context=context,
+        dtype=str(dtype).removeprefix("torch."),
+        text_parameters=parameters,
+        text_weights_bytes=parameters * element,
+        full_kv_bytes=analytic_kv_bytes(stored, shape.head_dim, dtype),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sparsemm_utils.real_shapes [NAME ...]``: each shape's layers x heads x KV heads and
+    :func:`gpu_memory` line (all shapes when no name is given)."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("names", nargs="*", help="short names or hub ids (default: every known shape)")
+    parser.add_argument("--context", type=int, default=PAPER_MEMORY_CONTEXT)
+    args = parser.parse_args(argv)
+    for name in args.names or list(REAL_SHAPES):
+        shape = get_real_shape(name)
+        print(f"{shape.name} ({shape.hub_id}): {shape.layers} x {shape.query_heads} x {shape.kv_heads}, "
+              f"head_dim {shape.head_dim}")
+        print(f"  {gpu_memory(shape, args.context).line()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
