@@ -43,7 +43,14 @@ from transformers import (
 from sparsemm_utils.allocation import ModelShape
 from sparsemm_utils.kv_cache import analytic_kv_bytes
 from sparsemm_utils.models import SUPPORTED_MODEL_TYPES, LoadedModel
-from sparsemm_utils.patch_mapping import LLAVA_ONEVISION_PINPOINTS
+from sparsemm_utils.patch_mapping import (
+    LLAVA_ONEVISION_PINPOINTS,
+    PatchMapper,
+    QwenVLGeometry,
+    QwenVLPatchMapper,
+    make_mapper,
+)
+from sparsemm_utils.processors import sparsemm_pixel_bounds
 from sparsemm_utils.random_models import interleaved_mrope_section_for, mrope_section_for
 from sparsemm_utils.validate import check_int
 
@@ -62,6 +69,9 @@ __all__ = [
     "PAPER_MEMORY_CONTEXT",
     "GpuMemory",
     "gpu_memory",
+    "TABLE_IMAGE_SIZES",
+    "image_tokens",
+    "models_table",
 ]
 
 #: Ids at the top of the vocabulary held by special tokens: EOS, padding, image placeholder,
@@ -467,8 +477,8 @@ class GpuMemory:
     ``text_weights_bytes``: the language model and its output layer (the real vocabulary, tied
     embeddings counted once) in ``dtype``; ``full_kv_bytes``: the uncompressed KV cache,
     ``layers x kv_heads x context x head_dim x 2`` elements (docs/method.md §7). The vision tower
-    is NOT included (its size is not part of :class:`RealShape`; 0.4-0.7 B parameters for the
-    models here, 5.5 B for InternVL3-38B / 78B's InternViT-6B), nor activations."""
+    is NOT included (its size is not part of :class:`RealShape`; InternVL3-38B / 78B's is
+    InternViT-6B), nor activations."""
 
     name: str
     context: int
@@ -516,13 +526,60 @@ def gpu_memory(shape: RealShape | str, context: int = PAPER_MEMORY_CONTEXT, dtyp
     )
 
 
+#: The image sizes (width, height) of the supported-models table: the hand-worked 1000 x 700 image
+#: of the mapping tests and a US-letter page scanned at 200 dpi (DocVQA's pages are of that order).
+TABLE_IMAGE_SIZES: tuple[tuple[int, int], ...] = ((1000, 700), (1700, 2200))
+
+
+def _original_mapper(model_type: str) -> PatchMapper:
+    """The mapper of ``model_type`` with the processor settings the configs use: the original's
+    (Qwen2-VL / 2.5-VL, LLaVA-NeXT) or the checkpoint's own (OneVision, InternVL); Qwen3-VL with
+    SparseMM's bounds counted in its 32 px tokens (docs/method.md §3)."""
+    if model_type == "qwen3_vl":
+        return QwenVLPatchMapper(QwenVLGeometry(16, 2, *sparsemm_pixel_bounds(32)))
+    return make_mapper(model_type)
+
+
+def image_tokens(model_type: str, width: int, height: int) -> int:
+    """Image tokens the language model sees for a ``width x height`` image (step 02's geometry,
+    which the tests check against each processor's own count)."""
+    return _original_mapper(model_type).num_tokens(width, height)
+
+
+def models_table() -> list[str]:
+    """The supported-models table of docs/models.md, as markdown lines: one row per config'd real
+    shape (model, class, layers x heads x KV heads, head_dim, image tokens at
+    :data:`TABLE_IMAGE_SIZES`, GPU memory of :func:`gpu_memory`)."""
+    sizes = " / ".join(f"{w} x {h}" for w, h in TABLE_IMAGE_SIZES)
+    lines = [
+        f"| model | class | layers x heads x KV heads | head_dim | image tokens ({sizes}) | GPU GiB (weights + KV at 32K) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for shape in REAL_SHAPES.values():
+        if shape.name == "qwen2-vl-2b":  # a step 06 timing shape only, no config
+            continue
+        tokens = " / ".join(str(image_tokens(shape.model_type, w, h)) for w, h in TABLE_IMAGE_SIZES)
+        memory = gpu_memory(shape)
+        gib = 2**30
+        lines.append(
+            f"| [{shape.name}](../configs/{shape.name}.yaml) `{shape.hub_id}` | {SUPPORTED_MODEL_TYPES[shape.model_type].__name__} "
+            f"| {shape.layers} x {shape.query_heads} x {shape.kv_heads} | {shape.head_dim} | {tokens} "
+            f"| {memory.text_weights_bytes / gib:.1f} + {memory.full_kv_bytes / gib:.1f} |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m sparsemm_utils.real_shapes [NAME ...]``: each shape's layers x heads x KV heads and
-    :func:`gpu_memory` line (all shapes when no name is given)."""
+    :func:`gpu_memory` line (all shapes when no name is given); ``--table``: :func:`models_table`."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("names", nargs="*", help="short names or hub ids (default: every known shape)")
     parser.add_argument("--context", type=int, default=PAPER_MEMORY_CONTEXT)
+    parser.add_argument("--table", action="store_true", help="print docs/models.md's supported-models table")
     args = parser.parse_args(argv)
+    if args.table:
+        print("\n".join(models_table()))
+        return 0
     for name in args.names or list(REAL_SHAPES):
         shape = get_real_shape(name)
         print(f"{shape.name} ({shape.hub_id}): {shape.layers} x {shape.query_heads} x {shape.kv_heads}, "

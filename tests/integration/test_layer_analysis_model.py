@@ -30,7 +30,7 @@ ANYRES = ("llava_next", "llava_onevision")
 SIZES = {"llava_next": (64, 48), "llava_onevision": (64, 48), "internvl": (224, 224)}
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "llava_next", "qwen3_vl", "llava_onevision", "internvl"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "llava_next", "qwen3_vl", "llava_onevision", "internvl"])
 def sample(request):
     loaded = load_model(f"tiny-random/{request.param}", seed=0)
     size = SIZES.get(request.param, (280, 224))

@@ -16,8 +16,11 @@ from sparsemm_utils.real_shapes import (
     depth_scaled_vocab,
     get_real_shape,
     gpu_memory,
+    image_tokens,
+    models_table,
     real_config,
 )
+from sparsemm_utils.runs import repo_root
 
 # docs/method.md §1: text layers, query heads, KV heads
 SPEC_TABLE = {
@@ -136,3 +139,15 @@ def test_gpu_memory_by_hand():
 def test_extended_positions_reach_the_config():
     config = real_config("llava-next-vicuna-7b", layers=1, max_position_embeddings=33280)
     assert config.get_text_config().max_position_embeddings == 33280
+
+
+def test_models_table_rows_and_image_tokens_by_hand():
+    # the 1000 x 700 image of the mapping's hand-worked tests (tests/unit/test_patch_mapping.py)
+    expected = {"qwen2_vl": 900, "qwen2_5_vl": 900, "llava_next": 2242, "qwen3_vl": 682, "llava_onevision": 4941, "internvl": 1792}
+    assert {t: image_tokens(t, 1000, 700) for t in expected} == expected
+    lines = models_table()
+    assert len(lines) == 2 + len(REAL_SHAPES) - 1  # header, rule, every shape but the timing-only qwen2-vl-2b
+    row = next(line for line in lines if "`Qwen/Qwen3-VL-4B-Instruct`" in line)
+    assert "| Qwen3VLForConditionalGeneration | 36 x 32 x 8 | 128 | 682 / " in row
+    # docs/models.md shows exactly what the command prints
+    assert "\n".join(lines) in (repo_root() / "docs" / "models.md").read_text()
