@@ -595,14 +595,20 @@ def test_token_grid_figure_lights_exactly_the_region(tmp_path):
     from sparsemm_utils.plots.patches import plot_region_sizes, plot_token_grids
 
     image = Image.new("RGB", (1000, 700), "white")
-    mappers = {"qwen2_vl": QwenVLPatchMapper(), "llava_next": LlavaNextPatchMapper(variant="base_and_crop")}
+    mappers = {
+        "qwen2_vl": QwenVLPatchMapper(),
+        "llava_next": LlavaNextPatchMapper(variant="base_and_crop"),
+        "llava_onevision": LlavaOnevisionPatchMapper(),
+        "internvl": InternVLPatchMapper(variant="base_and_crop"),
+    }
     fig = plot_token_grids(image, mappers, (100, 200, 300, 260), chunk="hello")
     axes = fig.axes
-    assert len(axes) == 3  # Qwen grid, LLaVA-NeXT crop grid, LLaVA-NeXT base grid
+    assert len(axes) == 5  # Qwen grid, LLaVA-NeXT crop grid, LLaVA-NeXT base grid, OneVision crop grid, InternVL tiles
     # per panel: [grid cells, lit cells]; sizes from the hand examples: Qwen 900 cells / 24 lit,
-    # crop 34*48 = 1632 cells / 44 lit, base 576 cells / 18 lit
+    # crop 34*48 = 1632 cells / 44 lit, base 576 cells / 18 lit, OneVision crop 54*77 = 4158 / 6 x 18 = 108,
+    # InternVL 6 tiles of 256 = 1536 / 33 (the thumbnail's 8 are not drawn)
     sizes = [[len(c.get_paths()) for c in ax.collections if isinstance(c, PolyCollection)] for ax in axes]
-    assert sizes == [[900, 24], [1632, 44], [576, 18]]
+    assert sizes == [[900, 24], [1632, 44], [576, 18], [4158, 108], [1536, 33]]
     assert "24 tokens lit of 900" in axes[0].get_title()
     assert all(ax.images[0].get_cmap().name == "gray" for ax in axes)  # plots.style's "image" colormap
     fig.savefig(tmp_path / "grid.png")
