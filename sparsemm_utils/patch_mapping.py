@@ -3,13 +3,13 @@
 SparseMM scores a head when its strongest attention for an output token lands inside the
 *region* of the chunk that token was read from. A region is the set of visual-token positions
 that cover the chunk's OCR box. This module computes those positions for the supported
-architectures, exactly as docs/method.md §3 states the rule for the original three:
+architectures, as docs/method.md §3 states the rule (the newer families: docs/models.md):
 
 - **Qwen2-VL / Qwen2.5-VL** (:class:`QwenVLPatchMapper`): the processor resizes the image to
   multiples of 28 px within ``[min_pixels, max_pixels]`` (``smart_resize``); the LLM sees one
   token per 28 x 28 block (14 px patches merged 2 x 2), row-major, no newline tokens. A box is
-  scaled by resized/original size, rows ``floor(y0/28) .. floor(y1/28)`` and columns
-  ``floor(x0/28) .. floor(x1/28)`` (inclusive) are marked; position ``row * grid_w + col``.
+  scaled by resized/original size (in exact rational arithmetic), rows ``floor(y0/28) .. floor(y1/28)``
+  and columns ``floor(x0/28) .. floor(x1/28)`` (inclusive) are marked; position ``row * grid_w + col``.
 - **LLaVA-NeXT** (:class:`LlavaNextPatchMapper`, anyres + spatial_unpad): the image block is
   the base image (24 x 24 = 576 tokens for a 336 px CLIP) followed by the unpadded crop grid of
   ``H' x W'`` tokens with one newline token after each row. The original maps a box onto the
