@@ -96,6 +96,8 @@ __all__ = [
     "save_tiny",
     "mrope_section_for",
     "interleaved_mrope_section_for",
+    "qwen2_based_vlm_config",
+    "qwen3_vl_vlm_config",
     "pixel_bounds_for",
     "QWEN3_VL_CHAT_TEMPLATE",
     "ONEVISION_CHAT_TEMPLATE",
@@ -571,88 +573,120 @@ def _chatml_ids(ids: Any) -> dict[str, Any]:
     return dict(bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
 
 
-def _qwen2_based_config(model_type: str, text: dict[str, Any], ids: Any, spec: TinySpec):
+def qwen2_based_vlm_config(
+    model_type: str,
+    text: dict[str, Any],
+    vision: dict[str, Any],
+    *,
+    rope_theta: float,
+    image_token_id: int,
+    video_token_id: int,
+    tie_word_embeddings: bool,
+) -> LlavaOnevisionConfig | InternVLConfig:
     """LLaVA-OneVision / InternVL: a Qwen2 language model (1D RoPE, GQA) behind a SigLIP 384/14
-    tower (anyres-max, no CLS, last layer) or an InternViT 448/14 tower (CLS dropped, pixel
-    shuffle 0.5, 256 tokens a tile)."""
-    text.update(
-        model_type="qwen2",
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
-        use_sliding_window=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        **_chatml_ids(ids),
+    tower (anyres_max_9, no CLS, last layer) or an InternViT 448/14 tower (CLS dropped, pixel
+    shuffle 0.5, 256 tokens a tile). ``text``: the Qwen2 text-config fields (widths, heads, ids);
+    ``vision``: the tower's ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
+    ``num_attention_heads``. Shared by the tiny models and :mod:`sparsemm_utils.real_shapes`."""
+    text = dict(
+        text, model_type="qwen2", use_sliding_window=False, rope_parameters={"rope_type": "default", "rope_theta": rope_theta}
     )
-    vision = dict(
-        hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_intermediate,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        patch_size=14,
-    )
+    vision = dict(vision, patch_size=14)
     if model_type == "llava_onevision":
-        vision.update(model_type="siglip_vision_model", image_size=384, vision_use_head=False)
         return LlavaOnevisionConfig(
             text_config=text,
-            vision_config=vision,
-            image_token_index=ids("<image>"),
-            video_token_index=ids("<video>"),
+            vision_config=dict(vision, model_type="siglip_vision_model", image_size=384, vision_use_head=False),
+            image_token_index=image_token_id,
+            video_token_index=video_token_id,
             vision_feature_select_strategy="full",
             vision_feature_layer=-1,
             image_grid_pinpoints=[list(p) for p in LLAVA_ONEVISION_PINPOINTS],
             vision_aspect_ratio="anyres_max_9",
             multimodal_projector_bias=True,
-            tie_word_embeddings=False,
+            tie_word_embeddings=tie_word_embeddings,
         )
-    vision.update(image_size=448)
     return InternVLConfig(
         text_config=text,
-        vision_config=vision,
-        image_token_id=ids("<IMG_CONTEXT>"),
+        vision_config=dict(vision, image_size=448),
+        image_token_id=image_token_id,
         image_seq_length=256,
         downsample_ratio=0.5,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+def qwen3_vl_vlm_config(
+    text: dict[str, Any],
+    vision: dict[str, Any],
+    *,
+    rope_theta: float,
+    token_ids: Mapping[str, int],
+    tie_word_embeddings: bool,
+) -> Qwen3VLConfig:
+    """Qwen3-VL: QK-norm, an explicit ``head_dim`` (a field of ``text``), interleaved M-RoPE; a
+    16 px / merge 2 vision tower (``vision``: ``depth``, ``hidden_size``, ``intermediate_size``,
+    ``num_heads``, ``out_hidden_size``) whose first blocks (up to two) also feed deepstack merges,
+    added to the first decoder layers' outputs. ``token_ids``: ``image``, ``video``,
+    ``vision_start``, ``vision_end``. Shared by the tiny models and :mod:`sparsemm_utils.real_shapes`."""
+    text = dict(
+        text,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": rope_theta,
+            "mrope_section": interleaved_mrope_section_for(text["head_dim"]),
+            "mrope_interleaved": True,
+        },
+    )
+    vision = dict(
+        vision,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=2304,
+        deepstack_visual_indexes=list(range(min(2, vision["depth"]))),
+    )
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=token_ids["image"],
+        video_token_id=token_ids["video"],
+        vision_start_token_id=token_ids["vision_start"],
+        vision_end_token_id=token_ids["vision_end"],
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+def _qwen2_based_config(model_type: str, text: dict[str, Any], ids: Any, spec: TinySpec):
+    """A tiny LLaVA-OneVision / InternVL (:func:`qwen2_based_vlm_config`)."""
+    text.update(max_position_embeddings=32768, rms_norm_eps=1e-6, **_chatml_ids(ids))
+    vision = dict(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+    )
+    image = "<image>" if model_type == "llava_onevision" else "<IMG_CONTEXT>"
+    return qwen2_based_vlm_config(
+        model_type, text, vision, rope_theta=1_000_000.0, image_token_id=ids(image), video_token_id=ids("<video>"),
         tie_word_embeddings=False,
     )
 
 
 def _qwen3_vl_config(text: dict[str, Any], ids: Any, spec: TinySpec) -> Qwen3VLConfig:
-    """Qwen3-VL: QK-norm, an explicit head_dim, interleaved M-RoPE; a 16 px / merge 2 vision tower
-    whose first blocks also feed deepstack merges (added to the first decoder layers' outputs)."""
-    text.update(
-        head_dim=spec.head_dim,
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 5_000_000.0,
-            "mrope_section": interleaved_mrope_section_for(spec.head_dim),
-            "mrope_interleaved": True,
-        },
-        **_chatml_ids(ids),
-    )
+    """A tiny Qwen3-VL (:func:`qwen3_vl_vlm_config`)."""
+    text.update(head_dim=spec.head_dim, max_position_embeddings=32768, rms_norm_eps=1e-6, **_chatml_ids(ids))
     vision = dict(
         depth=spec.vision_layers,
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_intermediate,
         num_heads=spec.vision_heads,
         out_hidden_size=spec.text_hidden,
-        patch_size=16,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        num_position_embeddings=2304,
-        deepstack_visual_indexes=list(range(min(2, spec.vision_layers))),
     )
-    return Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
-    )
+    token_ids = {name: ids(f"<|{name}|>") for name in ("vision_start", "vision_end")}
+    token_ids.update(image=ids("<|image_pad|>"), video=ids("<|video_pad|>"))
+    return qwen3_vl_vlm_config(text, vision, rope_theta=5_000_000.0, token_ids=token_ids, tie_word_embeddings=False)
 
 
 def build_tiny_processor(

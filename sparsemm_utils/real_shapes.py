@@ -30,28 +30,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import (
-    GenerationConfig,
-    InternVLConfig,
-    LlavaNextConfig,
-    LlavaOnevisionConfig,
-    Qwen2_5_VLConfig,
-    Qwen2VLConfig,
-    Qwen3VLConfig,
-)
+from transformers import GenerationConfig, LlavaNextConfig, Qwen2_5_VLConfig, Qwen2VLConfig
 
 from sparsemm_utils.allocation import ModelShape
 from sparsemm_utils.kv_cache import analytic_kv_bytes
 from sparsemm_utils.models import SUPPORTED_MODEL_TYPES, LoadedModel
 from sparsemm_utils.patch_mapping import (
-    LLAVA_ONEVISION_PINPOINTS,
     PatchMapper,
     QwenVLGeometry,
     QwenVLPatchMapper,
     make_mapper,
 )
 from sparsemm_utils.processors import sparsemm_pixel_bounds
-from sparsemm_utils.random_models import interleaved_mrope_section_for, mrope_section_for
+from sparsemm_utils.random_models import mrope_section_for, qwen2_based_vlm_config, qwen3_vl_vlm_config
 from sparsemm_utils.validate import check_int
 
 __all__ = [
@@ -261,6 +252,10 @@ def _special_ids(vocab_size: int) -> dict[str, int]:
     return {"eos": top, "pad": top - 1, "image": top - 2, "video": top - 3, "vision_start": top - 4, "vision_end": top - 5}
 
 
+#: A tiny vision tower (the text-only benchmark never runs it): width 32, one layer, two heads.
+_TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+
+
 def real_config(
     shape: RealShape | str,
     *,
@@ -299,9 +294,16 @@ def real_config(
         bos_token_id=None,
     )
     if shape.model_type in ("llava_onevision", "internvl"):
-        return _qwen2_based_config(shape, text, ids)
+        return qwen2_based_vlm_config(
+            shape.model_type, text, _TINY_VISION, rope_theta=shape.rope_theta, image_token_id=ids["image"],
+            video_token_id=ids["video"], tie_word_embeddings=shape.tie_word_embeddings,
+        )
     if shape.model_type == "qwen3_vl":
-        return _qwen3_vl_config(shape, text, ids)
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=shape.hidden)
+        return qwen3_vl_vlm_config(
+            dict(text, head_dim=shape.head_dim), vision, rope_theta=shape.rope_theta, token_ids=ids,
+            tie_word_embeddings=shape.tie_word_embeddings,
+        )
     if shape.model_type == "llava_next":
         text.update(model_type=shape.text_model_type, rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta})
         if shape.text_model_type == "mistral":
@@ -344,68 +346,6 @@ def real_config(
         spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0], tokens_per_second=2,
     )
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
-
-
-#: A tiny vision tower (the text-only benchmark never runs it): width 32, one layer, two heads.
-_TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=14)
-
-
-def _qwen2_based_config(shape: RealShape, text: dict[str, Any], ids: dict[str, int]):
-    """LLaVA-OneVision / InternVL: the Qwen2 language model of ``shape`` (1D RoPE) behind a tiny
-    SigLIP 384/14 or InternViT 448/14 tower."""
-    text.update(
-        model_type="qwen2", use_sliding_window=False,
-        rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
-    )
-    if shape.model_type == "llava_onevision":
-        return LlavaOnevisionConfig(
-            text_config=text,
-            vision_config=dict(model_type="siglip_vision_model", image_size=384, vision_use_head=False, **_TINY_VISION),
-            image_token_index=ids["image"],
-            video_token_index=ids["video"],
-            vision_feature_select_strategy="full",
-            vision_feature_layer=-1,
-            image_grid_pinpoints=[list(p) for p in LLAVA_ONEVISION_PINPOINTS],
-            vision_aspect_ratio="anyres_max_9",
-            tie_word_embeddings=shape.tie_word_embeddings,
-        )
-    return InternVLConfig(
-        text_config=text,
-        vision_config=dict(image_size=448, **_TINY_VISION),
-        image_token_id=ids["image"],
-        image_seq_length=256,
-        downsample_ratio=0.5,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        tie_word_embeddings=shape.tie_word_embeddings,
-    )
-
-
-def _qwen3_vl_config(shape: RealShape, text: dict[str, Any], ids: dict[str, int]) -> Qwen3VLConfig:
-    """Qwen3-VL: the real text model (explicit head_dim, QK-norm, interleaved M-RoPE [24, 20, 20])
-    behind a tiny 16 px tower whose one block feeds the deepstack merge."""
-    text.update(
-        head_dim=shape.head_dim,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": shape.rope_theta,
-            "mrope_section": interleaved_mrope_section_for(shape.head_dim),
-            "mrope_interleaved": True,
-        },
-    )
-    vision = dict(
-        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=shape.hidden, patch_size=16,
-        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[0],
-    )
-    return Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["image"],
-        video_token_id=ids["video"],
-        vision_start_token_id=ids["vision_start"],
-        vision_end_token_id=ids["vision_end"],
-        tie_word_embeddings=shape.tie_word_embeddings,
-    )
 
 
 def build_random_model(
