@@ -6,7 +6,8 @@ the step around it: its artifacts (:data:`STEP`), the notebook's parameters (:cl
 tables the notebook shows (:func:`lowest_budget_table`, :func:`cell_statistics`,
 :func:`fastv_match_table`), the files it leaves besides the sweep's (:func:`write_outputs`:
 ``lowest_budget.csv``, ``findings.csv``) and what the run shows against the paper
-(:func:`findings`).
+(:func:`findings`). :func:`sweep` runs the notebook's sweep outside it: one shard of a sharded
+run (``python -m sparsemm_utils.pipeline ... --shard i/n``, docs/design.md "Sharded runs").
 
 **How the findings decide.** Each benchmark's headline metric at the two lowest budgets of the
 sweep: SparseMM's score as a share of FullKV's, beside the paper's 90-97% at B = 64
@@ -30,6 +31,7 @@ import pandas as pd
 import torch
 
 from ..artifacts import Artifact, StepSpec
+from ..attention_hooks import SELECTION_DTYPES
 from ..benchmarks import OFFLINE_PAGES, get_benchmark, load_benchmark, make_reader_benchmark
 from ..evaluation import (
     EVAL_METHODS,
@@ -40,12 +42,19 @@ from ..evaluation import (
     RESULTS_FILE,
     SWEEP_FILE,
     EvaluationError,
+    ModelGenerator,
+    SweepResult,
     check_budgets,
     get_method,
     predictions_frame,
     read_results,
+    run_sweep,
 )
 from ..findings import Finding, findings_frame, read_findings
+from ..head_scoring_files import load_head_scores
+from ..lmms_protocol import DEFAULT_LMMS_EVAL, PROTOCOLS, LmmsProtocol, get_protocol
+from ..models import load_model
+from ..sharding import Shard, shard_folder
 from ..statistics import paired_bootstrap_interval
 from ..parameters import MAX_DOCUMENTS, MAX_NEW_TOKENS, check_allow_large, check_size
 from ..reader_tasks import HELDOUT_SEED
@@ -64,6 +73,7 @@ __all__ = [
     "STEP",
     "MASK_RATIO_TARGET",
     "Config",
+    "sweep",
     "read_lowest_budget",
     "lowest_budget_table",
     "cell_statistics",
@@ -129,12 +139,16 @@ class Config:
     ``run_dir`` unless absolute (read only when a method needs it); ``dtype`` / ``device``: for
     ``load_model`` (device "auto": CUDA when available); ``max_new_tokens``: a cap on every
     benchmark's generation limit, for smoke runs of random-weight models only (None: lmms-eval's
-    limits); ``on_mismatch``: what :func:`~sparsemm_utils.evaluation.run_sweep` does with an
+    limits); ``selection_dtype``: the dtype SnapKV-style selection scores the keys in (SparseMM,
+    AdaKV, SnapKV, PyramidKV, random): ``"float32"`` (the default) or ``"model"`` (the original's
+    rounding and ranking; docs/deviations.md "Selection scores"); ``on_mismatch``: what :func:`~sparsemm_utils.evaluation.run_sweep` does with an
     earlier sweep of other settings in the folder ("archive": move it to ``superseded/``;
     "error": stop); ``ablation_samples``: the head masks (``mask``, ``mask_random``,
     ``mask_random_<k>``) answer only the first n questions (None: all); ``allow_large``: lift the bounds on ``n_documents``
     (:data:`~sparsemm_utils.parameters.MAX_DOCUMENTS`) and ``max_new_tokens``
-    (:data:`~sparsemm_utils.parameters.MAX_NEW_TOKENS`)."""
+    (:data:`~sparsemm_utils.parameters.MAX_NEW_TOKENS`); ``lmms_eval``: which lmms-eval's rules
+    build the prompts and score the answers, end to end ("0.3": v0.3.4, the paper's; "current":
+    today's; :mod:`sparsemm_utils.lmms_protocol`, the differences in docs/deviations.md)."""
 
     run_dir: str = "runs/tiny"
     model_id: str = "data/tiny_reader"
@@ -154,9 +168,11 @@ class Config:
     dtype: str = "auto"
     device: str = "auto"
     max_new_tokens: int | None = None
+    selection_dtype: str = "float32"
     on_mismatch: str = "archive"
     ablation_samples: int | None = None
     allow_large: bool = False
+    lmms_eval: str = DEFAULT_LMMS_EVAL
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_dir, (str, Path)) or not str(self.run_dir):
@@ -201,9 +217,16 @@ class Config:
             )
         if not isinstance(self.device, str) or not self.device:
             raise EvaluationError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        check_choice("selection_dtype", self.selection_dtype, SELECTION_DTYPES, error=EvaluationError)
         check_choice("on_mismatch", self.on_mismatch, ON_MISMATCH, error=EvaluationError)
         if self.ablation_samples is not None:
             self.ablation_samples = check_int("ablation_samples", self.ablation_samples, 1, error=EvaluationError)
+        check_choice("lmms_eval (the scoring protocol)", self.lmms_eval, tuple(PROTOCOLS), error=EvaluationError)
+
+    @property
+    def protocol(self) -> LmmsProtocol:
+        """The scoring protocol ``lmms_eval`` names."""
+        return get_protocol(self.lmms_eval)
 
     def method_limits(self) -> dict[str, int]:
         """The head masks answer only the first ``ablation_samples`` questions of each benchmark
@@ -233,7 +256,7 @@ class Config:
         """{name: :class:`~sparsemm_utils.benchmarks.BenchmarkSamples`} of every benchmark: the
         offline one built from ``n_documents`` pages of :meth:`reader_seed` (and written to
         ``save_dir/reader_docqa.parquet`` when given), the others from ``benchmark_sources`` or the
-        HF cache; ``limit`` rows each."""
+        HF cache; ``limit`` rows each; prompts as the ``lmms_eval`` protocol builds them."""
         loaded = {}
         for name in self.benchmarks:
             source: Any = self.benchmark_sources.get(name)
@@ -241,7 +264,7 @@ class Config:
                 source = make_reader_benchmark(self.n_documents, self.reader_seed(), name=name, progress=progress)
                 if save_dir is not None:
                     source.to_parquet(str(Path(save_dir) / f"{name}.parquet"))
-            loaded[name] = load_benchmark(name, source=source, limit=self.limit)
+            loaded[name] = load_benchmark(self.protocol.spec(name), source=source, limit=self.limit)
         return loaded
 
     def resolved_device(self) -> str:
@@ -254,7 +277,7 @@ class Config:
         """What :func:`~sparsemm_utils.evaluation.press_for` / :class:`~sparsemm_utils.evaluation.ModelGenerator` take."""
         return {
             "window": self.window, "ratio": self.ratio, "seed": self.seed, "fraction": self.mask_fraction,
-            "head_scores": head_scores, "fastv_k": self.fastv_k,
+            "head_scores": head_scores, "fastv_k": self.fastv_k, "selection_dtype": self.selection_dtype,
         }  # fmt: skip
 
     def sweep_settings(self, head_scores: Any = None) -> dict[str, Any]:
@@ -268,6 +291,8 @@ class Config:
         }  # fmt: skip
         if "fastv" in self.methods:  # only then: sweeps without FastV keep the identity they had
             settings["fastv_k"] = self.fastv_k
+        if self.selection_dtype != "float32":  # likewise: float32 sweeps keep the identity they had
+            settings["selection_dtype"] = self.selection_dtype
         if self.method_limits():  # likewise: only sweeps that limit a method record it
             settings["method_limits"] = self.method_limits()
         for name in (b for b in self.benchmarks if b in OFFLINE_PAGES):  # sample ids (row numbers) do not change with the seed
@@ -282,6 +307,32 @@ class Config:
         if self.benchmark_seed is not None:
             return self.benchmark_seed
         return HELDOUT_SEED
+
+
+def sweep(cfg: Config, shard: Shard | None = None, *, log: Any = print, progress: bool = True) -> SweepResult:
+    """The sweep of notebook 05 (its benchmarks, model, head scores, generator and ``run_sweep``
+    arguments): into the step folder, or with ``shard`` into that shard's folder
+    (:func:`~sparsemm_utils.sharding.shard_folder`), answering only its samples. The offline
+    benchmark's parquet copy is the notebook's to write (several shards would write it at once)."""
+    samples = cfg.load_benchmarks()
+    loaded = load_model(cfg.model_id, dtype=cfg.dtype, device=cfg.resolved_device(), seed=cfg.seed)
+    head_scores = load_head_scores(cfg.head_scores_path(), shape=loaded) if cfg.needs_head_scores else None
+    out = STEP.folder(cfg.run_dir, create=True)
+    return run_sweep(
+        out if shard is None else shard_folder(out, shard),
+        model=cfg.model_id,
+        benchmarks=samples,
+        methods=cfg.methods,
+        budgets=cfg.budgets,
+        generate=ModelGenerator(loaded, cfg.press_settings(head_scores), max_new_tokens=cfg.max_new_tokens),
+        settings=cfg.sweep_settings(head_scores),
+        method_limits=cfg.method_limits(),
+        on_mismatch=cfg.on_mismatch,
+        shard=shard,
+        lmms_eval=cfg.lmms_eval,
+        progress=progress,
+        log=log,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def loaded() -> dict[str, BenchmarkSamples]:
 
 
 def test_registry_holds_the_papers_benchmarks():
-    assert OCR_BENCHMARKS == ("docvqa", "textvqa", "ocrbench", "chartqa")
+    assert OCR_BENCHMARKS == ("docvqa", "textvqa", "ocrbench", "chartqa", "textcaps")
     assert GENERAL_BENCHMARKS == ("mmbench", "gqa", "vqav2")
     assert "reader_docqa" in BENCHMARKS
     assert get_benchmark(" DocVQA ") is BENCHMARKS["docvqa"]
@@ -51,7 +51,7 @@ def test_registry_holds_the_papers_benchmarks():
 
 def test_unknown_benchmark_lists_the_known_ones():
     with pytest.raises(UnknownBenchmarkError, match="known benchmarks: docvqa, textvqa, ocrbench, chartqa"):
-        get_benchmark("textcaps")
+        get_benchmark("nocaps")
 
 
 @pytest.mark.parametrize(
@@ -132,14 +132,14 @@ def test_prompts_follow_doc_to_text(loaded):
     assert loaded["textvqa"][1].extra["raw_question"] == "What does 'SALE' mean here, 'SALE' or 'OFF'?"
     # OCRBench: the question stripped, nothing added
     assert loaded["ocrbench"][2].question == "What is the date?"
-    # ChartQA, GQA: plain; VQAv2 val: post_prompt ""
-    assert loaded["chartqa"][0].question == "What were the sales in 2019?" + SHORT_ANSWER_POST_PROMPT
+    # ChartQA, GQA: plain (ChartQA's own post-prompt); VQAv2 val: post_prompt ""
+    assert loaded["chartqa"][0].question == "What were the sales in 2019?\nAnswer the question with a single word."
     assert loaded["gqa"][0].question == "Is the text black?" + SHORT_ANSWER_POST_PROMPT
     assert loaded["vqav2"][0].question == "How many apples are there?"
 
 
 def test_mmbench_prompt_hint_and_options(loaded):
-    post = "Answer with the option's letter from the given choices directly."
+    post = "\nAnswer with the option's letter from the given choices directly."  # the YAML's, after "\n"
     mm = loaded["mmbench"]
     # no hint (None): "{question} {options}\n{post}"; all four options
     assert mm[0].question == (
