@@ -93,7 +93,11 @@ MMBENCH_OPTIONS_HEADER = "There are several options:"  # mmbench.yaml metadata.s
 #: family: SparseMM's fork has ``models/qwen2_vl.py`` 128 and ``models/llava.py`` 1024. The fork has
 #: no Qwen2.5-VL wrapper; 128 is taken by analogy (current lmms-eval's ``qwen2_5_vl`` uses 32768,
 #: a limit a short-answer task never reaches before EOS, so the choice only matters for runaways).
-WRAPPER_MAX_NEW_TOKENS: Mapping[str, int] = MappingProxyType({"qwen2_vl": 128, "qwen2_5_vl": 128, "llava_next": 1024})
+#: The fork has no wrapper for the newer families either (docs/models.md); by the same analogy
+#: Qwen3-VL takes the Qwen wrappers' 128 and LLaVA-OneVision / InternVL the LLaVA wrapper's 1024.
+WRAPPER_MAX_NEW_TOKENS: Mapping[str, int] = MappingProxyType(
+    {"qwen2_vl": 128, "qwen2_5_vl": 128, "llava_next": 1024, "qwen3_vl": 128, "llava_onevision": 1024, "internvl": 1024}
+)
 
 SkipReason = Literal["no image", "unreadable image", "no answers"]
 

@@ -28,6 +28,7 @@ from sparsemm_utils.benchmarks import (
     load_benchmark,
     score_prediction,
 )
+from sparsemm_utils.model_types import SUPPORTED_MODEL_TYPES
 
 HUB_BENCHMARKS = [n for n, s in BENCHMARKS.items() if s.hub_id is not None]
 
@@ -93,6 +94,10 @@ def test_generation_limit_falls_back_to_the_wrapper_default():
     textvqa = BENCHMARKS["textvqa"]  # its YAML sets no max_new_tokens
     assert textvqa.generation_limit("qwen2_vl") == 128
     assert textvqa.generation_limit("llava_next") == 1024
+    # every supported family has a default (the newer ones by analogy, docs/models.md)
+    assert {t: textvqa.generation_limit(t) for t in SUPPORTED_MODEL_TYPES if t not in ("qwen2_vl", "llava_next")} == {
+        "qwen2_5_vl": 128, "qwen3_vl": 128, "llava_onevision": 1024, "internvl": 1024
+    }
     assert BENCHMARKS["chartqa"].generation_limit("llava_next") == 16  # the task's own limit wins
     with pytest.raises(BenchmarkError, match="model types"):
         textvqa.generation_limit("gpt2")

@@ -108,7 +108,9 @@ def test_real_model_configs_name_the_protocol():
 
     from sparsemm_utils.runs import repo_root
 
-    for name in ("qwen2-vl-7b", "llava-next-mistral-7b", "llava-next-vicuna-7b"):
+    names = [p.stem for p in (repo_root() / "configs").glob("*.yaml") if p.stem not in ("tiny", "study")]
+    assert {"qwen2-vl-7b", "llava-next-mistral-7b", "llava-next-vicuna-7b", "qwen3-vl-8b", "internvl3-8b"} <= set(names)
+    for name in names:
         config = yaml.safe_load((repo_root() / "configs" / f"{name}.yaml").read_text())
         assert config["steps"]["05_eval"]["lmms_eval"] == "0.3", name
 
