@@ -60,15 +60,13 @@ shard with this sweep's model, settings and sample sets, every shard's ledger in
 ``predictions.jsonl`` in the single-process order; it then finds every answer there and writes
 ``results.csv`` exactly as a single-process run does.
 
-Re-scoring (:func:`rescore_sweep`, ``python -m sparsemm_utils.evaluation rescore <folder>``): a
-finished sweep's answers scored again under another protocol (or a sweep written before answers
-were stripped, scored as today), without generating anything; the table goes to a file of its
-own, never over the sweep's ``results.csv``.
+Re-scoring (:func:`rescore_sweep`; ``python -m sparsemm_utils.steps.eval rescore`` writes its
+files): a finished sweep's answers scored again under another protocol (or a sweep written before
+answers were stripped, scored as today), without generating anything.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import hashlib
@@ -88,7 +86,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .benchmarks import BenchmarkSpec, EvalSample, SkipReport, get_benchmark
-from .lmms_protocol import DEFAULT_LMMS_EVAL, PROTOCOLS, LmmsProtocol, aggregates, get_protocol, scored_answer, scoring_context
+from .lmms_protocol import DEFAULT_LMMS_EVAL, LmmsProtocol, aggregates, get_protocol, scored_answer, scoring_context
 from .compression import compressed_generate, make_press
 from .fastv import FastVAtBudget, fastv_generate_at_budget
 from .prompts import build_inputs
@@ -132,6 +130,7 @@ __all__ = [
     "read_predictions",
     "predictions_frame",
     "verify_ledger",
+    "Rescored",
     "rescore_records",
     "rescore_sweep",
     "scaled_budgets",
@@ -1003,15 +1002,27 @@ def _result_rows(
     return rows
 
 
-def rescore_records(records: Sequence[Mapping[str, Any]], *, lmms_eval: str | LmmsProtocol = DEFAULT_LMMS_EVAL) -> pd.DataFrame:
-    """The results table (:data:`RESULTS_COLUMNS`) of prediction records scored again under
-    ``lmms_eval``: each record's model text (``raw_output`` where the record has one, else
-    ``prediction``: records written before answers were stripped hold the model's text there) goes
-    through the protocol's strip and metrics (:func:`~sparsemm_utils.lmms_protocol.scored_answer`),
-    then each cell (benchmark, method, budget; in the order the records first name them) is
-    aggregated over its samples (in record order) with its intervals and SparseMM's paired
-    differences, exactly as :func:`run_sweep` writes them. Nothing is generated; the images are not
-    needed (a record keeps the answers and the scalar fields the metrics read)."""
+@dataclass(frozen=True)
+class Rescored:
+    """A sweep scored again (:func:`rescore_records`): ``records``, its prediction records with
+    ``prediction`` and ``scores`` as the protocol gives them (``raw_output``: the model's text
+    where the strip or a stop string changed it); ``results``, the results table
+    (:data:`RESULTS_COLUMNS`) over them."""
+
+    protocol: LmmsProtocol
+    records: list[dict[str, Any]]
+    results: pd.DataFrame
+
+
+def rescore_records(records: Sequence[Mapping[str, Any]], *, lmms_eval: str | LmmsProtocol = DEFAULT_LMMS_EVAL) -> Rescored:
+    """Prediction records scored again under ``lmms_eval``: each record's model text
+    (``raw_output`` where the record has one, else ``prediction``: records written before answers
+    were stripped hold the model's text there) goes through the protocol's strip and metrics
+    (:func:`~sparsemm_utils.lmms_protocol.scored_answer`), then each cell (benchmark, method,
+    budget; in the order the records first name them) is aggregated over its samples (in record
+    order) with its intervals and SparseMM's paired differences, exactly as :func:`run_sweep` writes
+    ``results.csv``. Nothing is generated and no image is needed: a record keeps the answers and
+    the scalar fields the metrics read."""
     protocol = get_protocol(lmms_eval)
     if not records:
         raise EvaluationError("no prediction records to re-score: the sweep answered nothing yet")
@@ -1022,6 +1033,7 @@ def rescore_records(records: Sequence[Mapping[str, Any]], *, lmms_eval: str | Lm
     for record in records:
         by_bench.setdefault(str(record["benchmark"]), []).append(record)
     rows: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     for bench, bench_records in by_bench.items():
         spec = protocol.spec(bench)
         samples = {}
@@ -1034,49 +1046,27 @@ def rescore_records(records: Sequence[Mapping[str, Any]], *, lmms_eval: str | Lm
         by_cell: dict[tuple[str, str, int | None], dict[str, dict[str, Any]]] = {}
         for r in bench_records:
             raw = r.get("raw_output", r["prediction"])
-            scored = scored_answer(spec, raw, samples[str(r["sample_id"])], protocol, context)
-            key = (bench, str(r["method"]), _budget_key(r["budget"]))
-            by_cell.setdefault(key, {})[str(r["sample_id"])] = {**r, **scored}
+            record = {k: v for k, v in r.items() if k != "raw_output"}
+            record.update(scored_answer(spec, raw, samples[str(r["sample_id"])], protocol, context))
+            if record["prediction"] != raw:
+                record["raw_output"] = raw
+            by_cell.setdefault((bench, str(r["method"]), _budget_key(r["budget"])), {})[str(r["sample_id"])] = record
+            out.append(record)
         for key, answered in by_cell.items():
             rows += _result_rows(models[0], spec, [Cell(*key)], list(answered), by_cell)
     frame = pd.DataFrame([{k: row.get(k) for k in RESULTS_COLUMNS} for row in rows], columns=list(RESULTS_COLUMNS))
     frame["budget"] = pd.to_numeric(frame["budget"], errors="coerce").astype("Int64")
-    return frame
+    return Rescored(protocol, out, frame)
 
 
-def rescore_sweep(
-    folder: str | Path, *, lmms_eval: str | LmmsProtocol = DEFAULT_LMMS_EVAL, out: str | Path | None = None
-) -> pd.DataFrame:
+def rescore_sweep(folder: str | Path, *, lmms_eval: str | LmmsProtocol = DEFAULT_LMMS_EVAL) -> Rescored:
     """:func:`rescore_records` of a sweep folder's ``predictions.jsonl``, after checking it against
-    its ledger (:func:`verify_ledger`: an edited answer raises :class:`SweepTamperedError`).
-    ``out``: also write the table there as CSV (never the sweep's own ``results.csv``)."""
+    its ledger (:func:`verify_ledger`: an edited answer raises :class:`SweepTamperedError`)."""
     folder = Path(folder)
     if not (folder / PREDICTIONS_FILE).is_file():
         raise EvaluationError(f"{folder} has no {PREDICTIONS_FILE}: give a step-05 folder (e.g. runs/study/05_eval)")
     verify_ledger(folder)
-    frame = rescore_records(read_predictions(folder)[0], lmms_eval=lmms_eval)
-    if out is not None:
-        out = Path(out)
-        if out.resolve() == (folder / RESULTS_FILE).resolve():
-            raise EvaluationError(f"{out} is the sweep's own {RESULTS_FILE}, which its ledger records: write the re-scored table elsewhere")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(out, index=False)
-    return frame
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sparsemm_utils.evaluation rescore <step-05 folder> [--lmms-eval 0.3|current] [--out file.csv]``."""
-    parser = argparse.ArgumentParser(prog="python -m sparsemm_utils.evaluation", description=main.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    rescore = sub.add_parser("rescore", help="score a finished sweep's answers again, generating nothing")
-    rescore.add_argument("folder", help="a step-05 folder, e.g. runs/study/05_eval")
-    rescore.add_argument("--lmms-eval", default=DEFAULT_LMMS_EVAL, choices=sorted(PROTOCOLS), help="the scoring protocol")
-    rescore.add_argument("--out", help="write the table there as CSV")
-    args = parser.parse_args(argv)
-    frame = rescore_sweep(args.folder, lmms_eval=args.lmms_eval, out=args.out)
-    with pd.option_context("display.max_rows", None, "display.width", 200):
-        print(frame.to_string(index=False))
-    return 0
+    return rescore_records(read_predictions(folder)[0], lmms_eval=lmms_eval)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1195,6 +1185,3 @@ class ModelGenerator:
                 out[i] = self(sample, spec, method, budget)
         return out  # type: ignore[return-value]
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -8,6 +8,9 @@ tables the notebook shows (:func:`lowest_budget_table`, :func:`cell_statistics`,
 ``lowest_budget.csv``, ``findings.csv``) and what the run shows against the paper
 (:func:`findings`). :func:`sweep` runs the notebook's sweep outside it: one shard of a sharded
 run (``python -m sparsemm_utils.pipeline ... --shard i/n``, docs/design.md "Sharded runs").
+:func:`rescore` (``python -m sparsemm_utils.steps.eval rescore --run-dir <run>``) scores a finished
+sweep's answers again under a scoring protocol and writes its tables and findings beside the run,
+generating nothing.
 
 **How the findings decide.** Each benchmark's headline metric at the two lowest budgets of the
 sweep: SparseMM's score as a share of FullKV's, beside the paper's 90-97% at B = 64
@@ -19,8 +22,12 @@ n = 11); and, when the sweep masks heads, the top visual heads against random dr
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import shutil
+import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +50,13 @@ from ..evaluation import (
     SWEEP_FILE,
     EvaluationError,
     ModelGenerator,
+    Rescored,
     SweepResult,
     check_budgets,
     get_method,
     predictions_frame,
     read_results,
+    rescore_sweep,
     run_sweep,
 )
 from ..findings import Finding, findings_frame, read_findings
@@ -688,3 +697,62 @@ def write_outputs(cfg: Config, results: pd.DataFrame, predictions: pd.DataFrame)
     found = findings(results, predictions)
     findings_frame(found).to_csv(FINDINGS.path(cfg.run_dir), index=False)
     return found
+
+
+#: Where :func:`rescore` writes by default, under the run folder: ``rescored/<protocol>/``.
+RESCORED_DIR = "rescored"
+
+
+def rescore(run_dir: str | Path, lmms_eval: str = DEFAULT_LMMS_EVAL, out: str | Path | None = None) -> tuple[Rescored, list[Finding], Path]:
+    """Score the answers of ``<run_dir>/05_eval/`` again under ``lmms_eval``
+    (:func:`~sparsemm_utils.evaluation.rescore_sweep`; nothing is generated) and write, into
+    ``out`` (default ``<run_dir>/rescored/<lmms_eval>/``), what step 05 writes from them:
+    ``results.csv``, ``predictions.jsonl`` (the re-scored records), ``lowest_budget.csv`` and
+    ``findings.csv``. The files are written into a temporary folder first and moved in only when
+    all are complete, so a failure leaves an earlier re-scoring whole. The step's own folder is
+    never written. Returns (the re-scored sweep, its findings, the folder)."""
+    check_choice("lmms_eval (the scoring protocol)", lmms_eval, tuple(PROTOCOLS), error=EvaluationError)
+    step_dir = STEP.folder(run_dir)
+    target = Path(out) if out is not None else Path(run_dir) / RESCORED_DIR / lmms_eval
+    if target.resolve() == step_dir.resolve():
+        raise EvaluationError(f"{target} is step 05's own folder, which its ledger records: write the re-scoring elsewhere")
+    rescored = rescore_sweep(step_dir, lmms_eval=lmms_eval)
+    found = findings(rescored.results, predictions_frame(rescored.records))
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target, prefix=".writing-") as tmp:
+        staging = Path(tmp)
+        rescored.results.to_csv(staging / RESULTS_FILE, index=False)
+        with open(staging / PREDICTIONS_FILE, "w", encoding="utf-8", newline="") as handle:
+            handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rescored.records)
+        lowest_budget_table(rescored.results).to_csv(staging / LOWEST_BUDGET.name, index=False)
+        findings_frame(found).to_csv(staging / FINDINGS.name, index=False)
+        for name in (RESULTS_FILE, PREDICTIONS_FILE, LOWEST_BUDGET.name, FINDINGS.name):
+            shutil.move(str(staging / name), str(target / name))
+    return rescored, found, target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``rescore --run-dir <run> [--lmms-eval 0.3|current] [--out <folder>]`` (:func:`rescore`);
+    exit code 2 with the reason on bad input."""
+    parser = argparse.ArgumentParser(prog="python -m sparsemm_utils.steps.eval", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("rescore", help="score a finished sweep's answers again under a scoring protocol, generating nothing")
+    cmd.add_argument("--run-dir", required=True, help="the run folder whose 05_eval/ holds the sweep")
+    cmd.add_argument("--lmms-eval", default=DEFAULT_LMMS_EVAL, choices=sorted(PROTOCOLS), help="the scoring protocol")
+    cmd.add_argument("--out", default=None, help="where to write (default <run-dir>/rescored/<protocol>/)")
+    args = parser.parse_args(argv)
+    try:
+        rescored, found, target = rescore(args.run_dir, args.lmms_eval, args.out)
+    except EvaluationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    headline = rescored.results[rescored.results["metric"] == rescored.results["benchmark"].map(lambda b: get_benchmark(b).metric)]
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        print(headline[["benchmark", "method", "budget", "metric", "score", "n_samples", "ci_low", "ci_high", "sparsemm_minus_method"]].to_string(index=False))
+    print(findings_frame(found)[["claim", "this_run", "n", "holds"]].to_string(index=False))
+    print(f"wrote {', '.join(str(target / n) for n in (RESULTS_FILE, PREDICTIONS_FILE, LOWEST_BUDGET.name, FINDINGS.name))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
-"""Re-scoring a finished sweep (``evaluation.rescore_records`` / ``rescore_sweep`` / the ``rescore``
-command): the same protocol gives back ``results.csv`` exactly; answers written before the strip
-are scored as lmms-eval scores them; a tampered or missing file is refused."""
+"""Re-scoring a finished sweep (``evaluation.rescore_records`` / ``rescore_sweep``, step 05's
+``rescore`` and its command): the same protocol gives back ``results.csv`` exactly; answers written
+before the strip are scored as lmms-eval scores them; a tampered or missing file is refused."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import pytest
 from PIL import Image
 
 from sparsemm_utils.benchmarks import EvalSample
+from sparsemm_utils.findings import read_findings
+from sparsemm_utils.steps import eval as step05
 from sparsemm_utils.evaluation import (
     PREDICTIONS_FILE,
     RESULTS_COLUMNS,
-    RESULTS_FILE,
     EvaluationError,
     Generation,
     SweepTamperedError,
-    main,
     read_predictions,
     read_results,
     rescore_records,
@@ -53,14 +53,15 @@ def _sweep(out, **kwargs):
 @pytest.mark.parametrize("protocol", ["0.3", "current"])
 def test_rescoring_under_the_sweeps_own_protocol_gives_back_its_results(tmp_path, protocol):
     _sweep(tmp_path, lmms_eval=protocol)
-    rescored = rescore_sweep(tmp_path, lmms_eval=protocol, out=tmp_path / "rescored.csv")
+    rescored = rescore_sweep(tmp_path, lmms_eval=protocol)
     expected = read_results(tmp_path)
-    pd.testing.assert_frame_equal(rescored, expected, check_dtype=False)
-    assert tuple(rescored.columns) == RESULTS_COLUMNS
+    pd.testing.assert_frame_equal(rescored.results, expected, check_dtype=False)
+    assert tuple(rescored.results.columns) == RESULTS_COLUMNS
     # the mask cell (3 samples) and the paired differences are part of it
-    assert set(rescored.loc[rescored.method == "mask", "n_samples"]) == {3}
-    assert rescored["sparsemm_minus_method"].notna().any()
-    pd.testing.assert_frame_equal(read_results(tmp_path / "rescored.csv"), expected, check_dtype=False)
+    assert set(rescored.results.loc[rescored.results.method == "mask", "n_samples"]) == {3}
+    assert rescored.results["sparsemm_minus_method"].notna().any()
+    # the records are the sweep's own, field for field
+    assert rescored.records == read_predictions(tmp_path)[0]
 
 
 def test_an_answer_written_before_the_strip_is_scored_as_lmms_eval_scores_it():
@@ -70,13 +71,15 @@ def test_an_answer_written_before_the_strip_is_scored_as_lmms_eval_scores_it():
         "model": "m", "benchmark": "docvqa", "method": "fullkv", "budget": None, "sample_id": "0",
         "prediction": "1999 \n", "answers": ["1998"], "scores": {"anls": 1 - 1 / 6}, "extra": {},
     }  # fmt: skip
-    frame = rescore_records([record], lmms_eval="0.3")
+    rescored = rescore_records([record], lmms_eval="0.3")
+    frame = rescored.results
     assert frame.loc[0, "metric"] == "anls"
     assert frame.loc[0, "score"] == pytest.approx(0.75)
     assert frame.loc[0, "n_samples"] == 1
+    assert rescored.records[0]["prediction"] == "1999" and rescored.records[0]["raw_output"] == "1999 \n"
     # the model's text is read from raw_output where a record has one
     stripped = {**record, "prediction": "1999", "raw_output": "1998\n"}
-    assert rescore_records([stripped], lmms_eval="0.3").loc[0, "score"] == pytest.approx(1.0)
+    assert rescore_records([stripped], lmms_eval="0.3").results.loc[0, "score"] == pytest.approx(1.0)
 
 
 def test_rescoring_refuses_what_it_cannot_score(tmp_path):
@@ -90,9 +93,12 @@ def test_rescoring_refuses_what_it_cannot_score(tmp_path):
     ]
     with pytest.raises(EvaluationError, match="2 models"):
         rescore_records(records)
-    _sweep(tmp_path)
-    with pytest.raises(EvaluationError, match="own results.csv"):
-        rescore_sweep(tmp_path, out=tmp_path / RESULTS_FILE)
+    run = tmp_path / "run"
+    _sweep(step05.STEP.folder(run, create=True))
+    with pytest.raises(EvaluationError, match="step 05's own folder"):
+        step05.rescore(run, "0.3", out=step05.STEP.folder(run))
+    with pytest.raises(EvaluationError, match="lmms_eval"):
+        step05.rescore(run, "0.4")
 
 
 def test_an_edited_answer_is_detected_before_rescoring(tmp_path):
@@ -107,10 +113,19 @@ def test_an_edited_answer_is_detected_before_rescoring(tmp_path):
         rescore_sweep(tmp_path)
 
 
-def test_the_rescore_command_prints_and_writes_the_table(tmp_path, capsys):
-    _sweep(tmp_path)
-    assert main(["rescore", str(tmp_path), "--lmms-eval", "current", "--out", str(tmp_path / "current.csv")]) == 0
-    assert "sparsemm_minus_method" in capsys.readouterr().out
-    frame = read_results(tmp_path / "current.csv")
-    assert len(frame) == len(read_results(tmp_path))
-    assert len(read_predictions(tmp_path)[0]) == 5 * (1 + 2 + 2) + 3
+def test_the_rescore_command_writes_the_steps_files_beside_the_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    step_dir = step05.STEP.folder(run, create=True)
+    _sweep(step_dir)
+    before = {p.name: p.read_bytes() for p in step_dir.iterdir()}
+    assert step05.main(["rescore", "--run-dir", str(run), "--lmms-eval", "current"]) == 0
+    out = run / step05.RESCORED_DIR / "current"
+    printed = capsys.readouterr().out
+    assert "anls" in printed and str(out / "findings.csv") in printed
+    pd.testing.assert_frame_equal(read_results(out), read_results(step_dir), check_dtype=False)
+    assert len(read_predictions(out)[0]) == 5 * (1 + 2 + 2) + 3
+    assert not read_findings(out / "findings.csv").empty
+    assert {p.name: p.read_bytes() for p in step_dir.iterdir()} == before  # the sweep is untouched
+    assert not [p for p in out.iterdir() if p.name.startswith(".writing-")]
+    assert step05.main(["rescore", "--run-dir", str(tmp_path / "nowhere")]) == 2
+    assert "no predictions.jsonl" in capsys.readouterr().err
