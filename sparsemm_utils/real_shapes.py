@@ -136,7 +136,8 @@ class RealShape:
         )
 
 
-#: Short name (the config file stem) -> shape. Values from the checkpoints' config.json.
+#: Short name (the config file stem) -> shape. Values from the checkpoints' config.json; the public
+#: copies each was checked against, and the few left unverified: docs/models.md, "Shapes checked against".
 REAL_SHAPES: Mapping[str, RealShape] = MappingProxyType(
     {
         s.name: s
