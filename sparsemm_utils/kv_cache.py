@@ -18,12 +18,18 @@ Storage design (one :class:`PerHeadKVLayer` per decoder layer)
   prefill, :mod:`sparsemm_utils.shared_prefill`): segment ``r * H_kv + h`` is KV head h of row r,
   packed like the others, so rows pay only for what they keep. A prefill's own cache
   (:class:`PerHeadKVCache`) has one row.
-- **Appends without copying the cache.** ``room[h] = length[h] + reserve`` leaves every head a
-  reserve of free rows after compression; a decode step writes its new key and value into row
-  ``start[h] + length[h]`` of every head (one ``index_copy_``, O(H_kv x head_dim)). Only when a
-  head's reserve runs out is the layer re-packed with a reserve twice as large, so over T decode
-  steps the layer is re-packed O(log T) times (amortised O(1) per step). ``compressed_generate``
-  sizes the reserve to ``max_new_tokens``, so a generation re-packs nothing. Dropping rows
+- **Appends without copying the cache, a reserve bounded by a block.** ``room[h] = length[h] +
+  block`` leaves every head ``block`` free rows (the layer's ``decode_reserve``, default
+  :data:`DECODE_BLOCK`) after compression; a decode step writes its new key and value into row
+  ``start[h] + length[h]`` of every head (one ``index_copy_``, O(H_kv x head_dim)). When a head's
+  free rows run out, the layer is re-packed with ``block`` fresh free rows per head (or the
+  step's token count, if larger): every head appends at the same rate, so T decode steps
+  re-pack ceil((T - block) / block) times, once per block of steps (amortised O(1) re-packs per
+  step, each copying the layer's rows in use once). Rows reserved but unused never exceed
+  ``block`` per head, whatever the generation limit: with the paper's 512 new tokens a
+  reserve sized to the limit would hold 512 free rows per head, twice what a 256-token budget
+  keeps. ``compressed_generate`` sizes the block with :func:`decode_reserve_for`
+  (``min(max_new_tokens - 1, block)``: a short generation re-packs nothing). Dropping rows
   (:meth:`PerHeadKVLayer.select_rows`) compacts the kept ones into new buffers.
 - **Honest byte accounting.** :meth:`PerHeadKVLayer.kv_bytes` counts rows in use only
   (docs/method.md §7's formula); :meth:`PerHeadKVLayer.allocated_bytes` counts the buffers
@@ -75,9 +81,26 @@ __all__ = [
     "PerHeadKVLayer",
     "PerHeadKVCache",
     "BatchedPerHeadKVCache",
+    "DECODE_BLOCK",
+    "decode_reserve_for",
     "analytic_kv_bytes",
     "cache_kv_bytes",
 ]
+
+
+#: Free rows per KV head a layer grants at compression and again each time a head runs out
+#: (the bound on its reserved-but-unused rows; see the module docstring).
+DECODE_BLOCK = 64
+
+
+def decode_reserve_for(max_new_tokens: int, block: int = DECODE_BLOCK) -> int:
+    """The decode reserve (free rows per KV head, :class:`PerHeadKVLayer`'s ``decode_reserve``) for a
+    generation of ``max_new_tokens``: its decode steps append ``max_new_tokens - 1`` tokens (the
+    last one generated is never fed back), capped at ``block``. Example: 10 new tokens, block 64
+    -> 9 (no re-pack); 512 new tokens, block 64 -> 64 (7 re-packs, at most 64 free rows per head)."""
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
+    block = check_int("block", block, 0)
+    return min(max(max_new_tokens - 1, 0), block)
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -154,9 +177,11 @@ class PerHeadKVLayer(CacheLayerMixin):
     ``row`` stores.
 
     Args:
-        decode_reserve: free rows each KV head gets after compression for the tokens generated
-            next (doubled whenever a head runs out). Rows reserved but unused are reported by
-            :meth:`slack_bytes`, never by :meth:`kv_bytes`.
+        decode_reserve: the block: free rows each KV head gets after compression for the tokens
+            generated next, granted again (the same number) whenever a head runs out, so no head
+            ever holds more than ``decode_reserve`` unused rows (or a multi-token step's count, if
+            larger). Rows reserved but unused are reported by :meth:`slack_bytes`, never by
+            :meth:`kv_bytes`.
         layer_idx: the decoder layer's index, for error messages.
     """
 
@@ -165,7 +190,7 @@ class PerHeadKVLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False  # the buffers are sized at compression, not before
 
-    def __init__(self, decode_reserve: int = 64, layer_idx: int | None = None, **kwargs: Any):
+    def __init__(self, decode_reserve: int = DECODE_BLOCK, layer_idx: int | None = None, **kwargs: Any):
         super().__init__()
         self.decode_reserve = check_int("decode_reserve", decode_reserve, 0)
         self.layer_idx = layer_idx
@@ -186,7 +211,6 @@ class PerHeadKVLayer(CacheLayerMixin):
         self._lengths: list[int] = []
         self._rooms: list[int] = []
         self._prompt_positions: list[torch.Tensor] = []
-        self._reserve = self.decode_reserve
         self._seen = 0
         self.rows = 0  # rows packed (1 after a prefill's compression)
         self.prompt_len = 0
@@ -296,27 +320,33 @@ class PerHeadKVLayer(CacheLayerMixin):
                     raise InvalidPositionsError(f"{where}: positions must be strictly increasing (sorted, no duplicates)")
         return out
 
-    def _pack(self, keys: torch.Tensor, values: torch.Tensor, rows: Sequence[Sequence[torch.Tensor]]) -> None:
-        """Pack R rows of kept prompt positions (validated) from one prompt's ``(1, H_kv, n, d)``
-        keys and values: segment r * H_kv + h gathers ``keys[0, h, rows[r][h]]``."""
-        kept = [pos for row in rows for pos in row]
+    def _pack(self, prompts: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[Sequence[torch.Tensor]]]]) -> None:
+        """Pack the rows of kept prompt positions (validated) of one or more prompts: per prompt,
+        its ``(1, H_kv, n, d)`` keys and values and its rows; segment s (the s-th (row, head) over
+        all prompts, in order) gathers ``keys[0, s % H_kv, positions]`` of its own prompt."""
         heads = self.num_kv_heads
+        kept = [pos for _, _, rows in prompts for row in rows for pos in row]
         lengths = [int(p.numel()) for p in kept]
-        rooms = [length + self._reserve for length in lengths]
+        rooms = [length + self.decode_reserve for length in lengths]
         starts = np.concatenate([[0], np.cumsum(rooms)[:-1]]).astype(int).tolist()
-        k_buf = keys.new_empty((int(sum(rooms)), self.head_dim))
-        v_buf = values.new_empty((int(sum(rooms)), self.head_dim))
-        if sum(lengths):
-            # one gather for all segments (no copy of the whole prompt): (head, position) pairs
-            head = torch.cat([torch.full_like(pos, s % heads) for s, pos in enumerate(kept)])
-            position = torch.cat(kept)
-            target = _segment_rows(starts, lengths, self.device)
-            k_buf.index_copy_(0, target, keys[0][head, position])
-            v_buf.index_copy_(0, target, values[0][head, position])
+        k_buf = prompts[0][0].new_empty((int(sum(rooms)), self.head_dim))
+        v_buf = prompts[0][1].new_empty((int(sum(rooms)), self.head_dim))
+        first = 0  # first segment of the current prompt
+        for keys, values, rows in prompts:
+            count = len(rows) * heads
+            segment_kept = kept[first : first + count]
+            if sum(lengths[first : first + count]):
+                # one gather per prompt (no copy of the whole prompt): (head, position) pairs
+                head = torch.cat([torch.full_like(pos, s % heads) for s, pos in enumerate(segment_kept)])
+                position = torch.cat(segment_kept)
+                target = _segment_rows(starts[first : first + count], lengths[first : first + count], self.device)
+                k_buf.index_copy_(0, target, keys[0][head, position].to(k_buf.dtype))
+                v_buf.index_copy_(0, target, values[0][head, position].to(v_buf.dtype))
+            first += count
         self._k, self._v = k_buf, v_buf
         self._starts, self._lengths, self._rooms = starts, lengths, rooms
         self._prompt_positions = [p.detach().clone() for p in kept]
-        self.rows = len(rows)
+        self.rows = sum(len(rows) for _, _, rows in prompts)
 
     def compress(self, positions: Sequence[torch.Tensor]) -> None:
         """Pack the pending prefill, keeping in KV head h only the prompt positions ``positions[h]``.
@@ -331,7 +361,7 @@ class PerHeadKVLayer(CacheLayerMixin):
                 f"{self._where()}: nothing to compress; compress() runs once, right after the prefill's update()"
             )
         keys, values = self._pending
-        self._pack(keys, values, [self._validated_positions(positions, int(keys.shape[-2]))])
+        self._pack([(keys, values, [self._validated_positions(positions, int(keys.shape[-2]))])])
         self._pending = None
 
     def keep_all(self) -> None:
@@ -353,20 +383,38 @@ class PerHeadKVLayer(CacheLayerMixin):
             keys, values: ``(1, H_kv, n, head_dim)`` post-RoPE prompt states (not modified).
             rows: per row, H_kv 1-D int tensors (strictly increasing, in [0, n)) or None.
         """
+        self.load_prompts([(keys, values, rows)])
+
+    def load_prompts(
+        self, prompts: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[Sequence[torch.Tensor] | None]]]
+    ) -> None:
+        """Pack the rows of SEVERAL prompts into an empty layer, prompt after prompt: prompt p gives
+        its ``(1, H_kv, n_p, head_dim)`` keys and values and its rows (as :meth:`load_rows`); its
+        rows follow those of the prompts before it. No row pays for another prompt's length:
+        every (row, KV head) segment holds only what that head of that row keeps.
+
+        The layer has then SEEN the longest prompt (``get_seq_length`` = max n_p): rows of
+        different prompts sit at different positions, which the caller feeds explicitly
+        (:func:`sparsemm_utils.shared_prefill.decode_batch` does)."""
         if self.is_initialized:
             raise CacheStateError(f"{self._where()}: load_rows() fills an empty layer; call reset() first")
-        self._check_states(keys, values)
-        if not rows:
-            raise InvalidPositionsError(f"{self._where()}: load_rows() needs at least one row")
-        self.lazy_initialization(keys, values)
-        n = int(keys.shape[-2])
-        everything = torch.arange(n, device=self.device)
-        checked = [
-            self._validated_positions([everything] * self.num_kv_heads if row is None else row, n, f", row {r}")
-            for r, row in enumerate(rows)
-        ]
-        self._pack(keys, values, checked)
-        self._seen = self.prompt_len = n
+        if not prompts or not all(rows for _, _, rows in prompts):
+            raise InvalidPositionsError(f"{self._where()}: load_rows() needs at least one row (per prompt)")
+        self._check_states(prompts[0][0], prompts[0][1])
+        self.lazy_initialization(prompts[0][0], prompts[0][1])
+        checked = []
+        for p, (keys, values, rows) in enumerate(prompts):
+            self._check_states(keys, values)
+            n = int(keys.shape[-2])
+            everything = torch.arange(n, device=self.device)
+            where = f", prompt {p}" if len(prompts) > 1 else ""
+            rows = [
+                self._validated_positions([everything] * self.num_kv_heads if row is None else row, n, f"{where}, row {r}")
+                for r, row in enumerate(rows)
+            ]
+            checked.append((keys, values, rows))
+        self._pack(checked)
+        self._seen = self.prompt_len = max(int(keys.shape[-2]) for keys, _, _ in prompts)
 
     # ------------------------------------------------------------------ decode
 
@@ -388,9 +436,9 @@ class PerHeadKVLayer(CacheLayerMixin):
         self._starts, self._lengths, self._rooms = starts, lengths, list(rooms)
 
     def _repack(self, needed: int) -> None:
-        """Copy every head into a new buffer with a reserve of ``max(2 x reserve, needed)`` rows."""
-        self._reserve = max(2 * self._reserve, needed, 1)
-        self._relayout(range(len(self._lengths)), [length + self._reserve for length in self._lengths])
+        """Copy every head into a new buffer with ``max(block, needed)`` free rows per head."""
+        reserve = max(self.decode_reserve, needed)
+        self._relayout(range(len(self._lengths)), [length + reserve for length in self._lengths])
         self.repacks += 1
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -617,12 +665,12 @@ class PerHeadKVCache(_PackedCache):
     the accounting methods are (layers, kv_heads).
     """
 
-    def __init__(self, num_layers: int, *, decode_reserve: int = 64):
+    def __init__(self, num_layers: int, *, decode_reserve: int = DECODE_BLOCK):
         num_layers = check_int("num_layers", num_layers, 1)
         super().__init__(layers=[PerHeadKVLayer(decode_reserve, layer_idx=i) for i in range(num_layers)])
 
     @classmethod
-    def from_config(cls, config: Any, *, decode_reserve: int = 64) -> PerHeadKVCache:
+    def from_config(cls, config: Any, *, decode_reserve: int = DECODE_BLOCK) -> PerHeadKVCache:
         """One layer per decoder layer of ``config``'s text config (``num_hidden_layers``)."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         return cls(text.num_hidden_layers, decode_reserve=decode_reserve)
@@ -649,7 +697,7 @@ class BatchedPerHeadKVCache(_PackedCache):
     (rows, layers, kv_heads); every row has seen the same number of tokens (lockstep decoding).
     """
 
-    def __init__(self, num_layers: int, *, decode_reserve: int = 64):
+    def __init__(self, num_layers: int, *, decode_reserve: int = DECODE_BLOCK):
         num_layers = check_int("num_layers", num_layers, 1)
         super().__init__(layers=[PerHeadKVLayer(decode_reserve, layer_idx=i) for i in range(num_layers)])
 
@@ -659,7 +707,7 @@ class BatchedPerHeadKVCache(_PackedCache):
         states: Sequence[tuple[torch.Tensor, torch.Tensor]],
         rows: Sequence[Sequence[Sequence[torch.Tensor] | None]],
         *,
-        decode_reserve: int = 64,
+        decode_reserve: int = DECODE_BLOCK,
     ) -> BatchedPerHeadKVCache:
         """One cache row per entry of ``rows``, all from the same prompt.
 
@@ -667,16 +715,35 @@ class BatchedPerHeadKVCache(_PackedCache):
             states: per layer, the prompt's post-RoPE ``(keys, values)``, each ``(1, H_kv, n, d)``.
             rows: per row, per layer, H_kv sorted position tensors (what each KV head keeps) or
                 None (the layer keeps all n tokens in every head).
-            decode_reserve: free rows per (row, KV head) for the tokens generated next.
+            decode_reserve: free rows per (row, KV head) for the tokens generated next, granted
+                again whenever a head runs out (the block; :func:`decode_reserve_for`).
         """
-        if not rows:
-            raise InvalidPositionsError("a batched cache needs at least one row")
-        cache = cls(len(states), decode_reserve=decode_reserve)
-        for r, row in enumerate(rows):
-            if len(row) != len(states):
-                raise InvalidPositionsError(f"row {r} gives positions for {len(row)} layers, the prompt has {len(states)}")
-        for layer_idx, (layer, (keys, values)) in enumerate(zip(cache.layers, states)):
-            layer.load_rows(keys, values, [row[layer_idx] for row in rows])
+        return cls.from_prefills([(states, rows)], decode_reserve=decode_reserve)
+
+    @classmethod
+    def from_prefills(
+        cls,
+        prompts: Sequence[tuple[Sequence[tuple[torch.Tensor, torch.Tensor]], Sequence[Sequence[Sequence[torch.Tensor] | None]]]],
+        *,
+        decode_reserve: int = DECODE_BLOCK,
+    ) -> BatchedPerHeadKVCache:
+        """The rows of several prompts, prompt after prompt: per prompt, its ``states`` and ``rows``
+        as :meth:`from_prefill` takes them (prompts may differ in length n_p; every (row, layer,
+        KV head) stores only what it keeps, :meth:`PerHeadKVLayer.load_prompts`)."""
+        if not prompts or not all(rows for _, rows in prompts):
+            raise InvalidPositionsError("a batched cache needs at least one row (per prompt)")
+        num_layers = len(prompts[0][0])
+        for p, (states, rows) in enumerate(prompts):
+            if len(states) != num_layers:
+                raise InvalidPositionsError(f"prompt {p} has states of {len(states)} layers, prompt 0 of {num_layers}")
+            for r, row in enumerate(rows):
+                if len(row) != num_layers:
+                    raise InvalidPositionsError(f"row {r} gives positions for {len(row)} layers, the prompt has {num_layers}")
+        cache = cls(num_layers, decode_reserve=decode_reserve)
+        for layer_idx, layer in enumerate(cache.layers):
+            layer.load_prompts(
+                [(states[layer_idx][0], states[layer_idx][1], [row[layer_idx] for row in rows]) for states, rows in prompts]
+            )
         return cache
 
     @property

@@ -57,7 +57,7 @@ from sparsemm_utils.compression import (
     snapkv_window_scores,
 )
 from sparsemm_utils.fastv import FastVAtBudget, FastVPress
-from sparsemm_utils.kv_cache import BatchedPerHeadKVCache
+from sparsemm_utils.kv_cache import BatchedPerHeadKVCache, decode_reserve_for
 from sparsemm_utils.validate import check_int
 from sparsemm_utils.varlen_attention import register_backend_attention, resolve_backend
 
@@ -430,7 +430,7 @@ def decode_rows(
     backend = "padded" if backend == "auto" and resolved == "reference" and len(rows) > 1 else resolved
     n = prefill.prompt_len
     cache = BatchedPerHeadKVCache.from_prefill(
-        prefill.states(), [row.positions for row in rows], decode_reserve=max(prefill.max_new_tokens - 1, 0)
+        prefill.states(), [row.positions for row in rows], decode_reserve=decode_reserve_for(prefill.max_new_tokens)
     )
     prompt = prefill.input_ids
     first = torch.full((len(rows), 1), prefill.first_token, dtype=prompt.dtype, device=prompt.device)

@@ -50,10 +50,11 @@ from sparsemm_utils.compression import (
     COMPRESSION_HOOK,
     GenerationResult,
     _check_generation_inputs,
+    _decode_reserve,
     compression,
     per_head_attention,
 )
-from sparsemm_utils.kv_cache import CacheStateError, PerHeadKVCache, PerHeadKVLayer, UnsupportedBatchError
+from sparsemm_utils.kv_cache import DECODE_BLOCK, CacheStateError, PerHeadKVCache, PerHeadKVLayer, UnsupportedBatchError
 from sparsemm_utils.validate import check_choice
 
 try:  # torch >= 2.10
@@ -446,7 +447,7 @@ def register_backend_attention(backend: str) -> str:
 
 
 @contextmanager
-def compression_with_backend(loaded: Any, press: Any, *, backend: str = "auto", decode_reserve: int = 64) -> Iterator[Any]:
+def compression_with_backend(loaded: Any, press: Any, *, backend: str = "auto", decode_reserve: int = DECODE_BLOCK) -> Iterator[Any]:
     """:func:`~sparsemm_utils.compression.compression` whose decode steps use ``backend``; yields the
     session with ``session.decode_backend`` set (None for FullKV and the head-mask ablation, which
     keep transformers' own cache and attention)."""
@@ -458,11 +459,12 @@ def compression_with_backend(loaded: Any, press: Any, *, backend: str = "auto", 
 
 
 def compressed_generate_with(
-    loaded: Any, press: Any, inputs: Mapping[str, Any], *, backend: str = "auto", **gen_kwargs: Any
+    loaded: Any, press: Any, inputs: Mapping[str, Any], *, backend: str = "auto", decode_block: int = DECODE_BLOCK,
+    **gen_kwargs: Any,
 ) -> Any:
-    """``compressed_generate`` (same checks, same result type) with decode steps on ``backend``."""
+    """``compressed_generate`` (same checks, same result type, same decode reserve) with decode steps on ``backend``."""
     _check_generation_inputs(inputs, gen_kwargs)
-    max_new = gen_kwargs.get("max_new_tokens") or getattr(loaded.model.generation_config, "max_new_tokens", None) or 64
-    with compression_with_backend(loaded, press, backend=backend, decode_reserve=int(max_new)) as session:
+    reserve = _decode_reserve(loaded, gen_kwargs, decode_block)
+    with compression_with_backend(loaded, press, backend=backend, decode_reserve=reserve) as session:
         output = loaded.model.generate(**inputs, past_key_values=session.cache, **gen_kwargs)
     return GenerationResult(output=output, session=session)
