@@ -320,6 +320,31 @@ class PerHeadKVLayer(CacheLayerMixin):
                     raise InvalidPositionsError(f"{where}: positions must be strictly increasing (sorted, no duplicates)")
         return out
 
+    def _rows_valid(self, prompts: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[Sequence[Any]]]]) -> bool:
+        """One check of every row of every prompt at once (one sync): H_kv 1-D integer position
+        tensors per row, each strictly increasing within ``[0, n)`` of its prompt."""
+        segments, bounds = [], []
+        for keys, _, rows in prompts:
+            for row in rows:
+                if len(row) != self.num_kv_heads:
+                    return False
+                for pos in row:
+                    pos = torch.as_tensor(pos)
+                    if pos.ndim != 1 or pos.dtype not in (torch.int64, torch.int32):
+                        return False
+                    segments.append(pos.to(device=self.device, dtype=torch.int64))
+                    bounds.append(int(keys.shape[-2]))
+        lengths = torch.as_tensor([p.numel() for p in segments], dtype=torch.int64, device=self.device)
+        flat = torch.cat(segments)
+        if not flat.numel():
+            return True
+        limit = torch.repeat_interleave(torch.as_tensor(bounds, dtype=torch.int64, device=self.device), lengths)
+        first = torch.zeros(flat.numel(), dtype=torch.bool, device=self.device)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        first[offsets[lengths > 0]] = True
+        increasing = (flat[1:] > flat[:-1]) | first[1:]
+        return not bool(((flat < 0) | (flat >= limit)).any() | ~increasing.all())
+
     def _pack(self, prompts: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[Sequence[torch.Tensor]]]]) -> None:
         """Pack the rows of kept prompt positions (validated) of one or more prompts: per prompt,
         its ``(1, H_kv, n, d)`` keys and values and its rows; segment s (the s-th (row, head) over
@@ -403,17 +428,18 @@ class PerHeadKVLayer(CacheLayerMixin):
         self._check_states(prompts[0][0], prompts[0][1])
         self.lazy_initialization(prompts[0][0], prompts[0][1])
         checked = []
-        for p, (keys, values, rows) in enumerate(prompts):
+        for keys, values, rows in prompts:
             self._check_states(keys, values)
             n = int(keys.shape[-2])
-            everything = torch.arange(n, device=self.device)
-            where = f", prompt {p}" if len(prompts) > 1 else ""
-            rows = [
-                self._validated_positions([everything] * self.num_kv_heads if row is None else row, n, f"{where}, row {r}")
-                for r, row in enumerate(rows)
-            ]
-            checked.append((keys, values, rows))
-        self._pack(checked)
+            everything = [torch.arange(n, device=self.device)] * self.num_kv_heads
+            checked.append((keys, values, [everything if row is None else row for row in rows]))
+        if not self._rows_valid(checked):  # name the offending prompt, row and head
+            for p, (keys, _, rows) in enumerate(checked):
+                where = f", prompt {p}" if len(checked) > 1 else ""
+                for r, row in enumerate(rows):
+                    self._validated_positions(row, int(keys.shape[-2]), f"{where}, row {r}")
+            raise InvalidPositionsError(f"{self._where()}: malformed positions")  # not reached: the loop names them
+        self._pack([(k, v, [[torch.as_tensor(p).to(self.device, torch.int64) for p in row] for row in rows]) for k, v, rows in checked])
         self._seen = self.prompt_len = max(int(keys.shape[-2]) for keys, _, _ in prompts)
 
     # ------------------------------------------------------------------ decode
@@ -455,18 +481,46 @@ class PerHeadKVLayer(CacheLayerMixin):
         self._lengths = [length + t for length in self._lengths]
         self._seen += t
 
-    def select_rows(self, indices: Sequence[int] | torch.Tensor) -> None:
-        """Keep only the rows ``indices`` (in that order), e.g. to drop finished generations; the
-        kept rows are compacted into new buffers (each head keeps its free decode rows), so the
-        dropped rows' bytes are released."""
+    def select_rows(self, indices: Sequence[int] | torch.Tensor, *, compact: bool = True) -> None:
+        """Keep only the rows ``indices`` (in that order), e.g. to drop finished generations.
+
+        ``compact=True``: the kept rows are compacted into new buffers (each head keeps its free
+        decode rows), so the dropped rows' bytes are released now. ``compact=False`` (increasing
+        ``indices`` only; others compact anyway): the buffers stay, only the segment table
+        forgets the dropped rows, whose bytes stay allocated (counted by :meth:`allocated_bytes`)
+        until the next re-pack, or until they outnumber the kept segments' rows, when the layer
+        compacts: a decode that drops rows at many steps copies the cache O(log R) times instead
+        of once per step."""
         self._require_compressed("select_rows")
         indices = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
         if len(set(indices)) != len(indices) or any(not 0 <= i < self.rows for i in indices):
             raise ValueError(f"{self._where()}: row indices must be distinct, in [0, {self.rows}), got {indices}")
         heads = self.num_kv_heads
         segments = [r * heads + h for r in indices for h in range(heads)]
-        self._relayout(segments, [self._rooms[s] for s in segments])
+        if compact or indices != sorted(indices):
+            self._relayout(segments, [self._rooms[s] for s in segments])
+        else:
+            self._starts = [self._starts[s] for s in segments]
+            self._lengths = [self._lengths[s] for s in segments]
+            self._rooms = [self._rooms[s] for s in segments]
+            self._prompt_positions = [self._prompt_positions[s] for s in segments]
+            if int(self._k.shape[0]) > 2 * sum(self._rooms):
+                self.compact()
         self.rows = len(indices)
+
+    @property
+    def is_contiguous(self) -> bool:
+        """True when the segments tile the buffers (no rows of dropped segments between them)."""
+        return self._starts == np.concatenate([[0], np.cumsum(self._rooms)[:-1]]).astype(int).tolist() and int(
+            self._k.shape[0]
+        ) == sum(self._rooms)
+
+    def compact(self) -> None:
+        """Release the rows of segments dropped by ``select_rows(..., compact=False)`` (a no-op
+        when the segments tile the buffers already)."""
+        self._require_compressed("compact")
+        if not self.is_contiguous:
+            self._relayout(range(len(self._rooms)), self._rooms)
 
     def _segment(self, head: int, row: int) -> int:
         if not (0 <= head < self.num_kv_heads and 0 <= row < self.rows):
@@ -768,7 +822,7 @@ class BatchedPerHeadKVCache(_PackedCache):
         """docs/method.md §7's KV bytes of each row, int64 (rows,); they sum to :meth:`kv_bytes`."""
         return np.sum([layer.row_kv_bytes() for layer in self.layers], axis=0).astype(np.int64)
 
-    def select_rows(self, indices: Sequence[int] | torch.Tensor) -> None:
+    def select_rows(self, indices: Sequence[int] | torch.Tensor, *, compact: bool = True) -> None:
         """Keep only the rows ``indices`` (in that order) in every layer (:meth:`PerHeadKVLayer.select_rows`)."""
         for layer in self.layers:
-            layer.select_rows(indices)
+            layer.select_rows(indices, compact=compact)

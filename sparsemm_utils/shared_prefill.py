@@ -586,7 +586,7 @@ def decode_batch(
                 keep = torch.nonzero(~done).flatten().tolist()
                 if not keep:
                     break
-                cache.select_rows(keep)
+                cache.select_rows(keep, compact=False)  # compacts when the dropped rows outnumber the kept
                 ids = ids[keep]
                 active = [active[i] for i in keep]
                 if last is not None:

@@ -229,3 +229,37 @@ def test_bytes_and_contents_of_every_row_after_decoding(data, rows, kv_heads, n,
     drop = data.draw(st.integers(0, rows - 1), label="dropped row")
     layer.select_rows([r for r in range(rows) if r != drop])
     assert layer.kv_bytes() == analytic_kv_bytes(np.delete(lengths, drop, axis=0), dim, torch.float32)
+
+
+def test_dropping_rows_without_compaction_keeps_the_buffers_until_they_are_mostly_dead():
+    rows = [ROWS[0], ROWS[1], [[1, 3], [2]], [[0], [5]]]
+    layer, _, _ = _loaded(rows, reserve=1)
+    layer.update(*_states(2, 1, 4, seed=1, batch=4))
+    kept_keys = [[layer.head_keys(h, r).clone() for h in range(2)] for r in range(4)]
+    before, buffer = layer.row_kv_bytes(), layer._k.data_ptr()
+    layer.select_rows([0, 2, 3], compact=False)  # rows 0, 2, 3 in place: no copy
+    assert layer._k.data_ptr() == buffer and not layer.is_contiguous
+    np.testing.assert_array_equal(layer.row_kv_bytes(), before[[0, 2, 3]])
+    assert layer.slack_bytes() == layer.allocated_bytes() - layer.kv_bytes() > 0  # the dropped row's bytes are still held
+    query = torch.randn(3, 4, 1, 4, generator=torch.Generator().manual_seed(4))
+    expected = layer.attend(query, scaling=0.7)
+    torch.testing.assert_close(decode_attend(layer, query, 0.7, "padded"), expected, rtol=1e-5, atol=1e-6)
+    layer.update(*_states(2, 1, 4, seed=2, batch=3))  # the reserve of 1 ran out: the re-pack compacts
+    assert layer.is_contiguous and layer.repacks == 1
+    for new, old in enumerate([0, 2, 3]):
+        for h in range(2):
+            torch.testing.assert_close(layer.head_keys(h, new)[:-1], kept_keys[old][h], rtol=0, atol=0)
+    layer.select_rows([1], compact=False)  # 1 of 3 rows left: the dead rows outnumber the kept ones -> compacted
+    assert layer.is_contiguous and layer.slack_bytes() == 0  # the re-pack's free row was used by the write
+    layer.select_rows([0], compact=False)
+    with pytest.raises(ValueError, match="row indices must be distinct"):
+        layer.select_rows([0, 0], compact=False)
+
+
+def test_unsorted_rows_are_compacted_and_compact_is_idempotent():
+    layer, _, _ = _loaded([ROWS[0], ROWS[1], [[1, 3], [2]]], reserve=2)
+    layer.select_rows([2, 0], compact=False)  # a new order needs new buffers
+    assert layer.is_contiguous
+    buffer = layer._k.data_ptr()
+    layer.compact()
+    assert layer._k.data_ptr() == buffer
