@@ -1,7 +1,8 @@
 """The evaluation sweep: accuracy against KV budget, for every method on every benchmark (docs/method.md §6).
 
 Step 05 (:mod:`sparsemm_utils.steps.eval`) runs it. The sweep runs each *cell* (benchmark, method, budget) over the benchmark's samples: greedy
-decoding, batch 1, the method compressing the prompt's KV cache (docs/method.md §5), then the
+decoding, batch 1 (``batch_size`` questions at once give the same answers, :func:`run_sweep`),
+the method compressing the prompt's KV cache (docs/method.md §5), then the
 benchmark's metrics (:func:`sparsemm_utils.benchmarks.score_prediction`). Methods without a budget
 (FullKV and the head-mask ablations) run once per benchmark, with ``budget`` left empty.
 

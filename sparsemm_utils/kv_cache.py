@@ -13,11 +13,12 @@ Storage design (one :class:`PerHeadKVLayer` per decoder layer)
   ``[start[h], start[h] + room[h])`` of both, of which the first ``length[h]`` rows are in use:
   its kept prompt tokens (in prompt order) followed by the tokens generated since.
   No padding to the longest head: a head with 40 tokens next to one with 900 costs 40 rows.
-- **Rows.** A layer may hold R rows, R compressions of ONE prompt decoding side by side
-  (:class:`BatchedPerHeadKVCache`, filled by :meth:`PerHeadKVLayer.load_rows` from a shared
-  prefill, :mod:`sparsemm_utils.shared_prefill`): segment ``r * H_kv + h`` is KV head h of row r,
-  packed like the others, so rows pay only for what they keep. A prefill's own cache
-  (:class:`PerHeadKVCache`) has one row.
+- **Rows.** A layer may hold R rows decoding side by side (:class:`BatchedPerHeadKVCache`,
+  filled by :meth:`PerHeadKVLayer.load_rows` from a shared prefill, or by
+  :meth:`PerHeadKVLayer.load_prompts` from the prefills of several prompts of different lengths,
+  :mod:`sparsemm_utils.shared_prefill`): segment ``r * H_kv + h`` is KV head h of row r, packed
+  like the others, so rows pay only for what they keep, never for another row's prompt length
+  or padding. A prefill's own cache (:class:`PerHeadKVCache`) has one row.
 - **Appends without copying the cache, a reserve bounded by a block.** ``room[h] = length[h] +
   block`` leaves every head ``block`` free rows (the layer's ``decode_reserve``, default
   :data:`DECODE_BLOCK`) after compression; a decode step writes its new key and value into row
@@ -56,8 +57,10 @@ Protocol (what the attention function of :mod:`sparsemm_utils.compression` relie
    own segment (views, no copies), or the one-call paths of :mod:`sparsemm_utils.varlen_attention`.
    Using the cache with any other attention function is an error caught at the next update.
 
-A prefill runs one prompt at a time (batch size 1, as the original SparseMM and AdaKV code);
-beam search, cropping and repeating rows raise :class:`UnsupportedCacheOperationError`.
+A prefill through this cache runs one prompt at a time (batch size 1, as the original SparseMM and
+AdaKV code); several prompts are batched by :func:`sparsemm_utils.shared_prefill.prefill_batch`
+(one left-padded prefill) and :meth:`BatchedPerHeadKVCache.from_prefills`. Beam search, cropping
+and repeating rows raise :class:`UnsupportedCacheOperationError`.
 """
 
 from __future__ import annotations
@@ -741,14 +744,17 @@ class PerHeadKVCache(_PackedCache):
 
 
 class BatchedPerHeadKVCache(_PackedCache):
-    """R compressions of ONE prompt decoding side by side: row r is what one method kept of the
-    shared prefill (:mod:`sparsemm_utils.shared_prefill`), with its own number of tokens in every
-    (layer, KV head). Each :class:`PerHeadKVLayer` packs segment (row, head) without padding, so
-    no head pays for another's length in what is stored; decode steps append one token to every
-    head of every row; :meth:`select_rows` drops finished rows and releases their bytes.
+    """R rows decoding side by side: row r is what one method kept of one prompt's shared prefill
+    (:mod:`sparsemm_utils.shared_prefill`), with its own number of tokens in every (layer, KV
+    head); the rows may come from several prompts of different lengths. Each
+    :class:`PerHeadKVLayer` packs segment (row, head) without padding, so no head pays for
+    another's length in what is stored; decode steps append one token to every head of every
+    row; :meth:`select_rows` drops finished rows (and releases their bytes, at once or amortised).
 
-    Build it with :meth:`from_prefill`. Shapes reported by the accounting methods are
-    (rows, layers, kv_heads); every row has seen the same number of tokens (lockstep decoding).
+    Build it with :meth:`from_prefill` (one prompt) or :meth:`from_prefills` (several). Shapes
+    reported by the accounting methods are (rows, layers, kv_heads); rows decode in lockstep, each
+    at its own prompt's positions, which the caller feeds (``get_seq_length`` is the longest
+    prompt's count).
     """
 
     def __init__(self, num_layers: int, *, decode_reserve: int = DECODE_BLOCK):

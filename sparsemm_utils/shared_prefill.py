@@ -20,7 +20,14 @@ method selects from. This module computes it once per prompt and lets each metho
    batch when it emits an end-of-sequence token or reaches ``max_new_tokens`` (its KV bytes and
    tokens are recorded then, as batch-1 generation would end there).
 
-:func:`shared_generate` chains the three. Each row's tokens equal
+:func:`shared_generate` chains the three.
+
+Several prompts at once: :func:`prefill_batch` runs the prefill of B prompts as ONE left-padded
+batch through ``model.generate`` (:func:`~sparsemm_utils.prompts.batch_inputs`; generate positions
+each prompt from the attention mask, M-RoPE included) and hands back each prompt's prefill
+without its padding; :func:`decode_batch` decodes the rows of every prompt in one
+:class:`~sparsemm_utils.kv_cache.BatchedPerHeadKVCache`, each row at its own positions;
+:func:`shared_generate_batch` chains them (step 05's ``batch_size``). Each row's tokens equal
 ``compressed_generate(loaded, press, inputs, max_new_tokens=T, do_sample=False)`` for its press
 alone, and its KV bytes equal that run's (tests/integration/test_shared_prefill.py); the only
 numerical difference is that the decoder's matrix products run on R rows at once.

@@ -20,7 +20,13 @@ from sparsemm_utils.kv_cache import (
     analytic_kv_bytes,
     cache_kv_bytes,
 )
-from sparsemm_utils.varlen_attention import decode_attend, flash_decode, packed_segments, varlen_attn_emulation
+from sparsemm_utils.varlen_attention import (
+    PADDED_BUCKET_MIN_SEGMENTS,
+    decode_attend,
+    flash_decode,
+    packed_segments,
+    varlen_attn_emulation,
+)
 
 PROPERTY = settings(max_examples=40, deadline=None)
 
@@ -263,3 +269,14 @@ def test_unsorted_rows_are_compacted_and_compact_is_idempotent():
     buffer = layer._k.data_ptr()
     layer.compact()
     assert layer._k.data_ptr() == buffer
+
+
+def test_the_padded_path_over_many_skewed_segments_equals_the_per_head_loop():
+    # 40 rows x 2 KV heads = 80 segments >= PADDED_BUCKET_MIN_SEGMENTS: padded by length bucket
+    g = torch.Generator().manual_seed(9)
+    rows = [[sorted(torch.randperm(6, generator=g)[: 1 + (r * 7 + h) % 6].tolist()) for h in range(2)] for r in range(40)]
+    layer, _, _ = _loaded(rows, reserve=2)
+    assert layer.rows * layer.num_kv_heads >= PADDED_BUCKET_MIN_SEGMENTS
+    layer.update(*_states(2, 1, 4, seed=3, batch=40))
+    query = torch.randn(40, 4, 1, 4, generator=g)
+    torch.testing.assert_close(decode_attend(layer, query, 0.5, "padded"), layer.attend(query, 0.5), rtol=1e-5, atol=1e-6)
