@@ -50,7 +50,9 @@ def step05_config(config: Path, questions: int, shareable_only: bool) -> Config:
     return Config(model_id=raw["params"]["model_id"], **step)
 
 
-def sweep(cfg: Config, generator: ModelGenerator, samples: dict, batch_size: int, out: Path) -> tuple[float, float, list]:
+def sweep(
+    cfg: Config, generator: ModelGenerator, samples: dict, batch_size: int, out: Path
+) -> tuple[float, float, list]:
     """One sweep into ``out``; returns (CPU seconds, wall seconds, predictions without ``seconds``)."""
     cpu, wall = time.process_time(), time.perf_counter()
     run_sweep(
@@ -67,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=64, help="questions of reader_docqa (default 64)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
-    parser.add_argument("--shareable-only", action="store_true", help="also time the sweep without FastV and the head masks")
+    parser.add_argument(
+        "--shareable-only", action="store_true", help="also time the sweep without FastV and the head masks"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
@@ -96,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 base = base or (cpu, wall, predictions)
                 same = predictions == base[2]
                 failed |= not same
-                rows.append((label, len(cfg.methods), n, b, n / cpu, n / wall, base[0] / cpu, base[1] / wall, cpu, wall, same))
+                speed = (n / cpu, n / wall, base[0] / cpu, base[1] / wall)
+                rows.append((label, len(cfg.methods), n, b, *speed, cpu, wall, same))
     print(f"{cfg.model_id}, {cfg.benchmarks[0]}, max_new_tokens per benchmark limit; torch threads {torch.get_num_threads()}")
     print(f"{'sweep':<16} {'methods':>7} {'questions':>9} {'batch':>5} {'q/s CPU':>8} {'q/s wall':>8} {'x CPU':>6} {'x wall':>6} "
           f"{'CPU s':>7} {'wall s':>7}  same answers as batch 1")

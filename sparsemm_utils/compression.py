@@ -64,7 +64,13 @@ from sparsemm_utils.allocation import (
     validate_head_scores,
 )
 from sparsemm_utils.attention_hooks import AttentionHook, NoActiveStateError, text_attention
-from sparsemm_utils.kv_cache import DECODE_BLOCK, PerHeadKVCache, UnsupportedBatchError, cache_kv_bytes, decode_reserve_for
+from sparsemm_utils.kv_cache import (
+    DECODE_BLOCK,
+    PerHeadKVCache,
+    UnsupportedBatchError,
+    cache_kv_bytes,
+    decode_reserve_for,
+)
 from sparsemm_utils.validate import check_choice, check_fraction, check_int
 
 __all__ = [

@@ -608,7 +608,8 @@ def measure(protocol: EfficiencyProtocol, model: str, method: str, context: int)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     memory = PeakMemory(device)
     new_tokens = protocol.new_tokens
-    with compression_with_backend(loaded, press, backend=protocol.decode_attention, decode_reserve=decode_reserve_for(new_tokens)) as session:
+    reserve = decode_reserve_for(new_tokens)
+    with compression_with_backend(loaded, press, backend=protocol.decode_attention, decode_reserve=reserve) as session:
         timer = StepTimer(sync, on_first=lambda: measured.after_prefill(session.cache))
         memory.reset()
         timer.start()
