@@ -58,8 +58,9 @@ Protocol (what the attention function of :mod:`sparsemm_utils.compression` relie
    Using the cache with any other attention function is an error caught at the next update.
 
 A prefill through this cache runs one prompt at a time (batch size 1, as the original SparseMM and
-AdaKV code); several prompts are batched by :func:`sparsemm_utils.shared_prefill.prefill_batch`
-(one left-padded prefill) and :meth:`BatchedPerHeadKVCache.from_prefills`. Beam search, cropping
+AdaKV code), or a left-padded batch of ``generate`` made for it (``prefill_batch``,
+:meth:`PerHeadKVLayer.compress_batch`, :func:`sparsemm_utils.shared_prefill.compressed_generate_batch`);
+the prefills of several prompts also combine by :meth:`BatchedPerHeadKVCache.from_prefills`. Beam search, cropping
 and repeating rows raise :class:`UnsupportedCacheOperationError`.
 """
 
@@ -186,6 +187,8 @@ class PerHeadKVLayer(CacheLayerMixin):
             larger). Rows reserved but unused are reported by :meth:`slack_bytes`, never by
             :meth:`kv_bytes`.
         layer_idx: the decoder layer's index, for error messages.
+        prefill_batch: prompts the prefill brings at once (a left-padded batch of ``generate``,
+            packed by :meth:`compress_batch`); 1 for :meth:`compress`.
     """
 
     is_compileable = False
@@ -193,9 +196,12 @@ class PerHeadKVLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False  # the buffers are sized at compression, not before
 
-    def __init__(self, decode_reserve: int = DECODE_BLOCK, layer_idx: int | None = None, **kwargs: Any):
+    def __init__(
+        self, decode_reserve: int = DECODE_BLOCK, layer_idx: int | None = None, *, prefill_batch: int = 1, **kwargs: Any
+    ):
         super().__init__()
         self.decode_reserve = check_int("decode_reserve", decode_reserve, 0)
+        self.prefill_batch = check_int("prefill_batch", prefill_batch, 1)
         self.layer_idx = layer_idx
         self._clear()
 
@@ -251,7 +257,11 @@ class PerHeadKVLayer(CacheLayerMixin):
                 f"{tuple(key_states.shape)} and {tuple(value_states.shape)}"
             )
         batch = int(key_states.shape[0])
-        if not self.is_compressed and batch != 1:
+        if not self.is_compressed and batch != self.prefill_batch and self.prefill_batch > 1:
+            raise UnsupportedBatchError(
+                f"{self._where()}: a prefill of batch size {batch}, but the cache was made for {self.prefill_batch} prompts"
+            )
+        if not self.is_compressed and batch != self.prefill_batch:
             raise UnsupportedBatchError(
                 f"{self._where()}: batch size {batch}: the per-head KV cache prefills one prompt "
                 f"(batch size 1, as the original SparseMM/AdaKV code); run prompts one at a time, or decode several "
@@ -390,6 +400,26 @@ class PerHeadKVLayer(CacheLayerMixin):
             )
         keys, values = self._pending
         self._pack([(keys, values, [self._validated_positions(positions, int(keys.shape[-2]))])])
+        self._pending = None
+
+    def compress_batch(self, positions: Sequence[Sequence[torch.Tensor]], pads: Sequence[int]) -> None:
+        """Pack the pending prefill of a LEFT-PADDED batch of B prompts (``(B, H_kv, n_max, d)``):
+        prompt b occupies positions ``pads[b] ..`` of the batch and keeps, in KV head h, its own
+        prompt positions ``positions[b][h]`` (in ``[0, n_max - pads[b])``, i.e. without the
+        padding). Row b of the layer is prompt b; no padding is stored."""
+        if self._pending is None:
+            raise CacheStateError(f"{self._where()}: nothing to compress; compress_batch() runs once, right after the prefill")
+        keys, values = self._pending
+        if len(positions) != keys.shape[0] or len(pads) != keys.shape[0]:
+            raise InvalidPositionsError(
+                f"{self._where()}: {len(positions)} prompts' positions and {len(pads)} pads for a batch of {keys.shape[0]}"
+            )
+        prompts = [(keys[b : b + 1, :, pad:], values[b : b + 1, :, pad:], [row]) for b, (pad, row) in enumerate(zip(pads, positions))]
+        if not self._rows_valid(prompts):
+            for b, (k, _, rows) in enumerate(prompts):
+                self._validated_positions(rows[0], int(k.shape[-2]), f", prompt {b}")
+            raise InvalidPositionsError(f"{self._where()}: malformed positions")  # not reached: the loop names them
+        self._pack([(k, v, [[torch.as_tensor(p).to(self.device, torch.int64) for p in rows[0]]]) for k, v, rows in prompts])
         self._pending = None
 
     def keep_all(self) -> None:
@@ -715,16 +745,20 @@ class _PackedCache(Cache):
 
 class PerHeadKVCache(_PackedCache):
     """A transformers ``Cache`` of :class:`PerHeadKVLayer`, one per decoder layer of the language model,
-    holding one prompt (batch size 1).
+    holding one prompt (batch size 1), or ``prefill_batch`` prompts of a left-padded ``generate``
+    batch (one row each, :meth:`PerHeadKVLayer.compress_batch`; the accounting methods then report
+    every row's heads flattened, and :meth:`PerHeadKVLayer.row_lengths` per row).
 
     Pass it to ``model.generate(past_key_values=cache)`` together with the per-head attention
     function (``sparsemm_utils.compression.compressed_generate`` does both). Shapes reported by
     the accounting methods are (layers, kv_heads).
     """
 
-    def __init__(self, num_layers: int, *, decode_reserve: int = DECODE_BLOCK):
+    def __init__(self, num_layers: int, *, decode_reserve: int = DECODE_BLOCK, prefill_batch: int = 1):
         num_layers = check_int("num_layers", num_layers, 1)
-        super().__init__(layers=[PerHeadKVLayer(decode_reserve, layer_idx=i) for i in range(num_layers)])
+        super().__init__(
+            layers=[PerHeadKVLayer(decode_reserve, layer_idx=i, prefill_batch=prefill_batch) for i in range(num_layers)]
+        )
 
     @classmethod
     def from_config(cls, config: Any, *, decode_reserve: int = DECODE_BLOCK) -> PerHeadKVCache:

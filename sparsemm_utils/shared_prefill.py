@@ -27,7 +27,8 @@ batch through ``model.generate`` (:func:`~sparsemm_utils.prompts.batch_inputs`; 
 each prompt from the attention mask, M-RoPE included) and hands back each prompt's prefill
 without its padding; :func:`decode_batch` decodes the rows of every prompt in one
 :class:`~sparsemm_utils.kv_cache.BatchedPerHeadKVCache`, each row at its own positions;
-:func:`shared_generate_batch` chains them (step 05's ``batch_size``). Each row's tokens equal
+:func:`shared_generate_batch` chains them (step 05's ``batch_size``). One method over a batch of
+prompts, through ``model.generate`` itself (prefill and decode): :func:`compressed_generate_batch`. Each row's tokens equal
 ``compressed_generate(loaded, press, inputs, max_new_tokens=T, do_sample=False)`` for its press
 alone, and its KV bytes equal that run's (tests/integration/test_shared_prefill.py); the only
 numerical difference is that the decoder's matrix products run on R rows at once.
@@ -58,13 +59,16 @@ from sparsemm_utils.compression import (
     CompressionSession,
     FullKVPress,
     HeadMaskAblation,
+    PER_HEAD_ATTENTION,
     PrefillDecisions,
     _check_generation_inputs,
+    _decode_reserve,
     model_shape,
+    per_head_attention,
     snapkv_window_scores,
 )
 from sparsemm_utils.fastv import FastVAtBudget, FastVPress
-from sparsemm_utils.kv_cache import BatchedPerHeadKVCache, decode_reserve_for
+from sparsemm_utils.kv_cache import DECODE_BLOCK, BatchedPerHeadKVCache, PerHeadKVCache, analytic_kv_bytes, decode_reserve_for
 from sparsemm_utils.prompts import batch_inputs
 from sparsemm_utils.validate import check_int
 from sparsemm_utils.varlen_attention import register_backend_attention, resolve_backend
@@ -87,6 +91,7 @@ __all__ = [
     "decode_batch",
     "shared_generate",
     "shared_generate_batch",
+    "compressed_generate_batch",
 ]
 
 #: Name the recording prefill attention is registered under (AttentionInterface + mask interface).
@@ -664,3 +669,96 @@ def _checked_presses(loaded: Any, presses: Sequence[Sequence[Any]]) -> int:
             check_shareable(press)
             press.validate_for(shape)
     return max([int(getattr(press, "window", 0)) for own in presses for press in own] + [1])
+
+
+# ------------------------------------------------------------------- one method through generate
+
+
+@dataclass(eq=False)
+class _BatchSession:
+    """The compressed path's state for a left-padded ``generate`` batch: one
+    :class:`~sparsemm_utils.compression.PrefillDecisions` per prompt, each deciding on its prompt
+    without the padding (what :func:`~sparsemm_utils.compression.per_head_attention` reads)."""
+
+    cache: PerHeadKVCache
+    prompts: list[PrefillDecisions]
+    pads: tuple[int, ...]
+
+    def prefill_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
+        """Each prompt's selection on its own ``(1, H, n_b, d)`` queries and keys, then one packing."""
+        positions = []
+        for b, (decisions, pad) in enumerate(zip(self.prompts, self.pads)):
+            n = int(key.shape[-2]) - pad
+            chosen = None
+            if not isinstance(decisions.press, FullKVPress):
+                chosen = decisions.select(layer_idx, query[b : b + 1, :, pad:], key[b : b + 1, :, pad:], scaling)
+            elif layer_idx == 0:
+                decisions.prompt_len = n
+            everything = torch.arange(n, device=key.device)
+            positions.append([everything] * int(key.shape[1]) if chosen is None else chosen)
+        self.cache.layers[layer_idx].compress_batch(positions, self.pads)
+
+
+@torch.no_grad()
+def compressed_generate_batch(
+    loaded: Any, press: Any, prompts: Sequence[Mapping[str, Any]], *, decode_block: int = DECODE_BLOCK, **gen_kwargs: Any
+) -> list[PressGeneration]:
+    """``loaded.model.generate`` of B prompts at once, ONE method, the KV cache compressed per prompt.
+
+    The prompts go through ``generate`` as one left-padded batch
+    (:func:`~sparsemm_utils.prompts.batch_inputs`: ``generate`` positions each from the attention
+    mask); at the prefill each prompt's KV heads keep what the method chooses on that prompt alone
+    (:meth:`~sparsemm_utils.compression.PrefillDecisions.select`, as the batch-1 path), packed as
+    one row of a :class:`~sparsemm_utils.kv_cache.PerHeadKVCache` per prompt (no padding stored,
+    no head pays for another's length, FullKV keeps its own n). Each prompt's tokens equal
+    ``compressed_generate(loaded, press, prompt, **gen_kwargs)`` (tests/integration/test_shared_prefill.py);
+    ``generate`` keeps a finished prompt in the batch (it feeds it padding), so its sequence is cut
+    after its first end-of-sequence token and its KV bytes are those its cache held when its batch-1
+    generation ended (kept prompt tokens + the tokens fed back before then).
+
+    Args:
+        press: FullKV or a method that compresses after the prefill (:func:`check_shareable`: the
+            head-mask ablation and FastV change the prefill itself and run one prompt at a time).
+        prompts: each batch 1, unpadded (e.g. :func:`~sparsemm_utils.prompts.build_inputs`).
+        decode_block, gen_kwargs: as :func:`~sparsemm_utils.compression.compressed_generate`
+            (greedy or sampled, ``max_new_tokens``...).
+
+    Returns:
+        One :class:`PressGeneration` per prompt, in order.
+    """
+    check_shareable(press)
+    if not prompts:
+        raise SharedPrefillError("compressed_generate_batch needs at least one prompt")
+    for prompt in prompts:
+        _check_generation_inputs(prompt, gen_kwargs)
+    shape = model_shape(loaded)
+    press.validate_for(shape)
+    model = loaded.model
+    inputs = batch_inputs(loaded, prompts)
+    pads = _left_pads(inputs["input_ids"], inputs.get("attention_mask"))
+    reserve = _decode_reserve(loaded, gen_kwargs, decode_block)
+    cache = PerHeadKVCache(shape.layers, decode_reserve=reserve, prefill_batch=len(prompts))
+    session = _BatchSession(cache, [PrefillDecisions(press, shape) for _ in prompts], pads)
+    name = COMPRESSION_HOOK.register(PER_HEAD_ATTENTION, per_head_attention)
+    with COMPRESSION_HOOK.activate(session), text_attention(model, name):
+        output = model.generate(**inputs, past_key_values=cache, **gen_kwargs)
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    eos = model.generation_config.eos_token_id
+    eos = set([] if eos is None else [eos] if isinstance(eos, int) else list(eos))
+    kept = np.stack(
+        [[[p.numel() for p in layer.prompt_positions(b)] for layer in cache.layers] for b in range(len(prompts))]
+    )  # (prompts, layers, kv_heads)
+    results = []
+    for b, (prompt, decisions) in enumerate(zip(prompts, session.prompts)):
+        n = int(prompt["input_ids"].shape[1])
+        new = sequences[b, pads[b] + n :].tolist()
+        ends = [i for i, token in enumerate(new) if token in eos]
+        generated = ends[0] + 1 if ends else len(new)
+        stored = kept[b] + max(generated - 1, 0)  # every head stores the tokens fed back before the last
+        results.append(
+            PressGeneration(
+                press, decisions, sequences[b : b + 1, pads[b] : pads[b] + n + generated].clone(),
+                analytic_kv_bytes(stored, loaded.head_dim, model.dtype), stored, kept[b],
+            )
+        )  # fmt: skip
+    return results

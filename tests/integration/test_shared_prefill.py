@@ -42,6 +42,7 @@ from sparsemm_utils.shared_prefill import (
     SharedPrefillError,
     _left_pads,
     compress_prefill,
+    compressed_generate_batch,
     decode_batch,
     decode_rows,
     prefill_batch,
@@ -322,6 +323,29 @@ def test_every_prompt_and_method_equals_batch_one_compressed_generate(model_id):
             assert torch.equal(row.sequences, alone.sequences), label
             assert row.kv_bytes == alone.kv_bytes, label
             assert row.prompt_len == lengths[b]
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_one_method_on_a_batch_through_generate_equals_batch_one(model_id):
+    # compressed_generate_batch: the prompts left-padded through model.generate itself, every method
+    loaded, prompts, scores = _batch_setup(model_id)
+    shape = model_shape(loaded)
+    generated = set()
+    for press in _batch_presses(scores, int(prompts[0]["input_ids"].shape[1])):
+        batched = compressed_generate_batch(loaded, press, prompts, max_new_tokens=BATCH_NEW_TOKENS, do_sample=False)
+        generated |= {int(row.new_tokens.numel()) for row in batched}
+        for b, (inputs, row) in enumerate(zip(prompts, batched)):
+            alone = compressed_generate(loaded, press, inputs, max_new_tokens=BATCH_NEW_TOKENS, do_sample=False)
+            label = (model_id, b, press.name, getattr(press, "budget", None))
+            assert torch.equal(row.sequences, alone.sequences), label
+            assert row.kv_bytes == alone.kv_bytes, label
+            if not isinstance(press, FullKVPress):
+                np.testing.assert_array_equal(row.stored_tokens, alone.cache.stored_tokens(), err_msg=str(label))
+                np.testing.assert_array_equal(row.assigned, alone.session.assigned, err_msg=str(label))
+            else:
+                np.testing.assert_array_equal(row.stored_tokens, np.full(shape.kv_grid, alone.sequences.shape[1] - 1))
+    if model_id == "data/tiny_reader":
+        assert len(generated) > 1  # prompts ended at different steps: generate padded the finished ones
 
 
 def test_the_batched_cache_stores_no_padding():

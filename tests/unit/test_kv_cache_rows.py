@@ -280,3 +280,22 @@ def test_the_padded_path_over_many_skewed_segments_equals_the_per_head_loop():
     layer.update(*_states(2, 1, 4, seed=3, batch=40))
     query = torch.randn(40, 4, 1, 4, generator=g)
     torch.testing.assert_close(decode_attend(layer, query, 0.5, "padded"), layer.attend(query, 0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_a_left_padded_prefill_batch_packs_each_prompt_without_its_padding():
+    # prompt 0 has 6 tokens, prompt 1 has 4 (2 padding positions first); head 0 of prompt 1 keeps its own tokens 1, 3
+    keys, values = _states(2, 6, 4, seed=5, batch=2)
+    layer = PerHeadKVLayer(decode_reserve=1, prefill_batch=2)
+    with pytest.raises(UnsupportedBatchError, match="made for 2 prompts"):
+        layer.update(keys[:1], values[:1])
+    assert layer.update(keys, values)[0] is keys  # the prefill's attention gets the padded batch unchanged
+    layer.compress_batch([_t([[0, 5], [2]]), _t([[1, 3], [0, 1, 2, 3]])], pads=[0, 2])
+    assert layer.rows == 2 and layer.get_seq_length() == 6
+    np.testing.assert_array_equal(layer.row_lengths(), [[2, 1], [2, 4]])  # no padding stored
+    torch.testing.assert_close(layer.head_keys(0, 1), keys[1, 0, [3, 5]], rtol=0, atol=0)
+    torch.testing.assert_close(layer.head_values(1, 1), values[1, 1, 2:], rtol=0, atol=0)
+    assert layer.kv_bytes() == analytic_kv_bytes(np.array([[2, 1], [2, 4]]), 4, torch.float32)
+    other = PerHeadKVLayer(prefill_batch=2)
+    other.update(keys, values)
+    with pytest.raises(InvalidPositionsError, match=r"prompt 1, KV head 0: positions must lie in \[0, 4\)"):
+        other.compress_batch([_t([[0], [1]]), _t([[4], [0]])], pads=[0, 2])
