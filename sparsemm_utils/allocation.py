@@ -62,6 +62,7 @@ __all__ = [
     "StreamingLLMAllocation",
     "UnknownAllocationMethodError",
     "adakv_caps",
+    "adakv_round",
     "effective_kept",
     "kv_group_sum",
     "make_allocation",
@@ -732,9 +733,14 @@ def adakv_caps(head_scores_sorted: ArrayLike, selected_budget: int, alpha: float
     weight = np.divide(top, total, out=np.zeros_like(top), where=total > 0)
     scaled = (scores * weight).ravel()
     chosen = np.argsort(-scaled, kind="stable")[: kv_heads * b]
-    counts = np.bincount(chosen // n_ctx, minlength=kv_heads)
-    floor = math.floor(b * alpha)
-    caps32 = counts.astype(np.float32) * np.float32(1 - alpha) + np.float32(floor)
+    return adakv_round(np.bincount(chosen // n_ctx, minlength=kv_heads), b, alpha)
+
+
+def adakv_round(counts: ArrayLike, selected_budget: int, alpha: float) -> np.ndarray:
+    """AdaKV's last step (:func:`adakv_caps`): cap_g = round(c_g * (1 - alpha) + floor(alpha * b)),
+    half to even, in float32 as the original's torch expression; int64 (kv_heads,)."""
+    floor = math.floor(selected_budget * alpha)
+    caps32 = np.asarray(counts).astype(np.float32) * np.float32(1 - alpha) + np.float32(floor)
     return np.round(caps32).astype(np.int64)
 
 

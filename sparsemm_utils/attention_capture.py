@@ -41,7 +41,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from sparsemm_utils.attention_hooks import AttentionFunction, AttentionHook, text_attention
+from sparsemm_utils.attention_hooks import (
+    SELECTION_DTYPES,
+    AttentionFunction,
+    AttentionHook,
+    original_attention_logits,
+    text_attention,
+)
 from sparsemm_utils.models import LoadedModel
 from sparsemm_utils.validate import check_choice, check_int, is_int
 
@@ -95,8 +101,9 @@ def last_query_attention(
     attention_mask: torch.Tensor | None = None,
     *,
     scaling: float | None = None,
+    selection_dtype: str = "float32",
 ) -> torch.Tensor:
-    """Softmax attention row of the LAST query of a call, per query head: (batch, H, N) float32.
+    """Softmax attention row of the LAST query of a call, per query head: (batch, H, N).
 
     ``query`` (batch, H, q, d) post-RoPE; ``key`` (batch, H_kv, N, d) as the cache returned it
     (H a multiple of H_kv: query head h reads KV head h // (H / H_kv), as ``repeat_kv`` lays it
@@ -104,10 +111,15 @@ def last_query_attention(
     causal call sees every key), boolean (batch, 1, q, N) with True = attend (the ``sdpa`` mask),
     or additive float (batch, 1, q, N) (the ``eager`` mask); ``scaling`` defaults to d ** -0.5.
 
-    Computed as ``eager_attention_forward`` does it: Q K^T * scaling in the model's dtype, mask,
-    softmax in float32 (the eager path then casts the weights back to the model dtype; here they
-    stay float32, so a bf16 model's rounding ties do not occur here).
+    ``selection_dtype="float32"`` (the default): Q K^T * scaling in the model's dtype, mask,
+    softmax in float32, and the row stays float32 (so a bf16 model's rounding ties do not occur).
+    ``"model"``: as the original's eager attention (LLaVA-NeXT's ``modeling_llama.py``, the
+    Qwen2-VL of its time): Q K^T / sqrt(d) in the model's dtype
+    (:func:`~sparsemm_utils.attention_hooks.original_attention_logits`), mask, softmax in float32
+    cast back to the model's dtype; the hit rule then ranks that row (docs/method.md §4,
+    docs/deviations.md "Selection scores").
     """
+    check_choice("selection_dtype", selection_dtype, SELECTION_DTYPES)
     if query.ndim != 4 or key.ndim != 4:
         raise CaptureShapeError(
             f"query and key must be (batch, heads, seq, head_dim), got {tuple(query.shape)} and {tuple(key.shape)}"
@@ -122,7 +134,11 @@ def last_query_attention(
     scale = dim**-0.5 if scaling is None else scaling
     group = heads // kv_heads
     last = query[:, :, -1, :].reshape(batch, kv_heads, group, dim)
-    logits = (torch.matmul(last, key.transpose(-1, -2)) * scale).reshape(batch, heads, n_keys).float()
+    if selection_dtype == "model":
+        keys = key[:, :, None].expand(batch, kv_heads, group, n_keys, dim).reshape(batch, heads, n_keys, dim)
+        logits = original_attention_logits(query[:, :, -1:, :], keys, scaling).reshape(batch, heads, n_keys)
+    else:
+        logits = (torch.matmul(last, key.transpose(-1, -2)) * scale).reshape(batch, heads, n_keys).float()
     if attention_mask is not None:
         mask_row = attention_mask[:, :, -1, :]  # (batch, 1, N), broadcast over heads
         if mask_row.shape[-1] != n_keys:
@@ -130,7 +146,9 @@ def last_query_attention(
         if mask_row.dtype == torch.bool:
             logits = logits.masked_fill(~mask_row, float("-inf"))
         else:
-            logits = logits + mask_row.float()
+            logits = logits + mask_row.to(logits.dtype)
+    if selection_dtype == "model":
+        return torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.softmax(logits, dim=-1)
 
 
@@ -142,20 +160,25 @@ class CaptureSpec:
     """What a :class:`RowRecorder` keeps of each row (one row = (H, N_t) for one layer and step).
 
     ``top_k``: how many top positions per head to keep (sorted by weight, descending; the argmax
-    is always kept separately, first maximum on ties). ``image_span``: ``(start, count)`` of the
+    is always kept separately, first maximum on ties with ``selection_dtype="float32"``). ``image_span``: ``(start, count)`` of the
     image tokens (absolute positions); with it, the attention mass on the image per head is
     recorded. ``image_steps``: keep the image slice of the row, (H, count) as float16, for the
     first ``image_steps`` tokens (0: none): the explorer's data. ``keep_rows``: keep every full
     row as float32 (tests and tiny inputs only: it is the N x T memory this module avoids).
+    ``selection_dtype``: the dtype the streamed rows are computed in (:func:`last_query_attention`:
+    ``"float32"``, or ``"model"`` as the original's eager attention, whose argmax is then taken as
+    the original takes it, ``topk(1)``, which on a tie may pick another maximum than the first).
     """
 
     top_k: int = 1
     image_span: tuple[int, int] | None = None
     image_steps: int = 0
     keep_rows: bool = False
+    selection_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         check_int("top_k", self.top_k, 1)
+        check_choice("selection_dtype", self.selection_dtype, SELECTION_DTYPES)
         if self.image_span is not None:
             span = tuple(self.image_span)
             if len(span) != 2 or not all(is_int(v) for v in span):
@@ -259,7 +282,11 @@ class RowRecorder:
             pad = self.spec.top_k - k
             positions = torch.cat([positions, positions.new_full((self.num_heads, pad), -1)], dim=-1)
             weights = torch.cat([weights, weights.new_zeros((self.num_heads, pad))], dim=-1)
-        self._argmax[layer_idx].append(torch.argmax(row, dim=-1))
+        if self.spec.selection_dtype == "model":  # the original's hit rule ranks with topk(1): its choice on ties
+            best = torch.topk(row, 1, dim=-1).indices[:, 0]
+        else:
+            best = torch.argmax(row, dim=-1)
+        self._argmax[layer_idx].append(best)
         self._top_pos[layer_idx].append(positions)
         self._top_w[layer_idx].append(weights.float())
         self._lengths[layer_idx].append(n_keys)
@@ -271,7 +298,7 @@ class RowRecorder:
                     "come from this prompt (prompts.image_token_span)"
                 )
             image = row[:, start : start + count]
-            self._mass[layer_idx].append(image.sum(dim=-1).float())
+            self._mass[layer_idx].append(image.float().sum(dim=-1))
             if len(self._image[layer_idx]) < self.spec.image_steps:
                 self._image[layer_idx].append(image.to(torch.float16))
         if self.spec.keep_rows:
@@ -354,7 +381,7 @@ def _record_row(
     scaling: float | None,
 ) -> None:
     with torch.no_grad():
-        row = last_query_attention(query, key, attention_mask, scaling=scaling)
+        row = last_query_attention(query, key, attention_mask, scaling=scaling, selection_dtype=recorder.spec.selection_dtype)
     recorder.add(layer_idx, row)
 
 

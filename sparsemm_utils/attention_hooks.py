@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
@@ -59,6 +60,8 @@ __all__ = [
     "text_attention_implementation",
     "vision_attention_implementation",
     "allowed_keys",
+    "SELECTION_DTYPES",
+    "original_attention_logits",
 ]
 
 #: ``fn(module, query, key, value, attention_mask, scaling, dropout, **kwargs) -> (output, weights | None)``.
@@ -306,3 +309,29 @@ def allowed_keys(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, d
     if mask.dtype == torch.bool:
         return mask
     return mask > torch.finfo(mask.dtype).min / 2
+
+
+# ------------------------------------------------------------------- the original's attention
+
+
+#: Where a rule reads attention weights (SnapKV-style selection, docs/method.md §5; the hit rule,
+#: docs/method.md §4): ``"float32"`` (the project's default: the softmax stays float32) or
+#: ``"model"`` (the original code's: logits in the model's dtype, the softmax in float32 cast back
+#: to the model's dtype).
+SELECTION_DTYPES: tuple[str, ...] = ("float32", "model")
+
+
+def original_attention_logits(query: torch.Tensor, key: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
+    """``Q K^T`` scaled as the original code's eager attention does it (``selection_dtype="model"``).
+
+    ``query`` ``(..., q, d)`` and ``key`` ``(..., N, d)`` (broadcastable leading dimensions) in the
+    model's dtype; returns ``(..., q, N)`` in that dtype: ``matmul(Q, K^T) / math.sqrt(d)``, as
+    SparseMM's ``calcul_attn_sore`` / ``SnapKVCluster.update_kv`` and LLaVA-NeXT's eager attention
+    compute it (a division, whose bf16 rounding can differ from a product with ``d ** -0.5``). A
+    ``scaling`` other than ``d ** -0.5`` (a model with its own softmax scale) multiplies instead.
+    """
+    dim = query.shape[-1]
+    logits = torch.matmul(query, key.transpose(-1, -2))
+    if scaling is None or math.isclose(float(scaling), dim**-0.5, rel_tol=1e-9):
+        return logits / math.sqrt(dim)
+    return logits * float(scaling)

@@ -13,7 +13,9 @@ The rows are NOT real data: short questions about small images with the answer d
 without an image and one without answers (DocVQA also has one whose image bytes are not an
 image; GQA's image-less row names an ``imageId`` that its images config lacks).
 
-Known simplification: GQA's nested ``annotations`` and ``semantic`` columns are left out (their
+Known simplifications: TextCaps' features are the TextCaps 0.1 annotation fields grouped per
+image (``caption_str`` a list, which is how lmms-eval reads it); they could not be checked against
+the hub card here. GQA's nested ``annotations`` and ``semantic`` columns are left out (their
 exact hub types could not be checked; nothing reads them).
 
 Rebuild: ``python -c "from sparsemm_utils.benchmark_fixtures import build_all_fixtures as b; b()"``.
@@ -95,6 +97,17 @@ HUB_FEATURES: Mapping[str, Mapping[str | None, Features]] = {
                 "answers": List({"answer": _S, "answer_confidence": _S, "answer_id": Value("int64")}),
                 "image_id": Value("int64"), "answer_type": _S, "question_id": Value("int64"), "question": _S,
                 "image": datasets.Image(),
+            }
+        )
+    },
+    "textcaps": {
+        None: Features(
+            {
+                "question_id": _S, "question": _S, "image": datasets.Image(), "image_id": _S,
+                "image_classes": List(_S), "flickr_original_url": _S, "flickr_300k_url": _S,
+                "image_width": Value("int64"), "image_height": Value("int64"), "set_name": _S, "image_name": _S,
+                "image_path": _S, "caption_id": List(Value("int64")), "caption_str": List(_S),
+                "caption_tokens": List(List(_S)), "reference_strs": List(_S), "reference_tokens": List(List(_S)),
             }
         )
     },
@@ -277,6 +290,30 @@ def _vqav2() -> dict[str | None, list[dict[str, Any]]]:
     }
 
 
+def _textcaps() -> dict[str | None, list[dict[str, Any]]]:
+    def row(image_id: str, captions: Sequence[str] | None, image: Any) -> dict[str, Any]:
+        captions = list(captions or [])
+        return {
+            "question_id": f"{image_id}_0", "question": "", "image": image, "image_id": image_id,
+            "image_classes": ["Poster"], "flickr_original_url": "", "flickr_300k_url": "", "image_width": 200,
+            "image_height": 96, "set_name": "val", "image_name": image_id, "image_path": f"train/{image_id}.jpg",
+            "caption_id": list(range(len(captions))), "caption_str": captions,
+            "caption_tokens": [c.lower().split() for c in captions], "reference_strs": captions,
+            "reference_tokens": [c.lower().split() for c in captions],
+        }  # fmt: skip
+
+    return {
+        None: [
+            row("0a1b2c3d4e5f6a7b", ["A sign that says OPEN.", "a red open sign", "An OPEN sign in a window."], _png(["OPEN"])),
+            row("1b2c3d4e5f6a7b8c", ["A bottle of Coca-Cola.", "a coke bottle", "The bottle's label reads Coca-Cola."],
+                _png(["Coca-Cola"])),
+            row("2c3d4e5f6a7b8c9d", ["A clock showing 12:30.", "an old clock", "The clock reads 12:30 pm."], _png(["12:30"])),
+            row("3d4e5f6a7b8c9d0e", None, _png(["no captions"])),  # no answers
+            row("4e5f6a7b8c9d0e1f", ["A book titled WAR."], None),  # no image
+        ]
+    }
+
+
 _ROWS = {
     "docvqa": _docvqa,
     "textvqa": _textvqa,
@@ -285,6 +322,7 @@ _ROWS = {
     "mmbench": _mmbench,
     "gqa": _gqa,
     "vqav2": _vqav2,
+    "textcaps": _textcaps,
 }
 
 

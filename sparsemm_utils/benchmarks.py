@@ -3,7 +3,7 @@
 A :class:`BenchmarkSpec` records, for one lmms-eval task, the hub dataset it reads (id, config,
 split, columns in the hub's order), lmms-eval's prompt (``doc_to_text``: pre-prompt + question +
 post-prompt, with the task's quirks), the generation limit and stop strings, and the metric(s).
-:data:`BENCHMARKS` holds the paper's OCR benchmarks (DocVQA, TextVQA, OCRBench, ChartQA), the
+:data:`BENCHMARKS` holds the paper's OCR benchmarks (DocVQA, TextVQA, OCRBench, ChartQA, TextCaps), the
 general ones (MMBench, GQA, VQAv2) and the offline reading benchmark of the default run
 (``reader_docqa``: step 01's generator on a held-out seed, see :func:`make_reader_benchmark`).
 The values were read from lmms-eval's task YAMLs and ``utils.py`` (EvolvingLMMs-Lab/lmms-eval,
@@ -71,6 +71,7 @@ __all__ = [
     "WRAPPER_MAX_NEW_TOKENS",
     "SHORT_ANSWER_POST_PROMPT",
     "MMBENCH_POST_PROMPT",
+    "CHARTQA_POST_PROMPT",
     "MMBENCH_OPTIONS_HEADER",
     "get_benchmark",
     "download_instructions",
@@ -84,14 +85,19 @@ __all__ = [
 ]
 
 SHORT_ANSWER_POST_PROMPT = "\nAnswer the question using a single word or phrase."
-MMBENCH_POST_PROMPT = "Answer with the option's letter from the given choices directly."
+MMBENCH_POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."  # after "{query}\n"
+CHARTQA_POST_PROMPT = "\nAnswer the question with a single word."  # chartqa.yaml, default kwargs
 MMBENCH_OPTIONS_HEADER = "There are several options:"  # mmbench.yaml metadata.sys_prompt
 
 #: lmms-eval's model-wrapper default ``max_new_tokens`` when the task YAML sets none, by model
 #: family: SparseMM's fork has ``models/qwen2_vl.py`` 128 and ``models/llava.py`` 1024. The fork has
 #: no Qwen2.5-VL wrapper; 128 is taken by analogy (current lmms-eval's ``qwen2_5_vl`` uses 32768,
 #: a limit a short-answer task never reaches before EOS, so the choice only matters for runaways).
-WRAPPER_MAX_NEW_TOKENS: Mapping[str, int] = MappingProxyType({"qwen2_vl": 128, "qwen2_5_vl": 128, "llava_next": 1024})
+#: The fork has no wrapper for the newer families either (docs/models.md); by the same analogy
+#: Qwen3-VL takes the Qwen wrappers' 128 and LLaVA-OneVision / InternVL the LLaVA wrapper's 1024.
+WRAPPER_MAX_NEW_TOKENS: Mapping[str, int] = MappingProxyType(
+    {"qwen2_vl": 128, "qwen2_5_vl": 128, "llava_next": 1024, "qwen3_vl": 128, "llava_onevision": 1024, "internvl": 1024}
+)
 
 SkipReason = Literal["no image", "unreadable image", "no answers"]
 
@@ -208,6 +214,11 @@ def _text_strip(row: Mapping[str, Any], spec: BenchmarkSpec) -> str:
     return str(row[spec.question_column]).strip()
 
 
+def _text_prompt(row: Mapping[str, Any], spec: BenchmarkSpec) -> str:
+    """TextCaps: the task's fixed prompt (``lmms_eval_specific_kwargs["prompt"]``), whatever the row."""
+    return f"{spec.pre_prompt}{spec.post_prompt}"
+
+
 def _text_verbatim(row: Mapping[str, Any], spec: BenchmarkSpec) -> str:
     """The offline benchmark: the reader's own prompt, as it was trained on."""
     return str(row[spec.question_column])
@@ -222,7 +233,8 @@ def _text_mmbench(row: Mapping[str, Any], spec: BenchmarkSpec) -> str:
     """MMBench (``en_utils.mmbench_doc_to_text`` + ``create_options_prompt``): the options that
     are present and not "nan" as ``"X. text"`` lines under "There are several options:"; then
     ``f"{hint} {question} {options}"`` when the hint is present and not "nan", else
-    ``f"{question} {options}"``; then ``"\\n" + post_prompt``."""
+    ``f"{question} {options}"``; then ``"\\n" + post_prompt`` (the YAML's post-prompt itself starts with
+    "\\n", so a blank line precedes it)."""
     options = {k: v for k, v in sorted(_mmbench_options(row).items()) if v and not _is_nan_like(v) and v != "nan"}
     options_prompt = MMBENCH_OPTIONS_HEADER + "\n" + "".join(f"{k}. {v}\n" for k, v in options.items())
     options_prompt = options_prompt.rstrip("\n")
@@ -257,8 +269,12 @@ _DOC_TO_TEXT: Mapping[str, Callable[[Mapping[str, Any], BenchmarkSpec], str]] = 
         "strip": _text_strip,
         "verbatim": _text_verbatim,
         "mmbench": _text_mmbench,
+        "prompt": _text_prompt,
     }
 )
+#: Metric fields that are not columns of a row: MMBench's options (built from the option columns)
+#: and TextCaps' CIDEr corpus (built from every row's answers, passed to :func:`score_prediction`).
+_CONTEXT_FIELDS: tuple[str, ...] = ("options", "corpus")
 _DOC_TO_ANSWERS: Mapping[str, Callable[[Any], tuple[str, ...]]] = MappingProxyType(
     {"list": _answers_list, "vqav2": _answers_vqav2}
 )
@@ -283,7 +299,7 @@ class BenchmarkSpec:
         id_column: the column that names a sample (None: the row index).
         image_column / question_column / answer_column: the columns lmms-eval reads.
         doc_to_text: how the model text is built: ``"plain"``, ``"capitalize"``, ``"strip"``,
-            ``"verbatim"`` or ``"mmbench"`` (see the ``_text_*`` functions).
+            ``"verbatim"``, ``"mmbench"`` or ``"prompt"`` (see the ``_text_*`` functions).
         doc_to_answers: ``"list"`` (a string or a list of strings) or ``"vqav2"`` (list of dicts).
         pre_prompt / post_prompt: lmms-eval's ``default`` prompt kwargs.
         max_new_tokens: the task YAML's limit, None when it sets none (wrapper default applies).
@@ -292,7 +308,8 @@ class BenchmarkSpec:
             type not listed gets ``max_new_tokens``.
         until: stop strings of the task YAML.
         metrics: metric names (first = the headline metric), from :data:`ALL_METRIC_NAMES`.
-        metric_fields: keys of ``EvalSample.extra`` passed to the metrics as keyword arguments.
+        metric_fields: keys of ``EvalSample.extra`` passed to the metrics as keyword arguments
+            (``"corpus"``: TextCaps' CIDEr corpus, given by the caller, see :func:`score_prediction`).
         extra_columns: {extra key: column} copied into ``EvalSample.extra``.
         images_config / image_key_column: GQA keeps its images in another config of the same
             repo, joined on ``image_key_column`` (instructions) = ``id`` (images).
@@ -353,7 +370,7 @@ class BenchmarkSpec:
         missing = sorted(c for c in used if c not in self.columns)
         if missing:
             raise bad(f"reads columns {missing} that are not among its columns {list(self.columns)}")
-        absent = [f for f in self.metric_fields if f not in self.extra_columns and f not in ("options",)]
+        absent = [f for f in self.metric_fields if f not in self.extra_columns and f not in _CONTEXT_FIELDS]
         if absent:
             raise bad(f"metric_fields {absent} are not filled (add them to extra_columns)")
         object.__setattr__(self, "extra_columns", MappingProxyType(dict(self.extra_columns)))
@@ -414,6 +431,16 @@ class BenchmarkSpec:
         """The row's ground truths (empty when it has none)."""
         return _DOC_TO_ANSWERS[self.doc_to_answers](row.get(self.answer_column))
 
+    def sample(self, row: Mapping[str, Any], sample_id: str, image: Any) -> "EvalSample":
+        """The :class:`EvalSample` of one row (``image`` already decoded): lmms-eval's prompt, the
+        ground truths, and ``extra`` (the spec's extra columns, the row's own question as
+        ``raw_question``, MMBench's ``options``)."""
+        extra: dict[str, Any] = {key: row[col] for key, col in self.extra_columns.items()}
+        extra["raw_question"] = row[self.question_column]
+        if self.doc_to_text == "mmbench":
+            extra["options"] = _mmbench_options(row)
+        return EvalSample(sample_id, image, self.question_text(row), self.row_answers(row), extra)
+
 
 def _spec(**kwargs: Any) -> BenchmarkSpec:
     return BenchmarkSpec(**kwargs)
@@ -454,7 +481,7 @@ _CHARTQA = _spec(
     hub_id="lmms-lab/ChartQA", config=None, split="test", data_files=("data/test-*",),
     columns=("type", "question", "answer", "image"),
     id_column=None, image_column="image", question_column="question", answer_column="answer",
-    post_prompt=SHORT_ANSWER_POST_PROMPT, max_new_tokens=16, metrics=("relaxed_accuracy",),
+    post_prompt=CHARTQA_POST_PROMPT, max_new_tokens=16, metrics=("relaxed_accuracy",),
     extra_columns={"type": "type"}, download_size="about 75 MB",
 )  # fmt: skip
 _MMBENCH = _spec(
@@ -479,6 +506,19 @@ _GQA = _spec(
     post_prompt=SHORT_ANSWER_POST_PROMPT, max_new_tokens=16, metrics=("exact_match",),
     extra_columns={"fullAnswer": "fullAnswer", "imageId": "imageId"},
     images_config="testdev_balanced_images", image_key_column="imageId", download_size="about 70 MB",
+)  # fmt: skip
+_TEXTCAPS = _spec(
+    # lmms_eval/tasks/textcaps/_default_template_textcaps_yaml + textcaps_val.yaml + utils.py (CIDEr of
+    # pycocoevalcap); columns: the TextCaps 0.1 annotation fields grouped per image, as lmms-lab/TextCaps
+    # holds them (caption_str a list): not checked against the card (no network here), see docs/deviations.md
+    name="textcaps", title="TextCaps (val)", task="textcaps_val", kind="ocr",
+    hub_id="lmms-lab/TextCaps", config=None, split="val", data_files=("data/val-*",),
+    columns=("question_id", "question", "image", "image_id", "image_classes", "flickr_original_url",
+             "flickr_300k_url", "image_width", "image_height", "set_name", "image_name", "image_path",
+             "caption_id", "caption_str", "caption_tokens", "reference_strs", "reference_tokens"),
+    id_column="image_id", image_column="image", question_column="question", answer_column="caption_str",
+    doc_to_text="prompt", pre_prompt="Provide a one-sentence caption for the provided image.", max_new_tokens=64,
+    metrics=("textcaps_cider",), metric_fields=("corpus",), download_size="about 920 MB",
 )  # fmt: skip
 _VQAV2 = _spec(
     # lmms_eval/tasks/vqav2/_default_template_vqav2_yaml + vqav2_val.yaml (post_prompt "") + utils.py
@@ -513,7 +553,7 @@ OFFLINE_PAGES: Mapping[str, ReaderDocSpec] = MappingProxyType({"reader_docqa": R
 
 #: The registry: benchmark name -> spec.
 BENCHMARKS: Mapping[str, BenchmarkSpec] = MappingProxyType(
-    {s.name: s for s in (_DOCVQA, _TEXTVQA, _OCRBENCH, _CHARTQA, _MMBENCH, _GQA, _VQAV2, _READER, _STUDY)}
+    {s.name: s for s in (_DOCVQA, _TEXTVQA, _OCRBENCH, _CHARTQA, _MMBENCH, _GQA, _VQAV2, _TEXTCAPS, _READER, _STUDY)}
 )
 OCR_BENCHMARKS: tuple[str, ...] = tuple(n for n, s in BENCHMARKS.items() if s.kind == "ocr")
 GENERAL_BENCHMARKS: tuple[str, ...] = tuple(n for n, s in BENCHMARKS.items() if s.kind == "general")
@@ -793,11 +833,13 @@ class BenchmarkSamples(Sequence[EvalSample]):
         spec = self.spec
         sample_id = self._ids[i]
         image = _decode(self._payload(row), f"benchmark {spec.name!r} sample {sample_id}")
-        extra: dict[str, Any] = {key: row[col] for key, col in spec.extra_columns.items()}
-        extra["raw_question"] = row[spec.question_column]
-        if spec.doc_to_text == "mmbench":
-            extra["options"] = _mmbench_options(row)
-        return EvalSample(sample_id, image, spec.question_text(row), spec.row_answers(row), extra)
+        return spec.sample(row, sample_id, image)
+
+    def all_answers(self) -> list[tuple[str, ...]]:
+        """The ground truths of every kept sample, in order, without decoding an image (what
+        :func:`sparsemm_utils.lmms_protocol.scoring_context` needs)."""
+        column = self._rows[self.spec.answer_column]
+        return [self.spec.row_answers({self.spec.answer_column: column[i]}) for i in self._keep]
 
     def __iter__(self) -> Iterator[EvalSample]:
         for i in range(len(self)):
@@ -833,13 +875,26 @@ def load_benchmark(
 # scoring
 
 
-def score_prediction(spec: BenchmarkSpec | str, prediction: str, sample: EvalSample) -> dict[str, float]:
-    """Every metric of ``spec`` for one prediction: ``{metric: score in [0, 1]}``; a benchmark's
-    score is the mean over its samples. ``spec.metric_fields`` come from ``sample.extra``."""
+def score_prediction(
+    spec: BenchmarkSpec | str,
+    prediction: str,
+    sample: EvalSample,
+    *,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    **context: Any,
+) -> dict[str, float]:
+    """Every metric of ``spec`` for one prediction: ``{metric: score}``; a benchmark's score is
+    the mean over its samples. ``spec.metric_fields`` come from ``context`` (what one question
+    cannot supply, e.g. TextCaps' CIDEr ``corpus``) or else ``sample.extra``; ``options``
+    {metric: keyword arguments} select a metric's variant (the lmms-eval protocol's,
+    :mod:`sparsemm_utils.lmms_protocol`, which also strips the prediction first)."""
     spec = get_benchmark(spec)
-    fields = {name: sample.extra[name] for name in spec.metric_fields}
+    missing = [name for name in spec.metric_fields if name not in context and name not in sample.extra]
+    if missing:
+        raise BenchmarkError(f"benchmark {spec.name!r}: scoring needs {missing}; pass them (lmms_protocol.scoring_context)")
+    fields = {name: context[name] if name in context else sample.extra[name] for name in spec.metric_fields}
     answers: Any = list(sample.answers)
-    return {m: float(get_scorer(m)(prediction, answers, **fields)) for m in spec.metrics}
+    return {m: float(get_scorer(m)(prediction, answers, **fields, **dict((options or {}).get(m, {})))) for m in spec.metrics}
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ How a method runs (kvpress calls such a method a *press*):
 2. **Selection** (which tokens, docs/method.md §5 "Token selection inside a head"): at prefill,
    after RoPE, :func:`snapkv_scores` scores the keys before the window by the attention of the
    last w queries (fp32 softmax, causal inside the window, mean over the window queries, mean
-   over the query heads of a KV group, ``avg_pool1d`` kernel 5 padding 2); each KV head keeps its
-   top-``cap`` positions plus the last w (:func:`topk_positions`). StreamingLLM keeps sinks +
+   over the query heads of a KV group, ``avg_pool1d`` kernel 5 padding 2; ``selection_dtype=
+   "model"``: the original's rounding in the model's dtype); each KV head keeps its top-``cap``
+   positions plus the last w (:func:`topk_positions`). StreamingLLM keeps sinks +
    recent tokens instead. A head with cap >= n - w keeps everything; a prompt shorter than B is
    not compressed at all where the original skips it (``HeadCapacities.skip_if_shorter_than``).
 3. **Storage**: :class:`~sparsemm_utils.kv_cache.PerHeadKVCache` packs what each head keeps.
@@ -59,11 +60,18 @@ from sparsemm_utils.allocation import (
     SnapKVAllocation,
     SparseMMAllocation,
     StreamingLLMAllocation,
+    adakv_round,
     build_with_known_fields,
     streaming_llm_positions,
     validate_head_scores,
 )
-from sparsemm_utils.attention_hooks import AttentionHook, NoActiveStateError, text_attention
+from sparsemm_utils.attention_hooks import (
+    SELECTION_DTYPES,
+    AttentionHook,
+    NoActiveStateError,
+    original_attention_logits,
+    text_attention,
+)
 from sparsemm_utils.kv_cache import (
     DECODE_BLOCK,
     PerHeadKVCache,
@@ -98,7 +106,9 @@ __all__ = [
     "model_shape",
     "snapkv_scores",
     "snapkv_window_scores",
+    "SELECTION_DTYPES",
     "topk_positions",
+    "RANKINGS",
     "COMPRESSION_HOOK",
     "compression",
     "compressed_generate",
@@ -168,6 +178,7 @@ def snapkv_scores(
     window: int,
     scaling: float | None = None,
     kernel_size: int = 5,
+    selection_dtype: str = "float32",
 ) -> torch.Tensor:
     """SnapKV's per-KV-head scores of the keys before the window (docs/method.md §5, token selection).
 
@@ -184,6 +195,8 @@ def snapkv_scores(
         window: w, with 1 <= w < n.
         scaling: softmax scale (default d ** -0.5, the models' own).
         kernel_size: odd pooling kernel (docs/method.md §5: default 5).
+        selection_dtype: ``"float32"`` (every step in float32) or ``"model"`` (the original's
+            rounding: see :func:`snapkv_window_scores`).
 
     Returns:
         float32 ``(H_kv, n - w)``.
@@ -196,7 +209,7 @@ def snapkv_scores(
     if key.shape[2] != n:
         raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} do not match (same n, H % H_kv == 0)")
     window = _check_window(window, n)
-    return snapkv_window_scores(query[:, :, n - window :], key, scaling, kernel_size)
+    return snapkv_window_scores(query[:, :, n - window :], key, scaling, kernel_size, selection_dtype)
 
 
 def snapkv_window_scores(
@@ -204,16 +217,25 @@ def snapkv_window_scores(
     key: torch.Tensor,
     scaling: float | None = None,
     kernel_size: int = 5,
+    selection_dtype: str = "float32",
 ) -> torch.Tensor:
     """:func:`snapkv_scores` from the queries of the last w prompt positions only (what a shared
     prefill keeps, :mod:`sparsemm_utils.shared_prefill`); the window w is ``window_query``'s length.
+
+    ``selection_dtype="float32"`` (the default) casts queries and keys to float32 and keeps every
+    step there. ``"model"`` computes as the original's ``calcul_attn_sore`` /
+    ``SnapKVCluster.update_kv``, in the inputs' dtype (bf16 on the paper's models): logits by
+    :func:`~sparsemm_utils.attention_hooks.original_attention_logits`, the window's causal mask
+    added as the dtype's minimum, the softmax in float32 cast back to the inputs' dtype, then the
+    window mean, the GQA mean and the pooling in that dtype (docs/deviations.md, "Selection
+    scores"). On a float32 model the two agree.
 
     Args:
         window_query: ``(1, H, w, d)`` post-RoPE queries of prompt positions n - w .. n - 1.
         key: ``(1, H_kv, n, d)`` post-RoPE keys of the whole prompt, 1 <= w < n.
 
     Returns:
-        float32 ``(H_kv, n - w)``.
+        float32 ``(H_kv, n - w)`` (with ``"model"``: the model-dtype values, exactly represented).
     """
     if window_query.ndim != 4 or key.ndim != 4 or window_query.shape[0] != 1 or key.shape[0] != 1:
         raise UnsupportedBatchError(
@@ -228,8 +250,11 @@ def snapkv_window_scores(
         )
     _check_window(window, n)
     kernel = _check_kernel(kernel_size)
-    scale = dim**-0.5 if scaling is None else float(scaling)
+    check_choice("selection_dtype", selection_dtype, SELECTION_DTYPES, error=InvalidParameterError)
     group = heads // kv_heads
+    if selection_dtype == "model":
+        return _model_dtype_window_scores(window_query, repeat_kv(key, group), scaling, kv_heads, kernel)
+    scale = dim**-0.5 if scaling is None else float(scaling)
     q = window_query[0].float()  # (H, w, d)
     k = repeat_kv(key, group)[0].float()  # (H, n, d)
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # (H, w, n)
@@ -241,7 +266,32 @@ def snapkv_window_scores(
     return F.avg_pool1d(attn[None], kernel_size=kernel, stride=1, padding=kernel // 2)[0]
 
 
-def topk_positions(scores: torch.Tensor, caps: Any, prompt_len: int, window: int) -> list[torch.Tensor]:
+def _model_dtype_window_scores(
+    window_query: torch.Tensor, key: torch.Tensor, scaling: float | None, kv_heads: int, kernel: int
+) -> torch.Tensor:
+    """The original's window scores, op for op in the inputs' dtype: ``window_query`` (1, H, w, d),
+    ``key`` (1, H, n, d) already repeated per query head; float32 (H_kv, n - w)."""
+    window = window_query.shape[2]
+    logits = original_attention_logits(window_query, key, scaling)  # (1, H, w, n), model dtype
+    mask = torch.full((window, window), torch.finfo(logits.dtype).min, device=logits.device)
+    cond = torch.arange(window, device=logits.device)
+    mask.masked_fill_(cond < (cond + 1).view(window, 1), 0)
+    logits[:, :, -window:, -window:] += mask[None, None]
+    attn = torch.softmax(logits, dim=-1, dtype=torch.float32).to(window_query.dtype)
+    mean = attn[:, :, -window:, :-window].mean(dim=-2)  # (1, H, n - w)
+    mean = mean.view(1, kv_heads, -1, mean.shape[-1]).mean(dim=-2)  # (1, H_kv, n - w)
+    return F.avg_pool1d(mean, kernel_size=kernel, padding=kernel // 2, stride=1)[0].float()
+
+
+#: How a method ranks its scored keys: ``"topk"`` (``torch.topk``, the original's SnapKV and
+#: PyramidKV) or ``"sort"`` (the first cap of a descending ``sort``, the original's SparseMM and
+#: AdaKV). They keep different keys only on ties at the cap, which bf16 scores make common.
+RANKINGS: tuple[str, ...] = ("topk", "sort")
+
+
+def topk_positions(
+    scores: torch.Tensor, caps: Any, prompt_len: int, window: int, *, ranking: str = "topk"
+) -> list[torch.Tensor]:
     """Prompt positions each KV head keeps: its top-``cap`` scored positions, then the window.
 
     Args:
@@ -249,25 +299,30 @@ def topk_positions(scores: torch.Tensor, caps: Any, prompt_len: int, window: int
         caps: ``(H_kv,)`` ints, selected tokens per head (window excluded).
         prompt_len: n.
         window: w.
+        ranking: which of two equal scores at the cap is kept (:data:`RANKINGS`): ``"topk"``
+            (``torch.topk``'s choice, the default) or ``"sort"`` (the first cap of
+            ``scores.sort(dim=-1, descending=True)``).
 
     Returns:
         H_kv sorted int64 tensors. A head with cap >= n - w keeps all n positions (docs/method.md §5:
         "skip compression when cap >= n - w"); otherwise its top-cap positions among 0 .. n - w - 1
-        (ties to ``torch.topk``'s choice) followed by n - w .. n - 1.
+        followed by n - w .. n - 1.
     """
+    check_choice("ranking", ranking, RANKINGS, error=InvalidParameterError)
     caps = np.asarray(caps).astype(np.int64).ravel()
     n, w = int(prompt_len), int(window)
     if scores.ndim != 2 or scores.shape != (caps.size, max(n - w, 0)):
         raise ValueError(f"scores must be (H_kv, n - w) = ({caps.size}, {n - w}), got {tuple(scores.shape)}")
     device = scores.device
     tail = torch.arange(max(n - w, 0), n, device=device)
+    order = scores.sort(dim=-1, descending=True).indices if ranking == "sort" else None
     out = []
     for h, cap in enumerate(caps.tolist()):
         if cap >= n - w:
             out.append(torch.arange(n, device=device))
             continue
-        chosen = torch.topk(scores[h], int(cap)).indices.sort().values
-        out.append(torch.cat([chosen, tail]))
+        picked = order[h, : int(cap)] if order is not None else torch.topk(scores[h], int(cap)).indices
+        out.append(torch.cat([picked.sort().values, tail]))
     return out
 
 
@@ -307,10 +362,25 @@ class _BudgetedPress(ABC):
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class _SnapKVSelecting(_BudgetedPress):
+    """Fields of the methods that select by window attention (:func:`snapkv_window_scores`): the
+    pooling ``kernel_size`` and the ``selection_dtype`` the scores are computed in (``"float32"``,
+    the default, or ``"model"``, the original's rounding)."""
+
     kernel_size: int = 5
+    selection_dtype: Literal["float32", "model"] = "float32"
+
+    #: The original's ranking op for this method (:data:`RANKINGS`), used with ``"model"``;
+    #: ``"float32"`` always ranks with ``torch.topk``.
+    original_ranking: ClassVar[Literal["topk", "sort"]] = "sort"
+
+    @property
+    def ranking(self) -> str:
+        """How :meth:`PrefillDecisions.select` ranks the scored keys (:func:`topk_positions`)."""
+        return self.original_ranking if self.selection_dtype == "model" else "topk"
 
     def __post_init__(self) -> None:
         _check_kernel(self.kernel_size)
+        check_choice("selection_dtype", self.selection_dtype, SELECTION_DTYPES, error=InvalidParameterError)
         super().__post_init__()
 
 
@@ -400,6 +470,7 @@ class SnapKVPress(_SnapKVSelecting):
     """SnapKV (docs/method.md §5): every KV head keeps B - w tokens by window attention + the window."""
 
     name: ClassVar[str] = "snapkv"
+    original_ranking: ClassVar[Literal["topk", "sort"]] = "topk"
 
     @property
     def allocation(self) -> SnapKVAllocation:
@@ -413,6 +484,7 @@ class PyramidKVPress(_SnapKVSelecting):
     beta: int = 20
 
     name: ClassVar[str] = "pyramidkv"
+    original_ranking: ClassVar[Literal["topk", "sort"]] = "topk"
 
     @property
     def allocation(self) -> PyramidKVAllocation:
@@ -446,9 +518,22 @@ class AdaKVPress(_SnapKVSelecting):
             "forward (see CompressionSession.assigned), or with AdaKVAllocation.capacities(shape, attention=...)"
         )
 
-    def layer_capacities(self, pooled_scores: torch.Tensor) -> np.ndarray:
-        """One layer's caps, int64 (H_kv,), from its :func:`snapkv_scores` ``(H_kv, n - w)``."""
-        return self.allocation.layer_capacities(pooled_scores)
+    def layer_capacities(self, pooled_scores: torch.Tensor, model_dtype: torch.dtype | None = None) -> np.ndarray:
+        """One layer's caps, int64 (H_kv,), from its :func:`snapkv_scores` ``(H_kv, n - w)``.
+
+        With ``selection_dtype="model"`` and the model's ``model_dtype``, the steps before the
+        rounding run as the original's ``AdaKVCluster.update_kv`` runs them, in that dtype: each
+        head's top-b mass over its total, the scaled sorted scores, the layer-wide ``torch.topk``
+        (its choice on ties); otherwise :func:`~sparsemm_utils.allocation.adakv_caps` in float64.
+        """
+        if self.selection_dtype != "model" or model_dtype is None:
+            return self.allocation.layer_capacities(pooled_scores)
+        b = self.allocation.selected_budget
+        kv_heads, length = pooled_scores.shape
+        ranked = pooled_scores.to(model_dtype)[None].sort(dim=-1, descending=True).values  # (1, H_kv, n - w)
+        weight = ranked[..., :b].sum(dim=-1, keepdim=True) / ranked.sum(dim=-1, keepdim=True)
+        chosen = torch.topk((ranked * weight).reshape(1, -1), k=kv_heads * b, dim=-1).indices[0] // length
+        return adakv_round(torch.bincount(chosen, minlength=kv_heads).cpu().numpy(), b, self.alpha)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -596,7 +681,7 @@ class PrefillDecisions:
         key: torch.Tensor,
         scaling: float | None,
         *,
-        scorer: Callable[[int, int], torch.Tensor] | None = None,
+        scorer: Callable[[int, int, str], torch.Tensor] | None = None,
     ) -> list[torch.Tensor] | None:
         """Decide what each KV head of ``layer_idx`` keeps; record its caps (and a skip).
 
@@ -606,9 +691,10 @@ class PrefillDecisions:
                 (the whole prompt's queries in the batch-1 path; SnapKV reads the last w only).
             key: ``(1, H_kv, n, d)`` post-RoPE keys of the prompt.
             scaling: the attention's softmax scale.
-            scorer: ``scorer(window, kernel_size)`` -> this layer's SnapKV scores ``(H_kv, n - w)``
-                (:func:`snapkv_window_scores` of ``query`` and ``key``, the default); a shared
-                prefill passes a memoised one, so methods with the same w and kernel score once.
+            scorer: ``scorer(window, kernel_size, selection_dtype)`` -> this layer's SnapKV scores
+                ``(H_kv, n - w)`` (:func:`snapkv_window_scores` of ``query`` and ``key``, the
+                default); a shared prefill passes a memoised one, so methods with the same w,
+                kernel and dtype score once.
 
         Returns:
             H_kv sorted int64 position tensors (docs/method.md §5: top-cap by window attention, or
@@ -626,9 +712,9 @@ class PrefillDecisions:
                 self.skipped_layers.append(layer_idx)
                 return None
             scores = self._window_scores(query, key, scaling, scorer)
-            caps = press.layer_capacities(scores)
+            caps = press.layer_capacities(scores, key.dtype)
             self.assigned[layer_idx] = caps
-            return topk_positions(scores, caps, n, w)
+            return topk_positions(scores, caps, n, w, ranking=press.ranking)
         caps = self._static.selected[layer_idx]
         self.assigned[layer_idx] = caps
         skip_below = self._static.skip_if_shorter_than
@@ -647,20 +733,21 @@ class PrefillDecisions:
                     chosen = torch.as_tensor(streaming_llm_positions(n, cap, w, press.sink), device=key.device)
                     positions.append(torch.cat([chosen, tail]))
             return positions
-        return topk_positions(self._window_scores(query, key, scaling, scorer), caps, n, w)
+        return topk_positions(self._window_scores(query, key, scaling, scorer), caps, n, w, ranking=press.ranking)
 
     def _window_scores(
-        self, query: torch.Tensor, key: torch.Tensor, scaling: float | None, scorer: Callable[[int, int], torch.Tensor] | None
+        self, query: torch.Tensor, key: torch.Tensor, scaling: float | None, scorer: Callable[[int, int, str], torch.Tensor] | None
     ) -> torch.Tensor:
         w = self.window
+        dtype = self.press.selection_dtype
         if scorer is not None:
-            return scorer(w, self.press.kernel_size)
+            return scorer(w, self.press.kernel_size, dtype)
         if query.ndim != 4 or query.shape[2] < w:
             raise ValueError(
                 f"{self.press.name}: SnapKV scoring needs the queries of the last w={w} prompt positions, got a query "
                 f"of shape {tuple(query.shape)}; record at least w window queries (shared_prefill(query_window=...))"
             )
-        return snapkv_window_scores(query[:, :, query.shape[2] - w :], key, scaling, self.press.kernel_size)
+        return snapkv_window_scores(query[:, :, query.shape[2] - w :], key, scaling, self.press.kernel_size, dtype)
 
     def saturated(self) -> np.ndarray:
         """bool (layers, kv_heads): heads whose cap reached n - w (they keep everything; the rest of

@@ -5,6 +5,11 @@ Step 06 (:mod:`sparsemm_utils.steps.efficiency`) runs these measurements. The pa
 
 - **Input**: a text-only prompt of n random token ids (n = 2K .. 32K), batch 1; SparseMM at
   B = 256, r = 0.1, w = 32 (every method of :mod:`sparsemm_utils.compression` can be timed).
+- **Two full-cache baselines** (:data:`BASELINES`): ``fullkv``, transformers' ``DynamicCache``,
+  which appends a token with ``torch.cat`` and so copies each layer's whole cache at every step
+  (the cost grows with n even where attention is cheap), and ``fullkv_static``, transformers'
+  preallocated ``StaticCache`` of n + new-token rows per layer, written in place (attention over
+  its rows, the unused ones masked): the fair baseline. Both give the same tokens.
 - **Model**: the real model's language-model shapes with random weights
   (:mod:`sparsemm_utils.real_shapes`): speed and memory depend on shapes, not on weight values.
   On a GPU, the full-size shapes in bf16 reproduce the paper's table; on a CPU, a few of the real
@@ -67,7 +72,7 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache
 
 from sparsemm_utils.allocation import ModelShape
 from sparsemm_utils.compression import COMPRESSION_METHODS, make_press, model_shape
@@ -90,6 +95,8 @@ __all__ = [
     "RESULTS_FILE",
     "ANALYTIC_FILE",
     "EFFICIENCY_METHODS",
+    "STATIC_FULLKV",
+    "BASELINES",
     "PAPER_CONTEXTS",
     "SKEWED_SCORE_POWER",
     "EfficiencyError",
@@ -105,6 +112,7 @@ __all__ = [
     "PeakMemory",
     "StepTimer",
     "make_method",
+    "baseline_cache",
     "analytic_method_kv_bytes",
     "analytic_kv_table",
     "measure",
@@ -136,9 +144,17 @@ ANALYTIC_COLUMNS: tuple[str, ...] = (
     "model", "shape", "method", "context_len", "budget", "layers", "kv_heads", "head_dim", "dtype", "stored_tokens",
     "kv_bytes",
 )
+#: FullKV with transformers' preallocated ``StaticCache`` (written in place) instead of the
+#: ``DynamicCache`` that ``fullkv`` uses (one ``torch.cat`` of the whole layer per step).
+STATIC_FULLKV = "fullkv_static"
+#: The full-cache baselines every ratio is taken against: ``fullkv`` (DynamicCache) and
+#: :data:`STATIC_FULLKV` (StaticCache); the same attention over the same tokens.
+BASELINES: tuple[str, ...] = ("fullkv", STATIC_FULLKV)
 #: Methods that can be timed: every method of compression.py except the head-mask ablation
-#: (a full cache with zeroed queries: FullKV's cost).
-EFFICIENCY_METHODS: tuple[str, ...] = tuple(m for m in COMPRESSION_METHODS if m != "head_mask")
+#: (a full cache with zeroed queries: FullKV's cost), plus :data:`STATIC_FULLKV`.
+EFFICIENCY_METHODS: tuple[str, ...] = (
+    "fullkv", STATIC_FULLKV, *(m for m in COMPRESSION_METHODS if m not in ("head_mask", "fullkv"))
+)
 #: The paper's context lengths, 2K .. 32K tokens.
 PAPER_CONTEXTS: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768)
 _DTYPES: Mapping[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -186,7 +202,8 @@ class EfficiencyProtocol:
 
     Args:
         models: real shapes to time (names of :data:`~sparsemm_utils.real_shapes.REAL_SHAPES` or hub ids).
-        methods: methods of :data:`EFFICIENCY_METHODS`; FullKV is the reference of every ratio.
+        methods: methods of :data:`EFFICIENCY_METHODS`; FullKV (``fullkv``, DynamicCache) is the reference of
+            every ratio, ``fullkv_static`` (StaticCache) the second, fair one (:data:`BASELINES`).
         contexts: prompt lengths n in tokens (strictly increasing).
         budget, window, ratio: B (window included), w and SparseMM's uniform share r (docs/method.md §5).
         layers: decoder layers kept (None: the real depth); the same for every model, and at most
@@ -214,7 +231,7 @@ class EfficiencyProtocol:
     """
 
     models: tuple[str, ...] = ("llava-next-vicuna-7b",)
-    methods: tuple[str, ...] = ("fullkv", "sparsemm")
+    methods: tuple[str, ...] = ("fullkv", STATIC_FULLKV, "sparsemm")
     contexts: tuple[int, ...] = PAPER_CONTEXTS
     budget: int = 256
     window: int = 32
@@ -365,7 +382,7 @@ def synthetic_head_scores(shape: ModelShape, kind: str = "skewed", seed: int = 0
     §4's 55% and 77% for LLaVA-NeXT-Vicuna-7B's real scores, so the allocation is about as
     uneven as the real one (speed depends on how uneven, not on which heads). Depth L' < L draws
     the first L' rows of depth L's scores (row-major draws). "uniform": ones (every KV head gets
-    B - w). ``benchmarks/decode_latency.py`` uses power 8 (a milder skew)."""
+    B - w)."""
     if kind == "uniform":
         return np.ones((shape.layers, shape.query_heads))
     if kind == "skewed":
@@ -376,9 +393,11 @@ def synthetic_head_scores(shape: ModelShape, kind: str = "skewed", seed: int = 0
 
 def make_method(method: str, protocol: EfficiencyProtocol, shape: ModelShape) -> Any:
     """The method dataclass of ``method`` with the protocol's budget, window, ratio and (SparseMM)
-    synthetic head scores for ``shape``."""
+    synthetic head scores for ``shape`` (FullKV for both :data:`BASELINES`). ``protocol``: an
+    :class:`EfficiencyProtocol` or any object with its ``budget``, ``window``, ``ratio``,
+    ``head_scores`` and ``seed``."""
     method = check_choice("method", method, EFFICIENCY_METHODS, error=InvalidEfficiencyConfigError)
-    if method == "fullkv":
+    if method in BASELINES:  # the cache differs (baseline_cache), not the method: no compression
         return make_press("fullkv")
     kwargs: dict[str, Any] = {"budget": protocol.budget, "window": protocol.window}
     if method in ("sparsemm", "random"):
@@ -393,18 +412,40 @@ def make_method(method: str, protocol: EfficiencyProtocol, shape: ModelShape) ->
 # ------------------------------------------------------------------------------------- analytic
 
 
+def baseline_cache(method: str, text_config: Any, max_cache_len: int) -> DynamicCache | StaticCache:
+    """The empty cache of a full-cache baseline (:data:`BASELINES`): ``fullkv`` -> a
+    ``DynamicCache`` (grows by ``torch.cat``); :data:`STATIC_FULLKV` -> a ``StaticCache`` of
+    ``max_cache_len`` rows per layer (the prompt plus every token to be generated; its
+    (1, H_kv, max_cache_len, head_dim) tensors are allocated at the first update and written in
+    place). ``text_config``: the language model's config."""
+    method = check_choice("baseline", method, BASELINES, error=InvalidEfficiencyConfigError)
+    if method == STATIC_FULLKV:
+        return StaticCache(config=text_config, max_cache_len=check_int("max_cache_len", max_cache_len, 1, error=InvalidEfficiencyConfigError))
+    return DynamicCache(config=text_config)
+
+
+def _stored_tokens(method: str, protocol: Any, shape: ModelShape, context: int) -> np.ndarray | None:
+    """Tokens each KV head's cache holds right after a prefill of ``context`` tokens, (layers,
+    kv_heads): the method's capacities; the prompt plus the ``protocol.new_tokens`` preallocated
+    rows for :data:`STATIC_FULLKV`; None for a data-dependent method (AdaKV)."""
+    if method == STATIC_FULLKV:
+        return np.full((shape.layers, shape.kv_heads), context + protocol.new_tokens, dtype=np.int64)
+    press = make_method(method, protocol, shape)
+    if getattr(press, "data_dependent", False):
+        return None
+    return press.capacities(shape, context).stored(context)
+
+
 def analytic_method_kv_bytes(
     method: str, protocol: EfficiencyProtocol, shape: ModelShape, head_dim: int, context: int, dtype: torch.dtype
 ) -> int | None:
     """docs/method.md §7's analytic KV bytes of ``method``'s cache right after a prefill of
     ``context`` tokens: sum over layers and KV heads of stored tokens (the method's capacities,
-    ``HeadCapacities.stored``) x head_dim x 2 x element size. None for a data-dependent method
-    (AdaKV: its caps come from the prompt's attention)."""
-    press = make_method(method, protocol, shape)
-    if getattr(press, "data_dependent", False):
-        return None
-    stored = press.capacities(shape, context).stored(context)
-    return analytic_kv_bytes(stored, head_dim, dtype)
+    ``HeadCapacities.stored``; for :data:`STATIC_FULLKV` the preallocated context + new tokens)
+    x head_dim x 2 x element size. None for a data-dependent method (AdaKV: its caps come from
+    the prompt's attention)."""
+    stored = _stored_tokens(method, protocol, shape, context)
+    return None if stored is None else analytic_kv_bytes(stored, head_dim, dtype)
 
 
 def analytic_kv_table(protocol: EfficiencyProtocol, *, dtype: torch.dtype = torch.bfloat16) -> pd.DataFrame:
@@ -416,13 +457,12 @@ def analytic_kv_table(protocol: EfficiencyProtocol, *, dtype: torch.dtype = torc
         mshape = shape.model_shape()
         for method in protocol.methods:
             for n in protocol.contexts:
-                press = make_method(method, protocol, mshape)
                 kv = analytic_method_kv_bytes(method, protocol, mshape, shape.head_dim, n, dtype)
-                stored = None if kv is None else int(press.capacities(mshape, n).stored(n).sum())
+                stored = None if kv is None else int(_stored_tokens(method, protocol, mshape, n).sum())
                 rows.append(
                     {
                         "model": shape.hub_id, "shape": shape.name, "method": method, "context_len": n,
-                        "budget": None if method == "fullkv" else protocol.budget, "layers": shape.layers,
+                        "budget": None if method in BASELINES else protocol.budget, "layers": shape.layers,
                         "kv_heads": shape.kv_heads, "head_dim": shape.head_dim, "dtype": str(dtype).removeprefix("torch."),
                         "stored_tokens": stored, "kv_bytes": kv,
                     }
@@ -610,16 +650,19 @@ def measure(protocol: EfficiencyProtocol, model: str, method: str, context: int)
     new_tokens = protocol.new_tokens
     reserve = decode_reserve_for(new_tokens)
     with compression_with_backend(loaded, press, backend=protocol.decode_attention, decode_reserve=reserve) as session:
-        timer = StepTimer(sync, on_first=lambda: measured.after_prefill(session.cache))
+        cache = session.cache
+        if method in BASELINES:  # FullKV keeps transformers' attention; only the cache differs
+            cache = baseline_cache(method, loaded.text_config, context + new_tokens)
+        timer = StepTimer(sync, on_first=lambda: measured.after_prefill(cache))
         memory.reset()
         timer.start()
         output = loaded.model.generate(
-            **inputs, past_key_values=session.cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            **inputs, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
             do_sample=False, logits_processor=LogitsProcessorList([timer]),
         )
         peak = memory.peak()
-        backend = session.decode_backend or "sdpa (DynamicCache)"
-        kv_final = cache_kv_bytes(session.cache)
+        backend = session.decode_backend or f"sdpa ({type(cache).__name__})"
+        kv_final = cache_kv_bytes(cache)
     generated = int(output.shape[-1]) - context
     steps = np.asarray(timer.step_seconds()) * 1e3
     timed = steps[protocol.decode_warmup : protocol.decode_warmup + protocol.decode_steps]
@@ -628,7 +671,7 @@ def measure(protocol: EfficiencyProtocol, model: str, method: str, context: int)
     analytic = analytic_method_kv_bytes(method, protocol, mshape, loaded.head_dim, context, dtype)
     return {
         "model": shape.hub_id, "method": method, "context_len": context,
-        "budget": None if method == "fullkv" else protocol.budget,
+        "budget": None if method in BASELINES else protocol.budget,
         "prefill_s": timer.prefill_s, "decode_ms_per_token": float(timed.mean()), "peak_mem_bytes": peak,
         "kv_bytes": measured.kv_bytes, "device": describe_device(device),
         "shape": shape.name, "layers": mshape.layers, "full_layers": shape.layers, "vocab_size": protocol.vocab_size(shape),

@@ -3,7 +3,8 @@
 Step 05 (:mod:`sparsemm_utils.steps.eval`) runs it. The sweep runs each *cell* (benchmark, method, budget) over the benchmark's samples: greedy
 decoding, batch 1 (``batch_size`` questions at once give the same answers, :func:`run_sweep`),
 the method compressing the prompt's KV cache (docs/method.md §5), then the
-benchmark's metrics (:func:`sparsemm_utils.benchmarks.score_prediction`). Methods without a budget
+benchmark's metrics and aggregates as the chosen lmms-eval version computes them, from the
+stripped answer to the reported numbers (:mod:`sparsemm_utils.lmms_protocol`). Methods without a budget
 (FullKV and the head-mask ablations) run once per benchmark, with ``budget`` left empty.
 
 Methods (:data:`EVAL_METHODS`) carry the original scripts' names (``scripts/eval/*.sh``:
@@ -21,13 +22,16 @@ bookkeeping is tested without a model.
 Files (in ``out_dir``, step 05's folder; the artifact contract of docs/design.md):
 
 - ``results.csv``: model, benchmark, method, budget, metric, score, n_samples; one row per metric
-  of each finished cell (``budget`` empty for budget-free methods). A cell's rows are appended
-  when the cell finishes, so the file only ever holds finished cells.
+  and per lmms-eval aggregate (OCRBench's /1000 score and categories, MMBench's circular score,
+  ChartQA's splits) of each finished cell (``budget`` empty for budget-free methods). A cell's
+  rows are appended when the cell finishes, so the file only ever holds finished cells.
 - ``predictions.jsonl``: one JSON object per (cell, sample), appended as soon as the sample is
-  answered: model, benchmark, method, budget, sample_id, prediction, answers, scores, and when
-  the generator reports them prompt_tokens, kv_bytes, seconds (``raw_output`` when a stop string
-  cut the answer).
-- ``sweep.json``: what the sweep was run with (model, settings) and each benchmark's sample set
+  answered: model, benchmark, method, budget, sample_id, prediction (stripped, as lmms-eval
+  scores it), answers, scores (MMBench: options), and when the generator reports them
+  prompt_tokens, kv_bytes, seconds (``raw_output`` when a stop string or the strip changed the
+  answer).
+- ``sweep.json``: what the sweep was run with (model, settings, the scoring protocol and its
+  lmms-eval commit under ``settings["scoring"]``) and each benchmark's sample set
   (count, sha256 of the sample ids, skipped rows by reason).
 - ``sweep_ledger.jsonl``: the sha256 of every line the sweep wrote into ``results.csv`` and
   ``predictions.jsonl`` (without its line ending), appended right after the line itself:
@@ -46,6 +50,20 @@ folder, or ``on_mismatch="archive"`` (notebook 05's default), which moves the ea
 into ``superseded/<UTC time>/`` (with a ``reason.txt``) and starts afresh: nothing is lost, and a
 rerun of the chain after a change upstream (a retrained model, new head scores) does not stop
 there. New benchmarks, methods or budgets extend the sweep.
+
+Sharding (:mod:`sparsemm_utils.sharding`): ``run_sweep(..., shard=Shard(i, n))`` into
+``<out>/shards/<i>-of-<n>/`` answers only the samples at positions ``k % n == i`` of each
+benchmark (every cell of them), writes their ``predictions.jsonl`` with its ledger and no
+``results.csv`` (a cell is finished only over all shards), and resumes like any sweep. The
+single-process ``run_sweep`` into ``<out>`` then merges the shard folders first
+(:func:`merge_shards`: every (cell, sample) exactly once, from the shard that owns it, every
+shard with this sweep's model, settings and sample sets, every shard's ledger intact), writing
+``predictions.jsonl`` in the single-process order; it then finds every answer there and writes
+``results.csv`` exactly as a single-process run does.
+
+Re-scoring (:func:`rescore_sweep`; ``python -m sparsemm_utils.steps.eval rescore`` writes its
+files): a finished sweep's answers scored again under another protocol (or a sweep written before
+answers were stripped, scored as today), without generating anything.
 """
 
 from __future__ import annotations
@@ -68,11 +86,13 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .benchmarks import BenchmarkSpec, EvalSample, SkipReport, get_benchmark, score_prediction
+from .benchmarks import BenchmarkSpec, EvalSample, SkipReport, get_benchmark
+from .lmms_protocol import DEFAULT_LMMS_EVAL, LmmsProtocol, aggregates, get_protocol, scored_answer, scoring_context
 from .compression import compressed_generate, make_press
 from .fastv import FastVAtBudget, fastv_generate_at_budget
 from .prompts import build_inputs
 from .shared_prefill import shared_generate_batch
+from .sharding import MERGED_DIR, SHARDS_DIR, Shard, ShardError, retire_shards, shard_folders
 from .statistics import bootstrap_interval, paired_bootstrap_interval
 from .validate import check_choice, check_int
 
@@ -106,10 +126,14 @@ __all__ = [
     "Generate",
     "SweepResult",
     "run_sweep",
+    "merge_shards",
     "read_results",
     "read_predictions",
     "predictions_frame",
     "verify_ledger",
+    "Rescored",
+    "rescore_records",
+    "rescore_sweep",
     "scaled_budgets",
     "prompt_tokens",
     "ModelGenerator",
@@ -176,8 +200,9 @@ class SweepTamperedError(EvaluationError):
 class EvalMethod:
     """One method of the sweep: the press it builds (:data:`sparsemm_utils.compression.COMPRESSION_METHODS`,
     or ``"fastv"``: :class:`sparsemm_utils.fastv.FastVAtBudget`), whether it takes a budget, its
-    fixed press arguments, and the sweep settings it takes (``window``, ``ratio``, ``head_scores``,
-    ``seed``, ``fraction``, ``fastv_k``)."""
+    fixed press arguments, the sweep settings it takes (``window``, ``ratio``, ``head_scores``,
+    ``seed``, ``fraction``, ``fastv_k``: required) and its ``options`` (passed on when the sweep
+    gives them, else the press's default: ``selection_dtype``)."""
 
     name: str
     press: str
@@ -185,11 +210,15 @@ class EvalMethod:
     takes: tuple[str, ...] = ()
     fixed: Mapping[str, Any] = field(default_factory=dict)
     label: str = ""
+    options: tuple[str, ...] = ()
 
     @property
     def needs_head_scores(self) -> bool:
         return "head_scores" in self.takes
 
+
+#: The options of the methods that select by window attention (compression.snapkv_window_scores).
+_SCORING = ("selection_dtype",)
 
 #: The sweep's methods, under the original scripts' names.
 EVAL_METHODS: Mapping[str, EvalMethod] = MappingProxyType(
@@ -197,11 +226,11 @@ EVAL_METHODS: Mapping[str, EvalMethod] = MappingProxyType(
         m.name: m
         for m in (
             EvalMethod("fullkv", "fullkv", False, label="FullKV"),
-            EvalMethod("sparsemm", "sparsemm", True, ("window", "ratio", "head_scores"), label="SparseMM"),
-            EvalMethod("adakv", "adakv", True, ("window",), label="AdaKV"),
-            EvalMethod("snapkv", "snapkv", True, ("window",), label="SnapKV"),
-            EvalMethod("pyramidkv", "pyramidkv", True, ("window",), label="PyramidKV"),
-            EvalMethod("random", "random", True, ("window", "ratio", "seed"), label="Random allocation"),
+            EvalMethod("sparsemm", "sparsemm", True, ("window", "ratio", "head_scores"), label="SparseMM", options=_SCORING),
+            EvalMethod("adakv", "adakv", True, ("window",), label="AdaKV", options=_SCORING),
+            EvalMethod("snapkv", "snapkv", True, ("window",), label="SnapKV", options=_SCORING),
+            EvalMethod("pyramidkv", "pyramidkv", True, ("window",), label="PyramidKV", options=_SCORING),
+            EvalMethod("random", "random", True, ("window", "ratio", "seed"), label="Random allocation", options=_SCORING),
             EvalMethod("streamingllm", "streamingllm", True, ("window",), label="StreamingLLM"),
             EvalMethod("mask", "head_mask", False, ("fraction", "head_scores"), {"selection": "top"}, "Mask top visual heads"),
             EvalMethod("mask_random", "head_mask", False, ("fraction", "seed"), {"selection": "random"}, "Mask random heads"),
@@ -254,6 +283,7 @@ def press_for(method: str, budget: int | None, **settings: Any) -> Any:
             hint = " (step 03's head_scores.json)" if key == "head_scores" else ""
             raise MissingMethodSettingError(f"method {m.name!r} needs the setting {key!r}{hint}; none was given")
         kwargs[key] = settings[key]
+    kwargs.update({key: settings[key] for key in m.options if settings.get(key) is not None})
     if m.budgeted:
         kwargs["budget"] = check_int(_BUDGET, budget, 1, error=EvaluationError)
     if m.press == "fastv":
@@ -679,6 +709,8 @@ def run_sweep(
     progress: bool = True,
     log: Callable[[str], None] | None = print,
     on_mismatch: str = "error",
+    shard: Shard | None = None,
+    lmms_eval: str | LmmsProtocol = DEFAULT_LMMS_EVAL,
     batch_size: int = 1,
 ) -> SweepResult:
     """Run every unfinished cell of benchmarks x methods x budgets (module docstring).
@@ -700,6 +732,13 @@ def run_sweep(
         on_mismatch: when the folder holds a sweep of another model, settings or sample set:
             "error" raises :class:`SweepMismatchError`; "archive" moves its files into
             ``superseded/<UTC time>/`` (module docstring) and starts afresh.
+        shard: answer only this shard's samples, into a shard folder (module docstring,
+            "Sharding"); its ``results`` are empty. Without it, shard folders under ``out_dir``
+            are merged first (:func:`merge_shards`).
+        lmms_eval: the scoring protocol, "0.3" or "current" (:mod:`sparsemm_utils.lmms_protocol`):
+            each answer is stripped and scored, each cell aggregated, as that lmms-eval does;
+            recorded in ``sweep.json`` with the lmms-eval commit. The samples' prompts must
+            have been built with its specs (``protocol.spec(name)``).
         batch_size: samples answered at once (:func:`generate_batch`: one batched prefill and
             decode for the shareable methods when the generator has ``many_batch``). The answers
             are those of batch 1, written in the same order (sample by sample, cell by cell)
@@ -712,7 +751,8 @@ def run_sweep(
     check_choice("on_mismatch", on_mismatch, ON_MISMATCH, error=EvaluationError)
     batch_size = check_int("batch_size", batch_size, 1, error=EvaluationError)
     say = log or (lambda message: None)
-    specs = {name: get_benchmark(name) for name in benchmarks}
+    protocol = get_protocol(lmms_eval)
+    specs = {name: protocol.spec(name) for name in benchmarks}
     if any(spec.name != name for name, spec in specs.items()):
         raise EvaluationError(f"benchmarks must be keyed by their registry names, got {list(benchmarks)}")
     cells = sweep_cells(benchmarks, methods, budgets)
@@ -732,9 +772,19 @@ def run_sweep(
             "skipped": dict(report.counts) if report is not None else {},
             "n_rows": report.n_rows if report is not None else len(sample_ids),
         }
+    limits = {get_method(m).name: check_int(f"method_limits[{m!r}]", n, 1, error=EvaluationError) for m, n in (method_limits or {}).items()}
+
+    def cell_ids(cell: Cell) -> list[str]:
+        return ids[cell.benchmark][: limits.get(cell.method, len(ids[cell.benchmark]))]
+
+    if shard is None:
+        merged = merge_shards(out, model=model, settings=_with_protocol(settings, protocol), sets=sets, cells=cells, cell_ids=cell_ids)
+        if merged:
+            say(f"merged {merged} answers of the shard folders into {out / PREDICTIONS_FILE} (the shards are kept in {out / MERGED_DIR})")
+    settings = dict(settings or {}) if shard is None else {**(settings or {}), "shard": str(shard)}
     results_path = out / RESULTS_FILE
     try:
-        _reconcile_manifest(out / SWEEP_FILE, model, settings or {}, sets)
+        _reconcile_manifest(out / SWEEP_FILE, model, _with_protocol(settings, protocol), sets)
         verify_ledger(out)
         others = sorted(set(read_results(results_path)["model"]) - {model})
         if others:
@@ -744,7 +794,7 @@ def run_sweep(
             raise
         moved = _archive_sweep(out, str(exc))
         say(f"{exc}\n-> moved the earlier sweep's files to {moved} and started afresh")
-        _reconcile_manifest(out / SWEEP_FILE, model, settings or {}, sets)
+        _reconcile_manifest(out / SWEEP_FILE, model, _with_protocol(settings, protocol), sets)
     verified = verify_ledger(out, repair=True)
     for name, (_, extra) in verified.items():
         if extra:
@@ -759,27 +809,43 @@ def run_sweep(
     for r in records:
         by_cell.setdefault((r["benchmark"], r["method"], _budget_key(r["budget"])), {})[str(r["sample_id"])] = r
 
-    limits = {get_method(m).name: check_int(f"method_limits[{m!r}]", n, 1, error=EvaluationError) for m, n in (method_limits or {}).items()}
-
-    def cell_ids(cell: Cell) -> list[str]:
-        return ids[cell.benchmark][: limits.get(cell.method, len(ids[cell.benchmark]))]
+    def owned(cell: Cell) -> list[str]:
+        return [sid for k, sid in enumerate(cell_ids(cell)) if shard is None or shard.owns(k)]
 
     pending = [c for c in cells if c.key not in finished]
     skipped = [c for c in cells if c.key in finished]
-    todo = sum(len(cell_ids(c)) - len(set(cell_ids(c)) & set(by_cell.get(c.key, {}))) for c in pending)
+    todo = sum(len(owned(c)) - len(set(owned(c)) & set(by_cell.get(c.key, {}))) for c in pending)
     if skipped:
         say(f"{len(skipped)} of {len(cells)} cells already in {RESULTS_FILE}: skipped")
     generated = reused = 0
     bar = tqdm(total=todo, desc="evaluating", unit="answer", disable=not progress)
+
+    def answer(spec: BenchmarkSpec, context: Any, queue: Sequence[tuple[EvalSample, Sequence[Cell]]], pred_file: Any) -> int:
+        """Generate and record the answers due for a batch of samples; returns how many."""
+        bar.set_postfix_str(f"{spec.name} {queue[-1][0].sample_id}")
+        t0, count = time.perf_counter(), 0
+        for sample, cell, gen in generate_batch(generate, spec, queue):
+            record = _prediction_record(model, cell, sample, spec, gen, time.perf_counter() - t0, protocol, context)
+            t0 = time.perf_counter()
+            ledger.append(pred_file, PREDICTIONS_FILE, json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
+            by_cell[cell.key][sample.sample_id] = record
+            count += 1
+            bar.update(1)
+        return count
+
     try:
         with open(predictions_path, "a", encoding="utf-8", newline="") as pred_file:
             for bench in dict.fromkeys(c.benchmark for c in pending):
                 spec, samples = specs[bench], benchmarks[bench]
+                context = _scoring_context(spec, samples)
                 bench_cells = [c for c in pending if c.benchmark == bench]
                 for c in bench_cells:
                     by_cell.setdefault(c.key, {})
+
                 queue: list[tuple[EvalSample, list[Cell]]] = []  # up to batch_size samples with answers due
                 for i, sample_id in enumerate(ids[bench]):
+                    if shard is not None and not shard.owns(i):
+                        continue
                     due = [c for c in bench_cells if i < len(cell_ids(c))]
                     missing = [c for c in due if sample_id not in by_cell[c.key]]
                     reused += len(due) - len(missing)
@@ -788,17 +854,13 @@ def run_sweep(
                         if sample.sample_id != sample_id:
                             raise EvaluationError(f"benchmark {bench!r}: sample {i} changed id while the sweep ran")
                         queue.append((sample, missing))
-                    if queue and (len(queue) == batch_size or i == len(ids[bench]) - 1):
-                        bar.set_postfix_str(f"{bench} {queue[-1][0].sample_id}")
-                        t0 = time.perf_counter()
-                        for sample, cell, gen in generate_batch(generate, spec, queue):
-                            record = _prediction_record(model, cell, sample, spec, gen, time.perf_counter() - t0)
-                            t0 = time.perf_counter()
-                            ledger.append(pred_file, PREDICTIONS_FILE, json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
-                            by_cell[cell.key][sample.sample_id] = record
-                            generated += 1
-                            bar.update(1)
+                    if len(queue) == batch_size:
+                        generated += answer(spec, context, queue, pred_file)
                         queue = []
+                if queue:
+                    generated += answer(spec, context, queue, pred_file)
+                if shard is not None:
+                    continue  # a shard holds part of each cell: the merge writes the results
                 rows = [row for c in bench_cells for row in _result_rows(model, spec, [c], cell_ids(c), by_cell)]
                 _append_results(results_path, rows, ledger)
                 for row in rows:
@@ -811,18 +873,140 @@ def run_sweep(
     return SweepResult(read_results(results_path), ran, skipped, generated, reused, out)
 
 
-def _prediction_record(model: str, cell: "Cell", sample: EvalSample, spec: BenchmarkSpec, gen: Generation, seconds: float) -> dict[str, Any]:
+def _shard_answers(folder: Path, shard: Shard, model: str, settings: Mapping[str, Any], sets: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The answers of one shard folder, after checking that it is a shard of this sweep and that
+    its ledger holds every line of it."""
+    rerun = f"rerun it (`--shard {shard}`: it resumes)"
+    if not (folder / SWEEP_FILE).is_file():
+        raise ShardError(f"shard {shard} ({folder}) has no {SWEEP_FILE}: it never started; {rerun}")
+    manifest = json.loads((folder / SWEEP_FILE).read_text(encoding="utf-8"))
+    recorded = dict(manifest.get("settings", {}))
+    if recorded.pop("shard", None) != str(shard):
+        raise ShardError(f"{folder} is named shard {shard} but its {SWEEP_FILE} records shard {manifest.get('settings', {}).get('shard')!r}")
+    if manifest.get("model") != model or recorded != _jsonable(dict(settings)):
+        raise ShardError(
+            f"shard {shard} ({folder}) ran model {manifest.get('model')!r} with settings {recorded}; this sweep is "
+            f"{model!r} with {_jsonable(dict(settings))}: rerun the shards with this config (move {folder.parent} away first)"
+        )
+    for name, info in sets.items():
+        theirs = manifest.get("benchmarks", {}).get(name, {}).get("sample_ids_sha256")
+        if theirs != info["sample_ids_sha256"]:
+            raise ShardError(
+                f"shard {shard} ({folder}) answered benchmark {name!r} on another sample set (sha256 {str(theirs)[:12]}..., "
+                f"this sweep {info['sample_ids_sha256'][:12]}...): rerun the shards with this config"
+            )
+    status = verify_ledger(folder)  # SweepTamperedError when a recorded line was edited
+    if any(extra for _, extra in status.values()):
+        raise ShardError(f"shard {shard} ({folder}) stopped mid-write (lines its ledger does not record); {rerun}")
+    return read_predictions(folder)[0]
+
+
+def merge_shards(
+    out_dir: str | Path,
+    *,
+    model: str,
+    settings: Mapping[str, Any],
+    sets: Mapping[str, Mapping[str, Any]],
+    cells: Sequence[Cell],
+    cell_ids: Callable[[Cell], Sequence[str]],
+) -> int:
+    """Merge the shard folders under ``out_dir`` (:func:`~sparsemm_utils.sharding.shard_folders`)
+    into its ``predictions.jsonl`` and ledger, in the order a single-process sweep writes them
+    (benchmark, sample, cell); returns the number of answers (0 when there are no shards).
+
+    Checked first, each failure a :class:`~sparsemm_utils.sharding.ShardError` naming the shard to
+    rerun: the shards form one set ``0..n-1``; each ran this ``model``, ``settings`` and sample
+    ``sets`` (``sweep.json``) and its ledger verifies; each expected (cell, sample) of ``cells``
+    (samples ``cell_ids(cell)``) is answered exactly once, by the shard owning its position, and
+    nothing else is. ``out_dir`` must hold no answers yet. The shard folders then move to
+    ``<out_dir>/shards.merged/``."""
+    out = Path(out_dir)
+    folders = shard_folders(out)
+    if not folders:
+        return 0
+    held = [name for name in (RESULTS_FILE, PREDICTIONS_FILE) if (out / name).is_file() and (out / name).stat().st_size]
+    if held:
+        raise ShardError(
+            f"{out} holds {' and '.join(held)} already and shard folders to merge in {out / SHARDS_DIR}: keep one of "
+            f"the two (move the other away) and rerun"
+        )
+    answers: dict[tuple[tuple[str, str, int | None], str], tuple[Shard, dict[str, Any]]] = {}
+    for shard, folder in folders.items():
+        for record in _shard_answers(folder, shard, model, settings, sets):
+            key = ((record["benchmark"], record["method"], _budget_key(record["budget"])), str(record["sample_id"]))
+            if key in answers:
+                raise ShardError(
+                    f"sample {key[1]} of cell {key[0]} is answered by shard {answers[key][0]} and by shard {shard}: the "
+                    "shards overlap; rerun them into a fresh run folder"
+                )
+            answers[key] = (shard, record)
+    count = next(iter(folders)).count
+    order: list[tuple[tuple[str, str, int | None], str]] = []
+    missing: dict[Shard, int] = {}
+    for bench in dict.fromkeys(c.benchmark for c in cells):
+        bench_cells = [c for c in cells if c.benchmark == bench]
+        longest = max(len(cell_ids(c)) for c in bench_cells)
+        ids = next(cell_ids(c) for c in bench_cells if len(cell_ids(c)) == longest)
+        for k, sample_id in enumerate(ids):
+            owner = Shard(k % count, count)
+            for cell in (c for c in bench_cells if k < len(cell_ids(c))):
+                key = (cell.key, sample_id)
+                if key not in answers:
+                    missing[owner] = missing.get(owner, 0) + 1
+                elif answers[key][0] != owner:
+                    raise ShardError(f"sample {sample_id} (position {k}) of cell {cell} belongs to shard {owner}, but shard {answers[key][0]} answered it")
+                order.append(key)
+    if missing:
+        which = ", ".join(f"{shard} ({n} answers)" for shard, n in sorted(missing.items(), key=lambda item: item[0].index))
+        raise ShardError(f"the shards are incomplete: {which} missing; rerun each (`--shard i/n`: it resumes), then merge")
+    unexpected = set(answers) - set(order)
+    if unexpected:
+        cell, sample_id = sorted(unexpected, key=str)[0]
+        raise ShardError(
+            f"the shards hold {len(unexpected)} answers this sweep does not ask for (e.g. sample {sample_id} of cell {cell}): "
+            "they ran other benchmarks, methods or budgets; rerun them with this config"
+        )
+    for name in (SWEEP_FILE, LEDGER_FILE):  # no answers are here (checked above): nothing they describe remains
+        (out / name).unlink(missing_ok=True)
+    ledger = _Ledger(out, {})
+    with open(out / PREDICTIONS_FILE, "w", encoding="utf-8", newline="") as handle:
+        ledger.append(handle, PREDICTIONS_FILE, "".join(json.dumps(answers[key][1], ensure_ascii=False) + "\n" for key in order))
+    retire_shards(out)
+    return len(order)
+
+
+def _with_protocol(settings: Mapping[str, Any] | None, protocol: LmmsProtocol) -> dict[str, Any]:
+    """The sweep's settings with its scoring protocol (and lmms-eval commit) recorded."""
+    return {**(settings or {}), "scoring": protocol.as_dict()}
+
+
+def _scoring_context(spec: BenchmarkSpec, samples: Sequence[EvalSample]) -> dict[str, Any]:
+    """:func:`~sparsemm_utils.lmms_protocol.scoring_context` of a benchmark's samples (a
+    ``BenchmarkSamples`` gives its answers without decoding images); empty when none is needed."""
+    if not spec.metric_fields or "corpus" not in spec.metric_fields:
+        return {}
+    all_answers = getattr(samples, "all_answers", None)
+    return scoring_context(spec, all_answers() if all_answers is not None else [s.answers for s in samples])
+
+
+def _prediction_record(
+    model: str, cell: "Cell", sample: EvalSample, spec: BenchmarkSpec, gen: Generation, seconds: float,
+    protocol: LmmsProtocol, context: Mapping[str, Any],
+) -> dict[str, Any]:  # fmt: skip
     if not isinstance(gen.text, str):
         raise EvaluationError(f"the generator returned {type(gen.text).__name__} for {cell}, not a str")
-    prediction = spec.postprocess(gen.text)
+    scored = scored_answer(spec, gen.text, sample, protocol, context)
+    prediction = scored["prediction"]
     record: dict[str, Any] = {
         "model": model, "benchmark": cell.benchmark, "method": cell.method, "budget": cell.budget,
         "sample_id": sample.sample_id, "prediction": prediction, "answers": list(sample.answers),
-        "scores": score_prediction(spec, prediction, sample),
+        "scores": scored["scores"],
         "extra": {k: v for k, v in sample.extra.items() if k != "raw_question" and isinstance(v, (str, int, float, bool))},
         "prompt_tokens": gen.prompt_tokens, "kv_bytes": gen.kv_bytes,
         "seconds": round(gen.seconds if gen.seconds is not None else seconds, 4),
     }  # fmt: skip
+    if "options" in scored:
+        record["options"] = scored["options"]
     if prediction != gen.text:
         record["raw_output"] = gen.text
     if gen.details:
@@ -830,33 +1014,99 @@ def _prediction_record(model: str, cell: "Cell", sample: EvalSample, spec: Bench
     return record
 
 
-def _scores(records: Mapping[str, Mapping[str, Any]], sample_ids: Sequence[str], metric: str) -> np.ndarray:
-    return np.array([float(records[s]["scores"][metric]) for s in sample_ids])
-
-
 def _result_rows(
     model: str, spec: BenchmarkSpec, cells: Sequence["Cell"], sample_ids: Sequence[str], by_cell: Mapping[Any, Mapping[str, Any]]
 ) -> list[dict[str, Any]]:
-    """One row per metric of each finished cell: the mean over the samples, its 95% bootstrap
-    interval, and for a budgeted method other than SparseMM the paired difference SparseMM minus
-    the method at the same budget with its interval (when SparseMM's cell there is complete)."""
+    """One row per reported number of each finished cell (:func:`~sparsemm_utils.lmms_protocol.aggregates`:
+    the mean of each metric, and lmms-eval's own aggregates such as OCRBench's /1000 score): the
+    number, its 95% bootstrap interval over its units (scaled as the number), and for a budgeted
+    method other than SparseMM the paired difference SparseMM minus the method at the same budget
+    with its interval (when SparseMM's cell there is complete). ``n_samples``: the questions."""
     rows = []
     for cell in cells:
-        for metric in spec.metrics:
-            values = _scores(by_cell[cell.key], sample_ids, metric)
-            low, high = bootstrap_interval(values, seed=0)
+        reference = by_cell.get((cell.benchmark, "sparsemm", cell.budget), {})
+        paired = cell.budget is not None and cell.method != "sparsemm" and all(s in reference for s in sample_ids)
+        theirs = {a.metric: a for a in aggregates(spec, [by_cell[cell.key][s] for s in sample_ids])}
+        ours = {a.metric: a for a in aggregates(spec, [reference[s] for s in sample_ids])} if paired else {}
+        for metric, agg in theirs.items():
+            low, high = (agg.scale * v for v in bootstrap_interval(agg.values, seed=0))
             row = {
                 "model": model, "benchmark": cell.benchmark, "method": cell.method, "budget": cell.budget,
-                "metric": metric, "score": float(values.mean()), "n_samples": int(values.size),
-                "ci_low": low, "ci_high": high,
+                "metric": metric, "score": agg.score, "n_samples": len(sample_ids), "ci_low": low, "ci_high": high,
             }  # fmt: skip
-            reference = by_cell.get((cell.benchmark, "sparsemm", cell.budget), {})
-            if cell.budget is not None and cell.method != "sparsemm" and all(s in reference for s in sample_ids):
-                ours = _scores(reference, sample_ids, metric)
-                d_low, d_high = paired_bootstrap_interval(ours, values, seed=0)
-                row.update({"sparsemm_minus_method": float((ours - values).mean()), "diff_ci_low": d_low, "diff_ci_high": d_high})
+            if metric in ours and ours[metric].values.size == agg.values.size:
+                d_low, d_high = (agg.scale * v for v in paired_bootstrap_interval(ours[metric].values, agg.values, seed=0))
+                diff = agg.scale * float((ours[metric].values - agg.values).mean())
+                row.update({"sparsemm_minus_method": diff, "diff_ci_low": d_low, "diff_ci_high": d_high})
             rows.append(row)
     return rows
+
+
+@dataclass(frozen=True)
+class Rescored:
+    """A sweep scored again (:func:`rescore_records`): ``records``, its prediction records with
+    ``prediction`` and ``scores`` as the protocol gives them (``raw_output``: the model's text
+    where the strip or a stop string changed it); ``results``, the results table
+    (:data:`RESULTS_COLUMNS`) over them."""
+
+    protocol: LmmsProtocol
+    records: list[dict[str, Any]]
+    results: pd.DataFrame
+
+
+def rescore_records(records: Sequence[Mapping[str, Any]], *, lmms_eval: str | LmmsProtocol = DEFAULT_LMMS_EVAL) -> Rescored:
+    """Prediction records scored again under ``lmms_eval``: each record's model text
+    (``raw_output`` where the record has one, else ``prediction``: records written before answers
+    were stripped hold the model's text there) goes through the protocol's strip and metrics
+    (:func:`~sparsemm_utils.lmms_protocol.scored_answer`), then each cell (benchmark, method,
+    budget; in the order the records first name them) is aggregated over its samples (in record
+    order) with its intervals and SparseMM's paired differences, exactly as :func:`run_sweep` writes
+    ``results.csv``. Nothing is generated and no image is needed: a record keeps the answers and
+    the scalar fields the metrics read."""
+    protocol = get_protocol(lmms_eval)
+    if not records:
+        raise EvaluationError("no prediction records to re-score: the sweep answered nothing yet")
+    models = sorted({str(r.get("model")) for r in records})
+    if len(models) != 1:
+        raise EvaluationError(f"the records come from {len(models)} models {models}; re-score one model's sweep at a time")
+    by_bench: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        by_bench.setdefault(str(record["benchmark"]), []).append(record)
+    rows: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
+    for bench, bench_records in by_bench.items():
+        spec = protocol.spec(bench)
+        samples = {}
+        for r in bench_records:
+            extra = dict(r.get("extra") or {})
+            if "options" in r:
+                extra["options"] = dict(r["options"])
+            samples.setdefault(str(r["sample_id"]), EvalSample(str(r["sample_id"]), None, "", tuple(r["answers"]), extra))
+        context = scoring_context(spec, [s.answers for s in samples.values()])
+        by_cell: dict[tuple[str, str, int | None], dict[str, dict[str, Any]]] = {}
+        for r in bench_records:
+            raw = r.get("raw_output", r["prediction"])
+            record = {k: v for k, v in r.items() if k != "raw_output"}
+            record.update(scored_answer(spec, raw, samples[str(r["sample_id"])], protocol, context))
+            if record["prediction"] != raw:
+                record["raw_output"] = raw
+            by_cell.setdefault((bench, str(r["method"]), _budget_key(r["budget"])), {})[str(r["sample_id"])] = record
+            out.append(record)
+        for key, answered in by_cell.items():
+            rows += _result_rows(models[0], spec, [Cell(*key)], list(answered), by_cell)
+    frame = pd.DataFrame([{k: row.get(k) for k in RESULTS_COLUMNS} for row in rows], columns=list(RESULTS_COLUMNS))
+    frame["budget"] = pd.to_numeric(frame["budget"], errors="coerce").astype("Int64")
+    return Rescored(protocol, out, frame)
+
+
+def rescore_sweep(folder: str | Path, *, lmms_eval: str | LmmsProtocol = DEFAULT_LMMS_EVAL) -> Rescored:
+    """:func:`rescore_records` of a sweep folder's ``predictions.jsonl``, after checking it against
+    its ledger (:func:`verify_ledger`: an edited answer raises :class:`SweepTamperedError`)."""
+    folder = Path(folder)
+    if not (folder / PREDICTIONS_FILE).is_file():
+        raise EvaluationError(f"{folder} has no {PREDICTIONS_FILE}: give a step-05 folder (e.g. runs/study/05_eval)")
+    verify_ledger(folder)
+    return rescore_records(read_predictions(folder)[0], lmms_eval=lmms_eval)
 
 
 # --------------------------------------------------------------------------------------------
@@ -925,11 +1175,16 @@ class ModelGenerator:
         return self._presses[key]
 
     def __call__(self, sample: EvalSample, spec: BenchmarkSpec, method: str, budget: int | None) -> Generation:
+        return self.answer(sample, method, budget, self._limit(spec, sample))
+
+    def answer(self, sample: EvalSample, method: str, budget: int | None, limit: int) -> Generation:
+        """One answer of ``method`` at ``budget`` to ``sample`` (its image and ``question``, the
+        text given to the model), greedy, at most ``limit`` new tokens (the caller's limit: a
+        benchmark's in :meth:`__call__`, an lmms-eval request's in the lmms-eval adapter)."""
         press = self.press(method, budget)
         t0 = time.perf_counter()
         inputs = build_inputs(self.loaded, sample.image, sample.question)
         n = int(inputs["input_ids"].shape[1])
-        limit = self._limit(spec, sample)
         details = None
         if isinstance(press, FastVAtBudget):
             result = fastv_generate_at_budget(self.loaded, press, inputs, max_new_tokens=limit, do_sample=False)
@@ -988,3 +1243,4 @@ class ModelGenerator:
                 if out[b][j] is None:
                     out[b][j] = self(samples[b], spec, method, budget)
         return out  # type: ignore[return-value]
+

@@ -12,7 +12,11 @@ live in :mod:`sparsemm_utils.metrics`).
   compared with the ground-truth letter. lmms-eval asks a GPT judge when the rules find no
   letter; no judge is reachable offline, so such an answer counts as wrong and the prediction
   record says it was unresolved (:func:`mmbench_infer_choice` returns ``None``). With answers
-  that are a bare letter, which is what MMBench's post-prompt asks for, the two agree.
+  that are a bare letter, which is what MMBench's post-prompt asks for, the two agree. (The
+  circular grouping lmms-eval reports is :func:`sparsemm_utils.lmms_protocol.mmbench_circular_hits`.)
+- ``textcaps_cider`` (TextCaps): one image's CIDEr-D within the corpus of a run's references
+  (:mod:`sparsemm_utils.cider`); the corpus is a scoring field (``corpus=``), built once per
+  benchmark (:func:`sparsemm_utils.lmms_protocol.scoring_context`).
 
 Both follow :mod:`sparsemm_utils.metrics`' calling convention ``fn(prediction, answers, **fields)
 -> float`` and are registered in :data:`GENERAL_METRICS`; :func:`get_scorer` looks a name up in
@@ -28,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
+from .cider import CiderCorpus
 from .metrics import METRICS, MetricInputError, UnknownMetricError, _check_answers, _check_text
 
 __all__ = [
@@ -37,6 +42,7 @@ __all__ = [
     "mmbench_infer_text",
     "mmbench_infer_choice",
     "mmbench_correct",
+    "textcaps_cider",
     "GENERAL_METRICS",
     "ALL_METRIC_NAMES",
     "get_scorer",
@@ -160,10 +166,20 @@ def mmbench_correct(prediction: str, answers: str | Sequence[str], *, options: M
     return float(choice == gts[0])
 
 
+def textcaps_cider(prediction: str, answers: Sequence[str], *, corpus: CiderCorpus) -> float:
+    """CIDEr-D of one caption against its image's reference captions, with the document
+    frequencies of ``corpus`` (the references of every image of the run, which must include
+    ``answers`` for the score to be lmms-eval's). Not bounded by 1 (at most 10)."""
+    if not isinstance(corpus, CiderCorpus):
+        raise MetricInputError(f"corpus must be a CiderCorpus of the run's references, got {type(corpus).__name__}")
+    return corpus.score(_check_text(prediction, "prediction"), _check_answers(answers))
+
+
 GENERAL_METRICS: Mapping[str, Callable[..., float]] = MappingProxyType(
     {
         "exact_match": exact_match,
         "mmbench_choice": mmbench_correct,
+        "textcaps_cider": textcaps_cider,
     }
 )
 """Metric name -> per-question scorer, same convention as :data:`sparsemm_utils.metrics.METRICS`."""

@@ -14,6 +14,8 @@ fields they use, so this module does not depend on the step.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,6 +45,7 @@ from .head_scoring_rule import (
     top_share,
 )
 from .prompts import build_inputs, image_token_span
+from .sharding import Shard, ShardError, load_item, merge_items, open_shard, save_item
 from .validate import check_choice
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "SampleCapture",
     "capture_sample",
     "capture_documents",
+    "capture_identity",
     "positions_for",
     "HeadScoringResult",
     "score_captures",
@@ -70,7 +74,11 @@ class CaptureSettings(Protocol):
     ``prompt``, greedy ``max_new_tokens``, the ``top_k`` positions captured, the ``token_text``
     mode, the ``capture`` method, how many documents (``n_samples``, None: all) and which keep
     their image attention (``explorer_samples`` x ``explorer_tokens``), and the ``match`` /
-    ``selection`` variant :func:`compare_with_reference` scores."""
+    ``selection`` variant :func:`compare_with_reference` scores, and the ``selection_dtype`` the
+    attention rows are computed in (:class:`~sparsemm_utils.attention_capture.CaptureSpec`).
+
+    Optional: ``shards_dir``, the folder whose ``shards/`` :func:`capture_documents` merges
+    (step 03's ``Config.shards_dir``; docs/design.md "Sharded runs")."""
 
     prompt: str | None
     max_new_tokens: int
@@ -82,6 +90,7 @@ class CaptureSettings(Protocol):
     explorer_tokens: int
     match: str
     selection: str
+    selection_dtype: str
 
 
 @dataclass
@@ -130,7 +139,13 @@ def capture_sample(
     inputs = build_inputs(loaded, document["image"], cfg.prompt, loaded.model_type)
     start, count = image_token_span(inputs["input_ids"], loaded.image_token_id)
     _check_record(record, loaded.model_type, document.get("doc_id"), start, count)
-    spec = CaptureSpec(top_k=cfg.top_k, image_span=(start, count), image_steps=image_steps, keep_rows=keep_rows)
+    spec = CaptureSpec(
+        top_k=cfg.top_k,
+        image_span=(start, count),
+        image_steps=image_steps,
+        keep_rows=keep_rows,
+        selection_dtype=cfg.selection_dtype,
+    )
     ids, captured = generate_with_rows(
         loaded, inputs, max_new_tokens=cfg.max_new_tokens, spec=spec, method=method or cfg.capture
     )
@@ -145,6 +160,25 @@ def capture_sample(
     )
 
 
+#: The settings that shape a capture (the matching variant does not: it is scored afterwards).
+_CAPTURE_FIELDS = (
+    "prompt", "max_new_tokens", "top_k", "token_text", "capture", "explorer_samples", "explorer_tokens", "selection_dtype",
+)  # fmt: skip
+
+
+def capture_identity(loaded: Any, documents: Sequence[Mapping[str, Any]], regions: Mapping[Any, Mapping[str, Any]], cfg: CaptureSettings, n: int) -> dict[str, Any]:
+    """What makes the captures of the first ``n`` documents what they are: the model (name, class,
+    dtype), the capture settings and a sha256 of the documents' ids and step-02 records
+    (``regions`` by doc_id). Every shard of a sharded run must have the same."""
+    pages = [[documents[i].get("doc_id"), regions.get(documents[i].get("doc_id"))] for i in range(n)]
+    digest = hashlib.sha256(json.dumps(pages, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+    return {
+        "model": str(getattr(loaded, "name_or_path", "")), "model_type": loaded.model_type,
+        "dtype": str(getattr(getattr(loaded, "model", None), "dtype", "")), "n_samples": n,
+        "settings": {name: getattr(cfg, name) for name in _CAPTURE_FIELDS}, "documents_sha256": digest,
+    }  # fmt: skip
+
+
 def capture_documents(
     loaded: Any,
     documents: Sequence[Mapping[str, Any]],
@@ -152,20 +186,41 @@ def capture_documents(
     cfg: CaptureSettings,
     *,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> list[SampleCapture]:
     """Generate and capture for the first ``cfg.n_samples`` documents, in order (docs/method.md §4).
 
     ``regions``: step 02's records (:func:`sparsemm_utils.patch_mapping.load_regions`), looked up
     by ``doc_id``. The first ``cfg.explorer_samples`` samples also keep the image attention of
     their first ``cfg.explorer_tokens`` tokens.
+
+    Sharded runs (docs/design.md "Sharded runs"; ``cfg.shards_dir`` names the folder): with
+    ``shard``, only the documents at that shard's positions are captured, each saved into the
+    shard's folder as it is done (a rerun resumes) and the shard's captures returned. Without it,
+    shard folders found under ``cfg.shards_dir`` are merged instead of capturing
+    (:func:`~sparsemm_utils.sharding.merge_items`: all documents there exactly once, made with the
+    same :func:`capture_identity`), giving the captures a single process makes.
     """
     by_id = {r["doc_id"]: r for r in regions}
     n = len(documents) if cfg.n_samples is None else min(cfg.n_samples, len(documents))
     if n == 0:
         raise NoSamplesError("there are no documents to score: step 01 produced an empty dataset")
-    iterator: Iterable[int] = range(n)
+    parent = getattr(cfg, "shards_dir", None)
+    if shard is not None and parent is None:
+        raise ShardError("a sharded capture needs cfg.shards_dir, the folder of its shards (step 03's Config has it)")
+    folder = None
+    if parent is not None:
+        identity = capture_identity(loaded, documents, by_id, cfg, n)
+        if shard is None:
+            merged = merge_items(parent, n, identity)
+            if merged is not None:
+                return merged
+        else:
+            folder = open_shard(parent, shard, identity)
+    positions = [i for i in range(n) if shard is None or shard.owns(i)]
+    iterator: Iterable[int] = positions
     if progress:
-        iterator = tqdm(iterator, desc=f"scoring ({cfg.capture})", total=n)
+        iterator = tqdm(iterator, desc=f"scoring ({cfg.capture})" + (f", shard {shard}" if shard else ""), total=len(positions))
     out = []
     for i in iterator:
         doc = documents[i]
@@ -175,8 +230,13 @@ def capture_documents(
                 f"document {doc_id!r} has no record in step 02's regions.jsonl ({len(by_id)} records): rerun "
                 "step 02_patch_mapping on the current step-01 documents"
             )
-        image_steps = cfg.explorer_tokens if i < cfg.explorer_samples else 0
-        out.append(capture_sample(loaded, doc, by_id[doc_id], cfg, image_steps=image_steps))
+        done = load_item(folder, i) if folder is not None else None
+        if done is None:
+            image_steps = cfg.explorer_tokens if i < cfg.explorer_samples else 0
+            done = capture_sample(loaded, doc, by_id[doc_id], cfg, image_steps=image_steps)
+            if folder is not None:
+                save_item(folder, i, done)
+        out.append(done)
     return out
 
 

@@ -150,13 +150,15 @@ class GeneratedTokens:
 
     ``ids`` (T,) token ids; ``texts``: tau_t, the string the substring rule matches (per
     ``token_text`` mode); ``pieces``: ``tokenizer.decode([id])`` of each token (what the
-    character alignment reads); ``stop``: True for end-of-sequence tokens (never scored).
+    character alignment reads); ``stop``: True for end-of-sequence tokens (never scored);
+    ``decoded``: the tokenizer's decoding of the non-stop ids together (None: the pieces joined).
     """
 
     ids: tuple[int, ...]
     texts: tuple[str, ...]
     pieces: tuple[str, ...]
     stop: tuple[bool, ...]
+    decoded: str | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -171,7 +173,11 @@ class GeneratedTokens:
 
     @property
     def text(self) -> str:
-        """The generated text (decoded pieces joined, stop tokens left out)."""
+        """The generated text, stop tokens left out: ``decoded`` when the tokenizer gave it (a
+        SentencePiece tokenizer drops the leading space of a lone ``"▁word"`` piece, so the pieces
+        joined lose the spaces between words), else the pieces joined."""
+        if self.decoded is not None:
+            return self.decoded
         return "".join(p for p, s in zip(self.pieces, self.stop) if not s)
 
     @classmethod
@@ -208,6 +214,7 @@ def generated_tokens(
         texts=tuple(token_strings(tokenizer, ids, model_type, mode)),
         pieces=tuple(tokenizer.decode([i]) for i in ids),
         stop=tuple(i in stop_set for i in ids),
+        decoded=tokenizer.decode([i for i in ids if i not in stop_set]),
     )
 
 

@@ -12,13 +12,18 @@ reading is a named option (docs/method.md: "reproduce the quirk as the default, 
 - ``vqa_accuracy`` (TextVQA, VQAv2): ``lmms_eval/tasks/_task_utils/vqa_eval_metric.py``
   (``EvalAIAnswerProcessor``, copied by lmms-eval from facebookresearch/mmf, itself from the
   official VQA evaluation script) with ``textvqa/utils.py`` (default) or ``vqav2/utils.py``
-  (``protocol="vqav2"``), which normalise the ground truths differently.
-- ``ocrbench_correct`` (OCRBench): ``lmms_eval/tasks/ocrbench/utils.py``. lmms-eval lowercases the
-  prediction before the handwritten-math rule, so that rule is case-sensitive only on the ground
-  truth side; the benchmark authors' script (Yuliang-Liu/MultimodalOCR) keeps the prediction's
-  case: ``protocol="ocrbench"``.
+  (``protocol="vqav2"``), which normalise the ground truths differently; lmms-eval rewrote the
+  VQAv2 normalisation in mid-2025 (``protocol="vqav2_2025"``).
+- ``ocrbench_correct`` (OCRBench): ``lmms_eval/tasks/ocrbench/utils.py``. lmms-eval up to 2026
+  lowercases the prediction before the handwritten-math rule, so that rule is case-sensitive only
+  on the ground truth side; the benchmark authors' script (Yuliang-Liu/MultimodalOCR) keeps the
+  prediction's case: ``protocol="ocrbench"``; lmms-eval since 2026 keeps it too and folds
+  fullwidth characters to ASCII in the other categories: ``protocol="lmms_eval_2026"``.
 - ``chartqa_relaxed`` (ChartQA): ``lmms_eval/tasks/chartqa/utils.py::relaxed_correctness``
   (from QwenLM/Qwen-VL's ``evaluate_vqa.py``).
+
+Which lmms-eval version's rules apply end to end (answer stripping, these protocols, the
+per-benchmark aggregation) is :mod:`sparsemm_utils.lmms_protocol`'s choice.
 
 The per-question scorers are also reachable by name through :data:`METRICS` / :func:`get_metric`
 with one calling convention, ``fn(prediction, answers, **fields) -> float`` (see
@@ -49,6 +54,8 @@ __all__ = [
     "PUNCTUATIONS",
     "PERIOD_STRIP",
     "COMMA_STRIP",
+    "VQA_PROTOCOLS",
+    "OCRBENCH_PROTOCOLS",
     "vqa_word_tokenize",
     "vqa_process_punctuation",
     "vqa_process_digit_article",
@@ -57,6 +64,7 @@ __all__ = [
     "vqa_score",
     "OCRBENCH_CATEGORIES",
     "HME_CATEGORY",
+    "fold_fullwidth_ascii",
     "ocrbench_correct",
     "ocrbench_score",
     "relaxed_float",
@@ -67,8 +75,10 @@ __all__ = [
 ]
 
 LengthBasis = Literal["raw", "normalized"]
-VqaProtocol = Literal["textvqa", "vqav2"]
-OcrBenchProtocol = Literal["lmms_eval", "ocrbench"]
+VqaProtocol = Literal["textvqa", "vqav2", "vqav2_2025"]
+OcrBenchProtocol = Literal["lmms_eval", "lmms_eval_2026", "ocrbench"]
+VQA_PROTOCOLS: tuple[str, ...] = ("textvqa", "vqav2", "vqav2_2025")
+OCRBENCH_PROTOCOLS: tuple[str, ...] = ("lmms_eval", "lmms_eval_2026", "ocrbench")
 
 
 class MetricInputError(ValueError):
@@ -473,6 +483,11 @@ def vqa_normalize(text: str) -> str:
     return vqa_process_digit_article(text)
 
 
+def _tabs_to_spaces(text: str) -> str:
+    """lmms-eval's vqav2 preprocessing of an answer: newlines and tabs -> spaces, then strip."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def _leave_one_out_accuracy(prediction: str, answers: Sequence[str]) -> float:
     """mean over i of min(1, #{j != i : answers[j] == prediction} / 3) (strings already
     normalised). ``statistics.mean`` as in lmms-eval (exact rational mean, one rounding)."""
@@ -499,12 +514,16 @@ def vqa_accuracy(
     Normalisation (``protocol``):
         ``"textvqa"`` (default; lmms-eval's textvqa task): :func:`vqa_normalize` on the
         prediction and on every ground truth.
-        ``"vqav2"`` (lmms-eval's vqav2 task, after the official VQA script): the prediction gets
-        :func:`vqa_normalize`; the ground truths get newlines/tabs -> spaces and strip; only when
-        they are not all equal do both the ground truths and the (already normalised)
-        prediction go through :func:`vqa_process_punctuation` + :func:`vqa_process_digit_article`
-        (no lowercasing of the ground truths otherwise, no "'s" split for them: gt "man's" never
-        equals a prediction normalised to "man 's").
+        ``"vqav2"`` (lmms-eval's vqav2 task up to v0.4, after the official VQA script): the
+        prediction gets :func:`vqa_normalize`; the ground truths get newlines/tabs -> spaces and
+        strip; only when they are not all equal do both the ground truths and the (already
+        normalised) prediction go through :func:`vqa_process_punctuation` +
+        :func:`vqa_process_digit_article` (no lowercasing of the ground truths otherwise, no "'s"
+        split for them: gt "man's" never equals a prediction normalised to "man 's").
+        ``"vqav2_2025"`` (lmms-eval's vqav2 task since commits b439d82 and 28ea9a1, July and
+        August 2025): the prediction and every ground truth get newlines/tabs -> spaces, strip,
+        :func:`vqa_process_punctuation` and :func:`vqa_process_digit_article`, always, and
+        nothing else (no :func:`vqa_word_tokenize`: "?" becomes a space, "'s" is not split).
 
     Args:
         prediction: the model's answer.
@@ -517,12 +536,15 @@ def vqa_accuracy(
     """
     _check_text(prediction, "prediction")
     gts = _check_answers(answers)
-    check_choice("protocol", protocol, ("textvqa", "vqav2"), error=MetricInputError)
+    check_choice("protocol", protocol, VQA_PROTOCOLS, error=MetricInputError)
+    if protocol == "vqav2_2025":
+        pred, *gts = [vqa_process_digit_article(vqa_process_punctuation(_tabs_to_spaces(t))) for t in (prediction, *gts)]
+        return _leave_one_out_accuracy(pred, gts)
     pred = vqa_normalize(prediction)
     if protocol == "textvqa":
         gts = [vqa_normalize(gt) for gt in gts]
     else:
-        gts = [gt.replace("\n", " ").replace("\t", " ").strip() for gt in gts]
+        gts = [_tabs_to_spaces(gt) for gt in gts]
         if len(set(gts)) > 1:
             gts = [vqa_process_digit_article(vqa_process_punctuation(gt)) for gt in gts]
             pred = vqa_process_digit_article(vqa_process_punctuation(pred))
@@ -569,6 +591,15 @@ HME_CATEGORY = "Handwritten Mathematical Expression Recognition"
 "HME100k"``; in OCRBench the two coincide (the 100 HMER questions are the HME100k rows)."""
 
 
+def fold_fullwidth_ascii(text: str) -> str:
+    """Fullwidth ASCII forms U+FF01..U+FF5E -> their ASCII characters (code point - 0xFEE0) and the
+    ideographic space U+3000 -> " ", nothing else (no NFKC): lmms-eval's OCRBench
+    ``_fold_fullwidth_ascii`` (2026). ``"ＡＢＣ１２３"`` -> ``"ABC123"``."""
+    return "".join(
+        chr(ord(c) - 0xFEE0) if 0xFF01 <= ord(c) <= 0xFF5E else " " if c == "\u3000" else c for c in text
+    )
+
+
 def ocrbench_correct(
     prediction: str,
     answers: str | Sequence[str],
@@ -586,7 +617,10 @@ def ocrbench_correct(
       before either rule), so an uppercase letter in the ground truth can never be matched
       ("\\frac{A}{B}" is never found) and "X" in the prediction matches "x" in the ground truth.
       ``protocol="ocrbench"`` is the benchmark authors' script: the prediction keeps its case,
-      i.e. the fully case-sensitive reading of docs/method.md §6.
+      i.e. the fully case-sensitive reading of docs/method.md §6. ``protocol="lmms_eval_2026"``
+      is lmms-eval since commits f54dd28 and bbddc79 (April and July 2026): the prediction keeps
+      its case as in ``"ocrbench"``, and in every other category both sides first go through
+      :func:`fold_fullwidth_ascii` ("１２３" matches "123").
 
     An empty (or all-space) ground truth is a substring of anything, hence correct, as in both
     originals.
@@ -595,11 +629,11 @@ def ocrbench_correct(
         prediction: the model's answer.
         answers: one ground truth or a non-empty list of them (OCRBench stores either).
         category: the question's ``question_type``, one of :data:`OCRBENCH_CATEGORIES`.
-        protocol: ``"lmms_eval"`` or ``"ocrbench"``.
+        protocol: ``"lmms_eval"``, ``"lmms_eval_2026"`` or ``"ocrbench"``.
     """
     _check_text(prediction, "prediction")
     gts = [_check_text(answers, "answers")] if isinstance(answers, str) else _check_answers(answers)
-    check_choice("protocol", protocol, ("lmms_eval", "ocrbench"), error=MetricInputError)
+    check_choice("protocol", protocol, OCRBENCH_PROTOCOLS, error=MetricInputError)
     if category not in OCRBENCH_CATEGORIES:
         raise MetricInputError(
             f"unknown OCRBench category {category!r}; pass the row's question_type, one of "
@@ -609,8 +643,9 @@ def ocrbench_correct(
     if category == HME_CATEGORY:
         predict = pred.strip().replace("\n", " ").replace(" ", "")
         return any(gt.strip().replace("\n", " ").replace(" ", "") in predict for gt in gts)
-    predict = pred.lower().strip().replace("\n", " ")
-    return any(gt.lower().strip().replace("\n", " ") in predict for gt in gts)
+    fold = fold_fullwidth_ascii if protocol == "lmms_eval_2026" else str
+    predict = fold(pred).lower().strip().replace("\n", " ")
+    return any(fold(gt).lower().strip().replace("\n", " ") in predict for gt in gts)
 
 
 def ocrbench_score(
@@ -700,12 +735,14 @@ def _vqa_metric(prediction: str, answers: Sequence[str]) -> float:
     return vqa_accuracy(prediction, answers, protocol="textvqa")
 
 
-def _vqav2_metric(prediction: str, answers: Sequence[str]) -> float:
-    return vqa_accuracy(prediction, answers, protocol="vqav2")
+def _vqav2_metric(prediction: str, answers: Sequence[str], *, protocol: VqaProtocol = "vqav2") -> float:
+    return vqa_accuracy(prediction, answers, protocol=protocol)
 
 
-def _ocrbench_metric(prediction: str, answers: str | Sequence[str], *, category: str) -> float:
-    return float(ocrbench_correct(prediction, answers, category))
+def _ocrbench_metric(
+    prediction: str, answers: str | Sequence[str], *, category: str, protocol: OcrBenchProtocol = "lmms_eval"
+) -> float:
+    return float(ocrbench_correct(prediction, answers, category, protocol=protocol))
 
 
 def _relaxed_metric(prediction: str, answers: str | Sequence[str]) -> float:
@@ -732,8 +769,9 @@ METRICS: Mapping[str, Callable[..., float]] = MappingProxyType(
 )
 """Metric name -> per-question scorer ``fn(prediction, answers, **fields) -> float`` in [0, 1];
 a benchmark's score is the mean over its questions. Names: ``anls`` (DocVQA), ``vqa_accuracy``
-(TextVQA protocol), ``vqav2_accuracy`` (VQAv2 protocol), ``ocrbench_accuracy`` (needs
-``category=``), ``relaxed_accuracy`` (ChartQA; one label). All use the lmms-eval defaults."""
+(TextVQA protocol), ``vqav2_accuracy`` (VQAv2 protocol; ``protocol=`` picks the version),
+``ocrbench_accuracy`` (needs ``category=``; ``protocol=`` as :func:`ocrbench_correct`),
+``relaxed_accuracy`` (ChartQA; one label). The defaults are lmms-eval v0.3.4's."""
 
 
 def get_metric(name: str) -> Callable[..., float]:

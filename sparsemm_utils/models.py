@@ -41,10 +41,10 @@ from sparsemm_utils.attention_hooks import (
 )
 from sparsemm_utils.model_types import SUPPORTED_MODEL_TYPES, TINY_PREFIX, UnsupportedModelError
 from sparsemm_utils.processors import (
-    SPARSEMM_MAX_PIXELS,
-    SPARSEMM_MIN_PIXELS,
+    QWEN_PROCESSOR_TYPES,
     image_only_processor_class,
     set_qwen_pixel_bounds,
+    sparsemm_pixel_bounds,
 )
 from sparsemm_utils.random_models import build_tiny
 from sparsemm_utils.runs import repo_root
@@ -82,8 +82,9 @@ class ModelNotAvailableError(FileNotFoundError):
             f"  (b) into a folder: model = AutoModelForImageTextToText.from_pretrained({name_or_path!r}); "
             "model.save_pretrained(folder); AutoProcessor.from_pretrained(...).save_pretrained(folder); "
             "then call load_model(folder).\n"
-            f"Offline, use a tiny model instead: load_model('{TINY_PREFIX}qwen2_vl' | '{TINY_PREFIX}qwen2_5_vl' | "
-            f"'{TINY_PREFIX}llava_next')."
+            "Offline, use a tiny model instead: load_model("
+            + " | ".join(f"'{TINY_PREFIX}{t}'" for t in SUPPORTED_MODEL_TYPES)
+            + ")."
         )
 
 
@@ -233,7 +234,8 @@ def _resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
 def _load_processor(folder: Path, model_type: str) -> ProcessorMixin:
     cls = image_only_processor_class(model_type)
     if cls is not None:
-        # A real Qwen checkpoint names Qwen2VLProcessor, which needs torchvision: load through the
+        # A real checkpoint names Qwen2VLProcessor (or Qwen3VLProcessor, LlavaOnevisionProcessor,
+        # InternVLProcessor), which needs torchvision for its video processor: load through the
         # image-only subclass instead (it reads the same files).
         return cls.from_pretrained(folder)
     processor = AutoProcessor.from_pretrained(folder)
@@ -273,8 +275,8 @@ def load_model(
     device: str | torch.device = "cpu",
     text_attn_implementation: str = "sdpa",
     seed: int = 0,
-    min_pixels: int = SPARSEMM_MIN_PIXELS,
-    max_pixels: int = SPARSEMM_MAX_PIXELS,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
     cache_dir: str | Path | None = None,
 ) -> LoadedModel:
     """Load a supported model and its processor (see the module docstring for the resolution order).
@@ -283,11 +285,17 @@ def load_model(
     ``text_attn_implementation``: the attention of the language model (the vision tower keeps
     sdpa); a custom name must be registered first (:func:`register_text_attention`).
     ``seed``: only for ``tiny-random/`` models (same seed, same weights).
-    ``min_pixels`` / ``max_pixels``: Qwen image resize bounds, SparseMM's by default (docs/method.md §3).
+    ``min_pixels`` / ``max_pixels``: Qwen image resize bounds (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); None
+    (both): SparseMM's, 32 .. 16384 merged tokens of the model's own token size (28 px, or 32 px
+    for Qwen3-VL; docs/method.md §3). Give both or neither.
     ``cache_dir``: the HF hub cache to look a hub id up in (default: the one under HF_HOME).
     The model is returned in eval mode on ``device``.
     """
     torch_dtype = _resolve_dtype(dtype)
+    if (min_pixels is None) != (max_pixels is None):
+        raise ValueError(
+            f"give both min_pixels and max_pixels or neither (None: SparseMM's bounds), got {min_pixels}, {max_pixels}"
+        )
     name = str(name_or_path)
     if name.startswith(TINY_PREFIX):
         model_type = name[len(TINY_PREFIX) :]
@@ -305,8 +313,12 @@ def load_model(
         check_model_files(folder)
         model = SUPPORTED_MODEL_TYPES[model_type].from_pretrained(folder, dtype=torch_dtype, attn_implementation="sdpa")
         processor = _load_processor(folder, model_type)
-        if model_type != "llava_next":
-            set_qwen_pixel_bounds(processor, min_pixels, max_pixels)
+        if model_type in QWEN_PROCESSOR_TYPES:
+            image_processor = processor.image_processor
+            bounds = (min_pixels, max_pixels) if min_pixels is not None else sparsemm_pixel_bounds(
+                int(image_processor.patch_size) * int(image_processor.merge_size)
+            )
+            set_qwen_pixel_bounds(processor, *bounds)
     model = model.to(device).eval()
     set_text_attention(model, text_attn_implementation)
     return LoadedModel(model=model, processor=processor, model_type=model_type, name_or_path=name)

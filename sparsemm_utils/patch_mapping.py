@@ -2,20 +2,31 @@
 
 SparseMM scores a head when its strongest attention for an output token lands inside the
 *region* of the chunk that token was read from. A region is the set of visual-token positions
-that cover the chunk's OCR box. This module computes those positions for the three supported
-architectures, exactly as docs/method.md §3 states the rule:
+that cover the chunk's OCR box. This module computes those positions for the supported
+architectures, as docs/method.md §3 states the rule (the newer families: docs/models.md):
 
 - **Qwen2-VL / Qwen2.5-VL** (:class:`QwenVLPatchMapper`): the processor resizes the image to
   multiples of 28 px within ``[min_pixels, max_pixels]`` (``smart_resize``); the LLM sees one
   token per 28 x 28 block (14 px patches merged 2 x 2), row-major, no newline tokens. A box is
-  scaled by resized/original size, rows ``floor(y0/28) .. floor(y1/28)`` and columns
-  ``floor(x0/28) .. floor(x1/28)`` (inclusive) are marked; position ``row * grid_w + col``.
+  scaled by resized/original size (in exact rational arithmetic), rows ``floor(y0/28) .. floor(y1/28)``
+  and columns ``floor(x0/28) .. floor(x1/28)`` (inclusive) are marked; position ``row * grid_w + col``.
 - **LLaVA-NeXT** (:class:`LlavaNextPatchMapper`, anyres + spatial_unpad): the image block is
   the base image (24 x 24 = 576 tokens for a 336 px CLIP) followed by the unpadded crop grid of
   ``H' x W'`` tokens with one newline token after each row. The original maps a box onto the
   crop grid only, with pixels per token by integer floor division of the ORIGINAL image size
   (``p_w = W_img // W'``, ``p_h = H_img // H'``); position ``576 + row * (W' + 1) + col``.
   The named variant ``"base_and_crop"`` also marks the base-grid tokens under the box.
+
+The original has no script for the newer models; each gets the rule above that fits its layout
+(docs/models.md):
+
+- **Qwen3-VL** (:class:`QwenVLPatchMapper` over a :class:`QwenVLGeometry` with 16 px patches):
+  Qwen's rule on 32 px blocks. Deepstack adds vision features to the hidden states of these same
+  positions in the first decoder layers and adds no token; frame timestamps belong to videos.
+- **LLaVA-OneVision** (:class:`LlavaOnevisionPatchMapper`): LLaVA-NeXT's rule on the crop grid
+  after the anyres-max shrink; 729 base tokens (SigLIP 384/14, no CLS) come first.
+- **InternVL** (:class:`InternVLPatchMapper`): Qwen's 28 px block rule on the tiled canvas,
+  read tile by tile (256 tokens a tile); ``"base_and_crop"`` adds the thumbnail's tokens.
 
 Positions are **relative to the first image token** (int64 arrays of shape ``(k,)``, sorted,
 unique, in ``[0, num_tokens)``); the absolute position in the prompt is
@@ -47,6 +58,7 @@ from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,9 +82,16 @@ __all__ = [
     "Box",
     "QwenVLGeometry",
     "LlavaNextGeometry",
+    "LlavaOnevisionGeometry",
+    "InternVLGeometry",
     "QwenVLPatchMapper",
     "LlavaNextPatchMapper",
+    "LlavaOnevisionPatchMapper",
+    "InternVLPatchMapper",
     "PatchMapper",
+    "Geometry",
+    "MAPPER_FAMILY",
+    "ARITHMETICS",
     "check_model_type",
     "geometry_from_processor",
     "make_mapper",
@@ -84,8 +103,17 @@ __all__ = [
     "load_regions",
 ]
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava_next")
-QWEN_MODEL_TYPES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl")
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava_next", "qwen3_vl", "llava_onevision", "internvl")
+QWEN_MODEL_TYPES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+#: The mapper family (``mapper.family``) of each model type.
+MAPPER_FAMILY: dict[str, str] = {
+    "qwen2_vl": "qwen_vl",
+    "qwen2_5_vl": "qwen_vl",
+    "qwen3_vl": "qwen_vl",
+    "llava_next": "llava_next",
+    "llava_onevision": "llava_onevision",
+    "internvl": "internvl",
+}
 
 # The original SparseMM settings (docs/method.md §3): min/max pixels for Qwen, llava-v1.6 pinpoints.
 QWEN_ORIGINAL_MIN_PIXELS = 32 * 28 * 28
@@ -96,6 +124,10 @@ LLAVA_NEXT_PINPOINTS: tuple[tuple[int, int], ...] = (
     (672, 672),
     (1008, 336),
     (336, 1008),
+)
+#: LLaVA-OneVision's pinpoints: every (h, w) with h, w in 384 x {1, ..., 6}, rows first.
+LLAVA_ONEVISION_PINPOINTS: tuple[tuple[int, int], ...] = tuple(
+    (384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7)
 )
 
 
@@ -236,6 +268,34 @@ def _index_range(lo: float, hi: float, step: float, n: int) -> np.ndarray:
     return np.arange(first, last + 1, dtype=np.int64)
 
 
+#: How a box coordinate is scaled onto a resized grid: ``"exact"`` (rational arithmetic, the
+#: default) or ``"float64"`` (the original's ``x * (resized / original)``; docs/deviations.md).
+ARITHMETICS: tuple[str, ...] = ("exact", "float64")
+
+
+def _exact(value: float) -> Fraction:
+    """A box coordinate as the exact rational it stores (every float is a dyadic rational)."""
+    return Fraction(int(value)) if isinstance(value, (int, np.integer)) else Fraction(float(value))
+
+
+def _scaled_index_range(lo: float, hi: float, scale: Fraction, step: int, n: int, arithmetic: str) -> np.ndarray:
+    """:func:`_index_range` of ``lo * scale .. hi * scale`` (``scale = resized / original``, a
+    rational); shape ``(k,)``. ``"exact"``: ``floor(lo * scale / step)`` in rational arithmetic, so
+    a coordinate that scales exactly onto a token boundary lands in the token that starts there;
+    ``"float64"``: the original's ``(lo * (resized / original)) // step`` in float64, which can land
+    just below the boundary, one token low (docs/deviations.md, "Qwen mapping in exact arithmetic")."""
+    if arithmetic == "float64":
+        return _index_range(lo * float(scale), hi * float(scale), step, n)
+    first = min(max(math.floor(_exact(lo) * scale / step), 0), n - 1)
+    last = min(max(math.floor(_exact(hi) * scale / step), 0), n - 1)
+    return np.arange(first, last + 1, dtype=np.int64)
+
+
+def _check_arithmetic(arithmetic: str) -> None:
+    if arithmetic not in ARITHMETICS:
+        raise PatchMappingError(f"unknown mapping arithmetic {arithmetic!r}; choose one of {ARITHMETICS}")
+
+
 def _flat(rows: np.ndarray, cols: np.ndarray, stride: int, offset: int = 0) -> np.ndarray:
     """``offset + row * stride + col`` for every (row, col) pair, row-major; shape ``(R*C,)``."""
     return (offset + rows[:, None] * stride + cols[None, :]).reshape(-1).astype(np.int64)
@@ -337,22 +397,31 @@ class LlavaNextGeometry:
     grid_pinpoints: tuple[tuple[int, int], ...] = LLAVA_NEXT_PINPOINTS
 
     def __post_init__(self) -> None:
-        check_int("LlavaNextGeometry.base_size", self.base_size, 1, error=InvalidGeometryError)
-        check_int("LlavaNextGeometry.patch_size", self.patch_size, 1, error=InvalidGeometryError)
+        self._check_sizes()
         if self.base_size % self.patch_size:
             raise InvalidGeometryError(
                 f"LlavaNextGeometry.base_size ({self.base_size}) must be a multiple of patch_size "
                 f"({self.patch_size})"
             )
+        self._check_pinpoints()
+
+    def _check_sizes(self) -> None:
+        """``base_size`` and ``patch_size`` are positive ints."""
+        check_int(f"{type(self).__name__}.base_size", self.base_size, 1, error=InvalidGeometryError)
+        check_int(f"{type(self).__name__}.patch_size", self.patch_size, 1, error=InvalidGeometryError)
+
+    def _check_pinpoints(self) -> None:
+        """``grid_pinpoints`` is a non-empty sequence of ``(height, width)`` multiples of
+        ``base_size``; stored as a tuple of int pairs (hashable, comparable)."""
+        name = type(self).__name__
         try:
             pinpoints = tuple((int(h), int(w)) for h, w in self.grid_pinpoints)
         except (TypeError, ValueError) as exc:
             raise InvalidGeometryError(
-                f"LlavaNextGeometry.grid_pinpoints must be a list of (height, width) pairs, got "
-                f"{self.grid_pinpoints!r}"
+                f"{name}.grid_pinpoints must be a list of (height, width) pairs, got {self.grid_pinpoints!r}"
             ) from exc
         if not pinpoints:
-            raise InvalidGeometryError("LlavaNextGeometry.grid_pinpoints must not be empty")
+            raise InvalidGeometryError(f"{name}.grid_pinpoints must not be empty")
         for h, w in pinpoints:
             if h <= 0 or w <= 0 or h % self.base_size or w % self.base_size:
                 raise InvalidGeometryError(
@@ -427,6 +496,141 @@ class LlavaNextGeometry:
         return self.base_tokens + grid_h * (grid_w + 1)
 
 
+@dataclass(frozen=True)
+class LlavaOnevisionGeometry(LlavaNextGeometry):
+    """LLaVA-OneVision anyres-max geometry (docs/method.md §3): LLaVA-NeXT's, with three changes.
+
+    - SigLIP 384 px with 14 px patches: ``base_grid = 384 // 14 = 27`` (the tower's last 6 px are
+      not a whole patch), 729 base tokens and no CLS (``vision_feature_select_strategy="full"``).
+    - The pinpoints are every 384 px multiple from 1 x 1 to 6 x 6 crops.
+    - ``anyres_max_9``: when the unpadded crop grid ``H' x W'`` holds more than ``max_num_patches``
+      crops' worth of tokens (``ratio = sqrt(H' W' / (9 * 27^2)) > 1.1``), it is shrunk
+      (bilinear) to ``int(H' // ratio) x int(W' // ratio)`` before the newline tokens are added.
+
+    The image block is then ``729`` base tokens followed by the (shrunk) crop grid with one newline
+    after each row: ``num_tokens = 729 + H'' * (W'' + 1)``. Sizes follow transformers
+    (``LlavaOnevisionProcessor._get_number_of_features``, ``LlavaOnevisionModel.pack_image_features``).
+    """
+
+    base_size: int = 384
+    patch_size: int = 14
+    grid_pinpoints: tuple[tuple[int, int], ...] = LLAVA_ONEVISION_PINPOINTS
+    max_num_patches: int = 9
+
+    #: The shrink applies only above this ratio (transformers' ``ratio > 1.1``).
+    SHRINK_ABOVE: ClassVar[float] = 1.1
+
+    def __post_init__(self) -> None:
+        self._check_sizes()
+        if self.base_size < self.patch_size:
+            raise InvalidGeometryError(
+                f"LlavaOnevisionGeometry.base_size ({self.base_size}) must be at least patch_size ({self.patch_size})"
+            )
+        check_int("LlavaOnevisionGeometry.max_num_patches", self.max_num_patches, 1, error=InvalidGeometryError)
+        self._check_pinpoints()
+
+    def unpadded_grid(self, height: int, width: int) -> tuple[int, int]:
+        """``(H'', W'')``: LLaVA-NeXT's unpadded crop grid, shrunk by the anyres-max rule."""
+        grid_h, grid_w = super().unpadded_grid(height, width)
+        ratio = math.sqrt(grid_h * grid_w / (self.max_num_patches * self.base_grid**2))
+        if ratio > self.SHRINK_ABOVE:
+            grid_h, grid_w = int(grid_h // ratio), int(grid_w // ratio)
+        if grid_h <= 0 or grid_w <= 0:
+            raise InvalidImageSizeError(f"image {width}x{height} (W x H) shrinks to an empty {grid_h}x{grid_w} crop grid")
+        return grid_h, grid_w
+
+
+@dataclass(frozen=True)
+class InternVLGeometry:
+    """InternVL dynamic-tiling geometry (docs/method.md §3).
+
+    The image processor picks a grid of ``cols x rows`` tiles (1 <= cols * rows <= 12) whose
+    aspect ratio is closest to the image's (``get_optimal_tiled_canvas``: first the smallest ratio
+    difference in order of tile count, a tie going to the larger grid while the image's area exceeds
+    half the grid's), resizes the image to ``cols * 448 x rows * 448`` and cuts it into 448 px tiles,
+    row-major; when there is more than one tile, the whole image squashed to 448 x 448 follows as a
+    thumbnail. The vision tower cuts 14 px patches (32 x 32 a tile) and its pixel shuffle merges
+    2 x 2 of them, so each tile (and the thumbnail) becomes ``tokens_per_side^2 = 16^2 = 256``
+    tokens, row-major, each covering a ``cell = 448 / 16 = 28`` px block of its tile. No newline
+    tokens; the block is ``<img>`` + tiles + thumbnail + ``</img>``, and only the ``<IMG_CONTEXT>``
+    tokens between are image tokens: ``num_tokens = (cols * rows + thumbnail) * 256``.
+    """
+
+    tile_size: int = 448
+    tokens_per_side: int = 16
+    min_tiles: int = 1
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+    crop_to_patches: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("tile_size", "tokens_per_side", "min_tiles", "max_tiles"):
+            check_int(f"InternVLGeometry.{name}", getattr(self, name), 1, error=InvalidGeometryError)
+        if self.tile_size % self.tokens_per_side:
+            raise InvalidGeometryError(
+                f"InternVLGeometry.tile_size ({self.tile_size}) must be a multiple of tokens_per_side "
+                f"({self.tokens_per_side}) so that every token covers a whole block"
+            )
+        if self.min_tiles > self.max_tiles:
+            raise InvalidGeometryError(
+                f"InternVLGeometry.min_tiles ({self.min_tiles}) must not exceed max_tiles ({self.max_tiles})"
+            )
+
+    @property
+    def cell(self) -> int:
+        """Pixels of a tile per token along each side: ``tile_size // tokens_per_side`` (28)."""
+        return self.tile_size // self.tokens_per_side
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Tokens of one tile (or of the thumbnail): ``tokens_per_side ** 2`` (256)."""
+        return self.tokens_per_side**2
+
+    def tile_grid(self, height: int, width: int) -> tuple[int, int]:
+        """``(rows, cols)`` of tiles: transformers' ``get_optimal_tiled_canvas``, mirrored
+        (``(1, 1)`` when the processor does not tile)."""
+        width, height = _check_image_size(width, height)
+        if not self.crop_to_patches or self.max_tiles <= 1:
+            return 1, 1
+        arrangements = sorted(
+            (
+                (cols, rows)
+                for cols in range(1, self.max_tiles + 1)
+                for rows in range(1, self.max_tiles + 1)
+                if self.min_tiles <= cols * rows <= self.max_tiles
+            ),
+            key=lambda grid: grid[0] * grid[1],
+        )
+        aspect, area = width / height, width * height
+        best, best_diff = (1, 1), float("inf")
+        for cols, rows in arrangements:
+            diff = abs(aspect - cols / rows)
+            if diff < best_diff:
+                best, best_diff = (cols, rows), diff
+            elif diff == best_diff and area > 0.5 * self.tile_size * self.tile_size * cols * rows:
+                best = (cols, rows)
+        return best[1], best[0]
+
+    def has_thumbnail(self, height: int, width: int) -> bool:
+        """Whether a thumbnail tile follows the tiles (more than one tile, ``use_thumbnail``)."""
+        rows, cols = self.tile_grid(height, width)
+        return self.use_thumbnail and rows * cols > 1
+
+    def num_tiles(self, height: int, width: int) -> int:
+        """Tiles the tower sees: ``rows * cols`` plus the thumbnail."""
+        rows, cols = self.tile_grid(height, width)
+        return rows * cols + int(self.has_thumbnail(height, width))
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """``(rows * 16, cols * 16)``: the tokens of the tiles as one grid over the resized image."""
+        rows, cols = self.tile_grid(height, width)
+        return rows * self.tokens_per_side, cols * self.tokens_per_side
+
+    def num_tokens(self, height: int, width: int) -> int:
+        """Image tokens in the LLM sequence: ``num_tiles * tokens_per_tile``."""
+        return self.num_tiles(height, width) * self.tokens_per_tile
+
+
 # ----------------------------------------------------------------------------------------------
 # Mappers: the rule of docs/method.md §3, one small dataclass per architecture
 # ----------------------------------------------------------------------------------------------
@@ -440,10 +644,14 @@ class QwenVLPatchMapper:
     columns ``floor(x0/28) .. floor(x1/28)`` inclusive (clipped to the grid, so a box touching the
     right/bottom edge never yields ``col == grid_w``); position ``row * grid_w + col`` relative to
     the first ``<|image_pad|>`` token. Only the original rule exists (``variant="fidelity"``).
+    ``arithmetic``: ``"exact"`` (default) scales in rational arithmetic, so a box edge exactly on a
+    token boundary lands in the token starting there; ``"float64"`` is the original's
+    ``x * (W_r / W)`` in float64, one token low on some boundaries (docs/deviations.md).
     """
 
     geometry: QwenVLGeometry = field(default_factory=QwenVLGeometry)
     variant: Literal["fidelity"] = "fidelity"
+    arithmetic: Literal["exact", "float64"] = "exact"
 
     VARIANTS: ClassVar[tuple[str, ...]] = ("fidelity",)
     family: ClassVar[str] = "qwen_vl"
@@ -457,6 +665,7 @@ class QwenVLPatchMapper:
             raise PatchMappingError(
                 f"unknown Qwen-VL mapping variant {self.variant!r}; choose one of {self.VARIANTS}"
             )
+        _check_arithmetic(self.arithmetic)
 
     def num_tokens(self, width: int, height: int) -> int:
         """Image tokens the LLM sees for a ``width x height`` image."""
@@ -479,9 +688,9 @@ class QwenVLPatchMapper:
         h_r, w_r = self.geometry.resized_size(height, width)
         f = self.geometry.factor
         grid_h, grid_w = h_r // f, w_r // f
-        sx, sy = w_r / width, h_r / height
-        rows = _index_range(b.y0 * sy, b.y1 * sy, f, grid_h)
-        cols = _index_range(b.x0 * sx, b.x1 * sx, f, grid_w)
+        sx, sy = Fraction(w_r, width), Fraction(h_r, height)
+        rows = _scaled_index_range(b.y0, b.y1, sy, f, grid_h, self.arithmetic)
+        cols = _scaled_index_range(b.x0, b.x1, sx, f, grid_w, self.arithmetic)
         return _flat(rows, cols, grid_w)
 
     def token_boxes(self, width: int, height: int) -> np.ndarray:
@@ -614,7 +823,136 @@ class LlavaNextPatchMapper:
         return self.geometry.base_tokens + np.arange(grid_h, dtype=np.int64) * (grid_w + 1) + grid_w
 
 
-PatchMapper = QwenVLPatchMapper | LlavaNextPatchMapper
+@dataclass(frozen=True)
+class LlavaOnevisionPatchMapper(LlavaNextPatchMapper):
+    """Box -> image-token positions for LLaVA-OneVision (anyres-max; docs/method.md §3).
+
+    LLaVA-NeXT's rules on the OneVision grid (:class:`LlavaOnevisionGeometry`): the original has
+    no OneVision script, so ``variant="fidelity"`` applies the LLaVA-NeXT original's rule to the
+    crop grid the language model sees, i.e. after the anyres-max shrink: ``p_w = W // W''``,
+    ``p_h = H // H''``, position ``729 + row * (W'' + 1) + col``; newline and base tokens never.
+    ``"base_and_crop"`` adds the 27 x 27 base-grid tokens under the box.
+    """
+
+    geometry: LlavaOnevisionGeometry = field(default_factory=LlavaOnevisionGeometry)
+    variant: Literal["fidelity", "base_and_crop"] = "fidelity"
+
+    family: ClassVar[str] = "llava_onevision"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.geometry, LlavaOnevisionGeometry):
+            raise InvalidGeometryError(
+                f"LlavaOnevisionPatchMapper.geometry must be a LlavaOnevisionGeometry, got {type(self.geometry).__name__}"
+            )
+        super().__post_init__()
+
+
+@dataclass(frozen=True)
+class InternVLPatchMapper:
+    """Box -> image-token positions for InternVL (dynamic 448 px tiles; docs/method.md §3).
+
+    The box is scaled to the tiled canvas (``cols * 448 / W``, ``rows * 448 / H``); rows
+    ``floor(y0/28) .. floor(y1/28)`` and columns ``floor(x0/28) .. floor(x1/28)`` of the canvas's
+    ``(16 * rows) x (16 * cols)`` token grid are marked (inclusive, clipped), and global token ``(R, C)`` is
+    token ``(R mod 16) * 16 + C mod 16`` of tile ``(R // 16) * cols + C // 16``: position
+    ``256 * tile + (R mod 16) * 16 + C mod 16``, relative to the first ``<IMG_CONTEXT>``. This is
+    Qwen's 28 px block rule on the tiles the language model reads in tile order.
+
+    ``variant="fidelity"`` marks the tiles only (as LLaVA-NeXT's original marks its crop grid
+    only); ``"base_and_crop"`` also marks the thumbnail's tokens under the box (box scaled by
+    ``448 / W``, ``448 / H``; position ``256 * tiles + row * 16 + col``), the analogue of
+    LLaVA-NeXT's base grid. A one-tile image has no thumbnail, so both variants agree on it.
+    ``arithmetic``: as :class:`QwenVLPatchMapper`'s (``"exact"`` by default).
+    """
+
+    geometry: InternVLGeometry = field(default_factory=InternVLGeometry)
+    variant: Literal["fidelity", "base_and_crop"] = "fidelity"
+    arithmetic: Literal["exact", "float64"] = "exact"
+
+    VARIANTS: ClassVar[tuple[str, ...]] = ("fidelity", "base_and_crop")
+    family: ClassVar[str] = "internvl"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.geometry, InternVLGeometry):
+            raise InvalidGeometryError(
+                f"InternVLPatchMapper.geometry must be an InternVLGeometry, got {type(self.geometry).__name__}"
+            )
+        if self.variant not in self.VARIANTS:
+            raise PatchMappingError(f"unknown InternVL mapping variant {self.variant!r}; choose one of {self.VARIANTS}")
+        _check_arithmetic(self.arithmetic)
+
+    def num_tokens(self, width: int, height: int) -> int:
+        """Image tokens the LLM sees for a ``width x height`` image (tiles + thumbnail)."""
+        return self.geometry.num_tokens(height, width)
+
+    def describe(self, width: int, height: int) -> dict[str, int]:
+        """The tiling of a ``width x height`` image, as stored in ``regions.jsonl``."""
+        rows, cols = self.geometry.tile_grid(height, width)
+        grid_h, grid_w = self.geometry.grid(height, width)
+        return {
+            "tile_rows": rows,
+            "tile_cols": cols,
+            "thumbnail": int(self.geometry.has_thumbnail(height, width)),
+            "tokens_per_tile": self.geometry.tokens_per_tile,
+            "grid_h": grid_h,
+            "grid_w": grid_w,
+        }
+
+    def _tile_positions(self, rows_idx: np.ndarray, cols_idx: np.ndarray, cols: int) -> np.ndarray:
+        """Positions ``(k,)`` of global canvas tokens ``rows_idx x cols_idx`` in tile order."""
+        side = self.geometry.tokens_per_side
+        rr, cc = np.meshgrid(rows_idx, cols_idx, indexing="ij")
+        tile = (rr // side) * cols + cc // side
+        return (tile * side * side + (rr % side) * side + cc % side).reshape(-1).astype(np.int64)
+
+    def map_box(self, box: Box | Sequence[float] | Sequence[Sequence[float]], *, width: int, height: int) -> np.ndarray:
+        """Sorted unique positions ``(k,)`` int64, relative to the first image token."""
+        width, height = _check_image_size(width, height)
+        b = Box.parse(box).clip_to_image(width, height)
+        rows, cols = self.geometry.tile_grid(height, width)
+        grid_h, grid_w = self.geometry.grid(height, width)
+        size, cell = self.geometry.tile_size, self.geometry.cell
+        sx, sy = Fraction(cols * size, width), Fraction(rows * size, height)
+        positions = self._tile_positions(
+            _scaled_index_range(b.y0, b.y1, sy, cell, grid_h, self.arithmetic),
+            _scaled_index_range(b.x0, b.x1, sx, cell, grid_w, self.arithmetic),
+            cols,
+        )
+        if self.variant == "base_and_crop" and self.geometry.has_thumbnail(height, width):
+            side = self.geometry.tokens_per_side
+            tx, ty = Fraction(size, width), Fraction(size, height)
+            thumb = _flat(
+                _scaled_index_range(b.y0, b.y1, ty, cell, side, self.arithmetic),
+                _scaled_index_range(b.x0, b.x1, tx, cell, side, self.arithmetic),
+                side,
+                offset=rows * cols * self.geometry.tokens_per_tile,
+            )
+            positions = np.concatenate([positions, thumb])
+        return np.unique(positions)
+
+    def token_boxes(self, width: int, height: int) -> np.ndarray:
+        """Each token's cell in original-image pixels, ``(num_tokens, 4)`` as ``x0, y0, x1, y1``:
+        tile tokens the 28 px block of the canvas they cover (scaled back), thumbnail tokens their
+        block of the squashed image."""
+        rows, cols = self.geometry.tile_grid(height, width)
+        grid_h, grid_w = self.geometry.grid(height, width)
+        size, cell, side = self.geometry.tile_size, self.geometry.cell, self.geometry.tokens_per_side
+        xs = np.arange(grid_w + 1) * cell * width / (cols * size)
+        ys = np.arange(grid_h + 1) * cell * height / (rows * size)
+        rr, cc = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+        canvas = np.stack([xs[cc], ys[rr], xs[cc + 1], ys[rr + 1]], axis=-1).reshape(-1, 4)
+        boxes = np.empty((self.num_tokens(width, height), 4))
+        boxes[self._tile_positions(np.arange(grid_h), np.arange(grid_w), cols)] = canvas
+        if self.geometry.has_thumbnail(height, width):
+            tx = np.arange(side + 1) * width / side
+            ty = np.arange(side + 1) * height / side
+            rr, cc = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+            boxes[rows * cols * side * side :] = np.stack([tx[cc], ty[rr], tx[cc + 1], ty[rr + 1]], axis=-1).reshape(-1, 4)
+        return boxes
+
+
+PatchMapper = QwenVLPatchMapper | LlavaNextPatchMapper | InternVLPatchMapper
+Geometry = QwenVLGeometry | LlavaNextGeometry | InternVLGeometry
 
 
 # ----------------------------------------------------------------------------------------------
@@ -630,14 +968,19 @@ def _size_value(size: Any, key: str) -> Any:
     return getattr(size, key, None)
 
 
-def geometry_from_processor(processor: Any, model_type: str) -> QwenVLGeometry | LlavaNextGeometry:
+def geometry_from_processor(processor: Any, model_type: str) -> Geometry:
     """The geometry a processor really uses, so real checkpoints pick up their real settings.
 
     Qwen: ``image_processor.size`` (``shortest_edge`` = min_pixels, ``longest_edge`` =
     max_pixels), ``patch_size``, ``merge_size``. LLaVA-NeXT: the crop size (``crop_size`` when
     ``do_center_crop``, else ``size``), ``processor.patch_size``, ``image_grid_pinpoints``; the
     processor must emit exactly ``base_grid^2`` base tokens (``num_additional_image_tokens``
-    minus one for ``vision_feature_select_strategy == "default"`` must be 0).
+    minus one for ``vision_feature_select_strategy == "default"`` must be 0). LLaVA-OneVision:
+    ``size`` (384), ``processor.num_image_tokens`` (729 = 27^2, so ``patch_size = 384 // 27``),
+    ``image_grid_pinpoints``, ``vision_aspect_ratio`` (``anyres_max_<n>``); strategy ``"full"``.
+    InternVL: the tile ``size`` (448), ``min_patches`` / ``max_patches``, whether the processor
+    tiles (``crop_to_patches``, the processor's default first), ``processor.image_seq_length``
+    (256 = 16^2).
     """
     check_model_type(model_type)
     image_processor = getattr(processor, "image_processor", None)
@@ -646,6 +989,10 @@ def geometry_from_processor(processor: Any, model_type: str) -> QwenVLGeometry |
             f"{type(processor).__name__} has no image_processor: pass the full multimodal processor "
             f"(AutoProcessor / LoadedModel.processor), not just the tokenizer"
         )
+    if model_type == "llava_onevision":
+        return _onevision_geometry(processor, image_processor)
+    if model_type == "internvl":
+        return _internvl_geometry(processor, image_processor)
     if model_type in QWEN_MODEL_TYPES:
         size = getattr(image_processor, "size", None)
         min_pixels = _size_value(size, "shortest_edge") or getattr(image_processor, "min_pixels", None)
@@ -695,19 +1042,86 @@ def geometry_from_processor(processor: Any, model_type: str) -> QwenVLGeometry |
     )
 
 
-def make_mapper(
-    model_type: str,
-    geometry: QwenVLGeometry | LlavaNextGeometry | None = None,
-    variant: str = "fidelity",
-) -> QwenVLPatchMapper | LlavaNextPatchMapper:
-    """The mapper for ``model_type`` (default geometry: the original settings)."""
+def _onevision_geometry(processor: Any, image_processor: Any) -> LlavaOnevisionGeometry:
+    """:class:`LlavaOnevisionGeometry` of a ``LlavaOnevisionProcessor`` (see :func:`geometry_from_processor`)."""
+    size = image_processor.size
+    base_size = _size_value(size, "height") or _size_value(size, "shortest_edge")
+    if base_size is None or base_size != (_size_value(size, "width") or base_size):
+        raise InvalidGeometryError(f"LLaVA-OneVision crops must be square, got size={size!r}")
+    base_tokens = getattr(processor, "num_image_tokens", None)
+    base_grid = math.isqrt(int(base_tokens)) if is_int(base_tokens) and base_tokens > 0 else 0
+    if base_grid * base_grid != base_tokens:
+        raise InvalidGeometryError(
+            f"{type(processor).__name__}.num_image_tokens must be a square (base_grid^2, 729 for SigLIP 384/14), "
+            f"got {base_tokens!r}"
+        )
+    if getattr(processor, "vision_feature_select_strategy", None) != "full":
+        raise InvalidGeometryError(
+            f"the mapping supports LLaVA-OneVision's vision_feature_select_strategy 'full' (SigLIP has no CLS), got "
+            f"{processor.vision_feature_select_strategy!r}"
+        )
+    aspect = str(getattr(processor, "vision_aspect_ratio", ""))
+    if not aspect.startswith("anyres_max_") or not aspect[len("anyres_max_") :].isdigit():
+        raise InvalidGeometryError(f"vision_aspect_ratio must be 'anyres_max_<n>', got {aspect!r}")
+    geometry = LlavaOnevisionGeometry(
+        base_size=int(base_size),
+        patch_size=int(base_size) // base_grid,
+        grid_pinpoints=tuple(tuple(p) for p in image_processor.image_grid_pinpoints),
+        max_num_patches=int(aspect[len("anyres_max_") :]),
+    )
+    if geometry.base_grid != base_grid:
+        raise InvalidGeometryError(
+            f"{base_tokens} base tokens are not a whole number of patches of a {base_size} px crop"
+        )
+    return geometry
+
+
+def _internvl_geometry(processor: Any, image_processor: Any) -> InternVLGeometry:
+    """:class:`InternVLGeometry` of an ``InternVLProcessor`` (see :func:`geometry_from_processor`)."""
+    size = image_processor.size
+    tile = _size_value(size, "height")
+    if tile is None or tile != _size_value(size, "width"):
+        raise InvalidGeometryError(f"InternVL tiles must be square, got size={size!r}")
+    per_tile = getattr(processor, "image_seq_length", None)
+    side = math.isqrt(int(per_tile)) if is_int(per_tile) and per_tile > 0 else 0
+    if side * side != per_tile:
+        raise InvalidGeometryError(
+            f"{type(processor).__name__}.image_seq_length must be a square (256 = 16^2 tokens a tile), got {per_tile!r}"
+        )
+    defaults = getattr(processor, "images_kwargs", None) or {}
+    return InternVLGeometry(
+        tile_size=int(tile),
+        tokens_per_side=side,
+        min_tiles=int(image_processor.min_patches),
+        max_tiles=int(image_processor.max_patches),
+        crop_to_patches=bool(defaults.get("crop_to_patches", image_processor.crop_to_patches)),
+    )
+
+
+_MAPPERS: dict[str, tuple[type, type]] = {
+    "qwen_vl": (QwenVLPatchMapper, QwenVLGeometry),
+    "llava_next": (LlavaNextPatchMapper, LlavaNextGeometry),
+    "llava_onevision": (LlavaOnevisionPatchMapper, LlavaOnevisionGeometry),
+    "internvl": (InternVLPatchMapper, InternVLGeometry),
+}
+
+
+def make_mapper(model_type: str, geometry: Geometry | None = None, variant: str = "fidelity") -> PatchMapper:
+    """The mapper for ``model_type`` (default geometry: the original settings; Qwen3-VL has no
+    default, its 16 px patches must come from :func:`geometry_from_processor`)."""
     check_model_type(model_type)
-    if model_type in QWEN_MODEL_TYPES:
-        return QwenVLPatchMapper(geometry if geometry is not None else QwenVLGeometry(), variant)  # type: ignore[arg-type]
-    return LlavaNextPatchMapper(geometry if geometry is not None else LlavaNextGeometry(), variant)  # type: ignore[arg-type]
+    mapper_cls, geometry_cls = _MAPPERS[MAPPER_FAMILY[model_type]]
+    if geometry is None:
+        if model_type == "qwen3_vl":
+            raise InvalidGeometryError(
+                "Qwen3-VL has 16 px patches, not the QwenVLGeometry default 14: pass its geometry or use "
+                "mapper_from_processor(processor, 'qwen3_vl')"
+            )
+        geometry = geometry_cls()
+    return mapper_cls(geometry, variant)
 
 
-def mapper_from_processor(processor: Any, model_type: str, variant: str = "fidelity") -> QwenVLPatchMapper | LlavaNextPatchMapper:
+def mapper_from_processor(processor: Any, model_type: str, variant: str = "fidelity") -> PatchMapper:
     """:func:`make_mapper` with the processor's own geometry (:func:`geometry_from_processor`)."""
     return make_mapper(model_type, geometry_from_processor(processor, model_type), variant)
 
@@ -812,8 +1226,7 @@ def map_documents(
     processor = getattr(loaded_or_processor, "processor", loaded_or_processor)
     if mapper is None:
         mapper = mapper_from_processor(processor, model_type)
-    expected_family = "qwen_vl" if model_type in QWEN_MODEL_TYPES else "llava_next"
-    if mapper.family != expected_family:
+    if mapper.family != MAPPER_FAMILY[model_type]:
         raise PatchMappingError(
             f"a {type(mapper).__name__} cannot map {model_type!r} documents; use make_mapper({model_type!r})"
         )

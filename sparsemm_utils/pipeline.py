@@ -20,6 +20,14 @@ Usage::
     python -m sparsemm_utils.pipeline --config configs/tiny.yaml --run-dir runs/tiny
     python -m sparsemm_utils.pipeline --config configs/tiny.yaml --run-dir runs/tiny --from 02 --to 02 --force
     python -m sparsemm_utils.pipeline --list
+
+Sharded runs (docs/design.md "Sharded runs"): ``--shard i/n`` (or ``--shard env``, from the
+``RANK`` / ``WORLD_SIZE`` of ``accelerate launch`` or ``torchrun``) runs one process's share of the
+samples of the selected sharded steps (:data:`SHARDED_STEPS`) into their ``shards/`` folders; the
+run without ``--shard`` then merges them, checked complete, and runs the notebook as usual::
+
+    accelerate launch --multi_gpu --num_processes 8 -m sparsemm_utils.pipeline --config C --run-dir R --from 05 --to 05 --shard env
+    python -m sparsemm_utils.pipeline --config C --run-dir R
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from typing import Any
 import nbconvert
 import nbformat
 import papermill as pm
+import torch
 import yaml
 
 from .manifest import (
@@ -53,6 +62,7 @@ from .manifest import (
 from .artifacts import StepSpec
 from .run_index import write_index
 from .runs import MissingUpstreamError, RunLockedError, repo_root, resolve_run_dir, run_lock
+from .sharding import SHARDS_DIR, Shard, ShardError
 from .steps import allocation, attention_by_layer, efficiency, head_scoring, ocr_annotation, patch_mapping
 from .steps import eval as eval_step
 
@@ -70,6 +80,10 @@ __all__ = [
     "select_steps",
     "rerun_reason",
     "run_pipeline",
+    "run_shard",
+    "step_config",
+    "SHARDED_STEPS",
+    "ShardedStep",
     "write_index",
     "main",
 ]
@@ -354,14 +368,93 @@ def check_step_configs(
         if cls is None or registered.get(step.name) is not step:
             continue
         params = step_parameters(step, config, run_dir, declared[step.name])
-        values = {k: v for k, v in declared[step.name].items() if v is not None} | params
         try:
-            cls(**values)
+            _step_config(step, params, declared[step.name])
         except Exception as exc:  # each step's Config raises its own error classes
             raise PipelineConfigError(
                 f"config {where}: step {step.name} refuses its parameters ({type(exc).__name__}: {exc}); nothing has run. "
                 f"Fix steps.{step.name} (or params) in the config"
             ) from exc
+
+
+def _step_config(step: Any, params: Mapping[str, Any], declared: Mapping[str, Any]) -> Any:
+    """The ``Config`` of a registered step as its notebook builds it: the notebook's literal
+    defaults (``declared``) overridden by the run's ``params`` (:func:`step_parameters`)."""
+    values = {k: v for k, v in declared.items() if v is not None} | dict(params)
+    return STEP_CONFIGS[step.name](**values)
+
+
+def step_config(step: Any, config: PipelineConfig | str | Path, run_dir: str | Path, *, root: Path | None = None) -> Any:
+    """The ``Config`` that ``step``'s notebook builds in a pipeline run of ``config`` into ``run_dir``."""
+    if not isinstance(config, PipelineConfig):
+        config = load_config(config)
+    declared = declared_parameters_of([step], root or repo_root())[step.name]
+    return _step_config(step, step_parameters(step, config, resolve_run_dir(run_dir), declared), declared)
+
+
+@dataclass(frozen=True)
+class ShardedStep:
+    """How a step runs sharded: ``run(its Config, Shard)`` runs one shard; ``parent(run_dir)`` is
+    the folder whose ``shards/`` holds the shard folders until the step's run merges them."""
+
+    run: Callable[..., Any]
+    parent: Callable[[Path], Path]
+
+
+#: The steps whose samples a sharded run splits over processes (``--shard``; docs/design.md
+#: "Sharded runs"). Step 03's shards live outside its folder, which a rerun sets aside.
+SHARDED_STEPS: dict[str, ShardedStep] = {
+    head_scoring.NAME: ShardedStep(head_scoring.capture_shard, lambda run: run / head_scoring.SHARDS_ROOT / head_scoring.NAME),
+    eval_step.NAME: ShardedStep(eval_step.sweep, lambda run: run / eval_step.NAME),
+}
+
+
+def _has_shards(step: Any, run: Path) -> bool:
+    """Whether shard folders of ``step`` wait to be merged in ``run``."""
+    sharded = SHARDED_STEPS.get(step.name)
+    return sharded is not None and (sharded.parent(run) / SHARDS_DIR).is_dir()
+
+
+def run_shard(
+    config: PipelineConfig | str | Path,
+    run_dir: str | Path,
+    shard: Shard,
+    *,
+    from_step: str | None = None,
+    to_step: str | None = None,
+    root: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Run ``shard`` of every selected step in :data:`SHARDED_STEPS`, in order, into its shard
+    folder (no notebook, no manifest, no run lock: the other shards run at the same time). The
+    upstream steps must have run; the single-process pipeline run of each step afterwards merges
+    its shards (checking they are complete) and writes the step's outputs. Returns the steps run.
+
+    On a GPU machine each process takes the GPU ``LOCAL_RANK`` (set by ``accelerate launch`` and
+    ``torchrun``) as its ``cuda`` device."""
+    if not isinstance(config, PipelineConfig):
+        config = load_config(config)
+    config.check_steps(STEPS)
+    root = root or repo_root()
+    run = resolve_run_dir(run_dir)
+    selected = [s for s in select_steps(from_step, to_step, STEPS) if s.name in SHARDED_STEPS]
+    if not selected:
+        raise PipelineConfigError(
+            f"--shard runs only the steps {sorted(SHARDED_STEPS)}: select one with --from/--to (e.g. --from 05 --to 05)"
+        )
+    declared = declared_parameters_of(STEPS, root)
+    config.check_against(declared)
+    check_step_configs(config, selected, run, declared)
+    if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    for step in selected:
+        for artifact in step.inputs:
+            artifact.require(run)
+        log(f"[shard {shard}] {step.name}: {step.title}")
+        start = time.perf_counter()
+        SHARDED_STEPS[step.name].run(step_config(step, config, run, root=root), shard)
+        log(f"[shard {shard}] {step.name} done in {time.perf_counter() - start:.1f} s; the pipeline run of the step merges the shards")
+    return [step.name for step in selected]
 
 
 def _comparable(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -655,6 +748,8 @@ def _run_step(step, config, run, steps, root, declared, force, kernel_name, log)
     folder = run / step.name
     previous = Manifest.read(folder)
     reason = "--force" if force else rerun_reason(previous, params, inputs, run)
+    if reason is None and _has_shards(step, run):
+        reason = "shard folders to merge"
     if reason is None:
         log(f"[skip] {step.name}: parameters and input hashes unchanged since {previous.finished_at}")
         return StepResult(step.name, "skipped", 0.0, folder, "unchanged")
@@ -748,6 +843,12 @@ def main(argv: Sequence[str] | None = None, *, steps: Sequence[StepSpec] | None 
         action="store_true",
         help="remove a lock left by a pipeline process that no longer exists (never one that is alive)",
     )
+    parser.add_argument(
+        "--shard",
+        metavar="I/N|env",
+        help="run shard I of N of the selected sharded steps (03, 05) into their shards/ folders; `env` reads RANK and "
+        "WORLD_SIZE as set by `accelerate launch` or `torchrun`. A later run without --shard merges and finishes the steps",
+    )
     parser.add_argument("--list", action="store_true", help="list the registered steps and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -758,6 +859,16 @@ def main(argv: Sequence[str] | None = None, *, steps: Sequence[StepSpec] | None 
     if not args.config or not args.run_dir:
         parser.error("--config and --run-dir are required (or --list)")
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    if args.shard is not None:
+        try:
+            shard = Shard.from_env() if args.shard == "env" else Shard.parse(args.shard)
+            if args.force or args.break_stale_lock:
+                raise PipelineConfigError("--force and --break-stale-lock do not apply to --shard (a shard resumes its own folder)")
+            run_shard(args.config, args.run_dir, shard, from_step=args.from_step, to_step=args.to_step, root=root)
+        except (ShardError, MissingUpstreamError, PipelineConfigError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
     try:
         results = run_pipeline(
             args.config,

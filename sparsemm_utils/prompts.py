@@ -12,10 +12,23 @@ The original scoring scripts build one chat per image: the image first, then the
   :data:`VICUNA_SYSTEM_PROMPT`. The HF chat template of llava-v1.6-vicuna renders a system
   message followed by a user turn to exactly this string; the tokenizer prepends ``<s>``.
 
+The original has no script for the newer models; they get the same chat (system turn, image,
+OCR prompt) with their own template and system prompt (docs/models.md):
+
+- Qwen3-VL: the Qwen protocol above (ChatML, :data:`QWEN_SYSTEM_PROMPT`, ``<|vision_start|>``
+  ``<|image_pad|>`` ``<|vision_end|>``); Qwen3-VL's template inserts no system prompt by itself.
+- LLaVA-OneVision (``qwen_1_5`` conversation): ChatML with :data:`QWEN_SYSTEM_PROMPT` and
+  ``<image>\\n`` before the text.
+- InternVL3 (``internvl2_5`` template): ChatML with :data:`INTERNVL_SYSTEM_PROMPT` and the
+  placeholder ``<IMG_CONTEXT>\\n`` before the text, which the processor expands to ``<img>``
+  + 256 ``<IMG_CONTEXT>`` per tile + ``</img>``.
+
 The processor then expands the single image placeholder into one token per visual feature, all
 with the image token id and contiguous: Qwen ``grid_t * grid_h * grid_w / 4`` copies of
 ``<|image_pad|>``; LLaVA-NeXT ``576`` base tokens + ``H' * (W' + 1)`` unpadded crop-grid tokens
-(newline tokens included) of ``<image>`` (checked on transformers 5.23).
+(newline tokens included) of ``<image>``; LLaVA-OneVision 729 base tokens + its (anyres-max)
+crop grid with newlines of ``<image>``; InternVL 256 ``<IMG_CONTEXT>`` per tile (the ``<img>`` /
+``</img>`` around them are not image tokens) (checked on transformers 5.23).
 :func:`image_token_span` finds that block.
 """
 
@@ -28,16 +41,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import LlavaNextProcessor
+from transformers import InternVLProcessor, LlavaNextProcessor, LlavaOnevisionProcessor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
 __all__ = [
     "OCR_PROMPT",
     "QWEN_SYSTEM_PROMPT",
     "VICUNA_SYSTEM_PROMPT",
+    "INTERNVL_SYSTEM_PROMPT",
     "DEFAULT_SYSTEM_PROMPT",
     "ImageTokenSpanError",
     "NoImageTokensError",
@@ -56,14 +71,31 @@ VICUNA_SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-#: Sentinel for "the family's own system prompt" (Qwen: QWEN_SYSTEM_PROMPT; LLaVA-NeXT: VICUNA_SYSTEM_PROMPT).
+#: InternVL's own system message (the ``internvl2_5`` conversation template of InternVL 2.5 and 3).
+INTERNVL_SYSTEM_PROMPT = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+#: Sentinel for "the family's own system prompt" (Qwen, LLaVA-OneVision: QWEN_SYSTEM_PROMPT;
+#: LLaVA-NeXT: VICUNA_SYSTEM_PROMPT; InternVL: INTERNVL_SYSTEM_PROMPT).
 DEFAULT_SYSTEM_PROMPT = "default"
 
 _FAMILY_SYSTEM_PROMPT = {
     "qwen2_vl": QWEN_SYSTEM_PROMPT,
     "qwen2_5_vl": QWEN_SYSTEM_PROMPT,
     "llava_next": VICUNA_SYSTEM_PROMPT,
+    "qwen3_vl": QWEN_SYSTEM_PROMPT,
+    "llava_onevision": QWEN_SYSTEM_PROMPT,
+    "internvl": INTERNVL_SYSTEM_PROMPT,
 }
+#: The processor class of each model type (image-only subclasses count as their parents).
+_PROCESSOR_CLASSES: tuple[tuple[type, str], ...] = (
+    (Qwen2_5_VLProcessor, "qwen2_5_vl"),
+    (Qwen2VLProcessor, "qwen2_vl"),
+    (Qwen3VLProcessor, "qwen3_vl"),
+    (LlavaNextProcessor, "llava_next"),
+    (LlavaOnevisionProcessor, "llava_onevision"),
+    (InternVLProcessor, "internvl"),
+)
 
 
 class ImageTokenSpanError(ValueError):
@@ -84,12 +116,9 @@ class ModelTypeMismatchError(ValueError):
 
 def _infer_model_type(processor: ProcessorMixin) -> str | None:
     """The family of a processor from its class (the image-only subclasses count as their parents)."""
-    if isinstance(processor, Qwen2_5_VLProcessor):
-        return "qwen2_5_vl"
-    if isinstance(processor, Qwen2VLProcessor):
-        return "qwen2_vl"
-    if isinstance(processor, LlavaNextProcessor):
-        return "llava_next"
+    for cls, model_type in _PROCESSOR_CLASSES:
+        if isinstance(processor, cls):
+            return model_type
     return None
 
 
@@ -145,7 +174,8 @@ def resolve_system_prompt(loaded_or_processor: Any, model_type: str, system_prom
     """The system prompt a chat gets: ``system_prompt`` unless it is :data:`DEFAULT_SYSTEM_PROMPT`;
     then the model's own default when its config declares one (``default_system_prompt`` in
     ``config.json``; ``None`` = no system turn, e.g. the study model, trained without one), else
-    the family's (Qwen: :data:`QWEN_SYSTEM_PROMPT`, LLaVA-NeXT: :data:`VICUNA_SYSTEM_PROMPT`)."""
+    the family's (Qwen and LLaVA-OneVision: :data:`QWEN_SYSTEM_PROMPT`, LLaVA-NeXT:
+    :data:`VICUNA_SYSTEM_PROMPT`, InternVL: :data:`INTERNVL_SYSTEM_PROMPT`)."""
     if system_prompt != DEFAULT_SYSTEM_PROMPT:
         return system_prompt
     config = getattr(getattr(loaded_or_processor, "model", None), "config", None)
@@ -170,8 +200,11 @@ def build_inputs(
     to its model's device, floating ones cast to its dtype) or a processor (``model_type``
     inferred from its class when not given). Returns the processor's BatchFeature:
     Qwen: ``input_ids`` / ``attention_mask`` / ``mm_token_type_ids`` (1, n), ``pixel_values``
-    (patches, 1176), ``image_grid_thw`` (1, 3); LLaVA-NeXT: ``input_ids`` / ``attention_mask``
-    (1, n), ``pixel_values`` (1, crops + 1, 3, 336, 336), ``image_sizes`` (1, 2) as (height, width).
+    (patches, 1176; 1536 for Qwen3-VL's 16 px patches), ``image_grid_thw`` (1, 3); LLaVA-NeXT:
+    ``input_ids`` / ``attention_mask`` (1, n), ``pixel_values`` (1, crops + 1, 3, 336, 336),
+    ``image_sizes`` (1, 2) as (height, width); LLaVA-OneVision: the same with 384 px crops and
+    ``batch_num_images`` (1,); InternVL: ``input_ids`` / ``attention_mask`` (1, n),
+    ``pixel_values`` (tiles, 3, 448, 448).
     """
     processor, model_type, model = _resolve(loaded_or_processor, model_type)
     if not isinstance(image, Image.Image):

@@ -1,19 +1,29 @@
 """Tiny random-weight models of the real classes, built offline (docs/design.md, "The offline world").
 
-Every real-model path of the project (Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT) is tested on tiny models
-of the SAME transformers classes. What is tiny: the widths and depths (a few layers of width 128,
-a 2-layer vision tower of width 32) and the vocabulary (one token per printable ASCII character
-plus the family's special tokens). What is real: the classes, the attention layout (GQA for Qwen,
-MHA for LLaVA-NeXT-Vicuna), M-RoPE, and the image-processor geometry, so the number and layout
-of visual tokens for an image is exactly what the real model sees (docs/method.md §3):
+Every real-model path of the project (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT, LLaVA-OneVision,
+InternVL) is tested on tiny models of the SAME transformers classes. What is tiny: the widths and
+depths (a few layers of width 128, a 2-layer vision tower of width 32) and the vocabulary (one
+token per printable ASCII character plus the family's special tokens). What is real: the classes,
+the attention layout (GQA for the Qwen-based models, MHA for LLaVA-NeXT-Vicuna), the RoPE variant
+(M-RoPE; Qwen3-VL's interleaved M-RoPE and QK-norm), Qwen3-VL's deepstack, and the
+image-processor geometry, so the number and layout of visual tokens for an image is exactly what
+the real model sees (docs/method.md §3):
 
 - Qwen2-VL / Qwen2.5-VL: 14 px patches, 2x2 merge, temporal patch 2, the image resized to
   multiples of 28 px with an area in [min_pixels, max_pixels]. The tiny default is SparseMM's
   own bounds (32*28^2 .. 16384*28^2): the tiny vision tower is cheap, so nothing forces smaller
   images, and token counts then match what the real study sees for the same image.
+- Qwen3-VL: 16 px patches, 2x2 merge (32 px tokens), the same resize rule with SparseMM's bounds
+  counted in tokens (32 .. 16384 tokens of 32 px, :func:`~sparsemm_utils.processors.sparsemm_pixel_bounds`);
+  deepstack merges of the first vision blocks added to the first decoder layers' hidden states.
 - LLaVA-NeXT: CLIP 336 px with 14 px patches (24x24 = 576 base tokens), llava-v1.6's
   ``image_grid_pinpoints``, ``vision_feature_select_strategy="default"`` (CLS dropped),
   ``vision_feature_layer=-2``.
+- LLaVA-OneVision: SigLIP 384 px with 14 px patches (27x27 = 729 base tokens, no CLS,
+  ``vision_feature_select_strategy="full"``, ``vision_feature_layer=-1``), the 36 pinpoints
+  384..2304 px, ``anyres_max_9``, a Qwen2 language model.
+- InternVL: 448 px tiles with 14 px patches, 1..12 tiles plus a thumbnail, pixel shuffle 0.5
+  (256 tokens a tile), CLS dropped, a Qwen2 language model (InternVL3's Qwen2.5).
 
 Builds are deterministic: the same ``seed`` gives identical weights (the global torch RNG is left
 untouched), and take well under a second each. ``load_model("tiny-random/<model_type>")``
@@ -23,7 +33,9 @@ untouched), and take well under a second each. ``load_model("tiny-random/<model_
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +43,40 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     GenerationConfig,
+    InternVLConfig,
     LlavaNextConfig,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2VLConfig,
+    Qwen3VLConfig,
 )
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    PILImageResampling,
+)
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
 from sparsemm_utils.model_types import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from sparsemm_utils.patch_mapping import LLAVA_ONEVISION_PINPOINTS
 from sparsemm_utils.processors import (
-    SPARSEMM_MAX_PIXELS,
-    SPARSEMM_MIN_PIXELS,
+    InternVLImageOnlyProcessor,
+    LlavaOnevisionImageOnlyProcessor,
     Qwen2_5_VLImageOnlyProcessor,
     Qwen2VLImageOnlyProcessor,
+    Qwen3VLImageOnlyProcessor,
+    sparsemm_pixel_bounds,
 )
 from sparsemm_utils.validate import is_int
 
@@ -67,6 +95,17 @@ __all__ = [
     "build_tiny",
     "save_tiny",
     "mrope_section_for",
+    "interleaved_mrope_section_for",
+    "qwen2_based_vlm_config",
+    "qwen3_vl_vlm_config",
+    "pixel_bounds_for",
+    "QWEN3_VL_CHAT_TEMPLATE",
+    "ONEVISION_CHAT_TEMPLATE",
+    "INTERNVL_CHAT_TEMPLATE",
+    "ONEVISION_SPECIAL_TOKENS",
+    "INTERNVL_SPECIAL_TOKENS",
+    "QWEN2_VL_TOKEN_PX",
+    "QWEN3_VL_TOKEN_PX",
 ]
 
 #: Model types a tiny model can be built for: every supported type.
@@ -121,6 +160,62 @@ LLAVA_VICUNA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
+#: Qwen3-VL-Instruct's chat template: Qwen2-VL's without the default system prompt (a chat without
+#: a system turn gets none).
+QWEN3_VL_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace(
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}",
+    "",
+)
+
+#: The special tokens of the Qwen2 tokenizer behind LLaVA-OneVision: ChatML's, then the image and
+#: video placeholders the llava-hf checkpoints add.
+ONEVISION_SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
+#: The special tokens of InternVL3's Qwen2.5 tokenizer the prompts use: ChatML's, the image block's
+#: ``<img>`` / ``</img>`` around the ``<IMG_CONTEXT>`` tokens, and the video placeholder.
+INTERNVL_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<video>",
+)
+#: The tokenizer attributes ``InternVLProcessor`` reads (``extra_special_tokens`` of an InternVL
+#: ``-hf`` tokenizer), and their tokens.
+INTERNVL_TOKEN_ATTRIBUTES: Mapping[str, str] = MappingProxyType(
+    {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    }
+)
+
+#: ChatML with the image placeholder ``image`` on its own line before the text, as LLaVA-OneVision's
+#: ``qwen_1_5`` conversation and InternVL's ``internvl2_5`` template write a single-image turn:
+#: ``<|im_start|>user\n<image>\n<text><|im_end|>\n``. No default system prompt is inserted
+#: (:mod:`sparsemm_utils.prompts` passes the family's).
+_CHATML_IMAGE_FIRST_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ 'IMAGE\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+#: Modelled on LLaVA-OneVision's ``qwen_1_5`` conversation (placeholder ``<image>``).
+ONEVISION_CHAT_TEMPLATE = _CHATML_IMAGE_FIRST_TEMPLATE.replace("IMAGE", "<image>")
+#: Modelled on InternVL's ``internvl2_5`` template; the ``-hf`` processors' placeholder is
+#: ``<IMG_CONTEXT>``, which the processor expands to ``<img>`` + 256 per tile + ``</img>``.
+INTERNVL_CHAT_TEMPLATE = _CHATML_IMAGE_FIRST_TEMPLATE.replace("IMAGE", "<IMG_CONTEXT>")
+
+#: Pixels per merged visual token along a side: 14 px patches x 2 (Qwen2-VL / Qwen2.5-VL) and
+#: 16 px patches x 2 (Qwen3-VL).
+QWEN2_VL_TOKEN_PX: int = 28
+QWEN3_VL_TOKEN_PX: int = 32
+
 #: llava-v1.6's anyres resolutions, (height, width) in pixels.
 LLAVA_V16_GRID_PINPOINTS: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
@@ -137,59 +232,98 @@ def _check_model_type(model_type: str) -> None:
         raise UnsupportedModelError(model_type, where="random_models")
 
 
+@dataclass(frozen=True)
+class _TokenizerFamily:
+    """How a family's tokenizer looks: ``head`` tokens before the characters (``<unk>`` first),
+    ``tail`` after them, the chat template, eos / pad / bos, and the attributes the family's
+    processor reads (``extra_special_tokens``)."""
+
+    head: tuple[str, ...]
+    tail: tuple[str, ...]
+    chat_template: str
+    eos: str
+    pad: str
+    bos: str | None = None
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+_TOKENIZERS: Mapping[str, _TokenizerFamily] = MappingProxyType(
+    {
+        "qwen2_vl": _TokenizerFamily(("<unk>",), QWEN_SPECIAL_TOKENS, QWEN_CHAT_TEMPLATE, "<|im_end|>", "<|endoftext|>"),
+        "qwen2_5_vl": _TokenizerFamily(("<unk>",), QWEN_SPECIAL_TOKENS, QWEN_CHAT_TEMPLATE, "<|im_end|>", "<|endoftext|>"),
+        "qwen3_vl": _TokenizerFamily(
+            ("<unk>",), QWEN_SPECIAL_TOKENS, QWEN3_VL_CHAT_TEMPLATE, "<|im_end|>", "<|endoftext|>"
+        ),
+        "llava_next": _TokenizerFamily(
+            LLAVA_SPECIAL_TOKENS[:3], LLAVA_SPECIAL_TOKENS[3:], LLAVA_VICUNA_CHAT_TEMPLATE, "</s>", "<pad>", bos="<s>"
+        ),
+        "llava_onevision": _TokenizerFamily(
+            ("<unk>",), ONEVISION_SPECIAL_TOKENS, ONEVISION_CHAT_TEMPLATE, "<|im_end|>", "<|endoftext|>"
+        ),
+        "internvl": _TokenizerFamily(
+            ("<unk>",),
+            INTERNVL_SPECIAL_TOKENS,
+            INTERNVL_CHAT_TEMPLATE,
+            "<|im_end|>",
+            "<|endoftext|>",
+            attributes=INTERNVL_TOKEN_ATTRIBUTES,
+        ),
+    }
+)
+
+
 def _family(model_type: str) -> str:
-    return "llava" if model_type == "llava_next" else "qwen"
+    """``"llava"`` (LLaVA-NeXT: Llama tokenizer, MHA), ``"qwen"`` (Qwen2-VL / 2.5 / 3: Qwen image
+    processor, M-RoPE) or the model type itself for the other families."""
+    if model_type == "llava_next":
+        return "llava"
+    return "qwen" if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl") else model_type
 
 
 def build_char_tokenizer(model_type: str, extra_chars: str = "") -> PreTrainedTokenizerFast:
     """A character-level tokenizer with the model family's special tokens and chat template.
 
     Vocabulary (ids in this order):
-    - Qwen (``qwen2_vl``, ``qwen2_5_vl``): ``<unk>`` (0), the 96 base characters (printable ASCII
-      and ``\\n``), then ``extra_chars`` (deduplicated, in order), then :data:`QWEN_SPECIAL_TOKENS`.
-      eos = ``<|im_end|>``, pad = ``<|endoftext|>``, no BOS (as the real Qwen tokenizers).
+    - Qwen (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``): ``<unk>`` (0), the 96 base characters
+      (printable ASCII and ``\\n``), then ``extra_chars`` (deduplicated, in order), then
+      :data:`QWEN_SPECIAL_TOKENS`. eos = ``<|im_end|>``, pad = ``<|endoftext|>``, no BOS (as the
+      real Qwen tokenizers).
     - LLaVA-NeXT: ``<unk>`` (0), ``<s>`` (1), ``</s>`` (2), the characters, then ``<image>`` and
       ``<pad>``. A ``<s>`` is prepended to every encoding (as Llama/Vicuna's tokenizer does).
+    - LLaVA-OneVision / InternVL (Qwen2 tokenizers): as Qwen, with :data:`ONEVISION_SPECIAL_TOKENS`
+      / :data:`INTERNVL_SPECIAL_TOKENS` after the characters; InternVL's also declares the
+      attributes of :data:`INTERNVL_TOKEN_ATTRIBUTES` (``tokenizer.start_image_token_id``, ...).
 
     Every character is its own token, so ``decode([id])`` of a generated token is one character
     (the tiny analogue of a real tokenizer's subword, docs/method.md §4). Characters outside the
     vocabulary encode to ``<unk>``. ``extra_chars`` lets a trained tiny reader extend the alphabet.
     """
     _check_model_type(model_type)
+    family = _TOKENIZERS[model_type]
     chars: list[str] = list(dict.fromkeys(_BASE_CHARS + tuple(extra_chars)))
-    family = _family(model_type)
-    if family == "qwen":
-        head, tail = ["<unk>"], list(QWEN_SPECIAL_TOKENS)
-    else:
-        head, tail = list(LLAVA_SPECIAL_TOKENS[:3]), list(LLAVA_SPECIAL_TOKENS[3:])
+    head, tail = list(family.head), list(family.tail)
     vocab = {tok: i for i, tok in enumerate(head + chars)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # One pre-token per character (newlines included); the WordLevel model maps each to its id.
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in head + tail])
-    if family == "llava":
-        bos_id = vocab["<s>"]
+    if family.bos is not None:
+        bos_id = vocab[family.bos]
         backend.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+            single=f"{family.bos} $A", pair=f"{family.bos} $A {family.bos} $B", special_tokens=[(family.bos, bos_id)]
         )
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=backend,
-            bos_token="<s>",
-            eos_token="</s>",
-            unk_token="<unk>",
-            pad_token="<pad>",
-            chat_template=LLAVA_VICUNA_CHAT_TEMPLATE,
-        )
-    else:
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=backend,
-            eos_token="<|im_end|>",
-            pad_token="<|endoftext|>",
-            unk_token="<unk>",
-            chat_template=QWEN_CHAT_TEMPLATE,
-        )
-    return tokenizer
+    optional = {"bos_token": family.bos} if family.bos is not None else {}
+    if family.attributes:
+        optional["extra_special_tokens"] = dict(family.attributes)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=family.eos,
+        unk_token="<unk>",
+        pad_token=family.pad,
+        chat_template=family.chat_template,
+        **optional,
+    )
 
 
 def mrope_section_for(head_dim: int) -> list[int]:
@@ -207,16 +341,40 @@ def mrope_section_for(head_dim: int) -> list[int]:
     return [temporal, height, half - temporal - height]
 
 
+def interleaved_mrope_section_for(head_dim: int) -> list[int]:
+    """Qwen3-VL's interleaved M-RoPE sections (temporal, height, width) for ``head_dim`` channels.
+
+    Qwen3-VL spreads the three axes over the rotary frequencies in turn (frequency ``3i + 1`` is
+    height, ``3i + 2`` width, up to ``3 * section`` each; the rest temporal) instead of in three
+    blocks. The real models use [24, 20, 20] for head_dim 128, i.e. 5/16 of the pairs per spatial
+    axis; the same split here: head_dim 16 -> 8 pairs -> height = width = 8 * 5 // 16 = 2,
+    temporal 4 -> [4, 2, 2].
+    """
+    if head_dim % 2 or head_dim < 8:
+        raise InvalidTinySpecError(f"head_dim must be even and >= 8 for M-RoPE, got {head_dim}")
+    half = head_dim // 2
+    spatial = half * 5 // 16
+    return [half - 2 * spatial, spatial, spatial]
+
+
+def pixel_bounds_for(model_type: str) -> tuple[int, int]:
+    """SparseMM's ``(min_pixels, max_pixels)`` for a Qwen model type (32 .. 16384 tokens of 28 px
+    for Qwen2-VL / Qwen2.5-VL, of 32 px for Qwen3-VL; docs/method.md §3)."""
+    return sparsemm_pixel_bounds(QWEN3_VL_TOKEN_PX if model_type == "qwen3_vl" else QWEN2_VL_TOKEN_PX)
+
+
 @dataclass(frozen=True)
 class TinySpec:
     """Sizes of a tiny model (the defaults are what ``build_tiny`` uses).
 
     Text model: ``text_layers`` decoder layers of width ``text_hidden``, ``text_heads`` query heads
-    and ``text_kv_heads`` KV heads (None: 2 for Qwen, i.e. GQA groups of 4 as the real Qwen2-VL;
-    ``text_heads`` for LLaVA-NeXT, MHA as Vicuna). head_dim = text_hidden / text_heads.
+    and ``text_kv_heads`` KV heads (None: 2, i.e. GQA groups of 4 as the real Qwen2-VL, for every
+    family but LLaVA-NeXT; ``text_heads`` for LLaVA-NeXT, MHA as Vicuna). head_dim = text_hidden /
+    text_heads.
     Vision tower: ``vision_layers`` blocks of width ``vision_hidden`` with ``vision_heads`` heads
     (LLaVA-NeXT's CLIP needs >= 2 layers because it reads the second-to-last one).
-    ``min_pixels`` / ``max_pixels`` only apply to Qwen (docs/method.md §3).
+    ``min_pixels`` / ``max_pixels`` only apply to the Qwen family (docs/method.md §3); None:
+    SparseMM's bounds for the model type (:func:`pixel_bounds_for`).
     ``extra_chars`` extends the character vocabulary (see :func:`build_char_tokenizer`).
     """
 
@@ -229,8 +387,8 @@ class TinySpec:
     vision_layers: int = 2
     vision_heads: int = 2
     vision_intermediate: int = 64
-    min_pixels: int = SPARSEMM_MIN_PIXELS
-    max_pixels: int = SPARSEMM_MAX_PIXELS
+    min_pixels: int | None = None
+    max_pixels: int | None = None
     extra_chars: str = ""
 
     def __post_init__(self) -> None:
@@ -248,6 +406,7 @@ class TinySpec:
                 "min_pixels",
                 "max_pixels",
             )
+            if getattr(self, k) is not None
         }
         bad = {k: v for k, v in positive.items() if not is_int(v) or v <= 0}
         if bad:
@@ -271,15 +430,25 @@ class TinySpec:
                 f"vision_heads={self.vision_heads} must divide vision_hidden={self.vision_hidden} into an even "
                 "head_dim (2D rotary embedding in the Qwen vision tower)"
             )
-        if self.min_pixels > self.max_pixels:
+        if (self.min_pixels is None) != (self.max_pixels is None):
+            raise InvalidTinySpecError(
+                f"give both min_pixels and max_pixels or neither (got {self.min_pixels}, {self.max_pixels})"
+            )
+        if self.min_pixels is not None and self.min_pixels > self.max_pixels:
             raise InvalidTinySpecError(f"min_pixels={self.min_pixels} > max_pixels={self.max_pixels}")
 
     @property
     def head_dim(self) -> int:
         return self.text_hidden // self.text_heads
 
+    def pixel_bounds(self, model_type: str) -> tuple[int, int]:
+        """``(min_pixels, max_pixels)``: the spec's, or SparseMM's for ``model_type``."""
+        if self.min_pixels is not None:
+            return self.min_pixels, self.max_pixels  # type: ignore[return-value]
+        return pixel_bounds_for(model_type)
+
     def kv_heads_for(self, model_type: str) -> int:
-        """KV heads of the text model: ``text_kv_heads``, or the family default (Qwen 2, LLaVA MHA)."""
+        """KV heads of the text model: ``text_kv_heads``, or the family default (LLaVA-NeXT MHA, else 2)."""
         if self.text_kv_heads is not None:
             return self.text_kv_heads
         if _family(model_type) == "llava":
@@ -347,6 +516,10 @@ def tiny_config(model_type: str, tokenizer: PreTrainedTokenizerFast, spec: TinyS
             multimodal_projector_bias=True,
             tie_word_embeddings=False,
         )
+    if model_type in ("llava_onevision", "internvl"):
+        return _qwen2_based_config(model_type, text, ids, spec)
+    if model_type == "qwen3_vl":
+        return _qwen3_vl_config(text, ids, spec)
     text.update(
         max_position_embeddings=32768,
         rms_norm_eps=1e-6,
@@ -395,12 +568,133 @@ def tiny_config(model_type: str, tokenizer: PreTrainedTokenizerFast, spec: TinyS
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
 
 
+def _chatml_ids(ids: Any) -> dict[str, Any]:
+    """The Qwen tokenizers' end and padding ids as text-config fields (no BOS)."""
+    return dict(bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
+
+
+def qwen2_based_vlm_config(
+    model_type: str,
+    text: dict[str, Any],
+    vision: dict[str, Any],
+    *,
+    rope_theta: float,
+    image_token_id: int,
+    video_token_id: int,
+    tie_word_embeddings: bool,
+) -> LlavaOnevisionConfig | InternVLConfig:
+    """LLaVA-OneVision / InternVL: a Qwen2 language model (1D RoPE, GQA) behind a SigLIP 384/14
+    tower (anyres_max_9, no CLS, last layer) or an InternViT 448/14 tower (CLS dropped, pixel
+    shuffle 0.5, 256 tokens a tile). ``text``: the Qwen2 text-config fields (widths, heads, ids);
+    ``vision``: the tower's ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
+    ``num_attention_heads``. Shared by the tiny models and :mod:`sparsemm_utils.real_shapes`."""
+    text = dict(
+        text, model_type="qwen2", use_sliding_window=False, rope_parameters={"rope_type": "default", "rope_theta": rope_theta}
+    )
+    vision = dict(vision, patch_size=14)
+    if model_type == "llava_onevision":
+        return LlavaOnevisionConfig(
+            text_config=text,
+            vision_config=dict(vision, model_type="siglip_vision_model", image_size=384, vision_use_head=False),
+            image_token_index=image_token_id,
+            video_token_index=video_token_id,
+            vision_feature_select_strategy="full",
+            vision_feature_layer=-1,
+            image_grid_pinpoints=[list(p) for p in LLAVA_ONEVISION_PINPOINTS],
+            vision_aspect_ratio="anyres_max_9",
+            multimodal_projector_bias=True,
+            tie_word_embeddings=tie_word_embeddings,
+        )
+    return InternVLConfig(
+        text_config=text,
+        vision_config=dict(vision, image_size=448),
+        image_token_id=image_token_id,
+        image_seq_length=256,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+def qwen3_vl_vlm_config(
+    text: dict[str, Any],
+    vision: dict[str, Any],
+    *,
+    rope_theta: float,
+    token_ids: Mapping[str, int],
+    tie_word_embeddings: bool,
+) -> Qwen3VLConfig:
+    """Qwen3-VL: QK-norm, an explicit ``head_dim`` (a field of ``text``), interleaved M-RoPE; a
+    16 px / merge 2 vision tower (``vision``: ``depth``, ``hidden_size``, ``intermediate_size``,
+    ``num_heads``, ``out_hidden_size``) whose first blocks (up to two) also feed deepstack merges,
+    added to the first decoder layers' outputs. ``token_ids``: ``image``, ``video``,
+    ``vision_start``, ``vision_end``. Shared by the tiny models and :mod:`sparsemm_utils.real_shapes`."""
+    text = dict(
+        text,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": rope_theta,
+            "mrope_section": interleaved_mrope_section_for(text["head_dim"]),
+            "mrope_interleaved": True,
+        },
+    )
+    vision = dict(
+        vision,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=2304,
+        deepstack_visual_indexes=list(range(min(2, vision["depth"]))),
+    )
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=token_ids["image"],
+        video_token_id=token_ids["video"],
+        vision_start_token_id=token_ids["vision_start"],
+        vision_end_token_id=token_ids["vision_end"],
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+def _qwen2_based_config(model_type: str, text: dict[str, Any], ids: Any, spec: TinySpec):
+    """A tiny LLaVA-OneVision / InternVL (:func:`qwen2_based_vlm_config`)."""
+    text.update(max_position_embeddings=32768, rms_norm_eps=1e-6, **_chatml_ids(ids))
+    vision = dict(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+    )
+    image = "<image>" if model_type == "llava_onevision" else "<IMG_CONTEXT>"
+    return qwen2_based_vlm_config(
+        model_type, text, vision, rope_theta=1_000_000.0, image_token_id=ids(image), video_token_id=ids("<video>"),
+        tie_word_embeddings=False,
+    )
+
+
+def _qwen3_vl_config(text: dict[str, Any], ids: Any, spec: TinySpec) -> Qwen3VLConfig:
+    """A tiny Qwen3-VL (:func:`qwen3_vl_vlm_config`)."""
+    text.update(head_dim=spec.head_dim, max_position_embeddings=32768, rms_norm_eps=1e-6, **_chatml_ids(ids))
+    vision = dict(
+        depth=spec.vision_layers,
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate,
+        num_heads=spec.vision_heads,
+        out_hidden_size=spec.text_hidden,
+    )
+    token_ids = {name: ids(f"<|{name}|>") for name in ("vision_start", "vision_end")}
+    token_ids.update(image=ids("<|image_pad|>"), video=ids("<|video_pad|>"))
+    return qwen3_vl_vlm_config(text, vision, rope_theta=5_000_000.0, token_ids=token_ids, tie_word_embeddings=False)
+
+
 def build_tiny_processor(
     model_type: str,
     tokenizer: PreTrainedTokenizerFast | None = None,
     *,
-    min_pixels: int = SPARSEMM_MIN_PIXELS,
-    max_pixels: int = SPARSEMM_MAX_PIXELS,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> ProcessorMixin:
     """The processor of a tiny model: the real family's image-processor geometry + the char tokenizer.
 
@@ -409,6 +703,14 @@ def build_tiny_processor(
     ``max_pixels``). LLaVA-NeXT: ``LlavaNextProcessor`` over a ``LlavaNextImageProcessorPil`` as
     llava-v1.6's (shortest edge 336, 336x336 crops, CLIP mean/std, bicubic, the v1.6 pinpoints),
     patch 14, strategy "default", one extra CLS token from the tower (``num_additional_image_tokens=1``).
+    Qwen3-VL: :class:`~sparsemm_utils.processors.Qwen3VLImageOnlyProcessor` over a
+    ``Qwen2VLImageProcessorPil`` with 16 px patches and mean/std 0.5. LLaVA-OneVision:
+    :class:`~sparsemm_utils.processors.LlavaOnevisionImageOnlyProcessor` over a
+    ``LlavaOnevisionImageProcessorPil`` (384 x 384, the 36 pinpoints, padding), 729 base tokens,
+    strategy "full", ``anyres_max_9``. InternVL:
+    :class:`~sparsemm_utils.processors.InternVLImageOnlyProcessor` over a ``GotOcr2ImageProcessorPil``
+    (448 px tiles, 1..12 of them plus a thumbnail, ImageNet mean/std), 256 tokens a tile.
+    ``min_pixels`` / ``max_pixels`` (Qwen only; None: :func:`pixel_bounds_for`).
     """
     _check_model_type(model_type)
     tokenizer = tokenizer if tokenizer is not None else build_char_tokenizer(model_type)
@@ -433,17 +735,55 @@ def build_tiny_processor(
             image_token="<image>",
             num_additional_image_tokens=1,
         )
-    if not (0 < min_pixels <= max_pixels):
+    if model_type == "llava_onevision":
+        image_processor = LlavaOnevisionImageProcessorPil(
+            size={"height": 384, "width": 384},
+            image_grid_pinpoints=[list(p) for p in LLAVA_ONEVISION_PINPOINTS],
+            do_resize=True,
+            do_pad=True,
+            resample=PILImageResampling.BICUBIC,
+            image_mean=list(IMAGENET_STANDARD_MEAN),
+            image_std=list(IMAGENET_STANDARD_STD),
+        )
+        return LlavaOnevisionImageOnlyProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            num_image_tokens=(384 // 14) ** 2,
+            vision_feature_select_strategy="full",
+            chat_template=ONEVISION_CHAT_TEMPLATE,
+            vision_aspect_ratio="anyres_max_9",
+        )
+    if model_type == "internvl":
+        image_processor = GotOcr2ImageProcessorPil(
+            size={"height": 448, "width": 448},
+            crop_to_patches=True,
+            min_patches=1,
+            max_patches=12,
+            resample=PILImageResampling.BICUBIC,
+            image_mean=list(IMAGENET_DEFAULT_MEAN),
+            image_std=list(IMAGENET_DEFAULT_STD),
+        )
+        return InternVLImageOnlyProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, image_seq_length=256, chat_template=INTERNVL_CHAT_TEMPLATE
+        )
+    if min_pixels is None and max_pixels is None:
+        min_pixels, max_pixels = pixel_bounds_for(model_type)
+    if min_pixels is None or max_pixels is None or not (0 < min_pixels <= max_pixels):
         raise InvalidTinySpecError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+    qwen3 = model_type == "qwen3_vl"
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=min_pixels,
         max_pixels=max_pixels,
-        patch_size=14,
+        patch_size=16 if qwen3 else 14,
         merge_size=2,
         temporal_patch_size=2,
+        **(dict(image_mean=list(IMAGENET_STANDARD_MEAN), image_std=list(IMAGENET_STANDARD_STD)) if qwen3 else {}),
     )
-    cls = Qwen2VLImageOnlyProcessor if model_type == "qwen2_vl" else Qwen2_5_VLImageOnlyProcessor
-    return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
+    cls = {"qwen2_vl": Qwen2VLImageOnlyProcessor, "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor}.get(
+        model_type, Qwen3VLImageOnlyProcessor
+    )
+    template = QWEN3_VL_CHAT_TEMPLATE if qwen3 else QWEN_CHAT_TEMPLATE
+    return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
 
 
 def _generation_config(model_type: str, tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
@@ -453,7 +793,8 @@ def _generation_config(model_type: str, tokenizer: PreTrainedTokenizerFast) -> G
         return GenerationConfig(
             bos_token_id=ids("<s>"), eos_token_id=ids("</s>"), pad_token_id=ids("<pad>"), do_sample=False
         )
-    # Qwen2-VL-Instruct's generation_config stops at <|im_end|> and <|endoftext|>
+    # Qwen2-VL-Instruct's generation_config stops at <|im_end|> and <|endoftext|>; so do the Qwen-based
+    # Qwen3-VL, LLaVA-OneVision and InternVL3 (ChatML tokenizers)
     return GenerationConfig(
         eos_token_id=[ids("<|im_end|>"), ids("<|endoftext|>")], pad_token_id=ids("<|endoftext|>"), do_sample=False
     )
@@ -469,7 +810,8 @@ def build_tiny(model_type: str, *, seed: int = 0, **overrides: Any) -> tuple[Pre
     _check_model_type(model_type)
     spec = TinySpec.from_overrides(**overrides)
     tokenizer = build_char_tokenizer(model_type, extra_chars=spec.extra_chars)
-    processor = build_tiny_processor(model_type, tokenizer, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    min_pixels, max_pixels = spec.pixel_bounds(model_type)
+    processor = build_tiny_processor(model_type, tokenizer, min_pixels=min_pixels, max_pixels=max_pixels)
     config = tiny_config(model_type, tokenizer, spec)
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):

@@ -21,18 +21,28 @@ them, so a prompt never contains an image token.
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import GenerationConfig, LlavaNextConfig, Qwen2_5_VLConfig, Qwen2VLConfig
 
 from sparsemm_utils.allocation import ModelShape
+from sparsemm_utils.kv_cache import analytic_kv_bytes
 from sparsemm_utils.models import SUPPORTED_MODEL_TYPES, LoadedModel
-from sparsemm_utils.random_models import mrope_section_for
+from sparsemm_utils.patch_mapping import (
+    PatchMapper,
+    QwenVLGeometry,
+    QwenVLPatchMapper,
+    make_mapper,
+)
+from sparsemm_utils.processors import sparsemm_pixel_bounds
+from sparsemm_utils.random_models import mrope_section_for, qwen2_based_vlm_config, qwen3_vl_vlm_config
 from sparsemm_utils.validate import check_int
 
 __all__ = [
@@ -47,6 +57,12 @@ __all__ = [
     "build_random_model",
     "random_prompt",
     "weights_bytes",
+    "PAPER_MEMORY_CONTEXT",
+    "GpuMemory",
+    "gpu_memory",
+    "TABLE_IMAGE_SIZES",
+    "image_tokens",
+    "models_table",
 ]
 
 #: Ids at the top of the vocabulary held by special tokens: EOS, padding, image placeholder,
@@ -69,8 +85,10 @@ class InvalidShapeOptionError(ValueError):
 class RealShape:
     """One real model's language-model shape (docs/method.md §1) and the class that runs it.
 
-    ``layers`` L, ``query_heads`` H, ``kv_heads`` H_kv, head_dim = hidden / H; ``text_model_type``
-    is the text config's model type ("llama", "mistral", or the Qwen text model);
+    ``layers`` L, ``query_heads`` H, ``kv_heads`` H_kv, head_dim = hidden / H unless the checkpoint
+    names its own (``attention_head_dim``: Qwen3-VL-4B has hidden 2560, 32 heads of 128);
+    ``text_model_type`` is the text config's model type ("llama", "mistral", "qwen2", or the Qwen-VL
+    text model);
     ``max_position_embeddings`` is the checkpoint's own (LLaVA-NeXT-Vicuna's is 4096: the paper
     still times it at 32K tokens, RoPE being computed on the fly).
     """
@@ -89,19 +107,20 @@ class RealShape:
     rope_theta: float
     rms_norm_eps: float
     tie_word_embeddings: bool = False
+    attention_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise InvalidShapeOptionError(f"{self.name}: model_type {self.model_type!r} is not supported")
-        if self.hidden % self.query_heads or self.query_heads % self.kv_heads:
+        if (self.attention_head_dim is None and self.hidden % self.query_heads) or self.query_heads % self.kv_heads:
             raise InvalidShapeOptionError(
-                f"{self.name}: need hidden % query_heads == 0 and query_heads % kv_heads == 0, got "
-                f"{self.hidden}, {self.query_heads}, {self.kv_heads}"
+                f"{self.name}: need hidden % query_heads == 0 (or an explicit attention_head_dim) and "
+                f"query_heads % kv_heads == 0, got {self.hidden}, {self.query_heads}, {self.kv_heads}"
             )
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.query_heads
+        return self.attention_head_dim if self.attention_head_dim is not None else self.hidden // self.query_heads
 
     def model_shape(self, layers: int | None = None) -> ModelShape:
         """(layers, query_heads, kv_heads), at full depth or ``layers``."""
@@ -156,6 +175,48 @@ REAL_SHAPES: Mapping[str, RealShape] = MappingProxyType(
                 kv_heads=4, vocab_size=152064, max_position_embeddings=128000, rope_theta=1_000_000.0,
                 rms_norm_eps=1e-6,
             ),
+            *(
+                RealShape(
+                    name=f"qwen3-vl-{size}", hub_id=f"Qwen/Qwen3-VL-{size.upper()}-Instruct", model_type="qwen3_vl",
+                    text_model_type="qwen3_vl_text", layers=layers, hidden=hidden, intermediate=intermediate,
+                    query_heads=heads, kv_heads=8, vocab_size=151936, max_position_embeddings=262144,
+                    rope_theta=5_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie, attention_head_dim=128,
+                )
+                for size, layers, hidden, intermediate, heads, tie in (
+                    ("2b", 28, 2048, 6144, 16, True),
+                    ("4b", 36, 2560, 9728, 32, True),
+                    ("8b", 36, 4096, 12288, 32, False),
+                )
+            ),
+            RealShape(
+                name="llava-onevision-qwen2-0.5b", hub_id="llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+                model_type="llava_onevision", text_model_type="qwen2", layers=24, hidden=896, intermediate=4864,
+                query_heads=14, kv_heads=2, vocab_size=152000, max_position_embeddings=32768,
+                rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+            ),
+            RealShape(
+                name="llava-onevision-qwen2-7b", hub_id="llava-hf/llava-onevision-qwen2-7b-ov-hf",
+                model_type="llava_onevision", text_model_type="qwen2", layers=28, hidden=3584, intermediate=18944,
+                query_heads=28, kv_heads=4, vocab_size=152128, max_position_embeddings=32768,
+                rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+            ),
+            *(
+                # InternVL3's language models are Qwen2.5 (0.5B, 1.5B, 7B, 14B, 32B, 72B)
+                RealShape(
+                    name=f"internvl3-{size}", hub_id=f"OpenGVLab/InternVL3-{size.upper()}-hf", model_type="internvl",
+                    text_model_type="qwen2", layers=layers, hidden=hidden, intermediate=intermediate,
+                    query_heads=heads, kv_heads=kv_heads, vocab_size=151674, max_position_embeddings=32768,
+                    rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                )
+                for size, layers, hidden, intermediate, heads, kv_heads in (
+                    ("1b", 24, 896, 4864, 14, 2),
+                    ("2b", 28, 1536, 8960, 12, 2),
+                    ("8b", 28, 3584, 18944, 28, 4),
+                    ("14b", 48, 5120, 13824, 40, 8),
+                    ("38b", 64, 5120, 27648, 40, 8),
+                    ("78b", 80, 8192, 29568, 64, 8),
+                )
+            ),
         )
     }
 )
@@ -189,6 +250,10 @@ def depth_scaled_vocab(shape: RealShape, layers: int | None) -> int:
 def _special_ids(vocab_size: int) -> dict[str, int]:
     top = vocab_size - 1
     return {"eos": top, "pad": top - 1, "image": top - 2, "video": top - 3, "vision_start": top - 4, "vision_end": top - 5}
+
+
+#: A tiny vision tower (the text-only benchmark never runs it): width 32, one layer, two heads.
+_TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 
 
 def real_config(
@@ -228,6 +293,17 @@ def real_config(
         pad_token_id=ids["pad"],
         bos_token_id=None,
     )
+    if shape.model_type in ("llava_onevision", "internvl"):
+        return qwen2_based_vlm_config(
+            shape.model_type, text, _TINY_VISION, rope_theta=shape.rope_theta, image_token_id=ids["image"],
+            video_token_id=ids["video"], tie_word_embeddings=shape.tie_word_embeddings,
+        )
+    if shape.model_type == "qwen3_vl":
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=shape.hidden)
+        return qwen3_vl_vlm_config(
+            dict(text, head_dim=shape.head_dim), vision, rope_theta=shape.rope_theta, token_ids=ids,
+            tie_word_embeddings=shape.tie_word_embeddings,
+        )
     if shape.model_type == "llava_next":
         text.update(model_type=shape.text_model_type, rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta})
         if shape.text_model_type == "mistral":
@@ -328,3 +404,129 @@ def weights_bytes(model: torch.nn.Module) -> int:
         seen.add(p.data_ptr())
         total += p.numel() * p.element_size()
     return total
+
+
+#: The paper's longest measured context (docs/method.md §7): 32K prompt tokens + 512 generated.
+PAPER_MEMORY_CONTEXT: int = 32768 + 512
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """What a model of a shape needs on the GPU at ``context`` tokens, from its shapes alone.
+
+    ``text_weights_bytes``: the language model and its output layer (the real vocabulary, tied
+    embeddings counted once) in ``dtype``; ``full_kv_bytes``: the uncompressed KV cache,
+    ``layers x kv_heads x context x head_dim x 2`` elements (docs/method.md §7). The vision tower
+    is NOT included (its size is not part of :class:`RealShape`; InternVL3-38B / 78B's is
+    InternViT-6B), nor activations."""
+
+    name: str
+    context: int
+    dtype: str
+    text_parameters: int
+    text_weights_bytes: int
+    full_kv_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.text_weights_bytes + self.full_kv_bytes
+
+    def line(self) -> str:
+        """One line for a config's header: GiB of weights, KV cache and their sum."""
+        gib = 2**30
+        return (
+            f"GPU memory ({self.dtype}, {self.context} tokens, vision tower and activations not counted): "
+            f"{self.text_weights_bytes / gib:.1f} GiB language-model weights ({self.text_parameters / 1e9:.2f} B "
+            f"parameters) + {self.full_kv_bytes / gib:.1f} GiB full KV cache = {self.total_bytes / gib:.1f} GiB"
+        )
+
+
+def gpu_memory(shape: RealShape | str, context: int = PAPER_MEMORY_CONTEXT, dtype: torch.dtype = torch.bfloat16) -> GpuMemory:
+    """:class:`GpuMemory` of ``shape`` at ``context`` tokens: the language model is built on the
+    meta device (no memory) from :func:`real_config` at full depth and vocabulary and its
+    parameters counted; the KV bytes are :func:`~sparsemm_utils.kv_cache.analytic_kv_bytes` of
+    every KV head storing ``context`` tokens."""
+    shape = get_real_shape(shape)
+    context = check_int("context", context, 1, error=InvalidShapeOptionError)
+    config = real_config(shape)
+    with torch.device("meta"):
+        model = SUPPORTED_MODEL_TYPES[shape.model_type]._from_config(config, dtype=dtype)
+    text_parts = (model.model.language_model, model.lm_head)
+    unique = {id(p): p for part in text_parts for p in part.parameters()}
+    parameters = sum(p.numel() for p in unique.values())
+    element = torch.empty((), dtype=dtype).element_size()
+    stored = np.full((shape.layers, shape.kv_heads), context, dtype=np.int64)
+    return GpuMemory(
+        name=shape.name,
+        context=context,
+        dtype=str(dtype).removeprefix("torch."),
+        text_parameters=parameters,
+        text_weights_bytes=parameters * element,
+        full_kv_bytes=analytic_kv_bytes(stored, shape.head_dim, dtype),
+    )
+
+
+#: The image sizes (width, height) of the supported-models table: the hand-worked 1000 x 700 image
+#: of the mapping tests and a US-letter page scanned at 200 dpi (DocVQA's pages are of that order).
+TABLE_IMAGE_SIZES: tuple[tuple[int, int], ...] = ((1000, 700), (1700, 2200))
+
+
+def _original_mapper(model_type: str) -> PatchMapper:
+    """The mapper of ``model_type`` with the processor settings the configs use: the original's
+    (Qwen2-VL / 2.5-VL, LLaVA-NeXT) or the checkpoint's own (OneVision, InternVL); Qwen3-VL with
+    SparseMM's bounds counted in its 32 px tokens (docs/method.md §3)."""
+    if model_type == "qwen3_vl":
+        return QwenVLPatchMapper(QwenVLGeometry(16, 2, *sparsemm_pixel_bounds(32)))
+    return make_mapper(model_type)
+
+
+def image_tokens(model_type: str, width: int, height: int) -> int:
+    """Image tokens the language model sees for a ``width x height`` image (step 02's geometry,
+    which the tests check against each processor's own count)."""
+    return _original_mapper(model_type).num_tokens(width, height)
+
+
+def models_table() -> list[str]:
+    """The supported-models table of docs/models.md, as markdown lines: one row per config'd real
+    shape (model, class, layers x heads x KV heads, head_dim, image tokens at
+    :data:`TABLE_IMAGE_SIZES`, GPU memory of :func:`gpu_memory`)."""
+    sizes = " / ".join(f"{w} x {h}" for w, h in TABLE_IMAGE_SIZES)
+    lines = [
+        f"| model | class | layers x heads x KV heads | head_dim | image tokens ({sizes}) | GPU GiB (weights + KV at 32K) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for shape in REAL_SHAPES.values():
+        if shape.name == "qwen2-vl-2b":  # a step 06 timing shape only, no config
+            continue
+        tokens = " / ".join(str(image_tokens(shape.model_type, w, h)) for w, h in TABLE_IMAGE_SIZES)
+        memory = gpu_memory(shape)
+        gib = 2**30
+        lines.append(
+            f"| [{shape.name}](../configs/{shape.name}.yaml) `{shape.hub_id}` | {SUPPORTED_MODEL_TYPES[shape.model_type].__name__} "
+            f"| {shape.layers} x {shape.query_heads} x {shape.kv_heads} | {shape.head_dim} | {tokens} "
+            f"| {memory.text_weights_bytes / gib:.1f} + {memory.full_kv_bytes / gib:.1f} |"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sparsemm_utils.real_shapes [NAME ...]``: each shape's layers x heads x KV heads and
+    :func:`gpu_memory` line (all shapes when no name is given); ``--table``: :func:`models_table`."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("names", nargs="*", help="short names or hub ids (default: every known shape)")
+    parser.add_argument("--context", type=int, default=PAPER_MEMORY_CONTEXT)
+    parser.add_argument("--table", action="store_true", help="print docs/models.md's supported-models table")
+    args = parser.parse_args(argv)
+    if args.table:
+        print("\n".join(models_table()))
+        return 0
+    for name in args.names or list(REAL_SHAPES):
+        shape = get_real_shape(name)
+        print(f"{shape.name} ({shape.hub_id}): {shape.layers} x {shape.query_heads} x {shape.kv_heads}, "
+              f"head_dim {shape.head_dim}")
+        print(f"  {gpu_memory(shape, args.context).line()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -129,13 +129,13 @@ class LayerPrefill:
     values: torch.Tensor
     window_query: torch.Tensor
     scaling: float | None
-    _scores: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _scores: dict[tuple[int, int, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def window_scores(self, window: int, kernel_size: int) -> torch.Tensor:
-        """:func:`~sparsemm_utils.compression.snapkv_window_scores` of this layer for window w and
-        ``kernel_size``, float32 ``(H_kv, n - w)``, computed once per (w, kernel) and shared by
-        every method that asks (do not modify it)."""
-        key = (int(window), int(kernel_size))
+    def window_scores(self, window: int, kernel_size: int, selection_dtype: str = "float32") -> torch.Tensor:
+        """:func:`~sparsemm_utils.compression.snapkv_window_scores` of this layer for window w,
+        ``kernel_size`` and ``selection_dtype``, float32 ``(H_kv, n - w)``, computed once per
+        (w, kernel, dtype) and shared by every method that asks (do not modify it)."""
+        key = (int(window), int(kernel_size), str(selection_dtype))
         if key not in self._scores:
             m = int(self.window_query.shape[2])
             if window > m:
@@ -143,7 +143,9 @@ class LayerPrefill:
                     f"SnapKV with window w={window} needs the last {window} prompt queries, the prefill recorded {m}: "
                     f"call shared_prefill(..., query_window={window}) (or larger)"
                 )
-            self._scores[key] = snapkv_window_scores(self.window_query[:, :, m - window :], self.keys, self.scaling, kernel_size)
+            self._scores[key] = snapkv_window_scores(
+                self.window_query[:, :, m - window :], self.keys, self.scaling, kernel_size, selection_dtype
+            )
         return self._scores[key]
 
 

@@ -7,8 +7,10 @@ belongs to which category (:func:`token_categories`, from the ids alone) and, fi
 (:func:`prompt_layout`, from the chat template).
 
 - **vision**: every position holding the model's image token id (Qwen: the ``<|image_pad|>``
-  block; LLaVA-NeXT: base grid + crop grid, newline tokens included, since the processor gives
-  them all the ``<image>`` id; LLaVA-Mini also treats global and local tokens as one category).
+  block; LLaVA-NeXT / LLaVA-OneVision: base grid + crop grid, newline tokens included, since the
+  processor gives them all the ``<image>`` id; InternVL: the ``<IMG_CONTEXT>`` tokens of every
+  tile and the thumbnail, its ``<img>`` / ``</img>`` being template tokens; LLaVA-Mini also
+  treats global and local tokens as one category).
 - **response**: every generated position (``>= prompt_len``).
 - **instruction**: every other prompt position: the system prompt, the user's text, AND the
   chat-template tokens around them (Qwen's ``<|im_start|>``, role names, ``<|im_end|>``,
@@ -214,7 +216,9 @@ def prompt_layout(
         raise PromptLayoutError(
             f"the rendered chat holds {rendered.count(image_token)} image placeholders {image_token!r}; one is expected"
         )
-    expanded = rendered.replace(image_token, image_token * n_image)
+    # InternVL wraps its image tokens in <img> ... </img>, which are template tokens, not image tokens
+    wrap = (getattr(processor, "start_image_token", ""), getattr(processor, "end_image_token", ""))
+    expanded = rendered.replace(image_token, wrap[0] + image_token * n_image + wrap[1])
     encoding = tokenizer(expanded, return_offsets_mapping=True)
     if list(encoding["input_ids"]) != ids[:prompt_len].tolist():
         raise PromptLayoutError(

@@ -2,7 +2,8 @@
 (docs/method.md §7), with the paper's numbers beside ours.
 
 :func:`plot_efficiency` draws one row of four panels per model: mean decode latency, peak memory,
-the speed-up FullKV / method, and KV bytes (measured markers on the analytic line, plus the
+the speed-up FullKV / method (and, dotted, FullKV on a preallocated ``StaticCache`` / method when
+the run times ``fullkv_static``), and KV bytes (measured markers on the analytic line, plus the
 analytic bytes of the FULL-depth real shape, dashed). The paper's absolute numbers (GPU, full
 depth, bf16) are drawn on the latency and memory panels only for rows measured the same way
 (full depth on a GPU); its speed-up, a ratio, is drawn on the speed-up panel always, labelled as
@@ -20,7 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from ..efficiency import RESULT_COLUMNS, comparable_to_paper
+from ..efficiency import BASELINES, RESULT_COLUMNS, STATIC_FULLKV, comparable_to_paper
 from ..paper_efficiency import (
     PAPER_CONTEXT,
     PAPER_SPARSEMM_FLAT_MS,
@@ -92,6 +93,7 @@ def plot_efficiency(
         comparable = paper and comparable_to_paper(rows)
         ref = paper_efficiency_frame(model) if paper else pd.DataFrame()
         full = rows[rows["method"] == "fullkv"].set_index("context_len")["decode_ms_per_token"]
+        static = rows[rows["method"] == STATIC_FULLKV].set_index("context_len")["decode_ms_per_token"]
         for method in methods:
             sub = rows[rows["method"] == method]
             if sub.empty:
@@ -109,6 +111,11 @@ def plot_efficiency(
                 common = [n for n in x if n in full.index]
                 ms = sub.set_index("context_len")["decode_ms_per_token"]
                 ax_speed.plot(common, [full[n] / ms[n] for n in common], label=f"FullKV / {method}", **style)
+            if method not in BASELINES and not static.empty:  # the fair baseline: a preallocated cache
+                common = [n for n in x if n in static.index]
+                ms = sub.set_index("context_len")["decode_ms_per_token"]
+                ax_speed.plot(common, [static[n] / ms[n] for n in common], label=f"FullKV (StaticCache) / {method}",
+                              **{**style, "linestyle": ":", "alpha": 0.8})
             if analytic is not None and not analytic.empty:
                 a = analytic[(analytic["model"] == model) & (analytic["method"] == method)].dropna(subset=["kv_bytes"])
                 if not a.empty:
@@ -191,14 +198,16 @@ def plot_head_lengths(stored: np.ndarray, *, budget: int, title: str = "") -> Fi
 
 
 def efficiency_table(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, method, context): decode ms, speed-up over FullKV at that context, peak
+    """One row per (model, method, context): decode ms, speed-up over FullKV (DynamicCache) at that
+    context, and over FullKV on a StaticCache (``speedup_static``, when the run has it), peak
     GiB, KV MiB, whether KV bytes equal the analytic value, and the paper's numbers at 32K (decode
     ms, peak GiB read as 2^30 bytes, speed-up) where it reports the model and method."""
     _check(results)
     out = results.copy()
-    full = out[out["method"] == "fullkv"].set_index(["model", "context_len"])["decode_ms_per_token"]
     keys = list(zip(out["model"], out["context_len"]))
-    out["speedup"] = [full.get(k, np.nan) / ms for k, ms in zip(keys, out["decode_ms_per_token"])]
+    for column, baseline in (("speedup", "fullkv"), ("speedup_static", STATIC_FULLKV)):
+        base = out[out["method"] == baseline].set_index(["model", "context_len"])["decode_ms_per_token"]
+        out[column] = [base.get(k, np.nan) / ms for k, ms in zip(keys, out["decode_ms_per_token"])]
     out["peak_GiB"] = out["peak_mem_bytes"] / _GIB
     out["kv_MiB"] = out["kv_bytes"].astype(float) / 2**20
     if "kv_bytes_analytic" in out:
@@ -216,7 +225,9 @@ def efficiency_table(results: pd.DataFrame) -> pd.DataFrame:
     out["paper_decode_ms"] = paper_ms
     out["paper_peak_GiB"] = paper_gib
     out["paper_speedup"] = paper_speed
-    columns = ["model", "method", "context_len", "budget", "decode_ms_per_token", "speedup", "peak_GiB", "kv_MiB"]
+    columns = ["model", "method", "context_len", "budget", "decode_ms_per_token", "speedup"]
+    columns += ["speedup_static"] if out["speedup_static"].notna().any() else []
+    columns += ["peak_GiB", "kv_MiB"]
     columns += ["kv_equals_analytic"] if "kv_equals_analytic" in out else []
     columns += ["paper_decode_ms", "paper_peak_GiB", "paper_speedup", "device"]
     return out[columns].reset_index(drop=True)

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from ..patch_mapping import Box, LlavaNextPatchMapper, PatchMapper
+from ..patch_mapping import Box, InternVLPatchMapper, LlavaNextPatchMapper, PatchMapper
 from .documents import CHAR_COLOR, CHUNK_COLOR
 from .style import cmap_for
 
@@ -32,8 +32,12 @@ Block = Literal["image", "crop", "base"]
 
 
 def _block_indices(mapper: PatchMapper, width: int, height: int, block: Block) -> np.ndarray:
-    """Relative positions of the tokens drawn in a panel (newline tokens never), shape ``(n,)``."""
+    """Relative positions of the tokens drawn in a panel (newline tokens never; InternVL's tiles,
+    never its thumbnail), shape ``(n,)``."""
     n = mapper.num_tokens(width, height)
+    if isinstance(mapper, InternVLPatchMapper):  # the tiles; the thumbnail's coarser cells would cover them
+        rows, cols = mapper.geometry.tile_grid(height, width)
+        return np.arange(rows * cols * mapper.geometry.tokens_per_tile)
     if not isinstance(mapper, LlavaNextPatchMapper):
         return np.arange(n)
     base = mapper.geometry.base_tokens

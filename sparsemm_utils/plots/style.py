@@ -28,6 +28,7 @@ METHOD_COLORS: Mapping[str, tuple[float, float, float]] = MappingProxyType(
     {
         "sparsemm": _TAB10[3],
         "fullkv": (0.2, 0.2, 0.2),
+        "fullkv_static": (0.55, 0.55, 0.55),
         "adakv": _TAB10[0],
         "snapkv": _TAB10[2],
         "pyramidkv": _TAB10[4],
@@ -48,6 +49,7 @@ METHOD_STYLES: Mapping[str, Mapping[str, object]] = MappingProxyType(
     | {
         "sparsemm": {"linestyle": "-", "marker": "o", "linewidth": 2.6},
         "fullkv": {"linestyle": "--", "marker": None, "linewidth": 1.4},
+        "fullkv_static": {"linestyle": "-.", "marker": None, "linewidth": 1.4},
         "mask": {"linestyle": ":", "marker": None, "linewidth": 1.4},
         "mask_random": {"linestyle": ":", "marker": None, "linewidth": 1.4},
         "fastv": {"linestyle": "-.", "marker": "s", "linewidth": 1.6},

@@ -6,7 +6,11 @@ the step around it: its artifacts (:data:`STEP`), the notebook's parameters (:cl
 tables the notebook shows (:func:`lowest_budget_table`, :func:`cell_statistics`,
 :func:`fastv_match_table`), the files it leaves besides the sweep's (:func:`write_outputs`:
 ``lowest_budget.csv``, ``findings.csv``) and what the run shows against the paper
-(:func:`findings`).
+(:func:`findings`). :func:`sweep` runs the notebook's sweep outside it: one shard of a sharded
+run (``python -m sparsemm_utils.pipeline ... --shard i/n``, docs/design.md "Sharded runs").
+:func:`rescore` (``python -m sparsemm_utils.steps.eval rescore --run-dir <run>``) scores a finished
+sweep's answers again under a scoring protocol and writes its tables and findings beside the run,
+generating nothing.
 
 **How the findings decide.** Each benchmark's headline metric at the two lowest budgets of the
 sweep: SparseMM's score as a share of FullKV's, beside the paper's 90-97% at B = 64
@@ -18,8 +22,12 @@ n = 11); and, when the sweep masks heads, the top visual heads against random dr
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import shutil
+import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +38,7 @@ import pandas as pd
 import torch
 
 from ..artifacts import Artifact, StepSpec
+from ..attention_hooks import SELECTION_DTYPES
 from ..benchmarks import OFFLINE_PAGES, get_benchmark, load_benchmark, make_reader_benchmark
 from ..evaluation import (
     EVAL_METHODS,
@@ -40,12 +49,21 @@ from ..evaluation import (
     RESULTS_FILE,
     SWEEP_FILE,
     EvaluationError,
+    ModelGenerator,
+    Rescored,
+    SweepResult,
     check_budgets,
     get_method,
     predictions_frame,
     read_results,
+    rescore_sweep,
+    run_sweep,
 )
 from ..findings import Finding, findings_frame, read_findings
+from ..head_scoring_files import load_head_scores
+from ..lmms_protocol import DEFAULT_LMMS_EVAL, PROTOCOLS, LmmsProtocol, get_protocol
+from ..models import load_model
+from ..sharding import Shard, shard_folder
 from ..statistics import paired_bootstrap_interval
 from ..parameters import MAX_DOCUMENTS, MAX_NEW_TOKENS, check_allow_large, check_size
 from ..reader_tasks import HELDOUT_SEED
@@ -65,6 +83,7 @@ __all__ = [
     "MASK_RATIO_TARGET",
     "MAX_BATCH_SIZE",
     "Config",
+    "sweep",
     "read_lowest_budget",
     "lowest_budget_table",
     "cell_statistics",
@@ -132,7 +151,9 @@ class Config:
     ``run_dir`` unless absolute (read only when a method needs it); ``dtype`` / ``device``: for
     ``load_model`` (device "auto": CUDA when available); ``max_new_tokens``: a cap on every
     benchmark's generation limit, for smoke runs of random-weight models only (None: lmms-eval's
-    limits); ``on_mismatch``: what :func:`~sparsemm_utils.evaluation.run_sweep` does with an
+    limits); ``selection_dtype``: the dtype SnapKV-style selection scores the keys in (SparseMM,
+    AdaKV, SnapKV, PyramidKV, random): ``"float32"`` (the default) or ``"model"`` (the original's
+    rounding and ranking; docs/deviations.md "Selection scores"); ``on_mismatch``: what :func:`~sparsemm_utils.evaluation.run_sweep` does with an
     earlier sweep of other settings in the folder ("archive": move it to ``superseded/``;
     "error": stop); ``ablation_samples``: the head masks (``mask``, ``mask_random``,
     ``mask_random_<k>``) answer only the first n questions (None: all); ``batch_size``: questions
@@ -140,7 +161,9 @@ class Config:
     :func:`~sparsemm_utils.shared_prefill.shared_generate_batch`; the answers are batch 1's, token
     for token; at most :data:`MAX_BATCH_SIZE`); ``allow_large``: lift the bounds on ``n_documents``
     (:data:`~sparsemm_utils.parameters.MAX_DOCUMENTS`) and ``max_new_tokens``
-    (:data:`~sparsemm_utils.parameters.MAX_NEW_TOKENS`)."""
+    (:data:`~sparsemm_utils.parameters.MAX_NEW_TOKENS`); ``lmms_eval``: which lmms-eval's rules
+    build the prompts and score the answers, end to end ("0.3": v0.3.4, the paper's; "current":
+    today's; :mod:`sparsemm_utils.lmms_protocol`, the differences in docs/deviations.md)."""
 
     run_dir: str = "runs/tiny"
     model_id: str = "data/tiny_reader"
@@ -160,10 +183,12 @@ class Config:
     dtype: str = "auto"
     device: str = "auto"
     max_new_tokens: int | None = None
+    selection_dtype: str = "float32"
     on_mismatch: str = "archive"
     ablation_samples: int | None = None
     batch_size: int = 1
     allow_large: bool = False
+    lmms_eval: str = DEFAULT_LMMS_EVAL
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_dir, (str, Path)) or not str(self.run_dir):
@@ -208,6 +233,7 @@ class Config:
             )
         if not isinstance(self.device, str) or not self.device:
             raise EvaluationError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        check_choice("selection_dtype", self.selection_dtype, SELECTION_DTYPES, error=EvaluationError)
         check_choice("on_mismatch", self.on_mismatch, ON_MISMATCH, error=EvaluationError)
         if self.ablation_samples is not None:
             self.ablation_samples = check_int("ablation_samples", self.ablation_samples, 1, error=EvaluationError)
@@ -215,6 +241,12 @@ class Config:
             "batch_size", self.batch_size, 1, MAX_BATCH_SIZE, error=EvaluationError,
             hint="questions answered at once; 1 answers them one by one",
         )  # fmt: skip
+        check_choice("lmms_eval (the scoring protocol)", self.lmms_eval, tuple(PROTOCOLS), error=EvaluationError)
+
+    @property
+    def protocol(self) -> LmmsProtocol:
+        """The scoring protocol ``lmms_eval`` names."""
+        return get_protocol(self.lmms_eval)
 
     def method_limits(self) -> dict[str, int]:
         """The head masks answer only the first ``ablation_samples`` questions of each benchmark
@@ -244,7 +276,7 @@ class Config:
         """{name: :class:`~sparsemm_utils.benchmarks.BenchmarkSamples`} of every benchmark: the
         offline one built from ``n_documents`` pages of :meth:`reader_seed` (and written to
         ``save_dir/reader_docqa.parquet`` when given), the others from ``benchmark_sources`` or the
-        HF cache; ``limit`` rows each."""
+        HF cache; ``limit`` rows each; prompts as the ``lmms_eval`` protocol builds them."""
         loaded = {}
         for name in self.benchmarks:
             source: Any = self.benchmark_sources.get(name)
@@ -252,7 +284,7 @@ class Config:
                 source = make_reader_benchmark(self.n_documents, self.reader_seed(), name=name, progress=progress)
                 if save_dir is not None:
                     source.to_parquet(str(Path(save_dir) / f"{name}.parquet"))
-            loaded[name] = load_benchmark(name, source=source, limit=self.limit)
+            loaded[name] = load_benchmark(self.protocol.spec(name), source=source, limit=self.limit)
         return loaded
 
     def resolved_device(self) -> str:
@@ -265,7 +297,7 @@ class Config:
         """What :func:`~sparsemm_utils.evaluation.press_for` / :class:`~sparsemm_utils.evaluation.ModelGenerator` take."""
         return {
             "window": self.window, "ratio": self.ratio, "seed": self.seed, "fraction": self.mask_fraction,
-            "head_scores": head_scores, "fastv_k": self.fastv_k,
+            "head_scores": head_scores, "fastv_k": self.fastv_k, "selection_dtype": self.selection_dtype,
         }  # fmt: skip
 
     def sweep_settings(self, head_scores: Any = None) -> dict[str, Any]:
@@ -279,6 +311,8 @@ class Config:
         }  # fmt: skip
         if "fastv" in self.methods:  # only then: sweeps without FastV keep the identity they had
             settings["fastv_k"] = self.fastv_k
+        if self.selection_dtype != "float32":  # likewise: float32 sweeps keep the identity they had
+            settings["selection_dtype"] = self.selection_dtype
         if self.method_limits():  # likewise: only sweeps that limit a method record it
             settings["method_limits"] = self.method_limits()
         for name in (b for b in self.benchmarks if b in OFFLINE_PAGES):  # sample ids (row numbers) do not change with the seed
@@ -293,6 +327,32 @@ class Config:
         if self.benchmark_seed is not None:
             return self.benchmark_seed
         return HELDOUT_SEED
+
+
+def sweep(cfg: Config, shard: Shard | None = None, *, log: Any = print, progress: bool = True) -> SweepResult:
+    """The sweep of notebook 05 (its benchmarks, model, head scores, generator and ``run_sweep``
+    arguments): into the step folder, or with ``shard`` into that shard's folder
+    (:func:`~sparsemm_utils.sharding.shard_folder`), answering only its samples. The offline
+    benchmark's parquet copy is the notebook's to write (several shards would write it at once)."""
+    samples = cfg.load_benchmarks()
+    loaded = load_model(cfg.model_id, dtype=cfg.dtype, device=cfg.resolved_device(), seed=cfg.seed)
+    head_scores = load_head_scores(cfg.head_scores_path(), shape=loaded) if cfg.needs_head_scores else None
+    out = STEP.folder(cfg.run_dir, create=True)
+    return run_sweep(
+        out if shard is None else shard_folder(out, shard),
+        model=cfg.model_id,
+        benchmarks=samples,
+        methods=cfg.methods,
+        budgets=cfg.budgets,
+        generate=ModelGenerator(loaded, cfg.press_settings(head_scores), max_new_tokens=cfg.max_new_tokens),
+        settings=cfg.sweep_settings(head_scores),
+        method_limits=cfg.method_limits(),
+        on_mismatch=cfg.on_mismatch,
+        shard=shard,
+        lmms_eval=cfg.lmms_eval,
+        progress=progress,
+        log=log,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -648,3 +708,62 @@ def write_outputs(cfg: Config, results: pd.DataFrame, predictions: pd.DataFrame)
     found = findings(results, predictions)
     findings_frame(found).to_csv(FINDINGS.path(cfg.run_dir), index=False)
     return found
+
+
+#: Where :func:`rescore` writes by default, under the run folder: ``rescored/<protocol>/``.
+RESCORED_DIR = "rescored"
+
+
+def rescore(run_dir: str | Path, lmms_eval: str = DEFAULT_LMMS_EVAL, out: str | Path | None = None) -> tuple[Rescored, list[Finding], Path]:
+    """Score the answers of ``<run_dir>/05_eval/`` again under ``lmms_eval``
+    (:func:`~sparsemm_utils.evaluation.rescore_sweep`; nothing is generated) and write, into
+    ``out`` (default ``<run_dir>/rescored/<lmms_eval>/``), what step 05 writes from them:
+    ``results.csv``, ``predictions.jsonl`` (the re-scored records), ``lowest_budget.csv`` and
+    ``findings.csv``. The files are written into a temporary folder first and moved in only when
+    all are complete, so a failure leaves an earlier re-scoring whole. The step's own folder is
+    never written. Returns (the re-scored sweep, its findings, the folder)."""
+    check_choice("lmms_eval (the scoring protocol)", lmms_eval, tuple(PROTOCOLS), error=EvaluationError)
+    step_dir = STEP.folder(run_dir)
+    target = Path(out) if out is not None else Path(run_dir) / RESCORED_DIR / lmms_eval
+    if target.resolve() == step_dir.resolve():
+        raise EvaluationError(f"{target} is step 05's own folder, which its ledger records: write the re-scoring elsewhere")
+    rescored = rescore_sweep(step_dir, lmms_eval=lmms_eval)
+    found = findings(rescored.results, predictions_frame(rescored.records))
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target, prefix=".writing-") as tmp:
+        staging = Path(tmp)
+        rescored.results.to_csv(staging / RESULTS_FILE, index=False)
+        with open(staging / PREDICTIONS_FILE, "w", encoding="utf-8", newline="") as handle:
+            handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rescored.records)
+        lowest_budget_table(rescored.results).to_csv(staging / LOWEST_BUDGET.name, index=False)
+        findings_frame(found).to_csv(staging / FINDINGS.name, index=False)
+        for name in (RESULTS_FILE, PREDICTIONS_FILE, LOWEST_BUDGET.name, FINDINGS.name):
+            shutil.move(str(staging / name), str(target / name))
+    return rescored, found, target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``rescore --run-dir <run> [--lmms-eval 0.3|current] [--out <folder>]`` (:func:`rescore`);
+    exit code 2 with the reason on bad input."""
+    parser = argparse.ArgumentParser(prog="python -m sparsemm_utils.steps.eval", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("rescore", help="score a finished sweep's answers again under a scoring protocol, generating nothing")
+    cmd.add_argument("--run-dir", required=True, help="the run folder whose 05_eval/ holds the sweep")
+    cmd.add_argument("--lmms-eval", default=DEFAULT_LMMS_EVAL, choices=sorted(PROTOCOLS), help="the scoring protocol")
+    cmd.add_argument("--out", default=None, help="where to write (default <run-dir>/rescored/<protocol>/)")
+    args = parser.parse_args(argv)
+    try:
+        rescored, found, target = rescore(args.run_dir, args.lmms_eval, args.out)
+    except EvaluationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    headline = rescored.results[rescored.results["metric"] == rescored.results["benchmark"].map(lambda b: get_benchmark(b).metric)]
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        print(headline[["benchmark", "method", "budget", "metric", "score", "n_samples", "ci_low", "ci_high", "sparsemm_minus_method"]].to_string(index=False))
+    print(findings_frame(found)[["claim", "this_run", "n", "holds"]].to_string(index=False))
+    print(f"wrote {', '.join(str(target / n) for n in (RESULTS_FILE, PREDICTIONS_FILE, LOWEST_BUDGET.name, FINDINGS.name))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

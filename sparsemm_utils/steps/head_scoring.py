@@ -11,6 +11,8 @@ scores the language model's own text-copy heads on the same documents given as t
 (:mod:`sparsemm_utils.head_comparison`). This module declares the step (:data:`STEP`, its
 artifacts), its parameters (:class:`Config`), its report, the writing of its outputs
 (:func:`write_outputs`) and the paper's claims checked on the run (:func:`findings`).
+:func:`capture_shard` runs the notebook's capture for one shard of a sharded run
+(``python -m sparsemm_utils.pipeline ... --shard i/n``, docs/design.md "Sharded runs").
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..artifacts import Artifact, StepSpec
 from ..attention_capture import CAPTURE_METHODS
+from ..attention_hooks import SELECTION_DTYPES
 from ..findings import Finding, findings_frame, read_findings
 from ..head_comparison import CONCENTRATION_FRACTIONS, compare_head_scores, rank_correlation, top_count, top_overlap
-from ..head_scoring_capture import HeadScoringResult, SampleCapture, jsonable
+from ..head_scoring_capture import HeadScoringResult, SampleCapture, capture_documents, jsonable
 from ..head_scoring_files import head_scores_frame, load_head_scores, write_head_scores_json
 from ..head_scoring_rule import (
     MATCH_RULES,
@@ -46,8 +50,11 @@ from ..head_scoring_rule import (
     validate_head_scores,
 )
 from ..model_types import is_random_weight_model
+from ..models import load_model
 from ..parameters import MAX_DOCUMENTS, MAX_NEW_TOKENS, check_allow_large, check_size
 from ..prompts import OCR_PROMPT
+from ..runs import resolve_run_dir
+from ..sharding import Shard
 from ..text_heads import SMOLLM2_COPY_HEADS, TextHeadResult
 from ..validate import check_choice, check_int
 from . import ocr_annotation, patch_mapping
@@ -65,7 +72,9 @@ __all__ = [
     "SHARE_TOLERANCE",
     "SIGNIFICANCE",
     "TEXT_TOP_FRACTION",
+    "SHARDS_ROOT",
     "Config",
+    "capture_shard",
     "build_report",
     "write_outputs",
     "middle_layers",
@@ -132,6 +141,9 @@ STEP = StepSpec(
 #: Outputs written only when a parameter asks for them (``text_heads``).
 OPTIONAL_OUTPUTS: tuple[Artifact, ...] = (TEXT_HEAD_SCORES,)
 
+#: Under the run folder: the shards of the steps whose own folder is set aside on a rerun.
+SHARDS_ROOT = ".shards"
+
 #: How far (in share points) this run's top-share may fall below the paper's and still count as
 #: "as concentrated as the paper's" in :func:`findings`.
 SHARE_TOLERANCE = 0.10
@@ -151,6 +163,9 @@ class Config:
     positions captured, so every variant can be scored from one pass). ``token_text``: see
     :func:`~sparsemm_utils.head_scoring_rule.token_strings`. ``capture``: ``"streamed"`` (row capture) | ``"reference"`` (eager +
     output_attentions, N^2 memory). ``prompt``: the user text (docs/method.md §2: the OCR prompt).
+    ``selection_dtype``: the dtype of the attention rows the hit rule ranks, ``"float32"`` (the
+    default) or ``"model"`` (the original's: softmax cast back to the model's dtype, argmax by
+    ``topk(1)``; docs/deviations.md "Selection scores").
     ``explorer_samples`` / ``explorer_tokens``: keep the image attention of the first tokens of
     the first samples for figures and the explorer. ``reference_check_samples``: samples on which
     the notebook compares the streamed rows with the eager reference (0: skip; the reference needs
@@ -174,6 +189,7 @@ class Config:
     top_k: int = 5
     token_text: str = "family"
     capture: str = "streamed"
+    selection_dtype: str = "float32"
     prompt: str | None = None
     explorer_samples: int = 2
     explorer_tokens: int = 48
@@ -202,6 +218,7 @@ class Config:
         check_int("top_k", self.top_k, 1, error=HeadScoringConfigError)
         check_choice("token_text", self.token_text, TOKEN_TEXT_MODES, error=HeadScoringConfigError)
         check_choice("capture", self.capture, CAPTURE_METHODS, error=HeadScoringConfigError)
+        check_choice("selection_dtype", self.selection_dtype, SELECTION_DTYPES, error=HeadScoringConfigError)
         if self.prompt is None:
             self.prompt = OCR_PROMPT
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -216,9 +233,29 @@ class Config:
             check_size("text_samples (or None for all documents)", self.text_samples, MAX_DOCUMENTS, allow_large=large,
                        error=HeadScoringConfigError)
 
+    @property
+    def shards_dir(self) -> Path:
+        """``<run_dir>/.shards/03_head_scoring``: the shards of a sharded capture live in its
+        ``shards/`` (outside the step folder, which the pipeline sets aside when the step reruns)."""
+        return resolve_run_dir(self.run_dir) / SHARDS_ROOT / NAME
+
     def to_dict(self) -> dict[str, Any]:
         """The parameters as JSON-ready values (for ``scoring_report.json``)."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def capture_shard(cfg: Config, shard: Shard) -> list[SampleCapture]:
+    """Notebook 03's capture of its documents, for one shard of a sharded run (``python -m
+    sparsemm_utils.pipeline ... --shard i/n``): the same seed, threads, documents, regions and
+    model, capturing the documents at the shard's positions into its folder under
+    :attr:`Config.shards_dir`; the notebook's ``capture_documents`` merges them."""
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    documents = ocr_annotation.DOCUMENTS.read(cfg.run_dir)
+    regions = patch_mapping.REGIONS.read(cfg.run_dir)
+    loaded = load_model(cfg.model_id, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
+    return capture_documents(loaded, documents, regions, cfg, shard=shard)
 
 
 def build_report(

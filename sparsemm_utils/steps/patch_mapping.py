@@ -78,7 +78,7 @@ class Config:
     ``run_dir``: the run folder; ``model_id``: the model whose processor lays out the image
     tokens (its weights are not used); ``seed``: for loading the model; ``variant``: the mapping
     rule (``"fidelity"``, the original's, for every model type; ``"base_and_crop"`` for
-    LLaVA-NeXT only, docs/method.md §3); ``figure_doc_index`` / ``figure_chunk_index``: the
+    LLaVA-NeXT / LLaVA-OneVision (base grid) and InternVL (thumbnail) only, docs/method.md §3); ``figure_doc_index`` / ``figure_chunk_index``: the
     document (position in the dataset) and chunk drawn in the figures."""
 
     run_dir: str = "runs/tiny"
@@ -166,6 +166,8 @@ def _spread(values: Sequence[int]) -> str:
 _RULE = {
     "qwen_vl": "rows floor(y0/28)..floor(y1/28) x columns floor(x0/28)..floor(x1/28) of the resized image",
     "llava_next": "the unpadded crop grid only, p_w = W // W', p_h = H // H', base tokens never",
+    "llava_onevision": "the unpadded crop grid after the anyres-max shrink only, p_w = W // W'', p_h = H // H'', base tokens never",
+    "internvl": "rows floor(y0/28)..floor(y1/28) x columns floor(x0/28)..floor(x1/28) of the tiled canvas, read tile by tile, thumbnail never",
 }
 
 
@@ -195,7 +197,7 @@ def findings(records: Sequence[Mapping[str, Any]], mapper: PatchMapper) -> list[
     fidelity = mapper.variant == "fidelity"
     rule_this_run = f"{type(mapper).__name__}, variant {mapper.variant!r}: {_RULE[mapper.family]}"
     if not fidelity:
-        rule_this_run += ", plus the base-grid tokens under the box"
+        rule_this_run += ", plus the thumbnail tokens under the box" if mapper.family == "internvl" else ", plus the base-grid tokens under the box"
 
     n_chunks = sum(len(r["chunks"]) for r in records)
     n_chars = sum(len(r["chars"]) for r in records)

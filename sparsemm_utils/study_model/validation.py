@@ -57,6 +57,7 @@ class ValidationCapture:
     explorer_tokens: int = 1
     match: str = "substring"
     selection: str = "argmax"
+    selection_dtype: str = "float32"
 
 
 def validate_recipe(

@@ -99,6 +99,12 @@ def test_an_unknown_method_in_step_05_stops_before_step_01(tmp_path):
              "step 05_eval refuses its parameters (UnknownMethodError", "'sparsemn'")
 
 
+@pytest.mark.parametrize("step, after", [("05_eval", "    fastv_k: 1\n"), ("03_head_scoring", "    selection: argmax\n")])
+def test_a_misspelled_selection_dtype_stops_before_step_01(tmp_path, step, after):
+    _refused(tmp_path, TINY.replace(after, after + "    selection_dtype: bf16\n", 1),
+             f"step {step} refuses its parameters", "selection_dtype must be one of", "'bf16'")
+
+
 def test_a_step_range_backwards_is_refused(tmp_path):
     with pytest.raises(pl.PipelineConfigError, match="--from 05 comes after --to 02"):
         pl.run_pipeline(repo_root() / "configs" / "tiny.yaml", tmp_path / "run", from_step="05", to_step="02")

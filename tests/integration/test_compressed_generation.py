@@ -1,4 +1,5 @@
-"""Compressed generation through ``model.generate`` on tiny Qwen2-VL, Qwen2.5-VL and LLaVA-NeXT.
+"""Compressed generation through ``model.generate`` on tiny models of every supported class
+(Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT, Qwen3-VL, LLaVA-OneVision, InternVL).
 
 - every budget >= the prompt length: token-identical to the uncompressed model;
 - a real compression equals a simple reference: the FULL cache plus a per-head mask that hides
@@ -19,7 +20,7 @@ from PIL import Image
 from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from sparsemm_utils.allocation import ModelShape, ScoreShapeError
+from sparsemm_utils.allocation import ScoreShapeError
 from sparsemm_utils.compression import (
     AdaKVPress,
     FullKVPress,
@@ -41,29 +42,37 @@ from sparsemm_utils.models import (
     text_attention_implementation,
     vision_attention_implementation,
 )
-from sparsemm_utils.prompts import OCR_PROMPT, VICUNA_SYSTEM_PROMPT, build_inputs
+from sparsemm_utils.prompts import OCR_PROMPT, QWEN_SYSTEM_PROMPT, VICUNA_SYSTEM_PROMPT, build_inputs
 
 pytestmark = pytest.mark.slow
 
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_next")
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_next", "qwen3_vl", "llava_onevision", "internvl")
+#: Families whose anyres image is 1000+ tokens: most of their tests run on the text prompt.
+TEXT_ONLY = ("llava_next", "llava_onevision")
 NEW_TOKENS = 8
 WINDOW = 8
 
 
 def _inputs(loaded, with_image=True):
-    """The OCR prompt of a small blank image (Qwen: 136 tokens). LLaVA-NeXT's anyres turns any image
-    into 1500+ tokens, so most LLaVA-NeXT tests use the text part of its prompt only (the language
-    model and its cache run the same code); :func:`test_llava_next_with_an_image` covers the image."""
+    """The OCR prompt of a small blank image (Qwen: 136 tokens; InternVL: a square image, one
+    256-token tile). LLaVA-NeXT's and LLaVA-OneVision's anyres turn any image into 1000+ tokens, so
+    most of their tests use the text part of the prompt only (the language model and its cache run
+    the same code); :func:`test_anyres_with_an_image` covers the image."""
     if with_image:
-        return build_inputs(loaded, Image.new("RGB", (120, 90), "white"))
-    text = f"{VICUNA_SYSTEM_PROMPT} USER: {OCR_PROMPT} ASSISTANT:"
+        size = (90, 90) if loaded.model_type == "internvl" else (120, 90)
+        return build_inputs(loaded, Image.new("RGB", size, "white"))
+    if loaded.model_type == "llava_next":
+        text = f"{VICUNA_SYSTEM_PROMPT} USER: {OCR_PROMPT} ASSISTANT:"
+    else:  # ChatML (LLaVA-OneVision's Qwen2)
+        text = (f"<|im_start|>system\n{QWEN_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{OCR_PROMPT}<|im_end|>\n"
+                "<|im_start|>assistant\n")
     return dict(loaded.tokenizer(text, return_tensors="pt"))
 
 
 @functools.lru_cache(maxsize=None)
 def _setup(model_type):
     loaded = load_model(f"tiny-random/{model_type}", seed=1)
-    inputs = _inputs(loaded, with_image=model_type != "llava_next")
+    inputs = _inputs(loaded, with_image=model_type not in TEXT_ONLY)
     shape = model_shape(loaded)
     scores = np.random.default_rng(7).random((shape.layers, shape.query_heads)) ** 3
     return loaded, inputs, scores
@@ -157,7 +166,8 @@ def _assert_equals_masked_reference(loaded, inputs, press):
 @pytest.mark.parametrize(
     ("model_type", "method"),
     [("qwen2_vl", m) for m in ("sparsemm", "snapkv", "adakv", "pyramidkv", "streamingllm")]
-    + [("qwen2_5_vl", "sparsemm"), ("llava_next", "sparsemm"), ("llava_next", "adakv")],
+    + [("qwen2_5_vl", "sparsemm"), ("llava_next", "sparsemm"), ("llava_next", "adakv")]
+    + [(model_type, "sparsemm") for model_type in ("qwen3_vl", "llava_onevision", "internvl")],
 )
 def test_compressed_path_equals_full_cache_with_a_per_head_mask(model_type, method):
     loaded, inputs, scores = _setup(model_type)
@@ -172,9 +182,11 @@ def test_compressed_path_equals_full_cache_with_a_per_head_mask(model_type, meth
     _assert_equals_masked_reference(loaded, inputs, press)
 
 
-def test_llava_next_with_an_image():
-    # anyres: 576 base tokens + the unpadded crop grid; the vision tower keeps sdpa, the text model compresses
-    loaded = load_model("tiny-random/llava_next", seed=1)
+@pytest.mark.parametrize("model_type", TEXT_ONLY)
+def test_anyres_with_an_image(model_type):
+    # anyres: 576 (OneVision: 729) base tokens + the unpadded crop grid; the vision tower keeps sdpa,
+    # the text model compresses
+    loaded = load_model(f"tiny-random/{model_type}", seed=1)
     inputs = _inputs(loaded, with_image=True)
     n = _prompt_len(inputs)
     assert n > 1000
@@ -239,9 +251,10 @@ def test_kept_tokens_follow_snapkv_recomputed_from_eager_attention(setup):
 # ---------------------------------------------------------------------------------------- bytes
 
 
-def test_reported_bytes_are_kept_tokens_times_head_dim_times_two_times_dtype():
-    loaded = load_model("tiny-random/qwen2_vl", dtype="bfloat16")
-    inputs = build_inputs(loaded, Image.new("RGB", (120, 90), "white"))
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_reported_bytes_are_kept_tokens_times_head_dim_times_two_times_dtype(model_type):
+    loaded = load_model(f"tiny-random/{model_type}", dtype="bfloat16")
+    inputs = _inputs(loaded, with_image=model_type not in TEXT_ONLY)
     n = _prompt_len(inputs)
     shape = model_shape(loaded)
     scores = np.random.default_rng(0).random((shape.layers, shape.query_heads))
@@ -333,32 +346,3 @@ def test_bad_input_fails_before_any_forward_pass(setup):
     with pytest.raises(ScoreShapeError, match=f"the model needs \\(layers, query_heads\\) = \\({shape.layers}, {shape.query_heads}\\)"):
         compressed_generate(loaded, wrong, inputs, max_new_tokens=2)
     assert text_attention_implementation(loaded.model) == "sdpa"
-
-
-# ------------------------------------------------------------------------- the benchmark, smoke
-
-
-def test_decode_latency_benchmark_runs_on_a_small_shape():
-    """benchmarks/decode_latency.py on a small model (timings are printed, never asserted)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_latency.py"
-    spec = importlib.util.spec_from_file_location("decode_latency", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["decode_latency"] = bench
-    spec.loader.exec_module(bench)
-    widths = dict(text_hidden=64, text_heads=4, text_kv_heads=2, text_intermediate=64)
-    rows = bench.run_benchmark((64, 96), budget=24, window=8, layers=2, steps=1, warmup=1, widths=widths, progress=False)
-    assert [r.context for r in rows] == [64, 96]
-    # the benchmark's SparseMM: B = 24, w = 8, skewed synthetic scores rng(seed 0).random((L, H)) ** 8
-    press = SparseMMPress(budget=24, window=8, head_scores=np.random.default_rng(0).random((2, 4)) ** 8)
-    shape = ModelShape(2, 4, 2)
-    for r in rows:  # bytes measured right after the "prefill": 2 layers x 2 KV heads x head_dim 16 x 2 x 4 bytes
-        assert r.fullkv_kv_bytes == r.context * 2 * 2 * 16 * 2 * 4
-        stored = press.capacities(shape, r.context).stored(r.context)  # cap + window per KV head, n > B
-        assert r.sparsemm_kv_bytes == int(stored.sum()) * 16 * 2 * 4
-        assert abs(int(stored.sum()) - 24 * 4) <= 2  # B per KV head on average, up to the caps' rounding
-        assert r.fullkv_ms > 0 and r.sparsemm_ms > 0
-    assert "ratio FullKV / SparseMM at n = 96" in bench.format_rows(rows)

@@ -24,7 +24,7 @@ from sparsemm_utils.efficiency import (
     measure,
     run_efficiency,
 )
-from sparsemm_utils.real_shapes import RESERVED_TOKEN_IDS, build_random_model, random_prompt, weights_bytes
+from sparsemm_utils.real_shapes import RESERVED_TOKEN_IDS, build_random_model, get_real_shape, random_prompt, weights_bytes
 from sparsemm_utils.steps import efficiency as step
 
 pytestmark = pytest.mark.slow
@@ -62,6 +62,18 @@ def test_one_measurement_follows_the_protocol(method):
     # the decode reserve after the prefill: 4 free rows (the 4 tokens still to append, under one block)
     # per KV head of each layer; transformers' own cache has none
     assert row["kv_reserve_bytes"] == (None if method == "fullkv" else 4 * 2 * 2 * per_token)
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-vl-3b", "qwen3-vl-2b", "llava-onevision-qwen2-0.5b", "internvl3-1b"])
+def test_every_family_measures_kv_bytes_equal_to_the_analytic_sum(model):
+    # the real shape's class (Qwen3-VL's explicit head_dim, Qwen2 behind OneVision and InternVL) at 1 layer
+    config = EfficiencyProtocol(methods=["sparsemm"], **{**SMALL, "models": [model], "layers": 1})
+    row = measure(config, model, "sparsemm", 96)
+    shape = get_real_shape(model)
+    assert row["layers"] == 1 and row["full_layers"] == shape.layers
+    assert row["kv_bytes"] == row["kv_bytes_analytic"] > 0
+    # the generated tokens go to every KV head: 4 decode steps x kv_heads x head_dim x 2 x 4 bytes
+    assert row["kv_bytes_final"] == row["kv_bytes"] + 4 * shape.kv_heads * shape.head_dim * 2 * 4
 
 
 def test_random_prompt_never_holds_a_special_token():

@@ -74,12 +74,27 @@ def test_bad_parameters_are_refused():
 # ------------------------------------------------------------------------------------ tiny model
 
 
+#: The families whose image fits a short prompt (the anyres ones have their own test below).
+TINY_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl")
+
+
+def _tiny(model_type):
+    """A tiny model and the OCR prompt of a random 280 x 224 page (InternVL: 224 x 224, one tile)."""
+    loaded = load_model(f"tiny-random/{model_type}", seed=0)
+    rng = np.random.default_rng(3)
+    shape = (224, 224, 3) if model_type == "internvl" else (224, 280, 3)
+    image = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8))
+    return loaded, build_inputs(loaded, image)
+
+
 @pytest.fixture(scope="module")
 def qwen():
-    loaded = load_model("tiny-random/qwen2_vl", seed=0)
-    rng = np.random.default_rng(3)
-    image = Image.fromarray(rng.integers(0, 255, (224, 280, 3), dtype=np.uint8))
-    return loaded, build_inputs(loaded, image)
+    return _tiny("qwen2_vl")
+
+
+@pytest.fixture(scope="module", params=TINY_TYPES)
+def tiny(request, qwen):
+    return qwen if request.param == "qwen2_vl" else _tiny(request.param)
 
 
 def _same_generation(a, b, atol=1e-5):
@@ -89,8 +104,8 @@ def _same_generation(a, b, atol=1e-5):
 
 
 @pytest.mark.slow
-def test_ratio_zero_is_the_unmodified_model(qwen):
-    loaded, inputs = qwen
+def test_ratio_zero_is_the_unmodified_model(tiny):
+    loaded, inputs = tiny
     plain = loaded.model.generate(**inputs, **GREEDY)
     result = fv.fastv_generate(loaded, fv.FastVPress(k=2, ratio=0.0), inputs, **GREEDY)
     _same_generation(plain, result.output)
@@ -101,8 +116,8 @@ def test_ratio_zero_is_the_unmodified_model(qwen):
 
 
 @pytest.mark.slow
-def test_k_equal_to_the_layers_drops_nothing(qwen):
-    loaded, inputs = qwen
+def test_k_equal_to_the_layers_drops_nothing(tiny):
+    loaded, inputs = tiny
     plain = loaded.model.generate(**inputs, **GREEDY)
     result = fv.fastv_generate(loaded, fv.FastVPress(k=loaded.num_layers, ratio=0.9), inputs, **GREEDY)
     _same_generation(plain, result.output)
@@ -111,8 +126,8 @@ def test_k_equal_to_the_layers_drops_nothing(qwen):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 2])
-def test_kept_tokens_are_the_eager_ranking(qwen, k):
-    loaded, inputs = qwen
+def test_kept_tokens_are_the_eager_ranking(tiny, k):
+    loaded, inputs = tiny
     press = fv.FastVPress(k=k, ratio=0.5)
     result = fv.fastv_generate(loaded, press, inputs, max_new_tokens=2, do_sample=False)
     # reference: eager attention of layer k-1, last prompt row, mean over heads, image slice, top-kept
@@ -135,8 +150,8 @@ def test_kept_tokens_are_the_eager_ranking(qwen, k):
 
 
 @pytest.mark.slow
-def test_decoding_over_the_pruned_cache_equals_a_masked_full_pass(qwen):
-    loaded, inputs = qwen
+def test_decoding_over_the_pruned_cache_equals_a_masked_full_pass(tiny):
+    loaded, inputs = tiny
     press = fv.FastVPress(k=2, ratio=0.75)
     result = fv.fastv_generate(loaded, press, inputs, **GREEDY)
     hidden_prompt = result.session.hidden
@@ -162,8 +177,9 @@ def test_decoding_over_the_pruned_cache_equals_a_masked_full_pass(qwen):
 
 
 @pytest.mark.slow
-def test_llava_next_runs_and_prunes():
-    loaded = load_model("tiny-random/llava_next", seed=0)
+@pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision"])
+def test_anyres_models_run_and_prune(model_type):
+    loaded = load_model(f"tiny-random/{model_type}", seed=0)
     rng = np.random.default_rng(4)
     inputs = build_inputs(loaded, Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)))
     result = fv.fastv_generate(loaded, fv.FastVPress(k=2, ratio=0.5), inputs, max_new_tokens=3, do_sample=False)

@@ -24,7 +24,7 @@ from sparsemm_utils.steps import head_scoring as step03
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_next")
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_next", "qwen3_vl", "llava_onevision", "internvl")
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +105,10 @@ def documents():
                                                       page_height_range=(112, 168)), progress=False)
 
 
-def test_documents_to_scores_and_explorer(models, documents, tmp_path):
-    loaded = models["qwen2_vl"]
-    regions = map_documents(documents, loaded.processor, "qwen2_vl")
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen3_vl", "llava_onevision", "internvl"])
+def test_documents_to_scores_and_explorer(models, documents, tmp_path, model_type):
+    loaded = models[model_type]
+    regions = map_documents(documents, loaded.processor, model_type)
     cfg = step03.Config(run_dir=str(tmp_path), max_new_tokens=4, n_samples=2, explorer_samples=1, explorer_tokens=3, top_k=2)
     samples = capture.capture_documents(loaded, documents, regions, cfg, progress=False)
     assert [len(s.tokens) for s in samples] == [4, 4]
@@ -121,7 +122,7 @@ def test_documents_to_scores_and_explorer(models, documents, tmp_path):
     np.testing.assert_allclose(scores, result.scores)
     # a tiny-random model: the claims about visual heads cannot be told
     assert [h is None for h in step03.FINDINGS.read(tmp_path)["holds"]] == [False, True, True, True]
-    explorer = HeadExplorer(explorer_samples(samples, result, documents, loaded.processor, "qwen2_vl"), result.scores)
+    explorer = HeadExplorer(explorer_samples(samples, result, documents, loaded.processor, model_type), result.scores)
     assert len(explorer.samples) == 1 and explorer.static_figure(max_steps=2) is not None
     check = capture.compare_with_reference(loaded, documents[0], regions[0], cfg)
     assert check["tokens_equal"] and check["argmax_equal"] == 1.0 and check["max_abs_row_diff"] < 1e-6

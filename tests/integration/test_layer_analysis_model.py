@@ -24,13 +24,19 @@ def _image(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "llava_next"])
+ANYRES = ("llava_next", "llava_onevision")
+#: Image size per family: Qwen 280 x 224; anyres a small 64 x 48 (still ~1,300 tokens); InternVL a
+#: square page (one 256-token tile; a 280 x 224 page would be 12 tiles and a thumbnail).
+SIZES = {"llava_next": (64, 48), "llava_onevision": (64, 48), "internvl": (224, 224)}
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "llava_next", "qwen3_vl", "llava_onevision", "internvl"])
 def sample(request):
     loaded = load_model(f"tiny-random/{request.param}", seed=0)
-    size = (280, 224) if request.param != "llava_next" else (64, 48)
+    size = SIZES.get(request.param, (280, 224))
     inputs = build_inputs(loaded, _image(*size, seed=1))
-    # Qwen: small chunks (the rows of one layer come in many pieces); LLaVA-NeXT (~1,300 tokens): one piece
-    chunk = 37 if request.param != "llava_next" else 2048
+    # small chunks (the rows of one layer come in many pieces); anyres (~1,300 tokens): one piece
+    chunk = 2048 if request.param in ANYRES else 37
     generated, stats = lsc.analyse_sample(loaded, inputs, max_new_tokens=6, chunk_size=chunk)
     return loaded, inputs, generated, stats
 

@@ -19,7 +19,12 @@ from sparsemm_utils.steps.patch_mapping import REGIONS, Config, write_outputs
 
 pytestmark = pytest.mark.slow
 
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_next")
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_next", "qwen3_vl", "llava_onevision", "internvl")
+#: 1000 x 700 image, worked by hand in the unit tests (tests/unit/test_patch_mapping.py):
+#: Qwen 25 x 36 = 900; LLaVA-NeXT 576 + 34 * 49 = 2242; Qwen3-VL 22 x 31 = 682 (32 px tokens);
+#: LLaVA-OneVision 729 + 54 * 78 = 4941 (2 x 3 crops of 27, unpadded to 54 x 77); InternVL 3 x 2 tiles
+#: + thumbnail = 7 * 256 = 1792.
+HAND_COUNTS = {"qwen2_vl": 900, "qwen2_5_vl": 900, "llava_next": 2242, "qwen3_vl": 682, "llava_onevision": 4941, "internvl": 1792}
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +45,34 @@ def test_geometry_from_the_tiny_processors(processors):
     )
     assert pm.geometry_from_processor(processors["qwen2_5_vl"], "qwen2_5_vl") == pm.QwenVLGeometry()
     assert pm.geometry_from_processor(processors["llava_next"], "llava_next") == pm.LlavaNextGeometry()
+    assert pm.geometry_from_processor(processors["qwen3_vl"], "qwen3_vl") == pm.QwenVLGeometry(
+        16, 2, 32 * 32 * 32, 16384 * 32 * 32
+    )
+    assert pm.geometry_from_processor(processors["llava_onevision"], "llava_onevision") == pm.LlavaOnevisionGeometry()
+    assert pm.geometry_from_processor(processors["internvl"], "internvl") == pm.InternVLGeometry()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    model_type=st.sampled_from(("qwen3_vl", "llava_onevision", "internvl")),
+    width=st.integers(1, 3000),
+    height=st.integers(1, 3000),
+)
+def test_token_count_agrees_with_processor_up_to_large_images(processors, model_type, width, height):
+    # large sides reach OneVision's anyres-max shrink (more than 9 crops' worth) and InternVL's 12 tiles;
+    # tiny sides hit Qwen3-VL's min_pixels and extreme aspect ratios
+    if max(width, height) / min(width, height) > 200:
+        return  # Qwen's smart_resize refuses aspect ratios above 200 (tested in the unit tests)
+    processor = processors[model_type]
+    mapper = pm.mapper_from_processor(processor, model_type)
+    _, length, _ = _span(processor, model_type, width, height)
+    assert mapper.num_tokens(width, height) == length
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_hand_example_image_count_matches_processor(processors, model_type):
-    # 1000x700: Qwen 25 x 36 = 900 tokens; LLaVA-NeXT 576 + 34 * 49 = 2242 (see the unit tests).
-    expected = {"qwen2_vl": 900, "qwen2_5_vl": 900, "llava_next": 2242}[model_type]
     _, length, _ = _span(processors[model_type], model_type, 1000, 700)
-    assert length == expected
+    assert length == HAND_COUNTS[model_type]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -72,7 +97,7 @@ def test_mapping_agrees_with_processor_over_sizes(processors, model_type, width,
     absolute = start + positions
     assert absolute.min() >= start and absolute.max() < start + length
     assert np.all(ids[absolute] == processor.image_token_id)
-    if model_type == "llava_next":
+    if model_type in ("llava_next", "llava_onevision"):
         assert not np.isin(positions, mapper.newline_positions(width, height)).any()
         assert positions.min() >= mapper.geometry.base_tokens
 
@@ -118,7 +143,7 @@ def test_map_documents_rejects_a_mapper_that_disagrees_with_the_processor(proces
 def test_compare_with_processors_reports_agreement(processors):
     rows = pm.compare_with_processors(Image.new("RGB", (1000, 700)), processors)
     assert [r["model_type"] for r in rows] == list(MODEL_TYPES)
-    assert [r["mapping_tokens"] for r in rows] == [900, 900, 2242]
+    assert [r["mapping_tokens"] for r in rows] == [HAND_COUNTS[t] for t in MODEL_TYPES]
     assert all(r["agree"] and r["processor_tokens"] == r["mapping_tokens"] for r in rows)
     assert rows[2]["grid_h"] == 34 and rows[2]["grid_w"] == 48
 

@@ -15,6 +15,7 @@ import pytest
 from sparsemm_utils import pipeline as pl
 from sparsemm_utils.artifacts import Artifact, StepSpec
 from sparsemm_utils.manifest import Manifest, sha256_file
+from sparsemm_utils.real_shapes import REAL_SHAPES, get_real_shape, gpu_memory
 from sparsemm_utils.runs import MissingUpstreamError
 
 pytestmark = pytest.mark.slow
@@ -183,6 +184,23 @@ def test_shipped_configs_load_and_name_registered_steps():
     for path in sorted((pl.repo_root() / "configs").glob("*.yaml")):
         config = pl.load_config(path)
         config.check_steps(pl.STEPS)
+
+
+def test_real_model_configs_cover_every_shape_and_state_its_gpu_memory():
+    # one config per real shape (qwen2-vl-2b is a step 06 timing shape only), each naming the memory
+    # gpu_memory computes from the shape and the command that computes it
+    by_model = {}
+    for path in sorted((pl.repo_root() / "configs").glob("*.yaml")):
+        model_id = pl.load_config(path).params.get("model_id", "")
+        if model_id in {s.hub_id for s in REAL_SHAPES.values()}:
+            by_model[model_id] = path
+    assert set(by_model) == {s.hub_id for s in REAL_SHAPES.values()} - {"Qwen/Qwen2-VL-2B-Instruct"}
+    for model_id, path in by_model.items():
+        shape = get_real_shape(model_id)
+        header = path.read_text()
+        assert path.stem == shape.name and f"hf download {model_id}\n" in header
+        assert f"# {gpu_memory(shape).line()};\n#   computed by: python -m sparsemm_utils.real_shapes {shape.name}\n" in header
+        assert f"{shape.layers} layers, {shape.query_heads} query heads, {shape.kv_heads} KV heads" in header
 
 
 def test_list_command(capsys):

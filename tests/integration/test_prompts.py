@@ -11,6 +11,7 @@ from PIL import Image
 
 from sparsemm_utils.prompts import (
     OCR_PROMPT,
+    INTERNVL_SYSTEM_PROMPT,
     QWEN_SYSTEM_PROMPT,
     VICUNA_SYSTEM_PROMPT,
     ModelTypeMismatchError,
@@ -20,6 +21,7 @@ from sparsemm_utils.prompts import (
     build_messages,
     image_token_span,
 )
+from sparsemm_utils.model_types import SUPPORTED_MODEL_TYPES
 from sparsemm_utils.random_models import build_tiny_processor
 
 QWEN_PROMPT = (
@@ -27,6 +29,11 @@ QWEN_PROMPT = (
     "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
     "Provide all the OCR results of this image.<|im_end|>\n"
     "<|im_start|>assistant\n"
+)
+#: The newer families' single-image chat: ChatML, the placeholder on its own line before the text.
+CHATML_IMAGE_FIRST = (
+    "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{image}\n"
+    "Provide all the OCR results of this image.<|im_end|>\n<|im_start|>assistant\n"
 )
 VICUNA_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
@@ -37,7 +44,7 @@ VICUNA_PROMPT = (
 
 @pytest.fixture(scope="module")
 def processors():
-    return {model_type: build_tiny_processor(model_type) for model_type in ("qwen2_vl", "qwen2_5_vl", "llava_next")}
+    return {model_type: build_tiny_processor(model_type) for model_type in SUPPORTED_MODEL_TYPES}
 
 
 # ---------------------------------------------------------------- image_token_span, pure
@@ -98,6 +105,36 @@ def test_qwen_prompt_text(processors, model_type):
     # without a system turn the template inserts the same default system prompt
     no_system = build_messages(OCR_PROMPT, model_type, system_prompt=None)
     assert processor.apply_chat_template(no_system, add_generation_prompt=True, tokenize=False) == QWEN_PROMPT
+
+
+@pytest.mark.slow
+def test_newer_families_prompt_text_and_expansion(processors):
+    # Qwen3-VL: Qwen's chat, but its template adds no system turn of its own
+    qwen3 = processors["qwen3_vl"]
+    assert qwen3.apply_chat_template(build_messages(OCR_PROMPT, "qwen3_vl"), add_generation_prompt=True, tokenize=False) == QWEN_PROMPT
+    bare = qwen3.apply_chat_template(build_messages(OCR_PROMPT, "qwen3_vl", system_prompt=None), add_generation_prompt=True, tokenize=False)
+    assert bare == QWEN_PROMPT[QWEN_PROMPT.index("<|im_start|>user"):]
+    # 280 x 140 on 32 px tokens: round(140/32) = 4 rows x round(280/32) = 9 columns = 36 tokens (>= 32);
+    # 45 tokens before them, as for Qwen2-VL below
+    inputs = build_inputs(qwen3, Image.new("RGB", (280, 140), "white"), OCR_PROMPT, "qwen3_vl")
+    assert image_token_span(inputs["input_ids"], qwen3.image_token_id) == (45, 36)
+    # LLaVA-OneVision and InternVL: ChatML with the placeholder before the text
+    for model_type, system, image in (("llava_onevision", QWEN_SYSTEM_PROMPT, "<image>"),
+                                      ("internvl", INTERNVL_SYSTEM_PROMPT, "<IMG_CONTEXT>")):
+        processor = processors[model_type]
+        prompt = processor.apply_chat_template(build_messages(OCR_PROMPT, model_type), add_generation_prompt=True, tokenize=False)
+        assert prompt == CHATML_IMAGE_FIRST.format(system=system, image=image)
+    # InternVL: one 448 px tile for a square image, 256 <IMG_CONTEXT> between <img> and </img>
+    internvl = processors["internvl"]
+    inputs = build_inputs(internvl, Image.new("RGB", (300, 300), "white"), OCR_PROMPT, "internvl")
+    decoded = internvl.tokenizer.decode(inputs["input_ids"][0])
+    expected = CHATML_IMAGE_FIRST.format(system=INTERNVL_SYSTEM_PROMPT, image="<img>" + "<IMG_CONTEXT>" * 256 + "</img>")
+    user = expected.index("<|im_start|>user")  # the tiny vocabulary is ASCII: the Chinese system prompt decodes to <unk>
+    assert decoded[decoded.index("<|im_start|>user"):] == expected[user:]
+    # LLaVA-OneVision: 384 x 384 -> one crop, 729 base + 27 x (27 + 1) crop-grid tokens, all <image>
+    onevision = processors["llava_onevision"]
+    inputs = build_inputs(onevision, Image.new("RGB", (384, 384), "white"), OCR_PROMPT, "llava_onevision")
+    assert image_token_span(inputs["input_ids"], onevision.image_token_id)[1] == 729 + 27 * 28
 
 
 def test_vicuna_prompt_text(processors):

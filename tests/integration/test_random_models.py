@@ -1,4 +1,4 @@
-"""Tiny random-weight models of the three real classes (sparsemm_utils.random_models): build, run, count
+"""Tiny random-weight models of the six real classes (sparsemm_utils.random_models): build, run, count
 visual tokens, save/load, attention steering."""
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ from sparsemm_utils.models import (
     vision_attention_implementation,
 )
 from sparsemm_utils.processors import (
+    InternVLImageOnlyProcessor,
+    LlavaOnevisionImageOnlyProcessor,
     Qwen2_5_VLImageOnlyProcessor,
     Qwen2VLImageOnlyProcessor,
+    Qwen3VLImageOnlyProcessor,
     VideoInputNotSupportedError,
     set_qwen_pixel_bounds,
 )
@@ -47,6 +50,17 @@ TEXT_ATTENTION_CLASSES = {
     "qwen2_vl": "Qwen2VLAttention",
     "qwen2_5_vl": "Qwen2_5_VLAttention",
     "llava_next": "LlamaAttention",
+    "qwen3_vl": "Qwen3VLTextAttention",
+    "llava_onevision": "Qwen2Attention",
+    "internvl": "Qwen2Attention",
+}
+PROCESSOR_CLASSES = {
+    "qwen2_vl": Qwen2VLImageOnlyProcessor,
+    "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor,
+    "llava_next": LlavaNextProcessor,
+    "qwen3_vl": Qwen3VLImageOnlyProcessor,
+    "llava_onevision": LlavaOnevisionImageOnlyProcessor,
+    "internvl": InternVLImageOnlyProcessor,
 }
 
 
@@ -263,6 +277,19 @@ def test_image_token_count_matches_the_vision_tower(tiny, model_type):
             # base 24 x 24 + crop grid with newlines, counted by the processor's own formula
             height, width = inputs["image_sizes"][0].tolist()
             expected = processor._get_number_of_features(height, width, 336, 336) - 1
+        elif model_type == "llava_onevision":
+            features = model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                batch_num_images=inputs["batch_num_images"],
+            ).pooler_output
+            produced = sum(f.shape[0] for f in features)
+            # 729 base + the anyres-max crop grid with newlines, counted by the processor's own formula ("full": no CLS)
+            height, width = inputs["image_sizes"][0].tolist()
+            expected = processor._get_number_of_features(height, width, 384, 384)
+        elif model_type == "internvl":
+            features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+            produced = features.shape[0] * features.shape[1]  # (tiles, 256, hidden)
+            expected = inputs["pixel_values"].shape[0] * 256
         else:
             features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
             produced = sum(f.shape[0] for f in features)
@@ -303,11 +330,7 @@ def test_shapes_of_the_language_model(model_type):
 def test_save_and_load_round_trip(tiny, model_type, tmp_path):
     folder = save_tiny(model_type, tmp_path / model_type, seed=0)
     auto = AutoProcessor.from_pretrained(folder)
-    expected_class = {
-        "qwen2_vl": Qwen2VLImageOnlyProcessor,
-        "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor,
-        "llava_next": LlavaNextProcessor,
-    }[model_type]
+    expected_class = PROCESSOR_CLASSES[model_type]
     assert type(auto) is expected_class  # not just the tokenizer
     loaded = load_model(folder)
     assert type(loaded.processor) is expected_class
@@ -385,8 +408,9 @@ def test_custom_text_attention_sees_only_language_layers(model_type):
 
     # pre-RoPE queries of layer 0, captured from q_proj during the prefill
     pre_rope: list[torch.Tensor] = []
-    q_proj = loaded.language_model.layers[0].self_attn.q_proj
-    handle = q_proj.register_forward_hook(lambda mod, args, out: pre_rope.append(out.detach().clone()))
+    attn = loaded.language_model.layers[0].self_attn
+    q_before_rope = attn.q_norm if model_type == "qwen3_vl" else attn.q_proj  # Qwen3-VL: QK-norm, then RoPE
+    handle = q_before_rope.register_forward_hook(lambda mod, args, out: pre_rope.append(out.detach().clone()))
     try:
         with torch.no_grad():
             generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
@@ -404,7 +428,7 @@ def test_custom_text_attention_sees_only_language_layers(model_type):
 
     # post-RoPE: RoPE rotates channel pairs, so per (head, position) norms are kept while the
     # vectors change; at position 0 every rotation angle is 0 (M-RoPE ids (0, 0, 0)) -> unchanged.
-    pre = pre_rope[0].view(1, n, loaded.num_heads, loaded.head_dim).transpose(1, 2)
+    pre = pre_rope[0].reshape(1, n, loaded.num_heads, loaded.head_dim).transpose(1, 2)
     post = prefill["query"]
     torch.testing.assert_close(post.norm(dim=-1), pre.norm(dim=-1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(post[:, :, 0], pre[:, :, 0], rtol=1e-5, atol=1e-6)

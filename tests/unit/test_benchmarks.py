@@ -28,6 +28,7 @@ from sparsemm_utils.benchmarks import (
     load_benchmark,
     score_prediction,
 )
+from sparsemm_utils.model_types import SUPPORTED_MODEL_TYPES
 
 HUB_BENCHMARKS = [n for n, s in BENCHMARKS.items() if s.hub_id is not None]
 
@@ -41,7 +42,7 @@ def loaded() -> dict[str, BenchmarkSamples]:
 
 
 def test_registry_holds_the_papers_benchmarks():
-    assert OCR_BENCHMARKS == ("docvqa", "textvqa", "ocrbench", "chartqa")
+    assert OCR_BENCHMARKS == ("docvqa", "textvqa", "ocrbench", "chartqa", "textcaps")
     assert GENERAL_BENCHMARKS == ("mmbench", "gqa", "vqav2")
     assert "reader_docqa" in BENCHMARKS
     assert get_benchmark(" DocVQA ") is BENCHMARKS["docvqa"]
@@ -50,7 +51,7 @@ def test_registry_holds_the_papers_benchmarks():
 
 def test_unknown_benchmark_lists_the_known_ones():
     with pytest.raises(UnknownBenchmarkError, match="known benchmarks: docvqa, textvqa, ocrbench, chartqa"):
-        get_benchmark("textcaps")
+        get_benchmark("nocaps")
 
 
 @pytest.mark.parametrize(
@@ -93,6 +94,10 @@ def test_generation_limit_falls_back_to_the_wrapper_default():
     textvqa = BENCHMARKS["textvqa"]  # its YAML sets no max_new_tokens
     assert textvqa.generation_limit("qwen2_vl") == 128
     assert textvqa.generation_limit("llava_next") == 1024
+    # every supported family has a default (the newer ones by analogy, docs/models.md)
+    assert {t: textvqa.generation_limit(t) for t in SUPPORTED_MODEL_TYPES if t not in ("qwen2_vl", "llava_next")} == {
+        "qwen2_5_vl": 128, "qwen3_vl": 128, "llava_onevision": 1024, "internvl": 1024
+    }
     assert BENCHMARKS["chartqa"].generation_limit("llava_next") == 16  # the task's own limit wins
     with pytest.raises(BenchmarkError, match="model types"):
         textvqa.generation_limit("gpt2")
@@ -127,14 +132,14 @@ def test_prompts_follow_doc_to_text(loaded):
     assert loaded["textvqa"][1].extra["raw_question"] == "What does 'SALE' mean here, 'SALE' or 'OFF'?"
     # OCRBench: the question stripped, nothing added
     assert loaded["ocrbench"][2].question == "What is the date?"
-    # ChartQA, GQA: plain; VQAv2 val: post_prompt ""
-    assert loaded["chartqa"][0].question == "What were the sales in 2019?" + SHORT_ANSWER_POST_PROMPT
+    # ChartQA, GQA: plain (ChartQA's own post-prompt); VQAv2 val: post_prompt ""
+    assert loaded["chartqa"][0].question == "What were the sales in 2019?\nAnswer the question with a single word."
     assert loaded["gqa"][0].question == "Is the text black?" + SHORT_ANSWER_POST_PROMPT
     assert loaded["vqav2"][0].question == "How many apples are there?"
 
 
 def test_mmbench_prompt_hint_and_options(loaded):
-    post = "Answer with the option's letter from the given choices directly."
+    post = "\nAnswer with the option's letter from the given choices directly."  # the YAML's, after "\n"
     mm = loaded["mmbench"]
     # no hint (None): "{question} {options}\n{post}"; all four options
     assert mm[0].question == (

@@ -299,7 +299,11 @@ def test_methods_sharing_a_window_score_each_layer_once():
     prefill = _shared_prefill(_prefill_states(30, seed=1), 8)
     for press in (SnapKVPress(budget=12, window=8), AdaKVPress(budget=16, window=8), SnapKVPress(budget=12, window=4)):
         compress_prefill(prefill, press)
-    assert sorted(prefill.layers[0]._scores) == [(4, 5), (8, 5)]
+    assert sorted(prefill.layers[0]._scores) == [(4, 5, "float32"), (8, 5, "float32")]
+    # the original's rounding is scored apart, once
+    for press in (SnapKVPress(budget=12, window=8, selection_dtype="model"), AdaKVPress(budget=16, window=8, selection_dtype="model")):
+        compress_prefill(prefill, press)
+    assert sorted(prefill.layers[0]._scores) == [(4, 5, "float32"), (8, 5, "float32"), (8, 5, "model")]
 
 
 def test_fullkv_keeps_everything_and_assigns_nothing_as_its_batch_one_session():

@@ -26,7 +26,7 @@ def test_defaults_are_the_papers_protocol():
     assert c.contexts == (2048, 4096, 8192, 16384, 32768)
     assert (c.budget, c.window, c.ratio) == (256, 32, 0.1)
     assert (c.decode_steps, c.generate_tokens) == (100, 512)
-    assert c.methods == ("fullkv", "sparsemm")
+    assert c.methods == ("fullkv", "fullkv_static", "sparsemm")  # both full-cache baselines
     # 512 tokens cover 1 (prefill) + 2 warm-up + 100 timed steps
     assert c.new_tokens == 512
 

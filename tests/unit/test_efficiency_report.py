@@ -189,3 +189,37 @@ def test_head_lengths_figure_reports_varlen_against_padded_rows():
     assert "reads 80 rows (varlen) vs 100 (padded: 1.2x)" in fig.axes[1].get_title(loc="left")
     with pytest.raises(ValueError, match="non-empty \\(layers, kv_heads\\)"):
         plot_head_lengths(np.array([1, 2]), budget=2)
+
+
+# ---------------------------------------------------------------------------- the two baselines
+
+
+def _with_static(frame: pd.DataFrame, static_ms: dict[int, float]) -> pd.DataFrame:
+    """``frame`` plus a fullkv_static row per context (its preallocated KV bytes = analytic)."""
+    extra = frame[frame["method"] == "fullkv"].copy()
+    extra["method"] = "fullkv_static"
+    extra["decode_ms_per_token"] = [static_ms[n] for n in extra["context_len"]]
+    return pd.concat([frame, extra], ignore_index=True)
+
+
+def test_targets_table_and_figure_report_both_baselines():
+    # SparseMM 45 ms at 32K; FullKV (DynamicCache) 90 ms -> 2.0x; FullKV (StaticCache) 60 ms -> 1.33x;
+    # DynamicCache / StaticCache = 90 / 60 = 1.5x (the per-step copy)
+    frame = _with_static(_rows(VICUNA, [50, 90], [40, 45], [2048, 32768]), {2048: 45.0, 32768: 60.0})
+    targets = efficiency_targets(frame).set_index("method")
+    assert targets.loc["sparsemm", "speedup"] == pytest.approx(2.0)
+    assert targets.loc["sparsemm", "speedup_static"] == pytest.approx(60 / 45)
+    assert targets.loc["fullkv_static", "speedup"] == pytest.approx(1.5)
+    assert targets.loc["fullkv_static", "kv_bytes_match"] == True  # noqa: E712
+    assert pd.isna(targets.loc["fullkv_static", "spread"]) and targets.loc["fullkv_static", "flat"] is None
+    text = format_targets(efficiency_targets(frame))
+    assert "FullKV (StaticCache) / sparsemm: 1.33x" in text
+    assert "FullKV (DynamicCache) / FullKV (StaticCache) at n=32768: 1.50x" in text
+    table = efficiency_table(frame).set_index(["method", "context_len"])
+    assert table.loc[("sparsemm", 32768), "speedup_static"] == pytest.approx(60 / 45)
+    assert table.loc[("fullkv_static", 32768), "speedup"] == pytest.approx(1.5)
+    labels = plot_efficiency(frame).axes[2].get_legend_handles_labels()[1]
+    assert "FullKV (StaticCache) / sparsemm" in labels and "FullKV / fullkv_static" in labels
+    # a run without fullkv_static keeps its table and targets as before
+    assert "speedup_static" not in efficiency_table(_rows(VICUNA, [50, 90], [40, 45], [2048, 32768])).columns
+    assert pd.isna(efficiency_targets(_rows(VICUNA, [50, 90], [40, 45], [2048, 32768])).set_index("method").loc["sparsemm", "speedup_static"])

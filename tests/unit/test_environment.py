@@ -77,26 +77,23 @@ def test_installed_versions_match_pins():
         assert installed.split("+")[0] == version, f"{name}: installed {installed}, pinned {version}"
 
 
+def _installed_with(monkeypatch, name: str, version: str) -> None:
+    """This interpreter's environment, with ``name`` at ``version`` (what envcheck reads)."""
+    real = envcheck.Environment.current()
+    fake = envcheck.Environment({**real.packages, name: version}, real.torch_requires)
+    monkeypatch.setattr(envcheck.Environment, "current", classmethod(lambda cls: fake))
+
+
 def test_envcheck_reports_a_wrong_torch(monkeypatch):
-    real = envcheck.metadata.version
-
-    def fake(name):
-        return "2.99.0" if name == "torch" else real(name)
-
-    monkeypatch.setattr(envcheck.metadata, "version", fake)
+    _installed_with(monkeypatch, "torch", "2.99.0")
     found = envcheck.problems()
     assert any("2.99.0" in p for p in found)
-    assert envcheck.main() == 1
+    assert envcheck.main([]) == 1
 
 
 @pytest.mark.parametrize("name", ["torchvision"])
 def test_envcheck_reports_torchvision(monkeypatch, name):
-    real = envcheck.metadata.version
-
-    def fake(n):
-        return "0.99.0" if n == name else real(n)
-
-    monkeypatch.setattr(envcheck.metadata, "version", fake)
+    _installed_with(monkeypatch, name, "0.99.0")
     assert any(name in p for p in envcheck.problems())
 
 

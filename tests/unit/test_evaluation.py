@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from sparsemm_utils.benchmarks import EvalSample, SkipReport, UnknownBenchmarkError
+from sparsemm_utils.lmms_protocol import PROTOCOLS
 from sparsemm_utils.evaluation import (
     EVAL_METHODS,
     PREDICTIONS_FILE,
@@ -32,7 +33,9 @@ from sparsemm_utils.evaluation import (
     run_sweep,
     scaled_budgets,
     sweep_cells,
+    verify_ledger,
 )
+from sparsemm_utils.sharding import MERGED_DIR, SHARDS_DIR, Shard, ShardError, shard_folder
 
 IMAGE = Image.new("RGB", (8, 8), "white")
 GQA = [
@@ -91,7 +94,7 @@ def test_unknown_names_list_the_known_ones():
     with pytest.raises(UnknownMethodError, match="known methods: fullkv, sparsemm, adakv"):
         sweep_cells(["gqa"], ["h2o"], [64])
     with pytest.raises(UnknownBenchmarkError, match="known benchmarks"):
-        sweep_cells(["textcaps"], ["fullkv"], [64])
+        sweep_cells(["nocaps"], ["fullkv"], [64])
     with pytest.raises(EvaluationError, match=r"budget \(tokens per KV head, window included\) must be an int >= 1, got 0"):
         sweep_cells(["gqa"], ["snapkv"], [0])
     with pytest.raises(EvaluationError, match="needs budgets"):
@@ -134,7 +137,7 @@ def test_sweep_writes_the_artifact_contract(tmp_path):
     assert first["scores"] == {"exact_match": 1.0} and first["prompt_tokens"] == 100 and first["kv_bytes"] == 100000
     assert first["extra"] == {"fullAnswer": "", "imageId": "n0"}  # raw_question left out
     manifest = json.loads((tmp_path / "sweep.json").read_text())
-    assert manifest["model"] == "fake/model" and manifest["settings"] == {"window": 8}
+    assert manifest["model"] == "fake/model" and manifest["settings"] == {"window": 8, "scoring": PROTOCOLS["0.3"].as_dict()}
     assert manifest["benchmarks"]["gqa"]["n_samples"] == 4
 
 
@@ -223,7 +226,7 @@ def test_a_mismatched_sweep_is_archived_on_request(tmp_path):
     assert {name: (archived / name).read_text() for name in before} == before  # moved intact
     assert "settings" in (archived / "reason.txt").read_text()
     assert any(str(archived) in line for line in lines)
-    assert result.generated == 4 and json.loads((tmp_path / "sweep.json").read_text())["settings"] == {"window": 16}
+    assert result.generated == 4 and json.loads((tmp_path / "sweep.json").read_text())["settings"] == {"window": 16, "scoring": PROTOCOLS["0.3"].as_dict()}
     # a matching rerun leaves the archive alone and reuses the new sweep
     again = _run(tmp_path, Fake(), settings={"window": 16}, methods=["fullkv"], on_mismatch="archive")
     assert again.generated == 0 and len(list((tmp_path / "superseded").iterdir())) == 1
@@ -482,3 +485,101 @@ def test_the_generator_limits_each_sample_by_its_question_type():
     assert (generator._limit(study, line), generator._limit(study, ocr)) == (32, 96)
     capped = ModelGenerator(SimpleNamespace(model_type="llava_next"), max_new_tokens=40)
     assert (capped._limit(study, line), capped._limit(study, ocr)) == (32, 40)
+
+
+# ---------------------------------------------------------------------------------- shards
+
+
+def _sharded(out, count, fake_for=lambda shard: Fake(), **kwargs):
+    """Every shard of ``count`` into ``out/shards/``, then the single-process sweep that merges them."""
+    for index in range(count):
+        shard = Shard(index, count)
+        part = _run(shard_folder(out, shard), fake_for(shard), shard=shard, **kwargs)
+        assert part.results.empty  # a shard never finishes a cell
+    merging = Fake()
+    result = _run(out, merging, **kwargs)
+    assert merging.calls == []  # every answer came from the shards
+    return result
+
+
+def _without_seconds(path):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in read_predictions(path)[0]]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_a_sharded_sweep_merges_into_the_single_process_files(tmp_path, count):
+    limits = {"mask": 3}
+    single = _run(tmp_path / "single", Fake(), methods=["fullkv", "sparsemm", "snapkv", "mask"], method_limits=limits)
+    sharded = _sharded(tmp_path / "sharded", count, methods=["fullkv", "sparsemm", "snapkv", "mask"], method_limits=limits)
+    assert (tmp_path / "sharded" / RESULTS_FILE).read_bytes() == (tmp_path / "single" / RESULTS_FILE).read_bytes()
+    assert _without_seconds(tmp_path / "sharded") == _without_seconds(tmp_path / "single")  # same answers, same order
+    pd.testing.assert_frame_equal(sharded.results, single.results)
+    assert not (tmp_path / "sharded" / SHARDS_DIR).exists() and (tmp_path / "sharded" / MERGED_DIR / f"0-of-{count}").is_dir()
+    verify_ledger(tmp_path / "sharded")  # the merged files verify, so the sweep resumes on them
+    again = Fake()
+    assert _run(tmp_path / "sharded", again, methods=["fullkv", "sparsemm", "snapkv", "mask"], method_limits=limits).ran == []
+    assert again.calls == []
+
+
+def test_each_shard_answers_its_own_positions_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    shard = Shard(1, 2)
+    crashing = Fake(fail_at=9)  # sample 1 under 7 cells, then sample 3 under 2 of them
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(shard_folder(out, shard), crashing, shard=shard)
+    assert {s for s, _, _ in crashing.calls} == {"1", "3"}
+    with pytest.raises(ShardError, match=r"lacks shard\(s\) 0/2 of 2"):
+        _run(out, Fake())
+    _run(shard_folder(out, Shard(0, 2)), Fake(), shard=Shard(0, 2))
+    with pytest.raises(ShardError, match=r"incomplete: 1/2 \(5 answers\) missing"):
+        _run(out, Fake())
+    resumed = Fake()
+    _run(shard_folder(out, shard), resumed, shard=shard)
+    assert len(resumed.calls) == 5 and {s for s, _, _ in resumed.calls} == {"3"}
+    _run(out, Fake())
+    assert (out / RESULTS_FILE).read_bytes() == (_run(tmp_path / "single", Fake()).out_dir / RESULTS_FILE).read_bytes()
+
+
+def test_a_merge_refuses_shards_of_another_sweep(tmp_path):
+    for index in range(2):
+        _run(shard_folder(tmp_path, Shard(index, 2)), Fake(), shard=Shard(index, 2))
+    with pytest.raises(ShardError, match=r"shard 0/2 .* ran model 'fake/model' with settings \{'scoring': \{.*\}, 'window': 8\}; this sweep is 'fake/model' with \{'window': 4, 'scoring'"):
+        _run(tmp_path, Fake(), settings={"window": 4})
+    with pytest.raises(ShardError, match="on another sample set"):
+        _run(tmp_path, Fake(), benchmarks={"gqa": GQA[:3]})
+    with pytest.raises(ShardError, match="answers this sweep does not ask for"):
+        _run(tmp_path, Fake(), methods=["fullkv", "sparsemm"])
+    (tmp_path / SHARDS_DIR / "1-of-2").rename(tmp_path / SHARDS_DIR / "1-of-3")
+    with pytest.raises(ShardError, match=r"shards of \[2, 3\] processes"):
+        _run(tmp_path, Fake())
+    (tmp_path / SHARDS_DIR / "1-of-3").rename(tmp_path / SHARDS_DIR / "1-of-2")
+    (tmp_path / SHARDS_DIR / "0-of-2").rename(tmp_path / SHARDS_DIR / "2-of-2")
+    with pytest.raises(ShardError, match="shard index must be an int >= 0 and <= 1, got 2"):
+        _run(tmp_path, Fake())
+
+
+def test_a_merge_refuses_a_folder_that_holds_answers(tmp_path):
+    _run(tmp_path, Fake())
+    _run(shard_folder(tmp_path, Shard(0, 1)), Fake(), shard=Shard(0, 1))
+    with pytest.raises(ShardError, match="holds results.csv and predictions.jsonl already and shard folders to merge"):
+        _run(tmp_path, Fake())
+
+
+def test_a_merge_refuses_a_shard_named_for_another(tmp_path):
+    _run(shard_folder(tmp_path / "a", Shard(0, 2)), Fake(), shard=Shard(0, 2))
+    _run(shard_folder(tmp_path / "b", Shard(0, 2)), Fake(), shard=Shard(0, 2))
+    (tmp_path / "a" / SHARDS_DIR).mkdir(exist_ok=True)
+    (tmp_path / "b" / SHARDS_DIR / "0-of-2").rename(tmp_path / "a" / SHARDS_DIR / "1-of-2")
+    with pytest.raises(ShardError, match="is named shard 1/2 but its sweep.json records shard '0/2'"):
+        _run(tmp_path / "a", Fake())
+
+
+def test_shard_specifications():
+    assert Shard.parse("1/4") == Shard(1, 4) and str(Shard(1, 4)) == "1/4" and Shard(1, 4).name == "1-of-4"
+    assert [k for k in range(10) if Shard(1, 4).owns(k)] == [1, 5, 9]
+    assert Shard.from_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}) == Shard(3, 8)
+    for bad, message in [("2/2", "shard index must be an int >= 0 and <= 1"), ("1", "a shard is 'i/n'"), ("0/0", "shard count must be an int >= 1")]:
+        with pytest.raises(ShardError, match=message):
+            Shard.parse(bad)
+    with pytest.raises(ShardError, match="WORLD_SIZE is not set: start the processes with `accelerate launch`"):
+        Shard.from_env({"RANK": "0"})

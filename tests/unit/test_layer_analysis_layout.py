@@ -86,3 +86,21 @@ def test_layout_mismatch_is_reported(qwen):
         tc.prompt_layout(processor, ids, "Read line 1.")
     with pytest.raises(tc.CategoryLabelError, match="prompt_len"):
         tc.prompt_layout(processor, ids, prompt_len=ids.numel() + 1)
+
+
+@pytest.mark.parametrize("model_type", ["llava_onevision", "internvl"])
+def test_chatml_image_first_roles_of_a_real_prompt(model_type):
+    # ChatML with the placeholder before the text; InternVL wraps its 256 <IMG_CONTEXT> of the one tile a
+    # square image makes in <img> ... </img>, which are template tokens (instruction), not vision
+    processor = build_tiny_processor(model_type)
+    ids = build_inputs(processor, Image.new("RGB", (224, 224), "white"), system_prompt="Be brief.")["input_ids"][0]
+    layout = tc.prompt_layout(processor, ids, system_prompt="Be brief.")
+    assert _text(processor, ids, layout, "system") == "Be brief."
+    assert _text(processor, ids, layout, "user") == OCR_PROMPT
+    wrap = ("<img>", "</img>") if model_type == "internvl" else ("", "")
+    assert processor.tokenizer.decode(ids[layout.roles == tc.ROLES.index("template")]) == (
+        f"<|im_start|>system\n<|im_end|>\n<|im_start|>user\n{wrap[0]}{wrap[1]}\n<|im_end|>\n<|im_start|>assistant\n"
+    )
+    np.testing.assert_array_equal(layout.categories, tc.token_categories(ids, processor.image_token_id))
+    if model_type == "internvl":
+        assert layout.num_image_tokens == 256

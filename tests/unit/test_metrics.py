@@ -29,6 +29,7 @@ from sparsemm_utils.metrics import (
     anls_normalize,
     anls_score,
     chartqa_relaxed,
+    fold_fullwidth_ascii,
     chartqa_score,
     get_metric,
     levenshtein,
@@ -303,6 +304,37 @@ def test_vqav2_protocol_quirks() -> None:
     assert vqa_accuracy("man's", answers, protocol="textvqa") == 1.0
     # where the answers disagree the two protocols agree on ordinary cases: 3 of 10 -> 0.9
     assert vqa_accuracy("Two", ["2"] * 3 + ["3"] * 7, protocol="vqav2") == 0.9
+
+
+def test_vqav2_2025_normalises_both_sides_always() -> None:
+    # lmms-eval since mid-2025: punctuation + digits/articles on the prediction and on every
+    # ground truth, even when the ten agree: "1000" and "1,000" both become "1000" -> 1
+    assert vqa_accuracy("1000", ["1,000"] * 10, protocol="vqav2_2025") == 1.0
+    # ... and lowercased by the digit/article step: ten "X" now match "X" (the pre-2025 rule left
+    # agreeing ground truths as they were and lowercased only the prediction: 0)
+    assert vqa_accuracy("X", ["X"] * 10, protocol="vqav2_2025") == 1.0
+    assert vqa_accuracy("X", ["X"] * 10, protocol="vqav2") == 0.0
+    # no word tokenizer: "man's" is not split on either side -> equal
+    assert vqa_accuracy("man's", ["man's"] * 9 + ["man"], protocol="vqav2_2025") == 1.0
+    # newlines and tabs inside the answer become spaces, then strip: "two\tdogs" -> "2 dogs"
+    assert vqa_accuracy(" two\tdogs\n", ["2 dogs"] * 3 + ["3"] * 7, protocol="vqav2_2025") == 0.9
+
+
+def test_fullwidth_folding() -> None:
+    assert fold_fullwidth_ascii("\uff21\uff22\uff23\uff11\uff12\uff13") == "ABC123"
+    assert fold_fullwidth_ascii("a\u3000b\uff01") == "a b!"
+    assert fold_fullwidth_ascii("\u2460\uff5f") == "\u2460\uff5f"  # circled 1 and U+FF5F are left as they are (no NFKC)
+
+
+def test_ocrbench_2026_rules() -> None:
+    # since 2026 the prediction keeps its case in the handwritten-math rule...
+    assert ocrbench_correct("\\frac{A}{B}", ["\\frac{A}{B}"], HME_CATEGORY, protocol="lmms_eval_2026")
+    assert not ocrbench_correct("X^2", ["x^2"], HME_CATEGORY, protocol="lmms_eval_2026")
+    # ... and elsewhere fullwidth characters fold to ASCII on both sides before the lowercase
+    fullwidth = "\uff21\uff22\uff23\uff11\uff12\uff13"
+    assert ocrbench_correct(fullwidth, ["abc123"], "Regular Text Recognition", protocol="lmms_eval_2026")
+    assert not ocrbench_correct(fullwidth, ["abc123"], "Regular Text Recognition")
+    assert ocrbench_correct("ABC123", [fullwidth], "Regular Text Recognition", protocol="lmms_eval_2026")
 
 
 def test_vqa_score_is_the_mean() -> None:

@@ -29,6 +29,9 @@ def test_supported_model_types_map_to_the_real_classes():
         "qwen2_vl": "Qwen2VLForConditionalGeneration",
         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
         "llava_next": "LlavaNextForConditionalGeneration",
+        "qwen3_vl": "Qwen3VLForConditionalGeneration",
+        "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+        "internvl": "InternVLForConditionalGeneration",
     }
     with pytest.raises(TypeError):  # read-only: nobody can add a type behind the tests' back
         SUPPORTED_MODEL_TYPES["llama"] = object  # type: ignore[index]
@@ -42,6 +45,13 @@ def test_unknown_tiny_type_lists_the_supported_ones():
     for model_type in SUPPORTED_MODEL_TYPES:
         assert model_type in message
     assert isinstance(info.value, ValueError)
+
+
+def test_the_moe_relative_is_refused_with_the_reason(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl_moe"}))
+    with pytest.raises(UnsupportedModelError, match="left out on purpose: Qwen3-VL-30B-A3B") as info:
+        load_model(tmp_path)
+    assert "qwen3_vl" in str(info.value)  # the dense family is named among the supported types
 
 
 def test_local_folder_with_unknown_model_type(tmp_path):

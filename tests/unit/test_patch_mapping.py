@@ -9,7 +9,9 @@ worked out by hand.
 from __future__ import annotations
 
 import json
+import math
 import types
+from fractions import Fraction
 from functools import partial
 
 import numpy as np
@@ -30,8 +32,12 @@ from sparsemm_utils.patch_mapping import (
     BoxOutsideImageError,
     InvalidBoxError,
     InvalidGeometryError,
+    InternVLGeometry,
+    InternVLPatchMapper,
     InvalidImageSizeError,
     LlavaNextGeometry,
+    LlavaOnevisionGeometry,
+    LlavaOnevisionPatchMapper,
     LlavaNextPatchMapper,
     PatchMappingError,
     QwenVLGeometry,
@@ -146,6 +152,113 @@ def test_llava_next_base_and_crop_variant_hand_example():
     assert variant.tolist() == base + fidelity.tolist()
 
 
+def test_qwen_exact_arithmetic_on_a_token_boundary():
+    # 440 x 300: h = round(300/28 = 10.71) * 28 = 308, w = round(440/28 = 15.71) * 28 = 448.
+    # x = 55 scales to 55 * 448 / 440 = 56 exactly: column 56 // 28 = 2. In float64,
+    # 55 * (448 / 440) = 55.99999999999999, column 1 (the original's arithmetic, kept as an option).
+    assert QwenVLGeometry().resized_size(300, 440) == (308, 448)
+    assert 55 * (448 / 440) < 56
+    assert QwenVLPatchMapper().map_box((55, 0, 55, 0), width=440, height=300).tolist() == [2]
+    assert QwenVLPatchMapper(arithmetic="float64").map_box((55, 0, 55, 0), width=440, height=300).tolist() == [1]
+    with pytest.raises(PatchMappingError, match="unknown mapping arithmetic 'decimal'"):
+        QwenVLPatchMapper(arithmetic="decimal")
+
+
+@SETTINGS
+@given(width=sides, height=sides, data=st.data())
+def test_qwen_exact_mapping_equals_fraction_arithmetic(width, height, data):
+    # Box edges drawn on token boundaries (the float nearest to k * 28 * W / W_r, and its two float
+    # neighbours) and anywhere: the marked columns/rows are floor(Fraction(x) * W_r / W / 28), clipped.
+    mapper = QwenVLPatchMapper()
+    h_r, w_r = mapper.geometry.resized_size(height, width)
+    grid_h, grid_w = h_r // 28, w_r // 28
+
+    def coordinate(size, resized, grid):
+        boundary = float(Fraction(data.draw(st.integers(0, grid)) * 28 * size, resized))
+        nudged = float(np.nextafter(boundary, data.draw(st.sampled_from([-np.inf, np.inf]))))
+        anywhere = data.draw(st.floats(0, size, allow_nan=False))
+        return min(max(data.draw(st.sampled_from([boundary, nudged, anywhere])), 0.0), float(size))
+
+    def index(value, size, resized, grid):
+        return min(max(math.floor(Fraction(value) * resized / size / 28), 0), grid - 1)
+
+    x0, x1 = sorted(coordinate(width, w_r, grid_w) for _ in range(2))
+    y0, y1 = sorted(coordinate(height, h_r, grid_h) for _ in range(2))
+    cols = range(index(x0, width, w_r, grid_w), index(x1, width, w_r, grid_w) + 1)
+    rows = range(index(y0, height, h_r, grid_h), index(y1, height, h_r, grid_h) + 1)
+    expected = [r * grid_w + c for r in rows for c in cols]
+    assert mapper.map_box((x0, y0, x1, y1), width=width, height=height).tolist() == expected
+
+
+def test_qwen3_vl_hand_example_1000x700():
+    # 16 px patches, merge 2: 32 px tokens; SparseMM's bounds in tokens, [32 * 32^2, 16384 * 32^2].
+    # h = round(700/32 = 21.875) * 32 = 704, w = round(1000/32 = 31.25) * 32 = 992 -> grid 22 x 31 = 682.
+    mapper = QwenVLPatchMapper(QwenVLGeometry(16, 2, 32 * 32 * 32, 16384 * 32 * 32))
+    assert mapper.geometry.resized_size(700, 1000) == (704, 992)
+    assert mapper.num_tokens(1000, 700) == 682
+    # Box (100, 200, 300, 260): x * 992/1000: 99.2 // 32 = 3, 297.6 // 32 = 9 -> cols 3..9;
+    # y * 704/700: 201.14 // 32 = 6, 261.49 // 32 = 8 -> rows 6..8; row * 31 + col.
+    expected = [r * 31 + c for r in range(6, 9) for c in range(3, 10)]
+    assert expected[0] == 189 and expected[-1] == 257
+    assert mapper.map_box((100, 200, 300, 260), width=1000, height=700).tolist() == expected
+    with pytest.raises(InvalidGeometryError, match="Qwen3-VL has 16 px patches"):
+        pm.make_mapper("qwen3_vl")
+
+
+def test_llava_onevision_hand_example_1000x700():
+    # Pinpoints 384 * (1..6) per side. (H, W) = (700, 1000): every (h, w) with h >= 700 and w >= 1000
+    # keeps the whole image (effective 700000); the least padding among them is (768, 1152), 2 x 3 crops.
+    # Padded grid 54 x 81 (27 tokens a crop). 1000/700 = 1.43 < 81/54 = 1.5, so columns are unpadded:
+    # new_w = int(1000 * 54/700 = 77.14) = 77, padding (81 - 77) // 2 = 2, W'' = 77; H'' = 54.
+    # anyres_max_9: ratio sqrt(54 * 77 / (9 * 27^2)) = 0.80 <= 1.1, no shrink.
+    # num_tokens = 729 + 54 * (77 + 1) = 4941; p_w = 1000 // 77 = 12, p_h = 700 // 54 = 12.
+    mapper = LlavaOnevisionPatchMapper()
+    g = mapper.geometry
+    assert g.base_tokens == 729
+    assert g.best_resolution(700, 1000) == (768, 1152)
+    assert g.padded_grid(700, 1000) == (54, 81)
+    assert g.unpadded_grid(700, 1000) == (54, 77)
+    assert mapper.num_tokens(1000, 700) == 4941
+    assert mapper.pixels_per_token(1000, 700) == (12, 12)
+    # Box (100, 200, 300, 260): cols 100 // 12 = 8 .. 300 // 12 = 25, rows 200 // 12 = 16 .. 260 // 12 = 21;
+    # position 729 + row * 78 + col: 1985..2002 for row 16, ..., 2375..2392 for row 21.
+    expected = [729 + r * 78 + c for r in range(16, 22) for c in range(8, 26)]
+    assert expected[0] == 1985 and expected[-1] == 2392
+    assert mapper.map_box((100, 200, 300, 260), width=1000, height=700).tolist() == expected
+    # The shrink: 2000 x 2000 -> (2304, 2304), 6 x 6 crops, 162 x 162 (square, nothing unpadded);
+    # ratio sqrt(162^2 / 6561) = 2 > 1.1 -> int(162 // 2) = 81 per side; 729 + 81 * 82 = 7371.
+    assert g.unpadded_grid(2000, 2000) == (81, 81)
+    assert mapper.num_tokens(2000, 2000) == 7371
+
+
+def test_internvl_hand_example_1000x700():
+    # Aspect 1000/700 = 1.43; among grids of <= 12 tiles, 3 cols x 2 rows (1.5, off by 0.071) is
+    # closest (4 x 3: 0.095, 1 x 1: 0.43). Canvas 1344 x 896, 6 tiles + a thumbnail = 7 * 256 = 1792.
+    mapper = InternVLPatchMapper()
+    assert mapper.geometry.tile_grid(700, 1000) == (2, 3)
+    assert mapper.geometry.grid(700, 1000) == (32, 48)
+    assert mapper.num_tokens(1000, 700) == 1792
+    # Box (100, 200, 300, 260): x * 1344/1000: 134.4 // 28 = 4, 403.2 // 28 = 14 -> cols 4..14;
+    # y * 896/700: 256 // 28 = 9, 332.8 // 28 = 11 -> rows 9..11, all in tile 0: row * 16 + col.
+    expected = [r * 16 + c for r in range(9, 12) for c in range(4, 15)]
+    assert expected[0] == 148 and expected[-1] == 190
+    got = mapper.map_box((100, 200, 300, 260), width=1000, height=700)
+    assert got.tolist() == expected
+    # base_and_crop adds the thumbnail (448 x 448, after the 6 tiles: offset 1536): x * 0.448:
+    # 44.8 // 28 = 1 .. 134.4 // 28 = 4; y * 0.64: 128 // 28 = 4 .. 166.4 // 28 = 5.
+    thumb = [1536 + r * 16 + c for r in range(4, 6) for c in range(1, 5)]
+    assert thumb == [1601, 1602, 1603, 1604, 1617, 1618, 1619, 1620]
+    variant = InternVLPatchMapper(variant="base_and_crop").map_box((100, 200, 300, 260), width=1000, height=700)
+    assert variant.tolist() == expected + thumb
+    # A box across tile borders, (300, 300, 400, 400): cols 403.2 // 28 = 14 .. 537.6 // 28 = 19,
+    # rows 384 // 28 = 13 .. 512 // 28 = 18; global (R, C) is token (R % 16) * 16 + C % 16 of tile
+    # (R // 16) * 3 + C // 16: (13, 14) -> 222, (13, 16) -> 256 + 208 = 464, (16, 14) -> 768 + 14 = 782,
+    # (16, 16) -> 1024.
+    across = InternVLPatchMapper().map_box((300, 300, 400, 400), width=1000, height=700).tolist()
+    assert len(across) == 36 and {222, 464, 782, 1024} <= set(across)
+    assert min(across) == 222 and max(across) == 1024 + 2 * 16 + 3
+
+
 def test_degenerate_box_maps_to_the_token_under_it():
     # A point (500, 350) on Qwen 1000x700: 504 // 28 = 18, 350 // 28 = 12 -> 12*36 + 18 = 450.
     assert QwenVLPatchMapper().map_box((500, 350, 500, 350), width=1000, height=700).tolist() == [450]
@@ -227,7 +340,17 @@ def image_and_box(draw):
     return width, height, (x0, y0, x1, y1)
 
 
-MAPPERS = [QwenVLPatchMapper(), LlavaNextPatchMapper(), LlavaNextPatchMapper(variant="base_and_crop")]
+MAPPERS = [
+    QwenVLPatchMapper(),
+    QwenVLPatchMapper(arithmetic="float64"),
+    QwenVLPatchMapper(QwenVLGeometry(16, 2, 32 * 32 * 32, 16384 * 32 * 32)),  # Qwen3-VL
+    LlavaNextPatchMapper(),
+    LlavaNextPatchMapper(variant="base_and_crop"),
+    LlavaOnevisionPatchMapper(),
+    LlavaOnevisionPatchMapper(variant="base_and_crop"),
+    InternVLPatchMapper(),
+    InternVLPatchMapper(variant="base_and_crop"),
+]
 
 
 @SETTINGS
@@ -472,14 +595,20 @@ def test_token_grid_figure_lights_exactly_the_region(tmp_path):
     from sparsemm_utils.plots.patches import plot_region_sizes, plot_token_grids
 
     image = Image.new("RGB", (1000, 700), "white")
-    mappers = {"qwen2_vl": QwenVLPatchMapper(), "llava_next": LlavaNextPatchMapper(variant="base_and_crop")}
+    mappers = {
+        "qwen2_vl": QwenVLPatchMapper(),
+        "llava_next": LlavaNextPatchMapper(variant="base_and_crop"),
+        "llava_onevision": LlavaOnevisionPatchMapper(),
+        "internvl": InternVLPatchMapper(variant="base_and_crop"),
+    }
     fig = plot_token_grids(image, mappers, (100, 200, 300, 260), chunk="hello")
     axes = fig.axes
-    assert len(axes) == 3  # Qwen grid, LLaVA-NeXT crop grid, LLaVA-NeXT base grid
+    assert len(axes) == 5  # Qwen grid, LLaVA-NeXT crop grid, LLaVA-NeXT base grid, OneVision crop grid, InternVL tiles
     # per panel: [grid cells, lit cells]; sizes from the hand examples: Qwen 900 cells / 24 lit,
-    # crop 34*48 = 1632 cells / 44 lit, base 576 cells / 18 lit
+    # crop 34*48 = 1632 cells / 44 lit, base 576 cells / 18 lit, OneVision crop 54*77 = 4158 / 6 x 18 = 108,
+    # InternVL 6 tiles of 256 = 1536 / 33 (the thumbnail's 8 are not drawn)
     sizes = [[len(c.get_paths()) for c in ax.collections if isinstance(c, PolyCollection)] for ax in axes]
-    assert sizes == [[900, 24], [1632, 44], [576, 18]]
+    assert sizes == [[900, 24], [1632, 44], [576, 18], [4158, 108], [1536, 33]]
     assert "24 tokens lit of 900" in axes[0].get_title()
     assert all(ax.images[0].get_cmap().name == "gray" for ax in axes)  # plots.style's "image" colormap
     fig.savefig(tmp_path / "grid.png")

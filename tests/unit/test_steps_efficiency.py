@@ -160,6 +160,19 @@ def test_findings_of_a_cpu_run_compare_nothing_with_the_papers_gpu_numbers():
     assert kv.holds is True and kv.n == 4 and kv.this_run.startswith("4 of 4 measurements (fullkv, sparsemm)")
 
 
+def test_the_speedup_finding_gives_the_static_cache_ratio_and_the_reason():
+    # FullKV (DynamicCache) 45 ms, FullKV (StaticCache) 36 ms, SparseMM 30 ms at 2048: 1.50x and 1.20x
+    frame = _measurements(QWEN2B, {"fullkv": [30, 45], "fullkv_static": [29, 36], "sparsemm": [30, 30]}, [1024, 2048])
+    frame.loc[frame["method"] == "fullkv_static", "kv_bytes"] = frame.loc[frame["method"] == "fullkv_static", "kv_bytes_analytic"]
+    speed = _claims(findings(frame))["SparseMM decodes faster than FullKV at long contexts"]
+    assert speed.this_run.startswith("FullKV / SparseMM = 1.50x at n = 2048 (45.0 -> 30.0 ms per token")
+    assert "against FullKV on a preallocated StaticCache (36.0 ms) 1.20x" in speed.this_run
+    assert "appends by torch.cat and so copies each layer's whole cache at every step" in speed.this_run
+    # without fullkv_static the text is as before
+    plain = _claims(findings(_measurements(QWEN2B, {"fullkv": [30, 45], "sparsemm": [30, 30]}, [1024, 2048])))
+    assert "StaticCache" not in plain["SparseMM decodes faster than FullKV at long contexts"].this_run
+
+
 def test_findings_of_a_run_measured_as_the_papers_decide():
     gpu = {"device": "cuda:0 H100", "layers": 32, "full_layers": 32, "dtype": "bfloat16"}
     # 80 / 40 = 2.0x >= the paper's 70.9 / 37.9 = 1.87x; peak 1 GiB < 2 GiB
@@ -244,3 +257,27 @@ def test_write_outputs_writes_the_targets_and_the_findings(tmp_path):
     assert np.allclose(targets["speedup"], expected["speedup"])
     table = FINDINGS.read(tmp_path)
     assert len(table) == 4 and table["headline"].tolist() == [True, True, False, False]
+
+
+def test_the_commands_in_the_module_docstring_are_valid_configs():
+    """Every ``python -m sparsemm_utils.steps.efficiency`` example of the module's docstring parses
+    and validates (Vicuna at 8K needs --extend-positions: its checkpoint has 4096 positions)."""
+    import argparse
+    import shlex
+
+    from sparsemm_utils.efficiency import add_protocol_arguments, protocol_from_args
+    from sparsemm_utils.steps import efficiency as module
+
+    block = module.__doc__.split("::", 1)[1].split("\n\n")[1]
+    commands = [c for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    assert len(commands) == 2
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--config-json", default=None)
+    add_protocol_arguments(parser)
+    for command in commands:
+        words = shlex.split(command.split("#")[0])
+        assert words[:3] == ["python", "-m", "sparsemm_utils.steps.efficiency"]
+        args = parser.parse_args(words[3:])
+        cfg = Config(run_dir=args.run_dir, **{**protocol_from_args(args).to_dict(), "device": "cpu"})
+        assert cfg.protocol.check_runnable() is None

@@ -75,7 +75,7 @@ def test_eval_config_normalises_and_validates():
     [
         ({"budgets": [8, 16], "window": 8}, "do not exceed the window"),
         ({"methods": ["h2o"]}, "unknown method"),
-        ({"benchmarks": ["textcaps"]}, "unknown benchmark"),
+        ({"benchmarks": ["nocaps"]}, "unknown benchmark"),
         ({"benchmarks": "docvqa"}, "list of names"),
         ({"ratio": 0}, "ratio must be"),
         ({"limit": 0}, "limit must be"),
@@ -87,11 +87,38 @@ def test_eval_config_normalises_and_validates():
         ({"batch_size": 0}, r"batch_size must be an int >= 1 and <= 64, got 0; questions answered at once"),
         ({"batch_size": 65}, "batch_size must be an int >= 1 and <= 64"),
         ({"batch_size": 2.0}, "batch_size must be an int"),
+        ({"lmms_eval": "0.4"}, r"lmms_eval \(the scoring protocol\) must be one of '0.3', 'current', got '0.4'"),
+        ({"lmms_eval": 0.3}, r"lmms_eval \(the scoring protocol\) must be one of"),
     ],
 )
 def test_eval_config_errors(kwargs, message):
     with pytest.raises((EvaluationError, UnknownBenchmarkError), match=message):
         Config(**kwargs)
+
+
+def test_the_protocol_builds_the_prompts(tmp_path):
+    """``lmms_eval`` picks the protocol whose prompts the benchmarks are loaded with: VQAv2's
+    short-answer post-prompt exists only in today's lmms-eval."""
+    from sparsemm_utils.benchmark_fixtures import fixture_dir
+
+    sources = {"vqav2": str(fixture_dir("vqav2"))}
+    old = Config(benchmarks=["vqav2"], benchmark_sources=sources).load_benchmarks()["vqav2"][0].question
+    new = Config(benchmarks=["vqav2"], benchmark_sources=sources, lmms_eval="current").load_benchmarks()["vqav2"][0].question
+    assert old == "How many apples are there?"
+    assert new == "How many apples are there?\nAnswer the question using a single word or phrase."
+    assert Config().lmms_eval == "0.3" and Config(lmms_eval="current").protocol.name == "current"
+
+
+def test_real_model_configs_name_the_protocol():
+    import yaml
+
+    from sparsemm_utils.runs import repo_root
+
+    names = [p.stem for p in (repo_root() / "configs").glob("*.yaml") if p.stem not in ("tiny", "study")]
+    assert {"qwen2-vl-7b", "llava-next-mistral-7b", "llava-next-vicuna-7b", "qwen3-vl-8b", "internvl3-8b"} <= set(names)
+    for name in names:
+        config = yaml.safe_load((repo_root() / "configs" / f"{name}.yaml").read_text())
+        assert config["steps"]["05_eval"]["lmms_eval"] == "0.3", name
 
 
 def test_head_scores_path_names_the_missing_step(tmp_path):
