@@ -72,7 +72,13 @@ from sparsemm_utils.attention_hooks import (
     original_attention_logits,
     text_attention,
 )
-from sparsemm_utils.kv_cache import PerHeadKVCache, UnsupportedBatchError, cache_kv_bytes
+from sparsemm_utils.kv_cache import (
+    DECODE_BLOCK,
+    PerHeadKVCache,
+    UnsupportedBatchError,
+    cache_kv_bytes,
+    decode_reserve_for,
+)
 from sparsemm_utils.validate import check_choice, check_fraction, check_int
 
 __all__ = [
@@ -840,7 +846,7 @@ def head_mask_attention(
 
 
 @contextmanager
-def compression(loaded: Any, press: Any, *, decode_reserve: int = 64) -> Iterator[CompressionSession]:
+def compression(loaded: Any, press: Any, *, decode_reserve: int = DECODE_BLOCK) -> Iterator[CompressionSession]:
     """Run the language model of ``loaded`` with ``press`` inside the ``with`` block.
 
     Registers the method's attention function (idempotent), switches the language model to it
@@ -901,6 +907,13 @@ class GenerationResult:
         return cache_kv_bytes(self.session.cache)
 
 
+def _decode_reserve(loaded: Any, gen_kwargs: Mapping[str, Any], decode_block: int) -> int:
+    """:func:`~sparsemm_utils.kv_cache.decode_reserve_for` of the generation's ``max_new_tokens``
+    (``gen_kwargs``, else the model's generation config, else 64)."""
+    max_new = gen_kwargs.get("max_new_tokens") or getattr(loaded.model.generation_config, "max_new_tokens", None) or 64
+    return decode_reserve_for(int(max_new), decode_block)
+
+
 _FORBIDDEN_GENERATE_KWARGS = ("past_key_values", "cache_implementation", "prefill_chunk_size", "assistant_model")
 
 
@@ -932,18 +945,21 @@ def _check_generation_inputs(inputs: Mapping[str, Any], gen_kwargs: Mapping[str,
         raise InvalidGenerationInputError("use_cache=False: a compressed KV cache needs use_cache=True")
 
 
-def compressed_generate(loaded: Any, press: Any, inputs: Mapping[str, Any], **gen_kwargs: Any) -> GenerationResult:
+def compressed_generate(
+    loaded: Any, press: Any, inputs: Mapping[str, Any], *, decode_block: int = DECODE_BLOCK, **gen_kwargs: Any
+) -> GenerationResult:
     """``loaded.model.generate(**inputs, **gen_kwargs)`` with the KV cache compressed by ``press``.
 
     The method is validated against the model (e.g. head scores of the wrong shape raise
     :class:`~sparsemm_utils.allocation.ScoreShapeError`) before any forward pass. ``inputs``: one
     prompt (batch size 1, no padding), e.g. :func:`sparsemm_utils.prompts.build_inputs`.
     ``gen_kwargs`` go to ``generate`` (``max_new_tokens``, ``do_sample``, ``output_logits``,
-    ``return_dict_in_generate``, ...); the decode reserve is sized to ``max_new_tokens``.
+    ``return_dict_in_generate``, ...); the decode reserve is
+    :func:`~sparsemm_utils.kv_cache.decode_reserve_for` ``(max_new_tokens, decode_block)``: free rows
+    per KV head, granted again in blocks of ``decode_block`` when they run out.
     The model's attention implementation is restored afterwards.
     """
     _check_generation_inputs(inputs, gen_kwargs)
-    max_new = gen_kwargs.get("max_new_tokens") or getattr(loaded.model.generation_config, "max_new_tokens", None) or 64
-    with compression(loaded, press, decode_reserve=int(max_new)) as session:
+    with compression(loaded, press, decode_reserve=_decode_reserve(loaded, gen_kwargs, decode_block)) as session:
         output = loaded.model.generate(**inputs, past_key_values=session.cache, **gen_kwargs)
     return GenerationResult(output=output, session=session)

@@ -23,7 +23,11 @@ Step 06 (:mod:`sparsemm_utils.steps.efficiency`) runs these measurements. The pa
   duration of ``decode_steps`` single-token steps after ``decode_warmup`` untimed ones (the first
   step meets kernels and shapes it has not seen); **kv_bytes**, the cache's bytes right after the
   prefill (docs/method.md §7's sum of kept tokens x head_dim x 2 x element size), beside
-  ``kv_bytes_analytic`` from the method's capacities; **peak_mem_bytes** over the whole
+  ``kv_bytes_analytic`` from the method's capacities, and ``kv_reserve_bytes``, the per-head
+  cache's free decode rows then (its most: at most one block of
+  :data:`~sparsemm_utils.kv_cache.DECODE_BLOCK` rows per KV head, :mod:`sparsemm_utils.kv_cache`;
+  empty for transformers' own cache), so ``peak_mem_bytes - kv_reserve_bytes`` is the peak
+  without the reserve; **peak_mem_bytes** over the whole
   generation: ``torch.cuda.max_memory_allocated`` on a GPU (weights included, as the paper), the
   peak resident set size of the process on a CPU (reset through ``/proc/self/clear_refs`` before
   the generation; weights, activations and the Python runtime included).
@@ -72,7 +76,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, Sta
 
 from sparsemm_utils.allocation import ModelShape
 from sparsemm_utils.compression import COMPRESSION_METHODS, make_press, model_shape
-from sparsemm_utils.kv_cache import analytic_kv_bytes, cache_kv_bytes
+from sparsemm_utils.kv_cache import analytic_kv_bytes, cache_kv_bytes, decode_reserve_for
 from sparsemm_utils.real_shapes import (
     RealShape,
     build_random_model,
@@ -130,7 +134,7 @@ RESULT_COLUMNS: tuple[str, ...] = (
 EXTRA_COLUMNS: tuple[str, ...] = (
     "shape", "layers", "full_layers", "vocab_size", "dtype", "decode_attention", "decode_steps", "decode_warmup",
     "generated_tokens", "decode_ms_median", "decode_ms_min", "kv_bytes_analytic", "kv_bytes_final",
-    "peak_mem_kind", "weights_bytes", "threads", "head_scores", "seconds",
+    "kv_reserve_bytes", "peak_mem_kind", "weights_bytes", "threads", "head_scores", "seconds",
 )
 #: The tables :func:`run_efficiency` writes (step 06's artifacts).
 RESULTS_FILE = "results.csv"
@@ -608,6 +612,13 @@ class StepTimer(LogitsProcessor):
 @dataclass
 class _Measured:
     kv_bytes: int | None = None
+    reserve_bytes: int | None = None
+
+    def after_prefill(self, cache: Any) -> None:
+        """The cache's KV bytes and (per-head cache only) its free decode rows right after the prefill."""
+        self.kv_bytes = cache_kv_bytes(cache)
+        slack = getattr(cache, "slack_bytes", None)
+        self.reserve_bytes = slack() if slack is not None else None
 
 
 def measure(protocol: EfficiencyProtocol, model: str, method: str, context: int) -> dict[str, Any]:
@@ -637,11 +648,12 @@ def measure(protocol: EfficiencyProtocol, model: str, method: str, context: int)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     memory = PeakMemory(device)
     new_tokens = protocol.new_tokens
-    with compression_with_backend(loaded, press, backend=protocol.decode_attention, decode_reserve=new_tokens) as session:
+    reserve = decode_reserve_for(new_tokens)
+    with compression_with_backend(loaded, press, backend=protocol.decode_attention, decode_reserve=reserve) as session:
         cache = session.cache
         if method in BASELINES:  # FullKV keeps transformers' attention; only the cache differs
             cache = baseline_cache(method, loaded.text_config, context + new_tokens)
-        timer = StepTimer(sync, on_first=lambda: setattr(measured, "kv_bytes", cache_kv_bytes(cache)))
+        timer = StepTimer(sync, on_first=lambda: measured.after_prefill(cache))
         memory.reset()
         timer.start()
         output = loaded.model.generate(
@@ -666,7 +678,8 @@ def measure(protocol: EfficiencyProtocol, model: str, method: str, context: int)
         "dtype": str(dtype).removeprefix("torch."), "decode_attention": backend, "decode_steps": protocol.decode_steps,
         "decode_warmup": protocol.decode_warmup, "generated_tokens": generated,
         "decode_ms_median": float(np.median(timed)), "decode_ms_min": float(timed.min()),
-        "kv_bytes_analytic": analytic, "kv_bytes_final": kv_final, "peak_mem_kind": memory.kind,
+        "kv_bytes_analytic": analytic, "kv_bytes_final": kv_final,
+        "kv_reserve_bytes": measured.reserve_bytes, "peak_mem_kind": memory.kind,
         "weights_bytes": weights_bytes(loaded.model), "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "head_scores": protocol.head_scores if method == "sparsemm" else None,
         "seconds": time.perf_counter() - started,
@@ -675,7 +688,7 @@ def measure(protocol: EfficiencyProtocol, model: str, method: str, context: int)
 
 def _frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(list(rows), columns=list(RESULT_COLUMNS + EXTRA_COLUMNS))
-    for column in ("budget", "kv_bytes", "kv_bytes_analytic", "threads"):
+    for column in ("budget", "kv_bytes", "kv_bytes_analytic", "kv_reserve_bytes", "threads"):
         frame[column] = frame[column].astype("Int64")
     return frame
 

@@ -1,7 +1,8 @@
 """The evaluation sweep: accuracy against KV budget, for every method on every benchmark (docs/method.md §6).
 
 Step 05 (:mod:`sparsemm_utils.steps.eval`) runs it. The sweep runs each *cell* (benchmark, method, budget) over the benchmark's samples: greedy
-decoding, batch 1, the method compressing the prompt's KV cache (docs/method.md §5), then the
+decoding, batch 1 (``batch_size`` questions at once give the same answers, :func:`run_sweep`),
+the method compressing the prompt's KV cache (docs/method.md §5), then the
 benchmark's metrics and aggregates as the chosen lmms-eval version computes them, from the
 stripped answer to the reported numbers (:mod:`sparsemm_utils.lmms_protocol`). Methods without a budget
 (FullKV and the head-mask ablations) run once per benchmark, with ``budget`` left empty.
@@ -90,7 +91,7 @@ from .lmms_protocol import DEFAULT_LMMS_EVAL, LmmsProtocol, aggregates, get_prot
 from .compression import compressed_generate, make_press
 from .fastv import FastVAtBudget, fastv_generate_at_budget
 from .prompts import build_inputs
-from .shared_prefill import shared_generate
+from .shared_prefill import shared_generate_batch
 from .sharding import MERGED_DIR, SHARDS_DIR, Shard, ShardError, retire_shards, shard_folders
 from .statistics import bootstrap_interval, paired_bootstrap_interval
 from .validate import check_choice, check_int
@@ -369,6 +370,27 @@ def generate_group(generate: Any, sample: EvalSample, spec: BenchmarkSpec, cells
         raise EvaluationError(f"the generator returned {len(answers)} answers for {len(cells)} cells")
     for cell, out in zip(cells, answers):
         yield cell, out if isinstance(out, Generation) else Generation(out)
+
+
+def generate_batch(
+    generate: Any, spec: BenchmarkSpec, queue: Sequence[tuple[EvalSample, Sequence["Cell"]]]
+) -> Iterator[tuple[EvalSample, "Cell", Generation]]:
+    """The answers of several samples, each under its cells, as ``(sample, cell, generation)`` in
+    order (sample by sample, cell by cell): all at once through
+    ``generate.many_batch(samples, spec, [[(method, budget), ...] per sample])`` when there are
+    several samples and the generator has it, else :func:`generate_group` per sample."""
+    many_batch = getattr(generate, "many_batch", None)
+    if many_batch is None or len(queue) == 1:
+        for sample, cells in queue:
+            for cell, out in generate_group(generate, sample, spec, cells):
+                yield sample, cell, out
+        return
+    answers = list(many_batch([s for s, _ in queue], spec, [[(c.method, c.budget) for c in cells] for _, cells in queue]))
+    if len(answers) != len(queue) or any(len(a) != len(cells) for a, (_, cells) in zip(answers, queue)):
+        raise EvaluationError(f"the generator's many_batch returned answers for {[len(a) for a in answers]} cells, not {[len(c) for _, c in queue]}")
+    for (sample, cells), outs in zip(queue, answers):
+        for cell, out in zip(cells, outs):
+            yield sample, cell, out if isinstance(out, Generation) else Generation(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -689,6 +711,7 @@ def run_sweep(
     on_mismatch: str = "error",
     shard: Shard | None = None,
     lmms_eval: str | LmmsProtocol = DEFAULT_LMMS_EVAL,
+    batch_size: int = 1,
 ) -> SweepResult:
     """Run every unfinished cell of benchmarks x methods x budgets (module docstring).
 
@@ -716,12 +739,17 @@ def run_sweep(
             each answer is stripped and scored, each cell aggregated, as that lmms-eval does;
             recorded in ``sweep.json`` with the lmms-eval commit. The samples' prompts must
             have been built with its specs (``protocol.spec(name)``).
+        batch_size: samples answered at once (:func:`generate_batch`: one batched prefill and
+            decode for the shareable methods when the generator has ``many_batch``). The answers
+            are those of batch 1, written in the same order (sample by sample, cell by cell)
+            after each batch, so a crash loses at most one batch's answers.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not isinstance(model, str) or not model:
         raise EvaluationError(f"model must be a non-empty string (its name in results.csv), got {model!r}")
     check_choice("on_mismatch", on_mismatch, ON_MISMATCH, error=EvaluationError)
+    batch_size = check_int("batch_size", batch_size, 1, error=EvaluationError)
     say = log or (lambda message: None)
     protocol = get_protocol(lmms_eval)
     specs = {name: protocol.spec(name) for name in benchmarks}
@@ -791,6 +819,20 @@ def run_sweep(
         say(f"{len(skipped)} of {len(cells)} cells already in {RESULTS_FILE}: skipped")
     generated = reused = 0
     bar = tqdm(total=todo, desc="evaluating", unit="answer", disable=not progress)
+
+    def answer(spec: BenchmarkSpec, context: Any, queue: Sequence[tuple[EvalSample, Sequence[Cell]]], pred_file: Any) -> int:
+        """Generate and record the answers due for a batch of samples; returns how many."""
+        bar.set_postfix_str(f"{spec.name} {queue[-1][0].sample_id}")
+        t0, count = time.perf_counter(), 0
+        for sample, cell, gen in generate_batch(generate, spec, queue):
+            record = _prediction_record(model, cell, sample, spec, gen, time.perf_counter() - t0, protocol, context)
+            t0 = time.perf_counter()
+            ledger.append(pred_file, PREDICTIONS_FILE, json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
+            by_cell[cell.key][sample.sample_id] = record
+            count += 1
+            bar.update(1)
+        return count
+
     try:
         with open(predictions_path, "a", encoding="utf-8", newline="") as pred_file:
             for bench in dict.fromkeys(c.benchmark for c in pending):
@@ -799,26 +841,24 @@ def run_sweep(
                 bench_cells = [c for c in pending if c.benchmark == bench]
                 for c in bench_cells:
                     by_cell.setdefault(c.key, {})
+
+                queue: list[tuple[EvalSample, list[Cell]]] = []  # up to batch_size samples with answers due
                 for i, sample_id in enumerate(ids[bench]):
                     if shard is not None and not shard.owns(i):
                         continue
                     due = [c for c in bench_cells if i < len(cell_ids(c))]
                     missing = [c for c in due if sample_id not in by_cell[c.key]]
                     reused += len(due) - len(missing)
-                    if not missing:
-                        continue
-                    sample = samples[i]
-                    if sample.sample_id != sample_id:
-                        raise EvaluationError(f"benchmark {bench!r}: sample {i} changed id while the sweep ran")
-                    bar.set_postfix_str(f"{bench} {sample_id}")
-                    t0 = time.perf_counter()
-                    for cell, gen in generate_group(generate, sample, spec, missing):
-                        record = _prediction_record(model, cell, sample, spec, gen, time.perf_counter() - t0, protocol, context)
-                        t0 = time.perf_counter()
-                        ledger.append(pred_file, PREDICTIONS_FILE, json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
-                        by_cell[cell.key][sample_id] = record
-                        generated += 1
-                        bar.update(1)
+                    if missing:
+                        sample = samples[i]
+                        if sample.sample_id != sample_id:
+                            raise EvaluationError(f"benchmark {bench!r}: sample {i} changed id while the sweep ran")
+                        queue.append((sample, missing))
+                    if len(queue) == batch_size:
+                        generated += answer(spec, context, queue, pred_file)
+                        queue = []
+                if queue:
+                    generated += answer(spec, context, queue, pred_file)
                 if shard is not None:
                     continue  # a shard holds part of each cell: the merge writes the results
                 rows = [row for c in bench_cells for row in _result_rows(model, spec, [c], cell_ids(c), by_cell)]
@@ -1169,19 +1209,38 @@ class ModelGenerator:
         (:func:`~sparsemm_utils.shared_prefill.shared_generate`: token for token what
         :func:`~sparsemm_utils.compression.compressed_generate` gives each alone); the head masks and
         FastV run one by one. ``seconds`` of a shared answer is the group's time divided by its size."""
-        shared = [i for i, (m, _) in enumerate(cells) if get_method(m).press in SHAREABLE_PRESSES]
-        out: list[Generation | None] = [None] * len(cells)
-        if shared:
+        return self.many_batch([sample], spec, [cells])[0]
+
+    def many_batch(
+        self, samples: Sequence[EvalSample], spec: BenchmarkSpec, cells: Sequence[Sequence[tuple[str, int | None]]]
+    ) -> list[list[Generation]]:
+        """:meth:`many` of several samples at once: ``cells[b]`` are sample b's cells. The shareable
+        cells of all samples with the same generation limit run as ONE batch
+        (:func:`~sparsemm_utils.shared_prefill.shared_generate_batch`: one left-padded prefill, every
+        (sample, cell) a row of one decode; token for token what each gives alone); the head masks
+        and FastV run one by one. ``seconds`` of a shared answer is its batch's time divided by the
+        batch's answers."""
+        if len(cells) != len(samples):
+            raise EvaluationError(f"cells gives {len(cells)} samples' cells for {len(samples)} samples")
+        shared = [[j for j, (m, _) in enumerate(own) if get_method(m).press in SHAREABLE_PRESSES] for own in cells]
+        out: list[list[Generation | None]] = [[None] * len(own) for own in cells]
+        by_limit: dict[int, list[int]] = {}
+        for b, sample in enumerate(samples):
+            if shared[b]:
+                by_limit.setdefault(self._limit(spec, sample), []).append(b)
+        for limit, members in by_limit.items():
             t0 = time.perf_counter()
-            inputs = build_inputs(self.loaded, sample.image, sample.question)
-            n = int(inputs["input_ids"].shape[1])
-            presses = [self.press(*cells[i]) for i in shared]
-            results = shared_generate(self.loaded, presses, inputs, max_new_tokens=self._limit(spec, sample))
-            seconds = (time.perf_counter() - t0) / len(shared)
-            for i, result in zip(shared, results):
-                out[i] = self._generation(result.sequences[0, n:], n, int(result.kv_bytes), seconds)
-        for i, (method, budget) in enumerate(cells):
-            if out[i] is None:
-                out[i] = self(sample, spec, method, budget)
+            prompts = [build_inputs(self.loaded, samples[b].image, samples[b].question) for b in members]
+            presses = [[self.press(*cells[b][j]) for j in shared[b]] for b in members]
+            results = shared_generate_batch(self.loaded, presses, prompts, max_new_tokens=limit)
+            seconds = (time.perf_counter() - t0) / sum(len(own) for own in presses)
+            for b, inputs, rows in zip(members, prompts, results):
+                n = int(inputs["input_ids"].shape[1])
+                for j, result in zip(shared[b], rows):
+                    out[b][j] = self._generation(result.sequences[0, n:], n, int(result.kv_bytes), seconds)
+        for b, own in enumerate(cells):
+            for j, (method, budget) in enumerate(own):
+                if out[b][j] is None:
+                    out[b][j] = self(samples[b], spec, method, budget)
         return out  # type: ignore[return-value]
 

@@ -45,8 +45,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from sparsemm_utils.allocation import ModelShape
 from sparsemm_utils.attention_capture import last_query_attention
 from sparsemm_utils.attention_hooks import AttentionHook, NoActiveStateError, text_attention
-from sparsemm_utils.compression import GenerationResult
-from sparsemm_utils.kv_cache import PerHeadKVCache, analytic_kv_bytes
+from sparsemm_utils.compression import GenerationResult, _decode_reserve
+from sparsemm_utils.kv_cache import DECODE_BLOCK, PerHeadKVCache, analytic_kv_bytes
 from sparsemm_utils.models import LoadedModel
 from sparsemm_utils.prompts import build_inputs
 from sparsemm_utils.reader_tasks import HELDOUT_SEED, TASK_TYPES, questions_for_document
@@ -339,7 +339,7 @@ def _model_shape(loaded: LoadedModel) -> ModelShape:
 
 
 @contextlib.contextmanager
-def fastv(loaded: LoadedModel, press: FastVPress, input_ids: torch.Tensor, *, decode_reserve: int = 64) -> Iterator[FastVSession]:
+def fastv(loaded: LoadedModel, press: FastVPress, input_ids: torch.Tensor, *, decode_reserve: int = DECODE_BLOCK) -> Iterator[FastVSession]:
     """Run ``loaded``'s language model with FastV inside the block, for the prompt ``input_ids``
     ``(1, n)``; pass ``session.cache`` as ``past_key_values``. The previous attention
     implementation is restored on exit, also after an error. Nested contexts raise :class:`FastVError`."""
@@ -404,8 +404,7 @@ def fastv_generate(loaded: LoadedModel, press: FastVPress, inputs: Mapping[str, 
             raise FastVInputError(f"{name}={gen_kwargs[name]}: FastV's per-head cache needs {name}=1")
     if gen_kwargs.get("use_cache", True) is False:
         raise FastVInputError("use_cache=False: FastV stores a pruned KV cache and needs use_cache=True")
-    max_new = gen_kwargs.get("max_new_tokens") or getattr(loaded.model.generation_config, "max_new_tokens", None) or 64
-    with fastv(loaded, press, ids, decode_reserve=int(max_new)) as session:
+    with fastv(loaded, press, ids, decode_reserve=_decode_reserve(loaded, gen_kwargs, DECODE_BLOCK)) as session:
         output = loaded.model.generate(**inputs, past_key_values=session.cache, **gen_kwargs)
     return FastVResult(output=output, session=session)
 

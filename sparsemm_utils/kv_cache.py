@@ -13,17 +13,24 @@ Storage design (one :class:`PerHeadKVLayer` per decoder layer)
   ``[start[h], start[h] + room[h])`` of both, of which the first ``length[h]`` rows are in use:
   its kept prompt tokens (in prompt order) followed by the tokens generated since.
   No padding to the longest head: a head with 40 tokens next to one with 900 costs 40 rows.
-- **Rows.** A layer may hold R rows, R compressions of ONE prompt decoding side by side
-  (:class:`BatchedPerHeadKVCache`, filled by :meth:`PerHeadKVLayer.load_rows` from a shared
-  prefill, :mod:`sparsemm_utils.shared_prefill`): segment ``r * H_kv + h`` is KV head h of row r,
-  packed like the others, so rows pay only for what they keep. A prefill's own cache
-  (:class:`PerHeadKVCache`) has one row.
-- **Appends without copying the cache.** ``room[h] = length[h] + reserve`` leaves every head a
-  reserve of free rows after compression; a decode step writes its new key and value into row
-  ``start[h] + length[h]`` of every head (one ``index_copy_``, O(H_kv x head_dim)). Only when a
-  head's reserve runs out is the layer re-packed with a reserve twice as large, so over T decode
-  steps the layer is re-packed O(log T) times (amortised O(1) per step). ``compressed_generate``
-  sizes the reserve to ``max_new_tokens``, so a generation re-packs nothing. Dropping rows
+- **Rows.** A layer may hold R rows decoding side by side (:class:`BatchedPerHeadKVCache`,
+  filled by :meth:`PerHeadKVLayer.load_rows` from a shared prefill, or by
+  :meth:`PerHeadKVLayer.load_prompts` from the prefills of several prompts of different lengths,
+  :mod:`sparsemm_utils.shared_prefill`): segment ``r * H_kv + h`` is KV head h of row r, packed
+  like the others, so rows pay only for what they keep, never for another row's prompt length
+  or padding. A prefill's own cache (:class:`PerHeadKVCache`) has one row.
+- **Appends without copying the cache, a reserve bounded by a block.** ``room[h] = length[h] +
+  block`` leaves every head ``block`` free rows (the layer's ``decode_reserve``, default
+  :data:`DECODE_BLOCK`) after compression; a decode step writes its new key and value into row
+  ``start[h] + length[h]`` of every head (one ``index_copy_``, O(H_kv x head_dim)). When a head's
+  free rows run out, the layer is re-packed with ``block`` fresh free rows per head (or the
+  step's token count, if larger): every head appends at the same rate, so T decode steps
+  re-pack ceil((T - block) / block) times, once per block of steps (amortised O(1) re-packs per
+  step, each copying the layer's rows in use once). Rows reserved but unused never exceed
+  ``block`` per head, whatever the generation limit: with the paper's 512 new tokens a
+  reserve sized to the limit would hold 512 free rows per head, twice what a 256-token budget
+  keeps. ``compressed_generate`` sizes the block with :func:`decode_reserve_for`
+  (``min(max_new_tokens - 1, block)``: a short generation re-packs nothing). Dropping rows
   (:meth:`PerHeadKVLayer.select_rows`) compacts the kept ones into new buffers.
 - **Honest byte accounting.** :meth:`PerHeadKVLayer.kv_bytes` counts rows in use only
   (docs/method.md §7's formula); :meth:`PerHeadKVLayer.allocated_bytes` counts the buffers
@@ -50,8 +57,11 @@ Protocol (what the attention function of :mod:`sparsemm_utils.compression` relie
    own segment (views, no copies), or the one-call paths of :mod:`sparsemm_utils.varlen_attention`.
    Using the cache with any other attention function is an error caught at the next update.
 
-A prefill runs one prompt at a time (batch size 1, as the original SparseMM and AdaKV code);
-beam search, cropping and repeating rows raise :class:`UnsupportedCacheOperationError`.
+A prefill through this cache runs one prompt at a time (batch size 1, as the original SparseMM and
+AdaKV code), or a left-padded batch of ``generate`` made for it (``prefill_batch``,
+:meth:`PerHeadKVLayer.compress_batch`, :func:`sparsemm_utils.shared_prefill.compressed_generate_batch`);
+the prefills of several prompts also combine by :meth:`BatchedPerHeadKVCache.from_prefills`. Beam search, cropping
+and repeating rows raise :class:`UnsupportedCacheOperationError`.
 """
 
 from __future__ import annotations
@@ -75,9 +85,26 @@ __all__ = [
     "PerHeadKVLayer",
     "PerHeadKVCache",
     "BatchedPerHeadKVCache",
+    "DECODE_BLOCK",
+    "decode_reserve_for",
     "analytic_kv_bytes",
     "cache_kv_bytes",
 ]
+
+
+#: Free rows per KV head a layer grants at compression and again each time a head runs out
+#: (the bound on its reserved-but-unused rows; see the module docstring).
+DECODE_BLOCK = 64
+
+
+def decode_reserve_for(max_new_tokens: int, block: int = DECODE_BLOCK) -> int:
+    """The decode reserve (free rows per KV head, :class:`PerHeadKVLayer`'s ``decode_reserve``) for a
+    generation of ``max_new_tokens``: its decode steps append ``max_new_tokens - 1`` tokens (the
+    last one generated is never fed back), capped at ``block``. Example: 10 new tokens, block 64
+    -> 9 (no re-pack); 512 new tokens, block 64 -> 64 (7 re-packs, at most 64 free rows per head)."""
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
+    block = check_int("block", block, 0)
+    return min(max(max_new_tokens - 1, 0), block)
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -154,10 +181,14 @@ class PerHeadKVLayer(CacheLayerMixin):
     ``row`` stores.
 
     Args:
-        decode_reserve: free rows each KV head gets after compression for the tokens generated
-            next (doubled whenever a head runs out). Rows reserved but unused are reported by
-            :meth:`slack_bytes`, never by :meth:`kv_bytes`.
+        decode_reserve: the block: free rows each KV head gets after compression for the tokens
+            generated next, granted again (the same number) whenever a head runs out, so no head
+            ever holds more than ``decode_reserve`` unused rows (or a multi-token step's count, if
+            larger). Rows reserved but unused are reported by :meth:`slack_bytes`, never by
+            :meth:`kv_bytes`.
         layer_idx: the decoder layer's index, for error messages.
+        prefill_batch: prompts the prefill brings at once (a left-padded batch of ``generate``,
+            packed by :meth:`compress_batch`); 1 for :meth:`compress`.
     """
 
     is_compileable = False
@@ -165,9 +196,12 @@ class PerHeadKVLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False  # the buffers are sized at compression, not before
 
-    def __init__(self, decode_reserve: int = 64, layer_idx: int | None = None, **kwargs: Any):
+    def __init__(
+        self, decode_reserve: int = DECODE_BLOCK, layer_idx: int | None = None, *, prefill_batch: int = 1, **kwargs: Any
+    ):
         super().__init__()
         self.decode_reserve = check_int("decode_reserve", decode_reserve, 0)
+        self.prefill_batch = check_int("prefill_batch", prefill_batch, 1)
         self.layer_idx = layer_idx
         self._clear()
 
@@ -186,7 +220,6 @@ class PerHeadKVLayer(CacheLayerMixin):
         self._lengths: list[int] = []
         self._rooms: list[int] = []
         self._prompt_positions: list[torch.Tensor] = []
-        self._reserve = self.decode_reserve
         self._seen = 0
         self.rows = 0  # rows packed (1 after a prefill's compression)
         self.prompt_len = 0
@@ -224,7 +257,11 @@ class PerHeadKVLayer(CacheLayerMixin):
                 f"{tuple(key_states.shape)} and {tuple(value_states.shape)}"
             )
         batch = int(key_states.shape[0])
-        if not self.is_compressed and batch != 1:
+        if not self.is_compressed and batch != self.prefill_batch and self.prefill_batch > 1:
+            raise UnsupportedBatchError(
+                f"{self._where()}: a prefill of batch size {batch}, but the cache was made for {self.prefill_batch} prompts"
+            )
+        if not self.is_compressed and batch != self.prefill_batch:
             raise UnsupportedBatchError(
                 f"{self._where()}: batch size {batch}: the per-head KV cache prefills one prompt "
                 f"(batch size 1, as the original SparseMM/AdaKV code); run prompts one at a time, or decode several "
@@ -296,27 +333,58 @@ class PerHeadKVLayer(CacheLayerMixin):
                     raise InvalidPositionsError(f"{where}: positions must be strictly increasing (sorted, no duplicates)")
         return out
 
-    def _pack(self, keys: torch.Tensor, values: torch.Tensor, rows: Sequence[Sequence[torch.Tensor]]) -> None:
-        """Pack R rows of kept prompt positions (validated) from one prompt's ``(1, H_kv, n, d)``
-        keys and values: segment r * H_kv + h gathers ``keys[0, h, rows[r][h]]``."""
-        kept = [pos for row in rows for pos in row]
+    def _rows_valid(self, prompts: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[Sequence[Any]]]]) -> bool:
+        """One check of every row of every prompt at once (one sync): H_kv 1-D integer position
+        tensors per row, each strictly increasing within ``[0, n)`` of its prompt."""
+        segments, bounds = [], []
+        for keys, _, rows in prompts:
+            for row in rows:
+                if len(row) != self.num_kv_heads:
+                    return False
+                for pos in row:
+                    pos = torch.as_tensor(pos)
+                    if pos.ndim != 1 or pos.dtype not in (torch.int64, torch.int32):
+                        return False
+                    segments.append(pos.to(device=self.device, dtype=torch.int64))
+                    bounds.append(int(keys.shape[-2]))
+        lengths = torch.as_tensor([p.numel() for p in segments], dtype=torch.int64, device=self.device)
+        flat = torch.cat(segments)
+        if not flat.numel():
+            return True
+        limit = torch.repeat_interleave(torch.as_tensor(bounds, dtype=torch.int64, device=self.device), lengths)
+        first = torch.zeros(flat.numel(), dtype=torch.bool, device=self.device)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        first[offsets[lengths > 0]] = True
+        increasing = (flat[1:] > flat[:-1]) | first[1:]
+        return not bool(((flat < 0) | (flat >= limit)).any() | ~increasing.all())
+
+    def _pack(self, prompts: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[Sequence[torch.Tensor]]]]) -> None:
+        """Pack the rows of kept prompt positions (validated) of one or more prompts: per prompt,
+        its ``(1, H_kv, n, d)`` keys and values and its rows; segment s (the s-th (row, head) over
+        all prompts, in order) gathers ``keys[0, s % H_kv, positions]`` of its own prompt."""
         heads = self.num_kv_heads
+        kept = [pos for _, _, rows in prompts for row in rows for pos in row]
         lengths = [int(p.numel()) for p in kept]
-        rooms = [length + self._reserve for length in lengths]
+        rooms = [length + self.decode_reserve for length in lengths]
         starts = np.concatenate([[0], np.cumsum(rooms)[:-1]]).astype(int).tolist()
-        k_buf = keys.new_empty((int(sum(rooms)), self.head_dim))
-        v_buf = values.new_empty((int(sum(rooms)), self.head_dim))
-        if sum(lengths):
-            # one gather for all segments (no copy of the whole prompt): (head, position) pairs
-            head = torch.cat([torch.full_like(pos, s % heads) for s, pos in enumerate(kept)])
-            position = torch.cat(kept)
-            target = _segment_rows(starts, lengths, self.device)
-            k_buf.index_copy_(0, target, keys[0][head, position])
-            v_buf.index_copy_(0, target, values[0][head, position])
+        k_buf = prompts[0][0].new_empty((int(sum(rooms)), self.head_dim))
+        v_buf = prompts[0][1].new_empty((int(sum(rooms)), self.head_dim))
+        first = 0  # first segment of the current prompt
+        for keys, values, rows in prompts:
+            count = len(rows) * heads
+            segment_kept = kept[first : first + count]
+            if sum(lengths[first : first + count]):
+                # one gather per prompt (no copy of the whole prompt): (head, position) pairs
+                head = torch.cat([torch.full_like(pos, s % heads) for s, pos in enumerate(segment_kept)])
+                position = torch.cat(segment_kept)
+                target = _segment_rows(starts[first : first + count], lengths[first : first + count], self.device)
+                k_buf.index_copy_(0, target, keys[0][head, position].to(k_buf.dtype))
+                v_buf.index_copy_(0, target, values[0][head, position].to(v_buf.dtype))
+            first += count
         self._k, self._v = k_buf, v_buf
         self._starts, self._lengths, self._rooms = starts, lengths, rooms
         self._prompt_positions = [p.detach().clone() for p in kept]
-        self.rows = len(rows)
+        self.rows = sum(len(rows) for _, _, rows in prompts)
 
     def compress(self, positions: Sequence[torch.Tensor]) -> None:
         """Pack the pending prefill, keeping in KV head h only the prompt positions ``positions[h]``.
@@ -331,7 +399,27 @@ class PerHeadKVLayer(CacheLayerMixin):
                 f"{self._where()}: nothing to compress; compress() runs once, right after the prefill's update()"
             )
         keys, values = self._pending
-        self._pack(keys, values, [self._validated_positions(positions, int(keys.shape[-2]))])
+        self._pack([(keys, values, [self._validated_positions(positions, int(keys.shape[-2]))])])
+        self._pending = None
+
+    def compress_batch(self, positions: Sequence[Sequence[torch.Tensor]], pads: Sequence[int]) -> None:
+        """Pack the pending prefill of a LEFT-PADDED batch of B prompts (``(B, H_kv, n_max, d)``):
+        prompt b occupies positions ``pads[b] ..`` of the batch and keeps, in KV head h, its own
+        prompt positions ``positions[b][h]`` (in ``[0, n_max - pads[b])``, i.e. without the
+        padding). Row b of the layer is prompt b; no padding is stored."""
+        if self._pending is None:
+            raise CacheStateError(f"{self._where()}: nothing to compress; compress_batch() runs once, right after the prefill")
+        keys, values = self._pending
+        if len(positions) != keys.shape[0] or len(pads) != keys.shape[0]:
+            raise InvalidPositionsError(
+                f"{self._where()}: {len(positions)} prompts' positions and {len(pads)} pads for a batch of {keys.shape[0]}"
+            )
+        prompts = [(keys[b : b + 1, :, pad:], values[b : b + 1, :, pad:], [row]) for b, (pad, row) in enumerate(zip(pads, positions))]
+        if not self._rows_valid(prompts):
+            for b, (k, _, rows) in enumerate(prompts):
+                self._validated_positions(rows[0], int(k.shape[-2]), f", prompt {b}")
+            raise InvalidPositionsError(f"{self._where()}: malformed positions")  # not reached: the loop names them
+        self._pack([(k, v, [[torch.as_tensor(p).to(self.device, torch.int64) for p in rows[0]]]) for k, v, rows in prompts])
         self._pending = None
 
     def keep_all(self) -> None:
@@ -353,20 +441,39 @@ class PerHeadKVLayer(CacheLayerMixin):
             keys, values: ``(1, H_kv, n, head_dim)`` post-RoPE prompt states (not modified).
             rows: per row, H_kv 1-D int tensors (strictly increasing, in [0, n)) or None.
         """
+        self.load_prompts([(keys, values, rows)])
+
+    def load_prompts(
+        self, prompts: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[Sequence[torch.Tensor] | None]]]
+    ) -> None:
+        """Pack the rows of SEVERAL prompts into an empty layer, prompt after prompt: prompt p gives
+        its ``(1, H_kv, n_p, head_dim)`` keys and values and its rows (as :meth:`load_rows`); its
+        rows follow those of the prompts before it. No row pays for another prompt's length:
+        every (row, KV head) segment holds only what that head of that row keeps.
+
+        The layer has then SEEN the longest prompt (``get_seq_length`` = max n_p): rows of
+        different prompts sit at different positions, which the caller feeds explicitly
+        (:func:`sparsemm_utils.shared_prefill.decode_batch` does)."""
         if self.is_initialized:
             raise CacheStateError(f"{self._where()}: load_rows() fills an empty layer; call reset() first")
-        self._check_states(keys, values)
-        if not rows:
-            raise InvalidPositionsError(f"{self._where()}: load_rows() needs at least one row")
-        self.lazy_initialization(keys, values)
-        n = int(keys.shape[-2])
-        everything = torch.arange(n, device=self.device)
-        checked = [
-            self._validated_positions([everything] * self.num_kv_heads if row is None else row, n, f", row {r}")
-            for r, row in enumerate(rows)
-        ]
-        self._pack(keys, values, checked)
-        self._seen = self.prompt_len = n
+        if not prompts or not all(rows for _, _, rows in prompts):
+            raise InvalidPositionsError(f"{self._where()}: load_rows() needs at least one row (per prompt)")
+        self._check_states(prompts[0][0], prompts[0][1])
+        self.lazy_initialization(prompts[0][0], prompts[0][1])
+        checked = []
+        for keys, values, rows in prompts:
+            self._check_states(keys, values)
+            n = int(keys.shape[-2])
+            everything = [torch.arange(n, device=self.device)] * self.num_kv_heads
+            checked.append((keys, values, [everything if row is None else row for row in rows]))
+        if not self._rows_valid(checked):  # name the offending prompt, row and head
+            for p, (keys, _, rows) in enumerate(checked):
+                where = f", prompt {p}" if len(checked) > 1 else ""
+                for r, row in enumerate(rows):
+                    self._validated_positions(row, int(keys.shape[-2]), f"{where}, row {r}")
+            raise InvalidPositionsError(f"{self._where()}: malformed positions")  # not reached: the loop names them
+        self._pack([(k, v, [[torch.as_tensor(p).to(self.device, torch.int64) for p in row] for row in rows]) for k, v, rows in checked])
+        self._seen = self.prompt_len = max(int(keys.shape[-2]) for keys, _, _ in prompts)
 
     # ------------------------------------------------------------------ decode
 
@@ -388,9 +495,9 @@ class PerHeadKVLayer(CacheLayerMixin):
         self._starts, self._lengths, self._rooms = starts, lengths, list(rooms)
 
     def _repack(self, needed: int) -> None:
-        """Copy every head into a new buffer with a reserve of ``max(2 x reserve, needed)`` rows."""
-        self._reserve = max(2 * self._reserve, needed, 1)
-        self._relayout(range(len(self._lengths)), [length + self._reserve for length in self._lengths])
+        """Copy every head into a new buffer with ``max(block, needed)`` free rows per head."""
+        reserve = max(self.decode_reserve, needed)
+        self._relayout(range(len(self._lengths)), [length + reserve for length in self._lengths])
         self.repacks += 1
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -407,18 +514,46 @@ class PerHeadKVLayer(CacheLayerMixin):
         self._lengths = [length + t for length in self._lengths]
         self._seen += t
 
-    def select_rows(self, indices: Sequence[int] | torch.Tensor) -> None:
-        """Keep only the rows ``indices`` (in that order), e.g. to drop finished generations; the
-        kept rows are compacted into new buffers (each head keeps its free decode rows), so the
-        dropped rows' bytes are released."""
+    def select_rows(self, indices: Sequence[int] | torch.Tensor, *, compact: bool = True) -> None:
+        """Keep only the rows ``indices`` (in that order), e.g. to drop finished generations.
+
+        ``compact=True``: the kept rows are compacted into new buffers (each head keeps its free
+        decode rows), so the dropped rows' bytes are released now. ``compact=False`` (increasing
+        ``indices`` only; others compact anyway): the buffers stay, only the segment table
+        forgets the dropped rows, whose bytes stay allocated (counted by :meth:`allocated_bytes`)
+        until the next re-pack, or until they outnumber the kept segments' rows, when the layer
+        compacts: a decode that drops rows at many steps copies the cache O(log R) times instead
+        of once per step."""
         self._require_compressed("select_rows")
         indices = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
         if len(set(indices)) != len(indices) or any(not 0 <= i < self.rows for i in indices):
             raise ValueError(f"{self._where()}: row indices must be distinct, in [0, {self.rows}), got {indices}")
         heads = self.num_kv_heads
         segments = [r * heads + h for r in indices for h in range(heads)]
-        self._relayout(segments, [self._rooms[s] for s in segments])
+        if compact or indices != sorted(indices):
+            self._relayout(segments, [self._rooms[s] for s in segments])
+        else:
+            self._starts = [self._starts[s] for s in segments]
+            self._lengths = [self._lengths[s] for s in segments]
+            self._rooms = [self._rooms[s] for s in segments]
+            self._prompt_positions = [self._prompt_positions[s] for s in segments]
+            if int(self._k.shape[0]) > 2 * sum(self._rooms):
+                self.compact()
         self.rows = len(indices)
+
+    @property
+    def is_contiguous(self) -> bool:
+        """True when the segments tile the buffers (no rows of dropped segments between them)."""
+        return self._starts == np.concatenate([[0], np.cumsum(self._rooms)[:-1]]).astype(int).tolist() and int(
+            self._k.shape[0]
+        ) == sum(self._rooms)
+
+    def compact(self) -> None:
+        """Release the rows of segments dropped by ``select_rows(..., compact=False)`` (a no-op
+        when the segments tile the buffers already)."""
+        self._require_compressed("compact")
+        if not self.is_contiguous:
+            self._relayout(range(len(self._rooms)), self._rooms)
 
     def _segment(self, head: int, row: int) -> int:
         if not (0 <= head < self.num_kv_heads and 0 <= row < self.rows):
@@ -610,19 +745,23 @@ class _PackedCache(Cache):
 
 class PerHeadKVCache(_PackedCache):
     """A transformers ``Cache`` of :class:`PerHeadKVLayer`, one per decoder layer of the language model,
-    holding one prompt (batch size 1).
+    holding one prompt (batch size 1), or ``prefill_batch`` prompts of a left-padded ``generate``
+    batch (one row each, :meth:`PerHeadKVLayer.compress_batch`; the accounting methods then report
+    every row's heads flattened, and :meth:`PerHeadKVLayer.row_lengths` per row).
 
     Pass it to ``model.generate(past_key_values=cache)`` together with the per-head attention
     function (``sparsemm_utils.compression.compressed_generate`` does both). Shapes reported by
     the accounting methods are (layers, kv_heads).
     """
 
-    def __init__(self, num_layers: int, *, decode_reserve: int = 64):
+    def __init__(self, num_layers: int, *, decode_reserve: int = DECODE_BLOCK, prefill_batch: int = 1):
         num_layers = check_int("num_layers", num_layers, 1)
-        super().__init__(layers=[PerHeadKVLayer(decode_reserve, layer_idx=i) for i in range(num_layers)])
+        super().__init__(
+            layers=[PerHeadKVLayer(decode_reserve, layer_idx=i, prefill_batch=prefill_batch) for i in range(num_layers)]
+        )
 
     @classmethod
-    def from_config(cls, config: Any, *, decode_reserve: int = 64) -> PerHeadKVCache:
+    def from_config(cls, config: Any, *, decode_reserve: int = DECODE_BLOCK) -> PerHeadKVCache:
         """One layer per decoder layer of ``config``'s text config (``num_hidden_layers``)."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         return cls(text.num_hidden_layers, decode_reserve=decode_reserve)
@@ -639,17 +778,20 @@ class PerHeadKVCache(_PackedCache):
 
 
 class BatchedPerHeadKVCache(_PackedCache):
-    """R compressions of ONE prompt decoding side by side: row r is what one method kept of the
-    shared prefill (:mod:`sparsemm_utils.shared_prefill`), with its own number of tokens in every
-    (layer, KV head). Each :class:`PerHeadKVLayer` packs segment (row, head) without padding, so
-    no head pays for another's length in what is stored; decode steps append one token to every
-    head of every row; :meth:`select_rows` drops finished rows and releases their bytes.
+    """R rows decoding side by side: row r is what one method kept of one prompt's shared prefill
+    (:mod:`sparsemm_utils.shared_prefill`), with its own number of tokens in every (layer, KV
+    head); the rows may come from several prompts of different lengths. Each
+    :class:`PerHeadKVLayer` packs segment (row, head) without padding, so no head pays for
+    another's length in what is stored; decode steps append one token to every head of every
+    row; :meth:`select_rows` drops finished rows (and releases their bytes, at once or amortised).
 
-    Build it with :meth:`from_prefill`. Shapes reported by the accounting methods are
-    (rows, layers, kv_heads); every row has seen the same number of tokens (lockstep decoding).
+    Build it with :meth:`from_prefill` (one prompt) or :meth:`from_prefills` (several). Shapes
+    reported by the accounting methods are (rows, layers, kv_heads); rows decode in lockstep, each
+    at its own prompt's positions, which the caller feeds (``get_seq_length`` is the longest
+    prompt's count).
     """
 
-    def __init__(self, num_layers: int, *, decode_reserve: int = 64):
+    def __init__(self, num_layers: int, *, decode_reserve: int = DECODE_BLOCK):
         num_layers = check_int("num_layers", num_layers, 1)
         super().__init__(layers=[PerHeadKVLayer(decode_reserve, layer_idx=i) for i in range(num_layers)])
 
@@ -659,7 +801,7 @@ class BatchedPerHeadKVCache(_PackedCache):
         states: Sequence[tuple[torch.Tensor, torch.Tensor]],
         rows: Sequence[Sequence[Sequence[torch.Tensor] | None]],
         *,
-        decode_reserve: int = 64,
+        decode_reserve: int = DECODE_BLOCK,
     ) -> BatchedPerHeadKVCache:
         """One cache row per entry of ``rows``, all from the same prompt.
 
@@ -667,16 +809,35 @@ class BatchedPerHeadKVCache(_PackedCache):
             states: per layer, the prompt's post-RoPE ``(keys, values)``, each ``(1, H_kv, n, d)``.
             rows: per row, per layer, H_kv sorted position tensors (what each KV head keeps) or
                 None (the layer keeps all n tokens in every head).
-            decode_reserve: free rows per (row, KV head) for the tokens generated next.
+            decode_reserve: free rows per (row, KV head) for the tokens generated next, granted
+                again whenever a head runs out (the block; :func:`decode_reserve_for`).
         """
-        if not rows:
-            raise InvalidPositionsError("a batched cache needs at least one row")
-        cache = cls(len(states), decode_reserve=decode_reserve)
-        for r, row in enumerate(rows):
-            if len(row) != len(states):
-                raise InvalidPositionsError(f"row {r} gives positions for {len(row)} layers, the prompt has {len(states)}")
-        for layer_idx, (layer, (keys, values)) in enumerate(zip(cache.layers, states)):
-            layer.load_rows(keys, values, [row[layer_idx] for row in rows])
+        return cls.from_prefills([(states, rows)], decode_reserve=decode_reserve)
+
+    @classmethod
+    def from_prefills(
+        cls,
+        prompts: Sequence[tuple[Sequence[tuple[torch.Tensor, torch.Tensor]], Sequence[Sequence[Sequence[torch.Tensor] | None]]]],
+        *,
+        decode_reserve: int = DECODE_BLOCK,
+    ) -> BatchedPerHeadKVCache:
+        """The rows of several prompts, prompt after prompt: per prompt, its ``states`` and ``rows``
+        as :meth:`from_prefill` takes them (prompts may differ in length n_p; every (row, layer,
+        KV head) stores only what it keeps, :meth:`PerHeadKVLayer.load_prompts`)."""
+        if not prompts or not all(rows for _, rows in prompts):
+            raise InvalidPositionsError("a batched cache needs at least one row (per prompt)")
+        num_layers = len(prompts[0][0])
+        for p, (states, rows) in enumerate(prompts):
+            if len(states) != num_layers:
+                raise InvalidPositionsError(f"prompt {p} has states of {len(states)} layers, prompt 0 of {num_layers}")
+            for r, row in enumerate(rows):
+                if len(row) != num_layers:
+                    raise InvalidPositionsError(f"row {r} gives positions for {len(row)} layers, the prompt has {num_layers}")
+        cache = cls(num_layers, decode_reserve=decode_reserve)
+        for layer_idx, layer in enumerate(cache.layers):
+            layer.load_prompts(
+                [(states[layer_idx][0], states[layer_idx][1], [row[layer_idx] for row in rows]) for states, rows in prompts]
+            )
         return cache
 
     @property
@@ -701,7 +862,7 @@ class BatchedPerHeadKVCache(_PackedCache):
         """docs/method.md §7's KV bytes of each row, int64 (rows,); they sum to :meth:`kv_bytes`."""
         return np.sum([layer.row_kv_bytes() for layer in self.layers], axis=0).astype(np.int64)
 
-    def select_rows(self, indices: Sequence[int] | torch.Tensor) -> None:
+    def select_rows(self, indices: Sequence[int] | torch.Tensor, *, compact: bool = True) -> None:
         """Keep only the rows ``indices`` (in that order) in every layer (:meth:`PerHeadKVLayer.select_rows`)."""
         for layer in self.layers:
-            layer.select_rows(indices)
+            layer.select_rows(indices, compact=compact)

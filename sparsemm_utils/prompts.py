@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import InternVLProcessor, LlavaNextProcessor, LlavaOnevisionProcessor
 from transformers.feature_extraction_utils import BatchFeature
@@ -60,6 +61,7 @@ __all__ = [
     "build_messages",
     "resolve_system_prompt",
     "build_inputs",
+    "batch_inputs",
     "image_token_span",
 ]
 
@@ -216,6 +218,60 @@ def build_inputs(
         inputs = inputs.to(model.device)
         inputs = inputs.to(model.dtype)
     return inputs
+
+
+def batch_inputs(loaded: Any, prompts: Sequence[Any], *, pad_token_id: int | None = None) -> BatchFeature:
+    """B prompts of :func:`build_inputs` (each batch 1, unpadded) as ONE left-padded batch.
+
+    Per-token tensors (``input_ids``, ``attention_mask``, Qwen's ``mm_token_type_ids``: shape
+    ``(1, n_b)``) become ``(B, n_max)``, each prompt right-aligned after ``n_max - n_b`` padding
+    positions (``pad_token_id`` in ``input_ids``, default the tokenizer's pad token, else the
+    model's end-of-sequence token; 0 elsewhere, so ``attention_mask`` is 0 exactly on padding).
+    Image tensors concatenate along dim 0 in prompt order: Qwen's ``pixel_values``
+    ``(patches_1 + ... + patches_B, 1176)`` and ``image_grid_thw`` ``(B, 3)``; LLaVA-NeXT's
+    ``pixel_values`` ``(B, crops_max + 1, 3, 336, 336)`` (fewer crops zero-padded at the end, which
+    the model drops by ``image_sizes``) and ``image_sizes`` ``(B, 2)``. One prompt comes back as it
+    is. ``model.generate`` positions a left-padded batch from its attention mask, M-RoPE
+    included, so each prompt sees the positions it has alone."""
+    if not prompts:
+        raise ValueError("batch_inputs needs at least one prompt")
+    keys = list(prompts[0].keys())
+    for b, prompt in enumerate(prompts):
+        ids = prompt.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[0] != 1:
+            raise ValueError(f"prompt {b}: input_ids must be (1, n) (one prompt of build_inputs), got {getattr(ids, 'shape', ids)}")
+        if list(prompt.keys()) != keys:
+            raise ValueError(f"prompt {b} has inputs {list(prompt.keys())}, prompt 0 has {keys}: batch prompts of one kind")
+        mask = prompt.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and not bool(mask.bool().all()):
+            raise ValueError(f"prompt {b}: its attention_mask holds padding already; give unpadded prompts")
+    if len(prompts) == 1:
+        return prompts[0]
+    if pad_token_id is None:
+        tokenizer = getattr(loaded, "tokenizer", None)
+        pad_token_id = getattr(tokenizer, "pad_token_id", None)
+        if pad_token_id is None:
+            eos = loaded.model.generation_config.eos_token_id
+            pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+    if pad_token_id is None:
+        raise ValueError("no pad token: pass pad_token_id= (any id: padding is masked out)")
+    longest = max(int(p["input_ids"].shape[1]) for p in prompts)
+    out = {}
+    for key in keys:
+        tensors = [p[key] for p in prompts]
+        if not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise ValueError(f"input {key!r} is not a tensor in every prompt; cannot batch it")
+        if all(t.shape == p["input_ids"].shape for t, p in zip(tensors, prompts)):  # per token: pad on the left
+            fill = int(pad_token_id) if key == "input_ids" else 0
+            out[key] = torch.cat([F.pad(t, (longest - t.shape[1], 0), value=fill) for t in tensors])
+            continue
+        if len({t.shape[2:] for t in tensors}) > 1 or len({t.ndim for t in tensors}) > 1:
+            raise ValueError(f"input {key!r} has shapes {[tuple(t.shape) for t in tensors]}: cannot batch them")
+        if tensors[0].ndim >= 3:  # (1, crops, ...): pad the crops to the most
+            most = max(t.shape[1] for t in tensors)
+            tensors = [torch.cat([t, t.new_zeros((1, most - t.shape[1], *t.shape[2:]))], dim=1) for t in tensors]
+        out[key] = torch.cat(tensors)
+    return BatchFeature(out)
 
 
 def image_token_span(input_ids: torch.Tensor | np.ndarray | Sequence[int], image_token_id: int) -> tuple[int, int]:

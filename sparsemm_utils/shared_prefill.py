@@ -20,7 +20,15 @@ method selects from. This module computes it once per prompt and lets each metho
    batch when it emits an end-of-sequence token or reaches ``max_new_tokens`` (its KV bytes and
    tokens are recorded then, as batch-1 generation would end there).
 
-:func:`shared_generate` chains the three. Each row's tokens equal
+:func:`shared_generate` chains the three.
+
+Several prompts at once: :func:`prefill_batch` runs the prefill of B prompts as ONE left-padded
+batch through ``model.generate`` (:func:`~sparsemm_utils.prompts.batch_inputs`; generate positions
+each prompt from the attention mask, M-RoPE included) and hands back each prompt's prefill
+without its padding; :func:`decode_batch` decodes the rows of every prompt in one
+:class:`~sparsemm_utils.kv_cache.BatchedPerHeadKVCache`, each row at its own positions;
+:func:`shared_generate_batch` chains them (step 05's ``batch_size``). One method over a batch of
+prompts, through ``model.generate`` itself (prefill and decode): :func:`compressed_generate_batch`. Each row's tokens equal
 ``compressed_generate(loaded, press, inputs, max_new_tokens=T, do_sample=False)`` for its press
 alone, and its KV bytes equal that run's (tests/integration/test_shared_prefill.py); the only
 numerical difference is that the decoder's matrix products run on R rows at once.
@@ -51,13 +59,17 @@ from sparsemm_utils.compression import (
     CompressionSession,
     FullKVPress,
     HeadMaskAblation,
+    PER_HEAD_ATTENTION,
     PrefillDecisions,
     _check_generation_inputs,
+    _decode_reserve,
     model_shape,
+    per_head_attention,
     snapkv_window_scores,
 )
 from sparsemm_utils.fastv import FastVAtBudget, FastVPress
-from sparsemm_utils.kv_cache import BatchedPerHeadKVCache
+from sparsemm_utils.kv_cache import DECODE_BLOCK, BatchedPerHeadKVCache, PerHeadKVCache, analytic_kv_bytes, decode_reserve_for
+from sparsemm_utils.prompts import batch_inputs
 from sparsemm_utils.validate import check_int
 from sparsemm_utils.varlen_attention import register_backend_attention, resolve_backend
 
@@ -68,13 +80,18 @@ __all__ = [
     "NoActiveSharedPrefillError",
     "LayerPrefill",
     "SharedPrefill",
+    "PrefillBatch",
     "CompressedPrefill",
     "PressGeneration",
     "check_shareable",
     "shared_prefill",
+    "prefill_batch",
     "compress_prefill",
     "decode_rows",
+    "decode_batch",
     "shared_generate",
+    "shared_generate_batch",
+    "compressed_generate_batch",
 ]
 
 #: Name the recording prefill attention is registered under (AttentionInterface + mask interface).
@@ -203,6 +220,52 @@ _PREFILL_ATTENTION = PREFILL_HOOK.observing_sdpa(
 )
 
 
+@dataclass(frozen=True, eq=False)
+class PrefillBatch:
+    """The prefills of B prompts run as one left-padded batch (:func:`prefill_batch`), or of one
+    prompt (:meth:`of`), as :func:`decode_batch` decodes them.
+
+    Attributes:
+        input_ids: ``(B, n_max)`` the prompts as ``generate`` holds them, left-padded.
+        pads: padding positions before each prompt (``n_max - n_b``).
+        prompts: one :class:`SharedPrefill` per prompt, WITHOUT its padding (what a batch-1
+            prefill of that prompt gives).
+        max_new_tokens: the generation limit the stopping criteria were built for.
+        logits_processor, stopping_criteria: what ``generate`` prepared for the padded batch
+            (they read ``input_ids`` rows of length ``n_max + t``, so the decode keeps the padding).
+    """
+
+    input_ids: torch.Tensor
+    pads: tuple[int, ...]
+    prompts: tuple[SharedPrefill, ...]
+    max_new_tokens: int
+    logits_processor: LogitsProcessorList = field(repr=False)
+    stopping_criteria: StoppingCriteriaList = field(repr=False)
+
+    @classmethod
+    def of(cls, prefill: SharedPrefill) -> PrefillBatch:
+        """A batch of one, unpadded."""
+        return cls(
+            prefill.input_ids, (0,), (prefill,), prefill.max_new_tokens, prefill.logits_processor, prefill.stopping_criteria
+        )
+
+
+def _left_pads(input_ids: torch.Tensor, mask: Any) -> tuple[int, ...]:
+    """Padding positions before each prompt of a left-padded batch (from its attention mask)."""
+    if not isinstance(mask, torch.Tensor):
+        return (0,) * int(input_ids.shape[0])
+    mask = mask.bool()
+    lengths = mask.sum(dim=1)
+    pads = tuple(int(input_ids.shape[1]) - int(n) for n in lengths.tolist())
+    expected = torch.arange(mask.shape[1], device=mask.device)[None, :] >= torch.as_tensor(pads, device=mask.device)[:, None]
+    if not torch.equal(mask, expected) or min(lengths.tolist()) < 1:
+        raise SharedPrefillError(
+            "the attention mask is not a left-padded batch (zeros only before each prompt, at least one token each): "
+            "build the batch with sparsemm_utils.prompts.batch_inputs"
+        )
+    return pads
+
+
 def _prefill_only(
     model: Any,
     input_ids: torch.Tensor,
@@ -210,14 +273,16 @@ def _prefill_only(
     stopping_criteria: StoppingCriteriaList,
     generation_config: Any,
     **model_kwargs: Any,
-) -> SharedPrefill:
-    """``generate``'s decoding step for :func:`shared_prefill` (its ``custom_generate``): the prefill
-    forward exactly as greedy decoding runs it, the first token, then stop."""
+) -> PrefillBatch:
+    """``generate``'s decoding step for :func:`prefill_batch` (its ``custom_generate``): the prefill
+    forward exactly as greedy decoding runs it, the first token of every prompt, then stop."""
     recorder = PREFILL_HOOK.active(SHARED_PREFILL_ATTENTION)
+    pads = _left_pads(input_ids, model_kwargs.get("attention_mask"))
     inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
     outputs = model(**inputs, return_dict=True)
     logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
     scores = logits_processor(input_ids, logits)
+    first_tokens = torch.argmax(scores, dim=-1).tolist()
     cache = outputs.past_key_values
     shape = model_shape(model)
     if len(recorder.queries) != shape.layers or len(cache.layers) != shape.layers:
@@ -225,23 +290,35 @@ def _prefill_only(
             f"the prefill recorded {len(recorder.queries)} of {shape.layers} layers: the language model did not run "
             f"the recording attention in every layer"
         )
-    layers = tuple(
-        LayerPrefill(layer.keys, layer.values, recorder.queries[i], recorder.scalings[i])
-        for i, layer in enumerate(cache.layers)
-    )
     positions = model_kwargs.get("position_ids")
-    return SharedPrefill(
-        input_ids=input_ids,
-        layers=layers,
-        shape=shape,
-        query_window=recorder.query_window,
-        first_logits=logits[0],
-        first_token=int(torch.argmax(scores[0])),
-        last_position_ids=None if positions is None else positions[..., -1:].clone(),
-        max_new_tokens=int(generation_config.max_new_tokens),
-        logits_processor=logits_processor,
-        stopping_criteria=stopping_criteria,
-    )
+    max_new_tokens = int(generation_config.max_new_tokens)
+    prompts = []
+    for b, pad in enumerate(pads):
+        layers = []
+        for i, layer in enumerate(cache.layers):
+            query = recorder.queries[i]
+            m = min(int(query.shape[2]), int(input_ids.shape[1]) - pad)  # the window within this prompt
+            layers.append(
+                LayerPrefill(
+                    layer.keys[b : b + 1, :, pad:], layer.values[b : b + 1, :, pad:],
+                    query[b : b + 1, :, query.shape[2] - m :], recorder.scalings[i],
+                )
+            )  # fmt: skip
+        prompts.append(
+            SharedPrefill(
+                input_ids=input_ids[b : b + 1, pad:],
+                layers=tuple(layers),
+                shape=shape,
+                query_window=recorder.query_window,
+                first_logits=logits[b],
+                first_token=int(first_tokens[b]),
+                last_position_ids=None if positions is None else positions.narrow(-2, b, 1)[..., -1:].clone(),
+                max_new_tokens=max_new_tokens,
+                logits_processor=logits_processor,
+                stopping_criteria=stopping_criteria,
+            )
+        )
+    return PrefillBatch(input_ids, pads, tuple(prompts), max_new_tokens, logits_processor, stopping_criteria)
 
 
 def shared_prefill(loaded: Any, inputs: Mapping[str, Any], *, max_new_tokens: int, query_window: int = 32) -> SharedPrefill:
@@ -258,9 +335,37 @@ def shared_prefill(loaded: Any, inputs: Mapping[str, Any], *, max_new_tokens: in
         query_window: prompt queries recorded per layer, at least the largest window w of the
             methods that will compress this prefill (docs/method.md §5: default 32).
     """
-    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, error=SharedPrefillError)
-    query_window = check_int("query_window", query_window, 1, error=SharedPrefillError)
+    max_new_tokens, query_window = _checked_limits(max_new_tokens, query_window)
     _check_generation_inputs(inputs, {"max_new_tokens": max_new_tokens})
+    return _run_prefill(loaded, inputs, max_new_tokens, query_window).prompts[0]
+
+
+def prefill_batch(
+    loaded: Any, prompts: Sequence[Mapping[str, Any]], *, max_new_tokens: int, query_window: int = 32
+) -> PrefillBatch:
+    """:func:`shared_prefill` of B prompts in ONE forward pass: ``generate`` on their left-padded
+    batch (:func:`~sparsemm_utils.prompts.batch_inputs`; it positions every prompt from the
+    attention mask, M-RoPE included), each prompt's keys, values, window queries, first logits
+    and first token then taken without its padding. ``prompts``: each batch 1, unpadded (e.g.
+    :func:`~sparsemm_utils.prompts.build_inputs`). The only numerical difference from B batch-1
+    prefills is that the matrix products run on the padded batch at once
+    (tests/integration/test_shared_prefill.py checks the tokens are the same)."""
+    max_new_tokens, query_window = _checked_limits(max_new_tokens, query_window)
+    if not prompts:
+        raise SharedPrefillError("prefill_batch needs at least one prompt")
+    for prompt in prompts:
+        _check_generation_inputs(prompt, {"max_new_tokens": max_new_tokens})
+    return _run_prefill(loaded, batch_inputs(loaded, prompts), max_new_tokens, query_window)
+
+
+def _checked_limits(max_new_tokens: Any, query_window: Any) -> tuple[int, int]:
+    return (
+        check_int("max_new_tokens", max_new_tokens, 1, error=SharedPrefillError),
+        check_int("query_window", query_window, 1, error=SharedPrefillError),
+    )
+
+
+def _run_prefill(loaded: Any, inputs: Mapping[str, Any], max_new_tokens: int, query_window: int) -> PrefillBatch:
     model = loaded.model
     implementation = text_attention_implementation(model)
     if implementation != "sdpa":
@@ -396,7 +501,8 @@ def _supports_logits_to_keep(model: Any) -> bool:
 def decode_rows(
     loaded: Any, prefill: SharedPrefill, rows: Sequence[CompressedPrefill], *, backend: str = "auto"
 ) -> list[PressGeneration]:
-    """Greedy decoding of every compression of ``prefill`` side by side, one cache row each.
+    """Greedy decoding of every compression of ``prefill`` side by side, one cache row each
+    (:func:`decode_batch` of a batch of one prompt).
 
     All rows start from ``prefill.first_token``; each step feeds every active row its last token
     (positions ``prefill.last_position_ids + step``, the same for all rows), applies ``generate``'s
@@ -422,26 +528,64 @@ def decode_rows(
     """
     if not rows:
         raise SharedPrefillError("decode_rows needs at least one compressed prefill (compress_prefill(prefill, press))")
-    for row in rows:
-        if not isinstance(row, CompressedPrefill) or row.decisions.prompt_len != prefill.prompt_len:
-            raise SharedPrefillError(
-                f"every row must be compress_prefill(prefill, press) of THIS prefill (n = {prefill.prompt_len}), got {row!r}"
-            )
+    return decode_batch(loaded, PrefillBatch.of(prefill), [rows], backend=backend)[0]
+
+
+@torch.no_grad()
+def decode_batch(
+    loaded: Any, batch: PrefillBatch, rows: Sequence[Sequence[CompressedPrefill]], *, backend: str = "auto"
+) -> list[list[PressGeneration]]:
+    """Greedy decoding of the compressions of SEVERAL prompts side by side, one cache row each
+    (:class:`~sparsemm_utils.kv_cache.BatchedPerHeadKVCache` of per-(row, KV head) lengths, rows
+    of one prompt after another: no row pays for another prompt's length or another method's).
+
+    As :func:`decode_rows`, with each row fed at its own prompt's positions
+    (``last_position_ids + step``) and its ``input_ids`` kept left-padded as ``generate`` keeps a
+    padded batch (the processors and stopping criteria were built for it); the sequences returned
+    are without the padding, as a batch-1 generation returns them.
+
+    Args:
+        batch: from :func:`prefill_batch` (or :meth:`PrefillBatch.of` one prefill).
+        rows: per prompt of ``batch``, its rows (:func:`compress_prefill` on that prompt's
+            prefill; a prompt may have none).
+        backend: as :func:`decode_rows`.
+
+    Returns:
+        Per prompt, one :class:`PressGeneration` per row, in the order of ``rows``.
+    """
+    if len(rows) != len(batch.prompts):
+        raise SharedPrefillError(f"rows gives {len(rows)} prompts' rows, the batch holds {len(batch.prompts)} prompts")
+    flat: list[tuple[int, CompressedPrefill]] = []
+    for p, (prefill, prompt_rows) in enumerate(zip(batch.prompts, rows)):
+        for row in prompt_rows:
+            if not isinstance(row, CompressedPrefill) or row.decisions.prompt_len != prefill.prompt_len:
+                raise SharedPrefillError(
+                    f"every row must be compress_prefill(prefill, press) of THIS prefill (prompt {p}: "
+                    f"n = {prefill.prompt_len}), got {row!r}"
+                )
+            flat.append((p, row))
+    results: list[list[PressGeneration | None]] = [[None] * len(prompt_rows) for prompt_rows in rows]
+    if not flat:
+        return results  # type: ignore[return-value]
     model = loaded.model
     resolved = resolve_backend(backend, model.device, model.dtype)
-    backend = "padded" if backend == "auto" and resolved == "reference" and len(rows) > 1 else resolved
-    n = prefill.prompt_len
-    cache = BatchedPerHeadKVCache.from_prefill(
-        prefill.states(), [row.positions for row in rows], decode_reserve=max(prefill.max_new_tokens - 1, 0)
+    backend = "padded" if backend == "auto" and resolved == "reference" and len(flat) > 1 else resolved
+    cache = BatchedPerHeadKVCache.from_prefills(
+        [(batch.prompts[p].states(), [row.positions for row in prompt_rows]) for p, prompt_rows in enumerate(rows) if prompt_rows],
+        decode_reserve=decode_reserve_for(batch.max_new_tokens),
     )
-    prompt = prefill.input_ids
-    first = torch.full((len(rows), 1), prefill.first_token, dtype=prompt.dtype, device=prompt.device)
-    ids = torch.cat([prompt.expand(len(rows), n), first], dim=1)  # on the prompt's device, as generate keeps them
-    done = prefill.stopping_criteria(ids, prefill.first_logits.expand(len(rows), -1))
+    prompt_of = [p for p, _ in flat]
+    index = [i for prompt_rows in rows for i in range(len(prompt_rows))]  # each row's place among its prompt's rows
+    ids = batch.input_ids[prompt_of]  # padded prompts, on the prompt's device, as generate keeps them
+    first = torch.tensor([[batch.prompts[p].first_token] for p in prompt_of], dtype=ids.dtype, device=ids.device)
+    ids = torch.cat([ids, first], dim=1)
+    done = batch.stopping_criteria(ids, torch.stack([batch.prompts[p].first_logits for p in prompt_of]))
+    last = None
+    if batch.prompts[0].last_position_ids is not None:
+        last = torch.cat([batch.prompts[p].last_position_ids for p in prompt_of], dim=-2).to(model.device)
     extra = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
-    results: list[PressGeneration | None] = [None] * len(rows)
-    active = list(range(len(rows)))  # the row of `rows` that each cache row decodes
-    session = CompressionSession(None, prefill.shape, cache)  # decode-only: the decisions are the rows'
+    active = list(range(len(flat)))  # the row of `flat` that each cache row decodes
+    session = CompressionSession(None, batch.prompts[0].shape, cache)  # decode-only: the decisions are the rows'
     step = 0
     with COMPRESSION_HOOK.activate(session), text_attention(model, register_backend_attention(backend)):
         while True:
@@ -449,30 +593,28 @@ def decode_rows(
             if finished:
                 row_bytes, stored, kept = cache.row_kv_bytes(), cache.stored_tokens(), cache.kept_prompt_tokens()
                 for i in finished:
-                    row = rows[active[i]]
-                    results[active[i]] = PressGeneration(
-                        row.press, row.decisions, ids[i : i + 1].clone(), int(row_bytes[i]), stored[i], kept[i]
+                    p, row = flat[active[i]]
+                    results[p][index[active[i]]] = PressGeneration(
+                        row.press, row.decisions, ids[i : i + 1, batch.pads[p] :].clone(), int(row_bytes[i]), stored[i], kept[i]
                     )
                 keep = torch.nonzero(~done).flatten().tolist()
                 if not keep:
                     break
-                cache.select_rows(keep)
+                cache.select_rows(keep, compact=False)  # compacts when the dropped rows outnumber the kept
                 ids = ids[keep]
                 active = [active[i] for i in keep]
+                if last is not None:
+                    last = last[..., keep, :]
             step += 1
-            positions = None
-            if prefill.last_position_ids is not None:
-                last = prefill.last_position_ids
-                positions = (last + step).expand(*last.shape[:-2], len(active), 1).to(model.device)
             outputs = model(
-                input_ids=ids[:, -1:].to(model.device), position_ids=positions, past_key_values=cache, use_cache=True,
-                return_dict=True, **extra,
+                input_ids=ids[:, -1:].to(model.device), position_ids=None if last is None else last + step,
+                past_key_values=cache, use_cache=True, return_dict=True, **extra,
             )
             logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=ids.device)
-            scores = prefill.logits_processor(ids, logits)
+            scores = batch.logits_processor(ids, logits)
             ids = torch.cat([ids, torch.argmax(scores, dim=-1, keepdim=True).to(ids.dtype)], dim=1)
-            done = prefill.stopping_criteria(ids, scores)
-    return results
+            done = batch.stopping_criteria(ids, scores)
+    return results  # type: ignore[return-value]
 
 
 def shared_generate(
@@ -490,10 +632,135 @@ def shared_generate(
     ``compressed_generate(loaded, press, inputs, max_new_tokens=max_new_tokens, do_sample=False)``."""
     if not presses:
         raise SharedPrefillError("presses is empty: give at least one method (e.g. [FullKVPress(), SnapKVPress(budget=64)])")
-    shape = model_shape(loaded)
-    for press in presses:
-        check_shareable(press)
-        press.validate_for(shape)
-    query_window = max([int(getattr(press, "window", 0)) for press in presses] + [1])
+    query_window = _checked_presses(loaded, [presses])
     prefill = shared_prefill(loaded, inputs, max_new_tokens=max_new_tokens, query_window=query_window)
     return decode_rows(loaded, prefill, [compress_prefill(prefill, press) for press in presses], backend=backend)
+
+
+def shared_generate_batch(
+    loaded: Any,
+    presses: Sequence[Sequence[Any]],
+    prompts: Sequence[Mapping[str, Any]],
+    *,
+    max_new_tokens: int,
+    backend: str = "auto",
+) -> list[list[PressGeneration]]:
+    """:func:`shared_generate` of B prompts at once: one :func:`prefill_batch` (one forward pass
+    over the left-padded prompts), :func:`compress_prefill` per (prompt, method), one
+    :func:`decode_batch` of every (prompt, method) row. ``presses[b]``: the methods of prompt b
+    (they may differ between prompts). Returns, per prompt, one :class:`PressGeneration` per
+    press, in order; each equals ``shared_generate`` of that prompt alone (and so
+    ``compressed_generate`` of that press), token for token and byte for byte
+    (tests/integration/test_shared_prefill.py)."""
+    if len(presses) != len(prompts) or not prompts:
+        raise SharedPrefillError(f"give one list of presses per prompt: {len(presses)} lists for {len(prompts)} prompts")
+    if not any(presses):
+        raise SharedPrefillError("presses is empty: give at least one method (e.g. [FullKVPress(), SnapKVPress(budget=64)])")
+    query_window = _checked_presses(loaded, presses)
+    batch = prefill_batch(loaded, prompts, max_new_tokens=max_new_tokens, query_window=query_window)
+    rows = [[compress_prefill(prefill, press) for press in own] for prefill, own in zip(batch.prompts, presses)]
+    return decode_batch(loaded, batch, rows, backend=backend)
+
+
+def _checked_presses(loaded: Any, presses: Sequence[Sequence[Any]]) -> int:
+    """Check every method (:func:`check_shareable`, ``validate_for``) before any forward pass;
+    return the query window the prefill must record (the largest w)."""
+    shape = model_shape(loaded)
+    for own in presses:
+        for press in own:
+            check_shareable(press)
+            press.validate_for(shape)
+    return max([int(getattr(press, "window", 0)) for own in presses for press in own] + [1])
+
+
+# ------------------------------------------------------------------- one method through generate
+
+
+@dataclass(eq=False)
+class _BatchSession:
+    """The compressed path's state for a left-padded ``generate`` batch: one
+    :class:`~sparsemm_utils.compression.PrefillDecisions` per prompt, each deciding on its prompt
+    without the padding (what :func:`~sparsemm_utils.compression.per_head_attention` reads)."""
+
+    cache: PerHeadKVCache
+    prompts: list[PrefillDecisions]
+    pads: tuple[int, ...]
+
+    def prefill_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
+        """Each prompt's selection on its own ``(1, H, n_b, d)`` queries and keys, then one packing."""
+        positions = []
+        for b, (decisions, pad) in enumerate(zip(self.prompts, self.pads)):
+            n = int(key.shape[-2]) - pad
+            chosen = None
+            if not isinstance(decisions.press, FullKVPress):
+                chosen = decisions.select(layer_idx, query[b : b + 1, :, pad:], key[b : b + 1, :, pad:], scaling)
+            elif layer_idx == 0:
+                decisions.prompt_len = n
+            everything = torch.arange(n, device=key.device)
+            positions.append([everything] * int(key.shape[1]) if chosen is None else chosen)
+        self.cache.layers[layer_idx].compress_batch(positions, self.pads)
+
+
+@torch.no_grad()
+def compressed_generate_batch(
+    loaded: Any, press: Any, prompts: Sequence[Mapping[str, Any]], *, decode_block: int = DECODE_BLOCK, **gen_kwargs: Any
+) -> list[PressGeneration]:
+    """``loaded.model.generate`` of B prompts at once, ONE method, the KV cache compressed per prompt.
+
+    The prompts go through ``generate`` as one left-padded batch
+    (:func:`~sparsemm_utils.prompts.batch_inputs`: ``generate`` positions each from the attention
+    mask); at the prefill each prompt's KV heads keep what the method chooses on that prompt alone
+    (:meth:`~sparsemm_utils.compression.PrefillDecisions.select`, as the batch-1 path), packed as
+    one row of a :class:`~sparsemm_utils.kv_cache.PerHeadKVCache` per prompt (no padding stored,
+    no head pays for another's length, FullKV keeps its own n). Each prompt's tokens equal
+    ``compressed_generate(loaded, press, prompt, **gen_kwargs)`` (tests/integration/test_shared_prefill.py);
+    ``generate`` keeps a finished prompt in the batch (it feeds it padding), so its sequence is cut
+    after its first end-of-sequence token and its KV bytes are those its cache held when its batch-1
+    generation ended (kept prompt tokens + the tokens fed back before then).
+
+    Args:
+        press: FullKV or a method that compresses after the prefill (:func:`check_shareable`: the
+            head-mask ablation and FastV change the prefill itself and run one prompt at a time).
+        prompts: each batch 1, unpadded (e.g. :func:`~sparsemm_utils.prompts.build_inputs`).
+        decode_block, gen_kwargs: as :func:`~sparsemm_utils.compression.compressed_generate`
+            (greedy or sampled, ``max_new_tokens``...).
+
+    Returns:
+        One :class:`PressGeneration` per prompt, in order.
+    """
+    check_shareable(press)
+    if not prompts:
+        raise SharedPrefillError("compressed_generate_batch needs at least one prompt")
+    for prompt in prompts:
+        _check_generation_inputs(prompt, gen_kwargs)
+    shape = model_shape(loaded)
+    press.validate_for(shape)
+    model = loaded.model
+    inputs = batch_inputs(loaded, prompts)
+    pads = _left_pads(inputs["input_ids"], inputs.get("attention_mask"))
+    reserve = _decode_reserve(loaded, gen_kwargs, decode_block)
+    cache = PerHeadKVCache(shape.layers, decode_reserve=reserve, prefill_batch=len(prompts))
+    session = _BatchSession(cache, [PrefillDecisions(press, shape) for _ in prompts], pads)
+    name = COMPRESSION_HOOK.register(PER_HEAD_ATTENTION, per_head_attention)
+    with COMPRESSION_HOOK.activate(session), text_attention(model, name):
+        output = model.generate(**inputs, past_key_values=cache, **gen_kwargs)
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    eos = model.generation_config.eos_token_id
+    eos = set([] if eos is None else [eos] if isinstance(eos, int) else list(eos))
+    kept = np.stack(
+        [[[p.numel() for p in layer.prompt_positions(b)] for layer in cache.layers] for b in range(len(prompts))]
+    )  # (prompts, layers, kv_heads)
+    results = []
+    for b, (prompt, decisions) in enumerate(zip(prompts, session.prompts)):
+        n = int(prompt["input_ids"].shape[1])
+        new = sequences[b, pads[b] + n :].tolist()
+        ends = [i for i, token in enumerate(new) if token in eos]
+        generated = ends[0] + 1 if ends else len(new)
+        stored = kept[b] + max(generated - 1, 0)  # every head stores the tokens fed back before the last
+        results.append(
+            PressGeneration(
+                press, decisions, sequences[b : b + 1, pads[b] : pads[b] + n + generated].clone(),
+                analytic_kv_bytes(stored, loaded.head_dim, model.dtype), stored, kept[b],
+            )
+        )  # fmt: skip
+    return results

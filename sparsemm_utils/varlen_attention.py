@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -50,10 +51,11 @@ from sparsemm_utils.compression import (
     COMPRESSION_HOOK,
     GenerationResult,
     _check_generation_inputs,
+    _decode_reserve,
     compression,
     per_head_attention,
 )
-from sparsemm_utils.kv_cache import CacheStateError, PerHeadKVCache, PerHeadKVLayer, UnsupportedBatchError
+from sparsemm_utils.kv_cache import DECODE_BLOCK, CacheStateError, PerHeadKVCache, PerHeadKVLayer, UnsupportedBatchError
 from sparsemm_utils.validate import check_choice
 
 try:  # torch >= 2.10
@@ -113,7 +115,8 @@ class PackedSegments:
         starts: first row of each KV head's segment, H_kv ints.
         lengths: rows in use per KV head (kept prompt tokens + generated ones), H_kv ints.
         rooms: rows reserved per KV head (``lengths`` + free decode reserve), H_kv ints; segments
-            are contiguous: ``starts[h + 1] == starts[h] + rooms[h]``.
+            are contiguous (``starts[h + 1] == starts[h] + rooms[h]``) unless rows were dropped
+            with ``select_rows(..., compact=False)``; the flash path compacts the layer first.
     """
 
     keys: torch.Tensor
@@ -301,13 +304,41 @@ def flash_decode(
 # ---------------------------------------------------------------------------------- padded path
 
 
+#: From this many segments on, :func:`padded_decode` pads each of :data:`PADDED_BUCKETS` groups of
+#: segments (sorted by length) to its own longest instead of all to the longest one.
+PADDED_BUCKET_MIN_SEGMENTS = 64
+PADDED_BUCKETS = 4
+
+
 def padded_decode(segments: PackedSegments, query: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
     """One sdpa over the segments gathered into ``(H_kv, max_len, d)``, masked.
 
     ``query`` ``(1, H, q, d)``: the G query heads of KV group h (heads h*G .. h*G + G - 1) become
     G x q query rows of batch entry h; new token i of q sees the head's rows
     0 .. length[h] - q + i (causal among the new tokens, which the update has just appended).
-    Returns ``(1, q, H, d)``."""
+    Returns ``(1, q, H, d)``.
+
+    Many segments of skewed lengths (a batch of prompts x methods: FullKV rows next to B = 16
+    rows) are split into :data:`PADDED_BUCKETS` groups of similar length, one sdpa each, so a
+    short segment is not padded to the longest one."""
+    heads, q_len, dim, group = _check_query(query, segments)
+    kv_heads = segments.num_kv_heads
+    if kv_heads < PADDED_BUCKET_MIN_SEGMENTS:
+        return _padded_sdpa(segments, query, scaling)
+    order = sorted(range(kv_heads), key=segments.lengths.__getitem__)
+    out = query.new_empty((heads, q_len, dim))
+    for chunk in np.array_split(np.asarray(order), PADDED_BUCKETS):
+        part = PackedSegments(
+            segments.keys, segments.values, tuple(segments.starts[h] for h in chunk),
+            tuple(segments.lengths[h] for h in chunk), tuple(segments.rooms[h] for h in chunk),
+        )  # fmt: skip
+        heads_of = torch.as_tensor((chunk[:, None] * group + np.arange(group)[None, :]).reshape(-1), device=query.device)
+        out[heads_of] = _padded_sdpa(part, query[:, heads_of], scaling)[0].transpose(0, 1)
+    return out.transpose(0, 1).unsqueeze(0)
+
+
+def _padded_sdpa(segments: PackedSegments, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """:func:`padded_decode` of one group of segments, all padded to its longest."""
     heads, q_len, dim, group = _check_query(query, segments)
     device = segments.keys.device
     kv_heads = segments.num_kv_heads
@@ -387,7 +418,8 @@ def decode_attend(layer: PerHeadKVLayer, query: torch.Tensor, scaling: float | N
     rows, heads, q_len, dim = query.shape
     flat = query.reshape(1, rows * heads, q_len, dim)
     if backend == "flash" and q_len == 1:
-        out = flash_decode(segments, flat, scaling)
+        layer.compact()  # cu_seq_k needs segments that tile the buffer
+        out = flash_decode(packed_segments(layer), flat, scaling)
     else:
         out = padded_decode(segments, flat, scaling)
     return out.view(q_len, rows, heads, dim).transpose(0, 1)  # (1, q, rows * H, d) -> (rows, q, H, d)
@@ -446,7 +478,7 @@ def register_backend_attention(backend: str) -> str:
 
 
 @contextmanager
-def compression_with_backend(loaded: Any, press: Any, *, backend: str = "auto", decode_reserve: int = 64) -> Iterator[Any]:
+def compression_with_backend(loaded: Any, press: Any, *, backend: str = "auto", decode_reserve: int = DECODE_BLOCK) -> Iterator[Any]:
     """:func:`~sparsemm_utils.compression.compression` whose decode steps use ``backend``; yields the
     session with ``session.decode_backend`` set (None for FullKV and the head-mask ablation, which
     keep transformers' own cache and attention)."""
@@ -458,11 +490,12 @@ def compression_with_backend(loaded: Any, press: Any, *, backend: str = "auto", 
 
 
 def compressed_generate_with(
-    loaded: Any, press: Any, inputs: Mapping[str, Any], *, backend: str = "auto", **gen_kwargs: Any
+    loaded: Any, press: Any, inputs: Mapping[str, Any], *, backend: str = "auto", decode_block: int = DECODE_BLOCK,
+    **gen_kwargs: Any,
 ) -> Any:
-    """``compressed_generate`` (same checks, same result type) with decode steps on ``backend``."""
+    """``compressed_generate`` (same checks, same result type, same decode reserve) with decode steps on ``backend``."""
     _check_generation_inputs(inputs, gen_kwargs)
-    max_new = gen_kwargs.get("max_new_tokens") or getattr(loaded.model.generation_config, "max_new_tokens", None) or 64
-    with compression_with_backend(loaded, press, backend=backend, decode_reserve=int(max_new)) as session:
+    reserve = _decode_reserve(loaded, gen_kwargs, decode_block)
+    with compression_with_backend(loaded, press, backend=backend, decode_reserve=reserve) as session:
         output = loaded.model.generate(**inputs, past_key_values=session.cache, **gen_kwargs)
     return GenerationResult(output=output, session=session)

@@ -81,6 +81,7 @@ __all__ = [
     "FINDINGS",
     "STEP",
     "MASK_RATIO_TARGET",
+    "MAX_BATCH_SIZE",
     "Config",
     "sweep",
     "read_lowest_budget",
@@ -93,6 +94,8 @@ __all__ = [
 ]
 
 NAME = "05_eval"
+#: The largest ``batch_size``: 64 questions x the tiny config's 21 shared cells = 1344 cache rows.
+MAX_BATCH_SIZE = 64
 _LOWEST_COLUMNS = ["benchmark", "metric", "method", "budget", "score", "n_samples", "vs_fullkv"]
 
 
@@ -153,7 +156,10 @@ class Config:
     rounding and ranking; docs/deviations.md "Selection scores"); ``on_mismatch``: what :func:`~sparsemm_utils.evaluation.run_sweep` does with an
     earlier sweep of other settings in the folder ("archive": move it to ``superseded/``;
     "error": stop); ``ablation_samples``: the head masks (``mask``, ``mask_random``,
-    ``mask_random_<k>``) answer only the first n questions (None: all); ``allow_large``: lift the bounds on ``n_documents``
+    ``mask_random_<k>``) answer only the first n questions (None: all); ``batch_size``: questions
+    answered at once (one left-padded prefill and one decode for the methods that share a prefill,
+    :func:`~sparsemm_utils.shared_prefill.shared_generate_batch`; the answers are batch 1's, token
+    for token; at most :data:`MAX_BATCH_SIZE`); ``allow_large``: lift the bounds on ``n_documents``
     (:data:`~sparsemm_utils.parameters.MAX_DOCUMENTS`) and ``max_new_tokens``
     (:data:`~sparsemm_utils.parameters.MAX_NEW_TOKENS`); ``lmms_eval``: which lmms-eval's rules
     build the prompts and score the answers, end to end ("0.3": v0.3.4, the paper's; "current":
@@ -180,6 +186,7 @@ class Config:
     selection_dtype: str = "float32"
     on_mismatch: str = "archive"
     ablation_samples: int | None = None
+    batch_size: int = 1
     allow_large: bool = False
     lmms_eval: str = DEFAULT_LMMS_EVAL
 
@@ -230,6 +237,10 @@ class Config:
         check_choice("on_mismatch", self.on_mismatch, ON_MISMATCH, error=EvaluationError)
         if self.ablation_samples is not None:
             self.ablation_samples = check_int("ablation_samples", self.ablation_samples, 1, error=EvaluationError)
+        self.batch_size = check_int(
+            "batch_size", self.batch_size, 1, MAX_BATCH_SIZE, error=EvaluationError,
+            hint="questions answered at once; 1 answers them one by one",
+        )  # fmt: skip
         check_choice("lmms_eval (the scoring protocol)", self.lmms_eval, tuple(PROTOCOLS), error=EvaluationError)
 
     @property

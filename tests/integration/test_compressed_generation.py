@@ -271,6 +271,30 @@ def test_reported_bytes_are_kept_tokens_times_head_dim_times_two_times_dtype(mod
     assert result.kv_bytes < full.kv_bytes
 
 
+def test_a_reserve_in_blocks_generates_the_same_tokens_and_bytes(setup):
+    # decode_block=1 re-packs at every decode step, 3 every third, 64 never (8 new tokens): the
+    # tokens, logits and kept bytes are those of a reserve sized to the whole generation (block
+    # >= max_new_tokens), only the free rows differ, and never exceed one block per head.
+    loaded, inputs, scores = setup
+    shape = model_shape(loaded)
+    press = SparseMMPress(budget=24, window=WINDOW, head_scores=scores)
+    runs = {
+        block: compressed_generate(loaded, press, inputs, max_new_tokens=NEW_TOKENS, do_sample=False, decode_block=block,
+                                   return_dict_in_generate=True, output_logits=True)
+        for block in (1, 3, NEW_TOKENS)
+    }
+    whole = runs[NEW_TOKENS]
+    assert whole.cache.repacks == 0
+    for block, result in runs.items():
+        assert torch.equal(result.sequences, whole.sequences), block
+        for got, want in zip(result.output.logits, whole.output.logits):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert result.kv_bytes == whole.kv_bytes
+        assert result.cache.repacks == {1: NEW_TOKENS - 2, 3: 2, NEW_TOKENS: 0}[block] * shape.layers
+        per_row = loaded.head_dim * 2 * loaded.model.dtype.itemsize
+        assert result.cache.slack_bytes() <= block * shape.layers * shape.kv_heads * per_row
+
+
 # ------------------------------------------------------------------------- ablation, restoration
 
 

@@ -59,6 +59,9 @@ def test_one_measurement_follows_the_protocol(method):
         assert row["kv_bytes"] == row["kv_bytes_analytic"]
     # the generated tokens are appended to every KV head of every layer: 5 - 1 = 4 decode steps
     assert row["kv_bytes_final"] == row["kv_bytes"] + 4 * 2 * 2 * per_token
+    # the decode reserve after the prefill: 4 free rows (the 4 tokens still to append, under one block)
+    # per KV head of each layer; transformers' own cache has none
+    assert row["kv_reserve_bytes"] == (None if method == "fullkv" else 4 * 2 * 2 * per_token)
 
 
 @pytest.mark.parametrize("model", ["qwen2.5-vl-3b", "qwen3-vl-2b", "llava-onevision-qwen2-0.5b", "internvl3-1b"])

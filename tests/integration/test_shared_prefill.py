@@ -5,6 +5,8 @@ compressing method at budgets that bind and that do not (the n < B skip, AdaKV's
 caps, saturated heads): each row's tokens, KV bytes, caps, skipped layers and kept tokens equal
 those of ``compressed_generate`` for that method alone; the batched cache's bytes are the analytic
 sum; decoding positions are the batch-1 ones; methods that change the prefill are refused.
+Several prompts of different lengths at once (``shared_generate_batch``: one left-padded prefill,
+one decode of every (prompt, method) row) give each the tokens and bytes of batch 1.
 """
 
 import functools
@@ -28,18 +30,24 @@ from sparsemm_utils.compression import (
     SparseMMPress,
     StreamingLLMPress,
     compressed_generate,
+    make_press,
     model_shape,
 )
 from sparsemm_utils.fastv import FastVAtBudget
 from sparsemm_utils.kv_cache import BatchedPerHeadKVCache, UnsupportedBatchError, analytic_kv_bytes
 from sparsemm_utils.models import load_model, set_text_attention, text_attention_implementation
-from sparsemm_utils.prompts import OCR_PROMPT, VICUNA_SYSTEM_PROMPT, build_inputs
+from sparsemm_utils.prompts import OCR_PROMPT, VICUNA_SYSTEM_PROMPT, batch_inputs, build_inputs
 from sparsemm_utils.shared_prefill import (
     PrefillNotShareableError,
     SharedPrefillError,
+    _left_pads,
     compress_prefill,
+    compressed_generate_batch,
+    decode_batch,
     decode_rows,
+    prefill_batch,
     shared_generate,
+    shared_generate_batch,
     shared_prefill,
 )
 
@@ -246,15 +254,152 @@ def test_backends_give_the_same_tokens():
     assert text_attention_implementation(loaded.model) == "sdpa"
 
 
+def _benchmark_script(name):
+    """The module of ``benchmarks/<name>.py``."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[name] = bench
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def test_the_speed_benchmark_runs_and_finds_every_cell_identical(capsys):
     """benchmarks/shared_prefill_speed.py on one question (timings are printed, never asserted)."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "shared_prefill_speed.py"
-    spec = importlib.util.spec_from_file_location("shared_prefill_speed", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["shared_prefill_speed"] = bench
-    spec.loader.exec_module(bench)
+    bench = _benchmark_script("shared_prefill_speed")
     cells, _ = bench.step05_cells(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
     assert ("fullkv", None) in cells and ("sparsemm", 16) in cells and not any(m == "fastv" for m, _ in cells)
     assert bench.main(["--questions", "1"]) == 0  # 1 when a cell's tokens or bytes differ between the paths
     out = capsys.readouterr().out
     assert "per cell" in out and "shared (auto)" in out and "yes" in out
+
+
+BATCH_NEW_TOKENS = 6
+
+
+# ------------------------------------------------------------------- several prompts at once
+# shared_generate_batch: several prompts of different lengths in ONE left-padded prefill through
+# model.generate and one decode whose per-head cache holds every (prompt, method) row with its own
+# per-(row, KV head) lengths: each (prompt, method) gives batch-1 compressed_generate's tokens and bytes.
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_setup(model_id):
+    """The model and three prompts of different lengths: Qwen the OCR prompt of blank images of
+    three sizes, LLaVA-NeXT (anyres: 1500+ image tokens) three text prompts, the tiny reader three
+    questions of its offline benchmark."""
+    loaded, _, scores = _setup(model_id)
+    if model_id == "data/tiny_reader":
+        samples = list(load_benchmark("reader_docqa", source=make_reader_benchmark(2)))[:3]
+        prompts = [build_inputs(loaded, s.image, s.question) for s in samples]
+    elif loaded.model_type == "llava_next":
+        texts = [f"{VICUNA_SYSTEM_PROMPT} USER: {OCR_PROMPT} ASSISTANT:", "Read the page: 12 apples.", "USER: Hi ASSISTANT:"]
+        prompts = [dict(loaded.tokenizer(t, return_tensors="pt")) for t in texts]
+    else:
+        prompts = [build_inputs(loaded, Image.new("RGB", size, "white")) for size in ((120, 90), (56, 56), (90, 150))]
+    return loaded, prompts, scores
+
+
+def _batch_presses(scores, n):
+    """FullKV and every compressing method (SparseMM also where n < B: the original's skip)."""
+    cells = [("sparsemm", 16, {"head_scores": scores}), ("sparsemm", n + 1, {"head_scores": scores}), ("adakv", 24, {}),
+             ("snapkv", 24, {}), ("pyramidkv", 16, {}), ("random", 16, {"seed": 3}), ("streamingllm", 16, {"sink": 2})]
+    return [FullKVPress()] + [make_press(name, budget=b, window=WINDOW, **extra) for name, b, extra in cells]
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_every_prompt_and_method_equals_batch_one_compressed_generate(model_id):
+    loaded, prompts, scores = _batch_setup(model_id)
+    lengths = [int(p["input_ids"].shape[1]) for p in prompts]
+    assert len(set(lengths)) == len(lengths)  # the batch is padded
+    presses = [_batch_presses(scores, n) for n in lengths]
+    presses[1] = presses[1][:3]  # prompts may have different methods
+    batched = shared_generate_batch(loaded, presses, prompts, max_new_tokens=BATCH_NEW_TOKENS)
+    assert [len(rows) for rows in batched] == [len(own) for own in presses]
+    for b, (inputs, own, rows) in enumerate(zip(prompts, presses, batched)):
+        for press, row in zip(own, rows):
+            alone = compressed_generate(loaded, press, inputs, max_new_tokens=BATCH_NEW_TOKENS, do_sample=False)
+            label = (model_id, b, press.name, getattr(press, "budget", None))
+            assert torch.equal(row.sequences, alone.sequences), label
+            assert row.kv_bytes == alone.kv_bytes, label
+            assert row.prompt_len == lengths[b]
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_one_method_on_a_batch_through_generate_equals_batch_one(model_id):
+    # compressed_generate_batch: the prompts left-padded through model.generate itself, every method
+    loaded, prompts, scores = _batch_setup(model_id)
+    shape = model_shape(loaded)
+    generated = set()
+    for press in _batch_presses(scores, int(prompts[0]["input_ids"].shape[1])):
+        batched = compressed_generate_batch(loaded, press, prompts, max_new_tokens=BATCH_NEW_TOKENS, do_sample=False)
+        generated |= {int(row.new_tokens.numel()) for row in batched}
+        for b, (inputs, row) in enumerate(zip(prompts, batched)):
+            alone = compressed_generate(loaded, press, inputs, max_new_tokens=BATCH_NEW_TOKENS, do_sample=False)
+            label = (model_id, b, press.name, getattr(press, "budget", None))
+            assert torch.equal(row.sequences, alone.sequences), label
+            assert row.kv_bytes == alone.kv_bytes, label
+            if not isinstance(press, FullKVPress):
+                np.testing.assert_array_equal(row.stored_tokens, alone.cache.stored_tokens(), err_msg=str(label))
+                np.testing.assert_array_equal(row.assigned, alone.session.assigned, err_msg=str(label))
+            else:
+                np.testing.assert_array_equal(row.stored_tokens, np.full(shape.kv_grid, alone.sequences.shape[1] - 1))
+    if model_id == "data/tiny_reader":
+        assert len(generated) > 1  # prompts ended at different steps: generate padded the finished ones
+
+
+def test_the_batched_cache_stores_no_padding():
+    loaded, prompts, scores = _batch_setup("tiny-random/qwen2_vl")
+    batch = prefill_batch(loaded, prompts, max_new_tokens=3, query_window=WINDOW)
+    lengths = [int(p["input_ids"].shape[1]) for p in prompts]
+    assert batch.pads == tuple(max(lengths) - n for n in lengths)
+    assert [p.prompt_len for p in batch.prompts] == lengths
+    assert batch.input_ids.shape == (3, max(lengths))
+    for prefill, inputs in zip(batch.prompts, prompts):
+        assert torch.equal(prefill.input_ids, inputs["input_ids"])  # the padding is gone
+    presses = [[FullKVPress(), make_press("snapkv", budget=24, window=WINDOW)], [FullKVPress()],
+               [make_press("sparsemm", budget=16, window=WINDOW, head_scores=scores)]]
+    rows = [[compress_prefill(prefill, press) for press in own] for prefill, own in zip(batch.prompts, presses)]
+    cache = BatchedPerHeadKVCache.from_prefills([(p.states(), [r.positions for r in own]) for p, own in zip(batch.prompts, rows)])
+    shape = model_shape(loaded)
+    stored = cache.stored_tokens()  # (rows, layers, kv_heads)
+    np.testing.assert_array_equal(stored[0], np.full(shape.kv_grid, lengths[0]))  # FullKV: its own n, not the padded one
+    np.testing.assert_array_equal(stored[1], np.full(shape.kv_grid, 24))
+    np.testing.assert_array_equal(stored[2], np.full(shape.kv_grid, lengths[1]))
+    np.testing.assert_array_equal(stored[3], presses[2][0].capacities(shape, lengths[2]).stored(lengths[2]))
+    assert cache.kv_bytes() == analytic_kv_bytes(stored, loaded.head_dim, torch.float32)
+    generated = decode_batch(loaded, batch, rows)
+    assert [len(g) for g in generated] == [2, 1, 1]
+
+
+def test_batch_inputs_pads_on_the_left_and_misuse_says_what_to_do():
+    loaded, prompts, scores = _batch_setup("tiny-random/qwen2_vl")
+    pair = sorted(prompts, key=lambda p: -int(p["input_ids"].shape[1]))[:2]
+    batch = batch_inputs(loaded, pair)
+    n0, n1 = (int(p["input_ids"].shape[1]) for p in pair)
+    assert n0 > n1 and batch["input_ids"].shape == (2, n0)
+    assert torch.equal(batch["input_ids"][1, n0 - n1 :], pair[1]["input_ids"][0])
+    assert batch["attention_mask"][1].tolist() == [0] * (n0 - n1) + [1] * n1
+    assert batch["mm_token_type_ids"][1, : n0 - n1].eq(0).all()
+    assert torch.equal(batch["pixel_values"], torch.cat([pair[0]["pixel_values"], pair[1]["pixel_values"]]))
+    assert batch["image_grid_thw"].shape == (2, 3)
+    assert batch_inputs(loaded, prompts[:1]) is prompts[0]
+    text = dict(loaded.tokenizer("Hello", return_tensors="pt"))
+    with pytest.raises(ValueError, match="batch prompts of one kind"):
+        batch_inputs(loaded, [prompts[0], text])
+    with pytest.raises(SharedPrefillError, match="one list of presses per prompt"):
+        shared_generate_batch(loaded, [[FullKVPress()]], prompts[:2], max_new_tokens=2)
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    assert _left_pads(ids, torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])) == (0, 2)
+    assert _left_pads(ids, None) == (0, 0)
+    for bad in ([[1, 1, 1, 1], [1, 1, 0, 0]], [[1, 1, 1, 1], [0, 1, 0, 1]], [[1, 1, 1, 1], [0, 0, 0, 0]]):
+        with pytest.raises(SharedPrefillError, match="not a left-padded batch"):
+            _left_pads(ids, torch.tensor(bad))
+
+
+def test_the_batch_benchmark_runs_step_05s_sweep_and_finds_the_same_answers(capsys):
+    """benchmarks/batched_eval_speed.py on three questions at batch 1 and 2 (timings printed, never asserted)."""
+    bench = _benchmark_script("batched_eval_speed")
+    assert bench.main(["--questions", "3", "--batch-sizes", "1", "2"]) == 0  # 1 when an answer differs from batch 1
+    out = capsys.readouterr().out
+    assert "step 05 sweep" in out and out.count(" yes") == 2

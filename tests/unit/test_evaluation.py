@@ -407,6 +407,48 @@ def test_a_grouped_generator_answers_each_sample_once_for_all_its_cells(tmp_path
     pd.testing.assert_frame_equal(result.results, clean)
 
 
+class BatchedFake(GroupedFake):
+    """A generator with ``many_batch``: one call per batch of samples."""
+
+    def __init__(self, fail_at: int | None = None):
+        super().__init__()
+        self.batches: list[list[str]] = []
+        self.fail_at = fail_at
+
+    def many_batch(self, samples, spec, cells):
+        self.batches.append([s.sample_id for s in samples])
+        return [self.many(sample, spec, own) for sample, own in zip(samples, cells)]
+
+
+def _predictions_without_seconds(path):
+    records, _ = read_predictions(path / "predictions.jsonl")
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 8])
+def test_a_batch_of_samples_gives_the_same_files_in_the_same_order(tmp_path, batch_size):
+    clean = _run(tmp_path / "clean", Fake())
+    batched = BatchedFake()
+    result = _run(tmp_path / "batched", batched, batch_size=batch_size)
+    pd.testing.assert_frame_equal(result.results, clean.results)
+    assert _predictions_without_seconds(tmp_path / "batched") == _predictions_without_seconds(tmp_path / "clean")
+    expected = {1: [], 3: [["0", "1", "2"]], 4: [["0", "1", "2", "3"]], 8: [["0", "1", "2", "3"]]}[batch_size]
+    assert batched.batches == expected  # batch 1 (and a last batch of one sample) goes through many()
+    assert len(batched.groups) == 4
+
+
+def test_a_batched_sweep_resumes_after_a_crash(tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path, BatchedFake(fail_at=10), batch_size=3)  # in the first batch: nothing of it was written
+    records, _ = read_predictions(tmp_path / "predictions.jsonl")
+    assert records == []
+    resumed = BatchedFake()
+    result = _run(tmp_path, resumed, batch_size=3)
+    pd.testing.assert_frame_equal(result.results, _run(tmp_path / "clean", Fake()).results)
+    with pytest.raises(EvaluationError, match="batch_size must be an int >= 1"):
+        _run(tmp_path / "bad", Fake(), batch_size=0)
+
+
 def test_method_limits_answer_only_the_first_samples(tmp_path):
     fake = Fake()
     result = _run(tmp_path, fake, methods=["fullkv", "mask", "mask_random_3"], budgets=[], method_limits={"mask": 2, "mask_random_3": 3})

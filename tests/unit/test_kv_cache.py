@@ -12,6 +12,7 @@ from transformers import DynamicCache, Qwen2VLConfig
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from sparsemm_utils.kv_cache import (
+    DECODE_BLOCK,
     CacheStateError,
     InvalidPositionsError,
     KVCacheError,
@@ -21,6 +22,7 @@ from sparsemm_utils.kv_cache import (
     UnsupportedCacheOperationError,
     analytic_kv_bytes,
     cache_kv_bytes,
+    decode_reserve_for,
 )
 
 PROPERTY = settings(max_examples=60, deadline=None)
@@ -118,16 +120,18 @@ def test_decode_appends_in_place_and_positions_stay_logical():
         torch.testing.assert_close(layer.head_values(h)[-1], new_v[0, h, 0], rtol=0, atol=0)
 
 
-def test_repacking_doubles_the_reserve_and_keeps_the_data():
-    # reserve 1: append 1 fits; append 2 finds no room -> repack with reserve 2 (1 free after the write);
-    # append 3 fits; append 4 -> repack with reserve 4; appends 5..6 fit. Two repacks for six appends.
-    layer, keys, _ = _prefilled([[0, 1], [3]], reserve=1)
+def test_repacking_grants_one_block_and_keeps_the_data():
+    # block 2: appends 1..2 fit; append 3 finds no room -> repack with 2 free rows per head (1 left
+    # after the write); append 4 fits; append 5 -> repack; append 6 fits. Two repacks for six appends.
+    layer, keys, _ = _prefilled([[0, 1], [3]], reserve=2)
     appended = []
     for step in range(6):
         k, v = _states(2, 1, 4, seed=10 + step)
         appended.append(k)
         layer.update(k, v)
-        assert layer.repacks == {0: 0, 1: 1, 2: 1, 3: 2, 4: 2, 5: 2}[step]
+        assert layer.repacks == {0: 0, 1: 0, 2: 1, 3: 1, 4: 2, 5: 2}[step]
+        # after an even step 1 free row per head (1 row x 2 heads x 4 dims x 2 (K, V) x 4 bytes), after an odd one none
+        assert layer.slack_bytes() == (1 - step % 2) * 1 * 2 * 4 * 2 * 4
     expected0 = torch.cat([keys[0, 0, [0, 1]]] + [k[0, 0] for k in appended])
     torch.testing.assert_close(layer.head_keys(0), expected0, rtol=0, atol=0)
     assert layer.lengths() == [8, 7]
@@ -135,14 +139,52 @@ def test_repacking_doubles_the_reserve_and_keeps_the_data():
 
 @PROPERTY
 @given(steps=st.integers(1, 200), reserve=st.integers(0, 8))
-def test_repacks_grow_logarithmically(steps, reserve):
+def test_repacks_once_per_block(steps, reserve):
     layer, _, _ = _prefilled([[0], [1, 2]], n=3, dim=2, reserve=reserve)
     token = torch.zeros(1, 2, 1, 2)
     for _ in range(steps):
         layer.update(token, token)
-    # the reserve doubles at every repack starting from max(reserve, 1): after k repacks it holds >= 2^(k-1)
-    assert layer.repacks <= math.ceil(math.log2(steps + 1)) + 1
+    # the first block covers `reserve` appends, each repack max(reserve, 1) more
+    assert layer.repacks == math.ceil(max(steps - reserve, 0) / max(reserve, 1))
     assert layer.lengths() == [1 + steps, 2 + steps]
+
+
+@PROPERTY
+@given(
+    appends=st.lists(st.integers(1, 5), min_size=1, max_size=40),
+    block=st.integers(0, 6),
+    rows=st.integers(1, 3),
+    drop=st.booleans(),
+)
+def test_reserved_unused_rows_never_exceed_the_block_per_head(appends, block, rows, drop):
+    # Invariant: after every update of t tokens, each (row, KV head) holds at most max(block, t)
+    # free rows (block when t <= block), and the bytes in use stay the analytic sum.
+    kv_heads, n, dim = 2, 5, 2
+    keys, values = _states(kv_heads, n, dim, seed=rows)
+    layer = PerHeadKVLayer(decode_reserve=block)
+    layer.load_rows(keys, values, [[torch.arange(r % n + 1)] * kv_heads for r in range(rows)])
+    assert all(room - length == block for room, length in zip(layer._rooms, layer._lengths))
+    for i, t in enumerate(appends):
+        k = torch.randn(layer.rows, kv_heads, t, dim)
+        layer.update(k, k)
+        free = [room - length for room, length in zip(layer._rooms, layer._lengths)]
+        assert max(free) <= max(block, t)
+        if t <= block:
+            assert max(free) <= block
+        assert layer.slack_bytes() == sum(free) * dim * 2 * 4
+        assert layer.kv_bytes() == analytic_kv_bytes(layer.row_lengths(), dim, torch.float32)
+        if drop and i == len(appends) // 2 and layer.rows > 1:
+            layer.select_rows([0])  # compaction keeps each head's free rows, never adds any
+            assert max(room - length for room, length in zip(layer._rooms, layer._lengths)) <= max(block, t)
+
+
+def test_decode_reserve_for_caps_the_generation_at_one_block():
+    assert decode_reserve_for(10) == 9  # 9 appends: no repack
+    assert decode_reserve_for(512) == DECODE_BLOCK == 64  # the paper's 512 new tokens: 7 repacks
+    assert decode_reserve_for(512, block=128) == 128
+    assert decode_reserve_for(1) == decode_reserve_for(0) == 0
+    with pytest.raises(ValueError, match="block"):
+        decode_reserve_for(10, block=-1)
 
 
 def test_multi_token_update_appends_every_token_to_every_head():

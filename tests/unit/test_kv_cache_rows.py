@@ -20,7 +20,13 @@ from sparsemm_utils.kv_cache import (
     analytic_kv_bytes,
     cache_kv_bytes,
 )
-from sparsemm_utils.varlen_attention import decode_attend, flash_decode, packed_segments, varlen_attn_emulation
+from sparsemm_utils.varlen_attention import (
+    PADDED_BUCKET_MIN_SEGMENTS,
+    decode_attend,
+    flash_decode,
+    packed_segments,
+    varlen_attn_emulation,
+)
 
 PROPERTY = settings(max_examples=40, deadline=None)
 
@@ -229,3 +235,67 @@ def test_bytes_and_contents_of_every_row_after_decoding(data, rows, kv_heads, n,
     drop = data.draw(st.integers(0, rows - 1), label="dropped row")
     layer.select_rows([r for r in range(rows) if r != drop])
     assert layer.kv_bytes() == analytic_kv_bytes(np.delete(lengths, drop, axis=0), dim, torch.float32)
+
+
+def test_dropping_rows_without_compaction_keeps_the_buffers_until_they_are_mostly_dead():
+    rows = [ROWS[0], ROWS[1], [[1, 3], [2]], [[0], [5]]]
+    layer, _, _ = _loaded(rows, reserve=1)
+    layer.update(*_states(2, 1, 4, seed=1, batch=4))
+    kept_keys = [[layer.head_keys(h, r).clone() for h in range(2)] for r in range(4)]
+    before, buffer = layer.row_kv_bytes(), layer._k.data_ptr()
+    layer.select_rows([0, 2, 3], compact=False)  # rows 0, 2, 3 in place: no copy
+    assert layer._k.data_ptr() == buffer and not layer.is_contiguous
+    np.testing.assert_array_equal(layer.row_kv_bytes(), before[[0, 2, 3]])
+    assert layer.slack_bytes() == layer.allocated_bytes() - layer.kv_bytes() > 0  # the dropped row's bytes are still held
+    query = torch.randn(3, 4, 1, 4, generator=torch.Generator().manual_seed(4))
+    expected = layer.attend(query, scaling=0.7)
+    torch.testing.assert_close(decode_attend(layer, query, 0.7, "padded"), expected, rtol=1e-5, atol=1e-6)
+    layer.update(*_states(2, 1, 4, seed=2, batch=3))  # the reserve of 1 ran out: the re-pack compacts
+    assert layer.is_contiguous and layer.repacks == 1
+    for new, old in enumerate([0, 2, 3]):
+        for h in range(2):
+            torch.testing.assert_close(layer.head_keys(h, new)[:-1], kept_keys[old][h], rtol=0, atol=0)
+    layer.select_rows([1], compact=False)  # 1 of 3 rows left: the dead rows outnumber the kept ones -> compacted
+    assert layer.is_contiguous and layer.slack_bytes() == 0  # the re-pack's free row was used by the write
+    layer.select_rows([0], compact=False)
+    with pytest.raises(ValueError, match="row indices must be distinct"):
+        layer.select_rows([0, 0], compact=False)
+
+
+def test_unsorted_rows_are_compacted_and_compact_is_idempotent():
+    layer, _, _ = _loaded([ROWS[0], ROWS[1], [[1, 3], [2]]], reserve=2)
+    layer.select_rows([2, 0], compact=False)  # a new order needs new buffers
+    assert layer.is_contiguous
+    buffer = layer._k.data_ptr()
+    layer.compact()
+    assert layer._k.data_ptr() == buffer
+
+
+def test_the_padded_path_over_many_skewed_segments_equals_the_per_head_loop():
+    # 40 rows x 2 KV heads = 80 segments >= PADDED_BUCKET_MIN_SEGMENTS: padded by length bucket
+    g = torch.Generator().manual_seed(9)
+    rows = [[sorted(torch.randperm(6, generator=g)[: 1 + (r * 7 + h) % 6].tolist()) for h in range(2)] for r in range(40)]
+    layer, _, _ = _loaded(rows, reserve=2)
+    assert layer.rows * layer.num_kv_heads >= PADDED_BUCKET_MIN_SEGMENTS
+    layer.update(*_states(2, 1, 4, seed=3, batch=40))
+    query = torch.randn(40, 4, 1, 4, generator=g)
+    torch.testing.assert_close(decode_attend(layer, query, 0.5, "padded"), layer.attend(query, 0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_a_left_padded_prefill_batch_packs_each_prompt_without_its_padding():
+    # prompt 0 has 6 tokens, prompt 1 has 4 (2 padding positions first); head 0 of prompt 1 keeps its own tokens 1, 3
+    keys, values = _states(2, 6, 4, seed=5, batch=2)
+    layer = PerHeadKVLayer(decode_reserve=1, prefill_batch=2)
+    with pytest.raises(UnsupportedBatchError, match="made for 2 prompts"):
+        layer.update(keys[:1], values[:1])
+    assert layer.update(keys, values)[0] is keys  # the prefill's attention gets the padded batch unchanged
+    layer.compress_batch([_t([[0, 5], [2]]), _t([[1, 3], [0, 1, 2, 3]])], pads=[0, 2])
+    assert layer.rows == 2 and layer.get_seq_length() == 6
+    np.testing.assert_array_equal(layer.row_lengths(), [[2, 1], [2, 4]])  # no padding stored
+    torch.testing.assert_close(layer.head_keys(0, 1), keys[1, 0, [3, 5]], rtol=0, atol=0)
+    torch.testing.assert_close(layer.head_values(1, 1), values[1, 1, 2:], rtol=0, atol=0)
+    assert layer.kv_bytes() == analytic_kv_bytes(np.array([[2, 1], [2, 4]]), 4, torch.float32)
+    other = PerHeadKVLayer(prefill_batch=2)
+    other.update(keys, values)
+    with pytest.raises(InvalidPositionsError, match=r"prompt 1, KV head 0: positions must lie in \[0, 4\)"):
+        other.compress_batch([_t([[0], [1]]), _t([[4], [0]])], pads=[0, 2])

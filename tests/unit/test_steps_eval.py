@@ -63,6 +63,9 @@ def test_eval_config_normalises_and_validates():
     assert settings_["reader_docqa"] == {"n_documents": 8, "seed": 5} and len(settings_["head_scores_sha256"]) == 64
     # FastV's K is part of the sweep's identity only when FastV is in it (older sweeps stay valid)
     assert "fastv_k" not in settings_
+    assert Config().batch_size == 1 and Config(batch_size=32).batch_size == 32
+    # the batch size changes no answer, so it is not part of the sweep's identity (a rerun resumes)
+    assert Config(batch_size=32).sweep_settings() == Config().sweep_settings()
     with_fastv = Config(methods=["fullkv", "fastv"], fastv_k=1)
     assert with_fastv.sweep_settings()["fastv_k"] == 1 and with_fastv.press_settings()["fastv_k"] == 1
 
@@ -81,6 +84,9 @@ def test_eval_config_normalises_and_validates():
         ({"model_id": ""}, "model_id"),
         ({"benchmark_sources": {"nope": "x"}}, "unknown benchmark"),
         ({"budgets": [16, 0]}, r"budget \(tokens per KV head, window included\) must be an int >= 1"),
+        ({"batch_size": 0}, r"batch_size must be an int >= 1 and <= 64, got 0; questions answered at once"),
+        ({"batch_size": 65}, "batch_size must be an int >= 1 and <= 64"),
+        ({"batch_size": 2.0}, "batch_size must be an int"),
         ({"lmms_eval": "0.4"}, r"lmms_eval \(the scoring protocol\) must be one of '0.3', 'current', got '0.4'"),
         ({"lmms_eval": 0.3}, r"lmms_eval \(the scoring protocol\) must be one of"),
     ],
