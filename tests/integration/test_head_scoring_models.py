@@ -5,7 +5,9 @@ documents -> regions -> scores path runs."""
 
 from __future__ import annotations
 
+import runpy
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,6 +171,10 @@ def test_a_batch_of_documents_captures_what_each_captures_alone(models, reader, 
         monkeypatch.setattr(loaded.model.generation_config, "eos_token_id", first[0].tokens.ids[1])
     alone = capture.capture_documents(loaded, documents, regions, alone_cfg, progress=False)
     batched = capture.capture_documents(loaded, documents, regions, batch_cfg, progress=False)
+    if model_type == "qwen2_vl":  # the eager reference over a padded batch too (its pad keys carry weight 0)
+        reference = capture.capture_documents(loaded, documents, regions, replace(batch_cfg, capture="reference"), progress=False)
+        assert [r.tokens.ids for r in reference] == [s.tokens.ids for s in alone]
+        assert all(np.array_equal(r.captured.argmax, s.captured.argmax) for r, s in zip(reference, alone, strict=True))
     assert len({s.prompt_len for s in alone[:3]}) > 1  # the first batch is padded
     if model_type != "llava_next":  # (the random LLaVA-NeXT repeats one token whatever the page: it cannot end early)
         assert len({len(s.tokens) for s in alone[:3]}) > 1 and min(len(s.tokens) for s in alone[:3]) < new_tokens  # one ends early
@@ -193,3 +199,11 @@ def test_a_batch_of_documents_captures_what_each_captures_alone(models, reader, 
     if model_type == "tiny_reader":
         assert results["alone"]["substring/argmax"].sample_scores.sum() > 0  # the reader reads: heads are hit
 
+
+
+def test_the_batch_benchmark_captures_the_same_head_scores(capsys):
+    """benchmarks/batched_head_scoring_speed.py on 3 documents at batch 1 and 2 (timings printed, never asserted)."""
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[2] / "benchmarks" / "batched_head_scoring_speed.py"))
+    assert bench["main"](["--documents", "3", "--batch-sizes", "1", "2"]) == 0  # 1 when a capture differs from batch 1
+    out = capsys.readouterr().out
+    assert "3 documents" in out and out.count(" yes") == 2
