@@ -28,7 +28,10 @@ did not attend to the whole prefix.
 
 Shapes: ``T`` generated tokens, ``L`` text layers, ``H`` QUERY heads (GQA models: one row per
 query head, the KV head is shared within a group), ``N_t`` keys at step t, ``k`` top positions.
-Batch size 1 only, as in the original scoring scripts.
+The original scoring scripts generate one prompt at a time; :func:`generate_batch_with_rows` runs
+B prompts as one left-padded batch and gives each prompt the capture it has alone
+(:class:`BatchRowRecorder`: each row without its padding keys, and only the steps up to the
+prompt's own end of sequence; docs/deviations.md "Several documents at once").
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ __all__ = [
     "CaptureSpec",
     "CapturedAttention",
     "RowRecorder",
+    "BatchRowRecorder",
     "last_query_attention",
     "row_capture_attention",
     "ROW_CAPTURE_HOOK",
@@ -68,6 +72,7 @@ __all__ = [
     "active_recorder",
     "record_eager_attentions",
     "generate_with_rows",
+    "generate_batch_with_rows",
     "stop_token_ids",
 ]
 
@@ -305,12 +310,28 @@ class RowRecorder:
             self._rows[layer_idx].append(row.float().cpu())
 
     @property
+    def selection_dtype(self) -> str:
+        """The dtype the rows are computed in (``spec.selection_dtype``)."""
+        return self.spec.selection_dtype
+
+    @property
     def steps_recorded(self) -> int:
         """Rows recorded for layer 0 so far."""
         return len(self._argmax[0])
 
-    def finish(self) -> CapturedAttention:
-        """Stack everything into a :class:`CapturedAttention` (numpy, on the CPU)."""
+    def finish(self, steps: int | None = None) -> CapturedAttention:
+        """Stack everything into a :class:`CapturedAttention` (numpy, on the CPU).
+
+        ``steps``: keep only the first ``steps`` steps of every layer (None: all). A prompt of a
+        batch that reached its end of sequence before the others keeps running through the
+        batch's forward passes; its later rows are not its own and are dropped here."""
+        if steps is not None:
+            check_int("steps", steps, 0)
+            if steps > self.steps_recorded:
+                raise CaptureShapeError(f"cannot keep {steps} steps: {self.steps_recorded} were recorded")
+            for lists in (self._argmax, self._top_pos, self._top_w, self._lengths, self._mass, self._image, self._rows):
+                for layer in lists:
+                    del layer[steps:]
         counts = [len(a) for a in self._argmax]
         if len(set(counts)) != 1:
             raise CaptureShapeError(
@@ -349,21 +370,57 @@ class RowRecorder:
         )
 
 
+class BatchRowRecorder:
+    """Hands the rows of a left-padded batch of B prompts to one :class:`RowRecorder` each.
+
+    ``pads[b]``: the padding positions on the left of prompt b (``attention_mask`` is 0 there).
+    :meth:`add` takes a (B, H, N) row and gives recorder b ``row[b, :, pads[b]:]``, (H, N - pads[b]):
+    the padding keys are masked out of the softmax (weight 0), and dropping them puts every key at
+    the absolute position it has in prompt b alone, so image spans, argmax and top-k positions and
+    key lengths are those of batch 1 (docs/method.md §4). Each recorder keeps its own
+    :class:`CaptureSpec` (image span, explorer steps); they share one ``selection_dtype``.
+    """
+
+    def __init__(self, recorders: Sequence[RowRecorder], pads: Sequence[int]):
+        if not recorders or len(recorders) != len(pads):
+            raise CaptureShapeError(f"one pad per recorder is required, got {len(recorders)} recorders and {len(pads)} pads")
+        dtypes = {r.selection_dtype for r in recorders}
+        shapes = {(r.num_layers, r.num_heads) for r in recorders}
+        if len(dtypes) != 1 or len(shapes) != 1:
+            raise CaptureShapeError(
+                f"the recorders of one batch need one selection_dtype and one (layers, heads), got {dtypes} and {shapes}"
+            )
+        self.recorders = list(recorders)
+        self.pads = [check_int("pad", p, 0) for p in pads]
+        self.num_layers, self.num_heads = shapes.pop()
+        self.selection_dtype = dtypes.pop()
+
+    def add(self, layer_idx: int, row: torch.Tensor) -> None:
+        """Record one batch row: ``row`` (B, H, N) attention weights of each prompt's last query."""
+        if row.ndim != 3 or row.shape[0] != len(self.recorders):
+            raise CaptureShapeError(f"expected a row of shape ({len(self.recorders)}, H, N), got {tuple(row.shape)}")
+        for recorder, pad, sample in zip(self.recorders, self.pads, row):
+            recorder.add(layer_idx, sample[:, pad:])
+
+
+#: What :func:`row_capture_attention` feeds: one prompt's recorder or a batch's.
+Recorder = RowRecorder | BatchRowRecorder
+
 #: The recorder :func:`row_capture_attention` feeds. Without one the function is plain sdpa, so
 #: there is no "no active recorder" error; blocks nest (the inner recorder wins).
-ROW_CAPTURE_HOOK: AttentionHook[RowRecorder] = AttentionHook(
+ROW_CAPTURE_HOOK: AttentionHook[Recorder] = AttentionHook(
     "sparsemm_row_recorder",
     context="a recording() block",
     usage="wrap the forward/generate call in `with sparsemm_utils.attention_capture.recording(recorder):`",
 )
 
 
-def active_recorder() -> RowRecorder | None:
+def active_recorder() -> Recorder | None:
     """The recorder :func:`row_capture_attention` currently feeds, or None."""
     return ROW_CAPTURE_HOOK.current()
 
 
-def recording(recorder: RowRecorder) -> AbstractContextManager[RowRecorder]:
+def recording(recorder: Recorder) -> AbstractContextManager[Recorder]:
     """Make ``recorder`` receive the rows of every :func:`row_capture_attention` call inside the
     block (``generate()`` rejects unknown kwargs, so per-call state travels this way)."""
     return ROW_CAPTURE_HOOK.activate(recorder)
@@ -373,7 +430,7 @@ def recording(recorder: RowRecorder) -> AbstractContextManager[RowRecorder]:
 
 
 def _record_row(
-    recorder: RowRecorder,
+    recorder: Recorder,
     layer_idx: int,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -381,7 +438,7 @@ def _record_row(
     scaling: float | None,
 ) -> None:
     with torch.no_grad():
-        row = last_query_attention(query, key, attention_mask, scaling=scaling, selection_dtype=recorder.spec.selection_dtype)
+        row = last_query_attention(query, key, attention_mask, scaling=scaling, selection_dtype=recorder.selection_dtype)
     recorder.add(layer_idx, row)
 
 
@@ -407,7 +464,7 @@ def register_row_capture() -> str:
 # ------------------------------------------------------------------------------ generation
 
 
-def record_eager_attentions(attentions: Sequence[Sequence[torch.Tensor]], recorder: RowRecorder) -> RowRecorder:
+def record_eager_attentions(attentions: Sequence[Sequence[torch.Tensor]], recorder: Recorder) -> Recorder:
     """Feed ``generate(..., output_attentions=True, return_dict_in_generate=True).attentions`` (one
     tuple per generated token of one (batch, H, q, N) tensor per layer) to ``recorder``: the last
     query row of each. The reference path of :func:`generate_with_rows`."""
@@ -446,15 +503,49 @@ def generate_with_rows(
     produced token t). The language model's attention implementation is restored afterwards.
     Raises :class:`MissingPrefillCacheError` if a step did not attend to the whole prefix.
     """
-    check_choice("method", method, CAPTURE_METHODS)
-    check_int("max_new_tokens", max_new_tokens, 1)
     input_ids = inputs["input_ids"]
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
         raise CaptureShapeError(
-            f"one prompt at a time: input_ids must be (1, n), got {tuple(input_ids.shape)} (the rule is per sample)"
+            f"one prompt at a time: input_ids must be (1, n), got {tuple(input_ids.shape)} (the rule is per sample; "
+            "generate_batch_with_rows takes a batch)"
         )
-    prompt_len = int(input_ids.shape[1])
-    recorder = RowRecorder(loaded.num_layers, loaded.num_heads, spec)
+    return generate_batch_with_rows(loaded, inputs, max_new_tokens=max_new_tokens, specs=[spec or CaptureSpec()], method=method)[0]
+
+
+def generate_batch_with_rows(
+    loaded: LoadedModel,
+    inputs: Mapping[str, Any],
+    *,
+    max_new_tokens: int,
+    specs: Sequence[CaptureSpec],
+    method: CaptureMethod = "streamed",
+) -> list[tuple[np.ndarray, CapturedAttention]]:
+    """:func:`generate_with_rows` for B prompts at once, one left-padded batch through ``generate``.
+
+    ``inputs``: B prompts as :func:`sparsemm_utils.prompts.batch_inputs` pads them,
+    ``input_ids`` / ``attention_mask`` (B, n_max) with prompt b right-aligned after ``pads[b] =
+    n_max - attention_mask[b].sum()`` padding positions (one prompt: as :func:`build_inputs`
+    returns it, no mask needed). ``specs[b]``: what to keep of prompt b's rows, its image span in
+    prompt b's own positions. Returns, per prompt, its generated ids (T_b,) int64, ending at its
+    first end-of-sequence token (later tokens are the batch's padding), and the
+    :class:`CapturedAttention` of those T_b steps, each row without the padding keys
+    (:class:`BatchRowRecorder`): the capture prompt b has alone, up to the rounding of matrix
+    products over a padded batch. Raises :class:`MissingPrefillCacheError` if a step of a prompt
+    did not attend to its whole prefix.
+    """
+    check_choice("method", method, CAPTURE_METHODS)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    input_ids = inputs["input_ids"]
+    batch = len(specs)
+    if input_ids.ndim != 2 or input_ids.shape[0] != batch:
+        raise CaptureShapeError(f"input_ids must be ({batch}, n), one prompt per spec, got {tuple(input_ids.shape)}")
+    width = int(input_ids.shape[1])
+    mask = inputs.get("attention_mask")
+    if batch > 1 and mask is None:
+        raise CaptureShapeError("a batch of prompts needs its attention_mask (prompts.batch_inputs builds it)")
+    pads = [0] * batch if mask is None else [width - int(m.sum()) for m in mask]
+    recorders = [RowRecorder(loaded.num_layers, loaded.num_heads, spec) for spec in specs]
+    recorder = BatchRowRecorder(recorders, pads)
     model = loaded.model
     greedy = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True)
     with torch.no_grad():
@@ -467,15 +558,23 @@ def generate_with_rows(
             sequences = out.sequences
             record_eager_attentions(out.attentions, recorder)
             del out
-    generated = sequences[0, prompt_len:].cpu().numpy().astype(np.int64)
-    captured = recorder.finish()
-    if captured.num_steps != generated.shape[0]:
-        raise AttentionCaptureError(
-            f"captured {captured.num_steps} attention rows for {generated.shape[0]} generated tokens: expected one "
-            "forward pass per generated token"
-        )
-    captured.check_key_lengths(prompt_len)
-    return generated, captured
+    generated = sequences[:, width:].cpu().numpy().astype(np.int64)
+    stops = _stop_ids(model)
+    results = []
+    for b, (row_recorder, pad) in enumerate(zip(recorders, pads)):
+        ids = generated[b]
+        if batch > 1:  # a prompt that ended early: its later tokens are padding and its later rows not its own
+            ends = [t for t, token in enumerate(ids.tolist()) if token in stops]
+            ids = ids[: ends[0] + 1] if ends else ids
+        captured = row_recorder.finish(len(ids) if batch > 1 else None)
+        if captured.num_steps != ids.shape[0]:
+            raise AttentionCaptureError(
+                f"captured {captured.num_steps} attention rows for {ids.shape[0]} generated tokens: expected one "
+                "forward pass per generated token"
+            )
+        captured.check_key_lengths(width - pad)
+        results.append((ids, captured))
+    return results
 
 
 def stop_token_ids(loaded: LoadedModel) -> set[int]:

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .attention_capture import CapturedAttention, CaptureSpec, generate_with_rows, stop_token_ids
+from .attention_capture import CapturedAttention, CaptureSpec, generate_batch_with_rows, stop_token_ids
 from .head_scoring_rule import (
     MATCH_RULES,
     MATCHED,
@@ -44,7 +44,7 @@ from .head_scoring_rule import (
     top_heads,
     top_share,
 )
-from .prompts import build_inputs, image_token_span
+from .prompts import batch_inputs, build_inputs, image_token_span
 from .sharding import Shard, ShardError, load_item, merge_items, open_shard, save_item
 from .validate import check_choice
 
@@ -53,6 +53,7 @@ __all__ = [
     "CaptureSettings",
     "SampleCapture",
     "capture_sample",
+    "capture_batch",
     "capture_documents",
     "capture_identity",
     "positions_for",
@@ -78,7 +79,8 @@ class CaptureSettings(Protocol):
     attention rows are computed in (:class:`~sparsemm_utils.attention_capture.CaptureSpec`).
 
     Optional: ``shards_dir``, the folder whose ``shards/`` :func:`capture_documents` merges
-    (step 03's ``Config.shards_dir``; docs/design.md "Sharded runs")."""
+    (step 03's ``Config.shards_dir``; docs/design.md "Sharded runs"), and ``batch_size``, the
+    documents :func:`capture_documents` generates for at once (default 1)."""
 
     prompt: str | None
     max_new_tokens: int
@@ -135,29 +137,58 @@ def capture_sample(
     keep_rows: bool = False,
 ) -> SampleCapture:
     """Generate for one document and capture its attention rows (``method``: cfg.capture if None)."""
+    return capture_batch(loaded, [document], [record], cfg, image_steps=[image_steps], method=method, keep_rows=keep_rows)[0]
+
+
+def capture_batch(
+    loaded: Any,
+    documents: Sequence[Mapping[str, Any]],
+    records: Sequence[Mapping[str, Any]],
+    cfg: CaptureSettings,
+    *,
+    image_steps: Sequence[int],
+    method: str | None = None,
+    keep_rows: bool = False,
+) -> list[SampleCapture]:
+    """Generate for B documents at once (one left-padded batch, :func:`~sparsemm_utils.prompts.batch_inputs`)
+    and capture each one's attention rows as it has them alone
+    (:func:`~sparsemm_utils.attention_capture.generate_batch_with_rows`).
+
+    ``records[b]``: step 02's record of document b; ``image_steps[b]``: its explorer steps. Each
+    sample's ``seconds`` is the batch's time divided by B. One document is :func:`capture_sample`.
+    """
     start_time = time.perf_counter()
-    inputs = build_inputs(loaded, document["image"], cfg.prompt, loaded.model_type)
-    start, count = image_token_span(inputs["input_ids"], loaded.image_token_id)
-    _check_record(record, loaded.model_type, document.get("doc_id"), start, count)
-    spec = CaptureSpec(
-        top_k=cfg.top_k,
-        image_span=(start, count),
-        image_steps=image_steps,
-        keep_rows=keep_rows,
-        selection_dtype=cfg.selection_dtype,
+    prompts, specs = [], []
+    for document, record, steps in zip(documents, records, image_steps, strict=True):
+        inputs = build_inputs(loaded, document["image"], cfg.prompt, loaded.model_type)
+        start, count = image_token_span(inputs["input_ids"], loaded.image_token_id)
+        _check_record(record, loaded.model_type, document.get("doc_id"), start, count)
+        prompts.append(inputs)
+        specs.append(
+            CaptureSpec(
+                top_k=cfg.top_k,
+                image_span=(start, count),
+                image_steps=steps,
+                keep_rows=keep_rows,
+                selection_dtype=cfg.selection_dtype,
+            )
+        )
+    generated = generate_batch_with_rows(
+        loaded, batch_inputs(loaded, prompts), max_new_tokens=cfg.max_new_tokens, specs=specs, method=method or cfg.capture
     )
-    ids, captured = generate_with_rows(
-        loaded, inputs, max_new_tokens=cfg.max_new_tokens, spec=spec, method=method or cfg.capture
-    )
-    tokens = generated_tokens(loaded.tokenizer, ids, loaded.model_type, stop_ids=stop_token_ids(loaded), mode=cfg.token_text)
-    return SampleCapture(
-        doc_id=document.get("doc_id"),
-        tokens=tokens,
-        captured=captured,
-        record=record,
-        prompt_len=int(inputs["input_ids"].shape[1]),
-        seconds=time.perf_counter() - start_time,
-    )
+    stops = stop_token_ids(loaded)
+    seconds = (time.perf_counter() - start_time) / len(prompts)
+    return [
+        SampleCapture(
+            doc_id=document.get("doc_id"),
+            tokens=generated_tokens(loaded.tokenizer, ids, loaded.model_type, stop_ids=stops, mode=cfg.token_text),
+            captured=captured,
+            record=record,
+            prompt_len=int(inputs["input_ids"].shape[1]),
+            seconds=seconds,
+        )
+        for document, record, inputs, (ids, captured) in zip(documents, records, prompts, generated)
+    ]
 
 
 #: The settings that shape a capture (the matching variant does not: it is scored afterwards).
@@ -192,7 +223,8 @@ def capture_documents(
 
     ``regions``: step 02's records (:func:`sparsemm_utils.patch_mapping.load_regions`), looked up
     by ``doc_id``. The first ``cfg.explorer_samples`` samples also keep the image attention of
-    their first ``cfg.explorer_tokens`` tokens.
+    their first ``cfg.explorer_tokens`` tokens. ``cfg.batch_size`` (default 1) documents are
+    generated at once (:func:`capture_batch`); each capture is the one the document has alone.
 
     Sharded runs (docs/design.md "Sharded runs"; ``cfg.shards_dir`` names the folder): with
     ``shard``, only the documents at that shard's positions are captured, each saved into the
@@ -218,26 +250,37 @@ def capture_documents(
         else:
             folder = open_shard(parent, shard, identity)
     positions = [i for i in range(n) if shard is None or shard.owns(i)]
-    iterator: Iterable[int] = positions
-    if progress:
-        iterator = tqdm(iterator, desc=f"scoring ({cfg.capture})" + (f", shard {shard}" if shard else ""), total=len(positions))
-    out = []
-    for i in iterator:
-        doc = documents[i]
-        doc_id = doc.get("doc_id")
+    out: dict[int, SampleCapture] = {}
+    for i in positions:
+        doc_id = documents[i].get("doc_id")
         if doc_id not in by_id:
             raise RegionMismatchError(
                 f"document {doc_id!r} has no record in step 02's regions.jsonl ({len(by_id)} records): rerun "
                 "step 02_patch_mapping on the current step-01 documents"
             )
         done = load_item(folder, i) if folder is not None else None
-        if done is None:
-            image_steps = cfg.explorer_tokens if i < cfg.explorer_samples else 0
-            done = capture_sample(loaded, doc, by_id[doc_id], cfg, image_steps=image_steps)
+        if done is not None:
+            out[i] = done
+    todo = [i for i in positions if i not in out]
+    size = getattr(cfg, "batch_size", 1)
+    bar = None
+    if progress:
+        bar = tqdm(desc=f"scoring ({cfg.capture})" + (f", shard {shard}" if shard else ""), total=len(positions), initial=len(out))
+    for first in range(0, len(todo), size):
+        chunk = todo[first : first + size]
+        image_steps = [cfg.explorer_tokens if i < cfg.explorer_samples else 0 for i in chunk]
+        captured = capture_batch(
+            loaded, [documents[i] for i in chunk], [by_id[documents[i].get("doc_id")] for i in chunk], cfg, image_steps=image_steps
+        )
+        for i, sample in zip(chunk, captured):
             if folder is not None:
-                save_item(folder, i, done)
-        out.append(done)
-    return out
+                save_item(folder, i, sample)
+            out[i] = sample
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return [out[i] for i in positions]
 
 
 def positions_for(captured: CapturedAttention, selection: str = "argmax", top_k: int = 1) -> np.ndarray:

@@ -72,6 +72,7 @@ __all__ = [
     "SHARE_TOLERANCE",
     "SIGNIFICANCE",
     "TEXT_TOP_FRACTION",
+    "MAX_BATCH_SIZE",
     "SHARDS_ROOT",
     "Config",
     "capture_shard",
@@ -153,6 +154,11 @@ SIGNIFICANCE = 0.05
 TEXT_TOP_FRACTION = 0.10
 
 
+#: The largest ``batch_size``: 64 documents of the tiny reader's 32 new tokens; real models' rows
+#: and caches grow with the batch, so their configs keep it small.
+MAX_BATCH_SIZE = 64
+
+
 @dataclass
 class Config:
     """Parameters of step 03 (notebook ``03_head_scoring``), validated.
@@ -174,7 +180,9 @@ class Config:
     OpenMP threads spin against other processes). ``text_heads``: also score the language
     model's text-copy heads (:mod:`sparsemm_utils.text_heads`) on the first ``text_samples``
     documents (None: all; issue 20 measured SmolLM2-135M on 24), one eager forward each.
-    ``allow_large``: lift the bounds on ``n_samples`` / ``text_samples``
+    ``batch_size``: documents generated at once (1..:data:`MAX_BATCH_SIZE`), one left-padded batch
+    whose captures are each document's batch-1 capture (docs/deviations.md "Several documents at
+    once"). ``allow_large``: lift the bounds on ``n_samples`` / ``text_samples``
     (:data:`~sparsemm_utils.parameters.MAX_DOCUMENTS`) and ``max_new_tokens``
     (:data:`~sparsemm_utils.parameters.MAX_NEW_TOKENS`).
     """
@@ -200,6 +208,7 @@ class Config:
     threads: int = 0
     text_heads: bool = True
     text_samples: int | None = 24
+    batch_size: int = 1
     allow_large: bool = False
 
     def __post_init__(self) -> None:
@@ -229,6 +238,7 @@ class Config:
             raise HeadScoringConfigError(f"dtype and device must be strings, got {self.dtype!r}, {self.device!r}")
         if not isinstance(self.text_heads, bool):
             raise HeadScoringConfigError(f"text_heads must be True or False, got {self.text_heads!r}")
+        self.batch_size = check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE, error=HeadScoringConfigError)
         if self.text_samples is not None:
             check_size("text_samples (or None for all documents)", self.text_samples, MAX_DOCUMENTS, allow_large=large,
                        error=HeadScoringConfigError)

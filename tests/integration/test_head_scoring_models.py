@@ -5,6 +5,10 @@ documents -> regions -> scores path runs."""
 
 from __future__ import annotations
 
+import runpy
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +24,7 @@ from sparsemm_utils.models import load_model, text_attention_implementation, vis
 from sparsemm_utils.page_generator import DocumentGeneratorConfig, generate_documents
 from sparsemm_utils.patch_mapping import map_documents
 from sparsemm_utils.prompts import build_inputs, image_token_span
+from sparsemm_utils.reader_tasks import ReaderDocSpec
 from sparsemm_utils.steps import head_scoring as step03
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -138,3 +143,67 @@ def test_regions_from_another_model_are_rejected(models, documents):
         capture.capture_documents(models["qwen2_vl"], documents, shifted, cfg, progress=False)
     with pytest.raises(capture.RegionMismatchError, match="no record"):
         capture.capture_documents(models["qwen2_vl"], documents, [], cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def reader():
+    return load_model("data/tiny_reader", seed=0)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "llava_next", "tiny_reader"])
+def test_a_batch_of_documents_captures_what_each_captures_alone(models, reader, tmp_path, monkeypatch, model_type):
+    """Step 03's batch_size (issue 23 item 1): 4 documents of different prompt lengths as a
+    left-padded batch of 3 and one of 1, one ending before the others, give each document its
+    batch-1 capture: tokens, top positions, key lengths, hits, and the same head_scores.json bytes."""
+    if model_type == "tiny_reader":
+        loaded, new_tokens = reader, 24
+        documents = generate_documents(ReaderDocSpec().generator_config(seed=2, n_documents=4), progress=False)
+    else:
+        loaded, new_tokens = models[model_type], 6
+        documents = generate_documents(DocumentGeneratorConfig(n_documents=4, seed=5, page_width_range=(224, 336),
+                                                               page_height_range=(112, 224)), progress=False)
+    regions = map_documents(documents, loaded.processor, loaded.model_type)
+    alone_cfg = step03.Config(run_dir=str(tmp_path / "alone"), max_new_tokens=new_tokens, n_samples=4, explorer_samples=2,
+                              explorer_tokens=3, top_k=3)
+    batch_cfg = replace(alone_cfg, run_dir=str(tmp_path / "batch"), batch_size=3)
+    if model_type == "qwen2_vl":  # a random model never ends by itself: end the first document at its 2nd token
+        first = capture.capture_documents(loaded, [documents[0]], regions, replace(alone_cfg, n_samples=1), progress=False)
+        monkeypatch.setattr(loaded.model.generation_config, "eos_token_id", first[0].tokens.ids[1])
+    alone = capture.capture_documents(loaded, documents, regions, alone_cfg, progress=False)
+    batched = capture.capture_documents(loaded, documents, regions, batch_cfg, progress=False)
+    if model_type == "qwen2_vl":  # the eager reference over a padded batch too (its pad keys carry weight 0)
+        reference = capture.capture_documents(loaded, documents, regions, replace(batch_cfg, capture="reference"), progress=False)
+        assert [r.tokens.ids for r in reference] == [s.tokens.ids for s in alone]
+        assert all(np.array_equal(r.captured.argmax, s.captured.argmax) for r, s in zip(reference, alone, strict=True))
+    assert len({s.prompt_len for s in alone[:3]}) > 1  # the first batch is padded
+    if model_type != "llava_next":  # (the random LLaVA-NeXT repeats one token whatever the page: it cannot end early)
+        assert len({len(s.tokens) for s in alone[:3]}) > 1 and min(len(s.tokens) for s in alone[:3]) < new_tokens  # one ends early
+    for one, many in zip(alone, batched, strict=True):
+        assert (many.doc_id, many.prompt_len, many.tokens.ids, many.tokens.texts) == (one.doc_id, one.prompt_len, one.tokens.ids, one.tokens.texts)
+        a, b = one.captured, many.captured
+        for name in ("argmax", "top_positions", "key_lengths"):
+            np.testing.assert_array_equal(getattr(b, name), getattr(a, name), err_msg=name)
+        # weights: the rounding of matrix products over a padded batch (a few float32 ulps), never a rank
+        np.testing.assert_allclose(b.top_weights, a.top_weights, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(b.image_mass, a.image_mass, rtol=0, atol=1e-5)
+        assert (a.image_attention is None) == (b.image_attention is None)
+        if a.image_attention is not None:
+            np.testing.assert_allclose(b.image_attention.astype(np.float32), a.image_attention.astype(np.float32), atol=1e-3)
+    results = {name: capture.compare_variants(samples, alone_cfg.top_k) for name, samples in (("alone", alone), ("batch", batched))}
+    for variant, result in results["alone"].items():
+        other = results["batch"][variant]
+        assert all(np.array_equal(h1, h2) for h1, h2 in zip(result.hits, other.hits, strict=True)), variant
+        np.testing.assert_array_equal(other.sample_scores, result.sample_scores)
+    paths = [files.write_head_scores_json(results[name]["substring/argmax"].sample_scores, tmp_path / f"{name}.json") for name in results]
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    if model_type == "tiny_reader":
+        assert results["alone"]["substring/argmax"].sample_scores.sum() > 0  # the reader reads: heads are hit
+
+
+
+def test_the_batch_benchmark_captures_the_same_head_scores(capsys):
+    """benchmarks/batched_head_scoring_speed.py on 3 documents at batch 1 and 2 (timings printed, never asserted)."""
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[2] / "benchmarks" / "batched_head_scoring_speed.py"))
+    assert bench["main"](["--documents", "3", "--batch-sizes", "1", "2"]) == 0  # 1 when a capture differs from batch 1
+    out = capsys.readouterr().out
+    assert "3 documents" in out and out.count(" yes") == 2

@@ -82,14 +82,15 @@ def test_two_shard_processes_give_the_single_process_results(tmp_path, one_torch
 
 @pytest.mark.slow
 def test_sharded_head_scoring_captures_give_the_single_process_head_scores(tmp_path, one_torch_thread):
-    """Step 03: two shards capture alternate documents (one resumes after losing a capture); the
-    merge gives the captures, and so the head_scores.json, of a single process."""
+    """Step 03: two shards capture alternate documents (one resumes after losing a capture), in
+    batches of 2 where they have them; the merge gives the captures, and so the head_scores.json,
+    of a single process at batch 1."""
     loaded = load_model("data/tiny_reader", seed=0)
     documents = generate_documents(ReaderDocSpec().generator_config(seed=2, n_documents=3), progress=False)  # configs/tiny.yaml's pages
     regions = map_documents(documents, loaded.processor, loaded.model_type)
     settings = dict(model_id="data/tiny_reader", max_new_tokens=12, n_samples=3, explorer_samples=1, explorer_tokens=2, top_k=2)
     single = head_scoring.Config(run_dir=str(tmp_path / "single"), **settings)
-    sharded = head_scoring.Config(run_dir=str(tmp_path / "sharded"), **settings)
+    sharded = head_scoring.Config(run_dir=str(tmp_path / "sharded"), batch_size=2, **settings)  # shard 0: one batch of 2
 
     alone = capture_documents(loaded, documents, regions, single, progress=False)
     for index in range(2):

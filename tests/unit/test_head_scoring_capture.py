@@ -126,6 +126,29 @@ def test_recorder_rejects_batches_and_uneven_layers():
         rec.finish()
 
 
+def test_batch_recorder_drops_padding_keys_and_steps_after_the_end_by_hand():
+    # prompt 0: 3 keys, no padding; prompt 1: 2 keys after 1 padding key (weight 0, masked)
+    first = ac.RowRecorder(1, 1, ac.CaptureSpec(top_k=2, image_span=(0, 2)))
+    second = ac.RowRecorder(1, 1, ac.CaptureSpec(top_k=2, image_span=(0, 1)))
+    batch = ac.BatchRowRecorder([first, second], pads=[0, 1])
+    batch.add(0, torch.tensor([[[0.2, 0.5, 0.3]], [[0.0, 0.1, 0.9]]]))  # step 0: the prefill's last query
+    batch.add(0, torch.tensor([[[0.1, 0.1, 0.7, 0.1]], [[0.0, 0.6, 0.2, 0.2]]]))  # step 1: prompt 1 had ended
+    a, b = first.finish(), second.finish(steps=1)
+    assert a.argmax.ravel().tolist() == [1, 2] and a.key_lengths.tolist() == [3, 4]
+    assert b.argmax.ravel().tolist() == [1] and b.key_lengths.tolist() == [2]  # position 1 of prompt 1 alone
+    assert b.top_positions.ravel().tolist() == [1, 0]
+    np.testing.assert_allclose(b.image_mass.ravel(), [0.1])
+    b.check_key_lengths(prompt_len=2)
+    with pytest.raises(ac.CaptureShapeError, match=r"\(2, H, N\)"):
+        batch.add(0, torch.ones(1, 1, 4))
+    with pytest.raises(ac.CaptureShapeError, match="cannot keep 3 steps"):
+        first.finish(steps=3)
+    with pytest.raises(ac.CaptureShapeError, match="one pad per recorder"):
+        ac.BatchRowRecorder([first], pads=[0, 1])
+    with pytest.raises(ac.CaptureShapeError, match="one selection_dtype"):
+        ac.BatchRowRecorder([first, ac.RowRecorder(1, 1, ac.CaptureSpec(selection_dtype="model"))], pads=[0, 0])
+
+
 def test_image_span_beyond_the_keys_is_an_error():
     rec = ac.RowRecorder(1, 1, ac.CaptureSpec(image_span=(3, 4)))
     with pytest.raises(ac.CaptureShapeError, match="beyond"):

@@ -41,7 +41,7 @@ def test_step_declares_its_inputs_and_every_output():
 
 def test_config_defaults_and_errors():
     cfg = step03.Config()
-    assert (cfg.match, cfg.selection, cfg.max_new_tokens, cfg.capture) == ("substring", "argmax", 1024, "streamed")
+    assert (cfg.match, cfg.selection, cfg.max_new_tokens, cfg.capture, cfg.batch_size) == ("substring", "argmax", 1024, "streamed", 1)
     assert cfg.prompt == "Provide all the OCR results of this image."
     with pytest.raises(rule.HeadScoringConfigError, match="'substring', 'char_box'"):
         step03.Config(match="chunks")
@@ -64,6 +64,9 @@ def test_config_defaults_and_errors():
         ({"explorer_tokens": -1}, "explorer_tokens"),
         ({"threads": 1.5}, "threads"),
         ({"device": None}, "dtype and device must be strings"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": step03.MAX_BATCH_SIZE + 1}, "batch_size"),
+        ({"batch_size": 2.0}, "batch_size"),
     ],
 )
 def test_config_errors_name_the_parameter(kwargs, message):
