@@ -21,7 +21,7 @@ MAP_BOX = Exercise(
         "`map_box(box, width, height, geometry)`: the positions of the visual tokens that cover an OCR box on "
         "Qwen2-VL, the rule of docs/method.md §3 that `QwenVLPatchMapper.map_box` implements."
     ),
-    background=("## One image, three architectures", "## The rule, drawn"),
+    background=("## One image, six model types", "## The rule, drawn"),
     task="""\
 ## Your task
 
