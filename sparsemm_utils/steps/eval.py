@@ -329,14 +329,16 @@ class Config:
         return HELDOUT_SEED
 
 
-def sweep(cfg: Config, shard: Shard | None = None, *, log: Any = print, progress: bool = True) -> SweepResult:
-    """The sweep of notebook 05 (its benchmarks, model, head scores, generator and ``run_sweep``
-    arguments): into the step folder, or with ``shard`` into that shard's folder
-    (:func:`~sparsemm_utils.sharding.shard_folder`), answering only its samples. The offline
-    benchmark's parquet copy is the notebook's to write (several shards would write it at once)."""
-    samples = cfg.load_benchmarks()
-    loaded = load_model(cfg.model_id, dtype=cfg.dtype, device=cfg.resolved_device(), seed=cfg.seed)
-    head_scores = load_head_scores(cfg.head_scores_path(), shape=loaded) if cfg.needs_head_scores else None
+def run_step_sweep(
+    cfg: Config, samples: Mapping[str, Any], loaded: Any, head_scores: Any = None, shard: Shard | None = None,
+    *, log: Any = print, progress: bool = True,
+) -> SweepResult:  # fmt: skip
+    """Step 05's sweep (:func:`~sparsemm_utils.evaluation.run_sweep` with ``cfg``'s methods,
+    budgets, settings, limits, batch size and scoring protocol) over ``samples``
+    (:meth:`Config.load_benchmarks`) on ``loaded`` (:func:`~sparsemm_utils.models.load_model`),
+    with ``head_scores`` where a method needs them: into the step folder, or with ``shard`` into
+    that shard's folder (:func:`~sparsemm_utils.sharding.shard_folder`), answering only its samples.
+    Notebook 05 and :func:`sweep` both call it, so a sharded run is the notebook's sweep."""
     out = STEP.folder(cfg.run_dir, create=True)
     return run_sweep(
         out if shard is None else shard_folder(out, shard),
@@ -348,11 +350,23 @@ def sweep(cfg: Config, shard: Shard | None = None, *, log: Any = print, progress
         settings=cfg.sweep_settings(head_scores),
         method_limits=cfg.method_limits(),
         on_mismatch=cfg.on_mismatch,
+        batch_size=cfg.batch_size,
         shard=shard,
         lmms_eval=cfg.lmms_eval,
         progress=progress,
         log=log,
     )
+
+
+def sweep(cfg: Config, shard: Shard | None = None, *, log: Any = print, progress: bool = True) -> SweepResult:
+    """Notebook 05's sweep outside the notebook (:func:`run_step_sweep` after loading the
+    benchmarks, the model and the head scores as the notebook does): one shard of a sharded run.
+    The offline benchmark's parquet copy is the notebook's to write (several shards would write it
+    at once)."""
+    samples = cfg.load_benchmarks()
+    loaded = load_model(cfg.model_id, dtype=cfg.dtype, device=cfg.resolved_device(), seed=cfg.seed)
+    head_scores = load_head_scores(cfg.head_scores_path(), shape=loaded) if cfg.needs_head_scores else None
+    return run_step_sweep(cfg, samples, loaded, head_scores, shard, log=log, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------
